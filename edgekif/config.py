@@ -1,0 +1,287 @@
+"""edgekif configuration: one TOML file, one dataclass per section, every option overridable.
+
+The sections mirror the architecture: [model] and [lora] configure the base model provider,
+[data] the task reader, [replay] the replay buffer, [train] and [kif] the trainer,
+[eval] evaluation, [export] fusion/export/publish, [service] the daemon.
+
+Load with `load_config(path, overrides=["train.lr=1e-3", ...])`. Unknown keys are errors
+(a typo in a config file should not be silently ignored on an unattended box).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def default_data_dir() -> Path:
+    """$EDGEKIF_DATA_DIR, else $XDG_DATA_HOME/edgekif, else ~/.local/share/edgekif."""
+    if env := os.environ.get("EDGEKIF_DATA_DIR"):
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "edgekif"
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m-instruct" (the bundled default), a local Hugging Face folder, or a .gguf file.
+    base: str = "smollm2-135m-instruct"
+    # "auto" = nf4 where bitsandbytes works, else fp32. Or "nf4", "bf16", "fp32".
+    precision: str = "auto"
+    # "auto" = cuda if available, else cpu.
+    device: str = "auto"
+    # torch intra-op threads for training/eval; 0 = torch's default.
+    threads: int = 0
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataConfig:
+    max_length: int = 256  # tokens per example (prompt + answer), prompt is truncated first
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_records: int = 200_000
+    max_line_bytes: int = 1024 * 1024
+    max_field_chars: int = 100_000
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 2000  # examples kept in total, shared fairly across tasks
+    fraction: float = 0.02  # of each task's examples offered to the buffer (paper: 2%)
+    min_per_task: int = 16  # never keep fewer than this per task (small tasks)
+    stratify_by_label: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "recurrent_kif"  # recurrent_kif | seq_lora | replay | mtl
+    lr: float = 1e-3
+    batch_size: int = 8
+    epochs: float = 1.0
+    max_steps: int = 0  # per task; 0 = derived from epochs
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50  # optimizer steps; 0 = only at fusion/task boundaries
+    deterministic: bool = False
+    # plain experience replay: fraction of each batch drawn from the buffer
+    replay_ratio: float = 0.5
+
+
+@dataclass
+class KIFConfig:
+    """Recurrent-KIF hyper-parameters (paper + authors' code; see docs/recurrent_kif.md)."""
+
+    inner_steps: int = 8  # Q
+    outer_steps: int = 4  # M
+    outer_lr: float = 1e-3
+    replay_batch_size: int = 8
+    beta1: float = 0.85  # EMA of sensitivity (authors' code; paper 0.55)
+    beta2: float = 0.85  # EMA of uncertainty
+    mask_quantile: float = 0.8  # keep the top 20% by score
+    w_both_in: float = 0.4  # element set in both masks: 0.4*tau_in + 0.6*tau_out
+    w_both_out: float = 0.6
+    w_neither_in: float = 0.5  # element set in neither mask: 0.5*tau_in + 0.5*tau_out
+    w_neither_out: float = 0.5
+    reset_importance: bool = False  # reset EMAs at each new task
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    label_scoring: bool = True
+    max_examples: int = 0  # 0 = all
+
+
+@dataclass
+class ExportConfig:
+    target: str = "genai"  # genai | onnx
+    precision: str = "auto"  # auto (int4 on cpu, fp16 on cuda) | int4 | fp16 | fp32 | int8 (onnx)
+    execution_provider: str = "auto"  # auto | cpu | cuda
+    keep_versions: int = 5
+    parity_min_agreement: float = 0.95
+    parity_prompts: int = 4
+
+
+@dataclass
+class ServiceConfig:
+    quiet_seconds: float = 2.0  # a file is taken once size+mtime were stable this long
+    scan_interval: float = 5.0
+    max_file_bytes: int = 64 * 1024 * 1024
+    holdout_fraction: float = 0.1
+    holdout_max: int = 50
+    forgetting_threshold: float = 5.0  # accuracy points a past task may drop before a publish is held
+    nice: int = 10
+    memory_ceiling_mb: int = 0  # refuse to load a model if less is available; 0 = off
+    stop_timeout: float = 30.0
+    metrics_file: str = "metrics.prom"
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
+
+
+@dataclass
+class Config:
+    data_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kif: KIFConfig = field(default_factory=KIFConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "data_dir"}
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """Coerce a TOML or CLI value to the type of the default."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(current, int):
+        try:
+            if isinstance(value, str):
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, int):
+                return value
+        except ValueError:
+            pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(current, list):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    if section == "" and key == "data_dir":
+        cfg.data_dir = _coerce(value, "", where)
+        return
+    if section not in _SECTIONS:
+        raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+    obj = getattr(cfg, section)
+    names = {f.name for f in dataclasses.fields(obj)}
+    if key not in names:
+        raise ConfigError(f"{where}: unknown option {section}.{key} (known: {', '.join(sorted(names))})")
+    setattr(obj, key, _coerce(value, getattr(obj, key), where))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file (if given or found in the data dir), then `key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: {e}") from None
+        for key, value in raw.items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _apply(cfg, key, k, v, f"{p} [{key}] {k}")
+            else:
+                _apply(cfg, "", key, value, f"{p} {key}")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected section.key=value")
+        lhs, value = ov.split("=", 1)
+        lhs = lhs.strip()
+        if "." in lhs:
+            section, key = lhs.split(".", 1)
+        else:
+            section, key = "", lhs
+        _apply(cfg, section, key, value.strip(), f"override {ov!r}")
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    check(cfg.model.precision in ("auto", "nf4", "bf16", "fp32"), f"model.precision: {cfg.model.precision!r} not in auto|nf4|bf16|fp32")
+    check(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), f"model.device: {cfg.model.device!r}")
+    check(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
+    check(0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)")
+    check(cfg.data.max_length >= 8, "data.max_length must be >= 8")
+    check(cfg.replay.capacity > 0, "replay.capacity must be positive")
+    check(0 < cfg.replay.fraction <= 1, "replay.fraction must be in (0, 1]")
+    check(cfg.train.strategy in ("recurrent_kif", "seq_lora", "replay", "mtl"), f"train.strategy: {cfg.train.strategy!r} not in recurrent_kif|seq_lora|replay|mtl")
+    check(cfg.train.batch_size > 0 and cfg.train.lr > 0, "train.batch_size and train.lr must be positive")
+    check(cfg.kif.inner_steps > 0 and cfg.kif.outer_steps >= 0, "kif.inner_steps > 0, kif.outer_steps >= 0")
+    check(0 < cfg.kif.mask_quantile < 1, "kif.mask_quantile must be in (0, 1)")
+    check(0 <= cfg.kif.beta1 < 1 and 0 <= cfg.kif.beta2 < 1, "kif.beta1/beta2 must be in [0, 1)")
+    check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")
+    check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
+    check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")
+
+
+def dump_default_toml() -> str:
+    """The documented defaults as TOML text (used for edgekif.toml.example and `edgekif config`)."""
+    lines = ["# edgekif configuration. Every option can also be set with --set section.key=value.", ""]
+    d = Config().to_dict()
+    lines.append('data_dir = ""  # empty: $EDGEKIF_DATA_DIR or $XDG_DATA_HOME/edgekif')
+    for section, values in d.items():
+        if not isinstance(values, dict):
+            continue
+        lines.append("")
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'

