@@ -93,3 +93,7 @@ class IntegrityError(PublishError):
 
 class ResourceError(EdgekifError):
     """Not enough memory/disk to run a job safely."""
+
+
+class Interrupted(TrainingError):
+    """Training stopped on request (SIGTERM, shutdown) after writing a checkpoint."""

@@ -1,0 +1,608 @@
+"""Task files: reading, validation and tokenisation.
+
+A task is one file. It is read and validated as a whole and trained all-or-nothing:
+the first problem found rejects the file with a `ValidationError` naming the file, the
+line (or record) and the field, plus a machine-readable `kind`.
+
+File formats (chosen by extension; other extensions such as `.txt` are sniffed: a
+document starting with `[` is a JSON array, one starting with `{` is JSONL):
+
+- JSONL (`.jsonl`, `.ndjson`): one JSON object per line; blank lines are allowed.
+- JSON (`.json`): a top-level array of objects, or an object holding that array under
+  `"data"`, `"records"` or `"examples"` (a single record object is also accepted).
+- CSV (`.csv`): a header row, then one record per row. Columns `instruction`, `output`
+  and optional `input`, or `prompt`, `completion`; optional `system` and `id` columns.
+  Chat `messages` cannot be written in CSV (use JSONL).
+
+Files must be UTF-8 (a UTF-8 byte-order mark is accepted).
+
+Record shapes (each becomes an `edgekif.records.Record`):
+
+- Alpaca: `{"instruction": str, "input": str (optional, may be empty), "output": str}`.
+  The user message is `instruction`, plus `"\\n" + input` when input is non-empty.
+- Prompt/completion: `{"prompt": str, "completion": str}`.
+- Chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
+  The last message must be the assistant's (it is the target output) and the one before
+  it the user's; everything before the last message is the prompt. A system message
+  may only come first.
+
+Every shape also accepts `"system": str` (a system message put first) and `"id"` (string
+or integer; default `"<file stem>_<record index>"`, ids must be unique within a file).
+Other keys are ignored.
+
+Error kinds: `too_large`, `unreadable`, `empty`, `binary`, `encoding`, `unknown_format`,
+`bad_json`, `bad_csv`, `not_object`, `unknown_shape`, `missing_field`, `bad_type`,
+`empty_field`, `field_too_long`, `line_too_long`, `too_many_records`, `duplicate_id`.
+`line` is the 1-based physical line for JSONL and CSV (a CSV record's first line) and
+the 1-based record index for JSON arrays (then the message says "record" and
+`details["record"]` is set); a JSON syntax error in a `.json` file reports its
+physical line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig
+from .errors import ConfigError, ModelError, ValidationError
+from .records import Record
+
+log = logging.getLogger(__name__)
+
+TASK_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".txt")
+IGNORE_INDEX = -100  # label value ignored by the loss (prompt tokens, padding)
+
+_SNIFF_BYTES = 8192
+_BINARY_FRACTION = 0.30  # share of control/undecodable characters above which a file is "binary"
+_WRAPPER_KEYS = ("data", "records", "examples")
+_ROLES = ("system", "user", "assistant")
+ACCEPTED_SHAPES = (
+    '{"instruction", "input"?, "output"} (Alpaca); {"prompt", "completion"}; '
+    '{"messages": [{"role", "content"}, ...] ending with a user then an assistant message}; '
+    'each optionally with "system" and "id"'
+)
+_MAX_LABELS = 50
+
+
+# --------------------------------------------------------------------------- task data
+
+
+@dataclass
+class Encoded:
+    """One tokenised example: `labels` is IGNORE_INDEX on prompt tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+@dataclass
+class TaskData:
+    name: str  # file stem
+    path: Path
+    sha256: str  # of the file's raw bytes
+    format: str  # "jsonl" | "json" | "csv"
+    records: list[Record]
+    labels: list[str] | None = None  # sorted distinct labels when the task looks like classification
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode(self, tokenizer, max_length: int) -> list[Encoded]:
+        encoded = [encode_example(tokenizer, r, max_length) for r in self.records]
+        if n_trunc := sum(e.truncated for e in encoded):
+            log.info("%s: %d of %d examples truncated to %d tokens", self.name, n_trunc, len(encoded), max_length)
+        return encoded
+
+
+def infer_labels(records: list[Record]) -> list[str] | None:
+    """Distinct labels when the task looks like classification (few labels, each repeated)."""
+    labels = {r.label for r in records}
+    if labels and len(labels) <= _MAX_LABELS and len(labels) <= len(records) / 2:
+        return sorted(labels)
+    return None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_task(path: str | os.PathLike, cfg: DataConfig | None = None) -> TaskData:
+    """Read and validate one task file; raises ValidationError at the first problem."""
+    cfg = cfg or DataConfig()
+    path = Path(path)
+    file = str(path)
+    try:
+        size = os.stat(path).st_size
+        if size > cfg.max_file_bytes:
+            raise _too_large(file, size, cfg)
+        # Read at most one byte past the limit: the file may grow between stat and read.
+        with open(path, "rb") as f:
+            raw = f.read(cfg.max_file_bytes + 1)
+    except OSError as e:
+        raise ValidationError(f"cannot read file: {e.strerror or e}", file=file, kind="unreadable") from e
+    if len(raw) > cfg.max_file_bytes:
+        raise _too_large(file, len(raw), cfg)
+
+    fmt, records = _parse(raw, path, cfg)
+    return TaskData(
+        name=path.stem,
+        path=path,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        format=fmt,
+        records=records,
+        labels=infer_labels(records),
+    )
+
+
+def _too_large(file: str, size: int, cfg: DataConfig) -> ValidationError:
+    return ValidationError(
+        f"file is {size} bytes, more than the limit of {cfg.max_file_bytes} (data.max_file_bytes)",
+        file=file,
+        kind="too_large",
+        details={"bytes": size, "limit": cfg.max_file_bytes},
+    )
+
+
+def _parse(raw: bytes, path: Path, cfg: DataConfig) -> tuple[str, list[Record]]:
+    file = str(path)
+    if not raw.strip():
+        raise ValidationError("file is empty", file=file, kind="empty")
+    text = _decode(raw, file)
+    if not text.strip():
+        raise ValidationError("file is empty", file=file, kind="empty")
+
+    builder = _RecordBuilder(file=file, stem=path.stem, cfg=cfg)
+    fmt = _detect_format(path, text)
+    if fmt == "jsonl":
+        _parse_jsonl(text, builder)
+    elif fmt == "json":
+        fmt = _parse_json(text, builder)
+    else:
+        _parse_csv(text, builder)
+    if not builder.records:
+        raise ValidationError("file holds no records", file=file, kind="empty")
+    return fmt, builder.records
+
+
+def _decode(raw: bytes, file: str) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValidationError(
+            "file looks UTF-16 encoded; save it as UTF-8", file=file, line=1, kind="encoding", details={"byte_offset": 0}
+        )
+    head = raw[:_SNIFF_BYTES]
+    if b"\x00" in head:
+        raise ValidationError("file looks binary (contains NUL bytes), not a text task file", file=file, kind="binary")
+    sample = head.decode("utf-8", errors="replace")
+    odd = sum(1 for ch in sample if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\n\r\f\v\b") or ord(ch) == 127)
+    if odd > _BINARY_FRACTION * len(sample):
+        raise ValidationError("file looks binary (mostly non-text bytes), not a text task file", file=file, kind="binary")
+
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = bom + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise ValidationError(
+            f"invalid UTF-8 byte 0x{raw[offset]:02x} at byte offset {offset}; save the file as UTF-8",
+            file=file,
+            line=line,
+            kind="encoding",
+            details={"byte_offset": offset},
+        ) from None
+
+
+def _detect_format(path: Path, text: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if suffix == ".csv":
+        return "csv"
+    first = text.lstrip()[:1]
+    if first == "[":
+        return "json"
+    if first == "{":
+        # One object spanning the whole document (e.g. a pretty-printed {"data": [...]})
+        # is JSON; otherwise it is JSONL. A JSONL file fails this parse at its second
+        # object, so the check is cheap.
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError):
+            return "jsonl"
+        return "json" if isinstance(doc, dict) and any(k in doc for k in _WRAPPER_KEYS) else "jsonl"
+    raise ValidationError(
+        f"cannot tell the format of {path.name!r}: use a .jsonl, .json or .csv extension, "
+        "or start the file with '{' (JSONL) or '[' (JSON array)",
+        file=str(path),
+        line=1,
+        kind="unknown_format",
+    )
+
+
+def _physical_lines(text: str) -> Iterator[tuple[int, str]]:
+    # Split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON strings may hold.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        yield lineno, line.removesuffix("\r")
+
+
+def _check_line_length(builder: "_RecordBuilder", lineno: int, line: str) -> None:
+    limit = builder.cfg.max_line_bytes
+    # A str of n chars is at most 4n UTF-8 bytes: skip the encode for ordinary lines.
+    if len(line) * 4 > limit and (n := len(line.encode("utf-8"))) > limit:
+        raise ValidationError(
+            f"line is {n} bytes, more than the limit of {limit} (data.max_line_bytes)",
+            file=builder.file,
+            line=lineno,
+            kind="line_too_long",
+            details={"bytes": n, "limit": limit},
+        )
+
+
+def _parse_jsonl(text: str, builder: "_RecordBuilder") -> None:
+    for lineno, line in _physical_lines(text):
+        _check_line_length(builder, lineno, line)
+        if not line.strip():
+            continue
+        builder.check_count(lineno, "line")
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise ValidationError(f"invalid JSON: {_json_reason(e)}", file=builder.file, line=lineno, kind="bad_json") from None
+        builder.add(obj, lineno, "line")
+
+
+def _parse_json(text: str, builder: "_RecordBuilder") -> str:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            # Several objects one after another: a JSONL file with a .json name.
+            _parse_jsonl(text, builder)
+            return "jsonl"
+        raise ValidationError(
+            f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}",
+            file=builder.file,
+            line=e.lineno,
+            kind="bad_json",
+            details={"column": e.colno},
+        ) from None
+    except RecursionError:
+        raise ValidationError("invalid JSON: nested too deeply", file=builder.file, line=1, kind="bad_json") from None
+
+    items: Any = doc
+    if isinstance(doc, dict):
+        wrapped = [k for k in _WRAPPER_KEYS if k in doc]
+        if wrapped:
+            items = doc[wrapped[0]]
+            if not isinstance(items, list):
+                raise ValidationError(
+                    f"{wrapped[0]!r} must be an array of records, not {_type_name(items)}",
+                    file=builder.file,
+                    line=1,
+                    field=wrapped[0],
+                    kind="bad_type",
+                )
+        else:
+            items = [doc]  # a single record
+    elif not isinstance(doc, list):
+        raise ValidationError(
+            f"top-level JSON must be an array of records (or an object with a {'/'.join(_WRAPPER_KEYS)} array), "
+            f"not {_type_name(doc)}",
+            file=builder.file,
+            line=1,
+            kind="not_object",
+        )
+    for index, obj in enumerate(items, start=1):
+        builder.check_count(index, "record")
+        builder.add(obj, index, "record")
+    return "json"
+
+
+_CSV_COLUMNS = ("instruction", "input", "output", "prompt", "completion", "system", "id")
+
+
+def _parse_csv(text: str, builder: "_RecordBuilder") -> None:
+    file = builder.file
+    for lineno, line in _physical_lines(text):
+        _check_line_length(builder, lineno, line)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        while header is not None and not any(c.strip() for c in header):
+            header = next(reader, None)  # leading blank lines
+        if header is None:
+            raise ValidationError("CSV file has no header row", file=file, kind="empty")
+        header_line = reader.line_num
+        columns = [c.strip().lower() for c in header]
+        dupes = sorted({c for c in columns if c and columns.count(c) > 1})
+        if dupes:
+            raise ValidationError(
+                f"duplicate CSV column(s): {', '.join(dupes)}", file=file, line=header_line, field=dupes[0], kind="bad_csv"
+            )
+        if "messages" in columns:
+            raise ValidationError(
+                "chat 'messages' are not supported in CSV; write the task as JSONL",
+                file=file,
+                line=header_line,
+                field="messages",
+                kind="unknown_shape",
+            )
+        if not any(c in columns for c in ("instruction", "output", "prompt", "completion")):
+            raise ValidationError(
+                f"CSV header has none of the expected columns; accepted: instruction,input,output or "
+                f"prompt,completion (optional system,id); found: {', '.join(columns)}",
+                file=file,
+                line=header_line,
+                kind="unknown_shape",
+            )
+        for wanted in (("instruction", "output") if "instruction" in columns or "output" in columns else ("prompt", "completion")):
+            if wanted not in columns:
+                raise ValidationError(
+                    f"CSV header lacks the {wanted!r} column", file=file, line=header_line, field=wanted, kind="missing_field"
+                )
+
+        end_line = reader.line_num
+        for row in reader:
+            start_line, end_line = end_line + 1, reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(columns):
+                raise ValidationError(
+                    f"row has {len(row)} cells but the header has {len(columns)}",
+                    file=file,
+                    line=start_line,
+                    kind="bad_csv",
+                )
+            builder.check_count(start_line, "line")
+            # CSV has no null: an empty optional cell means "absent".
+            obj = {c: v for c, v in zip(columns, row) if c in _CSV_COLUMNS and not (c in ("id", "system") and v == "")}
+            builder.add(obj, start_line, "line")
+    except csv.Error as e:
+        line = reader.line_num or 1
+        if "field larger than field limit" in str(e):
+            raise ValidationError(
+                f"a CSV field is longer than {csv.field_size_limit()} characters",
+                file=file,
+                line=line,
+                kind="field_too_long",
+            ) from None
+        raise ValidationError(f"malformed CSV: {e}", file=file, line=line, kind="bad_csv") from None
+
+
+def _json_reason(e: BaseException) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} (column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e)
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__
+    )
+
+
+# --------------------------------------------------------------------------- record normalisation
+
+
+@dataclass
+class _RecordBuilder:
+    """Turns raw objects into Records, raising at the first invalid one."""
+
+    file: str
+    stem: str
+    cfg: DataConfig
+    records: list[Record] = field(default_factory=list)
+    _ids: dict[str, int] = field(default_factory=dict)
+
+    def error(self, message: str, loc: int, unit: str, kind: str, field: str | None = None) -> ValidationError:
+        if unit == "record":
+            return ValidationError(f"record {loc}: {message}", file=self.file, line=loc, field=field, kind=kind, details={"record": loc})
+        return ValidationError(message, file=self.file, line=loc, field=field, kind=kind)
+
+    def check_count(self, loc: int, unit: str) -> None:
+        if len(self.records) >= self.cfg.max_records:
+            raise self.error(
+                f"more than {self.cfg.max_records} records (data.max_records); split the task", loc, unit, "too_many_records"
+            )
+
+    def add(self, obj: Any, loc: int, unit: str) -> None:
+        if not isinstance(obj, dict):
+            raise self.error(f"expected a JSON object, got {_type_name(obj)}", loc, unit, "not_object")
+        index = len(self.records)
+        record = self._normalise(obj, loc, unit, index)
+        if record.id in self._ids:
+            raise self.error(
+                f"id {record.id!r} already used by record {self._ids[record.id] + 1}", loc, unit, "duplicate_id", "id"
+            )
+        self._ids[record.id] = index
+        self.records.append(record)
+
+    # -- field helpers
+
+    def _string(self, obj: dict, key: str, loc: int, unit: str, *, name: str | None = None, required: bool = True) -> str | None:
+        name = name or key
+        if key not in obj or (obj[key] is None and not required):
+            if required:
+                raise self.error(f"missing required field {name!r}", loc, unit, "missing_field", name)
+            return None
+        value = obj[key]
+        if not isinstance(value, str):
+            raise self.error(f"{name!r} must be a string, not {_type_name(value)}", loc, unit, "bad_type", name)
+        if len(value) > self.cfg.max_field_chars:
+            raise self.error(
+                f"{name!r} is {len(value)} characters, more than the limit of {self.cfg.max_field_chars} (data.max_field_chars)",
+                loc,
+                unit,
+                "field_too_long",
+                name,
+            )
+        return value
+
+    def _non_empty(self, value: str, name: str, loc: int, unit: str) -> str:
+        if not value.strip():
+            raise self.error(f"{name!r} is empty", loc, unit, "empty_field", name)
+        return value
+
+    def _normalise(self, obj: dict, loc: int, unit: str, index: int) -> Record:
+        system = self._string(obj, "system", loc, unit, required=False)
+        if "messages" in obj:
+            messages, output = self._chat(obj, loc, unit)
+            if system:
+                if messages[0][0] == "system":
+                    raise self.error("both 'system' and a system message in 'messages'", loc, unit, "bad_type", "system")
+                messages = (("system", system),) + messages
+        elif any(k in obj for k in ("instruction", "input", "output")):
+            instruction = self._non_empty(self._string(obj, "instruction", loc, unit), "instruction", loc, unit)
+            extra = self._string(obj, "input", loc, unit, required=False)
+            output = self._non_empty(self._string(obj, "output", loc, unit), "output", loc, unit)
+            user = instruction + ("\n" + extra if extra else "")
+            messages = ((("system", system),) if system else ()) + (("user", user),)
+        elif any(k in obj for k in ("prompt", "completion")):
+            prompt = self._non_empty(self._string(obj, "prompt", loc, unit), "prompt", loc, unit)
+            output = self._non_empty(self._string(obj, "completion", loc, unit), "completion", loc, unit)
+            messages = ((("system", system),) if system else ()) + (("user", prompt),)
+        else:
+            keys = ", ".join(sorted(map(str, obj))) or "none"
+            raise self.error(f"unrecognised record (keys: {keys}); accepted shapes: {ACCEPTED_SHAPES}", loc, unit, "unknown_shape")
+        return Record(messages=messages, output=output, id=self._id(obj, loc, unit, index))
+
+    def _chat(self, obj: dict, loc: int, unit: str) -> tuple[tuple[tuple[str, str], ...], str]:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list):
+            raise self.error(f"'messages' must be an array, not {_type_name(msgs)}", loc, unit, "bad_type", "messages")
+        if len(msgs) < 2:
+            raise self.error("'messages' needs at least a user and an assistant message", loc, unit, "bad_type", "messages")
+        pairs: list[tuple[str, str]] = []
+        for i, m in enumerate(msgs):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise self.error(f"{where} must be an object, not {_type_name(m)}", loc, unit, "bad_type", where)
+            role = m.get("role")
+            if role not in _ROLES:
+                raise self.error(
+                    f"{where}.role must be one of {', '.join(_ROLES)}, not {role!r}", loc, unit, "bad_type", f"{where}.role"
+                )
+            if role == "system" and i != 0:
+                raise self.error("a system message may only come first", loc, unit, "bad_type", f"{where}.role")
+            content = self._string(m, "content", loc, unit, name=f"{where}.content")
+            pairs.append((role, content))
+        last = len(pairs) - 1
+        if pairs[last][0] != "assistant":
+            raise self.error(
+                f"the last message must be the assistant's answer, not {pairs[last][0]!r}",
+                loc,
+                unit,
+                "bad_type",
+                f"messages[{last}].role",
+            )
+        if pairs[last - 1][0] != "user":
+            raise self.error(
+                f"the message before the answer must be the user's, not {pairs[last - 1][0]!r}",
+                loc,
+                unit,
+                "bad_type",
+                f"messages[{last - 1}].role",
+            )
+        self._non_empty(pairs[last - 1][1], f"messages[{last - 1}].content", loc, unit)
+        self._non_empty(pairs[last][1], f"messages[{last}].content", loc, unit)
+        return tuple(pairs[:last]), pairs[last][1]
+
+    def _id(self, obj: dict, loc: int, unit: str, index: int) -> str:
+        value = obj.get("id")
+        if value is None:
+            return f"{self.stem}_{index}"
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise self.error(f"'id' must be a string or an integer, not {_type_name(value)}", loc, unit, "bad_type", "id")
+        value = str(value)
+        if not value.strip():
+            raise self.error("'id' is empty", loc, unit, "empty_field", "id")
+        if len(value) > self.cfg.max_field_chars:
+            raise self.error("'id' is too long", loc, unit, "field_too_long", "id")
+        return value
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def _as_ids(result: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True).
+    if isinstance(result, Mapping) or hasattr(result, "input_ids"):
+        result = result["input_ids"]
+    if hasattr(result, "tolist"):
+        result = result.tolist()
+    if result and isinstance(result[0], list):
+        result = result[0]
+    return [int(t) for t in result]
+
+
+def encode_prompt(tokenizer, record: Record) -> list[int]:
+    """Prompt tokens, ending where the answer starts (the chat template's assistant cue)."""
+    if getattr(tokenizer, "chat_template", None):
+        return _as_ids(tokenizer.apply_chat_template(record.chat(), add_generation_prompt=True, tokenize=True))
+    return _as_ids(tokenizer(record.prompt_text + "\n")["input_ids"])
+
+
+def encode_target(tokenizer, record: Record) -> list[int]:
+    """Answer tokens followed by eos (for ChatML `<|im_end|>`, which ends an assistant turn)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError("the tokenizer has no eos token, so an answer's end cannot be learned")
+    return _as_ids(tokenizer(record.output, add_special_tokens=False)["input_ids"]) + [int(eos)]
+
+
+def encode_example(tokenizer, record: Record, max_length: int) -> Encoded:
+    """Prompt + target, at most `max_length` tokens; loss only on the target.
+
+    The prompt is cut from the left (its end holds the question and the answer cue). If
+    the target alone does not fit, one prompt token is kept and the target's end is cut.
+    """
+    if max_length < 2:
+        raise ConfigError(f"data.max_length must be at least 2, got {max_length}")
+    prompt = encode_prompt(tokenizer, record)
+    target = encode_target(tokenizer, record)
+    truncated = len(prompt) + len(target) > max_length
+    if len(target) >= max_length:
+        keep_prompt = min(1, len(prompt))
+        target = target[: max_length - keep_prompt]
+    else:
+        keep_prompt = min(len(prompt), max_length - len(target))
+    prompt = prompt[len(prompt) - keep_prompt :]
+    return Encoded(
+        input_ids=prompt + target,
+        labels=[IGNORE_INDEX] * len(prompt) + target,
+        truncated=truncated,
+    )
+
+
+def collate(encoded: list[Encoded], pad_id: int, padding_side: str = "right") -> dict[str, Any]:
+    """Pad a batch to its longest example: input_ids, attention_mask, labels (pad = -100)."""
+    import torch
+
+    if not encoded:
+        raise ValueError("cannot collate an empty batch")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    width = max(len(e.input_ids) for e in encoded)
+
+    def pad(seq: list[int], value: int) -> list[int]:
+        fill = [value] * (width - len(seq))
+        return fill + seq if padding_side == "left" else seq + fill
+
+    return {
+        "input_ids": torch.tensor([pad(e.input_ids, pad_id) for e in encoded], dtype=torch.long),
+        "attention_mask": torch.tensor([pad([1] * len(e.input_ids), 0) for e in encoded], dtype=torch.long),
+        "labels": torch.tensor([pad(e.labels, IGNORE_INDEX) for e in encoded], dtype=torch.long),
+    }

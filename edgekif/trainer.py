@@ -1,0 +1,335 @@
+"""The training loop: one plain loop for every strategy, with atomic checkpoint/resume.
+
+    learner = Learner.create(cfg, model_with_lora, tokenizer)      # or Learner.load(...)
+    result  = learner.train_task("agnews", records, replay=sample_fn, ckpt_dir=...)
+    learner.save(dir)                                              # adapter + strategy state
+
+`train_task` reads top to bottom: build the step schedule, then for each step draw a batch
+(new task or replay buffer, as the strategy's schedule says), compute the loss only at the
+answer tokens, backward, clip, let the strategy see the gradients, step the strategy's
+optimizer, let the strategy act (Recurrent-KIF fuses here), checkpoint when due.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_dir, atomic_write_json
+from .config import Config
+from .data import Encoded, collate, encode_example
+from .errors import CheckpointError, Interrupted, TrainingError
+from .model import lora_parameters
+from .records import Record
+from .strategies import REPLAY, TASK, Strategy, make_strategy
+
+log = logging.getLogger(__name__)
+
+ReplaySampler = Callable[[int, int], Sequence[Record]]  # (n, seed) -> records of PAST tasks only
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class TaskResult:
+    task_id: str
+    strategy: str
+    steps: int  # gradient steps taken (task + replay)
+    task_steps: int
+    replay_steps: int
+    examples: int  # examples seen in gradient steps
+    seconds: float
+    mean_loss: float
+    last_loss: float
+    fusions: int = 0
+    resumed_from: int = 0
+    state_bytes: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy at answer tokens only.
+
+    Runs the decoder for hidden states, gathers the positions whose next token is a label,
+    and applies the LM head to those rows only: on a 49k-token vocabulary this skips almost
+    all of the logits work (and memory) that a full forward would do.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    head = base.get_output_embeddings()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    sel = targets != -100
+    if not bool(sel.any()):
+        raise TrainingError("batch has no answer tokens (all labels masked)")
+    logits = head(hidden[:, :-1][sel])
+    return F.cross_entropy(logits.float(), targets[sel])
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def _task_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
+    """Indices for `steps` batches: concatenated seeded permutations (epochs) of range(n)."""
+    need = steps * batch_size
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < need:
+        order += torch.randperm(n, generator=g).tolist()
+    return order[:need]
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CKPT_TENSORS = "state.safetensors"
+CKPT_META = "state.json"
+
+
+def _optimizer_to_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{name}.{idx}.{k}"] = v.detach().clone().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(name: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    prefix = f"opt.{name}."
+    for key, t in tensors.items():
+        if key.startswith(prefix):
+            idx, k = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(idx), {})[k] = t
+    for idx, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strategy: Strategy, meta: dict) -> None:
+    """Adapter + optimizers + strategy state + RNG + step, as safetensors + JSON, atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {f"lora.{n}": p.detach().clone().contiguous() for n, p in params.items()}
+    opt_meta = {}
+    for name, opt in strategy.optimizers.items():
+        t, m = _optimizer_to_tensors(name, opt)
+        tensors.update(t)
+        opt_meta[name] = m
+    tensors.update({f"strategy.{k}": v.detach().clone().contiguous() for k, v in strategy.state_tensors().items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / CKPT_TENSORS))
+        atomic_write_json(tmp / CKPT_META, {**meta, "optimizers": opt_meta, "python_random": _py_rng_state()})
+
+
+def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strategy: Strategy) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / CKPT_META).read_text())
+        tensors = load_file(str(path / CKPT_TENSORS))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+    with torch.no_grad():
+        for n, p in params.items():
+            key = f"lora.{n}"
+            if key not in tensors or tensors[key].shape != p.shape:
+                raise CheckpointError(f"{path}: checkpoint does not match the model (tensor {n})")
+            p.copy_(tensors[key])
+    for name, opt in strategy.optimizers.items():
+        _optimizer_from_tensors(name, opt, tensors, meta["optimizers"][name])
+    strategy.load_state_tensors({k[len("strategy.") :]: v for k, v in tensors.items() if k.startswith("strategy.")})
+    torch.set_rng_state(tensors["rng.torch"])
+    _set_py_rng_state(meta.get("python_random"))
+    return meta
+
+
+def _py_rng_state() -> list:
+    v, state, gauss = random.getstate()
+    return [v, list(state), gauss]
+
+
+def _set_py_rng_state(s) -> None:
+    if s:
+        random.setstate((s[0], tuple(s[1]), s[2]))
+
+
+# --------------------------------------------------------------------------- the learner
+
+
+class Learner:
+    """A model with LoRA plus the strategy state that must live across tasks."""
+
+    def __init__(self, cfg: Config, model, tokenizer, strategy: Strategy, tasks_seen: list[str] | None = None):
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.strategy = strategy
+        self.params = lora_parameters(model)
+        if not self.params:
+            raise TrainingError("the model has no trainable LoRA parameters (call edgekif.model.add_lora first)")
+        self.strategy.setup(self.params)
+        self.tasks_seen: list[str] = list(tasks_seen or [])
+
+    @classmethod
+    def create(cls, cfg: Config, model, tokenizer, strategy: str | None = None) -> "Learner":
+        return cls(cfg, model, tokenizer, make_strategy(strategy or cfg.train.strategy, cfg.train, cfg.kif))
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train_task(
+        self,
+        task_id: str,
+        records: Sequence[Record],
+        *,
+        replay: ReplaySampler | None = None,
+        ckpt_dir: Path | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> TaskResult:
+        cfg, tcfg = self.cfg, self.cfg.train
+        if not records:
+            raise TrainingError(f"task {task_id!r} has no records")
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        task_index = len(self.tasks_seen)
+        B = tcfg.batch_size
+        encoded = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in records]
+        task_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * len(encoded) / B))
+        has_replay = replay is not None and self.strategy.uses_replay and len(replay(1, 0)) > 0
+        kinds = self.strategy.schedule(task_steps, has_replay)
+        order = _task_order(len(encoded), task_steps, B, _mix_seed(tcfg.seed, task_index))
+        pad_id = self.tokenizer.pad_token_id
+
+        # Fresh optimizers per task (as the authors' per-task runs); importance carries over.
+        self.strategy.setup(self.params)
+        start, resumed_from, losses = 0, 0, []
+        ckpt = Path(ckpt_dir) / "checkpoint" if ckpt_dir else None
+        if ckpt is not None and (ckpt / CKPT_META).is_file():
+            meta = load_checkpoint(ckpt, params=self.params, strategy=self.strategy)
+            if meta.get("task_id") != task_id or meta.get("schedule") != len(kinds):
+                raise CheckpointError(f"{ckpt}: checkpoint is for task {meta.get('task_id')!r} with {meta.get('schedule')} steps, not {task_id!r}/{len(kinds)}")
+            start = resumed_from = int(meta["step"])
+            losses = list(meta.get("losses", []))
+            log.info("resumed training", extra={"task": task_id, "step": start, "of": len(kinds)})
+        self.strategy.begin_task(task_index)
+        self.model.train()
+
+        def checkpoint(step: int) -> None:
+            if ckpt is not None:
+                save_checkpoint(ckpt, params=self.params, strategy=self.strategy, meta={"task_id": task_id, "step": step, "schedule": len(kinds), "losses": losses})
+
+        t0 = time.perf_counter()
+        task_step = sum(1 for k in kinds[:start] if k == TASK)
+        examples = 0
+        for step in range(start, len(kinds)):
+            if should_stop is not None and should_stop():
+                checkpoint(step)
+                raise Interrupted(f"training of {task_id!r} stopped at step {step}/{len(kinds)} (checkpoint saved)")
+            kind = kinds[step]
+            prev_kind = kinds[step - 1] if step > 0 else None
+            next_kind = kinds[step + 1] if step + 1 < len(kinds) else None
+
+            if kind == TASK:
+                batch_items = [encoded[i] for i in order[task_step * B : (task_step + 1) * B]]
+                task_step += 1
+            else:
+                recs = replay(self.cfg.kif.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
+                batch_items = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in recs]
+            batch = collate(batch_items, pad_id)
+
+            self.strategy.before_step(kind, prev_kind)
+            loss = target_loss(self.model, batch)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), tcfg.grad_clip)
+            self.strategy.after_backward(kind)
+            opt = self.strategy.optimizer(kind)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            boundary = self.strategy.after_step(kind, next_kind)
+
+            losses.append(round(float(loss), 6))
+            examples += len(batch_items)
+            if progress is not None:
+                progress({"task": task_id, "step": step + 1, "steps": len(kinds), "kind": kind, "loss": losses[-1]})
+            every = tcfg.checkpoint_every
+            if next_kind is not None and (boundary or (every and (step + 1) % every == 0)):
+                checkpoint(step + 1)
+
+        self.model.eval()
+        self.tasks_seen.append(task_id)
+        task_losses = [l for l, k in zip(losses, kinds) if k == TASK]
+        return TaskResult(
+            task_id=task_id,
+            strategy=self.strategy.name,
+            steps=len(kinds),
+            task_steps=kinds.count(TASK),
+            replay_steps=kinds.count(REPLAY),
+            examples=examples,
+            seconds=time.perf_counter() - t0,
+            mean_loss=sum(task_losses) / max(1, len(task_losses)),
+            last_loss=task_losses[-1] if task_losses else math.nan,
+            fusions=getattr(self.strategy, "fusions", 0),
+            resumed_from=resumed_from,
+            state_bytes=self.strategy.state_nbytes(),
+        )
+
+    # -- persistence across tasks (daemon jobs) ---------------------------------------------
+    def save(self, folder: Path) -> Path:
+        """Adapter in peft's format (loads with PeftModel.from_pretrained) + strategy state."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            self.model.save_pretrained(tmp / "adapter")
+            state = {k: v.detach().clone().contiguous() for k, v in self.strategy.state_tensors().items() if not k.startswith(("theta_b.", "theta_in."))}
+            if state:
+                save_file(state, str(tmp / "strategy_state.safetensors"))
+            atomic_write_json(tmp / "learner.json", {"strategy": self.strategy.name, "tasks_seen": self.tasks_seen})
+        return folder
+
+    def load_state(self, folder: Path) -> None:
+        """Load adapter weights + strategy state saved by `save` into this learner."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "learner.json").read_text())
+            weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder}: unreadable learner state: {e}") from e
+        set_peft_model_state_dict(self.model, weights)
+        st = folder / "strategy_state.safetensors"
+        if st.is_file() and meta.get("strategy") == self.strategy.name:
+            state = load_file(str(st))
+            try:
+                self.strategy.load_state_tensors(state)
+            except KeyError:
+                log.warning("strategy state does not match; starting importance from zero", extra={"folder": str(folder)})
+        self.tasks_seen = list(meta.get("tasks_seen", []))

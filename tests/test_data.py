@@ -1,0 +1,457 @@
+"""Task-file reading, validation and tokenisation (edgekif.data)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from edgekif.config import DataConfig
+from edgekif.data import IGNORE_INDEX, Encoded, collate, encode_example, encode_prompt, encode_target, read_task
+from edgekif.errors import ValidationError
+from edgekif.records import Record
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from edgekif.model import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    p = tmp_path / name
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    p.write_bytes(content)
+    return p
+
+
+def jsonl(*objs) -> str:
+    return "".join(json.dumps(o) + "\n" for o in objs)
+
+
+def reject(path: Path, cfg: DataConfig | None = None) -> ValidationError:
+    with pytest.raises(ValidationError) as info:
+        read_task(path, cfg)
+    err = info.value
+    assert err.file == str(path)
+    return err
+
+
+ALPACA = {"instruction": "Classify the text.", "input": "A great film.", "output": "positive"}
+
+
+# --------------------------------------------------------------------------- accepted shapes and formats
+
+
+def test_jsonl_alpaca_with_blank_lines_and_default_ids(tmp_path):
+    text = jsonl(ALPACA) + "\n   \n" + jsonl({"instruction": "Say hi.", "input": "", "output": "hi"}, {"instruction": "Q", "output": "A"})
+    task = read_task(write(tmp_path, "sentiment.jsonl", text))
+    assert task.name == "sentiment" and task.format == "jsonl" and len(task) == 3
+    r0, r1, r2 = task.records
+    assert r0.messages == (("user", "Classify the text.\nA great film."),)
+    assert r0.output == "positive"
+    assert r1.messages == (("user", "Say hi."),)  # empty input adds nothing
+    assert r2.messages == (("user", "Q"),)  # input is optional
+    assert [r.id for r in task.records] == ["sentiment_0", "sentiment_1", "sentiment_2"]
+
+
+def test_alpaca_keeps_exact_text_and_system(tmp_path):
+    rec = {"instruction": "Topic?\n", "input": "  Title: X ", "output": " Film ", "system": "Be brief.", "id": 7}
+    task = read_task(write(tmp_path, "t.jsonl", jsonl(rec)))
+    r = task.records[0]
+    assert r.messages == (("system", "Be brief."), ("user", "Topic?\n\n  Title: X "))
+    assert r.output == " Film " and r.label == "Film"
+    assert r.id == "7"
+
+
+def test_prompt_completion(tmp_path):
+    task = read_task(write(tmp_path, "pc.jsonl", jsonl({"prompt": "2+2=", "completion": "4", "id": "a"})))
+    assert task.records == [Record(messages=(("user", "2+2="),), output="4", id="a")]
+
+
+def test_chat_messages(tmp_path):
+    rec = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"},
+            {"role": "assistant", "content": "a2"},
+        ]
+    }
+    r = read_task(write(tmp_path, "chat.jsonl", jsonl(rec))).records[0]
+    assert r.messages == (("system", "S"), ("user", "u1"), ("assistant", "a1"), ("user", "u2"))
+    assert r.output == "a2"
+
+
+def test_top_level_system_with_messages(tmp_path):
+    rec = {"system": "S", "messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    r = read_task(write(tmp_path, "chat.jsonl", jsonl(rec))).records[0]
+    assert r.messages == (("system", "S"), ("user", "u"))
+
+
+def test_json_array_and_wrapper_object(tmp_path):
+    records = [ALPACA, {"prompt": "p", "completion": "c"}]
+    a = read_task(write(tmp_path, "arr.json", json.dumps(records, indent=2)))
+    b = read_task(write(tmp_path, "wrapped.json", json.dumps({"data": records})))
+    c = read_task(write(tmp_path, "ex.json", json.dumps({"examples": records})))
+    assert a.format == b.format == c.format == "json"
+    assert [r.output for r in a.records] == [r.output for r in b.records] == [r.output for r in c.records] == ["positive", "c"]
+    assert [r.id for r in b.records] == ["wrapped_0", "wrapped_1"]
+
+
+def test_jsonl_content_with_json_extension_is_read_as_jsonl(tmp_path):
+    task = read_task(write(tmp_path, "mislabelled.json", jsonl(ALPACA, ALPACA | {"id": "x"})))
+    assert task.format == "jsonl" and len(task) == 2
+
+
+def test_csv_alpaca_and_prompt_completion(tmp_path):
+    text = 'Instruction,input,output,id\r\n"Classify, please.","multi\nline",positive,\r\nQ2,,negative,b\r\n'
+    task = read_task(write(tmp_path, "t.csv", text))
+    assert task.format == "csv"
+    assert task.records[0].messages == (("user", "Classify, please.\nmulti\nline"),)
+    assert [r.output for r in task.records] == ["positive", "negative"]
+    assert [r.id for r in task.records] == ["t_0", "b"]  # empty id cell -> default
+
+    pc = read_task(write(tmp_path, "pc.csv", "prompt,completion,system\nhello,world,Be nice\n"))
+    assert pc.records[0].messages == (("system", "Be nice"), ("user", "hello"))
+    assert pc.records[0].output == "world"
+
+
+@pytest.mark.parametrize(("content", "fmt"), [(jsonl(ALPACA, ALPACA | {"id": "z"}), "jsonl"), (json.dumps([ALPACA]), "json")])
+def test_unknown_extension_is_sniffed(tmp_path, content, fmt):
+    task = read_task(write(tmp_path, "task.txt", "  \n" + content))
+    assert task.format == fmt
+
+
+def test_pretty_printed_wrapper_with_unknown_extension(tmp_path):
+    task = read_task(write(tmp_path, "task.txt", json.dumps({"records": [ALPACA]}, indent=2)))
+    assert task.format == "json" and len(task) == 1
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    for name, body in [("b.jsonl", jsonl(ALPACA)), ("b.csv", "instruction,output\nQ,A\n"), ("b.json", json.dumps([ALPACA]))]:
+        task = read_task(write(tmp_path, name, b"\xef\xbb\xbf" + body.encode()))
+        assert len(task) == 1, name
+
+
+def test_sha256_and_unicode(tmp_path):
+    import hashlib
+
+    body = jsonl({"prompt": "Übersetze: \u2028 naïve 日本", "completion": "ok"})
+    p = write(tmp_path, "u.jsonl", body)
+    task = read_task(p)
+    assert task.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert task.records[0].messages[0][1] == "Übersetze: \u2028 naïve 日本"
+
+
+def test_labels_inferred_only_for_classification(tmp_path):
+    cls = [{"prompt": f"q{i}", "completion": "yes" if i % 2 else " no "} for i in range(10)]
+    assert read_task(write(tmp_path, "cls.jsonl", jsonl(*cls))).labels == ["no", "yes"]
+    gen = [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(10)]
+    assert read_task(write(tmp_path, "gen.jsonl", jsonl(*gen))).labels is None
+
+
+def test_real_benchmark_file(benchmark_data):
+    task = read_task(benchmark_data / "dbpedia" / "train.jsonl")
+    assert len(task) == 1000 and task.format == "jsonl"
+    assert task.labels is not None and len(task.labels) == 14
+    assert "Educational Institution" in task.labels
+    assert len({r.id for r in task.records}) == 1000
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+def test_bad_json_line(tmp_path):
+    p = write(tmp_path, "t.jsonl", jsonl(ALPACA, ALPACA | {"id": "b"}) + '{"instruction": "x", "output": \n' + jsonl(ALPACA))
+    err = reject(p)
+    assert (err.kind, err.line) == ("bad_json", 3)
+    assert "line 3" in str(err)
+
+
+def test_missing_output(tmp_path):
+    p = write(tmp_path, "t.jsonl", jsonl(ALPACA, {"instruction": "x", "input": "y"}))
+    err = reject(p)
+    assert (err.kind, err.line, err.field) == ("missing_field", 2, "output")
+
+
+def test_missing_completion_and_instruction(tmp_path):
+    err = reject(write(tmp_path, "a.jsonl", jsonl({"prompt": "p"})))
+    assert (err.kind, err.line, err.field) == ("missing_field", 1, "completion")
+    err = reject(write(tmp_path, "b.jsonl", jsonl({"input": "i", "output": "o"})))
+    assert (err.kind, err.field) == ("missing_field", "instruction")
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n\t\n", "[]", '{"data": []}'])
+def test_empty_files(tmp_path, content):
+    name = "t.json" if content.startswith(("[", "{")) else "t.jsonl"
+    err = reject(write(tmp_path, name, content))
+    assert err.kind == "empty"
+
+
+def test_csv_header_only_is_empty(tmp_path):
+    assert reject(write(tmp_path, "t.csv", "instruction,output\n")).kind == "empty"
+
+
+def test_binary_garbage(tmp_path):
+    assert reject(write(tmp_path, "nul.jsonl", bytes(range(256)) * 8)).kind == "binary"
+    rng = random.Random(0)
+    garbage = bytes(rng.randrange(1, 256) for _ in range(4096))  # no NUL bytes at all
+    assert reject(write(tmp_path, "noise.jsonl", garbage)).kind == "binary"
+
+
+def test_invalid_utf8_reports_line_and_offset(tmp_path):
+    first = jsonl(ALPACA).encode()
+    second = '{"instruction": "caf'.encode() + "é".encode("latin-1") + b'", "output": "x"}\n'
+    p = write(tmp_path, "t.jsonl", first + second)
+    err = reject(p)
+    assert (err.kind, err.line) == ("encoding", 2)
+    assert err.details["byte_offset"] == len(first) + len('{"instruction": "caf')
+
+
+def test_utf16_is_an_encoding_error(tmp_path):
+    err = reject(write(tmp_path, "t.jsonl", jsonl(ALPACA).encode("utf-16")))
+    assert err.kind == "encoding" and "UTF-8" in err.message
+
+
+def test_too_large_checked_before_reading(tmp_path):
+    p = write(tmp_path, "t.jsonl", jsonl(ALPACA) * 10)
+    err = reject(p, DataConfig(max_file_bytes=100))
+    assert err.kind == "too_large" and err.details["bytes"] == p.stat().st_size
+
+
+def test_too_many_records(tmp_path):
+    p = write(tmp_path, "t.jsonl", "".join(jsonl(ALPACA | {"id": i}) for i in range(5)))
+    err = reject(p, DataConfig(max_records=3))
+    assert (err.kind, err.line) == ("too_many_records", 4)
+    assert len(read_task(p, DataConfig(max_records=5))) == 5
+    arr = write(tmp_path, "t.json", json.dumps([ALPACA | {"id": i} for i in range(5)]))
+    err = reject(arr, DataConfig(max_records=3))
+    assert (err.kind, err.line) == ("too_many_records", 4) and "record 4" in err.message
+
+
+def test_line_too_long(tmp_path):
+    long = {"instruction": "x" * 500, "output": "y"}
+    p = write(tmp_path, "t.jsonl", jsonl(ALPACA, long))
+    err = reject(p, DataConfig(max_line_bytes=200))
+    assert (err.kind, err.line) == ("line_too_long", 2)
+    err = reject(write(tmp_path, "t.csv", f"instruction,output\nq,a\n{'x' * 300},y\n"), DataConfig(max_line_bytes=200))
+    assert (err.kind, err.line) == ("line_too_long", 3)
+
+
+def test_field_too_long(tmp_path):
+    p = write(tmp_path, "t.jsonl", jsonl(ALPACA, {"instruction": "q", "input": "z" * 101, "output": "y"}))
+    err = reject(p, DataConfig(max_field_chars=100))
+    assert (err.kind, err.line, err.field) == ("field_too_long", 2, "input")
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"instruction": "q", "output": "  \n"}, "output"),
+        ({"instruction": " ", "output": "a"}, "instruction"),
+        ({"prompt": "", "completion": "a"}, "prompt"),
+        ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": ""}]}, "messages[1].content"),
+    ],
+)
+def test_empty_fields(tmp_path, record, field):
+    err = reject(write(tmp_path, "t.jsonl", jsonl(record)))
+    assert (err.kind, err.line, err.field) == ("empty_field", 1, field)
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"instruction": "q", "output": 5}, "output"),
+        ({"instruction": ["q"], "output": "a"}, "instruction"),
+        ({"instruction": "q", "input": 3, "output": "a"}, "input"),
+        ({"prompt": "p", "completion": "c", "id": 1.5}, "id"),
+        ({"prompt": "p", "completion": "c", "system": {"x": 1}}, "system"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "u"}, "oops"]}, "messages[1]"),
+        ({"messages": [{"role": "user", "content": "u"}, {"role": "bot", "content": "a"}]}, "messages[1].role"),
+        ({"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}]}, "messages[0].content"),
+    ],
+)
+def test_bad_types(tmp_path, record, field):
+    err = reject(write(tmp_path, "t.jsonl", jsonl(ALPACA, record)))
+    assert (err.kind, err.line, err.field) == ("bad_type", 2, field)
+
+
+def test_messages_must_end_with_user_then_assistant(tmp_path):
+    last_user = {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]}
+    err = reject(write(tmp_path, "a.jsonl", jsonl(last_user)))
+    assert (err.kind, err.line, err.field) == ("bad_type", 1, "messages[1].role")
+    assert "assistant" in err.message
+    two_assistants = {
+        "messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    }
+    err = reject(write(tmp_path, "b.jsonl", jsonl(two_assistants)))
+    assert (err.kind, err.field) == ("bad_type", "messages[1].role")
+    late_system = {
+        "messages": [
+            {"role": "user", "content": "u"},
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    assert reject(write(tmp_path, "c.jsonl", jsonl(late_system))).field == "messages[1].role"
+
+
+def test_json_array_with_non_object_element(tmp_path):
+    err = reject(write(tmp_path, "t.json", json.dumps([ALPACA, ALPACA, "just text"])))
+    assert (err.kind, err.line) == ("not_object", 3)
+    assert "record 3" in err.message and err.details["record"] == 3
+
+
+def test_json_array_errors_name_the_record(tmp_path):
+    err = reject(write(tmp_path, "t.json", json.dumps([ALPACA, {"instruction": "q"}], indent=2)))
+    assert (err.kind, err.line, err.field) == ("missing_field", 2, "output")
+    assert "record 2" in err.message
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    err = reject(write(tmp_path, "t.jsonl", jsonl(ALPACA) + "[1, 2]\n"))
+    assert (err.kind, err.line) == ("not_object", 2)
+
+
+def test_bad_json_document(tmp_path):
+    err = reject(write(tmp_path, "t.json", '[\n  {"instruction": "q", "output": "a"},\n  {"instruction": \n]'))
+    assert err.kind == "bad_json" and err.line == 4
+    err = reject(write(tmp_path, "deep.json", "[" * 100_000 + "]" * 100_000))
+    assert err.kind == "bad_json"
+
+
+def test_unknown_shape_lists_accepted_shapes(tmp_path):
+    err = reject(write(tmp_path, "t.jsonl", jsonl(ALPACA, {"question": "q", "answer": "a"})))
+    assert (err.kind, err.line) == ("unknown_shape", 2)
+    assert "instruction" in err.message and "prompt" in err.message and "messages" in err.message
+
+
+def test_unknown_format(tmp_path):
+    assert reject(write(tmp_path, "t.txt", "hello world\n")).kind == "unknown_format"
+
+
+def test_duplicate_ids(tmp_path):
+    err = reject(write(tmp_path, "t.jsonl", jsonl(ALPACA | {"id": "a"}, ALPACA | {"id": "b"}, ALPACA | {"id": "a"})))
+    assert (err.kind, err.line, err.field) == ("duplicate_id", 3, "id")
+
+
+def test_csv_errors(tmp_path):
+    err = reject(write(tmp_path, "m.csv", "messages,id\n[],1\n"))
+    assert (err.kind, err.field) == ("unknown_shape", "messages") and "JSONL" in err.message
+    err = reject(write(tmp_path, "h.csv", "question,answer\nq,a\n"))
+    assert (err.kind, err.line) == ("unknown_shape", 1)
+    err = reject(write(tmp_path, "o.csv", "instruction,input\nq,a\n"))
+    assert (err.kind, err.line, err.field) == ("missing_field", 1, "output")
+    err = reject(write(tmp_path, "r.csv", 'instruction,output\nq,a\n"multi\nline",b\nq,a,extra\n'))
+    assert (err.kind, err.line) == ("bad_csv", 5)
+    err = reject(write(tmp_path, "e.csv", "instruction,output\nq,a\nq2,\n"))
+    assert (err.kind, err.line, err.field) == ("empty_field", 3, "output")
+    err = reject(write(tmp_path, "q.csv", 'instruction,output\nq,"unterminated\n'))
+    assert err.kind == "bad_csv"
+
+
+def test_missing_file(tmp_path):
+    err = reject(tmp_path / "nope.jsonl")
+    assert err.kind == "unreadable"
+
+
+def test_error_is_serialisable(tmp_path):
+    err = reject(write(tmp_path, "t.jsonl", jsonl(ALPACA, {"instruction": "x"})))
+    d = json.loads(json.dumps(err.to_dict()))
+    assert d["kind"] == "missing_field" and d["line"] == 2 and d["field"] == "output" and d["file"].endswith("t.jsonl")
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def test_prompt_uses_chat_template(tok):
+    r = Record.from_prompt("hi", "yo", system="S")
+    ids = encode_prompt(tok, r)
+    assert tok.decode(ids) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_without_chat_template_is_plain_text(tok):
+    from edgekif.model import tiny_tokenizer
+
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    r = Record(messages=(("system", "S"), ("user", "hi")), output="yo")
+    assert plain.decode(encode_prompt(plain, r)) == "S\nhi\n"
+
+
+def test_target_is_output_then_eos(tok):
+    ids = encode_target(tok, Record.from_prompt("q", "Film"))
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[:-1]) == "Film"
+
+
+def test_labels_mask_exactly_the_prompt(tok):
+    r = Record.from_prompt("What is 2+2?", "four")
+    enc = encode_example(tok, r, max_length=256)
+    prompt = encode_prompt(tok, r)
+    assert not enc.truncated
+    assert enc.input_ids[: len(prompt)] == prompt
+    assert enc.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    answer = enc.labels[len(prompt) :]
+    assert IGNORE_INDEX not in answer and answer == enc.input_ids[len(prompt) :]
+    assert tok.decode(answer) == "four<|im_end|>"
+
+
+def test_truncation_keeps_target_and_end_of_prompt(tok):
+    r = Record.from_prompt("A" * 100 + "QUESTION?", "yes")
+    full = encode_prompt(tok, r)
+    target = encode_target(tok, r)
+    enc = encode_example(tok, r, max_length=30)
+    assert enc.truncated and len(enc.input_ids) == 30
+    n_prompt = 30 - len(target)
+    assert enc.input_ids[:n_prompt] == full[-n_prompt:]
+    assert tok.decode(enc.input_ids[:n_prompt]).endswith("QUESTION?<|im_end|>\n<|im_start|>assistant\n")
+    assert enc.input_ids[n_prompt:] == target == enc.labels[n_prompt:]
+    assert enc.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+
+
+def test_overlong_target_keeps_one_prompt_token(tok):
+    r = Record.from_prompt("q", "z" * 50)
+    full = encode_prompt(tok, r)
+    enc = encode_example(tok, r, max_length=10)
+    assert len(enc.input_ids) == 10 and enc.truncated
+    assert enc.input_ids[0] == full[-1] and enc.labels[0] == IGNORE_INDEX
+    assert tok.decode(enc.labels[1:]) == "z" * 9
+
+
+def test_collate_pads_both_sides():
+    a = Encoded(input_ids=[5, 6, 7], labels=[IGNORE_INDEX, 6, 7])
+    b = Encoded(input_ids=[8], labels=[8])
+    right = collate([a, b], pad_id=0)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert right["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    left = collate([a, b], pad_id=0, padding_side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 8]]
+    with pytest.raises(ValueError):
+        collate([a], pad_id=0, padding_side="middle")
+
+
+def test_task_encode_feeds_the_model(tmp_path, tok):
+    import torch
+    from edgekif.model import tiny_llama
+
+    task = read_task(write(tmp_path, "t.jsonl", jsonl(ALPACA, {"prompt": "p", "completion": "longer answer here"})))
+    encoded = task.encode(tok, max_length=64)
+    assert len(encoded) == 2
+    batch = collate(encoded, pad_id=tok.pad_token_id)
+    model, _ = tiny_llama()
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 0

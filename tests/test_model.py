@@ -1,0 +1,77 @@
+"""Base model provider: GGUF conversion (real SmolLM2), precision modes, LoRA training."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from edgekif.config import LoRAConfig, ModelConfig
+from edgekif.errors import ModelError
+from edgekif.model import add_lora, load_model, load_tokenizer, locate_default_gguf, lora_parameters, resolve_base
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nf4"])
+def test_lora_trains_and_loss_falls_on_repeated_batch(tiny_dir, precision):
+    model = add_lora(load_model(tiny_dir, precision), LoRAConfig(r=4, alpha=8, dropout=0.0))
+    params = lora_parameters(model)
+    assert params and all("lora_" in n for n in params)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen  # the base stays frozen
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    x = torch.randint(3, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    if precision == "nf4":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_bad_base_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="not a Hugging Face model folder"):
+        resolve_base(ModelConfig(base=str(tmp_path)), tmp_path / "cache")
+    with pytest.raises(ModelError, match="model.base"):
+        resolve_base(ModelConfig(base=str(tmp_path / "nope")), tmp_path / "cache")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(ModelError, match="cannot load GGUF"):
+        resolve_base(ModelConfig(base=str(bad)), tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "models").glob("*/config.json"))  # nothing half-written
+
+
+def test_local_hf_folder_as_base(tiny_dir, tmp_path):
+    base = resolve_base(ModelConfig(base=str(tiny_dir)), tmp_path)
+    assert base.path == tiny_dir and len(base.source_sha256) == 64
+
+
+@pytest.mark.integration
+def test_gguf_conversion_once_and_logits_match(smollm2):
+    """The converted folder reproduces the GGUF-loaded model's logits, and a second resolve is a cache hit."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = locate_default_gguf()
+    cache_root = smollm2.path.parent.parent
+    stamp = os.stat(smollm2.path / "model.safetensors").st_mtime_ns
+    t = time.perf_counter()
+    again = resolve_base(ModelConfig(), cache_root)
+    assert again.path == smollm2.path and time.perf_counter() - t < 5  # no second conversion
+    assert os.stat(again.path / "model.safetensors").st_mtime_ns == stamp
+    assert len(smollm2.source_sha256) == 64
+
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    conv = load_model(smollm2.path, "fp32")
+    tok = load_tokenizer(smollm2.path)
+    assert tok.chat_template and "im_start" in tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(ref(x).logits, conv(x).logits, atol=1e-4)
