@@ -273,7 +273,7 @@ class Learner:
             opt.zero_grad(set_to_none=True)
             boundary = self.strategy.after_step(kind, next_kind)
 
-            losses.append(round(float(loss), 6))
+            losses.append(round(loss.item(), 6))
             examples += len(batch_items)
             if progress is not None:
                 progress({"task": task_id, "step": step + 1, "steps": len(kinds), "kind": kind, "loss": losses[-1]})

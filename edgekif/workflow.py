@@ -7,6 +7,7 @@ evaluate a set of tasks, fuse-export-publish a trained adapter.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_root(cfg: Config) -> Path:
-    return cfg.data_path / "cache"
+    """Converted base models live here ($EDGEKIF_CACHE_DIR lets several data dirs share one)."""
+    return Path(os.environ["EDGEKIF_CACHE_DIR"]) if os.environ.get("EDGEKIF_CACHE_DIR") else cfg.data_path / "cache"
 
 
 def set_threads(cfg: Config) -> None:

@@ -1,0 +1,186 @@
+"""The real pipeline stages: the edgekif library behind the `Stages` interface.
+
+Every ML import happens inside a method, so an idle daemon never imports torch.
+Idempotency (a stage may be re-run after a crash that landed before the daemon committed):
+  validate   pure read
+  buffer     holdout/train split is a deterministic function of the file's SHA-256 and is
+             written atomically; the replay insert is a no-op for a SHA-256 already stored
+  train      resumes from jobs/<id>/checkpoint; skipped if jobs/<id>/learner already has the task
+  evaluate   pure read of the trained learner
+  export     skipped if jobs/<id>/export exists and its manifest verifies
+  publish    skipped if `current` already holds this export (same adapter hash)
+
+Model continuity: a job starts from the learner state of the *published* job (adapter and
+importance EMAs), so a job held by the forgetting gate never leaks into the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from edgekif.atomic import atomic_write_json, atomic_write_text
+
+from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, forgetting_gate
+
+log = logging.getLogger(__name__)
+
+
+def _holdout_dir(ctx: JobContext) -> Path:
+    return ctx.layout.root / "holdout"
+
+
+def _learner_dir(layout, job_id: int) -> Path:
+    return layout.jobs / str(job_id) / "learner"
+
+
+def _read_records(path: Path):
+    from edgekif.records import Record
+
+    return [Record.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_records(path: Path, records) -> None:
+    atomic_write_text(path, "".join(r.to_json() + "\n" for r in records))
+
+
+class LibraryStages:
+    def __init__(self, config) -> None:
+        self.config = config
+
+    # -- validate ---------------------------------------------------------------------------
+    def validate(self, ctx: JobContext) -> TaskInfo:
+        from edgekif.data import read_task
+
+        data = read_task(ctx.file_path, ctx.config.data)
+        # read_task names the task after accepted/<sha12>_<name>; the user's name is what they dropped.
+        return TaskInfo(name=Path(ctx.file_name).stem, examples=len(data.records), details={"format": data.format, "labels": data.labels})
+
+    # -- buffer: holdout split + replay insert ------------------------------------------------
+    def buffer(self, ctx: JobContext) -> BufferResult:
+        from edgekif.data import read_task
+        from edgekif.replay import ReplayBuffer
+
+        cfg = ctx.config
+        data = read_task(ctx.file_path, cfg.data)
+        records = list(data.records)
+        random.Random(ctx.sha256).shuffle(records)  # deterministic in the file's content
+        n_hold = min(cfg.service.holdout_max, int(round(cfg.service.holdout_fraction * len(records))))
+        n_hold = min(n_hold, len(records) - 1) if len(records) > 1 else 0
+        holdout, train = records[:n_hold], records[n_hold:]
+        hd = _holdout_dir(ctx)
+        _write_records(hd / f"{ctx.task_name}.jsonl", holdout)
+        atomic_write_json(hd / f"{ctx.task_name}.labels.json", {"labels": data.labels})
+        _write_records(ctx.work_dir / "train.jsonl", train)
+        with ReplayBuffer(ctx.layout.replay_db, cfg.replay) as buf:
+            res = buf.add_task(ctx.task_name, train, source_file=ctx.file_name, source_sha256=ctx.sha256)
+        return BufferResult(
+            holdout_path=str(hd / f"{ctx.task_name}.jsonl"),
+            holdout_examples=len(holdout),
+            replay_inserted=0 if res.duplicate else res.stored,
+            details={"train_examples": len(train), "duplicate": res.duplicate},
+        )
+
+    # -- train ----------------------------------------------------------------------------------
+    def train(self, ctx: JobContext, should_stop: ShouldStop) -> TrainResult:
+        from edgekif.replay import ReplayBuffer
+        from edgekif.workflow import open_learner
+
+        out = _learner_dir(ctx.layout, ctx.job_id)
+        if (out / "learner.json").is_file() and ctx.task_name in json.loads((out / "learner.json").read_text()).get("tasks_seen", []):
+            return TrainResult(steps=0, adapter_path=str(out / "adapter"), metrics={"skipped": "already trained"})
+        start = _learner_dir(ctx.layout, ctx.published.job_id) if ctx.published else None
+        learner, base = open_learner(ctx.config, state_dir=start)
+        records = _read_records(ctx.work_dir / "train.jsonl")
+        buf = ReplayBuffer(ctx.layout.replay_db, ctx.config.replay)
+        try:
+            past = [t for t in buf.tasks() if t != ctx.task_name]  # the outer loop replays past tasks only
+            sampler = (lambda n, seed: buf.sample(n, seed, task_ids=past)) if past else None
+            ctx.write_progress(stage="train", step=0, steps=None)
+
+            def progress(ev: dict) -> None:
+                if ev["step"] % 2 == 0 or ev["step"] == ev["steps"]:
+                    ctx.write_progress(stage="train", step=ev["step"], steps=ev["steps"], loss=ev["loss"], kind=ev["kind"])
+
+            res = learner.train_task(ctx.task_name, records, replay=sampler, ckpt_dir=ctx.work_dir, should_stop=should_stop, progress=progress)
+        finally:
+            buf.close()
+        learner.save(out)
+        return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(out / "adapter"), metrics=res.to_dict())
+
+    # -- evaluate -----------------------------------------------------------------------------
+    def evaluate(self, ctx: JobContext) -> EvalResult:
+        from edgekif.workflow import evaluate_tasks, open_learner
+
+        learner, _ = open_learner(ctx.config, state_dir=_learner_dir(ctx.layout, ctx.job_id))
+        hd = _holdout_dir(ctx)
+        names = [t for t in ctx.past_tasks if t != ctx.task_name] + [ctx.task_name]
+        tasks, labels = {}, {}
+        for name in names:
+            path = hd / f"{name}.jsonl"
+            if path.is_file():
+                recs = _read_records(path)
+                if recs:
+                    tasks[name] = recs
+                    lab = hd / f"{name}.labels.json"
+                    labels[name] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
+        evals = evaluate_tasks(ctx.config, learner.model, learner.tokenizer, tasks, labels)
+        return EvalResult(
+            accuracies={k: v.score for k, v in evals.items()},
+            details={k: {"exact_match": v.exact_match, "label_accuracy": v.label_accuracy, "n": v.n} for k, v in evals.items()},
+        )
+
+    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
+        return forgetting_gate(result.accuracies, ctx.published, ctx.config.service.forgetting_threshold)
+
+    # -- export ---------------------------------------------------------------------------------
+    def export(self, ctx: JobContext) -> Path:
+        from edgekif.errors import IntegrityError
+        from edgekif.export import verify_manifest
+        from edgekif.model import resolve_base
+        from edgekif.workflow import cache_root, export_adapter
+
+        out = ctx.work_dir / "export"
+        if (out / "manifest.json").is_file():
+            try:
+                verify_manifest(out)
+                return out
+            except IntegrityError:
+                log.warning("re-exporting: existing export does not verify", extra={"job": ctx.job_id})
+        base = resolve_base(ctx.config.model, cache_root(ctx.config))
+        learner_dir = _learner_dir(ctx.layout, ctx.job_id)
+        meta = json.loads((learner_dir / "learner.json").read_text())
+        evaluated = ctx.metrics.get("evaluate", {})
+        prompts = []
+        for name in meta.get("tasks_seen", [])[-2:]:
+            p = _holdout_dir(ctx) / f"{name}.jsonl"
+            if p.is_file():
+                prompts += [r.messages[-1][1] for r in _read_records(p)[:2]]
+        prompts = prompts or ["Hello! What can you do?"]
+        examples = {}
+        return export_adapter(
+            ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, parity_prompts=prompts,
+            manifest_info={
+                "tasks": [{"id": t, "name": t, **({"examples": examples[t]} if t in examples else {})} for t in meta.get("tasks_seen", [])],
+                "accuracies": evaluated.get("accuracies", {}),
+                "job_id": ctx.job_id,
+            },
+        )
+
+    # -- publish ----------------------------------------------------------------------------------
+    def publish(self, ctx: JobContext, export_path: Path) -> str:
+        from edgekif.export import read_manifest
+        from edgekif.publish import ModelStore
+
+        store = ModelStore(ctx.layout.root)
+        cur = store.current()
+        if cur is not None:
+            try:
+                if read_manifest(store.path(cur)).get("adapter_sha256") == read_manifest(export_path).get("adapter_sha256"):
+                    return cur  # a crash after the switch, before the daemon's commit
+            except Exception:  # an unreadable current manifest: publish anew
+                pass
+        return store.publish(export_path, keep=ctx.config.export.keep_versions)
