@@ -47,6 +47,14 @@ def _write_records(path: Path, records) -> None:
     atomic_write_text(path, "".join(r.to_json() + "\n" for r in records))
 
 
+def _quiet_transformers() -> None:
+    """No progress bars in the daemon's log (they are for terminals)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 class LibraryStages:
     def __init__(self, config) -> None:
         self.config = config
@@ -89,6 +97,7 @@ class LibraryStages:
         from edgekif.replay import ReplayBuffer
         from edgekif.workflow import open_learner
 
+        _quiet_transformers()
         out = _learner_dir(ctx.layout, ctx.job_id)
         if (out / "learner.json").is_file() and ctx.task_name in json.loads((out / "learner.json").read_text()).get("tasks_seen", []):
             return TrainResult(steps=0, adapter_path=str(out / "adapter"), metrics={"skipped": "already trained"})
@@ -115,6 +124,7 @@ class LibraryStages:
     def evaluate(self, ctx: JobContext) -> EvalResult:
         from edgekif.workflow import evaluate_tasks, open_learner
 
+        _quiet_transformers()
         learner, _ = open_learner(ctx.config, state_dir=_learner_dir(ctx.layout, ctx.job_id))
         hd = _holdout_dir(ctx)
         names = [t for t in ctx.past_tasks if t != ctx.task_name] + [ctx.task_name]
@@ -143,6 +153,7 @@ class LibraryStages:
         from edgekif.model import resolve_base
         from edgekif.workflow import cache_root, export_adapter
 
+        _quiet_transformers()
         out = ctx.work_dir / "export"
         if (out / "manifest.json").is_file():
             try:

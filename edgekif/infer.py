@@ -1,0 +1,236 @@
+"""Local inference on an exported/published model folder (greedy decoding).
+
+  GenaiRunner(folder)   onnxruntime-genai folder (target "genai"): KV cache, batched generation
+  OnnxRunner(folder)    plain ONNX folder (target "onnx"): no KV cache, re-runs the full sequence
+  open_current(root)    resolve ROOT/models/current once and open the right runner for it
+
+Prompts are a user message (str) or a list of {"role","content"} messages; the folder's chat
+template is applied with add_generation_prompt, as at training time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+from .errors import ModelError, PublishError
+from .export import EXPORT_INFO, GENAI_CONFIG, MANIFEST, ONNX_MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+Prompt = Union[str, Sequence[dict[str, str]]]
+StreamCallback = Callable[[str], None]
+
+
+def _messages(prompt: Prompt) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+class GenaiRunner:
+    """Greedy generation with onnxruntime-genai from a genai export folder."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, execution_provider: str | None = None) -> None:
+        import onnxruntime_genai as og
+
+        self.model_dir = Path(model_dir)
+        self.version: str | None = None  # set by open_current
+        self.manifest: dict[str, Any] = _read_json(self.model_dir / MANIFEST)
+        if not (self.model_dir / GENAI_CONFIG).is_file():
+            raise ModelError(f"{self.model_dir}: no {GENAI_CONFIG} (not an onnxruntime-genai model folder)")
+        try:
+            if execution_provider:  # override the provider written into genai_config.json
+                config = og.Config(str(self.model_dir))
+                config.clear_providers()
+                if execution_provider != "cpu":
+                    config.append_provider(execution_provider)
+                self.model = og.Model(config)
+            else:
+                self.model = og.Model(str(self.model_dir))
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as e:  # onnxruntime-genai raises RuntimeError with the reason
+            raise ModelError(f"{self.model_dir}: cannot load onnxruntime-genai model: {e}") from e
+        self._og = og
+        cfg = _read_json(self.model_dir / GENAI_CONFIG)
+        self.context_length = int(cfg.get("model", {}).get("context_length") or 2048)
+        self.eos_ids = set(int(t) for t in self.tokenizer.eos_token_ids)
+        self._hf_tokenizer: Any = None
+
+    def chat_text(self, prompt: Prompt) -> str:
+        messages = _messages(prompt)
+        try:
+            return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        except Exception:  # template features the genai tokenizer lacks: use transformers' jinja
+            if self._hf_tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._hf_tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+            return self._hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _params(self, prompt_len: int, max_new_tokens: int, batch_size: int = 1) -> Any:
+        params = self._og.GeneratorParams(self.model)
+        max_length = min(prompt_len + max_new_tokens, self.context_length)
+        if prompt_len >= max_length:
+            raise ModelError(f"prompt of {prompt_len} tokens does not fit the context length {self.context_length}")
+        params.set_search_options(do_sample=False, max_length=max_length, batch_size=batch_size)
+        return params
+
+    def generate_ids(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> list[int]:
+        """Greedy answer as token ids (EOS not included)."""
+        ids = self.tokenizer.encode(self.chat_text(prompt))
+        gen = self._og.Generator(self.model, self._params(len(ids), max_new_tokens))
+        gen.append_tokens(ids)
+        stream = self.tokenizer.create_stream() if stream_callback else None
+        out: list[int] = []
+        while not gen.is_done() and len(out) < max_new_tokens:
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            if token in self.eos_ids:
+                break
+            out.append(token)
+            if stream is not None:
+                piece = stream.decode(token)
+                if piece:
+                    stream_callback(piece)  # type: ignore[misc]
+        return out
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> str:
+        return self.tokenizer.decode(self.generate_ids(prompt, max_new_tokens, stream_callback))
+
+    def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[str]:
+        return [self.tokenizer.decode(o) for o in self.generate_batch_ids(prompts, max_new_tokens)]
+
+    def generate_batch_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[list[int]]:
+        """One padded batch through the generator (onnxruntime-genai handles the padding)."""
+        if not prompts:
+            return []
+        texts = [self.chat_text(p) for p in prompts]
+        batch = self.tokenizer.encode_batch(texts)
+        width = int(batch.shape()[1])
+        gen = self._og.Generator(self.model, self._params(width, max_new_tokens, batch_size=len(texts)))
+        gen.append_tokens(batch)
+        outs: list[list[int]] = [[] for _ in texts]
+        finished = [False] * len(texts)
+        steps = 0
+        while not gen.is_done() and steps < max_new_tokens and not all(finished):
+            gen.generate_next_token()
+            steps += 1
+            for i, token in enumerate(gen.get_next_tokens()):
+                if finished[i]:
+                    continue
+                if int(token) in self.eos_ids:
+                    finished[i] = True
+                else:
+                    outs[i].append(int(token))
+        return outs
+
+
+class OnnxRunner:
+    """Greedy generation from a plain ONNX export (no KV cache: fine for short answers)."""
+
+    def __init__(self, model_dir: str | os.PathLike) -> None:
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.version: str | None = None  # set by open_current
+        self.manifest: dict[str, Any] = _read_json(self.model_dir / MANIFEST)
+        try:
+            self.session = ort.InferenceSession(str(self.model_dir / ONNX_MODEL_FILE), providers=["CPUExecutionProvider"])
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        except Exception as e:
+            raise ModelError(f"{self.model_dir}: cannot load plain ONNX model: {e}") from e
+        gen_cfg = _read_json(self.model_dir / "generation_config.json")
+        eos = gen_cfg.get("eos_token_id", self.tokenizer.eos_token_id)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+
+    def chat_ids(self, prompt: Prompt) -> list[int]:
+        text = self.tokenizer.apply_chat_template(_messages(prompt), add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate_ids(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> list[int]:
+        return self._greedy([self.chat_ids(prompt)], max_new_tokens, stream_callback)[0]
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> str:
+        return self.tokenizer.decode(self.generate_ids(prompt, max_new_tokens, stream_callback), skip_special_tokens=True)
+
+    def generate_batch_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[list[int]]:
+        if not prompts:
+            return []
+        return self._greedy([self.chat_ids(p) for p in prompts], max_new_tokens, None)
+
+    def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[str]:
+        return [self.tokenizer.decode(o, skip_special_tokens=True) for o in self.generate_batch_ids(prompts, max_new_tokens)]
+
+    def _greedy(self, seqs: list[list[int]], max_new_tokens: int, stream_callback: StreamCallback | None) -> list[list[int]]:
+        import numpy as np
+
+        outs: list[list[int]] = [[] for _ in seqs]
+        finished = [False] * len(seqs)
+        for _ in range(max_new_tokens):
+            # Left padding: the graph derives positions from the mask, so padded rows match unpadded ones.
+            rows = [s + o for s, o in zip(seqs, outs)]
+            width = max(len(r) for r in rows)
+            ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, width - len(r) :] = r
+                mask[i, width - len(r) :] = 1
+            logits = self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+            for i, token in enumerate(logits[:, -1].argmax(-1)):
+                if finished[i]:
+                    continue
+                token = int(token)
+                if token in self.eos_ids:
+                    finished[i] = True
+                    continue
+                outs[i].append(token)
+                if stream_callback is not None and len(seqs) == 1:
+                    stream_callback(self.tokenizer.decode([token]))
+            if all(finished):
+                break
+        return outs
+
+
+Runner = Union[GenaiRunner, OnnxRunner]
+
+
+def open_model(folder: str | os.PathLike, *, execution_provider: str | None = None) -> Runner:
+    """Open an export folder with the runner its target needs (from manifest.json / export_info.json)."""
+    folder = Path(folder)
+    target = (_read_json(folder / MANIFEST).get("export") or {}).get("target") or _read_json(folder / EXPORT_INFO).get("target")
+    if target is None:
+        target = "genai" if (folder / GENAI_CONFIG).is_file() else "onnx"
+    if target == "genai":
+        return GenaiRunner(folder, execution_provider=execution_provider)
+    return OnnxRunner(folder)
+
+
+def open_current(root: str | os.PathLike, *, execution_provider: str | None = None) -> Runner:
+    """Open the version ROOT/models/current points to *now*.
+
+    The link is resolved once, so the runner keeps reading one consistent version even if a
+    publish switches `current` meanwhile. `runner.version` names it; reopen to pick up a new one.
+    """
+    from .publish import resolve_current
+
+    folder = resolve_current(root)
+    try:
+        runner = open_model(folder, execution_provider=execution_provider)
+    except FileNotFoundError as e:  # removed by gc between resolve and load: caller may retry
+        raise PublishError(f"{folder}: version disappeared while opening it: {e}") from e
+    runner.version = folder.name
+    return runner

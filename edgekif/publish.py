@@ -1,0 +1,214 @@
+"""Versioned, atomic publishing of verified exports under ROOT/models/.
+
+Layout:
+  models/v0001/, models/v0002/, ...   immutable version folders (an export + manifest.json)
+  models/current -> v0002             relative symlink; swapped with one rename()
+
+A reader resolves `current` once (os.path.realpath) and reads from that version folder, so it
+sees one complete version even if `current` is switched meanwhile. A version folder appears
+only complete (built as .v000N.tmp, fsynced, renamed), and `current` only ever points at a
+version whose manifest was verified. One process publishes (an flock on models/.publish.lock
+guards against a second one); any number of processes may read.
+
+gc(keep) deletes versions that are neither among the newest `keep` nor current. A reader that
+holds an old version across more than `keep` publishes may lose it: resolve `current` again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .atomic import fsync_dir, fsync_tree
+from .errors import IntegrityError, PublishError
+from .export import MANIFEST, read_manifest, verify_manifest
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+LOCK_FILE = ".publish.lock"
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    created: str | None  # manifest "created" (UTC ISO)
+    summary: dict[str, Any] = field(default_factory=dict)  # tasks, accuracies, export settings
+    is_current: bool = False
+    path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "created": self.created, "is_current": self.is_current, "path": str(self.path), **self.summary}
+
+
+def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "base_model": manifest.get("base_model"),
+        "adapter_sha256": manifest.get("adapter_sha256"),
+        "tasks": manifest.get("tasks", []),
+        "accuracies": manifest.get("accuracies", {}),
+        "export": manifest.get("export", {}),
+    }
+
+
+class ModelStore:
+    """Published model versions under root/models/."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.models = self.root / "models"
+
+    # ----------------------------------------------------------------- queries
+
+    def versions(self) -> list[str]:
+        """Complete version folder names, oldest first."""
+        if not self.models.is_dir():
+            return []
+        found = []
+        for entry in os.scandir(self.models):
+            m = VERSION_RE.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False):
+                found.append((int(m.group(1)), entry.name))
+        return [name for _, name in sorted(found)]
+
+    def current(self) -> str | None:
+        """Name of the version `current` points to, or None if nothing is published."""
+        try:
+            target = os.readlink(self.models / CURRENT)
+        except (FileNotFoundError, OSError):
+            return None
+        name = os.path.basename(target.rstrip("/"))
+        return name if VERSION_RE.match(name) and (self.models / name).is_dir() else None
+
+    def path(self, version: str | None = None) -> Path:
+        """Folder of `version` (default: current). Raises PublishError if it does not exist."""
+        name = version or self.current()
+        if name is None:
+            raise PublishError(f"{self.models}: no version is published yet")
+        if not VERSION_RE.match(name) or not (self.models / name).is_dir():
+            raise PublishError(f"{self.models}: no version {name!r} (have {', '.join(self.versions()) or 'none'})")
+        return self.models / name
+
+    def list(self) -> list[VersionInfo]:
+        cur = self.current()
+        out = []
+        for name in self.versions():
+            try:
+                manifest = read_manifest(self.models / name)
+                created, summary = manifest.get("created"), manifest_summary(manifest)
+            except IntegrityError as e:
+                created, summary = None, {"error": str(e)}
+            out.append(VersionInfo(name=name, created=created, summary=summary, is_current=name == cur, path=self.models / name))
+        return out
+
+    # ----------------------------------------------------------------- changes
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.models.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.models / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PublishError(f"{self.models}: another process is publishing (lock {LOCK_FILE} held)") from None
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def publish(self, export_dir: str | os.PathLike, *, keep: int | None = None, move: bool = False) -> str:
+        """Copy (or move) a verified export in as the next version and make it current.
+
+        The export's manifest is verified before anything is copied and again on the copy, so
+        a corrupt export is refused with IntegrityError and `current` is left as it was.
+        """
+        export_dir = Path(export_dir)
+        verify_manifest(export_dir)
+        with self._lock():
+            existing = [int(VERSION_RE.match(n).group(1)) for n in self.versions()]  # type: ignore[union-attr]
+            name = version_name(max(existing, default=0) + 1)
+            staging = self.models / f".{name}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)  # leftover of a crashed publish
+            try:
+                if move:
+                    os.rename(export_dir, staging)  # same filesystem only; OSError otherwise
+                else:
+                    shutil.copytree(export_dir, staging, symlinks=False)
+                fsync_tree(staging)
+                verify_manifest(staging)  # the copy itself could be bad (disk full, I/O error)
+                os.rename(staging, self.models / name)
+                fsync_dir(self.models)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._switch(name)
+            log.info("published model version", extra={"version": name, "source": str(export_dir)})
+            if keep is not None:
+                self._gc(keep)
+        return name
+
+    def rollback(self, version: str) -> str:
+        """Point `current` at an existing version after verifying its files."""
+        with self._lock():
+            folder = self.path(version)
+            verify_manifest(folder)
+            self._switch(version)
+        log.info("rolled back model version", extra={"version": version})
+        return version
+
+    def gc(self, keep: int) -> list[str]:
+        """Delete versions beyond the newest `keep`, never the current one. Returns deleted names."""
+        with self._lock():
+            return self._gc(keep)
+
+    def _gc(self, keep: int) -> list[str]:
+        if keep < 1:
+            raise PublishError(f"gc keep={keep}: must keep at least one version")
+        names = self.versions()
+        cur = self.current()
+        doomed = [n for n in names[: max(0, len(names) - keep)] if n != cur]
+        for name in doomed:
+            # Rename first so a half-deleted folder never looks like a version.
+            trash = self.models / f".{name}.del-{os.getpid()}"
+            os.rename(self.models / name, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        for entry in os.scandir(self.models):  # stale staging/trash of crashed runs (we hold the lock)
+            if entry.name.startswith(".v") and (entry.name.endswith(".tmp") or ".del-" in entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        if doomed:
+            fsync_dir(self.models)
+            log.info("deleted old model versions", extra={"versions": doomed})
+        return doomed
+
+    def _switch(self, name: str) -> None:
+        """Atomically repoint `current` (relative link, so the data dir can move)."""
+        link = self.models / CURRENT
+        tmp = self.models / f"{CURRENT}.tmp-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(name, tmp)
+        os.replace(tmp, link)
+        fsync_dir(self.models)
+
+
+def resolve_current(root: str | os.PathLike) -> Path:
+    """The real folder `root/models/current` points to now (resolve once, then read from it)."""
+    link = Path(root) / "models" / CURRENT
+    if not os.path.lexists(link):
+        raise PublishError(f"{link}: no model published yet")
+    real = Path(os.path.realpath(link))
+    if not (real / MANIFEST).is_file():
+        raise PublishError(f"{link} -> {real}: not a published version (no {MANIFEST})")
+    return real

@@ -1,0 +1,410 @@
+"""The inbox: notice new files, wait until they are complete, take or reject them.
+
+A file is taken only once it looks finished: regular file, acceptable name, size and mtime
+unchanged across `service.quiet_seconds`. Writers that cannot guarantee that should write
+`name.tmp` (or a dot-file) and rename it when done: those names are ignored.
+
+inotify (watchdog) only wakes the scanner up; the scan itself decides. A startup scan and a
+periodic scan (`service.scan_interval`) catch anything inotify missed (overflow, files that
+were there before the daemon started, file systems without inotify).
+
+Nothing in the inbox is ever followed or opened unless it is a regular file: symlinks,
+directories, FIFOs, sockets and devices are moved to rejected/ as they are (os.rename moves
+the link, not its target), with a NAME.error.json report beside them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import stat
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from edgekif.atomic import atomic_write_json, fsync_dir
+
+from .jobs import DataLayout, DuplicateFile, JobStore, utc_now
+
+if TYPE_CHECKING:
+    from edgekif.config import Config
+
+log = logging.getLogger(__name__)
+
+IGNORED_SUFFIXES = (b".tmp", b".part", b".partial", b".swp", b"~")
+NAME_MAX = 255  # bytes, ext4/xfs/btrfs
+_ERROR_SUFFIX = ".error.json"
+
+
+def is_ignored(name: bytes) -> bool:
+    """Dot-files and in-progress names: not ours to look at (yet)."""
+    return name.startswith(b".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def name_problem(name: bytes) -> str | None:
+    """Why this name is refused, or None if it is acceptable."""
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return "file name is not valid UTF-8"
+    if ".." in text:
+        return "file name contains '..'"
+    if "/" in text or "\\" in text:
+        return "file name contains a path separator"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
+        return "file name contains control characters"
+    return None
+
+
+def display_name(name: bytes) -> str:
+    """The name as a printable string for reports (control chars and bad bytes escaped)."""
+    text = name.decode("utf-8", "backslashreplace")
+    return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp") else f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}" for ch in text)
+
+
+def safe_name(name: bytes | str) -> str:
+    """A harmless file name for rejected/: bad bytes, control chars and separators -> '_'."""
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+    text = "".join("_" if (unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs") or ch in "/\\") else ch for ch in text)
+    text = text.lstrip(".") or "unnamed"
+    return _fit(text, NAME_MAX - len(_ERROR_SUFFIX) - 8)
+
+
+def _fit(name: str, max_bytes: int) -> str:
+    """Shorten a name to max_bytes of UTF-8, keeping its extension."""
+    if len(name.encode()) <= max_bytes:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot or len(ext.encode()) > 16:
+        stem, ext = name, ""
+    suffix = f".{ext}" if ext else ""
+    budget = max_bytes - len(suffix.encode())
+    return stem.encode()[:budget].decode("utf-8", "ignore") + suffix
+
+
+def accepted_name(sha256: str, name: str) -> str:
+    return _fit(f"{sha256[:12]}_{name}", NAME_MAX)
+
+
+def unique_rejected_dest(folder: Path, base: str, display: str) -> Path:
+    """folder/base, or base-1, base-2, ... A report whose file never arrived (a crash between
+    writing the report and the rename) is reused for the same file name."""
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem:
+        stem, ext = base, ""
+    n = 0
+    while True:
+        name = base if n == 0 else f"{stem}-{n}" + (f".{ext}" if ext else "")
+        dest = folder / name
+        report = folder / (name + _ERROR_SUFFIX)
+        if not os.path.lexists(dest):
+            if not os.path.lexists(report):
+                return dest
+            try:
+                if json.loads(report.read_text()).get("file") == display:
+                    return dest
+            except (OSError, ValueError):
+                pass
+        n += 1
+
+
+def move_to_rejected(
+    layout: DataLayout,
+    src: str | bytes | os.PathLike,
+    *,
+    name: bytes | str,
+    error: dict[str, Any],
+    sha256: str | None = None,
+    received_at: str | None = None,
+    dest: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write rejected/NAME.error.json (atomically), then move src to rejected/NAME.
+
+    The report goes first: after a crash in between, the next scan rejects the file again
+    and unique_rejected_dest() reuses the orphaned report's name.
+    """
+    display = display_name(name) if isinstance(name, bytes) else name
+    layout.rejected.mkdir(parents=True, exist_ok=True)
+    if dest is None:
+        dest = unique_rejected_dest(layout.rejected, safe_name(name), display)
+    report = {
+        "file": display,
+        "sha256": sha256,
+        "received_at": received_at or utc_now(),
+        "error": error,
+        **(extra or {}),
+    }
+    atomic_write_json(dest.with_name(dest.name + _ERROR_SUFFIX), report)
+    os.rename(src, dest)
+    fsync_dir(layout.rejected)
+    src_parent = os.path.dirname(os.fsdecode(src)) or "."
+    fsync_dir(src_parent)
+    return dest
+
+
+def reconcile_takes(layout: DataLayout, store: JobStore) -> None:
+    """Finish or forget takes a crash interrupted (files rows still 'taking')."""
+    for f in store.files("taking"):
+        if os.path.lexists(f.path):
+            job_id = store.finish_take(f.id)
+            log.info("finished an interrupted take", extra={"file": f.name, "job_id": job_id})
+        else:
+            # Never renamed: the file is still in inbox/ (the next scan takes it) or gone.
+            store.forget_take(f.id)
+            log.info("forgot an interrupted take", extra={"file": f.name, "still_in_inbox": (layout.inbox / f.name).exists()})
+
+
+def _kind_of(mode: int) -> str | None:
+    """None for a regular file, else what it is (these are rejected without being opened)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special"
+
+
+@dataclass
+class _Seen:
+    key: tuple[int, int, int]  # size, mtime_ns, inode
+    since: float  # monotonic time the key was first seen
+
+
+class InboxWatcher:
+    """Scans inbox/ and takes complete files. `scan_once()` is the whole decision; `run()`
+    repeats it on inotify wake-ups, when a waiting file may have become quiet, and every
+    scan_interval. Uses its own JobStore (connections are per thread)."""
+
+    def __init__(
+        self,
+        layout: DataLayout,
+        config: "Config",
+        *,
+        on_new_job: Callable[[int], None] | None = None,
+    ) -> None:
+        self.layout = layout
+        self.config = config  # replaced by the daemon on SIGHUP; read at each scan
+        self.on_new_job = on_new_job
+        self._store: JobStore | None = None
+        self._store_thread: int | None = None
+        self._seen: dict[bytes, _Seen] = {}
+        self._wake = threading.Event()
+        self.last_scan: float | None = None  # monotonic; the daemon's health check reads it
+        self.observer_running = False
+
+    @property
+    def store(self) -> JobStore:
+        # sqlite connections belong to the thread that opened them; scan_once() may be
+        # called from a test's thread or from run()'s thread.
+        me = threading.get_ident()
+        if self._store is None or self._store_thread != me:
+            self._store = JobStore(self.layout.state_db)
+            self._store_thread = me
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None and self._store_thread == threading.get_ident():
+            self._store.close()
+        self._store = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ---- one scan ---------------------------------------------------------------------
+
+    def scan_once(self) -> float | None:
+        """Look at every inbox entry once. Returns seconds until a waiting file may be quiet
+        (when to scan again), or None if nothing is waiting."""
+        svc = self.config.service
+        quiet = svc.quiet_seconds
+        inbox = os.fsencode(self.layout.inbox)
+        self.layout.inbox.mkdir(parents=True, exist_ok=True)
+        entries: list[tuple[int, bytes, os.stat_result]] = []
+        with os.scandir(inbox) as it:
+            for entry in it:
+                if is_ignored(entry.name):
+                    continue
+                try:
+                    st = os.lstat(entry.path)
+                except FileNotFoundError:
+                    continue
+                entries.append((st.st_mtime_ns, entry.name, st))
+        entries.sort()  # arrival order (mtime, then name) decides job order
+
+        now = time.monotonic()
+        due: float | None = None
+        present: set[bytes] = set()
+        for _mtime, name, st in entries:
+            present.add(name)
+            path = os.path.join(inbox, name)
+            kind = _kind_of(st.st_mode)
+            if kind is not None:
+                self._reject(path, name, {"kind": kind, "message": f"not a regular file ({kind}); not followed"})
+                continue
+            problem = name_problem(name)
+            if problem is not None:
+                self._reject(path, name, {"kind": "bad_name", "message": problem})
+                continue
+            if st.st_size > svc.max_file_bytes:
+                self._reject(
+                    path, name,
+                    {"kind": "too_large", "message": f"{st.st_size} bytes > service.max_file_bytes = {svc.max_file_bytes}"},
+                )
+                continue
+            key = (st.st_size, st.st_mtime_ns, st.st_ino)
+            seen = self._seen.get(name)
+            if seen is None or seen.key != key:
+                self._seen[name] = seen = _Seen(key, now)
+                if quiet > 0:
+                    due = quiet if due is None else min(due, quiet)
+                    continue
+            waited = now - seen.since
+            if waited < quiet:
+                left = quiet - waited
+                due = left if due is None else min(due, left)
+                continue
+            self._seen.pop(name, None)
+            self._take(path, name, st)
+        for name in list(self._seen):
+            if name not in present:
+                del self._seen[name]
+        self.last_scan = time.monotonic()
+        return due
+
+    def _reject(self, path: bytes, name: bytes, error: dict[str, Any], sha256: str | None = None) -> None:
+        self._seen.pop(name, None)
+        try:
+            dest = move_to_rejected(self.layout, path, name=name, error=error, sha256=sha256)
+        except FileNotFoundError:
+            return  # gone meanwhile: nothing to reject
+        self.store.log_event(None, "inbox_rejected", file=display_name(name), path=str(dest), **error)
+        log.warning("rejected %s: %s", display_name(name), error["message"], extra={"file": display_name(name), "reason": error["kind"], "rejected_path": str(dest)})
+
+    def _take(self, path: bytes, name: bytes, st: os.stat_result) -> int | None:
+        """Hash, record as 'taking', rename into accepted/, mark taken + queue the job."""
+        try:
+            # O_NOFOLLOW/O_NONBLOCK: if the entry was swapped for a symlink or FIFO since the
+            # lstat, fail (or at least never block) instead of following it.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None  # became a symlink: the next scan rejects it
+            raise
+        try:
+            before = os.fstat(fd)
+            if (not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino
+                    or before.st_size != st.st_size or before.st_mtime_ns != st.st_mtime_ns):
+                return None  # changed since the quiet check: observe again
+            h = hashlib.sha256()
+            while block := os.read(fd, 1 << 20):
+                h.update(block)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns:
+            return None  # still being written after all
+        sha = h.hexdigest()
+        text = name.decode("utf-8")
+        received_at = utc_now()
+        dest = self.layout.accepted / accepted_name(sha, text)
+        n = 1
+        while os.path.lexists(dest):  # only a stray file put there by hand can collide
+            dest = self.layout.accepted / accepted_name(sha, f"{n}_{text}")
+            n += 1
+        try:
+            file_id = self.store.begin_take(text, sha, st.st_size, received_at, str(dest))
+        except DuplicateFile as dup:
+            error = {
+                "kind": "duplicate",
+                "message": f"same content as {dup.name!r}"
+                + (f" (job {dup.job.id}, {dup.job.state})" if dup.job else "")
+                + "; a file is never trained twice",
+            }
+            try:
+                rejected = move_to_rejected(self.layout, path, name=name, error=error, sha256=sha, received_at=received_at)
+            except FileNotFoundError:
+                return None
+            job_id = self.store.record_duplicate(text, sha, dup, str(rejected))
+            log.warning("duplicate %s: %s", text, error["message"], extra={"file": text, "job_id": job_id, "sha256": sha})
+            return None
+        self.layout.accepted.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            self.store.forget_take(file_id)
+            return None
+        fsync_dir(self.layout.accepted)
+        fsync_dir(self.layout.inbox)
+        job_id = self.store.finish_take(file_id)
+        log.info("file taken", extra={"file": text, "job_id": job_id, "sha256": sha, "size": st.st_size})
+        if self.on_new_job is not None:
+            self.on_new_job(job_id)
+        return job_id
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def _start_observer(self) -> Any:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:  # pragma: no cover
+            log.warning("watchdog not installed; polling the inbox every scan_interval")
+            return None
+
+        watcher = self
+
+        class _Wake(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                if event.event_type in ("created", "moved", "modified", "closed"):
+                    watcher.wake()
+
+        observer = Observer()
+        try:
+            observer.schedule(_Wake(), str(self.layout.inbox), recursive=False)
+            observer.daemon = True
+            observer.start()
+        except Exception as e:  # inotify limits, unsupported file system
+            log.warning("inotify unavailable (%s); polling the inbox every scan_interval", e)
+            return None
+        self.observer_running = True
+        return observer
+
+    def run(self, stop: threading.Event) -> None:
+        observer = self._start_observer()
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    due = self.scan_once()
+                except Exception:
+                    log.exception("inbox scan failed")
+                    due = None
+                    self.last_scan = time.monotonic()
+                interval = self.config.service.scan_interval
+                timeout = interval if due is None else min(interval, max(due, 0.05))
+                self._wake.wait(timeout)
+                # Many inotify events arrive per write burst: coalesce them.
+                if not stop.is_set():
+                    time.sleep(0.02)
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            self.observer_running = False
+            self.close()

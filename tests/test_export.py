@@ -1,0 +1,326 @@
+"""Fuse, export (genai + plain ONNX), parity, manifest, local inference.
+
+One fused tiny model and one export per target are shared by the whole module (the genai
+builder alone takes several seconds)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgekif.config import LoRAConfig
+from edgekif.errors import ConfigError, IntegrityError, ParityError
+from edgekif.export import (
+    adapter_sha256,
+    check_parity,
+    export_model,
+    fuse_adapter,
+    fuse_model,
+    resolve_export_settings,
+    verify_manifest,
+    write_manifest,
+)
+from edgekif.model import add_lora, load_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Hello there", "What is 2+2?", "Classify: a great movie"]
+LORA = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+
+
+def _random_lora(base_path: Path, seed: int = 1):
+    """A PeftModel on the fp32 base whose LoRA B is random (fresh LoRA is a no-op: B = 0)."""
+    torch.manual_seed(seed)
+    peft_model = add_lora(load_model(base_path, "fp32"), LORA)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return peft_model.eval()
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _torch_greedy(model_dir: Path, prompt: str, n: int) -> list[int]:
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, "fp32").eval()
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    seq = tok(text, add_special_tokens=False)["input_ids"]
+    out = []
+    for _ in range(n):
+        nxt = int(_logits(model, torch.tensor([seq + out]))[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        out.append(nxt)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuse")
+    peft_model = _random_lora(tiny_dir)
+    adapter = root / "adapter"
+    peft_model.save_pretrained(adapter, safe_serialization=True)
+    out = fuse_adapter(tiny_dir, adapter, root / "fused")
+    return {"base": tiny_dir, "adapter": adapter, "fused": out, "peft": peft_model, "root": root}
+
+
+@pytest.fixture(scope="module")
+def manifest_info(fused):
+    return {
+        "base_model_id": "tiny-llama",
+        "base_model_sha256": "ab" * 32,
+        "adapter_sha256": adapter_sha256(fused["adapter"]),
+        "tasks": [{"id": "t1", "name": "sentiment", "examples": 12}, {"id": "t2", "name": "topic", "examples": 30}],
+        "accuracies": {"t1": 0.75, "t2": 0.5},
+    }
+
+
+@pytest.fixture(scope="module")
+def genai_fp32(fused, manifest_info):
+    return export_model(
+        fused["fused"], fused["root"] / "genai-fp32", target="genai", precision="fp32", execution_provider="cpu",
+        parity_prompts=PROMPTS, manifest_info=manifest_info,
+    )
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(fused, manifest_info):
+    return export_model(
+        fused["fused"], fused["root"] / "onnx-fp32", target="onnx", precision="fp32", execution_provider="cpu",
+        parity_prompts=PROMPTS, manifest_info=manifest_info,
+    )
+
+
+# --------------------------------------------------------------------------- fuse
+
+
+def test_fused_model_reproduces_peft_logits(fused):
+    ids = torch.randint(3, 250, (2, 17), generator=torch.Generator().manual_seed(0))
+    peft_logits = _logits(fused["peft"], ids)
+    fused_logits = _logits(load_model(fused["fused"], "fp32").eval(), ids)
+    base_logits = _logits(load_model(fused["base"], "fp32").eval(), ids)
+    assert (peft_logits - base_logits).abs().max() > 1e-2, "the LoRA must change the model or this test proves nothing"
+    assert (peft_logits - fused_logits).abs().max() < 1e-4
+
+
+def test_fused_folder_is_servable(fused):
+    folder = fused["fused"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["use_cache"] is True
+    assert (folder / "model.safetensors").is_file() and (folder / "generation_config.json").is_file()
+    assert "adapter_config.json" not in os.listdir(folder)
+    tok = load_tokenizer(folder)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".fused")], "temp build folder left behind"
+
+
+def test_fuse_model_from_memory_equals_fuse_adapter(fused, tmp_path):
+    out = fuse_model(fused["peft"], fused["base"], tmp_path / "fused2")
+    ids = torch.randint(3, 250, (1, 11), generator=torch.Generator().manual_seed(1))
+    a = _logits(load_model(out, "fp32").eval(), ids)
+    b = _logits(load_model(fused["fused"], "fp32").eval(), ids)
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_fuse_model_from_nf4_merges_into_fp32_weights(fused, tmp_path):
+    from edgekif.model import bitsandbytes_available
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if not bitsandbytes_available():
+        pytest.skip("bitsandbytes 4-bit does not work on this host")
+    nf4 = add_lora(load_model(fused["base"], "nf4"), LORA)
+    set_peft_model_state_dict(nf4, get_peft_model_state_dict(fused["peft"]))
+    out = fuse_model(nf4, fused["base"], tmp_path / "fused-from-nf4")
+    ids = torch.randint(3, 250, (1, 11), generator=torch.Generator().manual_seed(2))
+    # Same LoRA, base re-read in fp32: identical to the fp32 fuse (no NF4 rounding in the weights).
+    diff = (_logits(load_model(out, "fp32").eval(), ids) - _logits(load_model(fused["fused"], "fp32").eval(), ids)).abs().max()
+    assert diff < 1e-5
+
+
+# --------------------------------------------------------------------------- export + parity
+
+
+def test_genai_export_passes_parity_and_has_the_client_files(genai_fp32, manifest_info):
+    files = set(os.listdir(genai_fp32))
+    assert {"genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "manifest.json"} <= files
+    manifest = verify_manifest(genai_fp32)
+    assert manifest["parity"]["greedy_equal"] is True and manifest["parity"]["agreement"] == 1.0
+    assert manifest["parity"]["positions"] > 0
+    assert manifest["export"] == {"target": "genai", "precision": "fp32", "execution_provider": "cpu"}
+    assert manifest["tasks"] == manifest_info["tasks"] and manifest["accuracies"] == manifest_info["accuracies"]
+    assert manifest["base_model"] == {"id": "tiny-llama", "sha256": "ab" * 32}
+    assert manifest["adapter_sha256"] == manifest_info["adapter_sha256"]
+    assert manifest["runtime"]["onnxruntime"] and manifest["runtime"]["onnxruntime_genai"]
+    assert dt.datetime.fromisoformat(manifest["created"]).tzinfo is not None
+    assert set(manifest["files"]) == files - {"manifest.json"}
+
+
+def test_onnx_export_passes_parity(onnx_fp32):
+    manifest = verify_manifest(onnx_fp32)
+    assert manifest["export"]["target"] == "onnx" and manifest["parity"]["greedy_equal"] is True
+    assert {"model.onnx", "tokenizer.json", "chat_template.jinja"} <= set(manifest["files"])
+
+
+def test_runners_reproduce_pytorch_greedy(fused, genai_fp32, onnx_fp32):
+    from edgekif.infer import GenaiRunner, OnnxRunner
+
+    expected = [_torch_greedy(fused["fused"], p, 6) for p in PROMPTS]
+    genai, plain = GenaiRunner(genai_fp32), OnnxRunner(onnx_fp32)
+    assert [genai.generate_ids(p, 6) for p in PROMPTS] == expected
+    assert [plain.generate_ids(p, 6) for p in PROMPTS] == expected
+    # Batches are padded; padding must not change any answer.
+    assert genai.generate_batch_ids(PROMPTS, 6) == expected
+    assert plain.generate_batch_ids(PROMPTS, 6) == expected
+    pieces: list[str] = []
+    text = genai.generate(PROMPTS[0], 6, stream_callback=pieces.append)
+    assert isinstance(text, str) and pieces
+
+
+def test_parity_rejects_an_export_of_another_model(fused, genai_fp32, onnx_fp32):
+    # The export holds base+LoRA; against the bare base the greedy paths must differ.
+    assert [_torch_greedy(fused["base"], p, 8) for p in PROMPTS] != [_torch_greedy(fused["fused"], p, 8) for p in PROMPTS]
+    with pytest.raises(ParityError, match="fails parity"):
+        check_parity(fused["base"], genai_fp32, "genai", PROMPTS)
+    with pytest.raises(ParityError):
+        check_parity(fused["base"], onnx_fp32, "onnx", PROMPTS)
+    report = check_parity(fused["fused"], onnx_fp32, "onnx", PROMPTS)
+    assert report.passed and report.greedy_equal and report.agreement == 1.0
+
+
+def test_failed_parity_publishes_no_export_folder(fused, tmp_path):
+    out = tmp_path / "onnx-int8"
+    with pytest.raises(ParityError):
+        # int8 is judged by agreement; > 1 can never be reached.
+        export_model(fused["fused"], out, target="onnx", precision="int8", execution_provider="cpu", parity_prompts=PROMPTS[:1], min_agreement=1.01)
+    assert not out.exists()
+    assert os.listdir(tmp_path) == [], "temporary export folder left behind"
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_verify_manifest_names_a_truncated_or_missing_file(genai_fp32, tmp_path):
+    copy = Path(shutil.copytree(genai_fp32, tmp_path / "copy"))
+    verify_manifest(copy)
+    data = copy / "model.onnx.data" if (copy / "model.onnx.data").exists() else copy / "model.onnx"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.raises(IntegrityError, match=data.name):
+        verify_manifest(copy)
+    data.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        verify_manifest(copy)
+
+
+def test_verify_manifest_rejects_edited_hash_and_accepts_extra_files(genai_fp32, tmp_path):
+    copy = Path(shutil.copytree(genai_fp32, tmp_path / "copy"))
+    (copy / "notes.txt").write_text("not in the manifest")
+    verify_manifest(copy)  # unlisted files are tolerated
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["genai_config.json"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="genai_config.json"):
+        verify_manifest(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(IntegrityError, match="manifest.json"):
+        verify_manifest(copy)
+
+
+def test_write_manifest_hashes_nested_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"a")
+    (tmp_path / "sub" / "b.bin").write_bytes(b"b")
+    manifest = write_manifest(tmp_path, target="onnx", precision="fp32", tasks=[{"id": "x", "name": "x", "examples": 1}])
+    assert set(manifest["files"]) == {"a.bin", "sub/b.bin"}
+    assert verify_manifest(tmp_path)["export"]["target"] == "onnx"
+    (tmp_path / "sub" / "b.bin").write_bytes(b"B")
+    with pytest.raises(IntegrityError, match="b.bin"):
+        verify_manifest(tmp_path)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_resolve_export_settings(monkeypatch):
+    import edgekif.export as export
+
+    monkeypatch.setattr(export, "_cuda_usable", lambda target: False)
+    assert resolve_export_settings("genai", "auto", "auto") == ("genai", "int4", "cpu")
+    assert resolve_export_settings("onnx", "auto", "auto") == ("onnx", "fp32", "cpu")
+    monkeypatch.setattr(export, "_cuda_usable", lambda target: True)
+    assert resolve_export_settings("genai", "auto", "auto") == ("genai", "fp16", "cuda")
+    assert resolve_export_settings("genai", "int4", "cpu") == ("genai", "int4", "cpu")
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_export_settings("genai", "fp16", "cpu")
+    with pytest.raises(ConfigError):
+        resolve_export_settings("onnx", "int4", "cpu")
+    with pytest.raises(ConfigError):
+        resolve_export_settings("tflite", "auto", "cpu")
+
+
+# --------------------------------------------------------------------------- serving from a store
+
+
+def test_open_current_keeps_its_version_across_a_publish(genai_fp32, onnx_fp32, tmp_path):
+    from edgekif.infer import GenaiRunner, OnnxRunner, open_current
+    from edgekif.publish import ModelStore
+
+    store = ModelStore(tmp_path)
+    store.publish(genai_fp32)
+    runner = open_current(tmp_path)
+    assert isinstance(runner, GenaiRunner) and runner.version == "v0001"
+    before = runner.generate_ids(PROMPTS[0], 5)
+    store.publish(onnx_fp32)
+    assert runner.generate_ids(PROMPTS[0], 5) == before  # still v0001, still loadable
+    newer = open_current(tmp_path)
+    assert isinstance(newer, OnnxRunner) and newer.version == "v0002"
+    assert newer.generate_ids(PROMPTS[0], 5) == before  # same fused model, other target
+
+
+def test_client_example_streams_an_answer(genai_fp32, tmp_path):
+    from edgekif.publish import ModelStore
+
+    ModelStore(tmp_path).publish(genai_fp32)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "client_example.py"), str(tmp_path), "Hello there", "5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "v0001" in res.stderr and "sentiment" in res.stderr
+
+
+def test_client_example_fails_cleanly_without_a_model(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "client_example.py"), str(tmp_path), "hi"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "no model published" in res.stderr
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_smollm2_int4_genai_export_agrees_with_pytorch(smollm2, tmp_path):
+    from edgekif.infer import GenaiRunner
+
+    peft_model = add_lora(load_model(smollm2.path, "fp32"), LoRAConfig())  # zero LoRA: fused == base
+    fused_dir = fuse_model(peft_model, smollm2.path, tmp_path / "fused")
+    out = export_model(
+        fused_dir, tmp_path / "int4", target="genai", precision="int4", execution_provider="cpu",
+        parity_prompts=["What is the capital of France?", "Name a fruit.", "Classify the sentiment: I loved this film."],
+        manifest_info={"base_model_id": smollm2.name, "base_model_sha256": smollm2.source_sha256},
+    )
+    manifest = verify_manifest(out)
+    assert manifest["parity"]["agreement"] >= 0.95
+    answer = GenaiRunner(out).generate("What is the capital of France?", 16)
+    assert "Paris" in answer

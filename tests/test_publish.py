@@ -1,0 +1,183 @@
+"""Versioned atomic publishing: current/rollback/gc, refusing corrupt exports, concurrent readers.
+
+Exports here are fake (random files + a valid manifest): publishing does not care what the
+files are, and this keeps the tests fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from edgekif.errors import IntegrityError, PublishError
+from edgekif.export import write_manifest
+from edgekif.publish import ModelStore, resolve_current
+
+
+def fake_export(folder: Path, seed: int, *, size: int = 64 * 1024) -> Path:
+    folder.mkdir(parents=True)
+    rnd = __import__("random").Random(seed)
+    (folder / "model.onnx").write_bytes(rnd.randbytes(size))
+    (folder / "model.onnx.data").write_bytes(rnd.randbytes(size * 2))
+    (folder / "genai_config.json").write_text(json.dumps({"seed": seed}))
+    write_manifest(folder, target="genai", precision="int4", execution_provider="cpu", tasks=[{"id": f"t{seed}", "name": f"task {seed}", "examples": seed}])
+    return folder
+
+
+@pytest.fixture()
+def exports(tmp_path):
+    return [fake_export(tmp_path / "exports" / f"e{i}", seed=i) for i in range(1, 5)]
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return ModelStore(tmp_path / "data")
+
+
+def _seed_of(folder: Path) -> int:
+    return json.loads((folder / "genai_config.json").read_text())["seed"]
+
+
+def test_publish_makes_newest_current_through_a_relative_link(store, exports):
+    assert store.current() is None and store.list() == []
+    assert store.publish(exports[0]) == "v0001"
+    assert store.publish(exports[1]) == "v0002"
+    assert store.current() == "v0002"
+    link = store.models / "current"
+    assert os.readlink(link) == "v0002"  # relative: the data folder can be moved
+    assert resolve_current(store.root) == (store.models / "v0002").resolve()
+    assert _seed_of(resolve_current(store.root)) == 2
+    listed = store.list()
+    assert [(v.name, v.is_current) for v in listed] == [("v0001", False), ("v0002", True)]
+    assert listed[1].summary["tasks"] == [{"id": "t2", "name": "task 2", "examples": 2}]
+    assert listed[1].summary["export"]["precision"] == "int4" and listed[1].created
+    assert store.path("v0001") == store.models / "v0001" and store.path() == store.models / "v0002"
+    assert exports[0].is_dir(), "publish copies by default"
+    leftovers = [n for n in os.listdir(store.models) if n not in ("v0001", "v0002", "current", ".publish.lock")]
+    assert leftovers == []
+
+
+def test_publish_can_move_the_export(store, exports):
+    store.publish(exports[0], move=True)
+    assert not exports[0].exists() and _seed_of(store.path("v0001")) == 1
+
+
+def test_rollback_switches_current_and_rejects_unknown_versions(store, exports):
+    store.publish(exports[0])
+    store.publish(exports[1])
+    assert store.rollback("v0001") == "v0001"
+    assert store.current() == "v0001" and _seed_of(resolve_current(store.root)) == 1
+    with pytest.raises(PublishError, match="v0009"):
+        store.rollback("v0009")
+    with pytest.raises(PublishError):
+        store.rollback("../v0001")
+    assert store.current() == "v0001"
+    # The next publish numbers after the newest version, not after current.
+    assert store.publish(exports[2]) == "v0003"
+
+
+def test_gc_keeps_newest_and_current(store, exports):
+    for e in exports[:3]:
+        store.publish(e)
+    store.rollback("v0001")
+    assert store.gc(keep=1) == ["v0002"]
+    assert store.versions() == ["v0001", "v0003"] and store.current() == "v0001"
+    store.publish(exports[3], keep=1)  # v0004 becomes current; v0001 and v0003 go
+    assert store.versions() == ["v0004"] and store.current() == "v0004"
+    with pytest.raises(PublishError):
+        store.gc(keep=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit_hash", "delete"])
+def test_corrupt_export_is_refused_and_current_unchanged(store, exports, damage):
+    store.publish(exports[0])
+    bad = exports[1]
+    if damage == "truncate":
+        with open(bad / "model.onnx.data", "r+b") as f:
+            f.truncate(100)
+    elif damage == "edit_hash":
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["files"]["model.onnx"] = "f" * 64
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (bad / "model.onnx").unlink()
+    with pytest.raises(IntegrityError, match="model.onnx"):
+        store.publish(bad)
+    assert store.current() == "v0001" and store.versions() == ["v0001"]
+    assert sorted(os.listdir(store.models)) == [".publish.lock", "current", "v0001"]
+
+
+def test_rollback_to_a_damaged_version_is_refused(store, exports):
+    store.publish(exports[0])
+    store.publish(exports[1])
+    with open(store.path("v0001") / "model.onnx", "r+b") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(IntegrityError, match="model.onnx"):
+        store.rollback("v0001")
+    assert store.current() == "v0002"
+
+
+def test_second_publisher_is_refused_while_one_holds_the_lock(store, exports):
+    store.publish(exports[0])
+    other = ModelStore(store.root)
+    with store._lock():
+        with pytest.raises(PublishError, match="another process"):
+            other.publish(exports[1])
+    assert other.publish(exports[1]) == "v0002"
+
+
+def test_resolve_current_without_a_model(tmp_path):
+    with pytest.raises(PublishError, match="no model published"):
+        resolve_current(tmp_path)
+
+
+READER = textwrap.dedent(
+    """
+    import hashlib, json, os, sys, time
+    link = os.path.join(sys.argv[1], "models", "current")
+    end = time.monotonic() + float(sys.argv[2])
+    seen, reads = set(), 0
+    print("ready", flush=True)
+    while time.monotonic() < end:
+        folder = os.path.realpath(link)  # resolve once per read, as clients must
+        with open(os.path.join(folder, "manifest.json"), "rb") as f:
+            manifest = json.loads(f.read())
+        for rel, digest in manifest["files"].items():
+            with open(os.path.join(folder, rel), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    print("MISMATCH", folder, rel, flush=True)
+                    sys.exit(1)
+        seen.add(os.path.basename(folder))
+        reads += 1
+    print(json.dumps({"seen": sorted(seen), "reads": reads}), flush=True)
+    """
+)
+
+
+def test_concurrent_reader_always_sees_one_complete_version(store, tmp_path):
+    exports = [fake_export(tmp_path / "many" / f"e{i}", seed=i, size=256 * 1024) for i in range(8)]
+    store.publish(exports[0])
+    script = tmp_path / "reader.py"
+    script.write_text(READER)
+    reader = subprocess.Popen([sys.executable, str(script), str(store.root), "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        for e in exports[1:]:
+            store.publish(e)
+            time.sleep(0.15)
+        out, err = reader.communicate(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 0, out + err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["reads"] > 0
+    assert len(result["seen"]) >= 2, result
+    assert store.current() == "v0008"

@@ -1,0 +1,412 @@
+"""The daemon's pipeline with fake stages, in-process (service/daemon.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from edgekif.config import load_config
+from edgekif.errors import PublishError
+from service.daemon import Daemon, DaemonError, force_publish, format_status, retry_job, status
+from service.jobs import JobStore
+from service.stages import FakeStages, SimulatedCrash
+
+STAGES = ("validate", "buffer", "train", "evaluate", "export", "publish")
+
+
+def config_for(tmp_path: Path, **service):
+    overrides = [f"data_dir={tmp_path}", "service.quiet_seconds=0"] + [f"service.{k}={v}" for k, v in service.items()]
+    return load_config(None, overrides)
+
+
+def make_daemon(tmp_path: Path, stages: FakeStages | None = None, **service) -> Daemon:
+    config = config_for(tmp_path, **service)
+    return Daemon(config, stages if stages is not None else FakeStages(tmp_path), retry_base_seconds=0)
+
+
+def drop(tmp_path: Path, name: str, text: str = '{"x": 1}\n') -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / name).write_text(text)
+
+
+def calls(tmp_path: Path) -> list[dict]:
+    return FakeStages.read_calls(tmp_path)
+
+
+def jobs(tmp_path: Path):
+    with JobStore(tmp_path / "state.db") as store:
+        return store.jobs()
+
+
+def wait_for(cond, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon):
+    """Daemon.run() in a thread (no signal handlers off the main thread); stopped on exit."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", daemon.run()))
+    thread.start()
+    try:
+        assert wait_for(lambda: (daemon.layout.runtime_file).exists(), timeout=30)
+        yield thread
+    finally:
+        daemon.request_stop("test")
+        thread.join(30)
+        assert not thread.is_alive()
+        assert result.get("rc") == 0
+
+
+def test_one_file_goes_through_every_committed_step(tmp_path):
+    drop(tmp_path, "sentiment.jsonl", '{"a": 1}\n{"a": 2}\n')
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "published" and job.version == "v1" and job.attempts == 0
+    assert set(job.metrics) == {"validate", "buffer", "train", "evaluate", "gate", "export", "publish"}
+    assert job.metrics["validate"]["examples"] == 2 and job.metrics["evaluate"]["accuracies"] == {"sentiment": 0.9}
+    assert job.metrics["gate"]["ok"] is True
+    with JobStore(tmp_path / "state.db") as store:
+        kinds = [e.kind for e in store.events(job.id) if e.kind != "attempt"]
+        task = store.task(job.task_id)
+    assert kinds == ["received", "validated", "buffered", "training", "train_run", "trained", "evaluated", "exported", "published"]
+    assert task["name"] == "sentiment" and task["holdout"] == str(tmp_path / "jobs" / str(job.id) / "holdout.json")
+    assert [c["stage"] for c in calls(tmp_path)] == list(STAGES)
+    assert (tmp_path / "models" / "v1" / "model.json").exists()
+    assert Path(job.file_path).read_text() == '{"a": 1}\n{"a": 2}\n' and Path(job.file_path).parent.name == "accepted"
+
+
+def test_fifty_files_dropped_at_once_are_each_processed_exactly_once(tmp_path):
+    d = make_daemon(tmp_path, FakeStages(tmp_path, train_steps=1), quiet_seconds=0.2, scan_interval=0.5)
+    with running(d):
+        for i in range(50):
+            drop(tmp_path, f"task{i:02d}.jsonl", f'{{"i": {i}}}\n')
+        assert wait_for(lambda: sum(j.state == "published" for j in jobs(tmp_path)) == 50)
+        time.sleep(0.5)  # nothing more happens afterwards
+        assert (tmp_path / "metrics.prom").exists()
+        assert json.loads((tmp_path / "daemon.json").read_text())["torch_loaded"] is False
+    all_jobs = jobs(tmp_path)
+    assert len(all_jobs) == 50 and {j.state for j in all_jobs} == {"published"}
+    assert sorted(j.file_name for j in all_jobs) == [f"task{i:02d}.jsonl" for i in range(50)]
+    assert sorted(int(j.version[1:]) for j in all_jobs) == list(range(1, 51))
+    # one job at a time, in arrival (job id) order: publish order == id order
+    assert [int(j.version[1:]) for j in sorted(all_jobs, key=lambda j: j.id)] == list(range(1, 51))
+    per_job = Counter((c["stage"], c["job_id"]) for c in calls(tmp_path))
+    assert set(per_job.values()) == {1} and len(per_job) == 50 * len(STAGES)
+    assert not os.listdir(tmp_path / "inbox") and len(os.listdir(tmp_path / "accepted")) == 50
+    metrics = (tmp_path / "metrics.prom").read_text()
+    assert "edgekif_jobs_published_total 50" in metrics and "edgekif_current_version 50" in metrics
+
+
+def test_live_daemon_rejects_unsafe_entries_and_keeps_working(tmp_path):
+    d = make_daemon(tmp_path, max_file_bytes=1000, scan_interval=0.5)
+    with running(d) as thread:
+        inbox = tmp_path / "inbox"
+        os.symlink("/etc/hostname", inbox / "link.jsonl")
+        os.mkfifo(inbox / "fifo.jsonl")
+        (inbox / "adir").mkdir()
+        (inbox / "big.jsonl").write_bytes(b"{}\n" * 1000)
+        (inbox / "ctl\x01.jsonl").write_text("{}\n")
+        drop(tmp_path, "bad.jsonl", '{"a": 1}\nINVALID\n')
+        assert wait_for(lambda: len(list((tmp_path / "rejected").glob("*.error.json"))) == 6)
+        drop(tmp_path, "good.jsonl")
+        assert wait_for(lambda: any(j.state == "published" for j in jobs(tmp_path)))
+        assert thread.is_alive()
+    rejected = {p.name[: -len(".error.json")]: json.loads(p.read_text()) for p in (tmp_path / "rejected").glob("*.error.json")}
+    assert {k: v["error"]["kind"] for k, v in rejected.items()} == {
+        "link.jsonl": "symlink", "fifo.jsonl": "fifo", "adir": "directory", "big.jsonl": "too_large",
+        "ctl_.jsonl": "bad_name", "bad.jsonl": "bad_json",
+    }
+    assert rejected["bad.jsonl"]["error"]["line"] == 2 and rejected["bad.jsonl"]["job_id"] == 1
+    assert (tmp_path / "rejected" / "bad.jsonl").read_text() == '{"a": 1}\nINVALID\n'
+    assert [(j.file_name, j.state, j.file_status) for j in jobs(tmp_path)] == [
+        ("bad.jsonl", "rejected", "rejected"), ("good.jsonl", "published", "taken"),
+    ]
+    assert not any((tmp_path / "accepted").glob("*bad.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "stage,when",
+    [("buffer", "after"), ("train", "before"), ("train", "after"), ("evaluate", "before"), ("export", "after"), ("publish", "after")],
+)
+def test_crash_then_restart_resumes_from_the_committed_state(tmp_path, stage, when):
+    drop(tmp_path, "a.jsonl")
+    d = make_daemon(tmp_path, FakeStages(tmp_path, train_steps=4, inject={stage: ["crash", when]}))
+    with pytest.raises(SimulatedCrash):
+        d.run_until_idle()
+    d.close()  # the process is gone; its lock goes with it
+    crashed_in = jobs(tmp_path)[0].state
+    assert crashed_in != "published"
+
+    d2 = make_daemon(tmp_path, FakeStages(tmp_path, train_steps=4))  # a new process: nothing injected
+    d2.run_until_idle()
+    d2.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "published" and job.version == "v1"
+    log = calls(tmp_path)
+    by_stage = Counter(c["stage"] for c in log)
+    # validate is never repeated once committed; the replay insert is applied exactly once
+    assert by_stage["validate"] == 1
+    assert [c["applied"] for c in log if c["stage"] == "buffer"] == ([True, False] if stage == "buffer" else [True])
+    assert json.loads((tmp_path / "fake_replay.json").read_text()) == {"1": {"task": "a", "examples": 1}}
+    # training resumed from its checkpoint and the total number of steps is the configured 4
+    trains = [c for c in log if c["stage"] == "train"]
+    assert trains[-1]["end_step"] == 4 and all(c["start_step"] <= c["end_step"] for c in trains)
+    if (stage, when) == ("train", "after"):
+        assert trains[-1]["start_step"] == 4  # the checkpoint said 4: no step trained twice
+    assert sorted(p.name for p in (tmp_path / "models").glob("v*")) == ["v1"]  # one version only
+    if crashed_in == "training":
+        assert by_stage["validate"] == 1 and [c["stage"] for c in log].count("buffer") == 1
+
+
+def test_validation_error_moves_the_accepted_file_to_rejected(tmp_path):
+    drop(tmp_path, "bad.jsonl", "INVALID\n")
+    drop(tmp_path, "empty.jsonl", "\n")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.close()
+    states = {j.file_name: (j.state, j.error["kind"]) for j in jobs(tmp_path)}
+    assert states == {"bad.jsonl": ("rejected", "bad_json"), "empty.jsonl": ("rejected", "empty")}
+    assert not os.listdir(tmp_path / "accepted")
+    report = json.loads((tmp_path / "rejected" / "bad.jsonl.error.json").read_text())
+    assert report["error"]["line"] == 1 and report["error"]["error"] == "ValidationError"
+    assert report["sha256"] == jobs(tmp_path)[0].sha256
+    assert [c["stage"] for c in calls(tmp_path)] == ["validate", "validate"]
+
+
+def test_interrupted_rejection_is_finished_on_restart(tmp_path):
+    drop(tmp_path, "bad.jsonl", "INVALID\n")
+    d = make_daemon(tmp_path)
+    d.open()
+    d.watcher.scan_once()
+    with JobStore(tmp_path / "state.db") as store:  # crash after the commit, before the move
+        job = store.next_job()
+        dest = tmp_path / "rejected" / "bad.jsonl"
+        store.advance(job.id, "received", "rejected", file_status="rejecting",
+                      error={"kind": "bad_json", "message": "x", "rejected_path": str(dest)})
+    d.close()
+    d2 = make_daemon(tmp_path)
+    d2.open()
+    d2.close()
+    (job,) = jobs(tmp_path)
+    assert (job.state, job.file_status, job.file_path) == ("rejected", "rejected", str(dest))
+    assert dest.read_text() == "INVALID\n" and (tmp_path / "rejected" / "bad.jsonl.error.json").exists()
+
+
+def test_unexpected_errors_are_retried_then_fail(tmp_path):
+    drop(tmp_path, "flaky.jsonl")
+    drop(tmp_path, "broken.jsonl", '{"y": 2}\n')
+    stages = FakeStages(tmp_path, inject={"evaluate": ["error", "before", 2]})
+    d = make_daemon(tmp_path, stages)
+    d.run_until_idle()
+    flaky, broken = jobs(tmp_path)
+    assert flaky.state == "published"  # 2 errors, third attempt succeeded
+    assert broken.state == "published"
+    stages.inject = {"export": ["error", "before", 3]}
+    drop(tmp_path, "doomed.jsonl", '{"z": 3}\n')
+    d.run_until_idle()
+    d.close()
+    doomed = jobs(tmp_path)[-1]
+    assert doomed.state == "failed"
+    assert doomed.error["failed_from"] == "evaluated" and doomed.error["stage"] == "export"
+    assert doomed.error["kind"] == "RuntimeError" and "injected error" in doomed.error["message"]
+    with JobStore(tmp_path / "state.db") as store:
+        assert len(store.events(doomed.id, ("error",))) == 2 and len(store.events(doomed.id, ("failed",))) == 1
+    # retry_job() puts it back where it failed; it then goes through
+    assert "queued again" in retry_job(d.config, doomed.id)
+    d3 = make_daemon(tmp_path)
+    d3.run_until_idle()
+    d3.close()
+    assert jobs(tmp_path)[-1].state == "published"
+
+
+def test_stage_that_keeps_crashing_the_process_fails_after_max_attempts(tmp_path):
+    drop(tmp_path, "oom.jsonl")
+    for _ in range(3):
+        d = make_daemon(tmp_path, FakeStages(tmp_path, inject={"train": ["crash", "before"]}))
+        with pytest.raises(SimulatedCrash):
+            d.run_until_idle()
+        d.close()
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "failed" and job.error["kind"] == "crashed" and job.error["stage"] == "train"
+
+
+def test_low_memory_keeps_the_job_queued(tmp_path, caplog):
+    drop(tmp_path, "a.jsonl")
+    d = make_daemon(tmp_path, memory_ceiling_mb=10**9)  # a petabyte: never available
+    with caplog.at_level(logging.WARNING, logger="service.daemon"):
+        d.run_until_idle()
+    (job,) = jobs(tmp_path)
+    assert job.state == "training" and job.attempts == 0 and job.error is None
+    assert "train" not in [c["stage"] for c in calls(tmp_path)]
+    assert any(r.getMessage() == "not enough resources; job stays queued" and r.job_id == job.id for r in caplog.records)
+    d.config.service.memory_ceiling_mb = 0
+    d._not_before.clear()  # the retry time has come
+    d.run_until_idle()
+    d.close()
+    assert jobs(tmp_path)[0].state == "published"
+
+
+def test_forgetting_gate_holds_and_force_publish_overrides(tmp_path):
+    drop(tmp_path, "first.jsonl")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.stages.drop = 10.0  # every past task loses 10 points > the 5 allowed
+    drop(tmp_path, "second.jsonl", '{"b": 1}\n')
+    d.run_until_idle()
+    first, second = jobs(tmp_path)
+    assert (first.state, second.state) == ("published", "held")
+    gate = second.metrics["gate"]
+    assert gate["ok"] is False and gate["published_version"] == "v1"
+    assert gate["accuracies"]["first"] == pytest.approx(0.8) and gate["published_accuracies"] == {"first": 0.9}
+    assert second.error["kind"] == "forgetting" and "first: 90.0 -> 80.0 (-10.0 points > 5 allowed)" in second.error["message"]
+    assert "export" not in [c["stage"] for c in calls(tmp_path) if c["job_id"] == second.id]
+
+    with pytest.raises(PublishError, match="only a held job"):
+        force_publish(d.config, first.id)
+    message = force_publish(d.config, second.id)
+    assert "despite the forgetting gate" in message and "first: 90.0 -> 80.0" in message
+    d.run_until_idle()
+    d.close()
+    second = jobs(tmp_path)[1]
+    assert second.state == "published" and second.version == "v2" and second.metrics["gate"]["forced"] is True
+
+
+def test_force_publish_refuses_to_replace_a_newer_model(tmp_path):
+    drop(tmp_path, "a.jsonl")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.stages.drop = 50.0
+    drop(tmp_path, "b.jsonl", '{"b": 1}\n')
+    d.run_until_idle()
+    d.stages.drop = 0.0
+    drop(tmp_path, "c.jsonl", '{"c": 1}\n')
+    d.run_until_idle()
+    d.close()
+    assert [j.state for j in jobs(tmp_path)] == ["published", "held", "published"]
+    with pytest.raises(PublishError, match="replace that newer model"):
+        force_publish(d.config, 2)
+
+
+def test_stop_during_training_checkpoints_and_resumes(tmp_path):
+    d = make_daemon(tmp_path, FakeStages(tmp_path, train_steps=60, step_seconds=0.05), scan_interval=0.5)
+    progress = tmp_path / "jobs" / "1" / "progress.json"
+    with running(d):
+        drop(tmp_path, "long.jsonl")
+        assert wait_for(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 3)
+        st = status(d.config)  # while it trains
+        assert st["daemon"]["running"] and st["current"]["stage"] == "train"
+        assert st["current"]["progress"]["total_steps"] == 60
+        assert "long.jsonl" in format_status(st) and "step " in format_status(st)
+    (job,) = jobs(tmp_path)
+    assert job.state == "training" and job.attempts == 0  # a stop is not a failed attempt
+    stopped_at = json.loads((tmp_path / "jobs" / "1" / "checkpoint.json").read_text())["step"]
+    assert 3 <= stopped_at < 60
+    assert json.loads((tmp_path / "daemon.json").read_text())["state"] == "stopped"
+
+    d2 = make_daemon(tmp_path, FakeStages(tmp_path, train_steps=60, step_seconds=0))
+    d2.run_until_idle()
+    d2.close()
+    trains = [c for c in calls(tmp_path) if c["stage"] == "train"]
+    assert [(c["start_step"], c["end_step"]) for c in trains] == [(0, stopped_at), (stopped_at, 60)]
+    assert jobs(tmp_path)[0].state == "published"
+    with JobStore(tmp_path / "state.db") as store:
+        outcomes = [e.data["outcome"] for e in store.events(1, ("train_run",))]
+    assert outcomes == ["interrupted", "done"]
+
+
+def test_status_reports_queue_live_version_problems_and_buffer(tmp_path):
+    drop(tmp_path, "a.jsonl")
+    drop(tmp_path, "bad.jsonl", "INVALID\n")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    drop(tmp_path, "queued.jsonl", '{"q": 1}\n')
+    d.watcher.scan_once()  # taken, not yet processed
+    d.close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "replay.db") as conn:  # the library's table, as far as status cares
+        conn.execute("CREATE TABLE tasks (task_id TEXT, stored INTEGER)")
+        conn.execute("INSERT INTO tasks VALUES ('a', 16)")
+    st = status(d.config)
+    assert st["daemon"]["running"] is False
+    assert st["published"]["version"] == "v1" and st["published"]["accuracies"] == {"a": 0.9}
+    assert [(q["file"], q["state"]) for q in st["queue"]] == [("queued.jsonl", "received")]
+    assert st["current"]["file"] == "queued.jsonl"
+    assert st["counts"] == {"published": 1, "rejected": 1, "received": 1}
+    assert [(p["file"], p["state"]) for p in st["problems"]] == [("bad.jsonl", "rejected")]
+    assert st["buffer"] == {"total": 16, "tasks": {"a": 16}}
+    text = format_status(st)
+    for needle in ("not running", "live:     v1", "a  ", "90.0", "queued.jsonl", "bad.jsonl", "buffer:   16 examples (a 16)"):
+        assert needle in text, needle
+    empty = status(config_for(tmp_path / "nothing"))
+    assert empty["initialized"] is False and "no model published yet" in format_status(empty)
+
+
+def test_second_daemon_on_the_same_data_dir_is_refused(tmp_path):
+    d = make_daemon(tmp_path)
+    d.open()
+    try:
+        with pytest.raises(DaemonError, match="another edgekif daemon"):
+            make_daemon(tmp_path).open()
+    finally:
+        d.close()
+    make_daemon(tmp_path).open()  # free again once the first is gone
+
+
+def test_reload_rereads_the_config_file(tmp_path):
+    cfg_file = tmp_path / "edgekif.toml"
+    cfg_file.write_text("[service]\nscan_interval = 5.0\n")
+    overrides = [f"data_dir={tmp_path / 'data'}"]
+    config = load_config(cfg_file, overrides)
+    seen = []
+    d = Daemon(config, FakeStages(tmp_path / "data"), config_path=cfg_file, overrides=overrides)
+    d.reload_hooks.append(seen.append)
+    cfg_file.write_text("[service]\nscan_interval = 1.5\nforgetting_threshold = 2.0\n")
+    d.reload()
+    assert d.config.service.scan_interval == 1.5 and d.watcher.config is d.config
+    assert d.config.service.forgetting_threshold == 2.0 and seen == [d.config]
+    cfg_file.write_text("[service]\nno_such_option = 1\n")
+    d.reload()  # a broken file keeps the running config
+    assert d.config.service.scan_interval == 1.5 and len(seen) == 1
+
+
+def test_stage_ignoring_stop_is_abandoned_at_stop_timeout(tmp_path):
+    # evaluate takes 1.5 s and cannot be interrupted; the daemon may only wait 0.2 s
+    d = make_daemon(tmp_path, FakeStages(tmp_path, stage_seconds=1.5), stop_timeout=0.2, scan_interval=0.5)
+    rc: dict = {}
+    thread = threading.Thread(target=lambda: rc.setdefault("rc", d.run()))
+    thread.start()
+    assert wait_for(lambda: d.layout.runtime_file.exists(), timeout=30)
+    d.stages.stage_seconds = 0.0
+    drop(tmp_path, "a.jsonl")
+    assert wait_for(lambda: jobs(tmp_path) and jobs(tmp_path)[0].state == "training")
+    d.stages.stage_seconds = 1.5
+    assert wait_for(lambda: (d.current or {}).get("stage") == "evaluate")
+    d.request_stop("test")
+    thread.join(30)
+    assert rc["rc"] == 0 and d.stuck is True
+    job = jobs(tmp_path)[0]
+    assert (job.state, job.attempts) == ("training", 0)  # abandoned, and not counted as a crash
+    assert json.loads(d.layout.runtime_file.read_text())["state"] == "stopped"
+    assert wait_for(lambda: d.current is None)  # let the abandoned stage finish before cleanup
+    d.close()

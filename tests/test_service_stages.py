@@ -1,0 +1,83 @@
+"""The stage interface: the forgetting gate, and the daemon driving the library-backed stages
+(service/library_stages.py) with stand-ins for the torch-heavy ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgekif.config import load_config
+from service.daemon import Daemon, status
+from service.jobs import DataLayout, JobStore
+from service.stages import EvalResult, Published, TrainResult, forgetting_gate
+
+
+def test_forgetting_gate_compares_points_against_the_live_version():
+    live = Published("v3", 3, {"a": 0.90, "b": 0.50})
+    assert forgetting_gate({"a": 0.86, "b": 0.46, "c": 0.1}, live, 5.0) == (True, [])
+    ok, reasons = forgetting_gate({"a": 0.84, "b": 0.50}, live, 5.0)
+    assert not ok and reasons == ["a: 90.0 -> 84.0 (-6.0 points > 5 allowed)"]
+    ok, reasons = forgetting_gate({"a": 0.95}, live, 5.0)
+    assert not ok and reasons == ["b: not evaluated (was 50.0)"]
+    assert forgetting_gate({"a": 0.0}, None, 5.0) == (True, [])  # nothing live yet
+
+
+def _alpaca(n: int) -> str:
+    return "".join(json.dumps({"instruction": f"question {i}?", "input": "", "output": "yes" if i % 2 else "no"}) + "\n" for i in range(n))
+
+
+def _export(folder: Path, content: str) -> Path:
+    import hashlib
+
+    from edgekif.export import write_manifest
+
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_text(content)
+    write_manifest(folder, target="onnx", precision="fp32", execution_provider="cpu",
+                   adapter_sha256=hashlib.sha256(content.encode()).hexdigest())
+    return folder
+
+
+def _library_with_fake_training(config):
+    """Real validate/buffer/publish; train/evaluate/export stand-ins that need no torch."""
+    library_stages = pytest.importorskip("service.library_stages")
+
+    class Stages(library_stages.LibraryStages):
+        def train(self, ctx, should_stop):
+            return TrainResult(steps=1)
+
+        def evaluate(self, ctx):
+            return EvalResult({t: 0.75 for t in [*ctx.past_tasks, ctx.task_name]})
+
+        def export(self, ctx):
+            final = ctx.work_dir / "export"
+            if not final.exists():
+                _export(final, f"weights of job {ctx.job_id}")
+            return final
+
+    return Stages(config)
+
+
+def test_daemon_with_library_stages_publishes_versions_and_reports_the_buffer(tmp_path):
+    config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
+    layout = DataLayout(tmp_path)
+    layout.create()
+    (layout.inbox / "first.jsonl").write_text(_alpaca(40))
+    (layout.inbox / "second.csv").write_text("instruction,output\n" + "".join(f"q{i},a{i % 2}\n" for i in range(20)))
+    (layout.inbox / "bad.json").write_text("[1, 2]")
+    d = Daemon(config, _library_with_fake_training(config))
+    d.run_until_idle()
+    d.close()
+    with JobStore(layout.state_db) as store:
+        jobs = {j.file_name: j for j in store.jobs()}
+        holdouts = [store.task(j.task_id)["holdout"] for j in store.jobs(("published",))]
+    assert {n: j.state for n, j in jobs.items()} == {"first.jsonl": "published", "second.csv": "published", "bad.json": "rejected"}
+    assert jobs["first.jsonl"].version == "v0001" and jobs["second.csv"].version == "v0002"
+    assert jobs["bad.json"].error["kind"] == "not_object"
+    assert len(holdouts) == 2 and all(h and Path(h).exists() for h in holdouts)
+    st = status(config)
+    assert st["published"]["version"] == "v0002" and st["published"]["accuracies"] == {"first": 0.75, "second": 0.75}
+    assert set(st["buffer"]["tasks"]) == {"first", "second"} and st["buffer"]["total"] > 0
+    assert (layout.models / "current").resolve().name == "v0002"

@@ -1,0 +1,236 @@
+"""Inbox watching (service/watcher.py): complete files only, unsafe entries rejected, crash-safe takes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from edgekif.config import load_config
+from service.jobs import DataLayout, JobStore
+from service.watcher import InboxWatcher, accepted_name, name_problem, reconcile_takes, safe_name
+
+
+def make(tmp_path, **service):
+    overrides = [f"data_dir={tmp_path}"] + [f"service.{k}={v}" for k, v in service.items()]
+    config = load_config(None, overrides)
+    layout = DataLayout(tmp_path)
+    layout.create()
+    return config, layout
+
+
+def wait_for(cond, timeout=15.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def reports(layout: DataLayout) -> dict[str, dict]:
+    return {p.name[: -len(".error.json")]: json.loads(p.read_text()) for p in layout.rejected.glob("*.error.json")}
+
+
+def test_slowly_written_file_is_taken_once_and_complete(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=1, scan_interval=0.5)
+    watcher = InboxWatcher(layout, config)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    chunks = [f'{{"i": {i}, "pad": "{"x" * 200}"}}\n'.encode() for i in range(12)]
+    try:
+        with open(layout.inbox / "slow.jsonl", "wb") as f:
+            for chunk in chunks:  # one append every 0.2 s: never quiet for 1 s until done
+                f.write(chunk)
+                f.flush()
+                time.sleep(0.2)
+        with JobStore(layout.state_db) as store:
+            assert wait_for(lambda: store.files("taken"))
+            time.sleep(1.5)  # nothing else shows up later either
+            files = store.files()
+            jobs = store.jobs()
+    finally:
+        stop.set()
+        watcher.wake()
+        thread.join(10)
+    content = b"".join(chunks)
+    assert len(files) == 1 and len(jobs) == 1
+    assert files[0].sha256 == hashlib.sha256(content).hexdigest()
+    assert files[0].size == len(content)
+    taken = layout.accepted / accepted_name(files[0].sha256, "slow.jsonl")
+    assert files[0].path == str(taken) and taken.read_bytes() == content
+    assert not (layout.inbox / "slow.jsonl").exists()
+
+
+def test_change_during_quiet_period_restarts_the_wait(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0.5)
+    watcher = InboxWatcher(layout, config)
+    path = layout.inbox / "a.jsonl"
+    path.write_text("{}\n")
+    assert watcher.scan_once() == pytest.approx(0.5)  # seen; due again in quiet_seconds
+    with open(path, "a") as f:
+        f.write("{}\n")
+    time.sleep(0.6)
+    watcher.scan_once()  # quiet time has passed since the first look, but the file changed
+    assert not any(layout.accepted.iterdir())
+    assert path.exists()
+    time.sleep(0.6)
+    watcher.scan_once()
+    assert not path.exists() and len(list(layout.accepted.iterdir())) == 1
+    watcher.close()
+
+
+@pytest.mark.parametrize("name", [".hidden.jsonl", "x.jsonl.tmp", "x.part", "x.partial", "x.swp", "x.jsonl~"])
+def test_in_progress_names_are_ignored_until_renamed(tmp_path, name):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    (layout.inbox / name).write_text('{"a": 1}\n')
+    for _ in range(3):
+        watcher.scan_once()
+    assert (layout.inbox / name).exists()
+    assert not any(layout.accepted.iterdir()) and not any(layout.rejected.iterdir())
+    os.rename(layout.inbox / name, layout.inbox / "done.jsonl")
+    watcher.scan_once()
+    with JobStore(layout.state_db) as store:
+        assert [f.name for f in store.files("taken")] == ["done.jsonl"]
+        assert len(store.jobs(("received",))) == 1
+    watcher.close()
+
+
+def test_unsafe_entries_are_rejected_without_following(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0, max_file_bytes=100)
+    watcher = InboxWatcher(layout, config)
+    inbox = layout.inbox
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    os.symlink(secret, inbox / "link.jsonl")
+    os.mkfifo(inbox / "pipe.jsonl")  # opening it without O_NONBLOCK would hang the scan
+    (inbox / "dir.jsonl").mkdir()
+    (inbox / "dir.jsonl" / "inner.jsonl").write_text("{}\n")
+    (inbox / "big.jsonl").write_bytes(b"x" * 101)
+    (inbox / "bell\x07.jsonl").write_text("{}\n")
+    (inbox / "a..b.jsonl").write_text("{}\n")
+    (inbox / "back\\slash.jsonl").write_text("{}\n")
+    with open(os.fsencode(inbox) + b"/caf\xe9.jsonl", "wb") as f:  # Latin-1 byte: not UTF-8
+        f.write(b"{}\n")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock_path = inbox / "sock.jsonl"
+    if len(os.fsencode(sock_path)) < 100:  # AF_UNIX path length limit
+        sock.bind(str(sock_path))
+    (inbox / "good.jsonl").write_text("{}\n")
+    try:
+        watcher.scan_once()
+    finally:
+        sock.close()
+
+    rep = reports(layout)
+    kinds = {name: r["error"]["kind"] for name, r in rep.items()}
+    expected = {
+        "link.jsonl": "symlink",
+        "pipe.jsonl": "fifo",
+        "dir.jsonl": "directory",
+        "big.jsonl": "too_large",
+        "bell_.jsonl": "bad_name",
+        "a..b.jsonl": "bad_name",
+        "back_slash.jsonl": "bad_name",
+        "caf\ufffd.jsonl": "bad_name",
+    }
+    if sock_path.exists() or (layout.rejected / "sock.jsonl").exists():
+        expected["sock.jsonl"] = "socket"
+    assert kinds == expected
+    assert rep["bell_.jsonl"]["file"] == "bell\\x07.jsonl"  # the report names the real name, escaped
+    assert rep["caf\ufffd.jsonl"]["file"] == "caf\\xe9.jsonl"
+    assert rep["bell_.jsonl"]["error"]["message"] == "file name contains control characters"
+    for r in rep.values():
+        assert set(r) >= {"file", "sha256", "received_at", "error"}
+    # moved as they are: the link is still a link to the untouched target, the dir keeps its file
+    assert os.readlink(layout.rejected / "link.jsonl") == str(secret) and secret.read_text() == "do not read"
+    assert (layout.rejected / "dir.jsonl" / "inner.jsonl").exists()
+    assert sorted(os.listdir(inbox)) == []
+    with JobStore(layout.state_db) as store:
+        assert [f.name for f in store.files()] == ["good.jsonl"]  # the one good file was taken
+        assert store.count_events("inbox_rejected") == len(expected)
+    watcher.close()
+
+
+def test_device_node_is_rejected(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    try:
+        os.mknod(layout.inbox / "null.jsonl", 0o600 | 0o020000, os.makedev(1, 3))
+    except (PermissionError, OSError):
+        pytest.skip("cannot create a device node here")
+    watcher = InboxWatcher(layout, config)
+    watcher.scan_once()
+    assert reports(layout)["null.jsonl"]["error"]["kind"] == "device"
+    watcher.close()
+
+
+def test_rejected_names_are_made_unique(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    for _ in range(3):
+        (layout.inbox / "d.jsonl").mkdir()
+        watcher.scan_once()
+    assert sorted(p.name for p in layout.rejected.iterdir()) == [
+        "d-1.jsonl", "d-1.jsonl.error.json", "d-2.jsonl", "d-2.jsonl.error.json", "d.jsonl", "d.jsonl.error.json",
+    ]
+    watcher.close()
+
+
+def test_duplicate_content_goes_to_rejected_and_is_never_queued(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    (layout.inbox / "a.jsonl").write_text('{"x": 1}\n')
+    watcher.scan_once()
+    (layout.inbox / "copy.jsonl").write_text('{"x": 1}\n')
+    watcher.scan_once()
+    with JobStore(layout.state_db) as store:
+        jobs = store.jobs()
+        assert [j.state for j in jobs] == ["received", "duplicate"]
+        assert jobs[1].error["duplicate_of_job"] == jobs[0].id
+        assert [j.id for j in store.queue()] == [jobs[0].id]
+    rep = reports(layout)["copy.jsonl"]
+    assert rep["error"]["kind"] == "duplicate" and "a.jsonl" in rep["error"]["message"]
+    assert rep["sha256"] == hashlib.sha256(b'{"x": 1}\n').hexdigest()
+    watcher.close()
+
+
+def test_reconcile_finishes_or_forgets_interrupted_takes(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    with JobStore(layout.state_db) as store:
+        # crash after the rename: the file is in accepted/, the row still says 'taking'
+        sha1 = "1" * 64
+        dest1 = layout.accepted / accepted_name(sha1, "one.jsonl")
+        dest1.write_text("{}\n")
+        store.begin_take("one.jsonl", sha1, 3, "t", str(dest1))
+        # crash before the rename: the file is still in the inbox
+        (layout.inbox / "two.jsonl").write_text('{"b": 2}\n')
+        sha2 = hashlib.sha256(b'{"b": 2}\n').hexdigest()
+        store.begin_take("two.jsonl", sha2, 9, "t", str(layout.accepted / accepted_name(sha2, "two.jsonl")))
+
+        reconcile_takes(layout, store)
+        assert [(f.name, f.status) for f in store.files()] == [("one.jsonl", "taken")]
+        assert [j.file_name for j in store.jobs()] == ["one.jsonl"]
+
+        watcher = InboxWatcher(layout, config)
+        watcher.scan_once()  # two.jsonl is taken normally, once
+        assert [(f.name, f.status) for f in store.files()] == [("one.jsonl", "taken"), ("two.jsonl", "taken")]
+        assert [j.file_name for j in store.jobs()] == ["one.jsonl", "two.jsonl"]
+        watcher.close()
+
+
+def test_name_rules():
+    assert name_problem(b"ok name (1).jsonl") is None
+    assert name_problem("données.jsonl".encode()) is None
+    assert name_problem(b"a..jsonl") == "file name contains '..'"
+    assert name_problem(b"tab\there.jsonl") == "file name contains control characters"
+    assert name_problem(b"\xff.jsonl") == "file name is not valid UTF-8"
+    assert safe_name(b"..\x1b[31mred") == "_[31mred"
+    long = "x" * 300 + ".jsonl"
+    assert len(accepted_name("a" * 64, long).encode()) <= 255 and accepted_name("a" * 64, long).endswith(".jsonl")

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""`make demo`: the daemon end to end on the default base model.
+
+Starts `edgekif serve` on a fresh data dir (.edgekif-demo/), drops small slices of two
+benchmark tasks into its inbox, waits until each is published (or held by the forgetting
+gate), prints the status table and the published ONNX model's answers to a few test
+prompts, then stops the daemon with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
+PY = sys.executable
+
+
+def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "edgekif.cli", *args], env=env, capture_output=True, text=True, check=check)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", nargs="+", default=["dbpedia", "agnews"])
+    ap.add_argument("--examples", type=int, default=48, help="examples per dropped task file")
+    ap.add_argument("--data-dir", default=str(REPO / ".edgekif-demo"))
+    ap.add_argument("--timeout", type=float, default=1500)
+    args = ap.parse_args()
+
+    data_dir = Path(args.data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    env = dict(os.environ)
+    env.setdefault("EDGEKIF_CACHE_DIR", str(Path.home() / ".cache" / "edgekif"))  # convert the GGUF once, reuse
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    # Small, fast settings for a demo; everything else is the default config.
+    overrides = ["data.max_length=128", "service.quiet_seconds=1", "service.scan_interval=2", "eval.label_scoring=true", "service.holdout_max=16"]
+    (data_dir / "edgekif.toml").write_text("\n".join(["[data]", "max_length = 128", "[service]", "quiet_seconds = 1.0", "scan_interval = 2.0", "holdout_max = 16", "holdout_fraction = 0.25"]) + "\n")
+    print(f"data dir: {data_dir}\nconfig:   {data_dir / 'edgekif.toml'} ({', '.join(overrides)})")
+
+    t0 = time.time()
+    daemon = subprocess.Popen(
+        [PY, "-m", "edgekif.cli", "serve", "--data-dir", str(data_dir)],
+        env=env, stdout=open(data_dir / "daemon.stdout.log", "w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        inbox = data_dir / "inbox"
+        for _ in range(100):
+            if inbox.is_dir():
+                break
+            time.sleep(0.2)
+        tests = {}
+        for name in args.tasks:
+            lines = (DATA / name / "train.jsonl").read_text().splitlines()
+            random.Random(0).shuffle(lines)
+            part = inbox / f"{name}.jsonl.part"  # write under a temp name, then rename: the daemon never sees half a file
+            part.write_text("\n".join(lines[: args.examples]) + "\n")
+            os.rename(part, inbox / f"{name}.jsonl")
+            tests[name] = [json.loads(l) for l in (DATA / name / "test.jsonl").read_text().splitlines()[:3]]
+            print(f"dropped {name}.jsonl ({args.examples} examples)")
+
+        final = {"published", "held", "failed", "rejected", "duplicate"}
+        last = ""
+        while True:
+            st = json.loads(edgekif("status", "--json", "--data-dir", str(data_dir), env=env).stdout)
+            counts = st.get("counts") or {}
+            done = sum(v for k, v in counts.items() if k in final)
+            cur = st.get("current") or {}
+            prog = cur.get("progress") or {}
+            line = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            if cur:
+                line += f"  current: job {cur.get('job_id')} {cur.get('file')} {cur.get('state')}"
+            if prog.get("steps"):
+                line += f" (train step {prog.get('step')}/{prog.get('steps')})"
+            if line != last:
+                print(f"  {time.time() - t0:5.0f}s  {line}")
+                last = line
+            if done >= len(args.tasks):
+                break
+            if daemon.poll() is not None:
+                print("daemon exited unexpectedly; see", data_dir / "daemon.stdout.log")
+                return 1
+            if time.time() - t0 > args.timeout:
+                print("timed out")
+                return 1
+            time.sleep(3)
+
+        print()
+        print(edgekif("status", "--data-dir", str(data_dir), env=env).stdout)
+        print(edgekif("models", "list", "--data-dir", str(data_dir), env=env).stdout)
+        prompts = data_dir / "prompts.jsonl"
+        with prompts.open("w") as f:
+            for name, recs in tests.items():
+                for r in recs:
+                    f.write(json.dumps({"prompt": r["instruction"] + r["input"]}) + "\n")
+        res = edgekif("infer", "--file", str(prompts), "--max-new-tokens", "8", "--data-dir", str(data_dir), env=env, check=False)
+        if res.returncode == 0:
+            answers = [json.loads(l)["answer"] for l in res.stdout.splitlines() if l.strip()]
+            expected = [r["output"] for recs in tests.values() for r in recs]
+            print("answers of the published ONNX model (models/current) to test prompts:")
+            for (name, exp, ans) in zip([n for n, recs in tests.items() for _ in recs], expected, answers):
+                print(f"  {name:<8} expected {exp!r:<26} got {ans!r}")
+        else:
+            print("infer:", res.stderr.strip()[-500:])
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            rc = daemon.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            rc = -9
+        print(f"\ndaemon stopped (exit code {rc}); demo took {time.time() - t0:.0f}s; logs in {data_dir / 'logs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
