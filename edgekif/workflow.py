@@ -74,8 +74,8 @@ def export_adapter(cfg: Config, base: BaseModel, adapter_dir: Path, work_dir: Pa
 
     fused = fuse_adapter(base.path, adapter_dir, Path(work_dir) / "fused")
     info = {
-        "base_model": base.name,
-        "base_sha256": base.source_sha256,
+        "base_model_id": base.name,
+        "base_model_sha256": base.source_sha256,
         "adapter_sha256": adapter_sha256(adapter_dir),
         **manifest_info,
     }

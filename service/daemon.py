@@ -139,12 +139,12 @@ class Daemon:
         reconcile_takes(self.layout, self._store)
         self._reconcile_rejections(self._store)
 
-    def close(self) -> None:
+    def close(self, *, release_lock: bool = True) -> None:
         self.watcher.close()
         if self._store is not None:
             self._store.close()
             self._store = None
-        if self._lock_fd is not None:
+        if release_lock and self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
@@ -257,8 +257,8 @@ class Daemon:
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
-            if not self.stuck:
-                self.close()
+            # A stuck worker still runs a stage for this data dir: keep the lock until exit.
+            self.close(release_lock=not self.stuck)
         return rc
 
     def _health_problem(self, watcher: threading.Thread, worker: threading.Thread) -> str | None:

@@ -178,6 +178,18 @@ def _kind_of(mode: int) -> str | None:
     return "special"
 
 
+def _drop_shutdown_race(record: logging.LogRecord) -> bool:
+    return "called when the thread is inactive" not in record.getMessage()
+
+
+def _quiet_watchdog_shutdown_race() -> None:
+    """watchdog's inotify emitter logs an ERROR when an event races its own stop(); that is
+    harmless, and an ERROR on every clean shutdown would send operators looking for a fault."""
+    wd_log = logging.getLogger("watchdog.observers.inotify")
+    if _drop_shutdown_race not in wd_log.filters:
+        wd_log.addFilter(_drop_shutdown_race)
+
+
 @dataclass
 class _Seen:
     key: tuple[int, int, int]  # size, mtime_ns, inode
@@ -360,6 +372,7 @@ class InboxWatcher:
     # ---- the loop -----------------------------------------------------------------------
 
     def _start_observer(self) -> Any:
+        _quiet_watchdog_shutdown_race()
         try:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
