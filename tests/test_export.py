@@ -310,17 +310,26 @@ def test_client_example_fails_cleanly_without_a_model(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_smollm2_int4_genai_export_agrees_with_pytorch(smollm2, tmp_path):
+def test_smollm2_default_cpu_export_passes_parity_and_serves(smollm2, tmp_path):
     from edgekif.infer import GenaiRunner
 
     peft_model = add_lora(load_model(smollm2.path, "fp32"), LoRAConfig())  # zero LoRA: fused == base
     fused_dir = fuse_model(peft_model, smollm2.path, tmp_path / "fused")
+    prompts = ["What is the capital of France?", "Name a fruit.", "Classify the sentiment: I loved this film."]
     out = export_model(
-        fused_dir, tmp_path / "int4", target="genai", precision="int4", execution_provider="cpu",
-        parity_prompts=["What is the capital of France?", "Name a fruit.", "Classify the sentiment: I loved this film."],
-        manifest_info={"base_model_id": smollm2.name, "base_model_sha256": smollm2.source_sha256},
+        fused_dir, tmp_path / "export", target="genai", precision="auto", execution_provider="cpu",
+        parity_prompts=prompts, manifest_info={"base_model_id": smollm2.name, "base_model_sha256": smollm2.source_sha256},
     )
     manifest = verify_manifest(out)
-    assert manifest["parity"]["agreement"] >= 0.95
-    answer = GenaiRunner(out).generate("What is the capital of France?", 16)
-    assert "Paris" in answer
+    # int4 of this 135M base does not reach the bar (measured ~70% agreement); auto falls back.
+    assert manifest["export"]["precision"] in ("int4", "int8", "fp32")
+    assert manifest["parity"]["agreement"] >= 0.95 and manifest["parity"]["positions"] >= 10
+    assert [r["precision"] for r in manifest.get("parity_rejected", [])] == ["int4", "int8", "fp32"][: len(manifest.get("parity_rejected", []))]
+    # Where no position was a flipped near-tie, the runner's free greedy answer is PyTorch's.
+    report = check_parity(fused_dir, out, "genai", prompts, max_new_tokens=8)
+    runner = GenaiRunner(out)
+    exact = [d for d in report.details if d["torch_tokens"] == d["export_tokens"]]
+    assert exact, report.details
+    for d in exact:
+        want = [t for t in d["torch_tokens"] if t not in runner.eos_ids]
+        assert runner.generate_ids(d["prompt"], len(d["torch_tokens"]))[: len(want)] == want
