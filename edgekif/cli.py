@@ -132,8 +132,6 @@ def cmd_train(args) -> int:
     buf = ReplayBuffer(out / "replay.db", cfg.replay)
     results = []
     if cfg.train.strategy == "mtl":  # the upper bound: all tasks at once
-        from .records import Record  # noqa: F401
-
         union = [r for t in tasks for r in t.records]
         tasks_to_run = [("+".join(t.name for t in tasks), union)]
     else:

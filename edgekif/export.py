@@ -168,25 +168,23 @@ def _save_fused(merged: Any, tokenizer_path: str | os.PathLike, out_dir: str | o
 # --------------------------------------------------------------------------- settings
 
 
-def _genai_cuda_installed() -> bool:
-    """True if a CUDA build of onnxruntime-genai is installed (checked via metadata: no import)."""
-    for dist in ("onnxruntime-genai-cuda", "onnxruntime_genai_cuda"):
+def _installed(*dists: str) -> bool:
+    """True if any of these distributions is installed (checked via metadata: no import)."""
+    for dist in dists:
         try:
             importlib.metadata.distribution(dist)
             return True
         except importlib.metadata.PackageNotFoundError:
             continue
     return False
+
+
+def _genai_cuda_installed() -> bool:
+    return _installed("onnxruntime-genai-cuda", "onnxruntime_genai_cuda")
 
 
 def _ort_cuda_installed() -> bool:
-    for dist in ("onnxruntime-gpu", "onnxruntime_gpu"):
-        try:
-            importlib.metadata.distribution(dist)
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return False
+    return _installed("onnxruntime-gpu", "onnxruntime_gpu")
 
 
 def _cuda_usable(target: str) -> bool:

@@ -171,11 +171,10 @@ class LibraryStages:
             if p.is_file():
                 prompts += [r.messages[-1][1] for r in _read_records(p)[:2]]
         prompts = prompts or ["Hello! What can you do?"]
-        examples = {}
         return export_adapter(
             ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, parity_prompts=prompts,
             manifest_info={
-                "tasks": [{"id": t, "name": t, **({"examples": examples[t]} if t in examples else {})} for t in meta.get("tasks_seen", [])],
+                "tasks": [{"id": t, "name": t} for t in meta.get("tasks_seen", [])],
                 "accuracies": evaluated.get("accuracies", {}),
                 "job_id": ctx.job_id,
             },
