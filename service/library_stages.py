@@ -47,6 +47,27 @@ def _write_records(path: Path, records) -> None:
     atomic_write_text(path, "".join(r.to_json() + "\n" for r in records))
 
 
+def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
+    """The manifest's record of the tasks a model has learned, in learning order."""
+    from edgekif.replay import ReplayBuffer
+
+    with ReplayBuffer(layout.replay_db, config.replay) as buf:
+        per_task = buf.stats()["tasks"]
+    out = []
+    for name in names:
+        st = per_task.get(name, {})
+        hold = layout.root / "holdout" / f"{name}.jsonl"
+        out.append({
+            "id": name,
+            "name": name,
+            "train_examples": st.get("records"),  # the training split the buffer was offered
+            "holdout_examples": len(_read_records(hold)) if hold.is_file() else None,  # kept for the gate
+            "replay_stored": st.get("stored"),
+            "source_file": st.get("source_file"),
+        })
+    return out
+
+
 def _quiet_transformers() -> None:
     """No progress bars in the daemon's log (they are for terminals)."""
     from transformers.utils import logging as hf_logging
@@ -174,7 +195,7 @@ class LibraryStages:
         return export_adapter(
             ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, parity_prompts=prompts,
             manifest_info={
-                "tasks": [{"id": t, "name": t} for t in meta.get("tasks_seen", [])],
+                "tasks": manifest_tasks(ctx.layout, ctx.config, meta.get("tasks_seen", [])),
                 "accuracies": evaluated.get("accuracies", {}),
                 "job_id": ctx.job_id,
             },

@@ -81,3 +81,21 @@ def test_daemon_with_library_stages_publishes_versions_and_reports_the_buffer(tm
     assert st["published"]["version"] == "v0002" and st["published"]["accuracies"] == {"first": 0.75, "second": 0.75}
     assert set(st["buffer"]["tasks"]) == {"first", "second"} and st["buffer"]["total"] > 0
     assert (layout.models / "current").resolve().name == "v0002"
+
+
+def test_manifest_lists_each_learned_task_with_its_example_counts(tmp_path):
+    library_stages = pytest.importorskip("service.library_stages")
+    config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
+    layout = DataLayout(tmp_path)
+    layout.create()
+    (layout.inbox / "first.jsonl").write_text(_alpaca(40))
+    (layout.inbox / "second.csv").write_text("instruction,output\n" + "".join(f"q{i},a{i % 2}\n" for i in range(20)))
+    d = Daemon(config, _library_with_fake_training(config))
+    d.run_until_idle()
+    d.close()
+    tasks = library_stages.manifest_tasks(layout, config, ["first", "second"])
+    assert [t["name"] for t in tasks] == ["first", "second"]
+    for t, total in zip(tasks, (40, 20)):
+        assert t["holdout_examples"] >= 1 and t["train_examples"] + t["holdout_examples"] == total
+        assert 0 < t["replay_stored"] <= t["train_examples"]
+    assert tasks[1]["source_file"] == "second.csv"
