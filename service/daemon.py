@@ -14,8 +14,10 @@ retry_job(); `python -m service` runs the daemon.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -428,6 +430,9 @@ class Daemon:
         except Exception as e:
             self._stage_failed(store, job, stage, attempts, e)
             raise _Handled from None
+        finally:
+            if stage in MODEL_STAGES:
+                release_memory()
 
     def _stage_failed(self, store: JobStore, job: Job, stage: str, attempts: int, e: Exception) -> None:
         if isinstance(e, ValidationError) and "rejected" in TRANSITIONS[job.state]:
@@ -561,6 +566,18 @@ class Daemon:
 
 
 # ---- process-level settings -------------------------------------------------------------------
+
+
+def release_memory() -> None:
+    """After a model stage: collect the model's reference cycles and hand the freed heap back to
+    the OS. Without this an idle daemon kept ~3 GB RSS after one SmolLM2 job (measured with
+    tools/bench_daemon.py: ~1 GB of unreachable cycles, the rest freed but kept by glibc's
+    per-thread arenas); with it, ~0.5 GB."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc only; a no-op elsewhere
+    except (OSError, AttributeError):
+        pass
 
 
 def apply_niceness(target: int) -> None:
