@@ -376,6 +376,10 @@ class FakeStages:
         for d in sorted(models.glob("v*")):
             src = d / "source.json"
             if src.exists() and json.loads(src.read_text()).get("job_id") == ctx.job_id:
+                # A crash may have landed after the folder was made, before current.json moved.
+                current = models / "current.json"
+                if not current.exists() or json.loads(current.read_text()).get("version") != d.name:
+                    replace_json(current, {"version": d.name})
                 self._record("publish", ctx, version=d.name, made=False)
                 return d.name
         n = 1 + max((int(d.name[1:]) for d in models.glob("v*") if d.name[1:].isdigit()), default=0)
