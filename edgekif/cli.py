@@ -233,22 +233,46 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _read_prompts(path: str) -> list:
+    """JSONL of prompts: a string, or an object with "prompt", "messages" or "input"."""
+    from .errors import ValidationError
+
+    prompts = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ValidationError(f"cannot read file: {e.strerror or e}", file=path, kind="unreadable") from e
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValidationError(f"not JSON: {e}", file=path, line=lineno, kind="bad_json") from e
+            prompt = obj if isinstance(obj, str) else (obj.get("prompt") or obj.get("messages") or obj.get("input")) if isinstance(obj, dict) else None
+            if not prompt:
+                raise ValidationError('expected a string or an object with "prompt", "messages" or "input"', file=path, line=lineno, field="prompt", kind="missing_field")
+            prompts.append(prompt)
+    return prompts
+
+
 def cmd_infer(args) -> int:
     from .infer import open_current, open_model
 
     cfg = _config(args)
     runner = open_model(args.model) if args.model else open_current(cfg.data_path)
     if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            prompts = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    obj = json.loads(line)
-                    prompts.append(obj if isinstance(obj, str) else obj.get("prompt") or obj.get("messages") or obj.get("input"))
+        prompts = _read_prompts(args.file)
+        # In chunks (default: one prompt at a time): memory stays flat however long the file,
+        # each answer is printed as soon as it exists, and answers equal single-prompt ones.
         t0 = time.perf_counter()
-        answers = runner.generate_batch(prompts, max_new_tokens=args.max_new_tokens)
-        for p, a in zip(prompts, answers):
-            print(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False))
+        n = max(1, args.batch_size)
+        for i in range(0, len(prompts), n):
+            chunk = prompts[i : i + n]
+            answers = runner.generate_batch(chunk, max_new_tokens=args.max_new_tokens)
+            for p, a in zip(chunk, answers):
+                print(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False), flush=True)
         print(f"# {len(prompts)} prompts in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
         return 0
     if not args.prompt:
@@ -338,11 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["list", "rollback", "gc"])
     sp.add_argument("version", nargs="?")
     sp.add_argument("--json", action="store_true")
-    sp = add("infer", cmd_infer, "run the current published model (onnxruntime-genai)")
+    sp = add("infer", cmd_infer, "run the current published model (onnxruntime-genai or plain ONNX)")
     sp.add_argument("prompt", nargs="?")
     sp.add_argument("--file", help="JSONL of prompts (strings or {\"prompt\": ...})")
     sp.add_argument("--model", help="an export folder instead of models/current")
     sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--batch-size", type=int, default=1, help="prompts per generate call with --file (default 1)")
     return p
 
 
