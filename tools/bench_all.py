@@ -1,0 +1,341 @@
+#!/usr/bin/env python
+"""Run every benchmark in one go and regenerate docs/benchmarks.md (and the README's headline
+figures) from that run alone.
+
+    python tools/bench_all.py --quick                # make bench-quick: minutes on 2 cores
+    python tools/bench_all.py --profile standard     # make bench-standard: about an hour
+    python tools/bench_all.py                        # make bench: the full profile (hours on 2 cores)
+    python tools/bench_all.py --resume    # continue an interrupted run: finished sections are kept
+
+Each section is one of the benchmark tools run as a subprocess, with its log in
+OUT/<section>.log and its results in OUT/<section>/:
+  cl       tools/bench_cl.py      continual-learning quality + per-strategy training cost
+  train    tools/bench_train.py   peak memory per precision, Recurrent-KIF overhead, scaling
+  serving  tools/bench_serving.py tokens/s, first-token latency, sizes, `edgekif infer` latency
+  daemon   tools/bench_daemon.py  drop-to-published, idle cost, replay buffer rates
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SECTIONS = ("cl", "train", "serving", "daemon")
+HEADLINE_BEGIN = "<!-- bench:headline:begin -->"
+HEADLINE_END = "<!-- bench:headline:end -->"
+
+
+PROFILES = {
+    # name: (continual-learning runs, flag for the other tools)
+    "quick": ([("cl-order1", ["--quick", "--order", "1", "--seeds", "0"])], ["--quick"]),
+    # the default continual-learning profile on order 1, the other tools quick: about an hour on 2 cores
+    "standard": ([("cl-order1", ["--order", "1", "--seeds", "0"])], ["--quick"]),
+    "full": (
+        [
+            ("cl-order1", ["--order", "1", "--seeds", "0", "1", "2"]),
+            ("cl-order2", ["--order", "2", "--seeds", "0"]),
+            ("cl-order3", ["--order", "3", "--seeds", "0"]),
+        ],
+        [],
+    ),
+}
+MAKE_TARGET = {"quick": "make bench-quick", "standard": "make bench-standard", "full": "make bench"}
+
+
+def plan(profile: str) -> dict[str, list[tuple[str, list[str]]]]:
+    """section -> [(run name, argv)]; a run writes its results into OUT/<run name>/."""
+    cl, flag = PROFILES[profile]
+    return {
+        "cl": [(name, ["tools/bench_cl.py", *a]) for name, a in cl],
+        "train": [("train", ["tools/bench_train.py", *flag])],
+        "serving": [("serving", ["tools/bench_serving.py", *flag])],
+        "daemon": [("daemon", ["tools/bench_daemon.py", *flag])],
+    }
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_all(out: Path, profile: str, sections: list[str], resume: bool) -> dict:
+    # one converted base model for every tool (bench_cl/_train/_serving read EDGEKIF_CACHE,
+    # the daemon EDGEKIF_CACHE_DIR), shared with `make demo`
+    cache = os.environ.get("EDGEKIF_CACHE_DIR") or os.environ.get("EDGEKIF_CACHE") or str(Path.home() / ".cache" / "edgekif")
+    env = {**os.environ, "EDGEKIF_CACHE": cache, "EDGEKIF_CACHE_DIR": cache}
+    runs = {}
+    for section in sections:
+        for name, argv in plan(profile)[section]:
+            done = out / name / ".done.json"
+            if resume and done.is_file():
+                runs[name] = json.loads(done.read_text())
+                print(f"[bench_all] {name}: kept from an earlier run ({runs[name]['finished']})", flush=True)
+                continue
+            cmd = [sys.executable, *argv, "--out", str(out / name)]
+            print(f"[bench_all] {name}: {' '.join(argv)}", flush=True)
+            t0 = time.perf_counter()
+            with open(out / f"{name}.log", "wb") as log:
+                rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            info = {"command": "python " + " ".join(argv), "rc": rc, "seconds": time.perf_counter() - t0,
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            runs[name] = info
+            if rc == 0:
+                (out / name).mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(info))
+            status = "ok" if rc == 0 else f"FAILED (exit {rc}), see {out / name}.log"
+            print(f"[bench_all] {name}: {status} in {info['seconds']:.0f} s", flush=True)
+    return runs
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def machine_stamp() -> dict:
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = None
+    try:
+        ram = round(next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = r.stdout.strip() or None
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai", "onnxruntime-gpu", "onnxruntime-genai-cuda"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip())
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram, "gpu": gpu, "python": platform.python_version(),
+            "versions": versions, "commit": commit + ("+dirty" if dirty else ""), "os": platform.platform()}
+
+
+def _load(out: Path, name: str) -> dict | None:
+    p = out / name / "result.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _section_md(out: Path, name: str, img_dir: Path, img_prefix: str) -> str | None:
+    """A tool's result.md with its PNGs copied next to the report and the links rewritten."""
+    p = out / name / "result.md"
+    if not p.is_file():
+        return None
+    md = p.read_text()
+    for png in sorted((out / name).glob("*.png")):
+        dest = f"{name}-{png.name}"
+        shutil.copyfile(png, img_dir / dest)
+        md = md.replace(f"]({png.name})", f"]({img_prefix}/{dest})")
+    return md.strip()
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def headline(out: Path) -> dict:
+    h: dict = {}
+    cl = _load(out, "cl-order1")
+    if cl:
+        st = cl["strategies"]
+        for s in ("recurrent_kif", "seq_lora", "replay", "mtl"):
+            if s in st:
+                h[s] = {"op": st[s]["op_mean"], "bwt": st[s]["bwt_mean"]}
+        h["cl_profile"] = cl.get("profile")
+    serving = _load(out, "serving")
+    if serving:
+        h["serving"] = serving.get("headline", {})
+    daemon = _load(out, "daemon")
+    if daemon:
+        h["daemon"] = daemon.get("headline", {})
+    return h
+
+
+def headline_md(h: dict, report_link: str) -> str:
+    lines = []
+    if "recurrent_kif" in h and "seq_lora" in h:
+        k, s = h["recurrent_kif"], h["seq_lora"]
+        lines.append(
+            f"* **Continual learning** (SmolLM2-135M, 4-task benchmark, order 1, `{h.get('cl_profile')}` profile): "
+            f"Recurrent-KIF OP {_pct(k['op'])} / BWT {_pct(k['bwt'])} vs sequential LoRA OP {_pct(s['op'])} / BWT {_pct(s['bwt'])}"
+            + (f" (replay {_pct(h['replay']['op'])} / {_pct(h['replay']['bwt'])}; multi-task upper bound OP {_pct(h['mtl']['op'])})" if "replay" in h and "mtl" in h else "")
+            + "."
+        )
+    sv = h.get("serving") or {}
+    if sv.get("genai_int4_vs_eager_fp32_tokens_per_s_ratio"):
+        lines.append(
+            f"* **Serving**: onnxruntime-genai int4 generates {sv['genai_int4_vs_eager_fp32_tokens_per_s_ratio']:.1f}× the tokens/s of PyTorch eager fp32 "
+            f"({sv.get('genai_int4_tokens_per_s', 0):.0f} vs {sv.get('eager_fp32_tokens_per_s', 0):.0f} tokens/s, batch 1)."
+        )
+    dm = h.get("daemon") or {}
+    if dm.get("drop_to_published_s_100") is not None:
+        lines.append(f"* **Daemon**: a 100-example task goes from file drop to a published version in {dm['drop_to_published_s_100']:.0f} s.")
+    if not lines:
+        return f"No benchmark figures yet: run `make bench-quick`. Report: [{report_link}]({report_link})."
+    return "\n".join(lines) + f"\n\nEvery figure, with the command and machine: [{report_link}]({report_link})."
+
+
+def cl_cost_md(out: Path, names: list[str]) -> str | None:
+    """Per-strategy training cost from the continual-learning runs (same run, same data)."""
+    rows = []
+    for name in names:
+        r = _load(out, name)
+        if not r:
+            continue
+        st = r["strategies"]
+        base = st.get("seq_lora", {}).get("sec_per_step")
+        for s, v in st.items():
+            runs = v["runs"]
+            eps = statistics.mean(x["examples_per_sec"] for x in runs)
+            spw = v["sec_per_step"]
+            rows.append(f"| {name} | {s} | {spw:.2f} | {eps:.2f} | {spw / base:.2f}× |" if base else f"| {name} | {s} | {spw:.2f} | {eps:.2f} | — |")
+    if not rows:
+        return None
+    return "\n".join([
+        "Seconds per gradient step and examples per second of training, per strategy, from the continual-learning runs above "
+        "(same base, data, batch size and machine; wall time of `train_task` divided by its gradient steps, "
+        "so fusions and replay batches are included):",
+        "",
+        "| run | strategy | s / step | examples / s | s / step vs seq_lora |",
+        "|---|---|---|---|---|",
+        *rows,
+    ])
+
+
+def write_report(out: Path, runs: dict, profile: str, wall: float, docs: Path, readme: Path | None) -> Path:
+    from edgekif.atomic import atomic_write_text
+
+    img_dir = docs / "benchmarks"
+    if img_dir.exists():
+        shutil.rmtree(img_dir)  # images of an earlier run must not linger
+    img_dir.mkdir(parents=True)
+    m = machine_stamp()
+    h = headline(out)
+    cmd = MAKE_TARGET[profile]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{cmd}` (`python tools/bench_all.py --profile {profile}`), profile **{profile}**, "
+        f"finished {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, wall time {wall / 60:.1f} min, commit `{m['commit']}`. "
+        "Every number below comes from that run; each section names the tool and command that produced it. "
+        "The file is overwritten by the next run.",
+        "",
+        "| machine | |",
+        "|---|---|",
+        f"| CPU | {m['cpu']}, {m['cores']} cores |",
+        f"| RAM | {m['ram_gb']} GiB |",
+        f"| GPU | {m['gpu'] or 'none'} |",
+        f"| OS / Python | {m['os']} / {m['python']} |",
+        f"| packages | {', '.join(f'{k} {v}' for k, v in m['versions'].items())} |",
+        "",
+        "## Headline",
+        "",
+        headline_md(h, "benchmarks.md").replace("\n\nEvery figure, with the command and machine: [benchmarks.md](benchmarks.md).", ""),
+        "",
+        "| section | command | exit | wall (s) |",
+        "|---|---|---|---|",
+        *[f"| {n} | `{r['command']}` | {r['rc']} | {r['seconds']:.0f} |" for n, r in runs.items()],
+        "",
+    ]
+
+    cl_names = [n for n, _ in plan(profile)["cl"]]
+    lines += ["## 1. Continual-learning quality", ""]
+    for name in cl_names:
+        md = _section_md(out, name, img_dir, "benchmarks")
+        if md is None:
+            lines += [f"`{name}`: no result (see the section table above).", ""]
+            continue
+        lines += [md, ""]
+        heat = sorted(img_dir.glob(f"{name}-heatmap_*.png"))
+        if heat:
+            lines += [" ".join(f"![{p.stem}](benchmarks/{p.name})" for p in heat), ""]
+    lines += [
+        "OP = mean accuracy over all tasks after the last one; BWT = mean change of each earlier task's accuracy "
+        "from just after learning it to the end (negative = forgetting); FWT = accuracy on a task just after learning it "
+        "minus the base model's zero-shot accuracy. Paper (T5-large, full data): Recurrent-KIF OP 78.4 / BWT −2.8, "
+        "sequential LoRA 43.7 / −50.4, multi-task 80.3.",
+        "",
+        "## 2. Training cost",
+        "",
+    ]
+    cost = cl_cost_md(out, cl_names)
+    if cost:
+        lines += [cost, ""]
+    md = _section_md(out, "train", img_dir, "benchmarks")
+    lines += [md or "`train`: no result.", ""]
+    lines += ["## 3. Serving", ""]
+    md = _section_md(out, "serving", img_dir, "benchmarks")
+    lines += [md or "`serving`: no result.", ""]
+    lines += ["## 4. Daemon and replay buffer", ""]
+    md = _section_md(out, "daemon", img_dir, "benchmarks")
+    lines += [md or "`daemon`: no result.", ""]
+    lines += ["## 5. Scaling", "", "Step time and peak memory as sequence length and LoRA rank double: the *Scaling* table and plot in section 2.", ""]
+    lines += ["## GPU", ""]
+    if m["gpu"]:
+        lines += [f"This run had a GPU ({m['gpu']}); the tools above used it where their device option selected it."]
+    else:
+        lines += ["**Pending.** This machine has no GPU and no GPU machine was lent to the session that produced this report; "
+                  "on a CUDA host `make bench` runs the same tools (nf4 through bitsandbytes CUDA, onnxruntime-genai-cuda)."]
+    report = docs / "benchmarks.md"
+    atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
+    if readme is not None and readme.is_file():
+        text = readme.read_text()
+        if HEADLINE_BEGIN in text and HEADLINE_END in text:
+            block = f"{HEADLINE_BEGIN}\n{headline_md(h, 'docs/benchmarks.md')}\n{HEADLINE_END}"
+            text = re.sub(re.escape(HEADLINE_BEGIN) + ".*?" + re.escape(HEADLINE_END), lambda _m: block, text, flags=re.S)
+            atomic_write_text(readme, text)
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=list(PROFILES), default="full")
+    ap.add_argument("--quick", action="store_true", help="same as --profile quick")
+    ap.add_argument("--out", help="work folder (default bench_out/all-<profile>)")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--resume", action="store_true", help="keep sections an earlier run of this profile finished")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from OUT without running anything")
+    ap.add_argument("--docs", default=str(REPO / "docs"))
+    ap.add_argument("--no-readme", action="store_true", help="do not update the README's headline block")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.profile = "quick"
+    out = Path(args.out or REPO / f"bench_out/all-{args.profile}")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.report_only:
+        runs = {}
+        for section in args.sections:
+            for name, _ in plan(args.profile)[section]:
+                done = out / name / ".done.json"
+                if done.is_file():
+                    runs[name] = json.loads(done.read_text())
+    else:
+        runs = run_all(out, args.profile, args.sections, args.resume)
+    wall = sum(r["seconds"] for r in runs.values()) if runs else time.perf_counter() - t0
+    report = write_report(out, runs, args.profile, wall, Path(args.docs), None if args.no_readme else REPO / "README.md")
+    print(f"[bench_all] wrote {report} ({wall / 60:.1f} min of benchmarks)")
+    return 0 if all(r["rc"] == 0 for r in runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
