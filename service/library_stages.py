@@ -127,7 +127,9 @@ class LibraryStages:
         records = _read_records(ctx.work_dir / "train.jsonl")
         buf = ReplayBuffer(ctx.layout.replay_db, ctx.config.replay)
         try:
-            past = [t for t in buf.tasks() if t != ctx.task_name]  # the outer loop replays past tasks only
+            # The outer loop replays past tasks only, and only published ones: the buffer also
+            # holds the examples of jobs the forgetting gate held (or that failed after buffering).
+            past = [t for t in buf.tasks() if t != ctx.task_name and t in ctx.past_tasks]
             sampler = (lambda n, seed: buf.sample(n, seed, task_ids=past)) if past else None
             ctx.write_progress(stage="train", step=0, steps=None)
 

@@ -1,0 +1,162 @@
+"""The forgetting gate with the real library stages (service.library_stages.LibraryStages):
+real validation, holdout split, replay buffer, Recurrent-KIF training, label-scoring
+evaluation, ONNX export and publishing, on a tiny random Llama.
+
+Three tasks go through the daemon one after the other:
+  colors    8 prompts, each with its own label (ant/bee/cow/dog), learnt to 100% -> v0001
+  shuffled  the same prompts with every label rotated: harmful by construction. Learning it
+            wipes out `colors`, so the gate must hold it and `current` stays on v0001.
+  animals   8 other prompts in another format with other labels: a good task -> v0002,
+            built on colors' learner (the held job leaks neither weights nor replay data).
+
+Why the base is wider than the conftest `tiny_dir` (hidden 64): with tied embeddings at the
+HF init (std 0.02) and the final RMSNorm at 1, a logit is at most about 0.02 * hidden, so
+hidden=64 caps every logit near 1.3 and the model can barely prefer one label over
+another whatever the training. hidden=512 lifts that cap to ~10; 100 steps then learn
+`colors` with label margins of 5-7 nats (measured), in a few seconds on one CPU thread.
+Labels all have three letters: label scoring sums log-probabilities, which would otherwise
+favour the shortest label while the model is still unsure.
+
+Measured with base seeds 0-4 (seed 0 is the test): colors 1.0 after its job, 0.0 after
+shuffled (shuffled itself 1.0), still 1.0 after animals (animals 0.75-1.0); so the default
+5-point threshold separates the two with room to spare. With 40 steps instead of 80 for the
+later tasks, Recurrent-KIF's fusion left animals unlearnt on one seed; before the replay fix
+in library_stages.train, animals' outer loop also replayed the held task's examples.
+~35-65 s on a busy 2-core box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from edgekif.config import load_config  # noqa: E402
+from service.daemon import Daemon, status  # noqa: E402
+from service.jobs import DataLayout, JobStore  # noqa: E402
+
+COLORS = {"apple": "ant", "brick": "bee", "cloud": "cow", "dingo": "dog",
+          "eagle": "ant", "flute": "bee", "grape": "cow", "house": "dog"}
+ROTATE = {"ant": "bee", "bee": "cow", "cow": "dog", "dog": "ant"}
+SHUFFLED = {word: ROTATE[label] for word, label in COLORS.items()}  # every label changes
+ANIMALS = {"iron": "fox", "jelly": "hen", "kite": "owl", "lemon": "pig",
+           "mango": "fox", "night": "hen", "ocean": "owl", "piano": "pig"}
+COPIES = 6  # 48 records: holdout 25% = 12 (copies of trained prompts), 36 to train on
+THRESHOLD = 5.0  # service.forgetting_threshold, the default (asserted below)
+
+
+def task_file(mapping: dict[str, str], fmt: str) -> str:
+    return "".join(json.dumps({"prompt": fmt.format(w), "completion": label}) + "\n"
+                   for _ in range(COPIES) for w, label in mapping.items())
+
+
+@pytest.fixture(scope="module")
+def wide_tiny_dir(tmp_path_factory) -> Path:
+    from edgekif.model import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("wide-tiny") / "base", seed=0, hidden=512)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """model.threads=1 (deterministic numbers) calls torch.set_num_threads; give it back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_dir, one_torch_thread, monkeypatch):
+    from edgekif.export import read_manifest
+    from edgekif.publish import ModelStore
+    from edgekif.replay import ReplayBuffer
+    from service.library_stages import LibraryStages
+
+    data = tmp_path / "data"
+    layout = DataLayout(data)
+    layout.create()
+
+    replayed: dict[str, set[str]] = {}  # task being trained -> tasks its outer loop sampled
+    training: list[str] = []
+    real_sample = ReplayBuffer.sample
+
+    def spy_sample(self, n, seed, task_ids=None):
+        replayed.setdefault(training[-1], set()).update(task_ids or ["<all>"])
+        return real_sample(self, n, seed, task_ids=task_ids)
+
+    monkeypatch.setattr(ReplayBuffer, "sample", spy_sample)
+
+    def run_job(name: str, text: str, steps: int):
+        config = load_config(None, [
+            f"data_dir={data}", "service.quiet_seconds=0",
+            f"model.base={wide_tiny_dir}", "model.precision=fp32", "model.device=cpu", "model.threads=1",
+            "train.lr=3e-3", f"train.max_steps={steps}", "service.holdout_fraction=0.25",
+            "export.target=onnx", "export.precision=fp32",
+        ])
+        training.append(Path(name).stem)
+        (layout.inbox / name).write_text(text)
+        d = Daemon(config, LibraryStages(config), retry_base_seconds=0)
+        try:
+            d.run_until_idle()
+        finally:
+            d.close()
+        with JobStore(layout.state_db) as store:
+            return store.jobs()[-1], config
+
+    store = ModelStore(data)
+
+    # 1. colors: learnt, published as v0001.
+    a, config = run_job("colors.jsonl", task_file(COLORS, "What is {}?"), steps=100)
+    assert config.service.forgetting_threshold == THRESHOLD
+    assert (a.file_name, a.state, a.version) == ("colors.jsonl", "published", "v0001"), a.error
+    assert a.metrics["buffer"]["holdout_examples"] == 12 and a.metrics["buffer"]["details"]["train_examples"] == 36
+    assert a.metrics["validate"]["details"]["labels"] == ["ant", "bee", "cow", "dog"]
+    acc_a = a.metrics["evaluate"]["accuracies"]
+    assert acc_a["colors"] >= 0.9, acc_a  # chance is 0.25; measured 1.0
+    assert store.current() == "v0001"
+
+    # 2. shuffled: learnt too (that is the harm), colors collapses, the gate holds it.
+    b, _ = run_job("shuffled.jsonl", task_file(SHUFFLED, "What is {}?"), steps=80)
+    acc_b = b.metrics["evaluate"]["accuracies"]
+    assert b.state == "held", (b.state, acc_b, b.error)
+    assert acc_b["shuffled"] >= 0.75 and acc_b["colors"] <= 0.25, acc_b  # measured 1.0 and 0.0
+    gate = b.metrics["gate"]
+    assert gate["ok"] is False and gate["published_version"] == "v0001"
+    assert gate["published_accuracies"] == acc_a and gate["threshold_points"] == THRESHOLD
+    drop = 100 * (acc_a["colors"] - acc_b["colors"])
+    assert drop > THRESHOLD
+    assert gate["reasons"] == [f"colors: {100 * acc_a['colors']:.1f} -> {100 * acc_b['colors']:.1f} "
+                               f"(-{drop:.1f} points > {THRESHOLD:g} allowed)"]
+    assert b.error["kind"] == "forgetting" and b.version is None
+    assert "export" not in b.metrics and not (layout.job_dir(b.id) / "export").exists()
+    assert store.current() == "v0001" and store.versions() == ["v0001"]
+
+    # 3. animals: a good task, published on top of colors (not of the held shuffled job).
+    c, config = run_job("animals.jsonl", task_file(ANIMALS, "Animal for {}:"), steps=80)
+    acc_c = c.metrics["evaluate"]["accuracies"]
+    assert (c.state, c.version) == ("published", "v0002"), (c.state, acc_c, c.error)
+    assert set(acc_c) == {"colors", "animals"}  # the held task is not a past task
+    assert acc_c["animals"] >= 0.75, acc_c  # measured 1.0
+    assert 100 * (acc_a["colors"] - acc_c["colors"]) <= THRESHOLD, acc_c  # measured 1.0 -> 1.0
+    assert c.metrics["gate"]["ok"] is True and c.metrics["gate"]["reasons"] == []
+    assert store.current() == "v0002" and store.versions() == ["v0001", "v0002"]
+    manifest = read_manifest(store.path("v0002"))
+    assert [t["name"] for t in manifest["tasks"]] == ["colors", "animals"]
+    assert manifest["accuracies"] == acc_c and manifest["job_id"] == c.id
+
+    # The held task's examples are in the buffer (it was buffered before training) but were
+    # never replayed: the outer loop replays published tasks only.
+    assert replayed == {"shuffled": {"colors"}, "animals": {"colors"}}, replayed
+    st = status(config)
+    assert set(st["buffer"]["tasks"]) == {"colors", "shuffled", "animals"}
+    assert st["counts"] == {"published": 2, "held": 1}
+    assert st["published"]["version"] == "v0002" and st["published"]["accuracies"] == acc_c
+    assert [(p["id"], p["state"]) for p in st["problems"]] == [(b.id, "held")]
+    assert os.path.realpath(layout.models / "current") == str((layout.models / "v0002").resolve())
