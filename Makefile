@@ -51,7 +51,7 @@ demo: setup
 bench: setup
 	$(PY) tools/bench_all.py --profile full
 
-# bench-standard: the default continual-learning profile on order 1, other tools quick (~1 h)
+# bench-standard: a mid-size continual-learning run on order 1, other tools quick (~45 min)
 bench-standard: setup
 	$(PY) tools/bench_all.py --profile standard
 

@@ -3,6 +3,7 @@
 data subset, step budget and seeds, through the same Learner loop.
 
     python tools/bench_cl.py --quick            # smoke profile (minutes)
+    python tools/bench_cl.py --profile standard # about half an hour on 2 cores
     python tools/bench_cl.py                    # default profile (the one in docs/benchmarks.md)
     python tools/bench_cl.py --order 2 --seeds 0 1 2
 
@@ -36,6 +37,8 @@ PROFILES = {
     # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; prompts are truncated from the
     # left, which keeps the text's end and the answer cue)
     "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False),
+    # about half an hour on 2 cores: enough steps for the tasks to be learned and forgotten
+    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=24, max_length=128, label_scoring=False, zero_shot=False),
     "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=40, max_length=128, label_scoring=False, zero_shot=True),
 }
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
@@ -49,7 +52,8 @@ def _subset(records, n, seed):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="same as --profile quick")
+    ap.add_argument("--profile", choices=list(PROFILES), default="default")
     ap.add_argument("--order", type=int, default=1, choices=[1, 2, 3])
     ap.add_argument("--strategies", nargs="+", default=["seq_lora", "replay", "recurrent_kif", "mtl"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
     from edgekif.workflow import open_learner
     from edgekif.atomic import atomic_write_json, atomic_write_text
 
-    profile_name = "quick" if args.quick else "default"
+    profile_name = "quick" if args.quick else args.profile
     prof = dict(PROFILES[profile_name])
     for k in ("task_steps", "train_per_task", "test_per_task"):
         if getattr(args, k) is not None:
@@ -202,7 +206,7 @@ def to_markdown(result: dict, args) -> str:
     lines = [
         f"### Continual learning, order {args.order} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
-        f"Command: `python tools/bench_cl.py{' --quick' if result['profile'] == 'quick' else ''} --order {args.order} --seeds {' '.join(map(str, args.seeds))} --precision {s['precision']}`  ",
+        f"Command: `python tools/bench_cl.py --profile {result['profile']} --order {args.order} --seeds {' '.join(map(str, args.seeds))} --precision {s['precision']}`  ",
         f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r=8/α=32 on q,v, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples, {s['test_per_task']} test examples per task, metric: {s['metric']}; "
         f"replay 2% of each task (min 16); Recurrent-KIF Q=8, M=4, β=0.85, top 20%. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",

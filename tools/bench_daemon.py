@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from edgekif.atomic import atomic_write_json, atomic_write_text  # noqa: E402  (light: no torch)
 from edgekif.config import load_config  # noqa: E402
+from tools.benchlib import cpu_model, package_versions, ram_gb  # noqa: E402
 
 PY = sys.executable
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
@@ -80,28 +80,8 @@ def ts_epoch(iso: str) -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai", "psutil"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "python": platform.python_version(),
+    versions = package_versions(("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai", "psutil"))
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": ram_gb(), "python": platform.python_version(),
             "platform": platform.platform(), "versions": versions, "loadavg_start": list(os.getloadavg())}
 
 

@@ -66,6 +66,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tools.benchlib import cpu_model, ram_gb  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
 
@@ -79,7 +81,7 @@ EXPORTS = {
 }
 PROFILES = {
     # speed_budget_s: stop the interleaved speed rounds (>= 2 of them) once this many seconds are spent; 0 = no limit
-    "quick": dict(exports=["genai-int4", "onnx-fp32"], eager=["fp32", "nf4"], prompts=4, new_tokens=32, infer_prompts=20, cold_runs=1, speed_budget_s=90),
+    "quick": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=4, new_tokens=32, infer_prompts=20, cold_runs=1, speed_budget_s=90),
     "full": dict(exports=list(EXPORTS), eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=0),
 }
 PARITY_PROMPTS = 4  # the daemon's export.parity_prompts
@@ -118,28 +120,16 @@ def version(dist: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = int(line.split()[1]) * 1024
-    except OSError:
-        pass
     import torch
+
+    ram = ram_gb()
+    cpu = cpu_model()
 
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_gib": round(ram / 2**30, 1) if ram else None,
+        "ram_gib": ram,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -674,7 +664,7 @@ def to_markdown(result: dict, plots: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="genai int4 + onnx fp32 + eager fp32/nf4, 4 prompts x 32 tokens (90 s speed budget), 20 infer prompts")
+    ap.add_argument("--quick", action="store_true", help="genai int4/int8 + onnx fp32 + eager fp32/nf4, 4 prompts x 32 tokens (90 s speed budget), 20 infer prompts")
     ap.add_argument("--out", default=None, help="output folder (default bench_out/serving[-quick])")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads for torch, onnxruntime and onnxruntime-genai (0 = their defaults; "
                     "the `edgekif infer` subprocesses always use the defaults)")
@@ -769,8 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    g4, e32 = speed.get("genai-int4", {}), speed.get("eager-fp32", {})
+    g4, g8, e32 = speed.get("genai-int4", {}), speed.get("genai-int8", {}), speed.get("eager-fp32", {})
     result["headline"] = {
+        # int8: what the daemon publishes on CPU when int4 fails the parity bar (SmolLM2-135M does)
+        "genai_int8_tokens_per_s": g8.get("median_decode_tokens_per_s"),
+        "genai_int8_vs_eager_fp32_tokens_per_s_ratio": g8.get("ratio_vs_eager_fp32_decode_tokens_per_s"),
         "genai_int4_tokens_per_s": g4.get("median_decode_tokens_per_s"),
         "eager_fp32_tokens_per_s": e32.get("median_decode_tokens_per_s"),
         "genai_int4_vs_eager_fp32_tokens_per_s_ratio": g4.get("ratio_vs_eager_fp32_decode_tokens_per_s"),

@@ -1,0 +1,46 @@
+"""What every benchmark tool stamps on its results: the machine and the package versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai", "onnxruntime-gpu", "onnxruntime-genai-cuda")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ram_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM and versions; no torch import (the caller may not want it)."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gb": ram_gb(), "python": platform.python_version(), "versions": package_versions()}
