@@ -108,8 +108,9 @@ def machine_stamp() -> dict:
     if shutil.which("nvidia-smi"):
         r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True)
         gpu = r.stdout.strip() or None
+    # the report's own outputs do not make the tree dirty
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip())
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!README.md", ":!docs/benchmarks.md", ":!docs/benchmarks"], cwd=REPO, capture_output=True, text=True).stdout.strip())
     return {**benchlib.machine_info(), "gpu": gpu, "commit": commit + ("+dirty" if dirty else ""), "os": platform.platform()}
 
 
