@@ -24,7 +24,7 @@ fuses a trained one (edgekif.export.fuse_model), then:
    edgekif.publish.ModelStore into a temp data dir):
    a. per prompt, warm, in-process: open_current(DATA_DIR).generate_ids(prompt, 64, stream_callback)
       -- the library call `edgekif infer "PROMPT"` makes (`infer --file` reports no per-prompt
-      timing: it runs all prompts as one padded batch); p50/p95 over N prompts, natural EOS stop.
+      timing); p50/p95 over N prompts, natural EOS stop.
    b. `python -m edgekif.cli infer --file prompts.jsonl` as a subprocess: process wall time and
       the batch time the command prints on stderr (every answer arrives at the end of the batch).
    c. cold `python -m edgekif.cli infer "PROMPT"` processes, start to exit, with peak RSS.
@@ -466,7 +466,7 @@ def measure_infer(export_folder: Path, work: Path, prompts: list[list[dict]], co
     env.pop("EDGEKIF_DATA_DIR", None)
     base_cmd = [sys.executable, "-m", "edgekif.cli", "infer", "--data-dir", str(data_dir)]
 
-    # b. `edgekif infer --file`: one process, all prompts as one padded batch
+    # b. `edgekif infer --file`: one process, one prompt per generate call (its default)
     progress.set_postfix_str("infer --file")
     pfile = work / "prompts.jsonl"
     pfile.write_text("".join(json.dumps({"messages": p}, ensure_ascii=False) + "\n" for p in prompts))
@@ -482,8 +482,7 @@ def measure_infer(export_folder: Path, work: Path, prompts: list[list[dict]], co
     same = sum(a == b for a, b in zip(answers, texts))
     res["infer_file"] = {
         "what": "`python -m edgekif.cli infer --data-dir D --file prompts.jsonl` (default --max-new-tokens 64): process start to exit; "
-                "batch_s is the time the command prints itself (runner.generate_batch over all prompts as one padded batch, "
-                "so every prompt's answer is ready only when the whole batch is)",
+                "batch_s is the time the command prints itself (all prompts, one generate call each, answers printed as they come)",
         "cmd": shlex.join(cmd), "returncode": r["returncode"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
         "batch_s": float(m.group(2)) if m else None, "answers": len(answers), "answers_equal_to_per_prompt": same,
         "per_prompt_amortised_ms": 1000 * float(m.group(2)) / len(prompts) if m else None,
@@ -638,14 +637,14 @@ def to_markdown(result: dict, plots: list[str]) -> str:
             f"| per prompt, warm, in-process: `open_current(D).generate_ids(prompt, 64, stream_callback)` (the call `edgekif infer \"PROMPT\"` makes; "
             f"median {fmt(lp['median_new_tokens'], '.0f')} tokens generated) | {len(lp['latency_s'])} | {lp['p50_ms']:.0f} ms | {lp['p95_ms']:.0f} ms | "
             f"mean {lp['mean_ms']:.0f} ms, max {lp['max_ms']:.0f} ms; open_current {lp['open_current_s']:.2f} s |",
-            f"| `edgekif infer --file` (all prompts in one padded batch; answers arrive together) | 1 process | — | — | "
+            f"| `edgekif infer --file` (one prompt per call, the default `--batch-size 1`) | 1 process | — | — | "
             f"batch {fmt(fl['batch_s'], '.2f')} s ({fmt(fl['per_prompt_amortised_ms'], '.0f')} ms/prompt amortised), process {fmt(fl['wall_s'], '.2f')} s, "
             f"peak RSS {fmt(fl['peak_rss_mb'], '.0f')} MB, {fl['answers']} answers ({fl['answers_equal_to_per_prompt']} identical to the per-prompt answers)"
             f"{'' if fl['returncode'] == 0 else ', exit ' + str(fl['returncode'])} |",
             f"| cold `edgekif infer \"PROMPT\"` process, start to exit | {len(cs['runs'])} | {fmt(cs['median_wall_s'], '.2f')} s (median) | — | "
             f"peak RSS {fmt(cs['peak_rss_mb'], '.0f')} MB |",
             "",
-            "`edgekif infer --file` prints no per-prompt timing (it runs `generate_batch` over the whole file), hence the in-process per-prompt row.",
+            "`edgekif infer --file` prints only its total time, hence the in-process per-prompt row.",
         ]
     h = result["headline"]
     lines += [

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
+# The benchmark data beside the checkout when it is there; otherwise the slices shipped in
+# tools/demo_data (the 48 train + 3 test examples of dbpedia and agnews the demo uses).
+SHARED_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
+DATA = Path(os.environ["EDGEKIF_DEMO_DATA"]) if os.environ.get("EDGEKIF_DEMO_DATA") else SHARED_DATA if SHARED_DATA.is_dir() else REPO / "tools" / "demo_data"
 PY = sys.executable
 
 
