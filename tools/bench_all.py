@@ -145,6 +145,8 @@ def headline(out: Path) -> dict:
             if s in st:
                 h[s] = {"op": st[s]["op_mean"], "bwt": st[s]["bwt_mean"]}
         h["cl_profile"] = cl.get("profile")
+        h["cl_seeds"] = len(cl["settings"]["seeds"])
+        h["cl_test"] = cl["settings"]["test_per_task"]
     serving = _load(out, "serving")
     if serving:
         h["serving"] = serving.get("headline", {})
@@ -163,6 +165,7 @@ def headline_md(h: dict, report_link: str) -> str:
             f"Recurrent-KIF OP {_pct(k['op'])} / BWT {_pct(k['bwt'])} vs sequential LoRA OP {_pct(s['op'])} / BWT {_pct(s['bwt'])}"
             + (f" (replay {_pct(h['replay']['op'])} / {_pct(h['replay']['bwt'])}; multi-task upper bound OP {_pct(h['mtl']['op'])})" if "replay" in h and "mtl" in h else "")
             + "."
+            + (f" One seed and {h['cl_test']} test examples per task: differences of a few points are within noise." if h.get("cl_seeds") == 1 and h.get("cl_test") else "")
         )
     sv = h.get("serving") or {}
     if sv.get("genai_int4_vs_eager_fp32_tokens_per_s_ratio"):
@@ -175,7 +178,11 @@ def headline_md(h: dict, report_link: str) -> str:
         )
     dm = h.get("daemon") or {}
     if dm.get("drop_to_published_s_100") is not None:
-        lines.append(f"* **Daemon**: a 100-example task goes from file drop to a published version in {dm['drop_to_published_s_100']:.0f} s.")
+        lines.append(f"* **Daemon**: a 100-example task goes from file drop to a published version in {dm['drop_to_published_s_100']:.0f} s "
+                     f"(real stages; the benchmark's training settings are in the report).")
+    if lines and h.get("machine"):
+        m = h["machine"]
+        lines.insert(0, f"Measured on {m['cpu']}, {m['cores']} cores, {m.get('gpu') or 'no GPU'}:")
     if not lines:
         return f"No benchmark figures yet: run `make bench-quick`. Report: [{report_link}]({report_link})."
     return "\n".join(lines) + f"\n\nEvery figure, with the command and machine: [{report_link}]({report_link})."
@@ -217,6 +224,7 @@ def write_report(out: Path, runs: dict, profile: str, wall: float, docs: Path, r
     img_dir.mkdir(parents=True)
     m = machine_stamp()
     h = headline(out)
+    h["machine"] = m
     cmd = MAKE_TARGET[profile]
     lines = [
         "# Benchmarks",
