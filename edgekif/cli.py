@@ -209,6 +209,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _version_line(r: dict) -> str:
+    """`* v0002  created  genai/int8  agnews 66.7, dbpedia 33.3` (accuracies in the learning order)."""
+    if "error" in r:
+        return f"  {r['name']}  unreadable: {r['error']}"
+    exp = r.get("export") or {}
+    acc = r.get("accuracies") or {}
+    order = [t.get("name") for t in r.get("tasks") or []] or list(acc)
+    scores = ", ".join(f"{t} {100 * acc[t]:.1f}" for t in order if t in acc)
+    return f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('created') or ''}  {exp.get('target', '?')}/{exp.get('precision', '?')}  {scores}".rstrip()
+
+
 def cmd_models(args) -> int:
     from .publish import ModelStore
 
@@ -220,7 +231,7 @@ def cmd_models(args) -> int:
             _print_json(rows)
         else:
             for r in rows:
-                print(f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('created', '')}  {json.dumps(r.get('summary', {}), default=str)[:120]}")
+                print(_version_line(r))
             if not rows:
                 print("no versions published yet")
     elif args.action == "rollback":

@@ -1,4 +1,4 @@
-"""`edgekif infer --file`: prompt file parsing (errors name file, line, field)."""
+"""`edgekif infer --file` prompt parsing (errors name file, line, field) and `edgekif models list` lines."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ def test_missing_prompt_file_is_a_validation_error(tmp_path):
     with pytest.raises(ValidationError) as ei:
         _read_prompts(str(tmp_path / "nope.jsonl"))
     assert ei.value.kind == "unreadable"
+
+
+def test_models_list_line_shows_export_and_accuracies_in_learning_order():
+    from edgekif.cli import _version_line
+
+    row = {"name": "v0002", "created": "2026-11-23T03:29:30+00:00", "is_current": True,
+           "export": {"target": "genai", "precision": "int8"},
+           "tasks": [{"name": "dbpedia"}, {"name": "agnews"}], "accuracies": {"agnews": 0.6667, "dbpedia": 1 / 3}}
+    assert _version_line(row) == "* v0002  2026-11-23T03:29:30+00:00  genai/int8  dbpedia 33.3, agnews 66.7"
+    assert _version_line({"name": "v0001", "error": "bad manifest"}) == "  v0001  unreadable: bad manifest"
