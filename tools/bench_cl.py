@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from tools.benchlib import profile_settings  # noqa: E402
+
 ORDERS = {
     1: ["dbpedia", "amazon", "yahoo", "agnews"],
     2: ["dbpedia", "amazon", "agnews", "yahoo"],
@@ -79,10 +81,7 @@ def main(argv=None) -> int:
     from edgekif.atomic import atomic_write_json, atomic_write_text
 
     profile_name = "quick" if args.quick else args.profile
-    prof = dict(PROFILES[profile_name])
-    for k in ("task_steps", "train_per_task", "test_per_task"):
-        if getattr(args, k) is not None:
-            prof[k] = getattr(args, k)
+    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task"))
     out = Path(args.out or f"bench_out/cl-{profile_name}-order{args.order}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:

@@ -66,7 +66,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tools.benchlib import cpu_model, ram_gb  # noqa: E402
+from tools.benchlib import cpu_model, profile_settings, ram_gb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
@@ -691,10 +691,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.perf_counter()
     profile = "quick" if args.quick else "full"
-    prof = dict(PROFILES[profile])
-    for key in ("exports", "eager", "prompts", "new_tokens", "infer_prompts", "speed_budget_s"):
-        if getattr(args, key) is not None:
-            prof[key] = getattr(args, key)
+    prof = profile_settings(PROFILES, profile, args, ("exports", "eager", "prompts", "new_tokens", "infer_prompts", "speed_budget_s"))
     out = Path(args.out or f"bench_out/serving{'-quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:

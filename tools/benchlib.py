@@ -44,3 +44,12 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM and versions; no torch import (the caller may not want it)."""
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gb": ram_gb(), "python": platform.python_version(), "versions": package_versions()}
+
+
+def profile_settings(profiles: dict[str, dict], name: str, args: Any, keys: tuple[str, ...]) -> dict:
+    """A profile's settings with the command-line options that override them (None = not given)."""
+    prof = dict(profiles[name])
+    for key in keys:
+        if getattr(args, key, None) is not None:
+            prof[key] = getattr(args, key)
+    return prof
