@@ -29,8 +29,12 @@ from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, 
 log = logging.getLogger(__name__)
 
 
+def _holdout_root(layout) -> Path:
+    return layout.root / "holdout"
+
+
 def _holdout_dir(ctx: JobContext) -> Path:
-    return ctx.layout.root / "holdout"
+    return _holdout_root(ctx.layout)
 
 
 def _learner_dir(layout, job_id: int) -> Path:
@@ -56,7 +60,7 @@ def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
     out = []
     for name in names:
         st = per_task.get(name, {})
-        hold = layout.root / "holdout" / f"{name}.jsonl"
+        hold = _holdout_root(layout) / f"{name}.jsonl"
         out.append({
             "id": name,
             "name": name,
