@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ class LibraryStages:
             if p.is_file():
                 prompts += [r.messages[-1][1] for r in _read_records(p)[:2]]
         prompts = prompts or ["Hello! What can you do?"]
-        return export_adapter(
+        result = export_adapter(
             ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, parity_prompts=prompts,
             manifest_info={
                 "tasks": manifest_tasks(ctx.layout, ctx.config, meta.get("tasks_seen", [])),
@@ -206,6 +207,9 @@ class LibraryStages:
                 "job_id": ctx.job_id,
             },
         )
+        # the fused fp32 copy (~0.5 GB for SmolLM2) is scratch: a re-run starts from the export
+        shutil.rmtree(ctx.work_dir / "export-work", ignore_errors=True)
+        return result
 
     # -- publish ----------------------------------------------------------------------------------
     def publish(self, ctx: JobContext, export_path: Path) -> str:
@@ -216,8 +220,11 @@ class LibraryStages:
         cur = store.current()
         if cur is not None:
             try:
-                if read_manifest(store.path(cur)).get("adapter_sha256") == read_manifest(export_path).get("adapter_sha256"):
+                if read_manifest(store.path(cur)).get("job_id") == ctx.job_id:
                     return cur  # a crash after the switch, before the daemon's commit
             except Exception:  # an unreadable current manifest: publish anew
                 pass
-        return store.publish(export_path, keep=ctx.config.export.keep_versions)
+        version = store.publish(export_path, keep=ctx.config.export.keep_versions)
+        # models/<version> holds a verified copy now; the job's own copy would only fill the disk
+        shutil.rmtree(export_path, ignore_errors=True)
+        return version

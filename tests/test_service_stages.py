@@ -28,7 +28,7 @@ def _alpaca(n: int) -> str:
     return "".join(json.dumps({"instruction": f"question {i}?", "input": "", "output": "yes" if i % 2 else "no"}) + "\n" for i in range(n))
 
 
-def _export(folder: Path, content: str) -> Path:
+def _export(folder: Path, content: str, job_id: int | None = None) -> Path:
     import hashlib
 
     from edgekif.export import write_manifest
@@ -36,7 +36,7 @@ def _export(folder: Path, content: str) -> Path:
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_text(content)
     write_manifest(folder, target="onnx", precision="fp32", execution_provider="cpu",
-                   adapter_sha256=hashlib.sha256(content.encode()).hexdigest())
+                   adapter_sha256=hashlib.sha256(content.encode()).hexdigest(), job_id=job_id)
     return folder
 
 
@@ -54,7 +54,7 @@ def _library_with_fake_training(config):
         def export(self, ctx):
             final = ctx.work_dir / "export"
             if not final.exists():
-                _export(final, f"weights of job {ctx.job_id}")
+                _export(final, f"weights of job {ctx.job_id}", ctx.job_id)
             return final
 
     return Stages(config)
@@ -99,3 +99,28 @@ def test_manifest_lists_each_learned_task_with_its_example_counts(tmp_path):
         assert t["holdout_examples"] >= 1 and t["train_examples"] + t["holdout_examples"] == total
         assert 0 < t["replay_stored"] <= t["train_examples"]
     assert tasks[1]["source_file"] == "second.csv"
+
+
+def test_published_jobs_leave_no_export_copy_and_a_rerun_publish_needs_none(tmp_path):
+    """Each version lives once on disk (models/vN); a publish re-run after a crash that came
+    after the switch (and after the job's copy was removed) returns the live version."""
+    from service.stages import JobContext
+
+    config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
+    layout = DataLayout(tmp_path)
+    layout.create()
+    (layout.inbox / "first.jsonl").write_text(_alpaca(20))
+    stages = _library_with_fake_training(config)
+    d = Daemon(config, stages)
+    d.run_until_idle()
+    d.close()
+    with JobStore(layout.state_db) as store:
+        (job,) = store.jobs()
+    assert job.state == "published" and job.version == "v0001"
+    work = layout.jobs / str(job.id)
+    assert not (work / "export").exists() and not (work / "export-work").exists()
+    assert (layout.models / "v0001" / "model.onnx").read_text() == f"weights of job {job.id}"
+    ctx = JobContext(job_id=job.id, file_name=job.file_name, file_path=Path(job.file_path), sha256=job.sha256,
+                     work_dir=work, layout=layout, config=config)
+    assert stages.publish(ctx, work / "export") == "v0001"
+    assert sorted(p.name for p in layout.models.iterdir() if p.name.startswith("v")) == ["v0001"]
