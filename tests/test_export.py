@@ -333,3 +333,42 @@ def test_smollm2_default_cpu_export_passes_parity_and_serves(smollm2, tmp_path):
     for d in exact:
         want = [t for t in d["torch_tokens"] if t not in runner.eos_ids]
         assert runner.generate_ids(d["prompt"], len(d["torch_tokens"]))[: len(want)] == want
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_smollm2_trained_adapter_cpu_export_answers_with_the_pytorch_label(smollm2, benchmark_data, tmp_path):
+    """A LoRA adapter trained on a benchmark task, fused and exported for CPU (`auto`): the
+    published export answers test prompts with the labels the PyTorch model gives.
+
+    The issue asked this of genai int4. Measured here: the int4 export of this adapter answers
+    'Science' where PyTorch says 'Business' and fails the parity check, so `auto` refuses int4
+    and publishes the next precision; the test pins that behaviour and the answers."""
+    from edgekif.config import Config
+    from edgekif.data import read_task
+    from edgekif.evaluate import generate_answers
+    from edgekif.infer import GenaiRunner
+    from edgekif.trainer import Learner
+
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.train.strategy, cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every = "seq_lora", 6, 4, 0
+    cfg.data.max_length = 96
+    tok = load_tokenizer(smollm2.path)
+    learner = Learner.create(cfg, add_lora(load_model(smollm2.path, "fp32"), cfg.lora), tok)
+    train = read_task(benchmark_data / "agnews" / "train.jsonl")
+    learner.train_task("agnews", train.records[:24])
+    test = read_task(benchmark_data / "agnews" / "test.jsonl").records[:6]
+    torch_answers = generate_answers(learner.model, tok, test, max_new_tokens=6)
+    labelled = [(r, a) for r, a in zip(test, torch_answers) if a in train.labels]
+    assert len(labelled) >= 3, torch_answers  # the adapter learned the answer format
+
+    fused = fuse_model(learner.model, smollm2.path, tmp_path / "fused")
+    prompts = [r.messages[-1][1] for r, _ in labelled[:2]]
+    out = export_model(fused, tmp_path / "export", target="genai", precision="auto", execution_provider="cpu", parity_prompts=prompts)
+    manifest = verify_manifest(out)
+    assert manifest["export"]["precision"] in ("int8", "fp32")
+    assert [r["precision"] for r in manifest["parity_rejected"]][:1] == ["int4"]
+    runner = GenaiRunner(out)
+    got = [runner.generate([{"role": role, "content": text} for role, text in r.messages], 6).strip() for r, _ in labelled]
+    assert got == [a for _, a in labelled]
