@@ -14,6 +14,7 @@ import pytest
 from edgekif.config import load_config
 from service.jobs import DataLayout, JobStore
 from service.watcher import InboxWatcher, accepted_name, name_problem, reconcile_takes, safe_name
+from test_service_daemon import wait_for as _wait_for
 
 
 def make(tmp_path, **service):
@@ -25,12 +26,7 @@ def make(tmp_path, **service):
 
 
 def wait_for(cond, timeout=15.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return False
+    return _wait_for(cond, timeout, interval)
 
 
 def reports(layout: DataLayout) -> dict[str, dict]:
