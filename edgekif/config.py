@@ -107,6 +107,9 @@ class EvalConfig:
     batch_size: int = 16
     label_scoring: bool = True
     max_examples: int = 0  # 0 = all
+    # 0 = whole prompts, as clients send them; > 0 cuts them from the left like training
+    # examples (faster on long prompts, e.g. benchmarks that train at a short max_length)
+    max_prompt_tokens: int = 0
 
 
 @dataclass

@@ -100,11 +100,21 @@ def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[li
 # --------------------------------------------------------------------------- generation
 
 
-def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
-    """Greedy answers (special tokens skipped, stripped), one per record, in record order."""
+def _prompts(tokenizer, records: Sequence[Record], max_prompt_tokens: int) -> list[list[int]]:
+    """Prompt token ids; with max_prompt_tokens > 0 cut from the left as training cuts them
+    (data.encode_example keeps the prompt's end: the question and the answer cue)."""
+    prompts = [encode_prompt(tokenizer, r) for r in records]
+    if max_prompt_tokens > 0:
+        prompts = [p[-max_prompt_tokens:] for p in prompts]
+    return prompts
+
+
+def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = 16, max_prompt_tokens: int = 0) -> list[str]:
+    """Greedy answers (special tokens skipped, stripped), one per record, in record order.
+    `max_prompt_tokens` > 0 keeps only the prompts' last tokens (0 = whole prompts)."""
     if not records:
         return []
-    prompts = [encode_prompt(tokenizer, r) for r in records]
+    prompts = _prompts(tokenizer, records, max_prompt_tokens)
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
     device = _device(model)
@@ -133,7 +143,7 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
 # --------------------------------------------------------------------------- label scoring
 
 
-def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = 16) -> list[list[float]]:
+def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = 16, max_prompt_tokens: int = 0) -> list[list[float]]:
     """Total log-probability (sum over tokens, no length normalisation) of each label's
     target tokens (label text + eos, as encode_target builds them) given each prompt.
 
@@ -152,7 +162,7 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
         return []
     if not labels:
         raise ValueError("label_logprobs needs at least one label")
-    prompts = [encode_prompt(tokenizer, r) for r in records]
+    prompts = _prompts(tokenizer, records, max_prompt_tokens)
     targets = [encode_target(tokenizer, dataclasses.replace(records[0], output=lab)) for lab in labels]
     n_labels = len(labels)
     pad_id = _pad_id(tokenizer)
@@ -198,10 +208,10 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
     return scores
 
 
-def label_scores(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = 16) -> list[str]:
+def label_scores(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = 16, max_prompt_tokens: int = 0) -> list[str]:
     """For each record, the label with the highest summed log-probability (see label_logprobs)."""
     labels = list(labels)
-    all_scores = label_logprobs(model, tokenizer, records, labels, batch_size=batch_size)
+    all_scores = label_logprobs(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     return [labels[max(range(len(labels)), key=s.__getitem__)] for s in all_scores]
 
 
@@ -239,8 +249,10 @@ def evaluate_task(
     batch_size: int = 16,
     max_examples: int = 0,
     label_scoring: bool = True,
+    max_prompt_tokens: int = 0,
 ) -> TaskEval:
-    """Exact match of greedy answers, plus label-scoring accuracy when a label set is given."""
+    """Exact match of greedy answers, plus label-scoring accuracy when a label set is given.
+    `max_prompt_tokens` > 0 evaluates on prompts cut from the left to that many tokens."""
     t0 = time.perf_counter()
     records = list(records)
     if max_examples > 0:
@@ -249,12 +261,12 @@ def evaluate_task(
         log.warning("evaluate_task called with no records")
         return TaskEval(n=0, exact_match=float("nan"), label_accuracy=None, predictions=[], seconds=0.0)
 
-    answers = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     exact = sum(a == r.label for a, r in zip(answers, records)) / len(records)
 
     label_acc = None
     if labels is not None and label_scoring:
-        picked = label_scores(model, tokenizer, records, labels, batch_size=batch_size)
+        picked = label_scores(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
         label_acc = sum(p == r.label for p, r in zip(picked, records)) / len(records)
 
     seconds = time.perf_counter() - t0

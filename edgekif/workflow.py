@@ -64,6 +64,7 @@ def evaluate_tasks(cfg: Config, model, tokenizer, tasks: dict[str, Sequence[Reco
             batch_size=cfg.eval.batch_size,
             max_examples=cfg.eval.max_examples,
             label_scoring=cfg.eval.label_scoring,
+            max_prompt_tokens=cfg.eval.max_prompt_tokens,
         )
     return out
 

@@ -297,3 +297,44 @@ def test_heatmap_writes_png(tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert [p.name for p in tmp_path.iterdir()] == ["heat.png"]  # no temp file left behind
+
+
+def test_max_prompt_tokens_keeps_each_prompts_end(opinionated):
+    """Evaluation can cut prompts from the left as training does (bench_cl uses the training max_length)."""
+    model, tok = opinionated
+    records = [Record.from_prompt("q" * n + " what?", "x") for n in (30, 2, 55)]
+    full = [encode_prompt(tok, r) for r in records]
+    assert min(len(p) for p in full) < 32 < max(len(p) for p in full)  # one is cut, one is not
+
+    seen: list[list[int]] = []
+    real_generate = model.generate
+
+    def spy(input_ids, attention_mask, **kw):
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            seen.append([t for t, m in zip(ids, mask) if m])
+        return real_generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    model.generate = spy
+    try:
+        cut = generate_answers(model, tok, records, max_prompt_tokens=32)
+        assert sorted(seen) == sorted(p[-32:] for p in full)
+        seen.clear()
+        whole = generate_answers(model, tok, records)
+        assert sorted(seen) == sorted(full)  # 0 = whole prompts
+    finally:
+        del model.generate
+    assert cut != whole  # the cut prompts really change what the model sees
+
+    prompts_scored: list[list[int]] = []
+
+    def hook(_mod, _args, kwargs):
+        if kwargs.get("past_key_values") is None:  # the prompt pass, not the label pass
+            for ids, mask in zip(kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist()):
+                prompts_scored.append([t for t, m in zip(ids, mask) if m])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        label_scores(model, tok, records, ["x", "y"], max_prompt_tokens=32)
+    finally:
+        handle.remove()
+    assert sorted(prompts_scored) == sorted(p[-32:] for p in full)

@@ -16,6 +16,7 @@ then:
 3. runs tools/bench_replay.py (replay buffer insert/sample rates at 100k stored examples).
 
     python tools/bench_daemon.py --quick      # 100-example task, reduced training (minutes)
+    python tools/bench_daemon.py --profile standard  # 100 + 1000-example tasks, reduced training
     python tools/bench_daemon.py              # 100 + 1000-example tasks, daemon defaults (hours on 2 cores)
 
 Writes OUT/result.json (headline: drop_to_published_s_100 ...), OUT/result.md and
@@ -63,6 +64,9 @@ COMMON_OVERRIDES = ["service.forgetting_threshold=100"]
 QUICK_OVERRIDES = ["train.max_steps=4", "data.max_length=128"]
 PROFILES = {
     "quick": dict(tasks=[("dbpedia", 100)], idle_s=20, startup_idle_s=5, overrides=QUICK_OVERRIDES, task_timeout=1200, replay_args=[]),
+    # both task sizes and the full idle window, at the quick training budget: what grows with a
+    # task's size besides training (validation, buffering, holdout evaluation), in minutes
+    "standard": dict(tasks=[("dbpedia", 100), ("agnews", 1000)], idle_s=60, startup_idle_s=10, overrides=QUICK_OVERRIDES, task_timeout=1800, replay_args=[]),
     "full": dict(tasks=[("dbpedia", 100), ("agnews", 1000)], idle_s=60, startup_idle_s=10, overrides=[], task_timeout=4 * 3600, replay_args=[]),
 }
 STAGES = ("validate", "buffer", "train", "evaluate", "gate", "export", "publish")
@@ -562,7 +566,9 @@ def to_markdown(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100-example task only, reduced training, 20 s idle sampling")
-    ap.add_argument("--out", type=Path, default=None, help="default bench_out/daemon[-quick]")
+    ap.add_argument("--profile", choices=list(PROFILES), default="full",
+                    help="quick: 100-example task; standard: 100 + 1000-example tasks, quick training; full: both, daemon defaults")
+    ap.add_argument("--out", type=Path, default=None, help="default bench_out/daemon-<profile>")
     ap.add_argument("--keep", action="store_true", help="keep the daemon's data dir")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cl-benchmark folder (<task>/train.jsonl)")
     ap.add_argument("--data-dir", type=Path, default=None, help="daemon data dir (default: a fresh temp dir; must not exist or be empty)")
@@ -579,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_daemon needs psutil (pip install psutil)", file=sys.stderr)
         return 2
 
-    profile = "quick" if args.quick else "full"
+    profile = "quick" if args.quick else args.profile
     prof = PROFILES[profile]
-    out = args.out or Path("bench_out") / ("daemon-quick" if args.quick else "daemon")
+    out = args.out or Path("bench_out") / f"daemon-{profile}"
     out.mkdir(parents=True, exist_ok=True)
     overrides = COMMON_OVERRIDES + ([] if args.defaults else list(prof["overrides"])) + list(args.overrides)
     idle_s = args.idle if args.idle is not None else prof["idle_s"]

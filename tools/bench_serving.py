@@ -31,6 +31,7 @@ fuses a trained one (edgekif.export.fuse_model), then:
    b and c run under a small timer process (wall time and the child's ru_maxrss).
 
     EDGEKIF_CACHE=/tmp/smolcache python tools/bench_serving.py --quick   # ~3.5 min on 2 cores (6 at load 4)
+    EDGEKIF_CACHE=/tmp/smolcache python tools/bench_serving.py --profile standard  # quick targets, 8 x 64 tokens, 100 infer prompts
     EDGEKIF_CACHE=/tmp/smolcache python tools/bench_serving.py           # all targets, 8 prompts x 64 tokens, 100 infer prompts
                                                                         # (~20+ min on 2 cores; --speed-budget-s caps the speed part)
 
@@ -82,6 +83,8 @@ EXPORTS = {
 PROFILES = {
     # speed_budget_s: stop the interleaved speed rounds (>= 2 of them) once this many seconds are spent; 0 = no limit
     "quick": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=4, new_tokens=32, infer_prompts=20, cold_runs=1, speed_budget_s=90),
+    # the quick targets at the full profile's prompt counts: 100 `edgekif infer` prompts, as the report asks
+    "standard": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=240),
     "full": dict(exports=list(EXPORTS), eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=0),
 }
 PARITY_PROMPTS = 4  # the daemon's export.parity_prompts
@@ -664,7 +667,8 @@ def to_markdown(result: dict, plots: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="genai int4/int8 + onnx fp32 + eager fp32/nf4, 4 prompts x 32 tokens (90 s speed budget), 20 infer prompts")
-    ap.add_argument("--out", default=None, help="output folder (default bench_out/serving[-quick])")
+    ap.add_argument("--profile", choices=list(PROFILES), default="full")
+    ap.add_argument("--out", default=None, help="output folder (default bench_out/serving-<profile>)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads for torch, onnxruntime and onnxruntime-genai (0 = their defaults; "
                     "the `edgekif infer` subprocesses always use the defaults)")
     ap.add_argument("--exports", nargs="+", choices=list(EXPORTS), help="export targets (default: the profile's)")
@@ -674,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, help="new tokens per prompt in the speed runs")
     ap.add_argument("--infer-prompts", type=int, help="prompts for the `edgekif infer` latency")
     ap.add_argument("--speed-budget-s", type=float, help="stop the interleaved speed rounds (at least 2) after this many seconds "
-                    "(default: 90 quick, 0 = none full)")
+                    "(default: 90 quick, 240 standard, 0 = none full)")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--keep", action="store_true", help="keep the work folder (fused model, exports, data dir) as OUT/bench_serving_*")
     args = ap.parse_args(argv)
@@ -690,9 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgekif.workflow import cache_root
 
     t_all = time.perf_counter()
-    profile = "quick" if args.quick else "full"
+    profile = "quick" if args.quick else args.profile
     prof = profile_settings(PROFILES, profile, args, ("exports", "eager", "prompts", "new_tokens", "infer_prompts", "speed_budget_s"))
-    out = Path(args.out or f"bench_out/serving{'-quick' if args.quick else ''}")
+    out = Path(args.out or f"bench_out/serving-{profile}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
