@@ -51,7 +51,7 @@ demo: setup
 bench: setup
 	$(PY) tools/bench_all.py --profile full
 
-# bench-standard: a mid-size continual-learning run on order 1, other tools quick (~45 min)
+# bench-standard: mid-size continual-learning runs on order 1 (3 seeds), the other tools at reduced budgets (~80 min)
 bench-standard: setup
 	$(PY) tools/bench_all.py --profile standard
 

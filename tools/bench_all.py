@@ -3,7 +3,7 @@
 figures) from that run alone.
 
     python tools/bench_all.py --quick                # make bench-quick: minutes on 2 cores
-    python tools/bench_all.py --profile standard     # make bench-standard: about 45 min
+    python tools/bench_all.py --profile standard     # make bench-standard: about 80 min
     python tools/bench_all.py                        # make bench: the full profile (hours on 2 cores)
     python tools/bench_all.py --resume    # continue an interrupted run: finished sections are kept
 
@@ -49,11 +49,11 @@ PROFILES = {
         "serving": [("serving", ["tools/bench_serving.py", "--quick"])],
         "daemon": [("daemon", ["tools/bench_daemon.py", "--quick"])],
     },
-    # standard: a mid-size continual-learning run on order 1 and every measurement the report
-    # names (100 infer prompts, 100- and 1000-example drops, 60 s idle) at reduced training
-    # budgets: about 45 min on 2 cores
+    # standard: mid-size continual-learning runs on order 1 (3 seeds) and every measurement the
+    # report names (100 infer prompts, 100- and 1000-example drops, 60 s idle) at reduced
+    # training budgets: about 80 min on 2 cores
     "standard": {
-        "cl": [("cl-order1", ["tools/bench_cl.py", "--profile", "standard", "--order", "1", "--seeds", "0"])],
+        "cl": [("cl-order1", ["tools/bench_cl.py", "--profile", "standard", "--order", "1", "--seeds", "0", "1", "2"])],
         "train": [("train", ["tools/bench_train.py"])],
         "serving": [("serving", ["tools/bench_serving.py", "--profile", "standard"])],
         "daemon": [("daemon", ["tools/bench_daemon.py", "--profile", "standard"])],
@@ -154,7 +154,7 @@ def headline(out: Path) -> dict:
         st = cl["strategies"]
         for s in ("recurrent_kif", "seq_lora", "replay", "mtl"):
             if s in st:
-                h[s] = {"op": st[s]["op_mean"], "bwt": st[s]["bwt_mean"]}
+                h[s] = {"op": st[s]["op_mean"], "bwt": st[s]["bwt_mean"], "op_std": st[s].get("op_std"), "bwt_std": st[s].get("bwt_std")}
         h["cl_profile"] = cl.get("profile")
         h["cl_seeds"] = len(cl["settings"]["seeds"])
         h["cl_test"] = cl["settings"]["test_per_task"]
@@ -171,9 +171,17 @@ def headline_md(h: dict, report_link: str) -> str:
     lines = []
     if "recurrent_kif" in h and "seq_lora" in h:
         k, s = h["recurrent_kif"], h["seq_lora"]
+        many = (h.get("cl_seeds") or 1) > 1
+
+        def op_bwt(x: dict) -> str:
+            if many and x.get("op_std") is not None and x.get("bwt_std") is not None:
+                return f"OP {_pct(x['op'])} ± {100 * x['op_std']:.1f} / BWT {_pct(x['bwt'])} ± {100 * x['bwt_std']:.1f}"
+            return f"OP {_pct(x['op'])} / BWT {_pct(x['bwt'])}"
+
         lines.append(
-            f"* **Continual learning** (SmolLM2-135M, 4-task benchmark, order 1, `{h.get('cl_profile')}` profile): "
-            f"Recurrent-KIF OP {_pct(k['op'])} / BWT {_pct(k['bwt'])} vs sequential LoRA OP {_pct(s['op'])} / BWT {_pct(s['bwt'])}"
+            f"* **Continual learning** (SmolLM2-135M, 4-task benchmark, order 1, `{h.get('cl_profile')}` profile"
+            + (f", mean ± std over {h['cl_seeds']} seeds" if many else "") + "): "
+            f"Recurrent-KIF {op_bwt(k)} vs sequential LoRA {op_bwt(s)}"
             + (f" (replay {_pct(h['replay']['op'])} / {_pct(h['replay']['bwt'])}; multi-task upper bound OP {_pct(h['mtl']['op'])})" if "replay" in h and "mtl" in h else "")
             + "."
             + (f" One seed and {h['cl_test']} test examples per task: differences of a few points are within noise." if h.get("cl_seeds") == 1 and h.get("cl_test") else "")
@@ -280,7 +288,8 @@ def write_report(out: Path, runs: dict, profile: str, wall: float, docs: Path, r
             lines += [f"`{name}`: no result (see the section table above).", ""]
             continue
         lines += [md, ""]
-        heat = sorted(img_dir.glob(f"{name}-heatmap_*.png"))
+        # first seed's heatmaps inline; the other seeds' are kept beside them
+        heat = sorted(p for p in img_dir.glob(f"{name}-heatmap_*.png") if not re.search(r"_s\d+$", p.stem))
         if heat:
             lines += [" ".join(f"![{p.stem}](benchmarks/{p.name})" for p in heat), ""]
     lines += [

@@ -228,6 +228,11 @@ def to_markdown(result: dict, args) -> str:
         lines.append(
             f"| {name} | {op} | {bwt} | {_pct(statistics.mean(fwts)) if fwts else '—'} | {st['runs'][0]['grad_steps']} | {st['sec_per_step']:.2f} | {statistics.mean(r['seconds'] for r in st['runs']):.0f} |"
         )
+    seeds = s["seeds"]
+    if len(seeds) > 1:  # the spread behind the ± (population std over seeds)
+        lines += ["", "Per seed (OP / BWT):", "", "| strategy | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        for name, st in result["strategies"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{_pct(r['op'])} / {_pct(r['bwt'])}" for r in st["runs"]) + " |")
     if "zero_shot" in result:
         lines += ["", "Zero-shot (base model): " + ", ".join(f"{t} {_pct(v)}" for t, v in result["zero_shot"].items())]
     return "\n".join(lines) + "\n"
