@@ -260,6 +260,8 @@ def validate_config(cfg: Config) -> None:
     check(cfg.kif.inner_steps > 0 and cfg.kif.outer_steps >= 0, "kif.inner_steps > 0, kif.outer_steps >= 0")
     check(0 < cfg.kif.mask_quantile < 1, "kif.mask_quantile must be in (0, 1)")
     check(0 <= cfg.kif.beta1 < 1 and 0 <= cfg.kif.beta2 < 1, "kif.beta1/beta2 must be in [0, 1)")
+    check(cfg.eval.max_new_tokens > 0 and cfg.eval.batch_size > 0, "eval.max_new_tokens and eval.batch_size must be positive")
+    check(cfg.eval.max_examples >= 0 and cfg.eval.max_prompt_tokens >= 0, "eval.max_examples and eval.max_prompt_tokens must be >= 0 (0 = no limit)")
     check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")
     check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")

@@ -30,6 +30,8 @@ def test_toml_then_overrides(tmp_path):
         ("[train]\nbatch_size = 'big'\n", "expected an integer"),
         ("[train]\nstrategy = 'magic'\n", "train.strategy"),
         ("[train\n", "edgekif.toml"),
+        ("[eval]\nmax_prompt_tokens = -1\n", "eval.max_prompt_tokens"),
+        ("[eval]\nmax_new_tokens = 0\n", "eval.max_new_tokens"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, match):

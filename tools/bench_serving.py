@@ -25,8 +25,8 @@ fuses a trained one (edgekif.export.fuse_model), then:
    a. per prompt, warm, in-process: open_current(DATA_DIR).generate_ids(prompt, 64, stream_callback)
       -- the library call `edgekif infer "PROMPT"` makes (`infer --file` reports no per-prompt
       timing); p50/p95 over N prompts, natural EOS stop.
-   b. `python -m edgekif.cli infer --file prompts.jsonl` as a subprocess: process wall time and
-      the batch time the command prints on stderr (every answer arrives at the end of the batch).
+   b. `python -m edgekif.cli infer --file prompts.jsonl` as a subprocess (one prompt per generate
+      call, its default): process wall time and the total time the command prints on stderr.
    c. cold `python -m edgekif.cli infer "PROMPT"` processes, start to exit, with peak RSS.
    b and c run under a small timer process (wall time and the child's ru_maxrss).
 
