@@ -74,11 +74,6 @@ PROFILES = {
 MAKE_TARGET = {"quick": "make bench-quick", "standard": "make bench-standard", "full": "make bench"}
 
 
-def plan(profile: str) -> dict[str, list[tuple[str, list[str]]]]:
-    """section -> [(run name, argv)]."""
-    return PROFILES[profile]
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -89,7 +84,7 @@ def run_all(out: Path, profile: str, sections: list[str], resume: bool, run_star
     env = {**os.environ, "EDGEKIF_CACHE": cache, "EDGEKIF_CACHE_DIR": cache}
     runs = {}
     for section in sections:
-        for name, argv in plan(profile)[section]:
+        for name, argv in PROFILES[profile][section]:
             done = out / name / ".done.json"
             if resume and done.is_file():
                 runs[name] = json.loads(done.read_text())
@@ -289,7 +284,7 @@ def write_report(out: Path, runs: dict, profile: str, wall: float, docs: Path, r
         "",
     ]
 
-    cl_names = [n for n, _ in plan(profile)["cl"]]
+    cl_names = [n for n, _ in PROFILES[profile]["cl"]]
     lines += ["## 1. Continual-learning quality", ""]
     for name in cl_names:
         md = _section_md(out, name, img_dir, "benchmarks")
@@ -359,7 +354,7 @@ def main(argv=None) -> int:
     runs = {} if args.report_only else run_all(out, args.profile, args.sections, args.resume, run_started, git_commit())
     # the report covers every section of the profile: those not run now come from their last run in OUT
     for section in SECTIONS:
-        for name, _ in plan(args.profile)[section]:
+        for name, _ in PROFILES[args.profile][section]:
             done = out / name / ".done.json"
             if name not in runs and done.is_file():
                 runs[name] = json.loads(done.read_text())
