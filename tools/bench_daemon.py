@@ -482,7 +482,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         "",
         f"Command: `{r['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; load average at start {m['loadavg_start'][0]:.2f}"
-        f", during the run {r.get('loadavg_end', [0])[0]:.2f} (1-min; other work shared the cores). Wall time {r['wall_s'] / 60:.1f} min.  ",
+        f", at the end {r.get('loadavg_end', [0])[0]:.2f} (1-min averages, which lag: the start still shows whatever ran just before, "
+        f"the end the daemon's own work). Wall time {r['wall_s'] / 60:.1f} min.  ",
         f"Daemon: `{('python -m service --data-dir DIR ' + ' '.join('--set ' + o for o in s['overrides'])).rstrip()}` (real library stages"
         f", base {s['model_base']} from the converted cache{' (cold: converted during the run)' if s.get('cache_was_cold') else ''}).  ",
         f"Settings: strategy {s['strategy']}, {s['train_steps_rule']}, batch {s['batch_size']}, max_length {s['max_length']}, lr {s['lr']}, "
