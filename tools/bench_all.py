@@ -298,8 +298,8 @@ def write_report(out: Path, runs: dict, profile: str, wall: float, docs: Path, r
             lines += [" ".join(f"![{p.stem}](benchmarks/{p.name})" for p in heat), ""]
     lines += [
         "OP = mean accuracy over all tasks after the last one; BWT = mean change of each earlier task's accuracy "
-        "from just after learning it to the end (negative = forgetting); FWT = accuracy on a task just after learning it "
-        "minus the base model's zero-shot accuracy. Paper (T5-large, full data): Recurrent-KIF OP 78.4 / BWT −2.8, "
+        "from just after learning it to the end (negative = forgetting); FWT = mean over tasks 2..T of the accuracy on a task "
+        "just before learning it minus the base model's zero-shot accuracy on it (computed where the profile measures zero-shot accuracy). Paper (T5-large, full data): Recurrent-KIF OP 78.4 / BWT −2.8, "
         "sequential LoRA 43.7 / −50.4, multi-task 80.3.",
         "",
         "## 2. Training cost",

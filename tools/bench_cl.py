@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
 
     result = {
         "profile": profile_name,
+        "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
                      "kif": {"inner_steps": 8, "outer_steps": 4, "beta": 0.85, "mask_quantile": 0.8}, "replay_fraction": 0.02, "replay_min_per_task": 16,
                      "metric": "label accuracy" if prof["label_scoring"] else "exact match of the greedy answer",
@@ -161,6 +163,8 @@ def main(argv=None) -> int:
                         matrix.set(len(order) - 1, i, evaluate(learner, t, seed)[0])
                 else:
                     for j, task in enumerate(order):
+                        if j > 0 and "zero_shot" in result:  # FWT needs each task's accuracy just before it is learned
+                            matrix.set(j - 1, j, evaluate(learner, task, seed)[0])
                         recs = _subset(train[task].records, prof["train_per_task"], seed)
                         past = buf.tasks()
                         sampler = (lambda n, s, past=past: buf.sample(n, s, task_ids=past)) if past else None
@@ -212,7 +216,7 @@ def to_markdown(result: dict, args) -> str:
     lines = [
         f"### Continual learning, order {args.order} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
-        f"Command: `python tools/bench_cl.py --profile {result['profile']} --order {args.order} --seeds {' '.join(map(str, args.seeds))} --precision {s['precision']}`  ",
+        f"Command: `{result['command']}`  ",
         f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r=8/α=32 on q,v, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), {s['test_per_task']} test examples per task "
         f"(prompts cut to their last {s.get('eval_prompt_tokens', '—')} tokens, as training cuts them), metric: {s['metric']}; "
