@@ -34,12 +34,36 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
 BATCH = 8
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """A /proc/self/status memory line in MiB: VmRSS (all resident), RssAnon (heap, tensors),
+    RssFile (file pages: mapped safetensors and libraries, clean and reclaimable)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class AnonPeak:
+    """Samples RssAnon every 20 ms: the kernel keeps a high-water mark only for VmRSS, which
+    also counts file pages (an nf4 load reads the whole fp32 safetensors file through mmap)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = _rss_mb("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _rss_mb("RssAnon"))
 
 
 def _records(task: str, n: int, seed: int):
@@ -85,10 +109,12 @@ def run_point(p: dict) -> dict:
     cache = Path(os.environ["EDGEKIF_CACHE"]) if os.environ.get("EDGEKIF_CACHE") else cache_root(cfg)
     base = resolve_base(cfg.model, cache)
     rss0 = _rss_mb()
+    anon = AnonPeak()
     t0 = time.perf_counter()
     learner, _ = open_learner(cfg, base=base)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
+    anon_loaded, file_loaded = _rss_mb("RssAnon"), _rss_mb("RssFile")
     peak_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda = learner.model.device.type == "cuda"
     if cuda:
@@ -130,6 +156,9 @@ def run_point(p: dict) -> dict:
         "load_s": load_s,
         "rss_before_load_mb": rss0,
         "rss_loaded_mb": rss_loaded,
+        "anon_loaded_mb": anon_loaded,
+        "file_loaded_mb": file_loaded,
+        "peak_anon_mb": anon.stop(),
         "peak_rss_after_load_mb": peak_after_load,
         "rss_end_mb": _rss_mb(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -265,10 +294,13 @@ def to_markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`. Each row is its own process: SmolLM2-135M-Instruct, LoRA on q,v, "
         f"Recurrent-KIF with a replay sampler, batch {result['batch_size']}, every example exactly `max_length` tokens; "
-        "median of the timed steps after one warm-up task. Peak RSS is the process's high-water mark (loading included).",
+        "median of the timed steps after one warm-up task. Peak RSS is the process's high-water mark (loading included); "
+        "it counts file pages too (mapped safetensors, libraries: clean, the kernel can drop them), so the anonymous memory "
+        "(heap and tensors: RssAnon, sampled every 20 ms) is shown beside it.",
         "",
-        "| base precision | s / step | examples / s | load (s) | RSS loaded (MB) | peak RSS (MB) | peak RSS vs fp32 |" + (" peak CUDA (MB) |" if any("peak_cuda_mb" in p for p in pts.values()) else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if any("peak_cuda_mb" in p for p in pts.values()) else ""),
+        "| base precision | s / step | examples / s | load (s) | RSS loaded (MB): anon + file | peak RSS (MB) | peak RSS vs fp32 | peak anon (MB) | peak anon vs fp32 |"
+        + (" peak CUDA (MB) |" if any("peak_cuda_mb" in p for p in pts.values()) else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if any("peak_cuda_mb" in p for p in pts.values()) else ""),
     ]
     fp32 = pts.get("precision/fp32", {})
     for pr in ("fp32", "bf16", "nf4"):
@@ -281,7 +313,10 @@ def to_markdown(result: dict) -> str:
             continue
         ratio = p["peak_rss_mb"] / fp32["peak_rss_mb"] if "peak_rss_mb" in fp32 else None
         cuda = f" {_f(p.get('peak_cuda_mb'), '{:.0f}')} |" if any("peak_cuda_mb" in q for q in pts.values()) else ""
-        lines.append(f"| {pr} | {_f(p['sec_per_step'])} | {_f(p['examples_per_s'])} | {_f(p['load_s'], '{:.1f}')} | {p['rss_loaded_mb']:.0f} | {p['peak_rss_mb']:.0f} | {_f(ratio, '{:.2f}×')} |{cuda}")
+        anon_ratio = p["peak_anon_mb"] / fp32["peak_anon_mb"] if "peak_anon_mb" in p and "peak_anon_mb" in fp32 else None
+        loaded = f"{p['rss_loaded_mb']:.0f}" + (f": {p['anon_loaded_mb']:.0f} + {p['file_loaded_mb']:.0f}" if "anon_loaded_mb" in p else "")
+        lines.append(f"| {pr} | {_f(p['sec_per_step'])} | {_f(p['examples_per_s'])} | {_f(p['load_s'], '{:.1f}')} | {loaded} | {p['peak_rss_mb']:.0f} | {_f(ratio, '{:.2f}×')} "
+                     f"| {_f(p.get('peak_anon_mb'), '{:.0f}')} | {_f(anon_ratio, '{:.2f}×')} |{cuda}")
     if "error" not in fp32:
         sb = fp32["state_bytes"]
         lora = fp32["lora_bytes"]
