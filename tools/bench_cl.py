@@ -116,11 +116,12 @@ def main(argv=None) -> int:
     # test prompts are cut from the left like the training examples (room left for an 8-token
     # answer): the model is scored on what it was trained to see, and long yahoo prompts
     # (up to ~1000 tokens) no longer dominate the benchmark's wall time
-    eval_prompt_tokens = prof["max_length"] - 8
+    answer_tokens = 8
+    eval_prompt_tokens = prof["max_length"] - answer_tokens
 
     def evaluate(learner, task, seed):
         recs = _subset(test[task].records, prof["test_per_task"], 1000 + seed)
-        ev = evaluate_task(learner.model, learner.tokenizer, recs, labels=labels[task], max_new_tokens=8, batch_size=16,
+        ev = evaluate_task(learner.model, learner.tokenizer, recs, labels=labels[task], max_new_tokens=answer_tokens, batch_size=16,
                            label_scoring=prof["label_scoring"], max_prompt_tokens=eval_prompt_tokens)
         return ev.score, ev
 
