@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .strategies import strategy_names
+from .strategies.config import KIFConfig  # [kif]: configured beside its strategy
 
 
 def default_data_dir() -> Path:
@@ -68,7 +70,7 @@ class ReplayConfig:
 
 @dataclass
 class TrainConfig:
-    strategy: str = "recurrent_kif"  # recurrent_kif | seq_lora | replay | mtl
+    strategy: str = "recurrent_kif"  # a name in edgekif.strategies.STRATEGIES
     lr: float = 1e-3
     batch_size: int = 8
     epochs: float = 1.0
@@ -79,26 +81,6 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50  # optimizer steps; 0 = only at fusion/task boundaries
     deterministic: bool = False
-    # plain experience replay: fraction of each batch drawn from the buffer
-    replay_ratio: float = 0.5
-
-
-@dataclass
-class KIFConfig:
-    """Recurrent-KIF hyper-parameters (paper + authors' code; see docs/recurrent_kif.md)."""
-
-    inner_steps: int = 8  # Q
-    outer_steps: int = 4  # M
-    outer_lr: float = 1e-3
-    replay_batch_size: int = 8
-    beta1: float = 0.85  # EMA of sensitivity (authors' code; paper 0.55)
-    beta2: float = 0.85  # EMA of uncertainty
-    mask_quantile: float = 0.8  # keep the top 20% by score
-    w_both_in: float = 0.4  # element set in both masks: 0.4*tau_in + 0.6*tau_out
-    w_both_out: float = 0.6
-    w_neither_in: float = 0.5  # element set in neither mask: 0.5*tau_in + 0.5*tau_out
-    w_neither_out: float = 0.5
-    reset_importance: bool = False  # reset EMAs at each new task
 
 
 @dataclass
@@ -229,7 +211,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                     _apply(cfg, key, k, v, f"{p} [{key}] {k}")
             else:
                 _apply(cfg, "", key, value, f"{p} {key}")
-    for ov in overrides or []:
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings to cfg (in place) and validate the result."""
+    for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected section.key=value")
         lhs, value = ov.split("=", 1)
@@ -255,7 +242,7 @@ def validate_config(cfg: Config) -> None:
     check(cfg.data.max_length >= 8, "data.max_length must be >= 8")
     check(cfg.replay.capacity > 0, "replay.capacity must be positive")
     check(0 < cfg.replay.fraction <= 1, "replay.fraction must be in (0, 1]")
-    check(cfg.train.strategy in ("recurrent_kif", "seq_lora", "replay", "mtl"), f"train.strategy: {cfg.train.strategy!r} not in recurrent_kif|seq_lora|replay|mtl")
+    check(cfg.train.strategy in strategy_names(), f"train.strategy: {cfg.train.strategy!r} not in {'|'.join(strategy_names())}")
     check(cfg.train.batch_size > 0 and cfg.train.lr > 0, "train.batch_size and train.lr must be positive")
     check(cfg.kif.inner_steps > 0 and cfg.kif.outer_steps >= 0, "kif.inner_steps > 0, kif.outer_steps >= 0")
     check(0 < cfg.kif.mask_quantile < 1, "kif.mask_quantile must be in (0, 1)")

@@ -8,9 +8,8 @@ the outer loop. Masks are bool and transient (built per tensor at fusion time).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -128,10 +127,3 @@ def fuse(theta_b: torch.Tensor, tau_in: torch.Tensor, tau_out: torch.Tensor, m_i
     w_in, w_out = w.weights(m_in, m_out)
     return theta_b + w_in.to(theta_b) * tau_in + w_out.to(theta_b) * tau_out
 
-
-def masked_share(masks: Iterable[torch.Tensor]) -> float:
-    total = kept = 0
-    for m in masks:
-        total += m.numel()
-        kept += int(m.sum())
-    return kept / total if total else math.nan

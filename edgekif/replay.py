@@ -26,7 +26,6 @@ import math
 import random
 import sqlite3
 import threading
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -638,12 +637,6 @@ class ReplayBuffer:
             problems.append(f"foreign key violations {orphans[:5]}")
         if problems:
             raise ReplayError(f"{self.path}: replay invariants broken: " + "; ".join(problems))
-
-    def label_counts(self, task_id: str) -> Counter[str]:
-        with self._read() as conn:
-            return Counter(
-                dict(conn.execute("SELECT label, COUNT(*) FROM examples WHERE task_id=? GROUP BY label", (task_id,)).fetchall())
-            )
 
 
 __all__ = [

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from .atomic import atomic_dir, atomic_write_json
 from .config import Config
-from .data import Encoded, collate, encode_example
+from .data import collate, encode_example
 from .errors import CheckpointError, Interrupted, TrainingError
 from .model import lora_parameters
 from .records import Record
-from .strategies import REPLAY, TASK, Strategy, make_strategy
+from .strategies import REPLAY, TASK, make_strategy
+from .strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def save_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strate
         t, m = _optimizer_to_tensors(name, opt)
         tensors.update(t)
         opt_meta[name] = m
-    tensors.update({f"strategy.{k}": v.detach().clone().contiguous() for k, v in strategy.state_tensors().items()})
+    tensors.update({f"strategy.{k}": v.detach().clone().contiguous() for k, v in strategy.checkpoint_state().items()})
     tensors["rng.torch"] = torch.get_rng_state()
     with atomic_dir(path, overwrite=True) as tmp:
         save_file(tensors, str(tmp / CKPT_TENSORS))
@@ -163,7 +164,7 @@ def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strate
             p.copy_(tensors[key])
     for name, opt in strategy.optimizers.items():
         _optimizer_from_tensors(name, opt, tensors, meta["optimizers"][name])
-    strategy.load_state_tensors({k[len("strategy.") :]: v for k, v in tensors.items() if k.startswith("strategy.")})
+    strategy.load_state({k[len("strategy.") :]: v for k, v in tensors.items() if k.startswith("strategy.")})
     torch.set_rng_state(tensors["rng.torch"])
     _set_py_rng_state(meta.get("python_random"))
     return meta
@@ -198,7 +199,7 @@ class Learner:
 
     @classmethod
     def create(cls, cfg: Config, model, tokenizer, strategy: str | None = None) -> "Learner":
-        return cls(cfg, model, tokenizer, make_strategy(strategy or cfg.train.strategy, cfg.train, cfg.kif))
+        return cls(cfg, model, tokenizer, make_strategy(strategy or cfg.train.strategy, cfg))
 
     # -- the loop ---------------------------------------------------------------------------
     def train_task(
@@ -210,7 +211,10 @@ class Learner:
         ckpt_dir: Path | None = None,
         should_stop: Callable[[], bool] | None = None,
         progress: ProgressFn | None = None,
+        max_steps: int | None = None,
     ) -> TaskResult:
+        """Train the learner on one task. `max_steps` overrides train.max_steps (the
+        continual loop gives joint training the budget of all its tasks)."""
         cfg, tcfg = self.cfg, self.cfg.train
         if not records:
             raise TrainingError(f"task {task_id!r} has no records")
@@ -219,14 +223,15 @@ class Learner:
         task_index = len(self.tasks_seen)
         B = tcfg.batch_size
         encoded = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in records]
-        task_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * len(encoded) / B))
+        fixed = tcfg.max_steps if max_steps is None else max_steps
+        task_steps = fixed or max(1, math.ceil(tcfg.epochs * len(encoded) / B))
         has_replay = replay is not None and self.strategy.uses_replay and len(replay(1, 0)) > 0
         kinds = self.strategy.schedule(task_steps, has_replay)
         order = _task_order(len(encoded), task_steps, B, _mix_seed(tcfg.seed, task_index))
         pad_id = self.tokenizer.pad_token_id
 
-        # Fresh optimizers per task (as the authors' per-task runs); importance carries over.
-        self.strategy.setup(self.params)
+        # Fresh optimizers per task; a resume then loads their state from the checkpoint.
+        self.strategy.begin_task(task_index)
         start, resumed_from, losses = 0, 0, []
         ckpt = Path(ckpt_dir) / "checkpoint" if ckpt_dir else None
         if ckpt is not None and (ckpt / CKPT_META).is_file():
@@ -236,7 +241,6 @@ class Learner:
             start = resumed_from = int(meta["step"])
             losses = list(meta.get("losses", []))
             log.info("resumed training", extra={"task": task_id, "step": start, "of": len(kinds)})
-        self.strategy.begin_task(task_index)
         self.model.train()
 
         def checkpoint(step: int) -> None:
@@ -294,23 +298,24 @@ class Learner:
             seconds=time.perf_counter() - t0,
             mean_loss=sum(task_losses) / max(1, len(task_losses)),
             last_loss=task_losses[-1] if task_losses else math.nan,
-            fusions=getattr(self.strategy, "fusions", 0),
+            fusions=self.strategy.fusions,
             resumed_from=resumed_from,
             state_bytes=self.strategy.state_nbytes(),
         )
 
     # -- persistence across tasks (daemon jobs) ---------------------------------------------
     def save(self, folder: Path) -> Path:
-        """Adapter in peft's format (loads with PeftModel.from_pretrained) + strategy state."""
+        """Adapter in peft's format (loads with PeftModel.from_pretrained) + the strategy's
+        persistent state + learner.json."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         with atomic_dir(folder, overwrite=True) as tmp:
             self.model.save_pretrained(tmp / "adapter")
-            state = {k: v.detach().clone().contiguous() for k, v in self.strategy.state_tensors().items() if not k.startswith(("theta_b.", "theta_in."))}
+            state = {k: v.detach().clone().contiguous() for k, v in self.strategy.persistent_state().items()}
             if state:
-                save_file(state, str(tmp / "strategy_state.safetensors"))
-            atomic_write_json(tmp / "learner.json", {"strategy": self.strategy.name, "tasks_seen": self.tasks_seen})
+                save_file(state, str(tmp / STRATEGY_STATE))
+            write_learner_meta(tmp, LearnerMeta(strategy=self.strategy.name, tasks_seen=list(self.tasks_seen)))
         return folder
 
     def load_state(self, folder: Path) -> None:
@@ -319,17 +324,47 @@ class Learner:
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        meta = read_learner_meta(folder)
         try:
-            meta = json.loads((folder / "learner.json").read_text())
             weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{folder}: unreadable learner state: {e}") from e
         set_peft_model_state_dict(self.model, weights)
-        st = folder / "strategy_state.safetensors"
-        if st.is_file() and meta.get("strategy") == self.strategy.name:
-            state = load_file(str(st))
+        st = folder / STRATEGY_STATE
+        if st.is_file() and meta.strategy == self.strategy.name:
             try:
-                self.strategy.load_state_tensors(state)
+                self.strategy.load_state(load_file(str(st)))
             except KeyError:
                 log.warning("strategy state does not match; starting importance from zero", extra={"folder": str(folder)})
-        self.tasks_seen = list(meta.get("tasks_seen", []))
+        self.tasks_seen = list(meta.tasks_seen)
+
+
+# --------------------------------------------------------------------------- learner folder
+
+LEARNER_META = "learner.json"
+STRATEGY_STATE = "strategy_state.safetensors"
+
+
+@dataclass
+class LearnerMeta:
+    """learner.json: which strategy wrote the folder and the tasks it has learned, in order."""
+
+    strategy: str
+    tasks_seen: list[str]
+
+
+def has_learner(folder: Path) -> bool:
+    return (Path(folder) / LEARNER_META).is_file()
+
+
+def read_learner_meta(folder: Path) -> LearnerMeta:
+    path = Path(folder) / LEARNER_META
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return LearnerMeta(strategy=str(raw["strategy"]), tasks_seen=[str(t) for t in raw.get("tasks_seen", [])])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable learner metadata: {e}") from e
+
+
+def write_learner_meta(folder: Path, meta: LearnerMeta) -> None:
+    atomic_write_json(Path(folder) / LEARNER_META, asdict(meta))

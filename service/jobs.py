@@ -1,13 +1,15 @@
 """state.db: received files, tasks, jobs and their event log, and the job state machine.
 
-Every job moves along one path, one committed step at a time:
+Every job moves along one path, one committed step at a time; each state names the result
+of one stage, and the stage after it is what runs next:
 
-    received -> validated -> buffered -> training -> evaluated -> exported -> published
+    received -validate-> validated -buffer-> buffered -train-> trained -evaluate-> evaluated
+    evaluated -gate-> approved -export-> exported -publish-> published
 
 plus the terminal states `failed` (an unexpected error, after retries), `held` (the
-forgetting gate refused to publish), `rejected` (bad input) and `duplicate` (same bytes as a
-file seen before). A job's state is the last step whose result was committed, so a restarted
-daemon resumes every job from exactly there.
+forgetting gate refused to publish; `edgekif publish --force` sends it on to `approved`),
+`rejected` (bad input) and `duplicate` (same bytes as a file seen before). A restarted daemon
+resumes every job from exactly its state.
 
 Each connection is used by one thread; the daemon opens one JobStore per thread. SQLite runs
 in WAL mode (readers never block the writer) with synchronous=FULL: a committed step must
@@ -27,9 +29,9 @@ from typing import Any, Iterator
 
 from edgekif.errors import EdgekifError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one state per stage ('training' split into buffered/trained, gate -> approved)
 
-PIPELINE = ("received", "validated", "buffered", "training", "evaluated", "exported", "published")
+PIPELINE = ("received", "validated", "buffered", "trained", "evaluated", "approved", "exported", "published")
 TERMINAL = frozenset({"published", "failed", "held", "rejected", "duplicate"})
 STATES = PIPELINE + ("failed", "held", "rejected", "duplicate")
 # States a job can be retried from after `failed` (the state it failed in).
@@ -38,12 +40,13 @@ RETRYABLE = frozenset(PIPELINE) - {"published"}
 TRANSITIONS: dict[str, frozenset[str]] = {
     "received": frozenset({"validated", "rejected", "failed"}),
     "validated": frozenset({"buffered", "rejected", "failed"}),
-    "buffered": frozenset({"training", "rejected", "failed"}),
-    "training": frozenset({"evaluated", "rejected", "failed"}),
-    "evaluated": frozenset({"exported", "held", "failed"}),
+    "buffered": frozenset({"trained", "rejected", "failed"}),
+    "trained": frozenset({"evaluated", "rejected", "failed"}),
+    "evaluated": frozenset({"approved", "held", "failed"}),
+    "approved": frozenset({"exported", "failed"}),
     "exported": frozenset({"published", "failed"}),
-    "held": frozenset({"evaluated"}),  # `edgekif publish --force`: back to export, gate skipped
-    "failed": RETRYABLE,  # retry_job(): back to the state it failed in
+    "held": frozenset({"approved"}),  # `edgekif publish --force`: on to export, gate overridden
+    "failed": RETRYABLE,  # `edgekif retry JOB`: back to the state it failed in
     "published": frozenset(),
     "rejected": frozenset(),
     "duplicate": frozenset(),
@@ -246,6 +249,28 @@ class DataLayout:
             d.mkdir(parents=True, exist_ok=True)
 
 
+def _migrate_v1(c: sqlite3.Connection) -> None:
+    """Schema 1 had one `training` state for train + evaluate and gated inside export. Rebuild
+    the jobs table with the new CHECK (SQLite cannot alter one) and map each job to the state
+    whose stage ran last: training -> trained if its train result was committed, else buffered."""
+    jobs_sql = next(s for s in _SCHEMA.split(";") if "CREATE TABLE IF NOT EXISTS jobs" in s)
+    c.execute(jobs_sql.replace("IF NOT EXISTS jobs", "jobs_v2"))
+    c.execute(
+        "INSERT INTO jobs_v2 SELECT id, file_id, task_id,"
+        " CASE WHEN state = 'training' THEN CASE WHEN json_extract(metrics, '$.train') IS NULL THEN 'buffered' ELSE 'trained' END"
+        " ELSE state END,"
+        " attempts,"
+        " CASE WHEN json_extract(error, '$.failed_from') = 'training'"
+        " THEN json_set(error, '$.failed_from', CASE WHEN json_extract(metrics, '$.train') IS NULL THEN 'buffered' ELSE 'trained' END)"
+        " ELSE error END,"
+        " metrics, created_at, updated_at, version FROM jobs"
+    )
+    c.execute("DROP TABLE jobs")
+    c.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+    c.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id)")
+    c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
 class JobStore:
     """One connection to state.db. Not thread-safe: open one per thread."""
 
@@ -256,10 +281,10 @@ class JobStore:
         self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA busy_timeout=30000")
-        self._init_schema()
+        self._init_schema()  # foreign keys off meanwhile: a schema migration rebuilds a table
+        self.conn.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         self.conn.close()
@@ -294,6 +319,8 @@ class JobStore:
                 raise JobStoreError(
                     f"{self.path}: schema version {row['value']} is newer than this edgekif ({SCHEMA_VERSION}); upgrade edgekif"
                 )
+            elif int(row["value"]) == 1:
+                _migrate_v1(c)
 
     # ---- events -------------------------------------------------------------------------
 
@@ -323,10 +350,6 @@ class JobStore:
     # Crash-safe order: begin_take() records the file as 'taking' with its destination, the
     # caller renames it into accepted/, finish_take() marks it 'taken' and creates the job in
     # one transaction. reconcile (daemon start) finishes or forgets half-done takes.
-
-    def file_by_sha(self, sha256: str) -> FileRow | None:
-        row = self.conn.execute("SELECT * FROM files WHERE sha256 = ?", (sha256,)).fetchone()
-        return FileRow(**dict(row)) if row else None
 
     def file(self, file_id: int) -> FileRow:
         row = self.conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
@@ -506,19 +529,6 @@ class JobStore:
             if version is not None:
                 data["version"] = version
             self._event(c, job_id, to_state, data)
-        return self.get(job_id)
-
-    def record(self, job_id: int, state: str, *, metrics: dict[str, Any], kind: str, **event_data: Any) -> Job:
-        """Commit a stage result without a state change (train's result while `training`)."""
-        with self.transaction() as c:
-            row = self._cas(c, job_id, state)
-            merged = json.loads(row["metrics"] or "{}")
-            merged.update(metrics)
-            c.execute(
-                "UPDATE jobs SET metrics = ?, attempts = 0, error = NULL, updated_at = ? WHERE id = ?",
-                (_dumps(merged), utc_now(), job_id),
-            )
-            self._event(c, job_id, kind, event_data)
         return self.get(job_id)
 
     def begin_attempt(self, job_id: int, state: str, stage: str) -> int:

@@ -1,11 +1,21 @@
 """The one interface every continual-learning strategy implements.
 
-The training loop (edgekif.trainer.train_task) is the same for all strategies. A strategy
-decides three things only:
+The training loop (edgekif.trainer.Learner.train_task) is the same for all strategies. A
+strategy decides only:
   * the step schedule: which steps draw a batch of the new task ("task") and which draw
     from the replay buffer ("replay");
   * which optimizer takes each step;
-  * hooks around a step (Recurrent-KIF tracks importance and fuses there).
+  * hooks around a step (Recurrent-KIF tracks importance and fuses there);
+  * whether it trains on all tasks jointly (`joint`: the continual loop then concatenates
+    the tasks' data itself, callers never test a strategy's name).
+
+Lifecycle, called by the Learner and the trainer:
+  setup(params)          once, with the trainable LoRA parameters
+  begin_task(index)      before each task (and before a resume): fresh optimizers
+  ... steps ...
+State has two lifetimes: `persistent_state()` survives across tasks (saved with the learner,
+e.g. Recurrent-KIF's importance EMAs); `checkpoint_state()` is everything needed to resume
+mid-task (persistent state + mid-task snapshots). `load_state()` takes either.
 """
 
 from __future__ import annotations
@@ -14,10 +24,9 @@ from typing import Mapping
 
 import torch
 
-from ..config import KIFConfig, TrainConfig
-
-TASK = "task"
-REPLAY = "replay"
+from . import REPLAY, TASK
+from .config import StrategyConfig
+from ..config import TrainConfig
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -30,21 +39,25 @@ class Strategy:
 
     name = "base"
     uses_replay = False
+    joint = False  # trains once on the union of all tasks (the multi-task upper bound)
 
-    def __init__(self, train: TrainConfig, kif: KIFConfig):
+    def __init__(self, train: TrainConfig, config: StrategyConfig | None = None):
         self.train_cfg = train
-        self.kif_cfg = kif
+        self.config = config if config is not None else StrategyConfig()
         self.params: dict[str, torch.nn.Parameter] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.fusions = 0  # per task; only Recurrent-KIF fuses
 
-    # -- set-up -------------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------
     def setup(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Called once with the trainable LoRA parameters (name -> Parameter)."""
         self.params = dict(params)
-        self.optimizers = {"main": make_optimizer(list(self.params.values()), self.train_cfg.lr, self.train_cfg.weight_decay)}
 
     def begin_task(self, task_index: int) -> None:
-        """Called before the first step of each task (also after a resume)."""
+        """Called before the first step of each task (also before a resume loads its
+        checkpoint): fresh optimizers per task, as the authors' per-task runs."""
+        self.optimizers = {"main": make_optimizer(list(self.params.values()), self.train_cfg.lr, self.train_cfg.weight_decay)}
+        self.fusions = 0
 
     # -- schedule -----------------------------------------------------------------------
     def schedule(self, task_steps: int, replay_available: bool) -> list[str]:
@@ -64,17 +77,22 @@ class Strategy:
         """Return True at a boundary worth checkpointing (e.g. right after a fusion)."""
         return False
 
-    # -- state (for checkpoint/resume) ----------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    # -- state ----------------------------------------------------------------------------
+    def persistent_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that carry over to the next task (saved with the learner)."""
         return {}
 
-    def load_state_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
-        pass
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume in the middle of a task."""
+        return self.persistent_state()
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what persistent_state() or checkpoint_state() returned."""
 
     def state_nbytes(self) -> dict[str, int]:
         """Extra bytes this strategy holds beyond the LoRA weights and their gradients."""
         out = {"optimizers": _optimizer_nbytes(self.optimizers.values())}
-        out["strategy_state"] = sum(t.numel() * t.element_size() for t in self.state_tensors().values() if t.dim() > 0)
+        out["strategy_state"] = sum(t.numel() * t.element_size() for t in self.checkpoint_state().values() if t.dim() > 0)
         return out
 
 

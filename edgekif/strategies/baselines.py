@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Strategy, interleaved_schedule
+from .config import ReplayScheduleConfig
 
 
 class SeqLoRA(Strategy):
@@ -19,13 +20,15 @@ class ExperienceReplay(Strategy):
 
     name = "replay"
     uses_replay = True
+    config: ReplayScheduleConfig
 
     def schedule(self, task_steps: int, replay_available: bool) -> list[str]:
-        return interleaved_schedule(task_steps, self.kif_cfg.inner_steps, self.kif_cfg.outer_steps, replay_available)
+        return interleaved_schedule(task_steps, self.config.inner_steps, self.config.outer_steps, replay_available)
 
 
 class MultiTask(Strategy):
-    """Multi-task upper bound: trained once on all tasks' data shuffled together
-    (the caller passes the union as one task)."""
+    """Multi-task upper bound: trained once on all tasks' data shuffled together. The
+    continual loop (edgekif.continual) sees `joint` and concatenates the tasks itself."""
 
     name = "mtl"
+    joint = True

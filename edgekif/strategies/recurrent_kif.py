@@ -22,39 +22,43 @@ from typing import Mapping
 import torch
 
 from ..importance import FusionWeights, ImportanceTracker, fuse, top_share_masks
-from .base import REPLAY, TASK, Strategy, interleaved_schedule, make_optimizer
+from . import REPLAY, TASK
+from .base import Strategy, interleaved_schedule, make_optimizer
+from .config import KIFConfig
+
+_MID_TASK = ("theta_b.", "theta_in.")  # snapshot keys: checkpoint-only state
 
 
 class RecurrentKIF(Strategy):
     name = "recurrent_kif"
     uses_replay = True
-    inner: ImportanceTracker | None = None
-    outer: ImportanceTracker | None = None
+    config: KIFConfig
 
     def setup(self, params: Mapping[str, torch.nn.Parameter]) -> None:
-        self.params = dict(params)
-        plist = list(self.params.values())
-        k = self.kif_cfg
-        self.optimizers = {
-            "inner": make_optimizer(plist, self.train_cfg.lr, self.train_cfg.weight_decay),
-            "outer": make_optimizer(plist, k.outer_lr, self.train_cfg.weight_decay),
-        }
-        if getattr(self, "inner", None) is None:  # importance survives task boundaries
-            self.inner = ImportanceTracker(self.params, k.beta1, k.beta2)
-            self.outer = ImportanceTracker(self.params, k.beta1, k.beta2)
+        super().setup(params)
+        k = self.config
+        # importance lives as long as the learner: it carries across tasks unless reset_importance
+        self.inner = ImportanceTracker(self.params, k.beta1, k.beta2)
+        self.outer = ImportanceTracker(self.params, k.beta1, k.beta2)
         self.weights = FusionWeights(k.w_both_in, k.w_both_out, k.w_neither_in, k.w_neither_out)
         self.theta_b: dict[str, torch.Tensor] | None = None
         self.theta_in: dict[str, torch.Tensor] | None = None
-        self.fusions = 0
         self.last_fusion: dict[str, float] = {}
 
     def begin_task(self, task_index: int) -> None:
-        if self.kif_cfg.reset_importance:
+        plist = list(self.params.values())
+        self.optimizers = {
+            "inner": make_optimizer(plist, self.train_cfg.lr, self.train_cfg.weight_decay),
+            "outer": make_optimizer(plist, self.config.outer_lr, self.train_cfg.weight_decay),
+        }
+        self.fusions = 0
+        self.theta_b = self.theta_in = None
+        if self.config.reset_importance:
             self.inner.reset()
             self.outer.reset()
 
     def schedule(self, task_steps: int, replay_available: bool) -> list[str]:
-        return interleaved_schedule(task_steps, self.kif_cfg.inner_steps, self.kif_cfg.outer_steps, replay_available)
+        return interleaved_schedule(task_steps, self.config.inner_steps, self.config.outer_steps, replay_available)
 
     def optimizer(self, kind: str) -> torch.optim.Optimizer:
         return self.optimizers["outer" if kind == REPLAY else "inner"]
@@ -82,7 +86,7 @@ class RecurrentKIF(Strategy):
     @torch.no_grad()
     def _fuse(self) -> None:
         assert self.theta_b is not None and self.theta_in is not None
-        q = self.kif_cfg.mask_quantile
+        q = self.config.mask_quantile
         m_in = top_share_masks(self.inner.scores(), q)
         m_out = top_share_masks(self.outer.scores(), q)
         both = only_in = only_out = total = 0
@@ -99,9 +103,12 @@ class RecurrentKIF(Strategy):
         self.theta_b = None  # the next round snapshots the fused weights
         self.theta_in = None
 
-    # -- checkpoint state ------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {**self.inner.state_dict("inner."), **self.outer.state_dict("outer.")}
+    # -- state -----------------------------------------------------------------------------
+    def persistent_state(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.state_dict("inner."), **self.outer.state_dict("outer.")}
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        out = self.persistent_state()
         if self.theta_b is not None:
             out.update({f"theta_b.{n}": t for n, t in self.theta_b.items()})
         if self.theta_in is not None:
@@ -109,13 +116,14 @@ class RecurrentKIF(Strategy):
         out["fusions"] = torch.tensor(self.fusions)
         return out
 
-    def load_state_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self.inner.load_state_dict(state, "inner.")
         self.outer.load_state_dict(state, "outer.")
-        names = list(self.params)
-        self.theta_b = {n: state[f"theta_b.{n}"].clone() for n in names} if f"theta_b.{names[0]}" in state else None
-        self.theta_in = {n: state[f"theta_in.{n}"].clone() for n in names} if f"theta_in.{names[0]}" in state else None
-        self.fusions = int(state["fusions"])
+        if any(k.startswith(_MID_TASK) or k == "fusions" for k in state):  # a mid-task checkpoint
+            names = list(self.params)
+            self.theta_b = {n: state[f"theta_b.{n}"].clone() for n in names} if f"theta_b.{names[0]}" in state else None
+            self.theta_in = {n: state[f"theta_in.{n}"].clone() for n in names} if f"theta_in.{names[0]}" in state else None
+            self.fusions = int(state["fusions"]) if "fusions" in state else self.fusions
 
     def state_nbytes(self) -> dict[str, int]:
         out = super().state_nbytes()
