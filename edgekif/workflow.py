@@ -1,7 +1,7 @@
 """Compositions of the library used by the CLI, the benchmarks and the daemon's stages.
 
 Each function is one step a user thinks in: open a learner (base + LoRA + strategy state),
-evaluate a set of tasks, fuse-export-publish a trained adapter.
+fuse-export-publish a trained adapter. The run across tasks is edgekif.continual.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import Config
-from .evaluate import TaskEval, evaluate_task
 from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision
-from .records import Record
 from .trainer import Learner
 
 log = logging.getLogger(__name__)
@@ -43,6 +41,9 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    import torch
+
+    torch.manual_seed(cfg.train.seed)  # LoRA's initial weights: the same run gives the same adapter
     model = add_lora(model, cfg.lora)
     tok = load_tokenizer(base.path)
     learner = Learner.create(cfg, model, tok, strategy)
@@ -50,23 +51,6 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
         learner.load_state(Path(state_dir))
     log.info("learner ready", extra={"base": base.name, "precision": precision, "device": device, "strategy": learner.strategy.name})
     return learner, base
-
-
-def evaluate_tasks(cfg: Config, model, tokenizer, tasks: dict[str, Sequence[Record]], labels: dict[str, list[str] | None] | None = None) -> dict[str, TaskEval]:
-    out = {}
-    for name, recs in tasks.items():
-        out[name] = evaluate_task(
-            model,
-            tokenizer,
-            list(recs),
-            labels=(labels or {}).get(name),
-            max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            max_examples=cfg.eval.max_examples,
-            label_scoring=cfg.eval.label_scoring,
-            max_prompt_tokens=cfg.eval.max_prompt_tokens,
-        )
-    return out
 
 
 def export_adapter(cfg: Config, base: BaseModel, adapter_dir: Path, work_dir: Path, out_dir: Path, *, parity_prompts: Sequence[str], manifest_info: dict[str, Any]) -> Path:

@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from edgekif.strategies import strategy_names  # noqa: E402  (torch-free registry)
 from tools import benchlib  # noqa: E402
 
 SECTIONS = ("cl", "train", "serving", "daemon")
@@ -78,10 +79,8 @@ MAKE_TARGET = {"quick": "make bench-quick", "standard": "make bench-standard", "
 
 
 def run_all(out: Path, profile: str, sections: list[str], resume: bool, run_started: str, commit: str) -> dict:
-    # one converted base model for every tool (bench_cl/_train/_serving read EDGEKIF_CACHE,
-    # the daemon EDGEKIF_CACHE_DIR), shared with `make demo`
-    cache = os.environ.get("EDGEKIF_CACHE_DIR") or os.environ.get("EDGEKIF_CACHE") or str(Path.home() / ".cache" / "edgekif")
-    env = {**os.environ, "EDGEKIF_CACHE": cache, "EDGEKIF_CACHE_DIR": cache}
+    # one converted base model for every tool and the daemon, shared with `make demo`
+    env = {**os.environ, "EDGEKIF_CACHE_DIR": str(benchlib.cache_dir())}
     runs = {}
     for section in sections:
         for name, argv in PROFILES[profile][section]:
@@ -151,7 +150,7 @@ def headline(out: Path) -> dict:
     cl = _load(out, "cl-order1")
     if cl:
         st = cl["strategies"]
-        for s in ("recurrent_kif", "seq_lora", "replay", "mtl"):
+        for s in strategy_names():
             if s in st:
                 h[s] = {"op": st[s]["op_mean"], "bwt": st[s]["bwt_mean"], "op_std": st[s].get("op_std"), "bwt_std": st[s].get("bwt_std")}
         h["cl_profile"] = cl.get("profile")

@@ -13,13 +13,13 @@ Writes OUT/result.json, OUT/result.md and OUT/heatmap_<strategy>.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import shlex
 import statistics
 import sys
+from dataclasses import asdict
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tools.benchlib import profile_settings  # noqa: E402
+from edgekif.strategies import strategy_names  # noqa: E402  (torch-free registry)
+from tools.benchlib import cache_dir, profile_settings  # noqa: E402
 
 ORDERS = {
     1: ["dbpedia", "amazon", "yahoo", "agnews"],
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="same as --profile quick")
     ap.add_argument("--profile", choices=list(PROFILES), default="default")
     ap.add_argument("--order", type=int, default=1, choices=[1, 2, 3])
-    ap.add_argument("--strategies", nargs="+", default=["seq_lora", "replay", "recurrent_kif", "mtl"])
+    ap.add_argument("--strategies", nargs="+", default=["seq_lora", "replay", "recurrent_kif", "mtl"], choices=strategy_names())
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", default=None)
@@ -68,18 +69,21 @@ def main(argv=None) -> int:
     ap.add_argument("--train-per-task", type=int)
     ap.add_argument("--test-per-task", type=int)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="any config option, applied last (e.g. train.deterministic=true, kif.mask_quantile=0.9)")
     args = ap.parse_args(argv)
 
     import torch
     from tqdm import tqdm
 
-    from edgekif.config import Config, ModelConfig
+    from edgekif.atomic import atomic_write_json, atomic_write_text
+    from edgekif.config import Config, ModelConfig, apply_overrides
+    from edgekif.continual import StreamTask, run_stream
     from edgekif.data import read_task
-    from edgekif.evaluate import AccuracyMatrix, evaluate_task, plot_heatmap
+    from edgekif.evaluate import evaluate_task, plot_heatmap
     from edgekif.model import resolve_base
     from edgekif.replay import ReplayBuffer
     from edgekif.workflow import open_learner
-    from edgekif.atomic import atomic_write_json, atomic_write_text
 
     profile_name = "quick" if args.quick else args.profile
     prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task"))
@@ -94,8 +98,7 @@ def main(argv=None) -> int:
     test = {t: read_task(data / t / "test.jsonl") for t in order}
     labels = {t: train[t].labels for t in order}
 
-    cache = Path(os.environ.get("EDGEKIF_CACHE") or (Path.home() / ".cache" / "edgekif"))
-    base = resolve_base(ModelConfig(), cache)
+    base = resolve_base(ModelConfig(), cache_dir())
 
     def make_cfg(strategy: str, seed: int) -> Config:
         cfg = Config()
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         cfg.data.max_length = prof["max_length"]
         cfg.replay.seed = seed
         cfg.eval.label_scoring = prof["label_scoring"]
-        return cfg
+        return apply_overrides(cfg, args.set)
 
     # test prompts are cut from the left like the training examples (room left for an 8-token
     # answer): the model is scored on what it was trained to see, and long yahoo prompts
@@ -125,11 +128,12 @@ def main(argv=None) -> int:
                            label_scoring=prof["label_scoring"], max_prompt_tokens=eval_prompt_tokens)
         return ev.score, ev
 
+    ran = make_cfg("recurrent_kif", args.seeds[0])  # what every run is configured with (strategy and seed aside)
     result = {
         "profile": profile_name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
-                     "kif": {"inner_steps": 8, "outer_steps": 4, "beta": 0.85, "mask_quantile": 0.8}, "replay_fraction": 0.02, "replay_min_per_task": 16,
+                     "kif": asdict(ran.kif), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "label accuracy" if prof["label_scoring"] else "exact match of the greedy answer",
                      "eval_prompt_tokens": eval_prompt_tokens},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -148,45 +152,37 @@ def main(argv=None) -> int:
             cfg = make_cfg(strategy, seed)
             torch.manual_seed(seed)
             learner, _ = open_learner(cfg, base=base)
-            matrix = AccuracyMatrix(order)
-            step_times, steps_total, examples_total, train_seconds = [], 0, 0, 0.0
+            stream = [StreamTask(t, _subset(train[t].records, prof["train_per_task"], seed)) for t in order]
+
+            def progress(name, strategy=strategy, seed=seed):
+                bar = tqdm(total=None, desc=f"{strategy} s{seed} {name}", unit="step", leave=False)
+
+                def step(ev):
+                    bar.total = ev["steps"]
+                    bar.update(1)
+                    if ev["step"] == ev["steps"]:
+                        bar.close()
+
+                return step
+
+            def on_task(j, res, matrix, strategy=strategy, seed=seed):
+                row = [(order[i], matrix.get(j, i)) for i in range(j + 1) if matrix.get(j, i) is not None]
+                tqdm.write(f"{strategy} seed {seed} after {res.task_id}: " + ", ".join(f"{t} {a:.2f}" for t, a in row))
+
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp, ReplayBuffer(Path(tmp) / "replay.db", cfg.replay) as buf:
-                if strategy == "mtl":  # all tasks at once, same total task steps
-                    union = [r for t in order for r in _subset(train[t].records, prof["train_per_task"], seed)]
-                    cfg.train.max_steps = prof["task_steps"] * len(order)
-                    res = learner.train_task("all", union)
-                    step_times.append(res.seconds / res.steps)
-                    steps_total += res.steps
-                    examples_total += res.examples
-                    train_seconds += res.seconds
-                    for i, t in enumerate(tqdm(order, desc=f"{strategy} s{seed} eval", leave=False)):
-                        matrix.set(len(order) - 1, i, evaluate(learner, t, seed)[0])
-                else:
-                    for j, task in enumerate(order):
-                        if j > 0 and "zero_shot" in result:  # FWT needs each task's accuracy just before it is learned
-                            matrix.set(j - 1, j, evaluate(learner, task, seed)[0])
-                        recs = _subset(train[task].records, prof["train_per_task"], seed)
-                        past = buf.tasks()
-                        sampler = (lambda n, s, past=past: buf.sample(n, s, task_ids=past)) if past else None
-                        bar = tqdm(total=None, desc=f"{strategy} s{seed} {task}", unit="step", leave=False)
-                        res = learner.train_task(task, recs, replay=sampler, progress=lambda ev: (setattr(bar, "total", ev["steps"]), bar.update(1)))
-                        bar.close()
-                        buf.add_task(task, recs)
-                        step_times.append(res.seconds / res.steps)
-                        steps_total += res.steps
-                        examples_total += res.examples
-                        train_seconds += res.seconds
-                        for i in range(j + 1):
-                            matrix.set(j, i, evaluate(learner, order[i], seed)[0])
-                        tqdm.write(f"{strategy} seed {seed} after {task}: " + ", ".join(f"{order[i]} {matrix.get(j, i):.2f}" for i in range(j + 1)))
+                stream_result = run_stream(learner, buf, stream, evaluate=lambda lrn, name, seed=seed: evaluate(lrn, name, seed)[0],
+                                           score_before="zero_shot" in result, progress=progress, on_task=on_task)
             wall = time.perf_counter() - t0
+            matrix, done = stream_result.matrix, stream_result.results
+            train_seconds = sum(r.seconds for r in done)
+            examples_total = sum(r.examples for r in done)
             runs.append({
                 "seed": seed, "matrix": matrix.to_dict(), "op": matrix.op(), "bwt": matrix.bwt(),
-                "fwt": matrix.fwt([result["zero_shot"][t] for t in order]) if "zero_shot" in result and strategy != "mtl" else None,
-                "seconds": wall, "grad_steps": steps_total, "examples": examples_total,
-                "sec_per_step": statistics.mean(step_times), "train_seconds": train_seconds, "examples_per_sec": examples_total / max(1e-9, train_seconds),
-                "state_bytes": res.state_bytes,
+                "fwt": matrix.fwt([result["zero_shot"][t] for t in order]) if "zero_shot" in result and not learner.strategy.joint else None,
+                "seconds": wall, "grad_steps": sum(r.steps for r in done), "examples": examples_total,
+                "sec_per_step": statistics.mean(r.seconds / r.steps for r in done), "train_seconds": train_seconds, "examples_per_sec": examples_total / max(1e-9, train_seconds),
+                "state_bytes": done[-1].state_bytes,
             })
             plot_heatmap(matrix, out / f"heatmap_{strategy}{'' if seed == args.seeds[0] else f'_s{seed}'}.png", title=f"{strategy} (order {args.order}, seed {seed})")
             del learner
@@ -214,14 +210,17 @@ def _pct(x):
 
 def to_markdown(result: dict, args) -> str:
     s = result["settings"]
+    k = s["kif"]
     lines = [
         f"### Continual learning, order {args.order} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
         f"Command: `{result['command']}`  ",
-        f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r=8/α=32 on q,v, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
+        f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), {s['test_per_task']} test examples per task "
         f"(prompts cut to their last {s.get('eval_prompt_tokens', '—')} tokens, as training cuts them), metric: {s['metric']}; "
-        f"replay 2% of each task (min 16); Recurrent-KIF Q=8, M=4, β=0.85, top 20%. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
+        f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}); Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
+        f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
+        f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
         "",
         "| strategy | OP | BWT | FWT | grad steps | s / step | wall (s) |",
         "|---|---|---|---|---|---|---|",

@@ -2,7 +2,7 @@
 """Benchmark the real daemon: drop-to-published time, per-stage breakdown, idle cost, replay rates.
 
 Starts `python -m service --data-dir DIR` (real library stages, base SmolLM2 from the converted
-cache: $EDGEKIF_CACHE_DIR, else $EDGEKIF_CACHE, else ~/.cache/edgekif, as tools/demo.py does),
+cache: $EDGEKIF_CACHE_DIR, else ~/.cache/edgekif, as tools/demo.py does),
 then:
 
 1. drops a 100-example task (full profile: then a 1000-example task) built from the
@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from edgekif.atomic import atomic_write_json, atomic_write_text  # noqa: E402  (light: no torch)
 from edgekif.config import load_config  # noqa: E402
-from tools.benchlib import cpu_model, package_versions, ram_gb  # noqa: E402
+from tools.benchlib import cache_dir, cpu_model, package_versions, ram_gb  # noqa: E402
 
 PY = sys.executable
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     replay_args = shlex.split(args.replay_args) if args.replay_args is not None else list(prof["replay_args"])
 
     env = dict(os.environ)
-    env.setdefault("EDGEKIF_CACHE_DIR", os.environ.get("EDGEKIF_CACHE") or str(Path.home() / ".cache" / "edgekif"))
+    env.setdefault("EDGEKIF_CACHE_DIR", str(cache_dir()))
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.pop("NOTIFY_SOCKET", None)
@@ -613,9 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(None, overrides + [f"data_dir={data_dir}"])  # the daemon's effective settings
 
     command = "python tools/bench_daemon.py" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
-    if "EDGEKIF_CACHE_DIR" in os.environ or "EDGEKIF_CACHE" in os.environ:
-        var = "EDGEKIF_CACHE_DIR" if "EDGEKIF_CACHE_DIR" in os.environ else "EDGEKIF_CACHE"
-        command = f"{var}={os.environ[var]} " + command
+    if "EDGEKIF_CACHE_DIR" in os.environ:
+        command = f"EDGEKIF_CACHE_DIR={os.environ['EDGEKIF_CACHE_DIR']} " + command
     result: dict[str, Any] = {
         "profile": profile, "command": command, "machine": machine_info(), "data_dir": str(data_dir) if args.keep else None,
         "settings": {
@@ -639,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(data_dir / "fake_stages.json", {"train_steps": 3, "step_seconds": 0.5, "stage_seconds": 0.3})
     t_all = time.monotonic()
     log_f = open(data_dir / "daemon.stdout.log", "w") if data_dir.exists() else None
-    cmd = [PY, "-m", "service", "--data-dir", str(data_dir), *[x for o in overrides for x in ("--set", o)]] + (["--fake-stages"] if args.fake_stages else [])
+    module = "service.testing" if args.fake_stages else "service"  # the testing entry point runs the daemon with FakeStages
+    cmd = [PY, "-m", module, "--data-dir", str(data_dir), *[x for o in overrides for x in ("--set", o)]]
     t_start = time.monotonic()
     daemon = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT)
     rc = 0

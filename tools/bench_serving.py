@@ -30,12 +30,12 @@ fuses a trained one (edgekif.export.fuse_model), then:
    c. cold `python -m edgekif.cli infer "PROMPT"` processes, start to exit, with peak RSS.
    b and c run under a small timer process (wall time and the child's ru_maxrss).
 
-    EDGEKIF_CACHE=/tmp/smolcache python tools/bench_serving.py --quick   # ~3.5 min on 2 cores (6 at load 4)
-    EDGEKIF_CACHE=/tmp/smolcache python tools/bench_serving.py --profile standard  # quick targets, 8 x 64 tokens, 100 infer prompts
-    EDGEKIF_CACHE=/tmp/smolcache python tools/bench_serving.py           # all targets, 8 prompts x 64 tokens, 100 infer prompts
+    EDGEKIF_CACHE_DIR=/tmp/smolcache python tools/bench_serving.py --quick   # ~3.5 min on 2 cores (6 at load 4)
+    EDGEKIF_CACHE_DIR=/tmp/smolcache python tools/bench_serving.py --profile standard  # quick targets, 8 x 64 tokens, 100 infer prompts
+    EDGEKIF_CACHE_DIR=/tmp/smolcache python tools/bench_serving.py           # all targets, 8 prompts x 64 tokens, 100 infer prompts
                                                                         # (~20+ min on 2 cores; --speed-budget-s caps the speed part)
 
-The base comes from resolve_base(ModelConfig(), $EDGEKIF_CACHE or workflow.cache_root()).
+The base comes from resolve_base(ModelConfig(), $EDGEKIF_CACHE_DIR or ~/.cache/edgekif).
 On a shared machine, compare ratios rather than absolutes, and consider --threads 1: with two
 threads on two busy cores, PyTorch (and bitsandbytes nf4 even more) slows down far more than
 onnxruntime does, which inflates the ratios.
@@ -67,7 +67,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tools.benchlib import cpu_model, profile_settings, ram_gb  # noqa: E402
+from tools.benchlib import cache_dir, cpu_model, profile_settings, ram_gb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
@@ -691,7 +691,6 @@ def main(argv: list[str] | None = None) -> int:
     from edgekif.data import read_task
     from edgekif.export import fuse_model
     from edgekif.model import add_lora, load_model, resolve_base
-    from edgekif.workflow import cache_root
 
     t_all = time.perf_counter()
     profile = "quick" if args.quick else args.profile
@@ -702,8 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     cfg = Config()
-    cache = Path(os.environ["EDGEKIF_CACHE"]) if os.environ.get("EDGEKIF_CACHE") else cache_root(cfg)
-    base = resolve_base(ModelConfig(), cache)
+    base = resolve_base(ModelConfig(), cache_dir())
     records = read_task(Path(args.data) / args.task / "test.jsonl").records
     n_needed = max(prof["prompts"], prof["infer_prompts"])
     if len(records) < n_needed:

@@ -90,7 +90,7 @@ def run_point(p: dict) -> dict:
 
     from edgekif.config import Config
     from edgekif.model import resolve_base
-    from edgekif.workflow import cache_root, open_learner
+    from edgekif.workflow import open_learner
 
     if p.get("threads"):
         torch.set_num_threads(p["threads"])
@@ -106,8 +106,7 @@ def run_point(p: dict) -> dict:
     cfg.train.checkpoint_every = 0
     # a short round (2 inner + 1 outer step) so that a few steps include a fusion
     cfg.kif.inner_steps, cfg.kif.outer_steps = 2, 1
-    cache = Path(os.environ["EDGEKIF_CACHE"]) if os.environ.get("EDGEKIF_CACHE") else cache_root(cfg)
-    base = resolve_base(cfg.model, cache)
+    base = resolve_base(cfg.model, benchlib.cache_dir())
     rss0 = _rss_mb()
     anon = AnonPeak()
     t0 = time.perf_counter()

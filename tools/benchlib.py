@@ -11,6 +11,12 @@ from typing import Any
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai", "onnxruntime-gpu", "onnxruntime-genai-cuda")
 
 
+def cache_dir() -> Path:
+    """Where converted base models are cached: $EDGEKIF_CACHE_DIR (the library's variable,
+    edgekif.workflow.cache_root), else ~/.cache/edgekif, shared by every tool and `make demo`."""
+    return Path(os.environ.get("EDGEKIF_CACHE_DIR") or Path.home() / ".cache" / "edgekif")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

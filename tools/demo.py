@@ -29,7 +29,7 @@ PY = sys.executable
 
 
 def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "edgekif.cli", *args], env=env, capture_output=True, text=True, check=check)
+    return subprocess.run([PY, "-m", "service.cli", *args], env=env, capture_output=True, text=True, check=check)
 
 
 def main() -> int:
@@ -53,7 +53,7 @@ def main() -> int:
 
     t0 = time.time()
     daemon = subprocess.Popen(
-        [PY, "-m", "edgekif.cli", "serve", "--data-dir", str(data_dir)],
+        [PY, "-m", "service.cli", "serve", "--data-dir", str(data_dir)],
         env=env, stdout=open(data_dir / "daemon.stdout.log", "w"), stderr=subprocess.STDOUT,
     )
     try:

@@ -1,0 +1,148 @@
+"""The run across tasks: the one place that learns a stream of tasks with a replay buffer.
+
+    learn_task(learner, buffer, task)                   # past tasks -> replay sampler -> train -> remember
+    evaluate_tasks(cfg, model, tok, {name: records})    # one row of accuracies (cfg.eval settings)
+    run_stream(learner, buffer, tasks, evaluate=...)    # every task in order, accuracy matrix
+
+`edgekif train`, `tools/bench_cl.py` and the daemon's train and evaluate stages go through here, so
+the rules are written once:
+  * replay draws only from *past* tasks (never the task being learned), and only from the
+    tasks the caller allows (the daemon: tasks of published versions);
+  * a strategy that does not replay never gets a sampler;
+  * a joint strategy (the multi-task upper bound) trains once on the union of all tasks, with
+    the step budget of all of them (train.max_steps x number of tasks when max_steps is set;
+    with epochs the union's size already scales it), and is scored after that one run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .config import Config
+from .evaluate import AccuracyMatrix, TaskEval, evaluate_task
+from .records import Record
+from .replay import ReplayBuffer
+from .trainer import Learner, ProgressFn, ReplaySampler, TaskResult
+
+
+@dataclass
+class StreamTask:
+    """One task of a stream: its name, its training records and where they came from."""
+
+    name: str
+    records: Sequence[Record]
+    source_file: str = ""
+    source_sha256: str = ""
+
+
+def replay_sampler(buffer: ReplayBuffer, task_ids: Sequence[str]) -> ReplaySampler | None:
+    """(n, seed) -> up to n stored examples of `task_ids`; None when there is nothing to replay."""
+    ids = list(task_ids)
+    if not ids:
+        return None
+    return lambda n, seed: buffer.sample(n, seed, task_ids=ids)
+
+
+def learn_task(
+    learner: Learner,
+    buffer: ReplayBuffer,
+    task: StreamTask,
+    *,
+    past_tasks: Sequence[str] | None = None,
+    remember: bool = True,
+    max_steps: int | None = None,
+    ckpt_dir: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: ProgressFn | None = None,
+) -> TaskResult:
+    """Train `task` with replay of past tasks, then offer its records to the buffer.
+
+    past_tasks: the tasks replay may draw from (default: every task in the buffer). The task
+    itself is always excluded. remember=False leaves the buffer alone (the daemon stores a
+    task's share at its own buffer step, committed before training starts).
+    """
+    stored = buffer.tasks()
+    allowed = set(stored if past_tasks is None else past_tasks)
+    past = [t for t in stored if t != task.name and t in allowed]
+    sampler = replay_sampler(buffer, past) if learner.strategy.uses_replay else None
+    result = learner.train_task(task.name, task.records, replay=sampler, ckpt_dir=ckpt_dir, should_stop=should_stop, progress=progress, max_steps=max_steps)
+    if remember:
+        buffer.add_task(task.name, task.records, source_file=task.source_file, source_sha256=task.source_sha256)
+    return result
+
+
+def evaluate_tasks(cfg: Config, model, tokenizer, tasks: Mapping[str, Sequence[Record]], labels: Mapping[str, list[str] | None] | None = None) -> dict[str, TaskEval]:
+    """Score each task (in the given order) on its test or holdout records, with cfg.eval."""
+    out = {}
+    for name, recs in tasks.items():
+        out[name] = evaluate_task(
+            model,
+            tokenizer,
+            list(recs),
+            labels=(labels or {}).get(name),
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            max_examples=cfg.eval.max_examples,
+            label_scoring=cfg.eval.label_scoring,
+            max_prompt_tokens=cfg.eval.max_prompt_tokens,
+        )
+    return out
+
+
+EvaluateFn = Callable[[Learner, str], float]  # (learner, task name) -> accuracy in [0, 1]
+
+
+@dataclass
+class StreamResult:
+    order: list[str]
+    matrix: AccuracyMatrix
+    results: list[TaskResult] = field(default_factory=list)
+
+
+def run_stream(
+    learner: Learner,
+    buffer: ReplayBuffer,
+    tasks: Sequence[StreamTask],
+    *,
+    evaluate: EvaluateFn | None = None,
+    score_before: bool = False,
+    ckpt_root: Path | None = None,
+    progress: Callable[[str], ProgressFn | None] | None = None,
+    on_task: Callable[[int, TaskResult, AccuracyMatrix], None] | None = None,
+) -> StreamResult:
+    """Learn `tasks` in order and fill the accuracy matrix a[j][i] (after task j, on task i).
+
+    evaluate: scores one task (None: no matrix entries). score_before: also score each task
+    just before it is learned (row j-1, column j: what FWT needs). progress(name) returns the
+    per-step callback for that task; on_task(j, result, matrix) runs after each task's row.
+    """
+    order = [t.name for t in tasks]
+    matrix = AccuracyMatrix(order)
+    out = StreamResult(order=order, matrix=matrix)
+    if learner.strategy.joint:
+        union = StreamTask("+".join(order), [r for t in tasks for r in t.records])
+        fixed = learner.cfg.train.max_steps
+        res = learn_task(learner, buffer, union, remember=False, max_steps=fixed * len(tasks) if fixed else None,
+                         ckpt_dir=ckpt_root / union.name if ckpt_root else None, progress=progress(union.name) if progress else None)
+        out.results.append(res)
+        last = len(order) - 1
+        if evaluate is not None:
+            for i, name in enumerate(order):
+                matrix.set(last, i, evaluate(learner, name))
+        if on_task is not None:
+            on_task(last, res, matrix)
+        return out
+    for j, task in enumerate(tasks):
+        if evaluate is not None and score_before and j > 0:
+            matrix.set(j - 1, j, evaluate(learner, task.name))
+        res = learn_task(learner, buffer, task, ckpt_dir=ckpt_root / task.name if ckpt_root else None,
+                         progress=progress(task.name) if progress else None)
+        out.results.append(res)
+        if evaluate is not None:
+            for i in range(j + 1):
+                matrix.set(j, i, evaluate(learner, order[i]))
+        if on_task is not None:
+            on_task(j, res, matrix)
+    return out
