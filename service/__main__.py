@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
-from edgekif.config import load_config
+from edgekif.config import Config, load_config
 from edgekif.errors import ConfigError
 
 from .daemon import run_daemon
+from .stages import Stages
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, stages_factory: Callable[[Config], Stages] | None = None) -> int:
+    """stages_factory(config) builds the pipeline (default: the library's); service.testing
+    passes its fakes here."""
     p = argparse.ArgumentParser(prog="python -m service", description="Run the edgekif daemon in the foreground.")
     p.add_argument("--config", help="TOML config file (SIGHUP re-reads it)")
     p.add_argument("--data-dir", help="data directory (default: $EDGEKIF_DATA_DIR or ~/.local/share/edgekif)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config option (repeatable)")
-    # Tests only: stages that sleep and write small files instead of training.
-    p.add_argument("--fake-stages", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     try:
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"edgekif: {e}", file=sys.stderr)
         return 2
-    return run_daemon(config, fake_stages=args.fake_stages, config_path=args.config, overrides=overrides)
+    stages = stages_factory(config) if stages_factory is not None else None
+    return run_daemon(config, stages=stages, config_path=args.config, overrides=overrides)
 
 
 if __name__ == "__main__":

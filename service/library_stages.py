@@ -21,7 +21,6 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
 
 from edgekif.atomic import atomic_write_json, atomic_write_text
 
@@ -120,37 +119,37 @@ class LibraryStages:
 
     # -- train ----------------------------------------------------------------------------------
     def train(self, ctx: JobContext, should_stop: ShouldStop) -> TrainResult:
+        from edgekif.continual import StreamTask, learn_task
         from edgekif.replay import ReplayBuffer
+        from edgekif.trainer import has_learner, read_learner_meta
         from edgekif.workflow import open_learner
 
         _quiet_transformers()
         out = _learner_dir(ctx.layout, ctx.job_id)
-        if (out / "learner.json").is_file() and ctx.task_name in json.loads((out / "learner.json").read_text()).get("tasks_seen", []):
+        if has_learner(out) and ctx.task_name in read_learner_meta(out).tasks_seen:
             return TrainResult(steps=0, adapter_path=str(out / "adapter"), metrics={"skipped": "already trained"})
         start = _learner_dir(ctx.layout, ctx.published.job_id) if ctx.published else None
         learner, base = open_learner(ctx.config, state_dir=start)
-        records = _read_records(ctx.work_dir / "train.jsonl")
-        buf = ReplayBuffer(ctx.layout.replay_db, ctx.config.replay)
-        try:
-            # The outer loop replays past tasks only, and only published ones: the buffer also
-            # holds the examples of jobs the forgetting gate held (or that failed after buffering).
-            past = [t for t in buf.tasks() if t != ctx.task_name and t in ctx.past_tasks]
-            sampler = (lambda n, seed: buf.sample(n, seed, task_ids=past)) if past else None
-            ctx.write_progress(stage="train", step=0, steps=None)
+        task = StreamTask(ctx.task_name, _read_records(ctx.work_dir / "train.jsonl"), source_file=ctx.file_name, source_sha256=ctx.sha256)
+        ctx.write_progress(stage="train", step=0, steps=None)
 
-            def progress(ev: dict) -> None:
-                if ev["step"] % 2 == 0 or ev["step"] == ev["steps"]:
-                    ctx.write_progress(stage="train", step=ev["step"], steps=ev["steps"], loss=ev["loss"], kind=ev["kind"])
+        def progress(ev: dict) -> None:
+            if ev["step"] % 2 == 0 or ev["step"] == ev["steps"]:
+                ctx.write_progress(stage="train", step=ev["step"], steps=ev["steps"], loss=ev["loss"], kind=ev["kind"])
 
-            res = learner.train_task(ctx.task_name, records, replay=sampler, ckpt_dir=ctx.work_dir, should_stop=should_stop, progress=progress)
-        finally:
-            buf.close()
+        with ReplayBuffer(ctx.layout.replay_db, ctx.config.replay) as buf:
+            # Replay only published tasks: the buffer also holds the examples of jobs the
+            # forgetting gate held (or that failed after buffering). The buffer step stored this
+            # task's share already (remember=False).
+            res = learn_task(learner, buf, task, past_tasks=ctx.past_tasks, remember=False, ckpt_dir=ctx.work_dir,
+                             should_stop=should_stop, progress=progress)
         learner.save(out)
         return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(out / "adapter"), metrics=res.to_dict())
 
     # -- evaluate -----------------------------------------------------------------------------
     def evaluate(self, ctx: JobContext) -> EvalResult:
-        from edgekif.workflow import evaluate_tasks, open_learner
+        from edgekif.continual import evaluate_tasks
+        from edgekif.workflow import open_learner
 
         _quiet_transformers()
         learner, _ = open_learner(ctx.config, state_dir=_learner_dir(ctx.layout, ctx.job_id))
@@ -179,6 +178,7 @@ class LibraryStages:
         from edgekif.errors import IntegrityError
         from edgekif.export import verify_manifest
         from edgekif.model import resolve_base
+        from edgekif.trainer import read_learner_meta
         from edgekif.workflow import cache_root, export_adapter
 
         _quiet_transformers()
@@ -191,10 +191,10 @@ class LibraryStages:
                 log.warning("re-exporting: existing export does not verify", extra={"job": ctx.job_id})
         base = resolve_base(ctx.config.model, cache_root(ctx.config))
         learner_dir = _learner_dir(ctx.layout, ctx.job_id)
-        meta = json.loads((learner_dir / "learner.json").read_text())
+        tasks_seen = read_learner_meta(learner_dir).tasks_seen
         evaluated = ctx.metrics.get("evaluate", {})
         prompts = []
-        for name in meta.get("tasks_seen", [])[-2:]:
+        for name in tasks_seen[-2:]:
             p = _holdout_dir(ctx) / f"{name}.jsonl"
             if p.is_file():
                 prompts += [r.messages[-1][1] for r in _read_records(p)[:2]]
@@ -202,7 +202,7 @@ class LibraryStages:
         result = export_adapter(
             ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, parity_prompts=prompts,
             manifest_info={
-                "tasks": manifest_tasks(ctx.layout, ctx.config, meta.get("tasks_seen", [])),
+                "tasks": manifest_tasks(ctx.layout, ctx.config, tasks_seen),
                 "accuracies": evaluated.get("accuracies", {}),
                 "job_id": ctx.job_id,
             },

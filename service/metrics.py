@@ -37,6 +37,14 @@ def replace_text(path: str | Path, text: str) -> None:
 def replace_json(path: str | Path, obj: Any) -> None:
     replace_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A file written by replace_json, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
 # name -> (help, event kinds counted)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "files_received_total": ("Files taken from the inbox (accepted, duplicate or rejected).", ("received", "duplicate", "inbox_rejected")),

@@ -4,33 +4,22 @@ The daemon owns the order, the commits and the retries; a stage owns the work. E
 must be idempotent when re-run after a crash, because a crash can land after its side
 effects and before the daemon commits its result (see docs/daemon.md for each stage).
 
-`FakeStages` implements the interface with tiny file writes and sleeps; the daemon's tests
-(and `python -m service --fake-stages`) use it, so nothing here imports torch. The real
-stages (`service.library_stages.LibraryStages`) import the ML library lazily inside each
-call, so an idle daemon never loads torch.
+The real stages (`service.library_stages.LibraryStages`) import the ML library lazily inside
+each call, so an idle daemon never loads torch. The daemon's tests inject
+`service.testing.FakeStages` (tiny file writes and sleeps) instead.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from edgekif.errors import EdgekifError, ResourceError, ValidationError
+from edgekif.errors import ResourceError
 
 from .metrics import replace_json
-
-try:  # the trainer's "stopped at a checkpoint" signal
-    from edgekif.errors import Interrupted
-except ImportError:  # pragma: no cover - older edgekif.errors
-
-    class Interrupted(EdgekifError):  # type: ignore[no-redef]
-        """Training stopped on request after writing a checkpoint."""
-
 
 if TYPE_CHECKING:
     from edgekif.config import Config
@@ -147,7 +136,8 @@ class Stages(Protocol):
         """Accuracy on the new task's holdout and on every past task's holdout."""
 
     def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
-        """May this job be published? (ok, human-readable reasons when not)."""
+        """May this job be published? (ok, human-readable reasons when not). A step of its
+        own: its decision is committed before anything is exported."""
 
     def export(self, ctx: JobContext) -> Path:
         """Fuse and export the model into ctx.work_dir; return the export folder."""
@@ -200,212 +190,3 @@ def check_memory(ceiling_mb: int) -> None:
     available = available_memory_mb()
     if available is not None and available < ceiling_mb:
         raise ResourceError(f"only {available:.0f} MiB memory available, service.memory_ceiling_mb needs {ceiling_mb}")
-
-
-# ---- fake stages (tests, --fake-stages) ----------------------------------------------------
-
-
-class SimulatedCrash(BaseException):
-    """Raised by FakeStages to stand in for the process dying: it is not an Exception, so
-    the daemon does not catch it, commits nothing, and it escapes like a kill would."""
-
-
-_INJECTED = {
-    "crash": lambda stage: SimulatedCrash(f"simulated crash in {stage}"),
-    "error": lambda stage: RuntimeError(f"injected error in {stage}"),
-    "resource": lambda stage: ResourceError(f"injected resource shortage in {stage}"),
-    "validation": lambda stage: ValidationError(f"injected validation error in {stage}", kind="injected"),
-}
-
-
-class FakeStages:
-    """Stages that write small files and sleep a little. They keep the same idempotency
-    contracts as the real ones and record every call, in memory and as JSON lines in
-    `<data>/fake_calls.jsonl` (so a test can count calls across daemon restarts/processes).
-
-    Options (kwargs, or `<data>/fake_stages.json` for `--fake-stages`):
-      train_steps, step_seconds  -- fake training length; one checkpoint per step
-      stage_seconds              -- sleep in every other stage
-      new_accuracy               -- accuracy reported for the job's own task
-      drop                       -- points every past task loses (to trip the gate)
-      inject                     -- {"stage": ["crash"|"error"|"resource"|"validation", "before"|"after", times]}
-    A file whose content contains the line `INVALID` fails validation (line number reported).
-    """
-
-    def __init__(
-        self,
-        data_dir: str | os.PathLike,
-        *,
-        train_steps: int = 3,
-        step_seconds: float = 0.0,
-        stage_seconds: float = 0.0,
-        new_accuracy: float = 0.9,
-        drop: float = 0.0,
-        inject: dict[str, list[Any]] | None = None,
-    ) -> None:
-        self.data_dir = Path(data_dir)
-        self.train_steps = train_steps
-        self.step_seconds = step_seconds
-        self.stage_seconds = stage_seconds
-        self.new_accuracy = new_accuracy
-        self.drop = drop
-        self.inject = {k: list(v) for k, v in (inject or {}).items()}
-        self.calls: list[dict[str, Any]] = []
-        self.calls_file = self.data_dir / "fake_calls.jsonl"
-        self.replay_file = self.data_dir / "fake_replay.json"
-
-    @classmethod
-    def from_data_dir(cls, data_dir: str | os.PathLike) -> "FakeStages":
-        opts_file = Path(data_dir) / "fake_stages.json"
-        opts = json.loads(opts_file.read_text()) if opts_file.exists() else {}
-        return cls(data_dir, **opts)
-
-    @staticmethod
-    def read_calls(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
-        path = Path(data_dir) / "fake_calls.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def _record(self, stage: str, ctx: JobContext, **data: Any) -> None:
-        entry = {"stage": stage, "job_id": ctx.job_id, "file": ctx.file_name, "pid": os.getpid(), **data}
-        self.calls.append(entry)
-        # O_APPEND + one write per line: lines from successive processes never interleave.
-        # (No fsync: the fakes only need to survive a process crash, not a power cut.)
-        fd = os.open(self.calls_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
-        finally:
-            os.close(fd)
-
-    def _maybe_inject(self, stage: str, when: str) -> None:
-        spec = self.inject.get(stage)
-        if not spec:
-            return
-        kind, at = spec[0], spec[1]
-        times = spec[2] if len(spec) > 2 else 1
-        if at != when or times <= 0:
-            return
-        spec[2:] = [times - 1]
-        raise _INJECTED[kind](stage)
-
-    def _sleep(self) -> None:
-        if self.stage_seconds:
-            time.sleep(self.stage_seconds)
-
-    def validate(self, ctx: JobContext) -> TaskInfo:
-        self._maybe_inject("validate", "before")
-        self._record("validate", ctx)
-        self._sleep()
-        lines = ctx.file_path.read_bytes().decode("utf-8", "replace").splitlines()
-        for n, line in enumerate(lines, 1):
-            if line.strip() == "INVALID":
-                raise ValidationError("line is not a record", file=ctx.file_name, line=n, kind="bad_json")
-        if not any(line.strip() for line in lines):
-            raise ValidationError("file has no records", file=ctx.file_name, kind="empty")
-        self._maybe_inject("validate", "after")
-        return TaskInfo(name=Path(ctx.file_name).stem, examples=sum(1 for line in lines if line.strip()))
-
-    def buffer(self, ctx: JobContext) -> BufferResult:
-        self._maybe_inject("buffer", "before")
-        self._sleep()
-        holdout = ctx.work_dir / "holdout.json"
-        if not holdout.exists():  # deterministic content, so rewriting would be harmless too
-            replace_json(holdout, {"task": ctx.task_name, "examples": [0]})
-        # The fake replay buffer: job id -> examples. Applying a job twice is a no-op.
-        replay = json.loads(self.replay_file.read_text()) if self.replay_file.exists() else {}
-        applied = str(ctx.job_id) not in replay
-        if applied:
-            replay[str(ctx.job_id)] = {"task": ctx.task_name, "examples": ctx.task.examples if ctx.task else 0}
-            replace_json(self.replay_file, replay)
-        self._record("buffer", ctx, applied=applied)
-        self._maybe_inject("buffer", "after")
-        return BufferResult(holdout_path=str(holdout), holdout_examples=1, replay_inserted=1 if applied else 0)
-
-    def train(self, ctx: JobContext, should_stop: ShouldStop) -> TrainResult:
-        self._maybe_inject("train", "before")
-        adapter = ctx.work_dir / "adapter.json"
-        ckpt = ctx.work_dir / "checkpoint.json"
-        if adapter.exists():  # finished before a crash: same result again, no training
-            done = json.loads(adapter.read_text())
-            self._record("train", ctx, start_step=done["steps"], end_step=done["steps"], resumed_done=True)
-            return TrainResult(steps=done["steps"], adapter_path=str(adapter))
-        start = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
-        step = start
-        t0 = time.monotonic()
-        try:
-            while step < self.train_steps:
-                if should_stop():
-                    raise Interrupted(f"stopped at step {step}")
-                time.sleep(self.step_seconds)
-                step += 1
-                replace_json(ckpt, {"step": step})
-                ctx.write_progress(stage="train", step=step, total_steps=self.train_steps)
-        finally:
-            self._record("train", ctx, start_step=start, end_step=step)
-        self._maybe_inject("train", "after")
-        replace_json(adapter, {"steps": step, "task": ctx.task_name})
-        return TrainResult(steps=step, seconds=time.monotonic() - t0, adapter_path=str(adapter))
-
-    def evaluate(self, ctx: JobContext) -> EvalResult:
-        self._maybe_inject("evaluate", "before")
-        self._record("evaluate", ctx)
-        self._sleep()
-        acc = {t: max(0.0, a - self.drop / 100) for t, a in (ctx.published.accuracies if ctx.published else {}).items()}
-        acc[ctx.task_name] = self.new_accuracy
-        return EvalResult(accuracies=acc)
-
-    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
-        return forgetting_gate(result.accuracies, ctx.published, ctx.config.service.forgetting_threshold)
-
-    def export(self, ctx: JobContext) -> Path:
-        self._maybe_inject("export", "before")
-        final = ctx.work_dir / "export"
-        built = not final.exists()
-        if built:
-            _build_dir(final, {"model.json": json.dumps({"job_id": ctx.job_id, "sha256": ctx.sha256})})
-        self._record("export", ctx, built=built)
-        self._sleep()
-        self._maybe_inject("export", "after")
-        return final
-
-    def publish(self, ctx: JobContext, export_path: Path) -> str:
-        self._maybe_inject("publish", "before")
-        models = ctx.layout.models
-        # Idempotent: a version already made from this job is returned, not made again.
-        for d in sorted(models.glob("v*")):
-            src = d / "source.json"
-            if src.exists() and json.loads(src.read_text()).get("job_id") == ctx.job_id:
-                # A crash may have landed after the folder was made, before current.json moved.
-                current = models / "current.json"
-                if not current.exists() or json.loads(current.read_text()).get("version") != d.name:
-                    replace_json(current, {"version": d.name})
-                self._record("publish", ctx, version=d.name, made=False)
-                return d.name
-        n = 1 + max((int(d.name[1:]) for d in models.glob("v*") if d.name[1:].isdigit()), default=0)
-        version = f"v{n}"
-        _build_dir(models / version, {
-            "model.json": (export_path / "model.json").read_text(),
-            "source.json": json.dumps({"job_id": ctx.job_id}),
-        })
-        replace_json(models / "current.json", {"version": version})
-        self._record("publish", ctx, version=version, made=True)
-        self._maybe_inject("publish", "after")
-        return version
-
-
-def _build_dir(final: Path, files: dict[str, str]) -> None:
-    """Fill a temp sibling, then rename it into place (the fakes' cheap atomic_dir: no fsync)."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True)
-    for name, text in files.items():
-        (tmp / name).write_text(text)
-    os.rename(tmp, final)
-
-
-def make_stages(config: "Config", *, fake: bool = False) -> Stages:
-    if fake:
-        return FakeStages.from_data_dir(config.data_path)
-    from .library_stages import LibraryStages as RealStages  # the wired library stages
-
-    return RealStages(config)

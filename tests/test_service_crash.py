@@ -21,17 +21,17 @@ import pytest
 from edgekif.config import load_config
 from service.daemon import Daemon
 from service.jobs import JobStore
-from service.stages import FakeStages, SimulatedCrash
+from service.testing import FakeStages, SimulatedCrash
 from test_service_process import DaemonProcess, _no_leftover_daemons, drop  # noqa: F401 (autouse fixture)
 
 TRAIN_STEPS = 8
 # validate, buffer, evaluate, export sleep 0.2 s each and train is 8 x 0.1 s: ~1.6 s a job.
 OPTS = {"train_steps": TRAIN_STEPS, "step_seconds": 0.1, "stage_seconds": 0.2}
 OVERRIDES = ["service.quiet_seconds=0.1", "service.scan_interval=0.2", "service.stop_timeout=20"]
-PIPELINE = ["received", "validated", "buffered", "training", "evaluated", "exported", "published"]
+PIPELINE = ["received", "validated", "buffered", "trained", "evaluated", "approved", "exported", "published"]
 # the state a job is in while the stage runs
-STAGE_STATE = {"validate": "received", "buffer": "validated", "train": "training",
-               "evaluate": "training", "export": "evaluated", "publish": "exported"}
+STAGE_STATE = {"validate": "received", "buffer": "validated", "train": "buffered",
+               "evaluate": "trained", "export": "approved", "publish": "exported"}
 TARGETS = [*STAGE_STATE, "anytime"]
 # seconds after the stage is seen running: less than the stage lasts; publish takes milliseconds
 MAX_DELAY = {"validate": 0.15, "buffer": 0.15, "train": 0.6, "evaluate": 0.15, "export": 0.15, "publish": 0.0}
@@ -186,7 +186,7 @@ def test_crash_between_making_a_version_and_switching_current_is_repaired(tmp_pa
     """Deterministic companion to the random kills: the narrowest publish window. The version
     folder exists, current.json still names the previous one, and the daemon has not committed.
     The re-run publish must find the version it made *and* make it current."""
-    import service.stages as stages_mod
+    import service.testing as stages_mod
 
     config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
     (tmp_path / "inbox").mkdir(parents=True)

@@ -37,7 +37,8 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from edgekif.config import load_config  # noqa: E402
-from service.daemon import Daemon, status  # noqa: E402
+from service.daemon import Daemon  # noqa: E402
+from service.status import status  # noqa: E402
 from service.jobs import DataLayout, JobStore  # noqa: E402
 
 COLORS = {"apple": "ant", "brick": "bee", "cloud": "cow", "dingo": "dog",
@@ -97,7 +98,7 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
         config = load_config(None, [
             f"data_dir={data}", "service.quiet_seconds=0",
             f"model.base={wide_tiny_dir}", "model.precision=fp32", "model.device=cpu", "model.threads=1",
-            "train.lr=3e-3", f"train.max_steps={steps}", "service.holdout_fraction=0.25",
+            "train.lr=3e-3", f"train.max_steps={steps}", "service.holdout_fraction=0.25", "train.deterministic=true",
             "export.target=onnx", "export.precision=fp32",
         ])
         training.append(Path(name).stem)

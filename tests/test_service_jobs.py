@@ -24,7 +24,7 @@ def store(tmp_path):
 def test_pragmas_wal_and_foreign_keys(store):
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
     with pytest.raises(sqlite3.IntegrityError):
         store.conn.execute("INSERT INTO jobs(file_id, state, created_at, updated_at) VALUES (999, 'received', 'x', 'x')")
 
@@ -114,3 +114,33 @@ def test_newer_schema_is_refused(tmp_path):
         s.conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(Exception, match="schema version 99"):
         JobStore(path)
+
+
+def test_schema_1_database_is_migrated_to_one_state_per_stage(tmp_path):
+    """A state.db written by a schema-1 daemon (one `training` state for train + evaluate)
+    opens with its jobs mapped to the state whose stage ran last, events kept."""
+    import sqlite3
+
+    from service import jobs as jobs_mod
+
+    db = tmp_path / "state.db"
+    v1 = jobs_mod._SCHEMA.replace("'trained', ", "").replace("'approved', ", "").replace("'buffered', ", "'buffered', 'training', ")
+    conn = sqlite3.connect(db)
+    conn.executescript(v1)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO files VALUES (1, 'a.jsonl', 'a', 1, 't', 'taken', '/a')")
+    rows = [(1, "training", "{}", None), (2, "training", '{"train": {"steps": 3}}', None),
+            (3, "failed", '{"train": {"steps": 3}}', '{"failed_from": "training", "stage": "evaluate"}'), (4, "published", "{}", None)]
+    for job_id, state, metrics, error in rows:
+        conn.execute("INSERT INTO jobs(id, file_id, state, metrics, error, created_at, updated_at) VALUES (?, 1, ?, ?, ?, 't', 't')",
+                     (job_id, state, metrics, error))
+        conn.execute("INSERT INTO events(job_id, ts, kind) VALUES (?, 't', 'received')", (job_id,))
+    conn.commit()
+    conn.close()
+    with JobStore(db) as store:
+        assert [j.state for j in store.jobs()] == ["buffered", "trained", "failed", "published"]
+        assert store.get(3).error["failed_from"] == "trained"
+        assert store.retry(3).state == "trained"
+        assert len(store.events()) == 5  # 4 kept + the retry
+        assert store.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"

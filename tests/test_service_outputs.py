@@ -67,7 +67,7 @@ def test_metrics_counted_from_events_and_written_atomically_on_change(tmp_path):
         fid = store.begin_take("a.jsonl", "a" * 64, 1, "t", "/a")
         job = store.finish_take(fid)
         store.log_event(None, "inbox_rejected", file="link")
-        for a, b in (("received", "validated"), ("validated", "buffered"), ("buffered", "training")):
+        for a, b in (("received", "validated"), ("validated", "buffered"), ("buffered", "trained")):
             store.advance(job, a, b)
         store.log_event(job, "train_run", seconds=1.5, outcome="interrupted")
         store.log_event(job, "train_run", seconds=2.25, outcome="done")
@@ -76,7 +76,7 @@ def test_metrics_counted_from_events_and_written_atomically_on_change(tmp_path):
         assert m["edgekif_files_rejected_total"] == 1
         assert m["edgekif_training_seconds_total"] == 3.75
         assert m["edgekif_queue_length"] == 1 and m["edgekif_current_version"] == 0
-        for a, b in (("training", "evaluated"), ("evaluated", "exported")):
+        for a, b in (("trained", "evaluated"), ("evaluated", "approved"), ("approved", "exported")):
             store.advance(job, a, b)
         store.advance(job, "exported", "published", version="v12")
 

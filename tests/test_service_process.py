@@ -21,13 +21,14 @@ from typing import Any, Callable
 import pytest
 
 from service.jobs import JobStore
-from service.stages import FakeStages
+from service.testing import FakeStages
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class DaemonProcess:
-    """`python -m service --data-dir DIR [--fake-stages]` in a subprocess.
+    """`python -m service.testing --data-dir DIR` (FakeStages) or, with fake_stages=False,
+    `python -m service --data-dir DIR` (the real stages) in a subprocess.
 
     fake_options go to DIR/fake_stages.json (FakeStages kwargs); overrides are `--set k=v`.
     stdout+stderr (JSON log lines) go to DIR/daemon-<n>.out.
@@ -61,13 +62,12 @@ class DaemonProcess:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "service", "--data-dir", str(self.data_dir)]
+        module = "service.testing" if self.fake_stages else "service"
+        cmd = [sys.executable, "-m", module, "--data-dir", str(self.data_dir)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         for ov in self.overrides:
             cmd += ["--set", ov]
-        if self.fake_stages:
-            cmd.append("--fake-stages")
         return cmd
 
     def start(self, *, wait_running: bool = True, timeout: float = 60.0) -> "DaemonProcess":
@@ -172,7 +172,7 @@ def test_sigterm_mid_training_exits_0_and_the_job_resumes(tmp_path):
     assert any(r["msg"] == "stopping" and r.get("reason") == "SIGTERM" for r in logs)
     assert any(r["msg"] == "stage stopped at a checkpoint" and r["job_id"] == 1 for r in logs)
     (job,) = jobs(tmp_path)
-    assert job.state == "training" and job.attempts == 0
+    assert job.state == "buffered" and job.attempts == 0
     stopped_at = json.loads((tmp_path / "jobs" / "1" / "checkpoint.json").read_text())["step"]
     assert 3 <= stopped_at < 100
     assert json.loads((tmp_path / "daemon.json").read_text())["state"] == "stopped"

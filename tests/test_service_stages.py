@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgekif.config import load_config
-from service.daemon import Daemon, status
+from service.daemon import Daemon
+from service.status import status
 from service.jobs import DataLayout, JobStore
 from service.stages import EvalResult, Published, TrainResult, forgetting_gate
 

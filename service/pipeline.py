@@ -1,0 +1,280 @@
+"""The job steps: one state, one stage, one commit.
+
+    received  --validate-->  validated  --buffer-->  buffered  --train-->  trained
+    trained   --evaluate-->  evaluated  --gate-->    approved | held
+    approved  --export-->    exported   --publish--> published
+
+`JobRunner.step(store, job)` runs the one stage after the job's state and commits its result
+(or its failure). Attempts are counted before a stage runs, so a stage that kills the process
+still uses one up; every stage is idempotent, so a crash between its side effects and the
+commit only makes it run again. The runner knows nothing of threads or signals: the daemon
+(service.daemon) calls it from its worker thread, tests call it directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from edgekif.config import Config
+from edgekif.errors import EdgekifError, Interrupted, ResourceError, ValidationError
+
+from .jobs import TRANSITIONS, DataLayout, Job, JobStore, utc_now
+from .stages import EvalResult, JobContext, Published, Stages, TaskInfo, check_memory
+from .watcher import move_to_rejected, safe_name, unique_rejected_dest
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+# Stages that load the model: check service.memory_ceiling_mb before each.
+MODEL_STAGES = frozenset({"train", "evaluate", "export"})
+
+
+class _Handled(Exception):
+    """A stage ended without a result and the job's fate was already recorded."""
+
+
+def error_dict(e: BaseException, stage: str) -> dict[str, Any]:
+    d = e.to_dict() if isinstance(e, EdgekifError) else {"error": type(e).__name__, "message": str(e)}
+    d.setdefault("kind", type(e).__name__)
+    d["stage"] = stage
+    d["traceback"] = traceback.format_exception(e)[-3:]
+    return d
+
+
+def release_memory() -> None:
+    """After a model stage: collect the model's reference cycles and hand the freed heap back to
+    the OS. Without this an idle daemon kept ~3 GB RSS after one SmolLM2 job (measured with
+    tools/bench_daemon.py: ~1 GB of unreachable cycles, the rest freed but kept by glibc's
+    per-thread arenas); with it, ~0.5 GB."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc only; a no-op elsewhere
+    except (OSError, AttributeError):
+        pass
+
+
+class JobRunner:
+    """Runs jobs one stage at a time through `stages`, committing to state.db.
+
+    on_current(info | None) is told which stage runs now (the daemon shows it in status);
+    should_stop() is polled by training; `not_before` holds retry back-off per job id.
+    """
+
+    def __init__(
+        self,
+        layout: DataLayout,
+        config: Config,
+        stages: Stages,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_current: Callable[[dict[str, Any] | None], None] = lambda _c: None,
+        retry_base_seconds: float = 5.0,
+        resource_retry_seconds: float = 60.0,
+    ) -> None:
+        self.layout = layout
+        self.config = config
+        self.stages = stages
+        self.should_stop = should_stop
+        self.on_current = on_current
+        self.retry_base_seconds = retry_base_seconds
+        self.resource_retry_seconds = resource_retry_seconds
+        self.not_before: dict[int, float] = {}  # job id -> monotonic time of the next try
+
+    def runnable(self, job: Job) -> bool:
+        return self.not_before.get(job.id, 0.0) <= time.monotonic()
+
+    # ---- context --------------------------------------------------------------------------
+
+    def context(self, store: JobStore, job: Job) -> JobContext:
+        work = self.layout.job_dir(job.id)
+        work.mkdir(parents=True, exist_ok=True)
+        task = None
+        if job.task_id is not None:
+            row = store.task(job.task_id)
+            if row is not None:
+                task = TaskInfo(row["name"], row["examples"], job.metrics.get("validate", {}).get("details", {}))
+        pub = store.last_published()
+        published = None
+        if pub is not None:
+            accs = pub.metrics.get("evaluate", {}).get("accuracies", {})
+            published = Published(version=pub.version or "", job_id=pub.id, accuracies={k: float(v) for k, v in accs.items()})
+        past = []
+        for j in store.jobs(("published",)):
+            if j.task_id is not None and (t := store.task(j.task_id)) is not None and t["name"] not in past:
+                past.append(t["name"])
+        return JobContext(
+            job_id=job.id, file_name=job.file_name, file_path=Path(job.file_path), sha256=job.sha256, work_dir=work,
+            layout=self.layout, config=self.config, task=task, metrics=dict(job.metrics), published=published, past_tasks=past,
+        )
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def step(self, store: JobStore, job: Job) -> None:
+        """Run the next stage of `job` and commit its result (or its failure)."""
+        handler = getattr(self, f"_from_{job.state}", None)
+        if handler is None:
+            raise EdgekifError(f"job {job.id}: no step from state {job.state!r}")
+        try:
+            handler(store, job, self.context(store, job))
+        except _Handled:
+            pass
+        finally:
+            self.on_current(None)
+
+    def _guarded(self, store: JobStore, job: Job, stage: str, fn: Callable[[], Any]) -> Any:
+        """Run one stage call with attempt counting and error handling.
+
+        ValidationError -> job rejected; ResourceError / Interrupted -> stays queued, attempt
+        refunded; other exceptions -> retried with backoff, `failed` after MAX_ATTEMPTS.
+        BaseExceptions (KeyboardInterrupt, a simulated crash) are not caught: like a crash.
+        """
+        attempts = store.begin_attempt(job.id, job.state, stage)
+        if attempts > MAX_ATTEMPTS:
+            store.fail(job.id, job.state, {
+                "kind": "crashed", "stage": stage,
+                "message": f"{stage} was started {MAX_ATTEMPTS} times without finishing (process killed or crashed)",
+            })
+            log.error("job failed: stage never finished", extra={"job_id": job.id, "stage": stage})
+            raise _Handled
+        self.on_current({"job_id": job.id, "file": job.file_name, "state": job.state, "stage": stage, "since": utc_now(), "attempt": attempts})
+        try:
+            if stage in MODEL_STAGES:
+                check_memory(self.config.service.memory_ceiling_mb)
+            return fn()
+        except Exception as e:
+            self._stage_failed(store, job, stage, attempts, e)
+            raise _Handled from None
+        finally:
+            if stage in MODEL_STAGES:
+                release_memory()
+
+    def _stage_failed(self, store: JobStore, job: Job, stage: str, attempts: int, e: Exception) -> None:
+        if isinstance(e, ValidationError) and "rejected" in TRANSITIONS[job.state]:
+            self._reject_job(store, job, e, stage)
+        elif isinstance(e, ResourceError):
+            store.refund_attempt(job.id, job.state)
+            self.not_before[job.id] = time.monotonic() + self.resource_retry_seconds
+            log.warning("not enough resources; job stays queued", extra={"job_id": job.id, "stage": stage, "error": str(e), "retry_in_s": self.resource_retry_seconds})
+        elif isinstance(e, Interrupted):
+            store.refund_attempt(job.id, job.state)
+            log.info("stage stopped at a checkpoint", extra={"job_id": job.id, "stage": stage, "detail": str(e)})
+        elif attempts >= MAX_ATTEMPTS:
+            store.fail(job.id, job.state, error_dict(e, stage))
+            log.error("job failed", extra={"job_id": job.id, "stage": stage, "attempts": attempts, "error": str(e)}, exc_info=e)
+        else:
+            store.record_error(job.id, job.state, error_dict(e, stage))
+            delay = self.retry_base_seconds * 2 ** (attempts - 1)
+            self.not_before[job.id] = time.monotonic() + delay
+            log.warning("stage failed; will retry", extra={"job_id": job.id, "stage": stage, "attempt": attempts, "retry_in_s": delay, "error": str(e)}, exc_info=e)
+
+    # ---- one method per state: run the stage after it, commit, done ---------------------------
+
+    def _from_received(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        info = self._guarded(store, job, "validate", lambda: self.stages.validate(ctx))
+        store.advance(job.id, "received", "validated", metrics={"validate": info.to_dict()},
+                      task={"name": info.name, "examples": info.examples})
+        log.info("validated", extra={"job_id": job.id, "task": info.name, "examples": info.examples})
+
+    def _from_validated(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        result = self._guarded(store, job, "buffer", lambda: self.stages.buffer(ctx))
+        d = result.to_dict() if result is not None else {}
+        store.advance(job.id, "validated", "buffered", metrics={"buffer": d}, holdout=d.get("holdout_path"))
+        log.info("buffered", extra={"job_id": job.id, **{k: v for k, v in d.items() if k != "details"}})
+
+    def _train(self, store: JobStore, job: Job, ctx: JobContext) -> Any:
+        t0 = time.monotonic()
+        outcome = "error"
+        try:
+            result = self.stages.train(ctx, self.should_stop)
+            outcome = "done"
+            return result
+        except Interrupted:
+            outcome = "interrupted"
+            raise
+        finally:
+            # Counted even when interrupted: training_seconds_total is time spent, not time kept.
+            store.log_event(job.id, "train_run", seconds=round(time.monotonic() - t0, 3), outcome=outcome)
+
+    def _from_buffered(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        result = self._guarded(store, job, "train", lambda: self._train(store, job, ctx))
+        store.advance(job.id, "buffered", "trained", metrics={"train": result.to_dict()}, steps=result.steps)
+        log.info("trained", extra={"job_id": job.id, "steps": result.steps})
+
+    def _from_trained(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        result = self._guarded(store, job, "evaluate", lambda: self.stages.evaluate(ctx))
+        store.advance(job.id, "trained", "evaluated", metrics={"evaluate": result.to_dict()})
+        log.info("evaluated", extra={"job_id": job.id, "accuracies": result.accuracies})
+
+    def _from_evaluated(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        """The forgetting gate: approved, or held with the reasons (publish --force overrides)."""
+        if (job.metrics.get("gate") or {}).get("forced"):  # forced by a schema-1 daemon
+            store.advance(job.id, "evaluated", "approved")
+            return
+        result = EvalResult.from_dict(job.metrics.get("evaluate", {}))
+        ok, reasons = self._guarded(store, job, "gate", lambda: self.stages.gate(ctx, result))
+        info = {
+            "ok": bool(ok),
+            "reasons": list(reasons),
+            "threshold_points": self.config.service.forgetting_threshold,
+            "accuracies": result.accuracies,
+            "published_version": ctx.published.version if ctx.published else None,
+            "published_accuracies": ctx.published.accuracies if ctx.published else {},
+        }
+        if ok:
+            store.advance(job.id, "evaluated", "approved", metrics={"gate": info})
+            log.info("approved by the forgetting gate", extra={"job_id": job.id})
+            return
+        store.advance(job.id, "evaluated", "held", metrics={"gate": info},
+                      error={"kind": "forgetting", "message": "; ".join(info["reasons"]), "reasons": info["reasons"]})
+        log.warning("held by the forgetting gate (edgekif publish --force %d overrides)", job.id,
+                    extra={"job_id": job.id, "reasons": info["reasons"]})
+
+    def _from_approved(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        path = Path(self._guarded(store, job, "export", lambda: self.stages.export(ctx)))
+        forced = bool((job.metrics.get("gate") or {}).get("forced"))
+        store.advance(job.id, "approved", "exported", metrics={"export": {"path": str(path)}})
+        log.info("exported", extra={"job_id": job.id, "path": str(path), "forced": forced})
+
+    def _from_exported(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        path = Path(job.metrics["export"]["path"])
+        version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path)))
+        store.advance(job.id, "exported", "published", version=version, metrics={"publish": {"version": version}})
+        log.info("published", extra={"job_id": job.id, "version": version})
+
+    # ---- rejections of accepted files -------------------------------------------------------
+
+    def _reject_job(self, store: JobStore, job: Job, e: ValidationError, stage: str) -> None:
+        """Job -> rejected and its file -> rejected/NAME with NAME.error.json.
+
+        Crash-safe order: commit (job rejected, file 'rejecting', destination in the error),
+        move, then mark the file 'rejected'; reconcile_rejections() redoes the move.
+        """
+        dest = unique_rejected_dest(self.layout.rejected, safe_name(job.file_name), job.file_name)
+        error = {**e.to_dict(), "stage": stage, "rejected_path": str(dest)}
+        store.advance(job.id, job.state, "rejected", error=error, file_status="rejecting")
+        self._move_rejected(store, job.file_id, dest, e.to_dict(), job.id)
+        log.warning("rejected %s: %s", job.file_name, e, extra={"job_id": job.id, "stage": stage, "rejected_path": str(dest)})
+
+    def _move_rejected(self, store: JobStore, file_id: int, dest: Path, error: dict[str, Any], job_id: int) -> None:
+        f = store.file(file_id)
+        if os.path.lexists(f.path):
+            move_to_rejected(self.layout, f.path, name=f.name, error=error, sha256=f.sha256,
+                             received_at=f.received_at, dest=dest, extra={"job_id": job_id})
+        store.set_file(file_id, status="rejected", path=str(dest))
+
+    def reconcile_rejections(self, store: JobStore) -> None:
+        for f in store.files("rejecting"):
+            jobs = [j for j in store.jobs(("rejected",)) if j.file_id == f.id]
+            if not jobs:
+                continue
+            job = jobs[-1]
+            error = {k: v for k, v in (job.error or {}).items() if k not in ("rejected_path", "stage")}
+            self._move_rejected(store, f.id, Path(job.error["rejected_path"]), error, job.id)
+            log.info("finished an interrupted rejection", extra={"job_id": job.id, "file": f.name})

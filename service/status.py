@@ -1,0 +1,156 @@
+"""`edgekif status`: what the daemon is doing, read from state.db, daemon.json and the job
+folders. Read-only; works whether or not the daemon runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from edgekif.config import Config
+
+from .jobs import DataLayout, Job, JobStore
+from .metrics import read_json
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _buffer_stats(path: Path) -> dict[str, Any] | None:
+    """Per-task example counts from replay.db, read-only (the library owns its schema)."""
+    if not path.exists():
+        return None
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as e:
+        return {"error": str(e)}
+    try:
+        try:
+            rows = conn.execute("SELECT task_id, stored FROM tasks").fetchall()
+            tasks = {str(t): int(n) for t, n in rows}
+            return {"total": sum(tasks.values()), "tasks": tasks}
+        except sqlite3.Error:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            return {"tables": {t: conn.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}}
+    except sqlite3.Error as e:
+        return {"error": str(e)}
+    finally:
+        conn.close()
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "file": job.file_name,
+        "state": job.state,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "version": job.version,
+        "error": (job.error or {}).get("message"),
+    }
+
+
+def status(config: Config) -> dict[str, Any]:
+    """Everything `edgekif status` shows, as plain data (also fine for `--json`)."""
+    layout = DataLayout(config.data_path)
+    runtime = read_json(layout.runtime_file)
+    running = bool(runtime and runtime.get("state") in ("running", "stopping") and _pid_alive(int(runtime.get("pid", 0))))
+    out: dict[str, Any] = {
+        "data_dir": str(layout.root),
+        "daemon": {
+            "running": running,
+            "pid": runtime.get("pid") if running else None,
+            "state": runtime.get("state") if runtime else None,
+            "started_at": runtime.get("started_at") if running else None,
+            "torch_loaded": runtime.get("torch_loaded") if running else None,
+        },
+        "initialized": layout.state_db.exists(),
+        "inbox_waiting": 0,
+        "queue": [],
+        "current": None,
+        "published": None,
+        "counts": {},
+        "problems": [],
+        "buffer": _buffer_stats(layout.replay_db),
+    }
+    if layout.inbox.is_dir():
+        out["inbox_waiting"] = sum(1 for n in os.listdir(os.fsencode(layout.inbox)) if not n.startswith(b"."))
+    if not layout.state_db.exists():
+        return out
+    with JobStore(layout.state_db) as store:
+        queue = store.queue()
+        out["queue"] = [_job_summary(j) for j in queue]
+        cur = (runtime or {}).get("current") if running else None
+        if cur is None and queue:
+            cur = {"job_id": queue[0].id, "file": queue[0].file_name, "state": queue[0].state, "stage": None}
+        if cur is not None:
+            cur = dict(cur)
+            cur["progress"] = read_json(layout.job_dir(cur["job_id"]) / "progress.json")
+        out["current"] = cur
+        pub = store.last_published()
+        if pub is not None:
+            out["published"] = {
+                "version": pub.version,
+                "job_id": pub.id,
+                "file": pub.file_name,
+                "published_at": pub.updated_at,
+                "accuracies": pub.metrics.get("evaluate", {}).get("accuracies", {}),
+            }
+        out["counts"] = store.state_counts()
+        out["problems"] = [_job_summary(j) for j in store.jobs(("failed", "held", "rejected", "duplicate"), limit=10, newest_first=True)]
+    return out
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """`status()` as a human-readable table."""
+    lines = [f"edgekif  data dir: {st['data_dir']}"]
+    d = st["daemon"]
+    lines.append(f"daemon:   {'running (pid %s)' % d['pid'] if d['running'] else 'not running'}")
+    pub = st.get("published")
+    if pub:
+        lines.append(f"live:     {pub['version']} (job {pub['job_id']}, {pub['file']}, {pub['published_at']})")
+        for task, acc in sorted(pub["accuracies"].items()):
+            lines.append(f"            {task:<24} {100 * float(acc):6.1f}")
+    else:
+        lines.append("live:     no model published yet")
+    cur = st.get("current")
+    if cur:
+        prog = cur.get("progress") or {}
+        extra = ""
+        if "step" in prog:
+            total = prog.get("total_steps") or prog.get("steps")
+            extra = f"  step {prog['step']}/{total}" + (f" ({100 * prog['step'] / total:.0f}%)" if total else "")
+        lines.append(f"current:  job {cur['job_id']} {cur['file']}  {cur['state']}{' / ' + cur['stage'] if cur.get('stage') else ''}{extra}")
+    q = st.get("queue") or []
+    lines.append(f"queue:    {len(q)} unfinished job(s), {st.get('inbox_waiting', 0)} file(s) waiting in inbox/")
+    if q:
+        lines.append(f"  {'ID':>5}  {'FILE':<32} {'STATE':<10} {'TRIES':>5}  SINCE")
+        for j in q:
+            lines.append(f"  {j['id']:>5}  {_clip(j['file'], 32):<32} {j['state']:<10} {j['attempts']:>5}  {j['updated_at']}")
+    buf = st.get("buffer")
+    if buf and "total" in buf:
+        per = ", ".join(f"{t} {n}" for t, n in buf["tasks"].items())
+        lines.append(f"buffer:   {buf['total']} examples" + (f" ({per})" if per else ""))
+    counts = st.get("counts") or {}
+    if counts:
+        lines.append("jobs:     " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    probs = st.get("problems") or []
+    if probs:
+        lines.append("recent problems:")
+        for j in probs:
+            lines.append(f"  {j['id']:>5}  {_clip(j['file'], 32):<32} {j['state']:<10} {_clip(j['error'] or '', 80)}")
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
