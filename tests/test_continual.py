@@ -1,0 +1,142 @@
+"""The one continual loop (edgekif.continual) and the strategy lifecycle, on the tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from edgekif.config import Config, KIFConfig, LoRAConfig, TrainConfig, load_config
+from edgekif.continual import StreamTask, learn_task, run_stream
+from edgekif.model import add_lora, tiny_llama
+from edgekif.records import Record
+from edgekif.replay import ReplayBuffer
+from edgekif.strategies import STRATEGIES, strategy_config, strategy_names
+from edgekif.trainer import Learner, has_learner, read_learner_meta
+
+WORDS = ["alpha", "beta", "gamma", "delta"]
+
+
+def _records(name: str, n: int = 12) -> list[Record]:
+    return [Record.from_prompt(f"{name} item {i}: which word?", WORDS[i % 4], id=f"{name}_{i}") for i in range(n)]
+
+
+def _learner(strategy: str, max_steps: int = 3) -> Learner:
+    model, tok = tiny_llama(seed=0)
+    model = add_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    cfg = Config()
+    cfg.train = TrainConfig(strategy=strategy, lr=5e-3, batch_size=4, max_steps=max_steps, checkpoint_every=0, seed=3)
+    cfg.kif = KIFConfig(inner_steps=2, outer_steps=1, outer_lr=5e-3, replay_batch_size=4)
+    cfg.data.max_length = 48
+    return Learner.create(cfg, model, tok)
+
+
+@pytest.fixture()
+def buffer(tmp_path):
+    with ReplayBuffer(tmp_path / "replay.db", Config().replay) as buf:
+        yield buf
+
+
+class SpySampler:
+    """Wraps ReplayBuffer.sample to record which tasks each draw was allowed."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, ...]] = []
+        real = ReplayBuffer.sample
+
+        def spy(buf, n, seed, task_ids=None):
+            self.calls.append(tuple(task_ids or ()))
+            return real(buf, n, seed, task_ids=task_ids)
+
+        monkeypatch.setattr(ReplayBuffer, "sample", spy)
+
+
+def test_learn_task_replays_only_allowed_past_tasks_then_remembers(buffer, monkeypatch):
+    spy = SpySampler(monkeypatch)
+    learner = _learner("replay")
+    for name in ("a", "b"):
+        learn_task(learner, buffer, StreamTask(name, _records(name)))
+    assert buffer.tasks() == ["a", "b"]
+    assert spy.calls and set(spy.calls) == {("a",)}  # task b replayed a, never itself
+    spy.calls.clear()
+    # the daemon: only published tasks may be replayed, and the buffer step already stored c
+    buffer.add_task("c", _records("c"))
+    learn_task(learner, buffer, StreamTask("c", _records("c")), past_tasks=["b"], remember=False)
+    assert set(spy.calls) == {("b",)}
+
+
+def test_a_strategy_without_replay_never_samples(buffer, monkeypatch):
+    spy = SpySampler(monkeypatch)
+    learner = _learner("seq_lora")
+    run_stream(learner, buffer, [StreamTask(n, _records(n)) for n in ("a", "b", "c")])
+    assert spy.calls == []
+    assert buffer.tasks() == ["a", "b", "c"]  # remembered all the same
+
+
+def test_run_stream_fills_the_accuracy_matrix_in_order(buffer):
+    learner = _learner("recurrent_kif")
+    scored: list[tuple[int, str]] = []
+
+    def evaluate(lrn, name):
+        scored.append((len(lrn.tasks_seen), name))
+        return {"a": 0.5, "b": 0.25, "c": 1.0}[name]
+
+    res = run_stream(learner, buffer, [StreamTask(n, _records(n)) for n in ("a", "b", "c")], evaluate=evaluate, score_before=True)
+    # before b and c (FWT), then after each task every task seen so far
+    assert scored == [(1, "a"), (1, "b"), (2, "a"), (2, "b"), (2, "c"), (3, "a"), (3, "b"), (3, "c")]
+    assert res.matrix.get(0, 1) == 0.25 and res.matrix.get(2, 2) == 1.0 and res.matrix.get(0, 2) is None
+    assert [r.task_id for r in res.results] == ["a", "b", "c"]
+    assert learner.tasks_seen == ["a", "b", "c"]
+
+
+def test_joint_strategy_trains_once_on_the_union_with_every_tasks_budget(buffer):
+    learner = _learner("mtl", max_steps=3)
+    res = run_stream(learner, buffer, [StreamTask(n, _records(n)) for n in ("a", "b")], evaluate=lambda lrn, name: 0.5)
+    (only,) = res.results
+    assert only.task_id == "a+b" and only.task_steps == 6  # 3 steps x 2 tasks
+    assert only.examples == 6 * 4
+    assert res.matrix.get(1, 0) == 0.5 and res.matrix.get(1, 1) == 0.5 and res.matrix.get(0, 0) is None
+    assert buffer.tasks() == []  # the upper bound keeps no replay buffer
+
+
+def test_registry_ties_every_strategy_to_its_config():
+    assert strategy_names() == list(STRATEGIES)
+    cfg = load_config(None, ["kif.inner_steps=5", "kif.mask_quantile=0.9"])
+    assert strategy_config("recurrent_kif", cfg).mask_quantile == 0.9
+    assert strategy_config("replay", cfg).inner_steps == 5
+    assert dataclasses.fields(strategy_config("seq_lora", cfg)) == ()
+    for name, spec in STRATEGIES.items():
+        cls = spec.load()
+        assert cls.name == name and isinstance(strategy_config(name, cfg), spec.config_cls)
+    from edgekif.config import ConfigError
+
+    with pytest.raises(ConfigError, match="recurrent_kif"):
+        load_config(None, ["train.strategy=nope"])
+
+
+def test_lifecycle_setup_once_fresh_optimizers_per_task_importance_persists(buffer):
+    learner = _learner("recurrent_kif")
+    s = learner.strategy
+    inner = s.inner
+    learn_task(learner, buffer, StreamTask("a", _records("a")))
+    opt_a = s.optimizers["inner"]
+    sens = {n: t.clone() for n, t in inner.sensitivity.items()}
+    assert any(bool(t.abs().sum() > 0) for t in sens.values())
+    learn_task(learner, buffer, StreamTask("b", _records("b")))
+    assert s.inner is inner  # set up once: the same trackers across tasks
+    assert s.optimizers["inner"] is not opt_a  # a fresh optimizer for task b
+    assert any(not torch.equal(sens[n], inner.sensitivity[n]) for n in sens)
+    assert s.fusions == 2  # per task: b had two rounds (3 task steps, Q=2)
+
+
+def test_learner_folder_keeps_persistent_state_only(tmp_path, buffer):
+    learner = _learner("recurrent_kif")
+    learn_task(learner, buffer, StreamTask("a", _records("a")))
+    learner.save(tmp_path / "learner")
+    assert has_learner(tmp_path / "learner") and read_learner_meta(tmp_path / "learner").tasks_seen == ["a"]
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "learner" / "strategy_state.safetensors")).keys()
+    assert keys and all(k.startswith(("inner.", "outer.")) for k in keys)
+    assert set(learner.strategy.checkpoint_state()) >= set(keys) | {"fusions"}
