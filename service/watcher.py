@@ -8,8 +8,9 @@ inotify (watchdog) only wakes the scanner up; the scan itself decides. A startup
 periodic scan (`service.scan_interval`) catch anything inotify missed (overflow, files that
 were there before the daemon started, file systems without inotify).
 
-Nothing in the inbox is ever followed or opened unless it is a regular file: symlinks,
-directories, FIFOs, sockets and devices are moved to rejected/ as they are (os.rename moves
+Nothing in the inbox is ever followed or opened unless it is a regular file with one link:
+symlinks, directories, FIFOs, sockets, devices and hard links (a regular file with more than
+one name, possibly outside the data dir) are moved to rejected/ as they are (os.rename moves
 the link, not its target), with a NAME.error.json report beside them.
 """
 
@@ -45,6 +46,17 @@ _ERROR_SUFFIX = ".error.json"
 def is_ignored(name: bytes) -> bool:
     """Dot-files and in-progress names: not ours to look at (yet)."""
     return name.startswith(b".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def ignored_inbox_entries(layout: DataLayout) -> list[str]:
+    """Display names of inbox entries ignored as "in progress" (dot-files, .tmp/.part/...
+    names), sorted. They wait, untouched, until renamed; `status` shows them so a writer that
+    forgot the rename is noticed."""
+    try:
+        with os.scandir(os.fsencode(layout.inbox)) as it:
+            return sorted(display_name(e.name) for e in it if is_ignored(e.name))
+    except FileNotFoundError:
+        return []
 
 
 def name_problem(name: bytes) -> str | None:
@@ -215,6 +227,7 @@ class InboxWatcher:
         self._store_thread: int | None = None
         self._seen: dict[bytes, _Seen] = {}
         self._wake = threading.Event()
+        self._ignored: set[bytes] = set()  # ignored names already logged
         self.last_scan: float | None = None  # monotonic; the daemon's health check reads it
         self.observer_running = False
 
@@ -246,9 +259,11 @@ class InboxWatcher:
         inbox = os.fsencode(self.layout.inbox)
         self.layout.inbox.mkdir(parents=True, exist_ok=True)
         entries: list[tuple[int, bytes, os.stat_result]] = []
+        ignored: set[bytes] = set()
         with os.scandir(inbox) as it:
             for entry in it:
                 if is_ignored(entry.name):
+                    ignored.add(entry.name)
                     continue
                 try:
                     st = os.lstat(entry.path)
@@ -256,6 +271,9 @@ class InboxWatcher:
                     continue
                 entries.append((st.st_mtime_ns, entry.name, st))
         entries.sort()  # arrival order (mtime, then name) decides job order
+        for name in sorted(ignored - self._ignored):  # once per name: it may wait for hours
+            log.info("ignoring %s until it is renamed (in-progress name)", display_name(name), extra={"file": display_name(name)})
+        self._ignored = ignored
 
         now = time.monotonic()
         due: float | None = None
@@ -266,6 +284,14 @@ class InboxWatcher:
             kind = _kind_of(st.st_mode)
             if kind is not None:
                 self._reject(path, name, {"kind": kind, "message": f"not a regular file ({kind}); not followed"})
+                continue
+            if st.st_nlink > 1:
+                # Another name for the same inode, maybe outside the data dir (a file the
+                # writer could read but should not hand over): never read through it.
+                self._reject(
+                    path, name,
+                    {"kind": "hard_link", "message": f"{display_name(name)} is a hard link ({st.st_nlink} links to one file); not read"},
+                )
                 continue
             problem = name_problem(name)
             if problem is not None:
@@ -320,7 +346,7 @@ class InboxWatcher:
             raise
         try:
             before = os.fstat(fd)
-            if (not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino
+            if (not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino or before.st_nlink != 1
                     or before.st_size != st.st_size or before.st_mtime_ns != st.st_mtime_ns):
                 return None  # changed since the quiet check: observe again
             h = hashlib.sha256()

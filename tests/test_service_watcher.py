@@ -13,7 +13,7 @@ import pytest
 
 from edgekif.config import load_config
 from service.jobs import DataLayout, JobStore
-from service.watcher import InboxWatcher, accepted_name, name_problem, reconcile_takes, safe_name
+from service.watcher import InboxWatcher, accepted_name, ignored_inbox_entries, name_problem, reconcile_takes, safe_name
 from test_service_daemon import wait_for as _wait_for
 
 
@@ -96,6 +96,50 @@ def test_in_progress_names_are_ignored_until_renamed(tmp_path, name):
     with JobStore(layout.state_db) as store:
         assert [f.name for f in store.files("taken")] == ["done.jsonl"]
         assert len(store.jobs(("received",))) == 1
+    watcher.close()
+
+
+def test_ignored_entries_are_listed_for_status(tmp_path, caplog):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    assert ignored_inbox_entries(layout) == []
+    for name in (".rsync.abc123", ".hidden.jsonl", "x.jsonl.part", "ok.jsonl"):
+        (layout.inbox / name).write_text(json.dumps({"name": name}) + "\n")
+    with open(os.fsencode(layout.inbox) + b"/.bell\x07", "wb") as f:
+        f.write(b"{}\n")
+    with caplog.at_level("INFO", logger="service.watcher"):
+        for _ in range(3):
+            watcher.scan_once()
+    # still there, untouched, and listed (escaped) so status can say "N ignored, waiting for rename"
+    assert ignored_inbox_entries(layout) == [".bell\\x07", ".hidden.jsonl", ".rsync.abc123", "x.jsonl.part"]
+    assert not any(layout.rejected.iterdir())
+    # logged once per name, not once per scan
+    assert sum("ignoring .hidden.jsonl until it is renamed" in r.getMessage() for r in caplog.records) == 1
+    os.rename(layout.inbox / ".hidden.jsonl", layout.inbox / "hidden.jsonl")
+    watcher.scan_once()
+    assert ".hidden.jsonl" not in ignored_inbox_entries(layout)
+    with JobStore(layout.state_db) as store:
+        assert sorted(f.name for f in store.files("taken")) == ["hidden.jsonl", "ok.jsonl"]
+    watcher.close()
+    assert ignored_inbox_entries(DataLayout(tmp_path / "nowhere")) == []
+
+
+def test_hard_link_is_rejected_without_reading(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    outside = tmp_path / "outside.jsonl"  # e.g. a file of another user, linked into the inbox
+    outside.write_text('{"prompt": "secret", "completion": "x"}\n')
+    os.link(outside, layout.inbox / "linked.jsonl")
+    watcher.scan_once()
+    rep = reports(layout)["linked.jsonl"]
+    assert rep["error"]["kind"] == "hard_link"
+    assert "linked.jsonl" in rep["error"]["message"] and "hard link" in rep["error"]["message"]
+    assert rep["sha256"] is None  # never read
+    assert (layout.rejected / "linked.jsonl").exists() and outside.read_text().startswith('{"prompt"')
+    assert not any(layout.inbox.iterdir())
+    with JobStore(layout.state_db) as store:
+        assert store.files() == [] and store.jobs() == []
+        assert store.count_events("inbox_rejected") == 1
     watcher.close()
 
 
