@@ -2,6 +2,12 @@
 
 Clients and restarts depend on these files, so a reader sees either the old or the new
 content, never a torn write.
+
+Modes: mkstemp/mkdtemp create 0600/0700 whatever the umask, which would leave published
+versions, manifests, metrics and reports unreadable to a client in the service's group.
+Everything made here gets the mode an ordinary open()/mkdir() would get: 0666 & ~umask for
+files, 0777 & ~umask for directories (0640/0750 under systemd's UMask=0027, 0644/0755 under
+0022). See process_umask() for how the umask is read without a race.
 """
 
 from __future__ import annotations
@@ -12,8 +18,60 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask_by_syscall() -> int:
+    # os.umask() can only be read by setting it; the lock keeps two of our readers apart, but
+    # a file created by another thread in between would get 0o022. Used only where
+    # /proc/self/status has no Umask line (non-Linux, kernels < 4.7), once, at import.
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+_UMASK_AT_IMPORT = _umask_by_syscall()
+
+
+def process_umask() -> int:
+    """The process umask now. Linux: read from /proc/self/status (no race with threads that
+    create files, and sees umask changes made later); elsewhere: the umask at import."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def file_mode() -> int:
+    """Mode an ordinary new file gets: 0666 & ~umask."""
+    return 0o666 & ~process_umask()
+
+
+def dir_mode() -> int:
+    """Mode an ordinary new directory gets: 0777 & ~umask."""
+    return 0o777 & ~process_umask()
+
+
+def mkstemp_public(dir: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """tempfile.mkstemp, then the umask-derived mode instead of 0600 (the file is renamed into
+    a place clients read)."""
+    fd, tmp = tempfile.mkstemp(dir=dir, prefix=prefix, suffix=suffix)
+    try:
+        os.fchmod(fd, file_mode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -28,7 +86,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_public(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -48,6 +106,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def apply_default_modes(root: str | os.PathLike) -> None:
+    """Give root and everything under it the umask-derived modes (symlinks untouched).
+
+    For trees copied from elsewhere (copytree keeps the source's modes, e.g. an export built
+    by an older version with 0700/0600), before they are published to clients."""
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, dmode)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
@@ -75,6 +151,7 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, dir_mode())  # mkdtemp's 0700 would survive the rename
         yield tmp
         fsync_tree(tmp)
         if final.exists():

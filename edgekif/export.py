@@ -20,18 +20,20 @@ lose the adapter's effect.
 from __future__ import annotations
 
 import copy
+import ctypes
 import datetime as _dt
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .atomic import atomic_dir, atomic_write_json, sha256_file
 from .errors import ConfigError, ExportError, IntegrityError, ParityError
@@ -246,17 +248,94 @@ def default_builder_options(precision: str, ep: str) -> dict[str, str]:
     return dict(DEFAULT_BUILDER_OPTIONS.get((precision, ep), {}))
 
 
+# ---------------------------------------------------------------- children that die with us
+
+GENAI_CACHE_PREFIX = "edgekif-genai-cache-"  # + "<pid>-": start-up cleanup skips live pids
+_PR_SET_PDEATHSIG = 1
+_prctl: Any = None
+
+
+def _resolve_prctl() -> Any:
+    """libc's prctl, looked up once in the parent: the preexec hook after fork() then makes
+    one foreign call and no lookups or imports (a forked child of a threaded process must
+    not take locks other threads may have held)."""
+    global _prctl
+    if _prctl is None and sys.platform.startswith("linux"):
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).prctl
+            fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+            fn.restype = ctypes.c_int
+            _prctl = fn
+        except (OSError, AttributeError):
+            _prctl = False
+    return _prctl or None
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """preexec_fn: SIGKILL this child when the thread that started it dies (Linux
+    PR_SET_PDEATHSIG); None elsewhere. If the parent already died before the prctl took
+    effect, the signal would never come, so the child kills itself."""
+    prctl = _resolve_prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own group: pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def run_child(
+    cmd: Sequence[str], *, timeout: float | None = None, env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None
+) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True), but the child cannot outlive us.
+
+    The child gets its own process group, and on Linux PR_SET_PDEATHSIG=SIGKILL, so a daemon
+    killed with SIGKILL (OOM killer, watchdog, kill -9) takes the child with it. On a timeout
+    (subprocess.TimeoutExpired) or any exception here (an interrupt), the whole group is
+    killed, grandchildren included, before the exception propagates. Caveat: the death signal
+    follows the *thread* that started the child, so call this from a thread that waits for it
+    (as here). Grandchildren that leave the group are not covered.
+    """
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+        process_group=0, preexec_fn=_die_with_parent_hook(),
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_options: dict[str, str] | None = None) -> None:
     if not (fused_dir / "config.json").is_file():
         raise ExportError(f"{fused_dir}: not a Hugging Face model folder (no config.json)")
-    with tempfile.TemporaryDirectory(prefix="edgekif-genai-cache-") as cache:
+    # The pid in the name lets the daemon's start-up cleanup remove caches of dead processes
+    # (service.housekeeping.cleanup_stale_temp) without touching a running export's.
+    with tempfile.TemporaryDirectory(prefix=f"{GENAI_CACHE_PREFIX}{os.getpid()}-") as cache:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(fused_dir.resolve()), "-o", str(dest.resolve()), "-p", precision, "-e", ep, "-c", cache]
         options = {**default_builder_options(precision, ep), **(builder_options or {})}
         if options:
             cmd += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
         log.info("running onnxruntime-genai model builder", extra={"cmd": " ".join(cmd)})
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cache)
+        res = run_child(cmd, env=env, cwd=cache)
     output = (res.stdout or "") + (res.stderr or "")
     if res.returncode != 0:
         raise ExportError(f"onnxruntime-genai builder failed (exit {res.returncode}) for {fused_dir}:\n{output[-3000:]}")

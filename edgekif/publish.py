@@ -8,7 +8,8 @@ A reader resolves `current` once (os.path.realpath) and reads from that version 
 sees one complete version even if `current` is switched meanwhile. A version folder appears
 only complete (built as .v000N.tmp, fsynced, renamed), and `current` only ever points at a
 version whose manifest was verified. One process publishes (an flock on models/.publish.lock
-guards against a second one); any number of processes may read.
+guards against a second one); any number of processes may read. Version folders and their
+files get the umask-derived modes (0750/0640 under UMask=0027), whatever the export had.
 
 gc(keep) deletes versions that are neither among the newest `keep` nor current. A reader that
 holds an old version across more than `keep` publishes may lose it: resolve `current` again.
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .atomic import fsync_dir, fsync_tree
+from .atomic import apply_default_modes, fsync_dir, fsync_tree
 from .errors import IntegrityError, PublishError
 from .export import MANIFEST, read_manifest, verify_manifest
 
@@ -146,6 +147,9 @@ class ModelStore:
                     os.rename(export_dir, staging)  # same filesystem only; OSError otherwise
                 else:
                     shutil.copytree(export_dir, staging, symlinks=False)
+                # copytree/rename keep the export's modes (0700/0600 from mkdtemp/mkstemp in
+                # older exports); clients in the service's group must be able to read it.
+                apply_default_modes(staging)
                 fsync_tree(staging)
                 verify_manifest(staging)  # the copy itself could be bad (disk full, I/O error)
                 os.rename(staging, self.models / name)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from edgekif.atomic import mkstemp_public
 
 from .jobs import JobStore
 
@@ -19,9 +20,11 @@ from .jobs import JobStore
 def replace_text(path: str | Path, text: str) -> None:
     """Atomic (a reader sees the old or the new content) but not fsynced: for files that are
     rewritten often and are worthless after a power cut anyway (metrics, progress,
-    daemon.json). Skipping fsync spares the flash storage of small boxes."""
+    daemon.json). Skipping fsync spares the flash storage of small boxes. The file gets the
+    umask-derived mode (0640 under UMask=0027), not mkstemp's 0600: node_exporter and
+    `edgekif status` run as other users."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_public(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

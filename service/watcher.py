@@ -1,15 +1,22 @@
 """The inbox: notice new files, wait until they are complete, take or reject them.
 
 A file is taken only once it looks finished: regular file, acceptable name, size and mtime
-unchanged across `service.quiet_seconds`. Writers that cannot guarantee that should write
-`name.tmp` (or a dot-file) and rename it when done: those names are ignored.
+unchanged across `service.quiet_seconds`, and no process we can see holds it open for writing
+(open_writers(): /proc/*/fd). Writers that cannot guarantee that should write `name.tmp` (or a
+dot-file) and rename it when done: those names are ignored.
+
+What is taken is a copy: the file is hashed while it is copied into a temp file in accepted/,
+and that copy (nobody else has it open) is renamed into place, so the recorded sha256 is the
+hash of exactly the bytes later stages read. The inbox file is removed only if it is still
+the inode that was copied, unchanged; otherwise the copy is dropped and the file waits again.
 
 inotify (watchdog) only wakes the scanner up; the scan itself decides. A startup scan and a
 periodic scan (`service.scan_interval`) catch anything inotify missed (overflow, files that
 were there before the daemon started, file systems without inotify).
 
-Nothing in the inbox is ever followed or opened unless it is a regular file: symlinks,
-directories, FIFOs, sockets and devices are moved to rejected/ as they are (os.rename moves
+Nothing in the inbox is ever followed or opened unless it is a regular file with one link:
+symlinks, directories, FIFOs, sockets, devices and hard links (a regular file with more than
+one name, possibly outside the data dir) are moved to rejected/ as they are (os.rename moves
 the link, not its target), with a NAME.error.json report beside them.
 """
 
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from edgekif.atomic import atomic_write_json, fsync_dir
+from edgekif.atomic import atomic_write_json, fsync_dir, mkstemp_public, sha256_file
 
 from .jobs import DataLayout, DuplicateFile, JobStore, utc_now
 
@@ -45,6 +52,17 @@ _ERROR_SUFFIX = ".error.json"
 def is_ignored(name: bytes) -> bool:
     """Dot-files and in-progress names: not ours to look at (yet)."""
     return name.startswith(b".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def ignored_inbox_entries(layout: DataLayout) -> list[str]:
+    """Display names of inbox entries ignored as "in progress" (dot-files, .tmp/.part/...
+    names), sorted. They wait, untouched, until renamed; `status` shows them so a writer that
+    forgot the rename is noticed."""
+    try:
+        with os.scandir(os.fsencode(layout.inbox)) as it:
+            return sorted(display_name(e.name) for e in it if is_ignored(e.name))
+    except FileNotFoundError:
+        return []
 
 
 def name_problem(name: bytes) -> str | None:
@@ -155,10 +173,59 @@ def reconcile_takes(layout: DataLayout, store: JobStore) -> None:
         if os.path.lexists(f.path):
             job_id = store.finish_take(f.id)
             log.info("finished an interrupted take", extra={"file": f.name, "job_id": job_id})
+            # The copy was renamed into accepted/ but the crash came before the inbox file was
+            # removed: remove it now if it holds the same bytes (else it would come back as a
+            # duplicate). Different bytes (written after the copy) stay and are taken anew.
+            left = layout.inbox / f.name
+            try:
+                st = os.lstat(left)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == f.size and sha256_file(left) == f.sha256:
+                    os.unlink(left)
+                    fsync_dir(layout.inbox)
+            except (FileNotFoundError, ValueError):
+                pass
         else:
             # Never renamed: the file is still in inbox/ (the next scan takes it) or gone.
             store.forget_take(f.id)
             log.info("forgot an interrupted take", extra={"file": f.name, "still_in_inbox": (layout.inbox / f.name).exists()})
+
+
+def open_writers(st: os.stat_result, name: bytes, *, proc: str = "/proc") -> list[int] | None:
+    """Pids that hold the file (st_dev, st_ino) open for writing, or None if /proc is unusable.
+
+    Only processes whose /proc/PID/fd we may read are seen: all of them as root, else those
+    of our own user (another user's fds need ptrace access). Unseen writers are left to the
+    quiet period. Each fd is matched by readlink first (no call into the file's file system,
+    so an fd on a hung NFS mount cannot block the scan), then by stat.
+    """
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return None
+    suffix = b"/" + name
+    found: list[int] = []
+    for pid in pids:
+        fd_dir = f"{proc}/{pid}/fd".encode()
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # exited, or not ours to inspect
+            continue
+        for fd in fds:
+            link = fd_dir + b"/" + fd
+            try:
+                if not os.readlink(link).endswith(suffix):
+                    continue
+                s = os.stat(link)
+                if (s.st_dev, s.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                with open(f"{proc}/{pid}/fdinfo/{fd.decode()}", "rb") as f:
+                    flags = next(int(line.split()[1], 8) for line in f if line.startswith(b"flags:"))
+            except (OSError, ValueError, StopIteration):
+                continue
+            if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                found.append(int(pid))
+                break
+    return found
 
 
 def _kind_of(mode: int) -> str | None:
@@ -176,6 +243,14 @@ def _kind_of(mode: int) -> str | None:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "device"
     return "special"
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _drop_shutdown_race(record: logging.LogRecord) -> bool:
@@ -215,6 +290,8 @@ class InboxWatcher:
         self._store_thread: int | None = None
         self._seen: dict[bytes, _Seen] = {}
         self._wake = threading.Event()
+        self._ignored: set[bytes] = set()  # ignored names already logged
+        self._busy_logged: set[bytes] = set()  # names logged as open for writing
         self.last_scan: float | None = None  # monotonic; the daemon's health check reads it
         self.observer_running = False
 
@@ -246,9 +323,11 @@ class InboxWatcher:
         inbox = os.fsencode(self.layout.inbox)
         self.layout.inbox.mkdir(parents=True, exist_ok=True)
         entries: list[tuple[int, bytes, os.stat_result]] = []
+        ignored: set[bytes] = set()
         with os.scandir(inbox) as it:
             for entry in it:
                 if is_ignored(entry.name):
+                    ignored.add(entry.name)
                     continue
                 try:
                     st = os.lstat(entry.path)
@@ -256,6 +335,9 @@ class InboxWatcher:
                     continue
                 entries.append((st.st_mtime_ns, entry.name, st))
         entries.sort()  # arrival order (mtime, then name) decides job order
+        for name in sorted(ignored - self._ignored):  # once per name: it may wait for hours
+            log.info("ignoring %s until it is renamed (in-progress name)", display_name(name), extra={"file": display_name(name)})
+        self._ignored = ignored
 
         now = time.monotonic()
         due: float | None = None
@@ -266,6 +348,14 @@ class InboxWatcher:
             kind = _kind_of(st.st_mode)
             if kind is not None:
                 self._reject(path, name, {"kind": kind, "message": f"not a regular file ({kind}); not followed"})
+                continue
+            if st.st_nlink > 1:
+                # Another name for the same inode, maybe outside the data dir (a file the
+                # writer could read but should not hand over): never read through it.
+                self._reject(
+                    path, name,
+                    {"kind": "hard_link", "message": f"{display_name(name)} is a hard link ({st.st_nlink} links to one file); not read"},
+                )
                 continue
             problem = name_problem(name)
             if problem is not None:
@@ -294,6 +384,7 @@ class InboxWatcher:
         for name in list(self._seen):
             if name not in present:
                 del self._seen[name]
+        self._busy_logged &= present
         self.last_scan = time.monotonic()
         return due
 
@@ -307,7 +398,10 @@ class InboxWatcher:
         log.warning("rejected %s: %s", display_name(name), error["message"], extra={"file": display_name(name), "reason": error["kind"], "rejected_path": str(dest)})
 
     def _take(self, path: bytes, name: bytes, st: os.stat_result) -> int | None:
-        """Hash, record as 'taking', rename into accepted/, mark taken + queue the job."""
+        """Copy (hashing) into accepted/, record as 'taking', rename the copy into place,
+        remove the inbox file if unchanged, mark taken + queue the job.
+
+        Returns None when the file must be observed again (changed, or open for writing)."""
         try:
             # O_NOFOLLOW/O_NONBLOCK: if the entry was swapped for a symlink or FIFO since the
             # lstat, fail (or at least never block) instead of following it.
@@ -318,18 +412,41 @@ class InboxWatcher:
             if e.errno == errno.ELOOP:
                 return None  # became a symlink: the next scan rejects it
             raise
+        tmp: str | None = None
         try:
             before = os.fstat(fd)
-            if (not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino
+            if (not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino or before.st_nlink != 1
                     or before.st_size != st.st_size or before.st_mtime_ns != st.st_mtime_ns):
                 return None  # changed since the quiet check: observe again
+            writers = open_writers(before, name)
+            if writers:
+                # Quiet but still open for writing (a slow writer): wait for the close.
+                if name not in self._busy_logged:
+                    self._busy_logged.add(name)
+                    log.info("waiting for %s: open for writing by pid %s", display_name(name), writers[0], extra={"file": display_name(name), "pids": writers})
+                return None
+            self.layout.accepted.mkdir(parents=True, exist_ok=True)
+            tfd, tmp = mkstemp_public(self.layout.accepted, prefix=".take.", suffix=".tmp")
             h = hashlib.sha256()
-            while block := os.read(fd, 1 << 20):
-                h.update(block)
+            copied = 0
+            with os.fdopen(tfd, "wb") as out:
+                while block := os.read(fd, 1 << 20):
+                    copied += len(block)
+                    if copied > before.st_size:
+                        break  # growing: observe again
+                    h.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
             after = os.fstat(fd)
+        except BaseException:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+            raise
         finally:
             os.close(fd)
-        if after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns:
+        if copied != before.st_size or after.st_size != before.st_size or after.st_mtime_ns != before.st_mtime_ns:
+            _unlink_quietly(tmp)
             return None  # still being written after all
         sha = h.hexdigest()
         text = name.decode("utf-8")
@@ -340,8 +457,9 @@ class InboxWatcher:
             dest = self.layout.accepted / accepted_name(sha, f"{n}_{text}")
             n += 1
         try:
-            file_id = self.store.begin_take(text, sha, st.st_size, received_at, str(dest))
+            file_id = self.store.begin_take(text, sha, before.st_size, received_at, str(dest))
         except DuplicateFile as dup:
+            _unlink_quietly(tmp)
             error = {
                 "kind": "duplicate",
                 "message": f"same content as {dup.name!r}"
@@ -355,16 +473,28 @@ class InboxWatcher:
             job_id = self.store.record_duplicate(text, sha, dup, str(rejected))
             log.warning("duplicate %s: %s", text, error["message"], extra={"file": text, "job_id": job_id, "sha256": sha})
             return None
-        self.layout.accepted.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(path, dest)
-        except FileNotFoundError:
-            self.store.forget_take(file_id)
-            return None
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        os.rename(tmp, dest)  # the accepted file appears complete, with the recorded bytes
         fsync_dir(self.layout.accepted)
+        # Remove the inbox file only if it is still what was copied. A write that landed after
+        # the copy (a writer we could not see) undoes the take: the file waits again, whole.
+        try:
+            now = os.lstat(path)
+            unchanged = (now.st_ino, now.st_size, now.st_mtime_ns, now.st_nlink) == (before.st_ino, before.st_size, before.st_mtime_ns, 1)
+        except FileNotFoundError:
+            now, unchanged = None, False
+        if not unchanged:
+            os.unlink(dest)
+            fsync_dir(self.layout.accepted)
+            self.store.forget_take(file_id)
+            log.info("%s changed while it was being taken; waiting again", text, extra={"file": text})
+            return None
+        os.unlink(path)
         fsync_dir(self.layout.inbox)
         job_id = self.store.finish_take(file_id)
-        log.info("file taken", extra={"file": text, "job_id": job_id, "sha256": sha, "size": st.st_size})
+        log.info("file taken", extra={"file": text, "job_id": job_id, "sha256": sha, "size": before.st_size})
         if self.on_new_job is not None:
             self.on_new_job(job_id)
         return job_id

@@ -13,7 +13,8 @@ import pytest
 
 from edgekif.config import load_config
 from service.jobs import DataLayout, JobStore
-from service.watcher import InboxWatcher, accepted_name, name_problem, reconcile_takes, safe_name
+import service.watcher as watcher_mod
+from service.watcher import InboxWatcher, accepted_name, ignored_inbox_entries, name_problem, open_writers, reconcile_takes, safe_name
 from test_service_daemon import wait_for as _wait_for
 
 
@@ -64,6 +65,108 @@ def test_slowly_written_file_is_taken_once_and_complete(tmp_path):
     assert not (layout.inbox / "slow.jsonl").exists()
 
 
+def _run_slow_writer(tmp_path, *, keep_open: bool, quiet: float, lines: int, every: float = 0.3):
+    """A writer thread appends one line every `every` s while the watcher runs; returns
+    (files, jobs, content, layout) once the file is taken and nothing else showed up."""
+    config, layout = make(tmp_path, quiet_seconds=quiet, scan_interval=0.1)
+    watcher = InboxWatcher(layout, config)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    chunks = [f'{{"i": {i}, "pad": "{"y" * 100}"}}\n'.encode() for i in range(lines)]
+    path = layout.inbox / "slow.jsonl"
+    thread.start()
+    try:
+        if keep_open:
+            with open(path, "ab") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    f.flush()
+                    time.sleep(every)
+        else:
+            for chunk in chunks:
+                with open(path, "ab") as f:
+                    f.write(chunk)
+                time.sleep(every)
+        with JobStore(layout.state_db) as store:
+            assert wait_for(lambda: store.files("taken"), timeout=60)
+            time.sleep(quiet * 3 + 1.0)  # nothing else shows up later either
+            files, jobs = store.files(), store.jobs()
+    finally:
+        stop.set()
+        watcher.wake()
+        thread.join(30)
+    return files, jobs, b"".join(chunks), layout
+
+
+def test_quiet_file_still_open_for_writing_is_not_taken(tmp_path):
+    """Pauses between writes (0.3 s) longer than quiet_seconds (0.2 s): the size/mtime check
+    alone would take the file mid-write; the open writer keeps it in the inbox until closed."""
+    files, jobs, content, layout = _run_slow_writer(tmp_path, keep_open=True, quiet=0.2, lines=10)
+    assert len(files) == 1 and len(jobs) == 1
+    assert files[0].sha256 == hashlib.sha256(content).hexdigest() and files[0].size == len(content)
+    taken = layout.accepted / accepted_name(files[0].sha256, "slow.jsonl")
+    assert taken.read_bytes() == content  # all 10 lines, and exactly the recorded bytes
+    assert sorted(os.listdir(layout.accepted)) == [taken.name]  # no temp copy left
+    assert not any(layout.inbox.iterdir())
+
+
+def test_writer_opening_the_file_per_line_is_taken_once_with_a_long_enough_quiet_period(tmp_path):
+    """A closed file is indistinguishable from a finished one: only quiet_seconds longer than
+    the writer's pauses (here 3 s vs 0.3 s) keeps it whole."""
+    files, jobs, content, layout = _run_slow_writer(tmp_path, keep_open=False, quiet=3.0, lines=8)
+    assert len(files) == 1 and len(jobs) == 1
+    assert files[0].sha256 == hashlib.sha256(content).hexdigest() == hashlib.sha256(layout.accepted.joinpath(accepted_name(files[0].sha256, "slow.jsonl")).read_bytes()).hexdigest()
+
+
+def test_write_landing_after_the_copy_undoes_the_take(tmp_path, monkeypatch):
+    """A writer we cannot see (another user's process) appends between the copy and the
+    removal from the inbox: the copy is dropped and the whole file is taken later."""
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    path = layout.inbox / "late.jsonl"
+    path.write_bytes(b'{"i": 1}\n')
+    monkeypatch.setattr(watcher_mod, "open_writers", lambda st, name, **kw: None)
+    real_fsync_dir = watcher_mod.fsync_dir
+    appended = []
+
+    def fsync_dir_then_append(d):
+        real_fsync_dir(d)
+        if os.fspath(d) == os.fspath(layout.accepted) and not appended:
+            appended.append(True)
+            with open(path, "ab") as f:
+                f.write(b'{"i": 2}\n')
+
+    monkeypatch.setattr(watcher_mod, "fsync_dir", fsync_dir_then_append)
+    watcher.scan_once()
+    assert appended and path.read_bytes() == b'{"i": 1}\n{"i": 2}\n'
+    assert os.listdir(layout.accepted) == []  # the half copy is gone
+    with JobStore(layout.state_db) as store:
+        assert store.files() == [] and store.jobs() == []
+        watcher.scan_once()  # observed again (changed), then taken whole
+        watcher.scan_once()
+        files = store.files("taken")
+        assert len(files) == 1 and len(store.jobs()) == 1
+        assert files[0].sha256 == hashlib.sha256(b'{"i": 1}\n{"i": 2}\n').hexdigest()
+        assert hashlib.sha256(open(files[0].path, "rb").read()).hexdigest() == files[0].sha256
+    watcher.close()
+
+
+def test_open_writers_sees_write_fds_only(tmp_path):
+    p = tmp_path / "f.jsonl"
+    p.write_text("x")
+    st = os.stat(p)
+    if open_writers(st, b"f.jsonl") is None:
+        pytest.skip("no /proc")
+    assert open_writers(st, b"f.jsonl") == []
+    with open(p, "rb"):
+        assert open_writers(st, b"f.jsonl") == []
+    with open(p, "ab"):
+        assert open_writers(st, b"f.jsonl") == [os.getpid()]
+    with open(p, "r+b"):
+        assert open_writers(st, b"f.jsonl") == [os.getpid()]
+    assert open_writers(st, b"f.jsonl") == []
+
+
 def test_change_during_quiet_period_restarts_the_wait(tmp_path):
     config, layout = make(tmp_path, quiet_seconds=0.5)
     watcher = InboxWatcher(layout, config)
@@ -96,6 +199,50 @@ def test_in_progress_names_are_ignored_until_renamed(tmp_path, name):
     with JobStore(layout.state_db) as store:
         assert [f.name for f in store.files("taken")] == ["done.jsonl"]
         assert len(store.jobs(("received",))) == 1
+    watcher.close()
+
+
+def test_ignored_entries_are_listed_for_status(tmp_path, caplog):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    assert ignored_inbox_entries(layout) == []
+    for name in (".rsync.abc123", ".hidden.jsonl", "x.jsonl.part", "ok.jsonl"):
+        (layout.inbox / name).write_text(json.dumps({"name": name}) + "\n")
+    with open(os.fsencode(layout.inbox) + b"/.bell\x07", "wb") as f:
+        f.write(b"{}\n")
+    with caplog.at_level("INFO", logger="service.watcher"):
+        for _ in range(3):
+            watcher.scan_once()
+    # still there, untouched, and listed (escaped) so status can say "N ignored, waiting for rename"
+    assert ignored_inbox_entries(layout) == [".bell\\x07", ".hidden.jsonl", ".rsync.abc123", "x.jsonl.part"]
+    assert not any(layout.rejected.iterdir())
+    # logged once per name, not once per scan
+    assert sum("ignoring .hidden.jsonl until it is renamed" in r.getMessage() for r in caplog.records) == 1
+    os.rename(layout.inbox / ".hidden.jsonl", layout.inbox / "hidden.jsonl")
+    watcher.scan_once()
+    assert ".hidden.jsonl" not in ignored_inbox_entries(layout)
+    with JobStore(layout.state_db) as store:
+        assert sorted(f.name for f in store.files("taken")) == ["hidden.jsonl", "ok.jsonl"]
+    watcher.close()
+    assert ignored_inbox_entries(DataLayout(tmp_path / "nowhere")) == []
+
+
+def test_hard_link_is_rejected_without_reading(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    outside = tmp_path / "outside.jsonl"  # e.g. a file of another user, linked into the inbox
+    outside.write_text('{"prompt": "secret", "completion": "x"}\n')
+    os.link(outside, layout.inbox / "linked.jsonl")
+    watcher.scan_once()
+    rep = reports(layout)["linked.jsonl"]
+    assert rep["error"]["kind"] == "hard_link"
+    assert "linked.jsonl" in rep["error"]["message"] and "hard link" in rep["error"]["message"]
+    assert rep["sha256"] is None  # never read
+    assert (layout.rejected / "linked.jsonl").exists() and outside.read_text().startswith('{"prompt"')
+    assert not any(layout.inbox.iterdir())
+    with JobStore(layout.state_db) as store:
+        assert store.files() == [] and store.jobs() == []
+        assert store.count_events("inbox_rejected") == 1
     watcher.close()
 
 
@@ -218,6 +365,31 @@ def test_reconcile_finishes_or_forgets_interrupted_takes(tmp_path):
         watcher.scan_once()  # two.jsonl is taken normally, once
         assert [(f.name, f.status) for f in store.files()] == [("one.jsonl", "taken"), ("two.jsonl", "taken")]
         assert [j.file_name for j in store.jobs()] == ["one.jsonl", "two.jsonl"]
+        watcher.close()
+
+
+def test_reconcile_removes_the_inbox_copy_of_a_finished_take(tmp_path):
+    """Crash after the copy was renamed into accepted/, before the inbox file was removed."""
+    config, layout = make(tmp_path, quiet_seconds=0)
+    with JobStore(layout.state_db) as store:
+        data = b'{"c": 3}\n'
+        sha = hashlib.sha256(data).hexdigest()
+        (layout.inbox / "three.jsonl").write_bytes(data)
+        dest = layout.accepted / accepted_name(sha, "three.jsonl")
+        dest.write_bytes(data)
+        store.begin_take("three.jsonl", sha, len(data), "t", str(dest))
+        (layout.inbox / "other.jsonl").write_bytes(b'{"d": 4}\n')  # same size, other bytes: kept
+        sha_other = "0" * 64
+        dest_other = layout.accepted / accepted_name(sha_other, "other.jsonl")
+        dest_other.write_bytes(b'{"d": 5}\n')
+        store.begin_take("other.jsonl", sha_other, len(data), "t", str(dest_other))
+        reconcile_takes(layout, store)
+        assert not (layout.inbox / "three.jsonl").exists()  # else it would come back as a duplicate
+        assert (layout.inbox / "other.jsonl").exists()
+        assert [(f.name, f.status) for f in store.files()] == [("three.jsonl", "taken"), ("other.jsonl", "taken")]
+        watcher = InboxWatcher(layout, config)
+        watcher.scan_once()
+        assert [j.state for j in store.jobs()] == ["received", "received", "received"]
         watcher.close()
 
 
