@@ -33,6 +33,14 @@ def cmd_publish(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    from .status import format_jobs, list_jobs
+
+    rows = list_jobs(_config(args), limit=args.limit or None)
+    _print_json(rows) if args.json else print(format_jobs(rows))
+    return 0
+
+
 def cmd_retry(args) -> int:
     from .control import retry_job
 
@@ -46,6 +54,9 @@ def add_daemon_commands(add: CommandAdder) -> None:
     sp.add_argument("--json", action="store_true")
     sp = add("publish", cmd_publish, "publish a job held by the forgetting gate")
     sp.add_argument("--force", metavar="JOB", help="job id to publish anyway")
+    sp = add("jobs", cmd_jobs, "every job, newest first: file, task, state, tries, version, last error")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--limit", type=int, default=0, help="at most this many (0 = all)")
     sp = add("retry", cmd_retry, "queue a failed job again from the state it failed in")
     sp.add_argument("job", metavar="JOB", help="job id (see `edgekif status`)")
 

@@ -30,6 +30,7 @@ from edgekif.errors import ConfigError, EdgekifError
 
 from .jobs import DataLayout, Job, JobStore, utc_now
 from .logs import setup_logging
+from .housekeeping import cleanup_stale_temp
 from .metrics import MetricsWriter, read_json, replace_json
 from .pipeline import JobRunner
 from .sdnotify import Notifier
@@ -63,15 +64,18 @@ def health_problem(watcher: threading.Thread, worker: threading.Thread, last_sca
     return None
 
 
-def status_line(store: JobStore, layout: DataLayout, current: dict[str, Any] | None) -> str:
+def status_line(store: JobStore, layout: DataLayout, current: dict[str, Any] | None, waiting: dict[int, dict[str, Any]] | None = None) -> str:
     """The one line systemd shows (sd_notify STATUS)."""
     queued = len(store.queue())
+    if not current and waiting:
+        job_id, w = next(iter(waiting.items()))
+        return f"job {job_id} waiting for resources before {w['stage']}: {w['reason']}; {queued} unfinished"
     if current:
         progress = read_json(layout.job_dir(current["job_id"]) / "progress.json") or {}
         total = progress.get("total_steps") or progress.get("steps") or "?"
         step = f" step {progress['step']}/{total}" if current["stage"] == "train" and "step" in progress else ""
         return f"job {current['job_id']} ({current['file']}): {current['stage']}{step}; {queued} unfinished"
-    pub = store.last_published()
+    pub = store.live()
     return f"idle; {queued} unfinished; live {pub.version if pub else 'none'}"
 
 
@@ -86,7 +90,8 @@ class RuntimeFile:
         self._last: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
-    def publish(self, current: dict[str, Any] | None, state: str | None = None, *, write: bool = True) -> None:
+    def publish(self, current: dict[str, Any] | None, state: str | None = None, *, write: bool = True,
+                waiting: dict[int, dict[str, Any]] | None = None) -> None:
         with self._lock:
             if state is not None:
                 self.state = state
@@ -98,6 +103,7 @@ class RuntimeFile:
                 "started_at": self.started_at,
                 "data_dir": str(self.layout.root),
                 "current": current,
+                "waiting": {str(k): v for k, v in (waiting or {}).items()},  # jobs held back by disk/memory
                 # `status` shows it; the idle daemon must not have paid for importing torch.
                 "torch_loaded": "torch" in sys.modules,
             }
@@ -172,6 +178,7 @@ class Daemon:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
         self._store = JobStore(self.layout.state_db)
+        cleanup_stale_temp(self.layout)  # what a killed daemon's jobs left half-written
         reconcile_takes(self.layout, self._store)
         self.runner.reconcile_rejections(self._store)
 
@@ -311,11 +318,11 @@ class Daemon:
 
     def _status_line(self) -> str:
         assert self._store is not None
-        return status_line(self._store, self.layout, self.current)
+        return status_line(self._store, self.layout, self.current, self.runner.waiting)
 
     def _publish_runtime(self, state: str | None = None) -> None:
         # not running (run_until_idle without run()): no daemon.json
-        self.runtime.publish(self.current, state, write=self._lock_fd is not None)
+        self.runtime.publish(self.current, state, write=self._lock_fd is not None, waiting=self.runner.waiting)
 
     def _set_current(self, current: dict[str, Any] | None) -> None:
         self.current = current

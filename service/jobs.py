@@ -249,6 +249,19 @@ class DataLayout:
             d.mkdir(parents=True, exist_ok=True)
 
 
+def _unique_task_name(c: sqlite3.Connection, name: str) -> str:
+    """Each file is its own task: a file named like an earlier task (other bytes; the same
+    bytes are a duplicate) becomes `NAME~2`, `NAME~3`, ... so that its holdout and its share
+    of the replay buffer never overwrite or merge with the earlier task's."""
+    taken = {r[0] for r in c.execute("SELECT name FROM tasks")}  # a few per dropped file: small
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name}~{n}" in taken:
+        n += 1
+    return f"{name}~{n}"
+
+
 def _migrate_v1(c: sqlite3.Connection) -> None:
     """Schema 1 had one `training` state for train + evaluate and gated inside export. Rebuild
     the jobs table with the new CHECK (SQLite cannot alter one) and map each job to the state
@@ -464,6 +477,39 @@ class JobStore:
         jobs = self.jobs(("published",), limit=1, newest_first=True)
         return jobs[0] if jobs else None
 
+    def live(self) -> Job | None:
+        """The job whose version `models/current` points at. That link is the one source of
+        truth for what is live: `edgekif models rollback` moves it, and status, the forgetting
+        gate's baseline and the next job's starting adapter follow. A version no job made
+        (published by hand with `edgekif export --publish`) has no job: None. Stages that
+        publish without ModelStore's link (the tests' fakes): the last published job."""
+        root = self.path.parent  # state.db lives in the data dir
+        if not os.path.lexists(root / "models" / "current"):
+            return self.last_published()
+        from edgekif.publish import ModelStore  # torch-free
+
+        version = ModelStore(root).current()
+        if version is None:
+            return None
+        jobs = [j for j in self.jobs(("published",), newest_first=True) if j.version == version]
+        return jobs[0] if jobs else None
+
+    def lineage(self, job: Job) -> list[Job]:
+        """The published jobs whose training `job`'s model carries, oldest first, `job` last:
+        each job records the live job it started from (metrics.started_from). Jobs from before
+        that record: every earlier published job."""
+        chain: list[Job] = [job]
+        seen = {job.id}
+        while "started_from" in chain[-1].metrics:
+            prev = chain[-1].metrics["started_from"]
+            if prev is None or prev in seen:
+                break
+            chain.append(self.get(prev))
+            seen.add(prev)
+        if "started_from" not in chain[-1].metrics:  # an old job: assume a straight line
+            chain += [j for j in self.jobs(("published",), newest_first=True) if j.id < chain[-1].id and j.id not in seen]
+        return list(reversed(chain))
+
     def _cas(self, c: sqlite3.Connection, job_id: int, from_state: str) -> sqlite3.Row:
         row = c.execute("SELECT state, metrics, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
@@ -513,7 +559,7 @@ class JobStore:
                 file_id = c.execute("SELECT file_id FROM jobs WHERE id = ?", (job_id,)).fetchone()["file_id"]
                 cur = c.execute(
                     "INSERT INTO tasks(name, file_id, examples, holdout, created_at) VALUES (?, ?, ?, NULL, ?)",
-                    (task["name"], file_id, int(task["examples"]), now),
+                    (_unique_task_name(c, task["name"]), file_id, int(task["examples"]), now),
                 )
                 sets.append("task_id = ?")
                 args.append(int(cur.lastrowid))

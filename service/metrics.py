@@ -79,7 +79,7 @@ def render(store: JobStore, *, training: bool = False, prefix: str = "edgekif_")
         metric(name, "counter", help_, store.count_events(*kinds))
     metric("training_seconds_total", "counter", "Wall-clock seconds spent in the train stage.", round(store.sum_event_field("train_run", "seconds"), 3))
     metric("queue_length", "gauge", "Jobs not yet in a terminal state.", len(store.queue()))
-    published = store.last_published()
+    published = store.live()
     current = version_number(published.version) if published else None
     metric("current_version", "gauge", "Number of the published model version (0 = none).", current or 0)
     metric("training", "gauge", "1 while the train stage runs.", 1 if training else 0)

@@ -14,6 +14,7 @@ commit only makes it run again. The runner knows nothing of threads or signals: 
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import logging
 import os
@@ -34,6 +35,27 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 # Stages that load the model: check service.memory_ceiling_mb before each.
 MODEL_STAGES = frozenset({"train", "evaluate", "export"})
+
+
+# Out of disk or memory: nobody's fault, so it uses up no attempt; the job waits and retries
+# until the resource is back (a full disk fails the same way every try, then recovers).
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
+
+
+def transient_cause(e: BaseException) -> str | None:
+    """Why `e` is a transient resource shortage (following raise-from chains), or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ResourceError):
+            return str(cur)
+        if isinstance(cur, MemoryError):
+            return "out of memory"
+        if isinstance(cur, OSError) and cur.errno in TRANSIENT_ERRNOS:
+            return f"{errno.errorcode.get(cur.errno, cur.errno)}: {cur.strerror or cur}" + (f" ({cur.filename})" if cur.filename else "")
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 class _Handled(Exception):
@@ -86,6 +108,7 @@ class JobRunner:
         self.retry_base_seconds = retry_base_seconds
         self.resource_retry_seconds = resource_retry_seconds
         self.not_before: dict[int, float] = {}  # job id -> monotonic time of the next try
+        self.waiting: dict[int, dict[str, Any]] = {}  # job id -> why it waits (disk, memory); status shows it
 
     def runnable(self, job: Job) -> bool:
         return self.not_before.get(job.id, 0.0) <= time.monotonic()
@@ -100,15 +123,15 @@ class JobRunner:
             row = store.task(job.task_id)
             if row is not None:
                 task = TaskInfo(row["name"], row["examples"], job.metrics.get("validate", {}).get("details", {}))
-        pub = store.last_published()
+        pub = store.live()  # models/current: after a rollback, the version rolled back to
         published = None
+        past: list[str] = []
         if pub is not None:
             accs = pub.metrics.get("evaluate", {}).get("accuracies", {})
             published = Published(version=pub.version or "", job_id=pub.id, accuracies={k: float(v) for k, v in accs.items()})
-        past = []
-        for j in store.jobs(("published",)):
-            if j.task_id is not None and (t := store.task(j.task_id)) is not None and t["name"] not in past:
-                past.append(t["name"])
+            for j in store.lineage(pub):  # the tasks the live model has learned, in order
+                if j.task_id is not None and (t := store.task(j.task_id)) is not None and t["name"] not in past:
+                    past.append(t["name"])
         return JobContext(
             job_id=job.id, file_name=job.file_name, file_path=Path(job.file_path), sha256=job.sha256, work_dir=work,
             layout=self.layout, config=self.config, task=task, metrics=dict(job.metrics), published=published, past_tasks=past,
@@ -123,6 +146,7 @@ class JobRunner:
             raise EdgekifError(f"job {job.id}: no step from state {job.state!r}")
         try:
             handler(store, job, self.context(store, job))
+            self.waiting.pop(job.id, None)  # the stage went through: the resource is back
         except _Handled:
             pass
         finally:
@@ -148,20 +172,22 @@ class JobRunner:
             if stage in MODEL_STAGES:
                 check_memory(self.config.service.memory_ceiling_mb)
             return fn()
-        except Exception as e:
+        except (Exception, MemoryError) as e:
             self._stage_failed(store, job, stage, attempts, e)
             raise _Handled from None
         finally:
             if stage in MODEL_STAGES:
                 release_memory()
 
-    def _stage_failed(self, store: JobStore, job: Job, stage: str, attempts: int, e: Exception) -> None:
+    def _stage_failed(self, store: JobStore, job: Job, stage: str, attempts: int, e: BaseException) -> None:
         if isinstance(e, ValidationError) and "rejected" in TRANSITIONS[job.state]:
             self._reject_job(store, job, e, stage)
-        elif isinstance(e, ResourceError):
+        elif (why := transient_cause(e)) is not None:
             store.refund_attempt(job.id, job.state)
+            store.log_event(job.id, "waiting", stage=stage, reason=why)
+            self.waiting[job.id] = {"stage": stage, "reason": why, "since": utc_now(), "retry_in_s": self.resource_retry_seconds}
             self.not_before[job.id] = time.monotonic() + self.resource_retry_seconds
-            log.warning("not enough resources; job stays queued", extra={"job_id": job.id, "stage": stage, "error": str(e), "retry_in_s": self.resource_retry_seconds})
+            log.warning("not enough resources; job stays queued", extra={"job_id": job.id, "stage": stage, "error": why, "retry_in_s": self.resource_retry_seconds})
         elif isinstance(e, Interrupted):
             store.refund_attempt(job.id, job.state)
             log.info("stage stopped at a checkpoint", extra={"job_id": job.id, "stage": stage, "detail": str(e)})
@@ -204,7 +230,8 @@ class JobRunner:
 
     def _from_buffered(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         result = self._guarded(store, job, "train", lambda: self._train(store, job, ctx))
-        store.advance(job.id, "buffered", "trained", metrics={"train": result.to_dict()}, steps=result.steps)
+        started_from = ctx.published.job_id if ctx.published else None  # this model's lineage
+        store.advance(job.id, "buffered", "trained", metrics={"train": result.to_dict(), "started_from": started_from}, steps=result.steps)
         log.info("trained", extra={"job_id": job.id, "steps": result.steps})
 
     def _from_trained(self, store: JobStore, job: Job, ctx: JobContext) -> None:

@@ -105,7 +105,7 @@ class JobContext:
     task: TaskInfo | None = None  # after validate
     metrics: dict[str, Any] = field(default_factory=dict)  # committed results of earlier stages
     published: Published | None = None
-    past_tasks: list[str] = field(default_factory=list)  # tasks of published jobs, oldest first
+    past_tasks: list[str] = field(default_factory=list)  # tasks the live model has learned, oldest first
 
     @property
     def task_name(self) -> str:

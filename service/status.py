@@ -11,6 +11,7 @@ from edgekif.config import Config
 
 from .jobs import DataLayout, Job, JobStore
 from .metrics import read_json
+from .watcher import ignored_inbox_entries, is_ignored
 
 
 def _pid_alive(pid: int) -> bool:
@@ -74,8 +75,10 @@ def status(config: Config) -> dict[str, Any]:
             "started_at": runtime.get("started_at") if running else None,
             "torch_loaded": runtime.get("torch_loaded") if running else None,
         },
+        "waiting": (runtime or {}).get("waiting") or {} if running else {},  # job id -> why (disk, memory)
         "initialized": layout.state_db.exists(),
         "inbox_waiting": 0,
+        "inbox_ignored": [],  # in-progress names (dot-files, .tmp, ...): taken once renamed
         "queue": [],
         "current": None,
         "published": None,
@@ -84,7 +87,8 @@ def status(config: Config) -> dict[str, Any]:
         "buffer": _buffer_stats(layout.replay_db),
     }
     if layout.inbox.is_dir():
-        out["inbox_waiting"] = sum(1 for n in os.listdir(os.fsencode(layout.inbox)) if not n.startswith(b"."))
+        out["inbox_waiting"] = sum(1 for n in os.listdir(os.fsencode(layout.inbox)) if not is_ignored(n))
+        out["inbox_ignored"] = ignored_inbox_entries(layout)
     if not layout.state_db.exists():
         return out
     with JobStore(layout.state_db) as store:
@@ -97,7 +101,7 @@ def status(config: Config) -> dict[str, Any]:
             cur = dict(cur)
             cur["progress"] = read_json(layout.job_dir(cur["job_id"]) / "progress.json")
         out["current"] = cur
-        pub = store.last_published()
+        pub = store.live()  # models/current, which a rollback moves
         if pub is not None:
             out["published"] = {
                 "version": pub.version,
@@ -109,6 +113,30 @@ def status(config: Config) -> dict[str, Any]:
         out["counts"] = store.state_counts()
         out["problems"] = [_job_summary(j) for j in store.jobs(("failed", "held", "rejected", "duplicate"), limit=10, newest_first=True)]
     return out
+
+
+def list_jobs(config: Config, limit: int | None = None) -> list[dict[str, Any]]:
+    """`edgekif jobs`: every job, newest first (a summary each)."""
+    layout = DataLayout(config.data_path)
+    if not layout.state_db.exists():
+        return []
+    with JobStore(layout.state_db) as store:
+        out = []
+        for j in store.jobs(limit=limit, newest_first=True):
+            row = _job_summary(j)
+            row["task"] = (store.task(j.task_id) or {}).get("name") if j.task_id is not None else None
+            out.append(row)
+        return out
+
+
+def format_jobs(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no jobs yet"
+    lines = [f"{'ID':>5}  {'FILE':<28} {'TASK':<20} {'STATE':<10} {'TRIES':>5} {'VERSION':<8} UPDATED / ERROR"]
+    for r in rows:
+        tail = r["updated_at"] + (f"  {_clip(r['error'], 60)}" if r.get("error") else "")
+        lines.append(f"{r['id']:>5}  {_clip(r['file'], 28):<28} {_clip(r.get('task') or '-', 20):<20} {r['state']:<10} {r['attempts']:>5} {r.get('version') or '-':<8} {tail}")
+    return "\n".join(lines)
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -131,8 +159,12 @@ def format_status(st: dict[str, Any]) -> str:
             total = prog.get("total_steps") or prog.get("steps")
             extra = f"  step {prog['step']}/{total}" + (f" ({100 * prog['step'] / total:.0f}%)" if total else "")
         lines.append(f"current:  job {cur['job_id']} {cur['file']}  {cur['state']}{' / ' + cur['stage'] if cur.get('stage') else ''}{extra}")
+    for job_id, w in (st.get("waiting") or {}).items():
+        lines.append(f"waiting:  job {job_id} before {w['stage']}: {w['reason']} (retried every {w['retry_in_s']:g} s, no attempt used)")
     q = st.get("queue") or []
-    lines.append(f"queue:    {len(q)} unfinished job(s), {st.get('inbox_waiting', 0)} file(s) waiting in inbox/")
+    ignored = st.get("inbox_ignored") or []
+    lines.append(f"queue:    {len(q)} unfinished job(s), {st.get('inbox_waiting', 0)} file(s) waiting in inbox/"
+                 + (f", {len(ignored)} ignored, waiting for rename ({', '.join(_clip(n, 40) for n in ignored[:5])})" if ignored else ""))
     if q:
         lines.append(f"  {'ID':>5}  {'FILE':<32} {'STATE':<10} {'TRIES':>5}  SINCE")
         for j in q:

@@ -11,9 +11,11 @@ FakeStages options come from DIR/fake_stages.json. Nothing here imports torch.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ _INJECTED = {
     "error": lambda stage: RuntimeError(f"injected error in {stage}"),
     "resource": lambda stage: ResourceError(f"injected resource shortage in {stage}"),
     "validation": lambda stage: ValidationError(f"injected validation error in {stage}", kind="injected"),
+    "enospc": lambda stage: OSError(errno.ENOSPC, "No space left on device", f"<injected in {stage}>"),
+    "memory": lambda stage: MemoryError(f"injected in {stage}"),
 }
 
 
@@ -49,7 +53,12 @@ class FakeStages:
       stage_seconds              -- sleep in every other stage
       new_accuracy               -- accuracy reported for the job's own task
       drop                       -- points every past task loses (to trip the gate)
-      inject                     -- {"stage": ["crash"|"error"|"resource"|"validation", "before"|"after", times]}
+      inject                     -- {"stage": [kind, "before"|"after", times]}, kind one of
+                                    crash, error, resource, validation, enospc, memory
+      export_child_seconds       -- export runs a child process that sleeps this long (like
+                                    the genai builder, through edgekif.export.run_child)
+      model_store                -- publish through edgekif.publish.ModelStore (models/current
+                                    link, rollback) instead of models/current.json
     A file whose content contains the line `INVALID` fails validation (line number reported).
     """
 
@@ -63,7 +72,11 @@ class FakeStages:
         new_accuracy: float = 0.9,
         drop: float = 0.0,
         inject: dict[str, list[Any]] | None = None,
+        export_child_seconds: float = 0.0,
+        model_store: bool = False,
     ) -> None:
+        self.export_child_seconds = export_child_seconds
+        self.model_store = model_store
         self.data_dir = Path(data_dir)
         self.train_steps = train_steps
         self.step_seconds = step_seconds
@@ -184,7 +197,17 @@ class FakeStages:
         final = ctx.work_dir / "export"
         built = not final.exists()
         if built:
+            if self.export_child_seconds:
+                from edgekif.export import run_child  # torch-free
+
+                self._record("export_child", ctx)
+                # the work dir in its command line lets a test find it (and any orphan)
+                run_child([sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1]))", str(self.export_child_seconds), str(ctx.work_dir)])
             _build_dir(final, {"model.json": json.dumps({"job_id": ctx.job_id, "sha256": ctx.sha256})})
+            if self.model_store:
+                from edgekif.export import write_manifest
+
+                write_manifest(final, accuracies={ctx.task_name: self.new_accuracy}, job_id=ctx.job_id)
         self._record("export", ctx, built=built)
         self._sleep()
         self._maybe_inject("export", "after")
@@ -192,6 +215,17 @@ class FakeStages:
 
     def publish(self, ctx: JobContext, export_path: Path) -> str:
         self._maybe_inject("publish", "before")
+        if self.model_store:
+            from edgekif.export import read_manifest
+            from edgekif.publish import ModelStore
+
+            store = ModelStore(ctx.layout.root)
+            for v in store.versions():  # idempotent: a version this job made is returned
+                if read_manifest(store.path(v)).get("job_id") == ctx.job_id:
+                    return v
+            version = store.publish(export_path)
+            self._record("publish", ctx, version=version, made=True)
+            return version
         models = ctx.layout.models
         # Idempotent: a version already made from this job is returned, not made again.
         for d in sorted(models.glob("v*")):
@@ -216,9 +250,10 @@ class FakeStages:
 
 
 def _build_dir(final: Path, files: dict[str, str]) -> None:
-    """Fill a temp sibling, then rename it into place (the fakes' cheap atomic_dir: no fsync)."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True)
+    """Fill a temp sibling, then rename it into place (the fakes' cheap atomic_dir: no fsync).
+    The temp is named as edgekif.atomic names its own, so start-up cleanup knows it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     for name, text in files.items():
         (tmp / name).write_text(text)
     os.rename(tmp, final)

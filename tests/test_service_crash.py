@@ -10,6 +10,7 @@ points come from random.Random(seed), so a failing seed replays the same plan.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 import time
@@ -26,7 +27,8 @@ from test_service_process import DaemonProcess, _no_leftover_daemons, drop  # no
 
 TRAIN_STEPS = 8
 # validate, buffer, evaluate, export sleep 0.2 s each and train is 8 x 0.1 s: ~1.6 s a job.
-OPTS = {"train_steps": TRAIN_STEPS, "step_seconds": 0.1, "stage_seconds": 0.2}
+# export also runs a 0.2 s child process through edgekif.export.run_child, as the genai builder.
+OPTS = {"train_steps": TRAIN_STEPS, "step_seconds": 0.1, "stage_seconds": 0.2, "export_child_seconds": 0.2}
 OVERRIDES = ["service.quiet_seconds=0.1", "service.scan_interval=0.2", "service.stop_timeout=20"]
 PIPELINE = ["received", "validated", "buffered", "trained", "evaluated", "approved", "exported", "published"]
 # the state a job is in while the stage runs
@@ -35,6 +37,22 @@ STAGE_STATE = {"validate": "received", "buffer": "validated", "train": "buffered
 TARGETS = [*STAGE_STATE, "anytime"]
 # seconds after the stage is seen running: less than the stage lasts; publish takes milliseconds
 MAX_DELAY = {"validate": 0.15, "buffer": 0.15, "train": 0.6, "evaluate": 0.15, "export": 0.15, "publish": 0.0}
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (the export child carries its job dir)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmd and state != "Z" and "-m service" not in cmd:
+            out.append(cmd)
+    return out
 
 
 def job_states(data_dir: Path) -> dict[int, str]:
@@ -175,6 +193,10 @@ def test_kill_9_at_random_points_then_restart_publishes_each_job_once(tmp_path, 
     for j in jobs:
         assert not [p.name for p in (tmp_path / "jobs" / str(j.id)).iterdir() if p.is_dir() and p.name.startswith(".")]
         assert json.loads((models / j.version / "source.json").read_text()) == {"job_id": j.id}
+
+    # No process outlived the daemon that started it, no temp file outlived the restart.
+    assert _processes_naming(tmp_path) == [], kills
+    assert not [str(p) for p in tmp_path.rglob("*.tmp") if "inbox" not in p.parts], kills
 
     # Nothing left in the inbox or half-taken; every file kept once in accepted/.
     assert not [p for p in (tmp_path / "inbox").iterdir() if not p.name.startswith(".")]

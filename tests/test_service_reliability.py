@@ -1,0 +1,235 @@
+"""Unattended and safe: task identity for same-named files, transient resource errors,
+`jobs`/`retry`, ignored inbox names in status, rollback as the one source of "live", and
+no child process or temp file outliving a killed daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from edgekif.config import load_config
+from edgekif.replay import ReplayBuffer
+from service.cli import main as edgekif_main
+from service.daemon import Daemon
+from service.jobs import JobStore
+from service.library_stages import LibraryStages
+from service.status import format_status, list_jobs, status
+from service.testing import FakeStages
+from test_service_process import DaemonProcess, _no_leftover_daemons  # noqa: F401 (autouse fixture)
+
+
+def make(tmp_path: Path, stages=None, **service):
+    overrides = [f"data_dir={tmp_path}", "service.quiet_seconds=0", "service.holdout_fraction=0.5"]
+    overrides += [f"service.{k}={v}" for k, v in service.items()]
+    config = load_config(None, overrides)
+    return Daemon(config, stages if stages is not None else FakeStages(tmp_path), retry_base_seconds=0, resource_retry_seconds=0)
+
+
+def drop(tmp_path: Path, name: str, records: list[dict]) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = inbox / f".{name}.part"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.rename(inbox / name)
+
+
+def jobs(tmp_path: Path):
+    with JobStore(tmp_path / "state.db") as store:
+        return store.jobs()
+
+
+class LibraryInput(FakeStages):
+    """The real validate and buffer stages (holdout split + replay insert; no torch), fake
+    training and evaluation: what same-named files do to the task's files on disk."""
+
+    def __init__(self, data_dir, **kw):
+        super().__init__(data_dir, **kw)
+        self.lib = LibraryStages(None)
+
+    def validate(self, ctx):
+        return self.lib.validate(ctx)
+
+    def buffer(self, ctx):
+        return self.lib.buffer(ctx)
+
+
+def _recs(prefix: str, n: int) -> list[dict]:
+    return [{"prompt": f"{prefix} question {i}?", "completion": f"{prefix}{i % 2}"} for i in range(n)]
+
+
+def test_a_file_named_like_an_earlier_task_is_a_new_task_and_overwrites_nothing(tmp_path):
+    d = make(tmp_path, LibraryInput(tmp_path))
+    drop(tmp_path, "a.jsonl", _recs("first", 8))
+    d.run_until_idle()
+    holdout_a = (tmp_path / "holdout" / "a.jsonl").read_text()
+    assert holdout_a.count("\n") == 4  # holdout_fraction 0.5
+    drop(tmp_path, "a.jsonl", _recs("second", 1))  # other bytes, same name
+    d.run_until_idle()
+    drop(tmp_path, "a.jsonl", _recs("third", 4))
+    d.run_until_idle()
+    d.close()
+    first, second, third = jobs(tmp_path)
+    assert [j.state for j in (first, second, third)] == ["published"] * 3  # no job held for "a: not evaluated"
+    with JobStore(tmp_path / "state.db") as store:
+        names = [store.task(j.task_id)["name"] for j in (first, second, third)]
+    assert names == ["a", "a~2", "a~3"]
+    assert (tmp_path / "holdout" / "a.jsonl").read_text() == holdout_a  # untouched
+    assert (tmp_path / "holdout" / "a~3.jsonl").read_text().count("\n") == 2
+    with ReplayBuffer(tmp_path / "replay.db", d.config.replay) as buf:
+        assert buf.tasks() == ["a", "a~2", "a~3"]  # three tasks, never merged
+        assert buf.stats()["tasks"]["a"]["records"] == 4
+
+
+def test_out_of_disk_uses_no_attempt_waits_and_resumes(tmp_path):
+    """ENOSPC five times in a row (more than the 3 attempts a failure gets): the job waits,
+    status says why, and once space is back it is published."""
+    stages = FakeStages(tmp_path, inject={"export": ["enospc", "before", 5]})
+    d = make(tmp_path, stages)
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle(max_steps=5)  # validate, buffer, train, evaluate, gate
+    for _ in range(5):
+        d.run_until_idle(max_steps=1)
+        (job,) = jobs(tmp_path)
+        assert job.state == "approved" and job.attempts == 0 and job.error is None
+        assert "ENOSPC" in d.runner.waiting[job.id]["reason"]
+        assert "waiting for resources before export: ENOSPC" in d._status_line()
+    d.run_until_idle()
+    (job,) = jobs(tmp_path)
+    assert job.state == "published" and d.runner.waiting == {}
+    with JobStore(tmp_path / "state.db") as store:
+        assert len(store.events(job.id, ("waiting",))) == 5 and store.events(job.id, ("failed",)) == []
+    d.close()
+
+
+def test_memory_error_is_transient_too(tmp_path):
+    d = make(tmp_path, FakeStages(tmp_path, inject={"train": ["memory", "before", 4]}))
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "published"
+
+
+def test_a_running_daemon_shows_why_a_job_waits(tmp_path):
+    opts = {"inject": {"export": ["enospc", "before", 1000]}}
+    daemon = DaemonProcess(tmp_path, fake_options=opts, overrides=["service.quiet_seconds=0.1", "service.scan_interval=0.2"]).start()
+    try:
+        drop(tmp_path, "a.jsonl", _recs("a", 2))
+        config = load_config(None, [f"data_dir={tmp_path}"])
+        assert daemon.wait_for(lambda: status(config)["waiting"], 30)
+        text = format_status(status(config))
+        assert "waiting:  job 1 before export: ENOSPC" in text
+        (job,) = jobs(tmp_path)
+        assert job.state == "approved" and job.attempts == 0
+    finally:
+        daemon.stop()
+
+
+def test_jobs_and_retry_commands(tmp_path, capsys):
+    stages = FakeStages(tmp_path, inject={"evaluate": ["error", "before", 3]})
+    d = make(tmp_path, stages)
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle()
+    (job,) = jobs(tmp_path)
+    assert job.state == "failed"
+    rows = list_jobs(d.config)
+    assert [(r["id"], r["state"], r["task"]) for r in rows] == [(1, "failed", "a")]
+    assert edgekif_main(["jobs", "--data-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "failed"
+    assert edgekif_main(["retry", "--data-dir", str(tmp_path), "1"]) == 0
+    assert "queued again from 'trained'" in capsys.readouterr().out
+    d.run_until_idle()
+    d.close()
+    assert jobs(tmp_path)[0].state == "published"
+    assert edgekif_main(["retry", "--data-dir", str(tmp_path), "1"]) == 2  # not failed: a clear error
+
+
+def test_status_lists_dot_files_waiting_for_a_rename(tmp_path):
+    d = make(tmp_path)
+    d.open()
+    (tmp_path / "inbox" / "..%2Fescape.jsonl").write_text("{}\n")
+    (tmp_path / "inbox" / "half.jsonl.part").write_text("{}\n")
+    d.run_until_idle()
+    d.close()
+    st = status(d.config)
+    assert st["inbox_ignored"] == ["..%2Fescape.jsonl", "half.jsonl.part"] and st["inbox_waiting"] == 0
+    assert "2 ignored, waiting for rename (..%2Fescape.jsonl, half.jsonl.part)" in format_status(st)
+    assert jobs(tmp_path) == []
+
+
+def test_rollback_moves_live_for_status_gate_and_the_next_job(tmp_path):
+    from edgekif.publish import ModelStore
+
+    stages = FakeStages(tmp_path, model_store=True)
+    d = make(tmp_path, stages)
+    for name in ("a", "b"):
+        drop(tmp_path, f"{name}.jsonl", _recs(name, 2))
+        d.run_until_idle()
+    assert [j.version for j in jobs(tmp_path)] == ["v0001", "v0002"]
+    ModelStore(tmp_path).rollback("v0001")
+    st = status(d.config)
+    assert st["published"]["version"] == "v0001" and st["published"]["job_id"] == 1
+    assert "live:     v0001 (job 1" in format_status(st)
+    drop(tmp_path, "c.jsonl", _recs("c", 2))
+    d.run_until_idle(max_steps=3)  # validate, buffer, train: the context the train stage saw
+    job_c = jobs(tmp_path)[-1]
+    ctx = d.runner.context(d._store, job_c)
+    assert ctx.published.version == "v0001" and ctx.published.job_id == 1  # starts from v0001's learner
+    assert ctx.past_tasks == ["a"]  # b was rolled back: not replayed, not gated
+    d.run_until_idle()
+    d.close()
+    job_c = jobs(tmp_path)[-1]
+    assert job_c.metrics["started_from"] == 1 and job_c.metrics["gate"]["published_version"] == "v0001"
+    assert set(job_c.metrics["gate"]["published_accuracies"]) == {"a"}
+    with JobStore(tmp_path / "state.db") as store:
+        assert [j.id for j in store.lineage(store.live())] == [1, 3]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_kill_9_during_export_leaves_no_child_and_restart_removes_temp_files(tmp_path):
+    daemon = DaemonProcess(tmp_path, fake_options={"export_child_seconds": 120},
+                           overrides=["service.quiet_seconds=0.1", "service.scan_interval=0.2"]).start()
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    assert daemon.wait_for(lambda: any(c["stage"] == "export_child" for c in FakeStages.read_calls(tmp_path)), 60)
+    assert daemon.wait_for(lambda: bool(_children(daemon.pid)), 20)
+    (child,) = _children(daemon.pid)
+    # what a crash mid-write leaves behind (an atomic write's temp name, a checkpoint's)
+    stale = [tmp_path / "jobs" / "1" / ".export.abcd1234.tmp", tmp_path / "jobs" / "1" / ".checkpoint.efgh5678.tmp"]
+    for p in stale:
+        p.mkdir(parents=True)
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the builder-like child outlived the killed daemon"
+    restarted = DaemonProcess(tmp_path, fake_options={}, overrides=["service.quiet_seconds=0.1", "service.scan_interval=0.2"]).start()
+    try:
+        assert restarted.wait_for(lambda: jobs(tmp_path)[0].state == "published", 60)
+        assert not any(p.exists() for p in stale)
+        assert not list((tmp_path / "jobs").rglob("*.tmp"))
+    finally:
+        restarted.stop()
