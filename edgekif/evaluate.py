@@ -288,6 +288,8 @@ class AccuracyMatrix:
       OP  = mean_i a[T-1][i]                              (average accuracy at the end)
       BWT = mean_{i<T-1} (a[T-1][i] - a[i][i])            (negative = forgetting)
       FWT = mean_{i>=1} (a[i-1][i] - zero_shot[i])        (zero_shot = base model, before any training)
+      plasticity = mean_i a[i][i]                         (each task just after learning it: a method
+                                                           that "forgets less" by learning less shows here)
     A metric is None when a cell it needs is missing: a partial mean would quietly mean
     something else.
     """
@@ -356,6 +358,12 @@ class AccuracyMatrix:
         if any(_is_missing(x) or _is_missing(y) for x, y in pairs):
             return None
         return sum(x - y for x, y in pairs) / (T - 1)
+
+    def plasticity(self) -> float | None:
+        diag = [self.a[i][i] for i in range(len(self.tasks))]
+        if not diag or any(_is_missing(v) for v in diag):
+            return None
+        return sum(diag) / len(diag)
 
     def summary(self, zero_shot: Sequence[float | None] | None = None) -> dict[str, float | None]:
         return {"op": self.op(), "bwt": self.bwt(), "fwt": self.fwt(zero_shot) if zero_shot is not None else None}

@@ -496,17 +496,21 @@ class JobStore:
 
     def lineage(self, job: Job) -> list[Job]:
         """The published jobs whose training `job`'s model carries, oldest first, `job` last:
-        each job records the live job it started from (metrics.started_from). Jobs from before
-        that record: every earlier published job."""
+        each job records the live job it started from (metrics.train.started_from). Jobs from
+        before that record: every earlier published job."""
+
+        def recorded(j: Job) -> bool:
+            return "started_from" in (j.metrics.get("train") or {})
+
         chain: list[Job] = [job]
         seen = {job.id}
-        while "started_from" in chain[-1].metrics:
-            prev = chain[-1].metrics["started_from"]
+        while recorded(chain[-1]):
+            prev = chain[-1].metrics["train"]["started_from"]
             if prev is None or prev in seen:
                 break
             chain.append(self.get(prev))
             seen.add(prev)
-        if "started_from" not in chain[-1].metrics:  # an old job: assume a straight line
+        if not recorded(chain[-1]):  # an old job: assume a straight line
             chain += [j for j in self.jobs(("published",), newest_first=True) if j.id < chain[-1].id and j.id not in seen]
         return list(reversed(chain))
 

@@ -144,6 +144,9 @@ class LibraryStages:
             res = learn_task(learner, buf, task, past_tasks=ctx.past_tasks, remember=False, ckpt_dir=ctx.work_dir,
                              should_stop=should_stop, progress=progress)
         learner.save(out)
+        # the mid-task checkpoint only serves a resume; the learner folder now holds the result
+        # (a re-run after a crash here sees the task in learner.json and skips training)
+        shutil.rmtree(ctx.work_dir / "checkpoint", ignore_errors=True)
         return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(out / "adapter"), metrics=res.to_dict())
 
     # -- evaluate -----------------------------------------------------------------------------

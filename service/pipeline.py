@@ -230,8 +230,9 @@ class JobRunner:
 
     def _from_buffered(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         result = self._guarded(store, job, "train", lambda: self._train(store, job, ctx))
-        started_from = ctx.published.job_id if ctx.published else None  # this model's lineage
-        store.advance(job.id, "buffered", "trained", metrics={"train": result.to_dict(), "started_from": started_from}, steps=result.steps)
+        # the live job this model was trained on top of: its lineage (JobStore.lineage)
+        started_from = ctx.published.job_id if ctx.published else None
+        store.advance(job.id, "buffered", "trained", metrics={"train": {**result.to_dict(), "started_from": started_from}}, steps=result.steps)
         log.info("trained", extra={"job_id": job.id, "steps": result.steps})
 
     def _from_trained(self, store: JobStore, job: Job, ctx: JobContext) -> None:

@@ -48,7 +48,7 @@ class FakeStages:
     contracts as the real ones and record every call, in memory and as JSON lines in
     `<data>/fake_calls.jsonl` (so a test can count calls across daemon restarts/processes).
 
-    Options (kwargs, or `<data>/fake_stages.json` for `--fake-stages`):
+    Options (kwargs, or `<data>/fake_stages.json` for `python -m service.testing`):
       train_steps, step_seconds  -- fake training length; one checkpoint per step
       stage_seconds              -- sleep in every other stage
       new_accuracy               -- accuracy reported for the job's own task

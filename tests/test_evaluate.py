@@ -220,6 +220,13 @@ def test_metrics_by_hand():
     assert not any(math.isnan(v) for v in s.values())
 
 
+def test_plasticity_is_the_diagonal_mean():
+    m = matrix3()
+    assert m.plasticity() == pytest.approx((0.80 + 0.90 + 0.95) / 3)
+    m.set(1, 1, None)
+    assert m.plasticity() is None  # a partial mean would mean something else
+
+
 def test_no_forgetting_gives_zero_bwt():
     m = AccuracyMatrix(["a", "b"])
     m.set("a", "a", 0.9)

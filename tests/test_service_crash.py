@@ -196,7 +196,8 @@ def test_kill_9_at_random_points_then_restart_publishes_each_job_once(tmp_path, 
 
     # No process outlived the daemon that started it, no temp file outlived the restart.
     assert _processes_naming(tmp_path) == [], kills
-    assert not [str(p) for p in tmp_path.rglob("*.tmp") if "inbox" not in p.parts], kills
+    # (models/ is ModelStore's, which clears its own staging; the fakes' current.json is not it)
+    assert not [str(p) for p in tmp_path.rglob("*.tmp") if not {"inbox", "models"} & set(p.parts)], kills
 
     # Nothing left in the inbox or half-taken; every file kept once in accepted/.
     assert not [p for p in (tmp_path / "inbox").iterdir() if not p.name.startswith(".")]

@@ -184,7 +184,7 @@ def test_rollback_moves_live_for_status_gate_and_the_next_job(tmp_path):
     d.run_until_idle()
     d.close()
     job_c = jobs(tmp_path)[-1]
-    assert job_c.metrics["started_from"] == 1 and job_c.metrics["gate"]["published_version"] == "v0001"
+    assert job_c.metrics["train"]["started_from"] == 1 and job_c.metrics["gate"]["published_version"] == "v0001"
     assert set(job_c.metrics["gate"]["published_accuracies"]) == {"a"}
     with JobStore(tmp_path / "state.db") as store:
         assert [j.id for j in store.lineage(store.live())] == [1, 3]

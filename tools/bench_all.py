@@ -41,11 +41,14 @@ HEADLINE_BEGIN = "<!-- bench:headline:begin -->"
 HEADLINE_END = "<!-- bench:headline:end -->"
 
 
+# every continual-learning run also merges its summary here (one entry per profile and order)
+RESULTS = ["--results-json", "docs/benchmarks/results.json"]
+
 PROFILES = {
     # profile: {section: [(run name, tool argv)]}; a run writes its results into OUT/<run name>/
     # quick: every tool at smoke size (under 15 min on 2 cores)
     "quick": {
-        "cl": [("cl-order1", ["tools/bench_cl.py", "--quick", "--order", "1", "--seeds", "0"])],
+        "cl": [("cl-order1", ["tools/bench_cl.py", "--quick", "--order", "1", "--seeds", "0", *RESULTS])],
         "train": [("train", ["tools/bench_train.py", "--quick"])],
         "serving": [("serving", ["tools/bench_serving.py", "--quick"])],
         "daemon": [("daemon", ["tools/bench_daemon.py", "--quick"])],
@@ -54,18 +57,18 @@ PROFILES = {
     # report names (100 infer prompts, 100- and 1000-example drops, 60 s idle) at reduced
     # training budgets: about 80 min on 2 cores
     "standard": {
-        "cl": [("cl-order1", ["tools/bench_cl.py", "--profile", "standard", "--order", "1", "--seeds", "0", "1", "2"])],
+        "cl": [("cl-order1", ["tools/bench_cl.py", "--profile", "standard", "--order", "1", "--seeds", "0", "1", "2", *RESULTS])],
         "train": [("train", ["tools/bench_train.py"])],
         "serving": [("serving", ["tools/bench_serving.py", "--profile", "standard"])],
         "daemon": [("daemon", ["tools/bench_daemon.py", "--profile", "standard"])],
     },
-    # full: orders 1-3 at bench_cl's default size, 3 seeds on order 1, every export target,
+    # full: orders 1-3 at bench_cl's default size, 3 seeds each, every export target,
     # the daemon's default training (hours on 2 cores; --resume continues an interrupted run)
     "full": {
         "cl": [
-            ("cl-order1", ["tools/bench_cl.py", "--order", "1", "--seeds", "0", "1", "2"]),
-            ("cl-order2", ["tools/bench_cl.py", "--order", "2", "--seeds", "0"]),
-            ("cl-order3", ["tools/bench_cl.py", "--order", "3", "--seeds", "0"]),
+            ("cl-order1", ["tools/bench_cl.py", "--order", "1", "--seeds", "0", "1", "2", *RESULTS]),
+            ("cl-order2", ["tools/bench_cl.py", "--order", "2", "--seeds", "0", "1", "2", *RESULTS]),
+            ("cl-order3", ["tools/bench_cl.py", "--order", "3", "--seeds", "0", "1", "2", *RESULTS]),
         ],
         "train": [("train", ["tools/bench_train.py"])],
         "serving": [("serving", ["tools/bench_serving.py"])],

@@ -1,18 +1,23 @@
 #!/usr/bin/env python
-"""Continual-learning benchmark: every strategy on the standard 4-task benchmark, same base,
-data subset, step budget and seeds, through the same Learner loop.
+"""Continual-learning benchmark: every strategy on a stream of tasks, same base, data subset,
+step budget and seeds, through the library's continual loop (edgekif.continual.run_stream).
 
-    python tools/bench_cl.py --quick            # smoke profile (minutes)
-    python tools/bench_cl.py --profile standard # about half an hour on 2 cores
-    python tools/bench_cl.py                    # default profile (the one in docs/benchmarks.md)
+    python tools/bench_cl.py --quick                 # smoke profile (minutes)
+    python tools/bench_cl.py --profile standard      # 100 test examples a task, label scoring too
     python tools/bench_cl.py --order 2 --seeds 0 1 2
+    python tools/bench_cl.py --tasks DIR DIR ...     # any suite: DIR/train.jsonl + DIR/test.jsonl
+    python tools/bench_cl.py --set train.deterministic=true --set kif.mask_quantile=0.9
 
-Writes OUT/result.json, OUT/result.md and OUT/heatmap_<strategy>.png.
+Metrics: exact match (headline) and label scoring; OP, BWT, FWT (with zero-shot) and
+plasticity (a_ii: accuracy just after learning each task).
+Writes OUT/result.json, OUT/result.md and OUT/heatmap_<strategy>.png; --results-json merges the
+summary into docs/benchmarks/results.json (one entry per profile and order).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -41,9 +46,10 @@ PROFILES = {
     # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; prompts are truncated from the
     # left, which keeps the text's end and the answer cue)
     "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False),
-    # about half an hour on 2 cores: enough steps for the tasks to be learned and forgotten
-    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=24, max_length=128, label_scoring=False, zero_shot=False),
-    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=40, max_length=128, label_scoring=False, zero_shot=True),
+    # enough steps for the tasks to be learned and forgotten, and >= 100 test examples a task
+    # so that one example is 1 point (at 24 the strategies were not separable)
+    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=False),
+    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True),
 }
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
 
@@ -62,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strategies", nargs="+", default=["seq_lora", "replay", "recurrent_kif", "mtl"], choices=strategy_names())
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--tasks", nargs="+", metavar="DIR", help="task folders (each with train.jsonl and test.jsonl), in learning order; overrides --order")
+    ap.add_argument("--results-json", type=Path, help="also merge this run's summary into this file (docs/benchmarks/results.json)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--precision", default="fp32", help="base precision (fp32|nf4|bf16); fp32 is fastest on CPU")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
     from edgekif.config import Config, ModelConfig, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.data import read_task
-    from edgekif.evaluate import evaluate_task, plot_heatmap
+    from edgekif.evaluate import AccuracyMatrix, evaluate_task, plot_heatmap
     from edgekif.model import resolve_base
     from edgekif.replay import ReplayBuffer
     from edgekif.workflow import open_learner
@@ -92,10 +100,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    order = ORDERS[args.order]
-    data = Path(args.data)
-    train = {t: read_task(data / t / "train.jsonl") for t in order}
-    test = {t: read_task(data / t / "test.jsonl") for t in order}
+    # any task suite in the same layout (DIR/train.jsonl, DIR/test.jsonl), else a standard order
+    folders = [Path(d) for d in args.tasks] if args.tasks else [Path(args.data) / t for t in ORDERS[args.order]]
+    order = [f.name for f in folders]
+    if len(set(order)) != len(order):
+        raise SystemExit(f"--tasks: folder names must differ (they name the tasks): {order}")
+    train = {f.name: read_task(f / "train.jsonl") for f in folders}
+    test = {f.name: read_task(f / "test.jsonl") for f in folders}
     labels = {t: train[t].labels for t in order}
 
     base = resolve_base(ModelConfig(), cache_dir())
@@ -126,7 +137,7 @@ def main(argv=None) -> int:
         recs = _subset(test[task].records, prof["test_per_task"], 1000 + seed)
         ev = evaluate_task(learner.model, learner.tokenizer, recs, labels=labels[task], max_new_tokens=answer_tokens, batch_size=16,
                            label_scoring=prof["label_scoring"], max_prompt_tokens=eval_prompt_tokens)
-        return ev.score, ev
+        return ev.exact_match, ev  # exact match is the headline; label scoring is kept beside it
 
     ran = make_cfg("recurrent_kif", args.seeds[0])  # what every run is configured with (strategy and seed aside)
     result = {
@@ -134,7 +145,7 @@ def main(argv=None) -> int:
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
                      "kif": asdict(ran.kif), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
-                     "metric": "label accuracy" if prof["label_scoring"] else "exact match of the greedy answer",
+                     "metric": "exact match of the greedy answer" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
                      "eval_prompt_tokens": eval_prompt_tokens},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "strategies": {},
@@ -169,16 +180,29 @@ def main(argv=None) -> int:
                 row = [(order[i], matrix.get(j, i)) for i in range(j + 1) if matrix.get(j, i) is not None]
                 tqdm.write(f"{strategy} seed {seed} after {res.task_id}: " + ", ".join(f"{t} {a:.2f}" for t, a in row))
 
+            label_matrix = AccuracyMatrix(order)  # the same cells, scored by label likelihood
+
+            def score(lrn, name, seed=seed, label_matrix=label_matrix):
+                em, ev = evaluate(lrn, name, seed)
+                # the row run_stream fills: after the joint run, the last; else one per task learned
+                row = len(order) - 1 if lrn.strategy.joint else len(lrn.tasks_seen) - 1
+                cell = (row, order.index(name))
+                if ev.label_accuracy is not None:
+                    label_matrix.set(*cell, ev.label_accuracy)
+                return em
+
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp, ReplayBuffer(Path(tmp) / "replay.db", cfg.replay) as buf:
-                stream_result = run_stream(learner, buf, stream, evaluate=lambda lrn, name, seed=seed: evaluate(lrn, name, seed)[0],
+                stream_result = run_stream(learner, buf, stream, evaluate=score,
                                            score_before="zero_shot" in result, progress=progress, on_task=on_task)
             wall = time.perf_counter() - t0
             matrix, done = stream_result.matrix, stream_result.results
             train_seconds = sum(r.seconds for r in done)
             examples_total = sum(r.examples for r in done)
             runs.append({
-                "seed": seed, "matrix": matrix.to_dict(), "op": matrix.op(), "bwt": matrix.bwt(),
+                "seed": seed, "matrix": matrix.to_dict(), "op": matrix.op(), "bwt": matrix.bwt(), "plasticity": matrix.plasticity(),
+                "label_matrix": label_matrix.to_dict() if prof["label_scoring"] else None,
+                "label_op": label_matrix.op() if prof["label_scoring"] else None,
                 "fwt": matrix.fwt([result["zero_shot"][t] for t in order]) if "zero_shot" in result and not learner.strategy.joint else None,
                 "seconds": wall, "grad_steps": sum(r.steps for r in done), "examples": examples_total,
                 "sec_per_step": statistics.mean(r.seconds / r.steps for r in done), "train_seconds": train_seconds, "examples_per_sec": examples_total / max(1e-9, train_seconds),
@@ -190,6 +214,8 @@ def main(argv=None) -> int:
         bwts = [r["bwt"] for r in runs if r["bwt"] is not None]
         result["strategies"][strategy] = {
             "runs": runs,
+            "plasticity_mean": _mean(r["plasticity"] for r in runs), "fwt_mean": _mean(r["fwt"] for r in runs),
+            "label_op_mean": _mean(r["label_op"] for r in runs),
             "op_mean": statistics.mean(ops) if ops else None, "op_std": statistics.pstdev(ops) if len(ops) > 1 else 0.0,
             "bwt_mean": statistics.mean(bwts) if bwts else None, "bwt_std": statistics.pstdev(bwts) if len(bwts) > 1 else 0.0,
             "sec_per_step": statistics.mean(r["sec_per_step"] for r in runs),
@@ -198,6 +224,8 @@ def main(argv=None) -> int:
 
     result["wall_seconds"] = time.perf_counter() - t_all
     atomic_write_json(out / "result.json", result)
+    if args.results_json:
+        merge_results(args.results_json, f"{profile_name}-{'custom' if args.tasks else f'order{args.order}'}", summary(result))
     md = to_markdown(result, args)
     atomic_write_text(out / "result.md", md)
     print(md)
@@ -208,11 +236,44 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _mean(values):
+    vals = [v for v in values if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def _p(x):  # percent, rounded, for results.json
+    return None if x is None else round(100 * x, 2)
+
+
+def summary(result: dict) -> dict:
+    """One entry of docs/benchmarks/results.json (percent values)."""
+    s = result["settings"]
+    strategies = {}
+    for name, st in result["strategies"].items():
+        entry = {"op": _p(st["op_mean"]), "op_std": _p(st["op_std"])}
+        if name != "mtl":
+            entry.update(bwt=_p(st["bwt_mean"]), plasticity=_p(st.get("plasticity_mean")), fwt=_p(st.get("fwt_mean")))
+        if st.get("label_op_mean") is not None:
+            entry["label_op"] = _p(st["label_op_mean"])
+        strategies[name] = entry
+    return {"profile": result["profile"], "order": s["order"], "seeds": s["seeds"], "train_per_task": s["train_per_task"],
+            "test_per_task": s["test_per_task"], "metric": "exact_match", "command": result["command"], "strategies": strategies}
+
+
+def merge_results(path: Path, key: str, entry: dict) -> None:
+    """results.json holds one entry per profile and order that ran: {"cl": {key: entry}}."""
+    from edgekif.atomic import atomic_write_json
+
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("cl", {})[key] = entry
+    atomic_write_json(path, data)
+
+
 def to_markdown(result: dict, args) -> str:
     s = result["settings"]
     k = s["kif"]
     lines = [
-        f"### Continual learning, order {args.order} ({' → '.join(s['order'])}), profile `{result['profile']}`",
+        f"### Continual learning, {'tasks' if args.tasks else f'order {args.order}'} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
         f"Command: `{result['command']}`  ",
         f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
@@ -222,15 +283,18 @@ def to_markdown(result: dict, args) -> str:
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
         f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
         "",
-        "| strategy | OP | BWT | FWT | grad steps | s / step | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "Exact match; plasticity = mean accuracy on each task just after learning it (a_ii); label OP = OP by label scoring.",
+        "",
+        "| strategy | OP | BWT | plasticity | FWT | label OP | grad steps | s / step | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, st in result["strategies"].items():
         fwts = [r["fwt"] for r in st["runs"] if r.get("fwt") is not None]
         op = _pct(st["op_mean"]) + (f" ± {100 * st['op_std']:.1f}" if len(st["runs"]) > 1 else "")
         bwt = _pct(st["bwt_mean"]) + (f" ± {100 * st['bwt_std']:.1f}" if len(st["runs"]) > 1 and st["bwt_mean"] is not None else "")
         lines.append(
-            f"| {name} | {op} | {bwt} | {_pct(statistics.mean(fwts)) if fwts else '—'} | {st['runs'][0]['grad_steps']} | {st['sec_per_step']:.2f} | {statistics.mean(r['seconds'] for r in st['runs']):.0f} |"
+            f"| {name} | {op} | {bwt} | {_pct(st.get('plasticity_mean'))} | {_pct(statistics.mean(fwts)) if fwts else '—'} | {_pct(st.get('label_op_mean'))} "
+            f"| {st['runs'][0]['grad_steps']} | {st['sec_per_step']:.2f} | {statistics.mean(r['seconds'] for r in st['runs']):.0f} |"
         )
     seeds = s["seeds"]
     if len(seeds) > 1:  # the spread behind the ± (population std over seeds)
