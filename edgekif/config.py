@@ -50,7 +50,7 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    max_length: int = 256  # tokens per example (prompt + answer), prompt is truncated first
+    max_length: int = 256  # tokens per example (prompt + answer); longer prompts are fitted (data.fit_prompt)
     max_file_bytes: int = 64 * 1024 * 1024
     max_records: int = 200_000
     max_line_bytes: int = 1024 * 1024
@@ -107,8 +107,9 @@ class EvalConfig:
     batch_size: int = 16
     label_scoring: bool = True
     max_examples: int = 0  # 0 = all
-    # 0 = whole prompts, as clients send them; > 0 cuts them from the left like training
-    # examples (faster on long prompts, e.g. benchmarks that train at a short max_length)
+    # 0 = whole prompts, as clients send them; > 0 fits them into that many tokens by the rule
+    # training uses (edgekif.data.fit_prompt; faster on long prompts, e.g. benchmarks that
+    # train at a short max_length). The forgetting gate and export parity prompts use it too.
     max_prompt_tokens: int = 0
 
 

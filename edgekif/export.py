@@ -515,9 +515,21 @@ class ParityReport:
         return asdict(self)
 
 
+def _parity_prompt(tok: Any, prompt: str, max_prompt_tokens: int) -> str:
+    """The user message as parity checks it: fitted like evaluation prompts when a limit is set."""
+    if max_prompt_tokens <= 0:
+        return prompt
+    from .data import fit_messages
+    from .records import Record
+
+    return fit_messages(tok, Record.from_prompt(prompt, "-"), max_prompt_tokens)[-1]["content"]
+
+
 def _chat_ids(tok: Any, prompt: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    """A user message's prompt tokens, rendered exactly as training renders prompts."""
+    from .data import render_prompt
+
+    return render_prompt(tok, [{"role": "user", "content": prompt}])
 
 
 def _torch_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], list[Any]]:
@@ -578,6 +590,7 @@ def check_parity(
     min_agreement: float = 0.95,
     tie_tolerance: float | None = None,
     name: str | None = None,
+    max_prompt_tokens: int = 0,
 ) -> ParityReport:
     """Compare next-token argmaxes of the fp32 PyTorch model and the export along PyTorch's greedy path.
 
@@ -588,6 +601,8 @@ def check_parity(
     precision (the export's token is at least e^-0.5 = 0.6x as likely as PyTorch's choice).
 
     fp32 exports must agree at every position; others need agreement >= min_agreement.
+    `max_prompt_tokens` > 0 fits each prompt into that many tokens first (data.fit_messages,
+    as evaluation does with eval.max_prompt_tokens); 0 checks the prompts whole.
     Raises ParityError on failure (naming `name`, default export_dir); returns the report when it passes.
     """
     from .model import load_model, load_tokenizer
@@ -609,6 +624,7 @@ def check_parity(
     # All PyTorch work first, then free that model before loading the export (peak memory).
     references = []
     for prompt in prompts:
+        prompt = _parity_prompt(tok, prompt, max_prompt_tokens)
         ids = _chat_ids(tok, prompt)
         references.append((prompt, ids, *_torch_greedy(model, ids, max_new_tokens, eos_ids)))
     del model
@@ -666,6 +682,7 @@ def export_model(
     min_agreement: float = 0.95,
     max_new_tokens: int = 8,
     builder_options: dict[str, str] | None = None,
+    max_prompt_tokens: int = 0,
 ) -> Path:
     """Export, check parity, write the manifest; out_dir appears only if all three succeed.
 
@@ -690,7 +707,7 @@ def export_model(
                     _build_onnx(fused_dir, tmp, quantize_int8=precision == "int8", ep=ep)
                 report = check_parity(
                     fused_dir, tmp, target, parity_prompts, precision=precision, max_new_tokens=max_new_tokens, min_agreement=min_agreement,
-                    name=str(out_dir),
+                    name=str(out_dir), max_prompt_tokens=max_prompt_tokens,
                 )
                 info = {k: v for k, v in (manifest_info or {}).items() if k not in ("target", "precision", "execution_provider")}
                 info.setdefault("parity", {k: v for k, v in report.to_dict().items() if k != "details"})

@@ -198,6 +198,22 @@ def test_parity_rejects_an_export_of_another_model(fused, genai_fp32, onnx_fp32)
     assert report.passed and report.greedy_equal and report.agreement == 1.0
 
 
+def test_parity_prompts_are_fitted_like_evaluation_prompts(fused, onnx_fp32):
+    """With max_prompt_tokens, parity checks the prompt training and evaluation would see."""
+    from edgekif.data import CUT_MARK, fit_prompt
+    from edgekif.export import _chat_ids
+    from edgekif.records import Record
+
+    long = "Classify: " + "very long text " * 40 + "Answer:"
+    report = check_parity(fused["fused"], onnx_fp32, "onnx", [long], max_prompt_tokens=64, max_new_tokens=2)
+    fitted = report.details[0]["prompt"]
+    assert CUT_MARK in fitted and fitted.startswith("Classify: very") and fitted.endswith("Answer:")
+    tok = load_tokenizer(fused["fused"])
+    assert _chat_ids(tok, fitted) == fit_prompt(tok, Record.from_prompt(long, "-"), 64)
+    whole = check_parity(fused["fused"], onnx_fp32, "onnx", [long], max_new_tokens=2)
+    assert whole.details[0]["prompt"] == long[:200]  # 0 = whole prompts, as before
+
+
 def test_failed_parity_publishes_no_export_folder(fused, tmp_path):
     out = tmp_path / "onnx-int8"
     with pytest.raises(ParityError):
