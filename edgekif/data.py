@@ -578,6 +578,56 @@ def encode_target(tokenizer, record: Record) -> list[int]:
     return _as_ids(tokenizer(record.output, add_special_tokens=False)["input_ids"]) + [int(eos)]
 
 
+# --------------------------------------------------------------------------- chat template
+
+# Plain ChatML: SmolLM2's template without the default system prompt it inserts when a
+# conversation has no system message.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_PROBES = (
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u2"}],
+)
+
+
+def without_default_system(tokenizer) -> str | None:
+    """A chat template that renders like the tokenizer's, except that a conversation without a
+    system message gets none; None when the template adds no default system message or is not
+    one this can rewrite safely (then it is left as it is).
+
+    Checked by rendering, not by reading the Jinja: the result must equal the original on
+    conversations with a system message, and on those without it must be the original minus
+    one leading system turn.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or template == CHATML_TEMPLATE:
+        return None
+
+    def render(messages, tpl, gen=True) -> str:
+        return tokenizer.apply_chat_template(messages, chat_template=tpl, add_generation_prompt=gen, tokenize=False)
+
+    try:
+        for messages in _PROBES:
+            for gen in (True, False):
+                if render(messages, template, gen) != render(messages, CHATML_TEMPLATE, gen):
+                    return None
+        prefix = None
+        for messages in (_PROBES[0][1:], _PROBES[1][1:]):
+            for gen in (True, False):
+                orig, plain = render(messages, template, gen), render(messages, CHATML_TEMPLATE, gen)
+                if not orig.endswith(plain) or orig == plain:
+                    return None
+                head = orig[: len(orig) - len(plain)]
+                if not (head.startswith("<|im_start|>system\n") and head.endswith("<|im_end|>\n")) or head != (prefix or head):
+                    return None
+                prefix = head
+    except Exception:  # a template that fails on these probes is not one to rewrite
+        return None
+    return CHATML_TEMPLATE
+
+
 # --------------------------------------------------------------------------- prompt fitting
 #
 # One rule for training, evaluation, the forgetting gate and export parity prompts: when a

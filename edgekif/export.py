@@ -267,22 +267,42 @@ def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_o
     atomic_write_json(dest / EXPORT_INFO, {**_export_info("genai", precision, ep), "builder_options": options})
 
 
-def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
-    """The builder (0.18) copies chat_template.jinja; older builders did not. Make sure one is there."""
-    if (dest / "chat_template.jinja").is_file():
-        return
-    src = fused_dir / "chat_template.jinja"
-    if src.is_file():
-        shutil.copy2(src, dest / "chat_template.jinja")
-        return
+def _chat_template(folder: Path) -> str | None:
+    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
     try:
-        template = json.loads((fused_dir / "tokenizer_config.json").read_text()).get("chat_template")
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     except (FileNotFoundError, ValueError):
-        template = None
-    if isinstance(template, str) and template:
-        (dest / "chat_template.jinja").write_text(template)
-    else:
+        return None
+    return template if isinstance(template, str) and template else None
+
+
+def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
+    """Publish the fused model's chat template, which is the format training used.
+
+    The fused folder's tokenizer was saved by edgekif.model.load_tokenizer, whose template
+    renders exactly the training prompts (SmolLM2's default system prompt removed, see
+    edgekif.data.without_default_system). Whatever the builder wrote is replaced by it, in
+    chat_template.jinja and in tokenizer_config.json, so a client that sends only a user
+    message gets the very tokens the model was trained on.
+    """
+    template = _chat_template(fused_dir)
+    if template is None:
         log.warning("fused model has no chat template; the export has none either", extra={"path": str(fused_dir)})
+        return
+    jinja = dest / "chat_template.jinja"
+    if not jinja.is_file() or jinja.read_text(encoding="utf-8") != template:
+        jinja.write_text(template, encoding="utf-8")
+    cfg_path = dest / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return
+    if isinstance(cfg, dict) and "chat_template" in cfg and cfg["chat_template"] != template:
+        cfg["chat_template"] = template
+        atomic_write_json(cfg_path, cfg)
 
 
 def _export_info(target: str, precision: str, ep: str) -> dict[str, Any]:
@@ -377,6 +397,7 @@ def _build_onnx(fused_dir: Path, dest: Path, quantize_int8: bool, ep: str = "cpu
     for name in TOKENIZER_FILES:
         if (fused_dir / name).is_file():
             shutil.copy2(fused_dir / name, dest / name)
+    _ensure_chat_template(fused_dir, dest)
     atomic_write_json(dest / EXPORT_INFO, _export_info("onnx", "int8" if quantize_int8 else "fp32", ep))
     _check_onnx_loads(dest)
 

@@ -621,3 +621,50 @@ def test_real_dbpedia_prompts_keep_their_options(tok, benchmark_data):
         assert "Option: Company, Educational Institution" in instruction and instruction in text
         assert text.endswith("\n\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
     assert cut > len(records) // 2
+
+
+# --------------------------------------------------------------------------- chat template (issue 11)
+
+
+def test_default_system_prompt_is_removed_by_rendering_check(smollm2_template):
+    from edgekif.data import CHATML_TEMPLATE, without_default_system
+    from edgekif.model import tiny_tokenizer
+
+    smol = tiny_tokenizer()
+    smol.chat_template = smollm2_template
+    plain = without_default_system(smol)
+    assert plain == CHATML_TEMPLATE
+    user = [{"role": "user", "content": "hi"}]
+    shipped = smol.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    assert shipped.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert smol.apply_chat_template(user, chat_template=plain, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with_system = [{"role": "system", "content": "Be brief."}, *user]
+    assert smol.apply_chat_template(with_system, chat_template=plain, tokenize=False) == smol.apply_chat_template(with_system, tokenize=False)
+
+    assert without_default_system(tiny_tokenizer()) is None  # no default system prompt: nothing to change
+    other = tiny_tokenizer()
+    other.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"  # not ChatML
+    assert without_default_system(other) is None
+    broken = tiny_tokenizer()
+    broken.chat_template = "{{ raise_exception('no') }}"
+    assert without_default_system(broken) is None
+
+
+@pytest.mark.integration
+def test_real_smollm2_trains_without_its_default_system_prompt(smollm2, benchmark_data):
+    from edgekif.model import load_tokenizer
+
+    tok = load_tokenizer(smollm2.path)
+    shipped = load_tokenizer(smollm2.path, keep_default_system=True)
+    user = [{"role": "user", "content": "hi"}]
+    assert "You are a helpful AI assistant named SmolLM" in shipped.decode(render_prompt(shipped, user))
+    assert tok.decode(render_prompt(tok, user)) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    saved = len(render_prompt(shipped, user)) - len(render_prompt(tok, user))
+    assert 15 <= saved <= 30  # the tokens the task's text gets back
+    records = read_task(benchmark_data / "dbpedia" / "train.jsonl").records[:128]
+    for r in records:
+        enc = encode_example(tok, r, 128)
+        text = tok.decode(enc.input_ids)
+        assert len(enc.input_ids) <= 128 and r.messages[-1][1][: r.instruction_chars] in text and "Answer:<|im_end|>" in text
