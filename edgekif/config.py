@@ -11,6 +11,7 @@ Load with `load_config(path, overrides=["train.lr=1e-3", ...])`. Unknown keys ar
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    max_length: int = 256  # tokens per example (prompt + answer), prompt is truncated first
+    max_length: int = 256  # tokens per example (prompt + answer); longer prompts are fitted (data.fit_prompt)
     max_file_bytes: int = 64 * 1024 * 1024
     max_records: int = 200_000
     max_line_bytes: int = 1024 * 1024
@@ -73,8 +74,22 @@ class TrainConfig:
     strategy: str = "recurrent_kif"  # a name in edgekif.strategies.STRATEGIES
     lr: float = 1e-3
     batch_size: int = 8
+    # Steps per task (edgekif.schedule.task_steps): ceil(epochs * examples / batch_size),
+    # raised to min_steps (small files: 48 examples are 6 steps an epoch) and lowered to
+    # steps_cap (0 = no cap). max_steps > 0 overrides all three with an exact count, as it
+    # always has (benchmarks and tests pin their step budgets with it).
     epochs: float = 1.0
-    max_steps: int = 0  # per task; 0 = derived from epochs
+    min_steps: int = 16
+    steps_cap: int = 2000
+    max_steps: int = 0  # exact steps per task; 0 = the policy above
+    # Learning rate per step (edgekif.schedule.lr_multiplier): linear warmup over
+    # warmup_ratio of the steps, then decay to min_lr_ratio * lr at the last step.
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1
+    lr_decay: str = "cosine"  # cosine | linear | constant
+    # Wall-time budget of one task's training in minutes; 0 = no limit. Training stops at the
+    # first clean point after it is spent (after a fusion for Recurrent-KIF) and says so.
+    max_minutes: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -89,8 +104,9 @@ class EvalConfig:
     batch_size: int = 16
     label_scoring: bool = True
     max_examples: int = 0  # 0 = all
-    # 0 = whole prompts, as clients send them; > 0 cuts them from the left like training
-    # examples (faster on long prompts, e.g. benchmarks that train at a short max_length)
+    # 0 = whole prompts, as clients send them; > 0 fits them into that many tokens by the rule
+    # training uses (edgekif.data.fit_prompt; faster on long prompts, e.g. benchmarks that
+    # train at a short max_length). The forgetting gate and export parity prompts use it too.
     max_prompt_tokens: int = 0
 
 
@@ -244,6 +260,14 @@ def validate_config(cfg: Config) -> None:
     check(0 < cfg.replay.fraction <= 1, "replay.fraction must be in (0, 1]")
     check(cfg.train.strategy in strategy_names(), f"train.strategy: {cfg.train.strategy!r} not in {'|'.join(strategy_names())}")
     check(cfg.train.batch_size > 0 and cfg.train.lr > 0, "train.batch_size and train.lr must be positive")
+    t = cfg.train
+    check(t.epochs > 0 and math.isfinite(t.epochs), "train.epochs must be a positive number")
+    check(t.min_steps >= 0 and t.steps_cap >= 0 and t.max_steps >= 0, "train.min_steps, train.steps_cap and train.max_steps must be >= 0 (0 = none)")
+    check(not t.steps_cap or t.min_steps <= t.steps_cap, f"train.min_steps ({t.min_steps}) must not exceed train.steps_cap ({t.steps_cap})")
+    check(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
+    check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+    check(t.lr_decay in ("cosine", "linear", "constant"), f"train.lr_decay: {t.lr_decay!r} not in cosine|linear|constant")
+    check(t.max_minutes >= 0 and math.isfinite(t.max_minutes), "train.max_minutes must be >= 0 (0 = no limit)")
     check(cfg.kif.inner_steps > 0 and cfg.kif.outer_steps >= 0, "kif.inner_steps > 0, kif.outer_steps >= 0")
     check(0 < cfg.kif.mask_quantile < 1, "kif.mask_quantile must be in (0, 1)")
     check(0 <= cfg.kif.beta1 < 1 and 0 <= cfg.kif.beta2 < 1, "kif.beta1/beta2 must be in [0, 1)")

@@ -101,17 +101,14 @@ def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[li
 
 
 def _prompts(tokenizer, records: Sequence[Record], max_prompt_tokens: int) -> list[list[int]]:
-    """Prompt token ids; with max_prompt_tokens > 0 cut from the left as training cuts them
-    (data.encode_example keeps the prompt's end: the question and the answer cue)."""
-    prompts = [encode_prompt(tokenizer, r) for r in records]
-    if max_prompt_tokens > 0:
-        prompts = [p[-max_prompt_tokens:] for p in prompts]
-    return prompts
+    """Prompt token ids; with max_prompt_tokens > 0 fitted into that many tokens by the rule
+    training uses (data.fit_prompt: the middle is cut, the instruction and answer cue kept)."""
+    return [encode_prompt(tokenizer, r, max_prompt_tokens) for r in records]
 
 
 def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = 16, max_prompt_tokens: int = 0) -> list[str]:
     """Greedy answers (special tokens skipped, stripped), one per record, in record order.
-    `max_prompt_tokens` > 0 keeps only the prompts' last tokens (0 = whole prompts)."""
+    `max_prompt_tokens` > 0 fits prompts into that many tokens as training does (0 = whole prompts)."""
     if not records:
         return []
     prompts = _prompts(tokenizer, records, max_prompt_tokens)
@@ -252,7 +249,7 @@ def evaluate_task(
     max_prompt_tokens: int = 0,
 ) -> TaskEval:
     """Exact match of greedy answers, plus label-scoring accuracy when a label set is given.
-    `max_prompt_tokens` > 0 evaluates on prompts cut from the left to that many tokens."""
+    `max_prompt_tokens` > 0 evaluates on prompts fitted into that many tokens (data.fit_prompt)."""
     t0 = time.perf_counter()
     records = list(records)
     if max_examples > 0:

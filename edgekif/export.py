@@ -346,22 +346,42 @@ def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_o
     atomic_write_json(dest / EXPORT_INFO, {**_export_info("genai", precision, ep), "builder_options": options})
 
 
-def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
-    """The builder (0.18) copies chat_template.jinja; older builders did not. Make sure one is there."""
-    if (dest / "chat_template.jinja").is_file():
-        return
-    src = fused_dir / "chat_template.jinja"
-    if src.is_file():
-        shutil.copy2(src, dest / "chat_template.jinja")
-        return
+def _chat_template(folder: Path) -> str | None:
+    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
     try:
-        template = json.loads((fused_dir / "tokenizer_config.json").read_text()).get("chat_template")
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     except (FileNotFoundError, ValueError):
-        template = None
-    if isinstance(template, str) and template:
-        (dest / "chat_template.jinja").write_text(template)
-    else:
+        return None
+    return template if isinstance(template, str) and template else None
+
+
+def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
+    """Publish the fused model's chat template, which is the format training used.
+
+    The fused folder's tokenizer was saved by edgekif.model.load_tokenizer, whose template
+    renders exactly the training prompts (SmolLM2's default system prompt removed, see
+    edgekif.data.without_default_system). Whatever the builder wrote is replaced by it, in
+    chat_template.jinja and in tokenizer_config.json, so a client that sends only a user
+    message gets the very tokens the model was trained on.
+    """
+    template = _chat_template(fused_dir)
+    if template is None:
         log.warning("fused model has no chat template; the export has none either", extra={"path": str(fused_dir)})
+        return
+    jinja = dest / "chat_template.jinja"
+    if not jinja.is_file() or jinja.read_text(encoding="utf-8") != template:
+        jinja.write_text(template, encoding="utf-8")
+    cfg_path = dest / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return
+    if isinstance(cfg, dict) and "chat_template" in cfg and cfg["chat_template"] != template:
+        cfg["chat_template"] = template
+        atomic_write_json(cfg_path, cfg)
 
 
 def _export_info(target: str, precision: str, ep: str) -> dict[str, Any]:
@@ -456,6 +476,7 @@ def _build_onnx(fused_dir: Path, dest: Path, quantize_int8: bool, ep: str = "cpu
     for name in TOKENIZER_FILES:
         if (fused_dir / name).is_file():
             shutil.copy2(fused_dir / name, dest / name)
+    _ensure_chat_template(fused_dir, dest)
     atomic_write_json(dest / EXPORT_INFO, _export_info("onnx", "int8" if quantize_int8 else "fp32", ep))
     _check_onnx_loads(dest)
 
@@ -594,9 +615,21 @@ class ParityReport:
         return asdict(self)
 
 
+def _parity_prompt(tok: Any, prompt: str, max_prompt_tokens: int) -> str:
+    """The user message as parity checks it: fitted like evaluation prompts when a limit is set."""
+    if max_prompt_tokens <= 0:
+        return prompt
+    from .data import fit_messages
+    from .records import Record
+
+    return fit_messages(tok, Record.from_prompt(prompt, "-"), max_prompt_tokens)[-1]["content"]
+
+
 def _chat_ids(tok: Any, prompt: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    """A user message's prompt tokens, rendered exactly as training renders prompts."""
+    from .data import render_prompt
+
+    return render_prompt(tok, [{"role": "user", "content": prompt}])
 
 
 def _torch_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], list[Any]]:
@@ -657,6 +690,7 @@ def check_parity(
     min_agreement: float = 0.95,
     tie_tolerance: float | None = None,
     name: str | None = None,
+    max_prompt_tokens: int = 0,
 ) -> ParityReport:
     """Compare next-token argmaxes of the fp32 PyTorch model and the export along PyTorch's greedy path.
 
@@ -667,6 +701,8 @@ def check_parity(
     precision (the export's token is at least e^-0.5 = 0.6x as likely as PyTorch's choice).
 
     fp32 exports must agree at every position; others need agreement >= min_agreement.
+    `max_prompt_tokens` > 0 fits each prompt into that many tokens first (data.fit_messages,
+    as evaluation does with eval.max_prompt_tokens); 0 checks the prompts whole.
     Raises ParityError on failure (naming `name`, default export_dir); returns the report when it passes.
     """
     from .model import load_model, load_tokenizer
@@ -688,6 +724,7 @@ def check_parity(
     # All PyTorch work first, then free that model before loading the export (peak memory).
     references = []
     for prompt in prompts:
+        prompt = _parity_prompt(tok, prompt, max_prompt_tokens)
         ids = _chat_ids(tok, prompt)
         references.append((prompt, ids, *_torch_greedy(model, ids, max_new_tokens, eos_ids)))
     del model
@@ -745,6 +782,7 @@ def export_model(
     min_agreement: float = 0.95,
     max_new_tokens: int = 8,
     builder_options: dict[str, str] | None = None,
+    max_prompt_tokens: int = 0,
 ) -> Path:
     """Export, check parity, write the manifest; out_dir appears only if all three succeed.
 
@@ -769,7 +807,7 @@ def export_model(
                     _build_onnx(fused_dir, tmp, quantize_int8=precision == "int8", ep=ep)
                 report = check_parity(
                     fused_dir, tmp, target, parity_prompts, precision=precision, max_new_tokens=max_new_tokens, min_agreement=min_agreement,
-                    name=str(out_dir),
+                    name=str(out_dir), max_prompt_tokens=max_prompt_tokens,
                 )
                 info = {k: v for k, v in (manifest_info or {}).items() if k not in ("target", "precision", "execution_provider")}
                 info.setdefault("parity", {k: v for k, v in report.to_dict().items() if k != "details"})

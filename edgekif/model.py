@@ -192,12 +192,25 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     return precision
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, *, keep_default_system: bool = False):
+    """The tokenizer, with the chat template edgekif trains on.
+
+    A template that inserts a default system prompt when a conversation has none (SmolLM2's
+    "You are a helpful AI assistant named SmolLM...", ~21 tokens) is replaced by the same
+    template without it (edgekif.data.without_default_system): measured on dbpedia, the
+    prompt tokens are better spent on the task's text (docs/benchmarks.md, "Prompt format
+    trials (issue 11)"). Fused and exported models save this tokenizer, so the published
+    template renders what training saw. `keep_default_system=True` keeps the template as is.
+    """
     from transformers import AutoTokenizer
+
+    from .data import without_default_system
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not keep_default_system and (plain := without_default_system(tok)) is not None:
+        tok.chat_template = plain
     return tok
 
 

@@ -18,6 +18,10 @@ class Record:
     output: str
     id: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Alpaca records: length (chars) of the instruction that starts the last user message,
+    # before "\n" + input. Prompt fitting cuts the input's middle and keeps this part (it
+    # holds the task and its answer options). 0 = unknown: the whole message may be cut.
+    instruction_chars: int = field(default=0, compare=False)
 
     @property
     def label(self) -> str:
@@ -33,14 +37,22 @@ class Record:
         return [{"role": r, "content": c} for r, c in self.messages]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "messages": [list(m) for m in self.messages], "output": self.output}
+        d: dict[str, Any] = {"id": self.id, "messages": [list(m) for m in self.messages], "output": self.output}
+        if self.instruction_chars:  # only when set, so other records serialise as before
+            d["instruction_chars"] = self.instruction_chars
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Record":
-        return cls(messages=tuple((str(r), str(c)) for r, c in d["messages"]), output=str(d["output"]), id=str(d.get("id", "")))
+        return cls(
+            messages=tuple((str(r), str(c)) for r, c in d["messages"]),
+            output=str(d["output"]),
+            id=str(d.get("id", "")),
+            instruction_chars=int(d.get("instruction_chars") or 0),
+        )
 
     @classmethod
     def from_json(cls, s: str) -> "Record":

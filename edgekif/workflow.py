@@ -73,4 +73,5 @@ def export_adapter(cfg: Config, base: BaseModel, adapter_dir: Path, work_dir: Pa
         parity_prompts=list(parity_prompts)[: max(1, cfg.export.parity_prompts)],
         manifest_info=info,
         min_agreement=cfg.export.parity_min_agreement,
+        max_prompt_tokens=cfg.eval.max_prompt_tokens,  # parity prompts are fitted like evaluation prompts
     )

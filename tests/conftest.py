@@ -50,3 +50,17 @@ def benchmark_data() -> Path:
     if not BENCHMARK_DATA.is_dir():
         pytest.skip(f"benchmark data not found at {BENCHMARK_DATA}")
     return BENCHMARK_DATA
+
+
+# SmolLM2-135M-Instruct's chat template as shipped: it adds a default system prompt to any
+# conversation without a system message (edgekif drops it; see edgekif.model.load_tokenizer).
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful "
+    "AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_template() -> str:
+    return SMOLLM2_TEMPLATE

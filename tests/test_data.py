@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 from edgekif.config import DataConfig
-from edgekif.data import IGNORE_INDEX, Encoded, collate, encode_example, encode_prompt, encode_target, read_task
+from edgekif.data import (
+    CUT_MARK,
+    IGNORE_INDEX,
+    Encoded,
+    collate,
+    encode_example,
+    encode_prompt,
+    encode_target,
+    fit_messages,
+    fit_prompt,
+    read_task,
+    render_prompt,
+)
 from edgekif.errors import ValidationError
 from edgekif.records import Record
 
@@ -406,15 +418,20 @@ def test_labels_mask_exactly_the_prompt(tok):
     assert tok.decode(answer) == "four<|im_end|>"
 
 
-def test_truncation_keeps_target_and_end_of_prompt(tok):
+def test_truncation_keeps_target_and_both_ends_of_prompt(tok):
+    # Issue 11 changed the rule here: the prompt's middle is cut (it was cut from the left,
+    # which dropped the template's start and the instruction).
     r = Record.from_prompt("A" * 100 + "QUESTION?", "yes")
     full = encode_prompt(tok, r)
     target = encode_target(tok, r)
-    enc = encode_example(tok, r, max_length=30)
-    assert enc.truncated and len(enc.input_ids) == 30
-    n_prompt = 30 - len(target)
-    assert enc.input_ids[:n_prompt] == full[-n_prompt:]
-    assert tok.decode(enc.input_ids[:n_prompt]).endswith("QUESTION?<|im_end|>\n<|im_start|>assistant\n")
+    enc = encode_example(tok, r, max_length=60)
+    assert enc.truncated and len(enc.input_ids) == 60
+    n_prompt = 60 - len(target)
+    text = tok.decode(enc.input_ids[:n_prompt])
+    assert enc.input_ids[:n_prompt] == fit_prompt(tok, r, 60, len(target))
+    assert text.startswith("<|im_start|>user\nAAAA") and CUT_MARK in text
+    assert text.endswith("QUESTION?<|im_end|>\n<|im_start|>assistant\n")
+    assert enc.input_ids[:6] == full[:6] and enc.input_ids[n_prompt - 20 : n_prompt] == full[-20:]
     assert enc.input_ids[n_prompt:] == target == enc.labels[n_prompt:]
     assert enc.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
 
@@ -455,3 +472,199 @@ def test_task_encode_feeds_the_model(tmp_path, tok):
     with torch.no_grad():
         loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+# --------------------------------------------------------------------------- prompt fitting (issue 11)
+
+OPTIONS = "Option: Company, Artist, Athlete, Village, Animal, Plant, Album, Film."
+DBPEDIA_LIKE = {
+    "instruction": f"What is the topic of the following paragraph? Choose one from the option. {OPTIONS}\n",
+    "input": "Title: Seagraves High School\nText: " + "It is a school in Texas. " * 20 + "It was rated well.\n\nAnswer:",
+    "output": "Educational Institution",
+}
+
+
+def _alpaca(tmp_path, **over) -> Record:
+    return read_task(write(tmp_path, "t.jsonl", jsonl(DBPEDIA_LIKE | over))).records[0]
+
+
+def _check_fitted(tok, r: Record, max_length: int) -> tuple[Encoded, str]:
+    """Common promises: within max_length, the answer whole and learned, prompt = fit_prompt."""
+    enc = encode_example(tok, r, max_length)
+    target = encode_target(tok, r)
+    n_prompt = len(enc.input_ids) - len(target)
+    assert len(enc.input_ids) <= max_length
+    assert enc.input_ids[n_prompt:] == target == enc.labels[n_prompt:], "the answer must never be cut"
+    assert enc.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert enc.input_ids[:n_prompt] == fit_prompt(tok, r, max_length, len(target)) == render_prompt(tok, fit_messages(tok, r, max_length, len(target)))
+    return enc, tok.decode(enc.input_ids[:n_prompt])
+
+
+def test_alpaca_fitting_cuts_the_input_middle_and_keeps_instruction_and_cue(tok, tmp_path):
+    r = _alpaca(tmp_path, system="Be brief.")
+    assert r.instruction_chars == len(DBPEDIA_LIKE["instruction"])
+    full = encode_prompt(tok, r)
+    max_length = len(full) - 200  # byte-level tokenizer: 200 characters too long
+    enc, text = _check_fitted(tok, r, max_length)
+    assert enc.truncated and len(enc.input_ids) == max_length  # the cut uses the whole budget
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + DBPEDIA_LIKE["instruction"])
+    assert OPTIONS in text
+    assert "\nTitle: Seagraves High School\nText: It is a school" in text  # the input's start
+    assert CUT_MARK in text and text.endswith("It was rated well.\n\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_fitting_leaves_prompts_that_fit_alone(tok, tmp_path):
+    r = _alpaca(tmp_path)
+    full = encode_prompt(tok, r)
+    target = encode_target(tok, r)
+    enc = encode_example(tok, r, len(full) + len(target))
+    assert not enc.truncated and enc.input_ids == full + target
+    assert fit_messages(tok, r, len(full), 0) == r.chat()
+    assert fit_prompt(tok, r, 4096) == full
+
+
+def test_alpaca_instruction_is_cut_only_when_nothing_else_is_left(tok, tmp_path):
+    r = _alpaca(tmp_path)
+    enc, text = _check_fitted(tok, r, 100)  # the instruction alone is longer than 100 bytes
+    assert enc.truncated and len(enc.input_ids) >= 98  # whitespace at the cut may be dropped
+    assert text.startswith("<|im_start|>user\nWhat is the topic") and CUT_MARK in text
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_prompt_completion_fitting_keeps_start_and_end(tok):
+    prompt = "Classify the sentiment. Options: good, bad.\nReview: " + "so so. " * 60 + "\nAnswer:"
+    r = Record.from_prompt(prompt, "good")
+    enc, text = _check_fitted(tok, r, 160)
+    assert enc.truncated and len(enc.input_ids) == 160
+    assert text.startswith("<|im_start|>user\nClassify the sentiment. Options: good, bad.\nReview: so so.")
+    assert CUT_MARK in text and text.endswith("so so. \nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_fitting_cuts_the_longest_user_turn(tok, tmp_path):
+    long_turn = "Context: " + "blah " * 80 + "Which option, a or b?"
+    rec = {
+        "messages": [
+            {"role": "system", "content": "You answer a or b."},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": long_turn},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "and now?"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    r = read_task(write(tmp_path, "chat.jsonl", jsonl(rec))).records[0]
+    enc, _ = _check_fitted(tok, r, 250)
+    assert enc.truncated and len(enc.input_ids) == 250
+    fitted = fit_messages(tok, r, 250, len(encode_target(tok, r)))
+    original = r.chat()
+    assert [m["role"] for m in fitted] == [m["role"] for m in original]
+    cut = [i for i, (a, b) in enumerate(zip(fitted, original)) if a != b]
+    assert cut == [3], "only the longest user turn is cut"
+    assert fitted[3]["content"].startswith("Context: blah") and fitted[3]["content"].endswith("Which option, a or b?")
+    assert CUT_MARK in fitted[3]["content"]
+
+
+def test_fitting_cuts_other_turns_when_the_main_one_is_not_enough(tok):
+    r = Record(messages=(("system", "S" * 300), ("user", "Q" + "U" * 50 + "?")), output="x")
+    enc, text = _check_fitted(tok, r, 120)
+    assert enc.truncated and len(enc.input_ids) >= 118
+    system, user = fit_messages(tok, r, 120, len(encode_target(tok, r)))
+    assert system["content"].startswith("SSS") and CUT_MARK in system["content"]
+    assert user["content"].startswith("QUUU") and user["content"].endswith("UUU?")  # kept its ends
+    assert len(user["content"]) >= 16  # MIN_KEEP_TOKENS of it (plus the mark)
+
+
+def test_fitting_without_room_for_the_template_keeps_the_prompt_end(tok):
+    r = Record(messages=(("system", "s"), ("user", "u"), ("assistant", "a"), ("user", "question?")), output="ok")
+    ids = fit_prompt(tok, r, 12)
+    assert len(ids) == 12
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_fitting_without_chat_template(tok, tmp_path):
+    from edgekif.model import tiny_tokenizer
+
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    r = _alpaca(tmp_path)
+    enc, text = _check_fitted(plain, r, 200)
+    assert enc.truncated and text.startswith(DBPEDIA_LIKE["instruction"]) and text.endswith("Answer:\n")
+
+
+def test_fitted_prompts_never_split_characters(tok):
+    r = Record.from_prompt("Frage: " + "Größenänderung ü日本 " * 30 + "Antwort:", "ja")
+    for max_length in range(60, 90):
+        _enc, text = _check_fitted(tok, r, max_length)
+        assert "\ufffd" not in text and text.endswith("Antwort:<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_record_json_keeps_the_instruction_boundary(tmp_path):
+    r = _alpaca(tmp_path)
+    back = Record.from_json(r.to_json())
+    assert back.instruction_chars == r.instruction_chars > 0 and back == r
+    old = Record.from_dict({"id": "x", "messages": [["user", "q"]], "output": "a"})  # stored before the field existed
+    assert old.instruction_chars == 0 and "instruction_chars" not in old.to_dict()
+    no_input = read_task(write(tmp_path, "n.jsonl", jsonl({"instruction": "Say hi.", "output": "hi"}))).records[0]
+    assert no_input.instruction_chars == 0
+
+
+def test_real_dbpedia_prompts_keep_their_options(tok, benchmark_data):
+    """Every dbpedia training example keeps its instruction, option list and answer cue."""
+    records = read_task(benchmark_data / "dbpedia" / "train.jsonl").records
+    max_length = 384  # bytes for this tokenizer: most inputs must be cut
+    cut = 0
+    for r in records:
+        enc, text = _check_fitted(tok, r, max_length)
+        cut += enc.truncated
+        instruction = r.messages[-1][1][: r.instruction_chars]
+        assert "Option: Company, Educational Institution" in instruction and instruction in text
+        assert text.endswith("\n\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+    assert cut > len(records) // 2
+
+
+# --------------------------------------------------------------------------- chat template (issue 11)
+
+
+def test_default_system_prompt_is_removed_by_rendering_check(smollm2_template):
+    from edgekif.data import CHATML_TEMPLATE, without_default_system
+    from edgekif.model import tiny_tokenizer
+
+    smol = tiny_tokenizer()
+    smol.chat_template = smollm2_template
+    plain = without_default_system(smol)
+    assert plain == CHATML_TEMPLATE
+    user = [{"role": "user", "content": "hi"}]
+    shipped = smol.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    assert shipped.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert smol.apply_chat_template(user, chat_template=plain, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with_system = [{"role": "system", "content": "Be brief."}, *user]
+    assert smol.apply_chat_template(with_system, chat_template=plain, tokenize=False) == smol.apply_chat_template(with_system, tokenize=False)
+
+    assert without_default_system(tiny_tokenizer()) is None  # no default system prompt: nothing to change
+    other = tiny_tokenizer()
+    other.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"  # not ChatML
+    assert without_default_system(other) is None
+    broken = tiny_tokenizer()
+    broken.chat_template = "{{ raise_exception('no') }}"
+    assert without_default_system(broken) is None
+
+
+@pytest.mark.integration
+def test_real_smollm2_trains_without_its_default_system_prompt(smollm2, benchmark_data):
+    from edgekif.model import load_tokenizer
+
+    tok = load_tokenizer(smollm2.path)
+    shipped = load_tokenizer(smollm2.path, keep_default_system=True)
+    user = [{"role": "user", "content": "hi"}]
+    assert "You are a helpful AI assistant named SmolLM" in shipped.decode(render_prompt(shipped, user))
+    assert tok.decode(render_prompt(tok, user)) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    saved = len(render_prompt(shipped, user)) - len(render_prompt(tok, user))
+    assert 15 <= saved <= 30  # the tokens the task's text gets back
+    records = read_task(benchmark_data / "dbpedia" / "train.jsonl").records[:128]
+    for r in records:
+        enc = encode_example(tok, r, 128)
+        text = tok.decode(enc.input_ids)
+        assert len(enc.input_ids) <= 128 and r.messages[-1][1][: r.instruction_chars] in text and "Answer:<|im_end|>" in text

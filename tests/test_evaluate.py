@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from edgekif.config import LoRAConfig
-from edgekif.data import collate, encode_example, encode_prompt, encode_target
+from edgekif.data import collate, encode_example, encode_prompt, encode_target, fit_prompt
 from edgekif.errors import EdgekifError
 from edgekif.evaluate import (
     AccuracyMatrix,
@@ -306,12 +307,17 @@ def test_heatmap_writes_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["heat.png"]  # no temp file left behind
 
 
-def test_max_prompt_tokens_keeps_each_prompts_end(opinionated):
-    """Evaluation can cut prompts from the left as training does (bench_cl uses the training max_length)."""
+def test_max_prompt_tokens_fits_prompts_as_training_does(opinionated):
+    """Evaluation can fit prompts as training does (bench_cl uses the training max_length).
+    Issue 11 changed the rule from a left cut to data.fit_prompt (middle cut); so did this test."""
     model, tok = opinionated
     records = [Record.from_prompt("q" * n + " what?", "x") for n in (30, 2, 55)]
     full = [encode_prompt(tok, r) for r in records]
     assert min(len(p) for p in full) < 32 < max(len(p) for p in full)  # one is cut, one is not
+    fitted = [fit_prompt(tok, r, 32) for r in records]
+    assert fitted == [encode_prompt(tok, r, 32) for r in records] and all(len(p) <= 32 for p in fitted)
+    for r, p in zip(records, fitted):  # training's prompt for an answer of 0 tokens: the same function
+        assert encode_example(tok, dataclasses.replace(r, output=""), 33).input_ids[:-1] == p
 
     seen: list[list[int]] = []
     real_generate = model.generate
@@ -324,7 +330,7 @@ def test_max_prompt_tokens_keeps_each_prompts_end(opinionated):
     model.generate = spy
     try:
         cut = generate_answers(model, tok, records, max_prompt_tokens=32)
-        assert sorted(seen) == sorted(p[-32:] for p in full)
+        assert sorted(seen) == sorted(fitted)
         seen.clear()
         whole = generate_answers(model, tok, records)
         assert sorted(seen) == sorted(full)  # 0 = whole prompts
@@ -344,4 +350,4 @@ def test_max_prompt_tokens_keeps_each_prompts_end(opinionated):
         label_scores(model, tok, records, ["x", "y"], max_prompt_tokens=32)
     finally:
         handle.remove()
-    assert sorted(prompts_scored) == sorted(p[-32:] for p in full)
+    assert sorted(prompts_scored) == sorted(fitted)

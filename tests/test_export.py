@@ -198,6 +198,22 @@ def test_parity_rejects_an_export_of_another_model(fused, genai_fp32, onnx_fp32)
     assert report.passed and report.greedy_equal and report.agreement == 1.0
 
 
+def test_parity_prompts_are_fitted_like_evaluation_prompts(fused, onnx_fp32):
+    """With max_prompt_tokens, parity checks the prompt training and evaluation would see."""
+    from edgekif.data import CUT_MARK, fit_prompt
+    from edgekif.export import _chat_ids
+    from edgekif.records import Record
+
+    long = "Classify: " + "very long text " * 40 + "Answer:"
+    report = check_parity(fused["fused"], onnx_fp32, "onnx", [long], max_prompt_tokens=64, max_new_tokens=2)
+    fitted = report.details[0]["prompt"]
+    assert CUT_MARK in fitted and fitted.startswith("Classify: very") and fitted.endswith("Answer:")
+    tok = load_tokenizer(fused["fused"])
+    assert _chat_ids(tok, fitted) == fit_prompt(tok, Record.from_prompt(long, "-"), 64)
+    whole = check_parity(fused["fused"], onnx_fp32, "onnx", [long], max_new_tokens=2)
+    assert whole.details[0]["prompt"] == long[:200]  # 0 = whole prompts, as before
+
+
 def test_failed_parity_publishes_no_export_folder(fused, tmp_path):
     out = tmp_path / "onnx-int8"
     with pytest.raises(ParityError):
@@ -382,3 +398,61 @@ def test_smollm2_trained_adapter_cpu_export_answers_with_the_pytorch_label(smoll
 
 
 CLEAR_MARGIN = 1.0  # nats between PyTorch's best and second-best label: no quantisation tie
+
+
+# --------------------------------------------------------------------------- published template = training format (issue 11)
+
+@pytest.fixture(scope="module")
+def smol_style(tmp_path_factory, smollm2_template):
+    """A tiny base whose tokenizer carries SmolLM2's template, fused with a LoRA and exported
+    both ways, as the daemon publishes models."""
+    from edgekif.model import tiny_llama
+
+    root = tmp_path_factory.mktemp("smol-style")
+    model, tok = tiny_llama()
+    tok.chat_template = smollm2_template
+    model.save_pretrained(root / "base", safe_serialization=True)
+    tok.save_pretrained(root / "base")
+    adapter = root / "adapter"
+    _random_lora(root / "base").save_pretrained(adapter, safe_serialization=True)
+    fused_dir = fuse_adapter(root / "base", adapter, root / "fused")
+    kw = dict(execution_provider="cpu", precision="fp32", parity_prompts=PROMPTS[:1], max_new_tokens=2)
+    return {
+        "base": root / "base",
+        "genai": export_model(fused_dir, root / "genai", target="genai", **kw),
+        "onnx": export_model(fused_dir, root / "onnx", target="onnx", **kw),
+    }
+
+
+def test_published_template_renders_the_training_prompt(smol_style, smollm2_template):
+    """A client that sends only a user message gets exactly the tokens training used."""
+    from transformers import AutoTokenizer
+
+    from edgekif.data import encode_example, encode_target, render_prompt
+    from edgekif.infer import GenaiRunner, OnnxRunner
+    from edgekif.records import Record
+
+    tok = load_tokenizer(smol_style["base"])
+    assert "You are a helpful" not in tok.decode(render_prompt(tok, [{"role": "user", "content": "hi"}]))  # the decision
+    shipped = load_tokenizer(smol_style["base"], keep_default_system=True)
+    assert shipped.chat_template == smollm2_template
+
+    genai, onnx = GenaiRunner(smol_style["genai"]), OnnxRunner(smol_style["onnx"])
+    hf = AutoTokenizer.from_pretrained(str(smol_style["genai"]))  # a plain transformers client
+    conversations = [
+        "Classify: a great movie",
+        [{"role": "user", "content": "What is 2+2?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+    ]
+    for conv in conversations:
+        messages = [{"role": "user", "content": conv}] if isinstance(conv, str) else conv
+        record = Record(messages=tuple((m["role"], m["content"]) for m in messages), output="Positive")
+        enc = encode_example(tok, record, 512)
+        training = enc.input_ids[: len(enc.input_ids) - len(encode_target(tok, record))]
+        assert [int(t) for t in genai.tokenizer.encode(genai.chat_text(conv))] == training
+        assert onnx.chat_ids(conv) == training
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == training
+    for folder in (smol_style["genai"], smol_style["onnx"]):
+        assert (folder / "chat_template.jinja").read_text() == tok.chat_template
+        assert json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template", tok.chat_template) == tok.chat_template
+        verify_manifest(folder)  # the template was in place before the manifest hashed it

@@ -43,8 +43,8 @@ ORDERS = {
 }
 PROFILES = {
     # train examples offered per task, gradient steps on the task, test examples per task
-    # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; prompts are truncated from the
-    # left, which keeps the text's end and the answer cue)
+    # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; long prompts are fitted by
+    # edgekif.data.fit_prompt: the input's middle is cut, the options and answer cue kept)
     "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False),
     # enough steps for the tasks to be learned and forgotten, and >= 100 test examples a task
     # so that one example is 1 point (at 24 the strategies were not separable)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         cfg.eval.label_scoring = prof["label_scoring"]
         return apply_overrides(cfg, args.set)
 
-    # test prompts are cut from the left like the training examples (room left for an 8-token
+    # test prompts are fitted like the training examples (room left for an 8-token
     # answer): the model is scored on what it was trained to see, and long yahoo prompts
     # (up to ~1000 tokens) no longer dominate the benchmark's wall time
     answer_tokens = 8

@@ -68,7 +68,7 @@ class AnonPeak:
 
 def _records(task: str, n: int, seed: int):
     """n examples from a benchmark task, prompts padded with other examples' text so that
-    every example fills max_length after (left) truncation."""
+    every example fills max_length after prompt fitting (edgekif.data.fit_prompt)."""
     from edgekif.data import read_task
     from edgekif.records import Record
 
