@@ -17,9 +17,9 @@ import time
 from typing import Callable, Sequence
 
 from .errors import ConfigError
+from .strategies import REPLAY  # torch-free: the replay step kind
 
 DECAYS = ("cosine", "linear", "constant")
-REPLAY = "replay"  # the strategies' replay step kind (edgekif.strategies.REPLAY)
 
 
 def task_steps(n_examples: int, batch_size: int, epochs: float = 1.0, min_steps: int = 0, max_steps: int = 0) -> int:

@@ -30,6 +30,8 @@ from .data import collate, encode_example
 from .errors import CheckpointError, Interrupted, TrainingError
 from .model import lora_parameters
 from .records import Record
+from .schedule import Deadline, can_stop_before, lr_multiplier
+from .schedule import task_steps as policy_steps
 from .strategies import REPLAY, TASK, make_strategy
 from .strategies.base import Strategy
 
@@ -53,6 +55,8 @@ class TaskResult:
     fusions: int = 0
     resumed_from: int = 0
     state_bytes: dict = field(default_factory=dict)
+    planned_steps: int = 0  # the schedule's length; > steps when training stopped early
+    stopped: str = ""  # why training ended before the schedule did: "" or "time_budget"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,7 +228,8 @@ class Learner:
         B = tcfg.batch_size
         encoded = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in records]
         fixed = tcfg.max_steps if max_steps is None else max_steps
-        task_steps = fixed or max(1, math.ceil(tcfg.epochs * len(encoded) / B))
+        # exact when fixed; else epochs with a floor and a cap (edgekif.schedule.task_steps)
+        task_steps = fixed or policy_steps(len(encoded), B, tcfg.epochs, tcfg.min_steps, tcfg.steps_cap)
         has_replay = replay is not None and self.strategy.uses_replay and len(replay(1, 0)) > 0
         kinds = self.strategy.schedule(task_steps, has_replay)
         order = _task_order(len(encoded), task_steps, B, _mix_seed(tcfg.seed, task_index))
@@ -232,6 +237,9 @@ class Learner:
 
         # Fresh optimizers per task; a resume then loads their state from the checkpoint.
         self.strategy.begin_task(task_index)
+        # Base rates of the fresh optimizers, before a checkpoint loads scheduled ones.
+        base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.strategy.optimizers.items()}
+        deadline = Deadline(tcfg.max_minutes)  # this call's budget: a resumed job gets a fresh one
         start, resumed_from, losses = 0, 0, []
         ckpt = Path(ckpt_dir) / "checkpoint" if ckpt_dir else None
         if ckpt is not None and (ckpt / CKPT_META).is_file():
@@ -250,10 +258,17 @@ class Learner:
         t0 = time.perf_counter()
         task_step = sum(1 for k in kinds[:start] if k == TASK)
         examples = 0
+        end, stopped = len(kinds), ""
         for step in range(start, len(kinds)):
             if should_stop is not None and should_stop():
                 checkpoint(step)
                 raise Interrupted(f"training of {task_id!r} stopped at step {step}/{len(kinds)} (checkpoint saved)")
+            if step > start and can_stop_before(kinds, step) and deadline.expired():
+                end, stopped = step, "time_budget"
+                if kinds[step - 1] == TASK:
+                    self.strategy.after_step(TASK, None)  # close the task as its last step would
+                log.info("training stopped on its time budget", extra={"task": task_id, "step": step, "of": len(kinds), "max_minutes": tcfg.max_minutes})
+                break
             kind = kinds[step]
             prev_kind = kinds[step - 1] if step > 0 else None
             next_kind = kinds[step + 1] if step + 1 < len(kinds) else None
@@ -265,6 +280,11 @@ class Learner:
                 recs = replay(self.cfg.kif.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
                 batch_items = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in recs]
             batch = collate(batch_items, pad_id)
+
+            mult = lr_multiplier(step, len(kinds), tcfg.warmup_ratio, tcfg.min_lr_ratio, tcfg.lr_decay)
+            for name, opt in self.strategy.optimizers.items():
+                for group, base_lr in zip(opt.param_groups, base_lrs[name]):
+                    group["lr"] = base_lr * mult
 
             self.strategy.before_step(kind, prev_kind)
             loss = target_loss(self.model, batch)
@@ -287,13 +307,14 @@ class Learner:
 
         self.model.eval()
         self.tasks_seen.append(task_id)
-        task_losses = [l for l, k in zip(losses, kinds) if k == TASK]
+        done = kinds[:end]
+        task_losses = [l for l, k in zip(losses, done) if k == TASK]
         return TaskResult(
             task_id=task_id,
             strategy=self.strategy.name,
-            steps=len(kinds),
-            task_steps=kinds.count(TASK),
-            replay_steps=kinds.count(REPLAY),
+            steps=len(done),
+            task_steps=done.count(TASK),
+            replay_steps=done.count(REPLAY),
             examples=examples,
             seconds=time.perf_counter() - t0,
             mean_loss=sum(task_losses) / max(1, len(task_losses)),
@@ -301,6 +322,8 @@ class Learner:
             fusions=self.strategy.fusions,
             resumed_from=resumed_from,
             state_bytes=self.strategy.state_nbytes(),
+            planned_steps=len(kinds),
+            stopped=stopped,
         )
 
     # -- persistence across tasks (daemon jobs) ---------------------------------------------
