@@ -75,3 +75,16 @@ def test_gguf_conversion_once_and_logits_match(smollm2):
     x = torch.tensor([ids])
     with torch.no_grad():
         assert torch.allclose(ref(x).logits, conv(x).logits, atol=1e-4)
+
+
+def test_auto_precision_is_fp32_on_cpu_and_nf4_on_cuda(monkeypatch):
+    """What measured best per device: fp32 on CPU (nf4 was slower and larger there), nf4 on
+    CUDA when bitsandbytes works there, else fp32."""
+    from edgekif import model as m
+
+    monkeypatch.setattr(m, "bitsandbytes_available", lambda: True)
+    assert m.resolve_precision("auto", "cpu") == "fp32"
+    assert m.resolve_precision("auto", "cuda") == "nf4" and m.resolve_precision("auto", "cuda:1") == "nf4"
+    assert m.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(m, "bitsandbytes_available", lambda: False)
+    assert m.resolve_precision("auto", "cuda") == "fp32"

@@ -143,7 +143,7 @@ def test_stops_are_clean_only_between_rounds():
 def test_config_defaults_and_overrides():
     t = Config().train
     assert (t.epochs, t.min_steps, t.steps_cap, t.max_steps) == (1.0, 16, 2000, 0)
-    assert (t.warmup_ratio, t.min_lr_ratio, t.lr_decay, t.max_minutes) == (0.1, 0.1, "cosine", 0.0)
+    assert (t.warmup_ratio, t.min_lr_ratio, t.lr_decay, t.max_minutes) == (0.0, 1.0, "cosine", 0.0)  # a constant rate until a sweep measures warmup/decay
     c = load_config(None, ["train.min_steps=8", "train.steps_cap=0", "train.max_minutes=2.5", "train.lr_decay=linear"])
     assert (c.train.min_steps, c.train.steps_cap, c.train.max_minutes, c.train.lr_decay) == (8, 0, 2.5, "linear")
     assert task_steps(48, c.train.batch_size, c.train.epochs, c.train.min_steps, c.train.steps_cap) == 8

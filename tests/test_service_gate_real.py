@@ -99,6 +99,7 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
             f"data_dir={data}", "service.quiet_seconds=0",
             f"model.base={wide_tiny_dir}", "model.precision=fp32", "model.device=cpu", "model.threads=1",
             "train.lr=3e-3", f"train.max_steps={steps}", "service.holdout_fraction=0.25", "train.deterministic=true",
+            "train.warmup_ratio=0", "train.min_lr_ratio=1",  # a constant rate, as the step counts above were measured with
             "export.target=onnx", "export.precision=fp32",
         ])
         training.append(Path(name).stem)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # The benchmark data beside the checkout when it is there; otherwise the slices shipped in
-# tools/demo_data (the 48 train + 3 test examples of dbpedia and agnews the demo uses).
+# tools/demo_data (the 192 train + 3 test examples of dbpedia and agnews the demo uses: the
+# first 192 of the same seeded shuffle, so both sources give the same files).
 SHARED_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
 DATA = Path(os.environ["EDGEKIF_DEMO_DATA"]) if os.environ.get("EDGEKIF_DEMO_DATA") else SHARED_DATA if SHARED_DATA.is_dir() else REPO / "tools" / "demo_data"
 PY = sys.executable
@@ -35,7 +36,7 @@ def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["dbpedia", "agnews"])
-    ap.add_argument("--examples", type=int, default=48, help="examples per dropped task file")
+    ap.add_argument("--examples", type=int, default=192, help="examples per dropped task file (a quarter is held out, at most 48)")
     ap.add_argument("--data-dir", default=str(REPO / ".edgekif-demo"))
     ap.add_argument("--timeout", type=float, default=1500)
     args = ap.parse_args()
@@ -47,8 +48,8 @@ def main() -> int:
     env.setdefault("EDGEKIF_CACHE_DIR", str(Path.home() / ".cache" / "edgekif"))  # convert the GGUF once, reuse
     env["TRANSFORMERS_VERBOSITY"] = "error"
     # Small, fast settings for a demo; everything else is the default config.
-    overrides = ["data.max_length=128", "service.quiet_seconds=1", "service.scan_interval=2", "eval.label_scoring=true", "service.holdout_max=16"]
-    (data_dir / "edgekif.toml").write_text("\n".join(["[data]", "max_length = 128", "[service]", "quiet_seconds = 1.0", "scan_interval = 2.0", "holdout_max = 16", "holdout_fraction = 0.25"]) + "\n")
+    overrides = ["data.max_length=128", "service.quiet_seconds=1", "service.scan_interval=2", "service.holdout_max=48", "service.holdout_fraction=0.25"]
+    (data_dir / "edgekif.toml").write_text("\n".join(["[data]", "max_length = 128", "[service]", "quiet_seconds = 1.0", "scan_interval = 2.0", "holdout_max = 48", "holdout_fraction = 0.25"]) + "\n")
     print(f"data dir: {data_dir}\nconfig:   {data_dir / 'edgekif.toml'} ({', '.join(overrides)})")
 
     t0 = time.time()
