@@ -10,8 +10,9 @@ Idempotency (a stage may be re-run after a crash that landed before the daemon c
   export     skipped if jobs/<id>/export exists and its manifest verifies
   publish    skipped if `current` already holds this export (same adapter hash)
 
-Model continuity: a job starts from the learner state of the *published* job (adapter and
-importance EMAs), so a job held by the forgetting gate never leaks into the next one.
+Model continuity: a job starts from the learner state of the *live* job (the version
+`models/current` points at: adapter and importance EMAs) and replays only the tasks that
+version learned, so neither a held job nor a version rolled back over leaks into the next one.
 """
 
 from __future__ import annotations

@@ -1,0 +1,36 @@
+"""`edgekif train`: the library's continual loop from the command line, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgekif.cli import main
+
+WORDS = ["alpha", "beta", "gamma", "delta"]
+
+
+def _task(path, name, n=12):
+    path.write_text("".join(json.dumps({"prompt": f"{name} item {i}: which word?", "completion": WORDS[i % 4]}) + "\n" for i in range(n)))
+    return str(path)
+
+
+@pytest.mark.parametrize("strategy,rows", [("replay", ["a", "b"]), ("mtl", ["a+b"])])
+def test_train_runs_the_stream_and_writes_results(tiny_dir, tmp_path, capsys, strategy, rows):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = [_task(tmp_path / "a" / "a.jsonl", "a"), _task(tmp_path / "b" / "b.jsonl", "b")]
+    tests = [_task(tmp_path / "a" / "a_test.jsonl", "a", 4), _task(tmp_path / "b" / "b_test.jsonl", "b", 4)]
+    out = tmp_path / "out"
+    rc = main(["train", *files, "--test", *tests, "--strategy", strategy, "--out", str(out), "--quiet",
+               "--data-dir", str(tmp_path / "data"), "--set", f"model.base={tiny_dir}", "--set", "model.precision=fp32",
+               "--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "data.max_length=48", "--set", "eval.label_scoring=false"])
+    assert rc == 0
+    res = json.loads((out / "train_results.json").read_text())
+    assert res["strategy"] == strategy and [r["task_id"] for r in res["tasks"]] == rows
+    assert res["tasks"][-1]["task_steps"] == 2 * (2 if strategy == "mtl" else 1)  # joint: both tasks' budget
+    matrix = res["accuracy_matrix"]
+    assert matrix["tasks"] == ["a", "b"] and all(v is not None for v in matrix["a"][-1])
+    assert (out / "learner" / "adapter" / "adapter_config.json").is_file()
+    assert "adapter:" in capsys.readouterr().out
