@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="same as --profile quick")
     ap.add_argument("--profile", choices=list(PROFILES), default="default")
     ap.add_argument("--order", type=int, default=1, choices=[1, 2, 3])
-    ap.add_argument("--strategies", nargs="+", default=["seq_lora", "replay", "recurrent_kif", "mtl"], choices=strategy_names())
+    ap.add_argument("--strategies", nargs="+", default=strategy_names(), choices=strategy_names())
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--tasks", nargs="+", metavar="DIR", help="task folders (each with train.jsonl and test.jsonl), in learning order; overrides --order")
