@@ -94,6 +94,16 @@ def test_one_run_report_and_readme_headline(bench_all, tmp_path):
     assert new_readme.endswith("<!-- bench:headline:end -->\n\nafter\n")
 
 
+def test_regenerating_the_report_keeps_the_trials_below_the_marker(bench_all, tmp_path):
+    runs = _write_out(tmp_path / "out", dict.fromkeys(("cl-order1", "train", "serving", "daemon"), "2026-11-23T04:00:00+00:00"), [0])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    trials = f"{bench_all.TRIALS_MARKER}\n\n## Validation sweep\n\n| a | b |\n"
+    (docs / "benchmarks.md").write_text("# old report\n\nold numbers\n\n" + trials)
+    text = bench_all.write_report(tmp_path / "out", runs, "standard", 1.0, docs, None).read_text()
+    assert "old numbers" not in text and text.endswith(trials) and text.count(bench_all.TRIALS_MARKER) == 1
+
+
 def test_report_from_several_runs_says_so(bench_all, tmp_path):
     starts = {"cl-order1": "2026-11-23T01:00:00+00:00", "train": "2026-11-23T04:00:00+00:00",
               "serving": "2026-11-23T04:00:00+00:00", "daemon": "2026-11-23T04:00:00+00:00"}

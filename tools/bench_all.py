@@ -39,6 +39,7 @@ from tools import benchlib  # noqa: E402
 SECTIONS = ("cl", "train", "serving", "daemon")
 HEADLINE_BEGIN = "<!-- bench:headline:begin -->"
 HEADLINE_END = "<!-- bench:headline:end -->"
+TRIALS_MARKER = "<!-- bench:trials: one-off development trials below, kept when the report is regenerated -->"
 
 
 # every continual-learning run also merges its summary here (one entry per profile and order)
@@ -326,7 +327,10 @@ def write_report(out: Path, runs: dict, profile: str, wall: float, docs: Path, r
         lines += ["**Pending.** This machine has no GPU and no GPU machine was lent to the session that produced this report; "
                   "on a CUDA host `make bench` runs the same tools (nf4 through bitsandbytes CUDA, onnxruntime-genai-cuda)."]
     report = docs / "benchmarks.md"
-    atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
+    # one-off development trials (sweeps, format trials) live below the marker and are kept
+    old = report.read_text() if report.is_file() else ""
+    trials = old[old.index(TRIALS_MARKER):] if TRIALS_MARKER in old else ""
+    atomic_write_text(report, "\n".join(lines).rstrip() + "\n" + ("\n" + trials.rstrip() + "\n" if trials else ""))
     if readme is not None and readme.is_file():
         text = readme.read_text()
         if HEADLINE_BEGIN in text and HEADLINE_END in text:
