@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -39,3 +41,23 @@ def test_merge_keeps_other_entries(tmp_path):
     merge_results(path, "standard-order1", {"profile": "standard", "again": True})
     data = json.loads(path.read_text())
     assert set(data["cl"]) == {"standard-order1", "full-order2"} and data["cl"]["standard-order1"]["again"] is True
+
+
+def test_validation_split_is_the_last_n_disjoint_and_fixed():
+    from tools.bench_cl import _subset, validation_split
+
+    records = [{"id": f"t_{i}", "output": str(i % 3)} for i in range(100)]
+    train, val = validation_split(records, 20)
+    assert len(val) == 20 and len(train) == 80
+    assert val == records[-20:] and train == records[:-20]  # the last N records, in file order
+    assert not {r["id"] for r in train} & {r["id"] for r in val}  # disjoint
+    assert validation_split(records, 20) == (train, val)  # deterministic: no seed involved
+    # the training subset is drawn from the part before the slice, for any seed
+    for seed in range(5):
+        assert {r["id"] for r in _subset(train, 50, seed)} <= {r["id"] for r in train}
+    # N per task: every task gets its own last N
+    other = [{"id": f"u_{i}", "output": "x"} for i in range(30)]
+    assert [r["id"] for r in validation_split(other, 20)[1]] == [f"u_{i}" for i in range(10, 30)]
+    for bad in (0, 100, 150):
+        with pytest.raises(SystemExit):
+            validation_split(records, bad)

@@ -7,6 +7,7 @@ step budget and seeds, through the library's continual loop (edgekif.continual.r
     python tools/bench_cl.py --order 2 --seeds 0 1 2
     python tools/bench_cl.py --tasks DIR DIR ...     # any suite: DIR/train.jsonl + DIR/test.jsonl
     python tools/bench_cl.py --set train.deterministic=true --set kif.mask_quantile=0.9
+    python tools/bench_cl.py --validation 60         # tune on the last 60 train records a task; test.jsonl unread
 
 Metrics: exact match (headline) and label scoring; OP, BWT, FWT (with zero-shot) and
 plasticity (a_ii: accuracy just after learning each task).
@@ -60,6 +61,15 @@ def _subset(records, n, seed):
     return [records[i] for i in idx[:n]]
 
 
+def validation_split(records, n):
+    """(train part, validation slice): the validation slice is the LAST n records of a task's
+    train file, fixed (the same for every seed and configuration); training draws only from
+    the records before it. For choosing settings without ever reading the test split."""
+    if n <= 0 or n >= len(records):
+        raise SystemExit(f"--validation {n}: needs 0 < N < {len(records)} (the task's train records)")
+    return list(records[:-n]), list(records[-n:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="same as --profile quick")
@@ -76,10 +86,17 @@ def main(argv=None) -> int:
     ap.add_argument("--task-steps", type=int)
     ap.add_argument("--train-per-task", type=int)
     ap.add_argument("--test-per-task", type=int)
+    ap.add_argument("--validation", type=int, metavar="N",
+                    help="evaluate on a validation slice of train (the last N records of each train.jsonl; training draws "
+                         "from the records before them); test.jsonl is not read. For tuning (issue 11)")
+    ap.add_argument("--label-scoring", action=argparse.BooleanOptionalAction, default=None,
+                    help="score by label likelihood beside exact match (default: the profile's setting)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="any config option, applied last (e.g. train.deterministic=true, kif.mask_quantile=0.9)")
     args = ap.parse_args(argv)
+    if args.validation and args.results_json:
+        ap.error("--validation is for tuning: its numbers do not go into the benchmark's results.json (--results-json)")
 
     import torch
     from tqdm import tqdm
@@ -94,7 +111,7 @@ def main(argv=None) -> int:
     from edgekif.workflow import open_learner
 
     profile_name = "quick" if args.quick else args.profile
-    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task"))
+    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task", "label_scoring"))
     out = Path(args.out or f"bench_out/cl-{profile_name}-order{args.order}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -105,9 +122,18 @@ def main(argv=None) -> int:
     order = [f.name for f in folders]
     if len(set(order)) != len(order):
         raise SystemExit(f"--tasks: folder names must differ (they name the tasks): {order}")
-    train = {f.name: read_task(f / "train.jsonl") for f in folders}
-    test = {f.name: read_task(f / "test.jsonl") for f in folders}
-    labels = {t: train[t].labels for t in order}
+    train_tasks = {f.name: read_task(f / "train.jsonl") for f in folders}
+    labels = {t: train_tasks[t].labels for t in order}
+    if args.validation:
+        # tuning: evaluate on a fixed slice of train, never on the test split (not even read)
+        split = {t: validation_split(train_tasks[t].records, args.validation) for t in order}
+        train = {t: split[t][0] for t in order}
+        evalset = {t: split[t][1] for t in order}
+        prof["test_per_task"] = args.validation
+    else:
+        train = {t: train_tasks[t].records for t in order}
+        evalset = {f.name: read_task(f / "test.jsonl").records for f in folders}
+    eval_split = f"validation slice of train ({args.validation} per task)" if args.validation else "test"
 
     base = resolve_base(ModelConfig(), cache_dir())
 
@@ -134,7 +160,7 @@ def main(argv=None) -> int:
     eval_prompt_tokens = prof["max_length"] - answer_tokens
 
     def evaluate(learner, task, seed):
-        recs = _subset(test[task].records, prof["test_per_task"], 1000 + seed)
+        recs = _subset(evalset[task], prof["test_per_task"], 1000 + seed)
         ev = evaluate_task(learner.model, learner.tokenizer, recs, labels=labels[task], max_new_tokens=answer_tokens, batch_size=16,
                            label_scoring=prof["label_scoring"], max_prompt_tokens=eval_prompt_tokens)
         return ev.exact_match, ev  # exact match is the headline; label scoring is kept beside it
@@ -143,7 +169,7 @@ def main(argv=None) -> int:
     result = {
         "profile": profile_name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "settings": {**prof, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
+        "settings": {**prof, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
                      "kif": asdict(ran.kif), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "exact match of the greedy answer" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
                      "eval_prompt_tokens": eval_prompt_tokens},
@@ -163,7 +189,7 @@ def main(argv=None) -> int:
             cfg = make_cfg(strategy, seed)
             torch.manual_seed(seed)
             learner, _ = open_learner(cfg, base=base)
-            stream = [StreamTask(t, _subset(train[t].records, prof["train_per_task"], seed)) for t in order]
+            stream = [StreamTask(t, _subset(train[t], prof["train_per_task"], seed)) for t in order]
 
             def progress(name, strategy=strategy, seed=seed):
                 bar = tqdm(total=None, desc=f"{strategy} s{seed} {name}", unit="step", leave=False)
@@ -241,6 +267,13 @@ def _mean(values):
     return statistics.mean(vals) if vals else None
 
 
+def _eval_set(s: dict) -> str:
+    """What the accuracies were measured on, in words (older result.json: the test split)."""
+    if s.get("validation"):
+        return f"the validation slice of train ({s['validation']} per task: the last {s['validation']} records of each train.jsonl; the test split is not read)"
+    return f"{s['test_per_task']} test examples per task"
+
+
 def _p(x):  # percent, rounded, for results.json
     return None if x is None else round(100 * x, 2)
 
@@ -257,7 +290,7 @@ def summary(result: dict) -> dict:
             entry["label_op"] = _p(st["label_op_mean"])
         strategies[name] = entry
     return {"profile": result["profile"], "order": s["order"], "seeds": s["seeds"], "train_per_task": s["train_per_task"],
-            "test_per_task": s["test_per_task"], "metric": "exact_match", "command": result["command"], "strategies": strategies}
+            "test_per_task": s["test_per_task"], "eval_split": s.get("eval_split", "test"), "metric": "exact_match", "command": result["command"], "strategies": strategies}
 
 
 def merge_results(path: Path, key: str, entry: dict) -> None:
@@ -277,7 +310,7 @@ def to_markdown(result: dict, args) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
-        f"on {s['train_per_task']} train examples (max_length {s['max_length']}), {s['test_per_task']} test examples per task "
+        f"on {s['train_per_task']} train examples (max_length {s['max_length']}), evaluated on {_eval_set(s)} "
         f"(prompts cut to their last {s.get('eval_prompt_tokens', '—')} tokens, as training cuts them), metric: {s['metric']}; "
         f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}); Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
