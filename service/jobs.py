@@ -491,8 +491,10 @@ class JobStore:
         version = ModelStore(root).current()
         if version is None:
             return None
-        jobs = [j for j in self.jobs(("published",), newest_first=True) if j.version == version]
-        return jobs[0] if jobs else None
+        # one indexed row, not every published job: status and metrics ask this every second
+        row = self.conn.execute(_JOB_SELECT + " WHERE jobs.state = 'published' AND jobs.version = ? ORDER BY jobs.id DESC LIMIT 1",
+                                (version,)).fetchone()
+        return Job.from_row(row) if row else None
 
     def lineage(self, job: Job) -> list[Job]:
         """The published jobs whose training `job`'s model carries, oldest first, `job` last:
