@@ -22,12 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _records(path: Path):
     from edgekif.data import read_task
+    from edgekif.errors import ValidationError
     from edgekif.records import Record
 
     try:
         return read_task(path).records
-    except Exception:  # the daemon's holdout files are Record JSON lines
-        return [Record.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValidationError as e:  # the daemon's holdout files are Record JSON lines
+        try:
+            return [Record.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except Exception:
+            raise SystemExit(f"eval_export: {e}") from None  # neither shape: the reader's error names file, line, field
 
 
 def main(argv=None) -> int:
