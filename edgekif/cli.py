@@ -197,6 +197,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _export_holdout(cfg, args) -> tuple[dict, dict]:
+    """What the export is checked and scored on: --holdout task files (any accepted shape, the
+    name is the file's stem; scored by exact match), else --prompt texts (answer agreement only)."""
+    from .data import read_task
+    from .records import Record
+
+    holdout, labels = {}, {}
+    for path in args.holdout or []:
+        data = read_task(path, cfg.data)
+        holdout[Path(path).stem] = data.records[: cfg.eval.max_examples or None]
+        labels[Path(path).stem] = data.labels
+    if not holdout:
+        prompts = args.prompt or ["What is the capital of France?", "Write one word for a happy feeling."]
+        holdout["prompts"] = [Record.from_prompt(p, "") for p in prompts[: max(1, cfg.export.parity_prompts)]]
+    return holdout, labels
+
+
 def cmd_export(args) -> int:
     from .publish import ModelStore
     from .workflow import cache_root, export_adapter
@@ -213,10 +230,10 @@ def cmd_export(args) -> int:
     learner_dir = Path(args.learner)
     tasks_seen = read_learner_meta(learner_dir).tasks_seen if has_learner(learner_dir) else []
     out = Path(args.out) if args.out else cfg.data_path / "exports" / time.strftime("%Y%m%d-%H%M%S")
-    prompts = args.prompt or ["What is the capital of France?", "Write one word for a happy feeling."]
+    holdout, labels = _export_holdout(cfg, args)
     export = export_adapter(
         cfg, base, learner_dir / "adapter", out.parent / f".{out.name}.work", out,
-        parity_prompts=prompts, manifest_info={"tasks": [{"id": t, "name": t} for t in tasks_seen]},
+        holdout=holdout, labels=labels, manifest_info={"tasks": [{"id": t, "name": t} for t in tasks_seen]},
     )
     print(f"exported: {export}")
     if args.publish:
@@ -357,12 +374,14 @@ def add_library_commands(add: CommandAdder) -> None:
     sp.add_argument("files", nargs="+", metavar="TASK_FILE")
     sp.add_argument("--learner", help="learner folder written by `edgekif train` (default: the base model)")
     sp.add_argument("--json", action="store_true")
-    sp = add("export", cmd_export, "fuse a trained adapter and export ONNX (parity-checked)")
+    sp = add("export", cmd_export, "fuse a trained adapter and export ONNX (checked against the fp32 model's answers)")
     sp.add_argument("learner", help="learner folder written by `edgekif train`")
     sp.add_argument("--out")
     sp.add_argument("--target", choices=["genai", "onnx"])
     sp.add_argument("--precision", choices=["auto", "int4", "fp16", "fp32", "int8"])
-    sp.add_argument("--prompt", action="append", help="parity-check prompt (repeatable)")
+    sp.add_argument("--holdout", action="append", metavar="TASK_FILE",
+                    help="task file to check and score the export on (repeatable; the manifest records its exact match)")
+    sp.add_argument("--prompt", action="append", help="without --holdout: a prompt whose answer the export must reproduce (repeatable)")
     sp.add_argument("--publish", action="store_true", help="publish the export as a new version")
     sp = add("models", cmd_models, "published versions: list, rollback VERSION, gc")
     sp.add_argument("action", choices=["list", "rollback", "gc"])

@@ -120,8 +120,12 @@ class ExportConfig:
     precision: str = "auto"  # auto (int4 on cpu, fp16 on cuda) | int4 | fp16 | fp32 | int8 (onnx)
     execution_provider: str = "auto"  # auto | cpu | cuda
     keep_versions: int = 5
+    # A quantised export is published only if, on the holdout records, its answers equal the
+    # fp32 model's on >= parity_min_agreement of them and its exact match is at most
+    # parity_max_accuracy_drop points lower (edgekif.quality.compare_answers).
     parity_min_agreement: float = 0.95
-    parity_prompts: int = 4
+    parity_max_accuracy_drop: float = 1.0
+    parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)
 
 
 @dataclass
@@ -132,6 +136,10 @@ class ServiceConfig:
     holdout_fraction: float = 0.1
     holdout_max: int = 50
     forgetting_threshold: float = 5.0  # accuracy points a past task may drop before a publish is held
+    # The new task's exact match on its holdout must beat the untrained base's (same runtime and
+    # precision) by at least this many points, or the job is held: a model that learned nothing
+    # is not published. 0 = only "not worse".
+    min_gain_over_base: float = 1.0
     nice: int = 10
     memory_ceiling_mb: int = 0  # refuse to load a model if less is available; 0 = off
     stop_timeout: float = 30.0

@@ -3,8 +3,9 @@
 Pipeline (each step builds its output in a temp sibling and renames it into place):
 
   fuse_adapter(base, adapter_dir, fused_dir)      # or fuse_model(peft_model, base, fused_dir)
-  export_model(fused_dir, export_dir, target=..., precision=..., parity_prompts=[...], manifest_info={...})
-      = export_genai | export_onnx  ->  check_parity  ->  write_manifest
+  export_model(fused_dir, export_dir, target=..., precision=..., holdout={task: records}, manifest_info={...})
+      = reference answers (fp32 PyTorch) -> for each candidate precision: export_genai | export_onnx
+        -> the export's own answers on the holdout -> compare -> write_manifest
 
 Two export targets:
   genai  onnxruntime-genai's model builder (GQA attention + KV cache, int4/int8/fp16/fp32); the
@@ -31,9 +32,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+import time as _time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .atomic import atomic_dir, atomic_write_json, sha256_file
 from .errors import ConfigError, ExportError, IntegrityError, ParityError
@@ -67,9 +69,6 @@ TOKENIZER_FILES = (
 DEFAULT_BUILDER_OPTIONS: dict[tuple[str, str], dict[str, str]] = {}
 
 AUTO_PRECISION = {("genai", "cpu"): "int4", ("genai", "cuda"): "fp16", ("onnx", "cpu"): "fp32", ("onnx", "cuda"): "fp32"}
-
-FP32_TIE_TOLERANCE = 1e-4  # logits; see check_parity
-QUANTIZED_TIE_TOLERANCE = 0.5
 
 GENAI_PRECISIONS = {"cpu": ("int4", "int8", "fp32"), "cuda": ("int4", "int8", "fp16", "bf16", "fp32")}
 ONNX_PRECISIONS = ("fp32", "int8")
@@ -596,178 +595,54 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-# --------------------------------------------------------------------------- parity
+# --------------------------------------------------------------------------- parity at the answer level
 
 
-@dataclass
-class ParityReport:
-    target: str
+@dataclass(frozen=True)
+class ExportVariant:
+    """One way to build an export: a precision plus the builder's --extra_options."""
+
     precision: str
-    agreement: float  # fraction of positions where the export picks PyTorch's token, or one within tie_tolerance of it
-    greedy_equal: bool  # every position agreed: the export's greedy output equals PyTorch's (up to ties)
-    positions: int
-    exact_agreement: float = 0.0  # fraction of positions with the very same argmax (no tie allowance)
-    tie_tolerance: float = 0.0
-    details: list[dict[str, Any]] = field(default_factory=list)
-    passed: bool = False
+    options: tuple[tuple[str, str], ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def name(self) -> str:
+        return self.precision + "".join(f"/{k}={v}" for k, v in self.options)
+
+    def builder_options(self) -> dict[str, str]:
+        return dict(self.options)
 
 
-def _parity_prompt(tok: Any, prompt: str, max_prompt_tokens: int) -> str:
-    """The user message as parity checks it: fitted like evaluation prompts when a limit is set."""
-    if max_prompt_tokens <= 0:
-        return prompt
-    from .data import fit_messages
-    from .records import Record
-
-    return fit_messages(tok, Record.from_prompt(prompt, "-"), max_prompt_tokens)[-1]["content"]
+# What `precision = auto` tries on the CPU genai target, fastest first (tools/bench_quant.py;
+# docs/serving.md). The first whose holdout answers pass `check_export_answers` is published.
+AUTO_VARIANTS_GENAI_CPU: tuple[ExportVariant, ...] = (ExportVariant("int4"), ExportVariant("int8"), ExportVariant("fp32"))
 
 
-def _chat_ids(tok: Any, prompt: str) -> list[int]:
-    """A user message's prompt tokens, rendered exactly as training renders prompts."""
-    from .data import render_prompt
-
-    return render_prompt(tok, [{"role": "user", "content": prompt}])
-
-
-def _torch_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], list[Any]]:
-    """Greedy continuation and the logits row that chose each token (KV cache: one token per step)."""
-    import torch
-
-    generated: list[int] = []
-    rows = []
-    step_input = torch.tensor([prompt_ids])
-    past = None
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1].float()
-            past = out.past_key_values
-            nxt = int(logits.argmax())
-            rows.append(logits.numpy())
-            generated.append(nxt)
-            if nxt in eos_ids:
-                break
-            step_input = torch.tensor([[nxt]])
-    return generated, rows
+def export_candidates(target: str, precision: str, ep: str, requested: str, builder_options: dict[str, str] | None = None) -> list[ExportVariant]:
+    if requested == "auto" and target == "genai" and ep == "cpu" and not builder_options:
+        return list(AUTO_VARIANTS_GENAI_CPU)
+    return [ExportVariant(precision, tuple(sorted((builder_options or {}).items())))]
 
 
-def _genai_logits(model: Any, prompt_ids: list[int], generated: list[int]) -> list[Any]:
-    """Teacher-forced: feed the PyTorch sequence into onnxruntime-genai token by token."""
-    import numpy as np
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + len(generated) + 1, do_sample=False)
-    gen = og.Generator(model, params)
-    rows = []
-    for chunk in [prompt_ids] + [[t] for t in generated[:-1]]:
-        gen.append_tokens(np.asarray(chunk, dtype=np.int32))
-        logits = np.asarray(gen.get_logits())
-        rows.append(logits.reshape(-1, logits.shape[-1])[-1].astype(np.float32))
-    return rows
-
-
-def _onnx_logits(session: Any, prompt_ids: list[int], generated: list[int]) -> list[Any]:
-    import numpy as np
-
-    seq = np.asarray([prompt_ids + generated[:-1]], dtype=np.int64)
-    logits = session.run(["logits"], {"input_ids": seq, "attention_mask": np.ones_like(seq)})[0][0]
-    start = len(prompt_ids) - 1
-    return [logits[start + i] for i in range(len(generated))]
-
-
-def check_parity(
-    fused_dir: str | os.PathLike,
-    export_dir: str | os.PathLike,
-    target: str,
-    prompts: Sequence[str],
-    *,
-    precision: str | None = None,
-    max_new_tokens: int = 8,
-    min_agreement: float = 0.95,
-    tie_tolerance: float | None = None,
-    name: str | None = None,
-    max_prompt_tokens: int = 0,
-) -> ParityReport:
-    """Compare next-token argmaxes of the fp32 PyTorch model and the export along PyTorch's greedy path.
-
-    Teacher-forced: the export reads PyTorch's greedy sequence and must choose the same next
-    token at every generated position. A different choice still agrees when PyTorch's own
-    logit for it is within `tie_tolerance` of its top logit: a near-tie that rounding may
-    break either way. Default tolerance: 1e-4 for fp32 (float noise only), 0.5 for reduced
-    precision (the export's token is at least e^-0.5 = 0.6x as likely as PyTorch's choice).
-
-    fp32 exports must agree at every position; others need agreement >= min_agreement.
-    `max_prompt_tokens` > 0 fits each prompt into that many tokens first (data.fit_messages,
-    as evaluation does with eval.max_prompt_tokens); 0 checks the prompts whole.
-    Raises ParityError on failure (naming `name`, default export_dir); returns the report when it passes.
-    """
-    from .model import load_model, load_tokenizer
-
-    fused_dir, export_dir = Path(fused_dir), Path(export_dir)
-    if not prompts:
-        raise ExportError("check_parity needs at least one prompt")
-    if target not in ("genai", "onnx"):
-        raise ConfigError(f"check_parity: unknown target {target!r}")
-    precision = precision or read_export_info(export_dir).get("precision", "fp32")
-    exact = precision == "fp32"
-    if tie_tolerance is None:
-        tie_tolerance = FP32_TIE_TOLERANCE if exact else QUANTIZED_TIE_TOLERANCE
-    tok = load_tokenizer(fused_dir)
-    model = load_model(fused_dir, "fp32").eval()
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [tok.eos_token_id])
-
-    # All PyTorch work first, then free that model before loading the export (peak memory).
-    references = []
-    for prompt in prompts:
-        prompt = _parity_prompt(tok, prompt, max_prompt_tokens)
-        ids = _chat_ids(tok, prompt)
-        references.append((prompt, ids, *_torch_greedy(model, ids, max_new_tokens, eos_ids)))
-    del model
-    if target == "onnx":
-        import onnxruntime as ort
-
-        runtime: Any = ort.InferenceSession(str(export_dir / ONNX_MODEL_FILE), providers=["CPUExecutionProvider"])
+def _build(fused_dir: Path, dest: Path, target: str, variant: ExportVariant, ep: str) -> None:
+    if target == "genai":
+        _build_genai(fused_dir, dest, variant.precision, ep, variant.builder_options())
     else:
-        import onnxruntime_genai as og
-
-        runtime = og.Model(str(export_dir))
-
-    details: list[dict[str, Any]] = []
-    matched = same = total = 0
-    for prompt, ids, generated, torch_rows in references:
-        rows = _genai_logits(runtime, ids, generated) if target == "genai" else _onnx_logits(runtime, ids, generated)
-        export_tokens, ok = [], 0
-        for want, ref, got_row in zip(generated, torch_rows, rows):
-            got = int(got_row.argmax())
-            export_tokens.append(got)
-            same += got == want
-            if got == want or float(ref[want] - ref[got]) <= tie_tolerance:
-                ok += 1
-        matched += ok
-        total += len(generated)
-        details.append({"prompt": prompt[:200], "torch_tokens": generated, "export_tokens": export_tokens, "matched": ok, "positions": len(generated)})
-    agreement = matched / total if total else 1.0
-    report = ParityReport(
-        target=target, precision=precision, agreement=agreement, greedy_equal=matched == total, positions=total,
-        exact_agreement=same / total if total else 1.0, tie_tolerance=tie_tolerance, details=details,
-    )
-    report.passed = report.greedy_equal if exact else agreement >= min_agreement
-    log.info("parity", extra={"target": target, "precision": precision, "agreement": agreement, "greedy_equal": report.greedy_equal})
-    if not report.passed:
-        need = "identical greedy output" if exact else f"agreement >= {min_agreement:.2f}"
-        raise ParityError(
-            f"{name or export_dir}: {target}/{precision} export fails parity with {fused_dir}: agreement {agreement:.3f} over {total} tokens "
-            f"(needs {need}); first prompt torch={details[0]['torch_tokens']} export={details[0]['export_tokens']}"
-        )
-    return report
+        _build_onnx(fused_dir, dest, quantize_int8=variant.precision == "int8", ep=ep)
 
 
-# --------------------------------------------------------------------------- export pipeline
+def _runtime_name(target: str) -> str:
+    versions = runtime_versions()
+    if target == "genai":
+        return f"onnxruntime-genai {versions.get('onnxruntime_genai')}"
+    return f"onnxruntime {versions.get('onnxruntime')}"
+
+
+def _pytorch_name() -> str:
+    try:
+        return f"pytorch {importlib.metadata.version('torch')} fp32 (fused model, eager)"
+    except importlib.metadata.PackageNotFoundError:
+        return "pytorch fp32 (fused model, eager)"
 
 
 def export_model(
@@ -777,48 +652,84 @@ def export_model(
     target: str = "genai",
     precision: str = "auto",
     execution_provider: str = "auto",
-    parity_prompts: Sequence[str],
+    holdout: Mapping[str, Sequence[Any]],
+    labels: Mapping[str, Sequence[str] | None] | None = None,
     manifest_info: dict[str, Any] | None = None,
     min_agreement: float = 0.95,
+    max_accuracy_drop: float = 1.0,
     max_new_tokens: int = 8,
     builder_options: dict[str, str] | None = None,
-    max_prompt_tokens: int = 0,
 ) -> Path:
-    """Export, check parity, write the manifest; out_dir appears only if all three succeed.
+    """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
+    only when an export passes.
 
-    With precision "auto" on the CPU genai target, the most compact precision that passes the
-    parity check is published: int4, else int8, else fp32. (Measured: int4 of the 135M default
-    base agrees on only ~83% of next tokens with the fp32 model, below the 95% bar.) The bar is
-    never lowered; rejected attempts are recorded in the manifest under parity_rejected.
+    The fp32 PyTorch model in `fused_dir` answers every holdout record first (the reference).
+    Each candidate export then answers the same records through its own runtime (one request at
+    a time, its chat template, greedy, `max_new_tokens`). A candidate passes when it answers
+    exactly as the reference on >= `min_agreement` of the records and its pooled exact match is
+    at most `max_accuracy_drop` points below the reference's (edgekif.quality.compare_answers).
+    With precision "auto" on the CPU genai target the candidates are AUTO_VARIANTS_GENAI_CPU,
+    fastest first; rejected ones are recorded in the manifest with their figures.
+
+    The manifest's `accuracies` are the published export's own exact match per task (named by
+    `accuracies_measured_by`); the PyTorch figures are kept under `reference`.
+    Records without labels (prompts only) count for agreement, not accuracy.
     """
+    from .infer import open_model
+    from .quality import compare_answers, reference_answers, runner_answers
+
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
-    candidates = [precision]
-    if requested == "auto" and target == "genai" and ep == "cpu":
-        candidates = ["int4", "int8", "fp32"]
+    candidates = export_candidates(target, precision, ep, requested, builder_options)
     fused_dir, out_dir = Path(fused_dir), Path(out_dir)
+    holdout = {k: list(v) for k, v in holdout.items() if v}
+    if not holdout:
+        raise ExportError("export_model needs holdout records (or prompts) to check the export with")
+    t0 = _time.perf_counter()
+    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels)
+    reference_seconds = _time.perf_counter() - t0
     rejected: list[dict[str, Any]] = []
-    for i, precision in enumerate(candidates):
+    for i, variant in enumerate(candidates):
+        t0 = _time.perf_counter()
         try:
             with atomic_dir(out_dir, overwrite=True) as tmp:
-                if target == "genai":
-                    _build_genai(fused_dir, tmp, precision, ep, builder_options)
-                else:
-                    _build_onnx(fused_dir, tmp, quantize_int8=precision == "int8", ep=ep)
-                report = check_parity(
-                    fused_dir, tmp, target, parity_prompts, precision=precision, max_new_tokens=max_new_tokens, min_agreement=min_agreement,
-                    name=str(out_dir), max_prompt_tokens=max_prompt_tokens,
+                _build(fused_dir, tmp, target, variant, ep)
+                build_seconds = _time.perf_counter() - t0
+                t1 = _time.perf_counter()
+                runner = open_model(tmp)
+                answers = runner_answers(runner, holdout, max_new_tokens)
+                del runner
+                check = compare_answers(reference, answers, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+                check.seconds = _time.perf_counter() - t1
+                figures = {"variant": variant.name, "precision": variant.precision, "builder_options": variant.builder_options(),
+                           "build_seconds": round(build_seconds, 1), **{k: v for k, v in check.to_dict().items() if k != "per_task"}}
+                log.info("export checked on the holdout", extra={k: figures[k] for k in ("variant", "agreement", "accuracy", "reference_accuracy", "passed")})
+                if not check.passed:
+                    raise ParityError(f"{variant.name} export: " + "; ".join(check.reasons))
+                info = {k: v for k, v in (manifest_info or {}).items() if k not in ("target", "precision", "execution_provider", "accuracies")}
+                measured = {name: a.exact_match for name, a in answers.items() if a.exact_match is not None}
+                write_manifest(
+                    tmp, target=target, precision=variant.precision, execution_provider=ep, accuracies=measured,
+                    accuracies_measured_by={
+                        "runtime": _runtime_name(target), "target": target, "precision": variant.precision, "execution_provider": ep,
+                        "metric": "exact_match", "decoding": "greedy", "max_new_tokens": max_new_tokens,
+                        "prompt": "each holdout record's chat messages, whole, through this folder's chat template",
+                    },
+                    evaluation={name: {**a.summary(), "answers": a.answers[:KEEP_ANSWERS]} for name, a in answers.items()},
+                    reference={"runtime": _pytorch_name(), "seconds": round(reference_seconds, 1),
+                               "tasks": {name: a.summary() for name, a in reference.items()}},
+                    parity={**figures, "per_task": check.per_task},
+                    **({"parity_rejected": rejected} if rejected else {}),
+                    **info,
                 )
-                info = {k: v for k, v in (manifest_info or {}).items() if k not in ("target", "precision", "execution_provider")}
-                info.setdefault("parity", {k: v for k, v in report.to_dict().items() if k != "details"})
-                if rejected:
-                    info["parity_rejected"] = rejected
-                write_manifest(tmp, target=target, precision=precision, execution_provider=ep, **info)
             break
         except ParityError as e:
             if i + 1 == len(candidates):
-                raise
-            log.warning("export failed the parity check; trying the next precision", extra={"precision": precision, "next": candidates[i + 1], "error": str(e)})
-            rejected.append({"precision": precision, "error": str(e)[:500]})
-    log.info("export ready", extra={"path": str(out_dir), "target": target, "precision": precision, "ep": ep})
+                raise ParityError(f"{out_dir.name}: no export passed the answer check ({len(candidates)} tried): {e}") from e
+            log.warning("export rejected; trying the next one", extra={"variant": variant.name, "next": candidates[i + 1].name, "error": str(e)})
+            rejected.append({**figures, "reasons": check.reasons})
+    log.info("export ready", extra={"path": str(out_dir), "target": target, "variant": variant.name, "ep": ep})
     return out_dir
+
+
+KEEP_ANSWERS = 20  # per task, in the manifest: enough to see what the model says

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import Config
 from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision
@@ -53,8 +53,19 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
     return learner, base
 
 
-def export_adapter(cfg: Config, base: BaseModel, adapter_dir: Path, work_dir: Path, out_dir: Path, *, parity_prompts: Sequence[str], manifest_info: dict[str, Any]) -> Path:
-    """Fuse the adapter into an fp32 copy of the base and export it (parity-checked, with manifest)."""
+def export_adapter(
+    cfg: Config,
+    base: BaseModel,
+    adapter_dir: Path,
+    work_dir: Path,
+    out_dir: Path,
+    *,
+    holdout: Mapping[str, Sequence[Any]],
+    labels: Mapping[str, Sequence[str] | None] | None = None,
+    manifest_info: dict[str, Any],
+) -> Path:
+    """Fuse the adapter into an fp32 copy of the base and export it, checked and scored on the
+    holdout records as a client would run them (edgekif.export.export_model), with manifest."""
     from .export import adapter_sha256, export_model, fuse_adapter
 
     fused = fuse_adapter(base.path, adapter_dir, Path(work_dir) / "fused")
@@ -70,8 +81,57 @@ def export_adapter(cfg: Config, base: BaseModel, adapter_dir: Path, work_dir: Pa
         target=cfg.export.target,
         precision=cfg.export.precision,
         execution_provider=cfg.export.execution_provider,
-        parity_prompts=list(parity_prompts)[: max(1, cfg.export.parity_prompts)],
+        holdout=holdout,
+        labels=labels if cfg.eval.label_scoring else None,
         manifest_info=info,
         min_agreement=cfg.export.parity_min_agreement,
-        max_prompt_tokens=cfg.eval.max_prompt_tokens,  # parity prompts are fitted like evaluation prompts
+        max_accuracy_drop=cfg.export.parity_max_accuracy_drop,
+        max_new_tokens=cfg.eval.max_new_tokens,
     )
+
+
+def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any], holdout: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+    """Exact match of the *untrained* base on each holdout, exported and run exactly as a job's
+    export was (`export_settings`: target, precision, execution_provider, builder_options, as
+    in its manifest), so a trained model is compared with the base like for like.
+
+    The base's export is built once per setting and kept in the cache (cache_root/zero-shot);
+    scores are cached by the records' SHA-256, so each holdout is run once per base.
+    """
+    import hashlib
+    import json
+
+    from .atomic import atomic_dir, atomic_write_json
+    from .export import ExportVariant, _build
+    from .infer import open_model
+    from .quality import client_answers, exact_match, scored
+
+    variant = ExportVariant(str(export_settings["precision"]), tuple(sorted((export_settings.get("builder_options") or {}).items())))
+    target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
+    key = hashlib.sha256(json.dumps([target, ep, variant.name]).encode()).hexdigest()[:12]
+    root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
+    scores_path = root / "scores.json"
+    try:
+        scores = json.loads(scores_path.read_text())
+    except (FileNotFoundError, ValueError):
+        scores = {}
+    todo = {}
+    for name, recs in holdout.items():
+        if not scored(recs):
+            continue
+        digest = hashlib.sha256("".join(r.to_json() + "\n" for r in recs).encode()).hexdigest()
+        todo[name] = digest
+    missing = [name for name, digest in todo.items() if digest not in scores]
+    if missing:
+        export_dir = root / "export"
+        if not (export_dir / "export_info.json").is_file():
+            with atomic_dir(export_dir, overwrite=True) as tmp:
+                _build(Path(base.path), tmp, target, variant, ep)
+        runner = open_model(export_dir)
+        for name in missing:
+            recs = holdout[name]
+            scores[todo[name]] = {"exact_match": exact_match(client_answers(runner, recs, cfg.eval.max_new_tokens), recs), "n": len(recs), "task": name}
+        del runner
+        atomic_write_json(scores_path, scores)
+        log.info("zero-shot accuracy of the base measured", extra={"base": base.name, "variant": variant.name, "tasks": missing})
+    return {name: float(scores[digest]["exact_match"]) for name, digest in todo.items()}

@@ -3,6 +3,8 @@ change state.db only; the running daemon does the work on its next step."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edgekif.config import Config
 from edgekif.errors import PublishError
 
@@ -10,8 +12,7 @@ from .jobs import TERMINAL, DataLayout, JobStore, utc_now
 
 
 def force_publish(config: Config, job_id: int) -> str:
-    """`edgekif publish --force JOB`: send a job the forgetting gate held on to export and
-    publish (the daemon does the work). Refused if a later job was published since, because
+    """`edgekif publish --force JOB`: send a job the gate held on to publish (the daemon does the work). Refused if a later job was published since, because
     forcing this one would replace that newer model."""
     layout = DataLayout(config.data_path)
     if not layout.state_db.exists():
@@ -28,8 +29,11 @@ def force_publish(config: Config, job_id: int) -> str:
             raise PublishError(f"job {job_id} was held before job {later[-1]} was published; forcing it would replace that newer model")
         reasons = gate.get("reasons") or []
         gate.update(forced=True, forced_at=utc_now())
-        store.advance(job_id, "held", "approved", metrics={"gate": gate}, forced=True)
-    return (f"job {job_id} ({job.file_name}) will be exported and published by the daemon despite the forgetting gate"
+        export = (job.metrics.get("export") or {}).get("path")
+        # a job held by schema 2 was gated before its export existed: export it first
+        to = "approved" if export and Path(export, "manifest.json").is_file() else "trained"
+        store.advance(job_id, "held", to, metrics={"gate": gate}, forced=True)
+    return (f"job {job_id} ({job.file_name}) will be published by the daemon despite the gate"
             + (f": {'; '.join(reasons)}" if reasons else ""))
 
 

@@ -3,11 +3,12 @@
 Every job moves along one path, one committed step at a time; each state names the result
 of one stage, and the stage after it is what runs next:
 
-    received -validate-> validated -buffer-> buffered -train-> trained -evaluate-> evaluated
-    evaluated -gate-> approved -export-> exported -publish-> published
+    received -validate-> validated -buffer-> buffered -train-> trained -export-> exported
+    exported -evaluate-> evaluated -gate-> approved -publish-> published
 
-plus the terminal states `failed` (an unexpected error, after retries), `held` (the
-forgetting gate refused to publish; `edgekif publish --force` sends it on to `approved`),
+The export comes before the evaluation because what is evaluated and gated is the exported
+model a client loads, not the PyTorch one. Plus the terminal states `failed` (an unexpected
+error, after retries), `held` (the gate refused to publish; `edgekif publish --force` sends it on to `approved`),
 `rejected` (bad input) and `duplicate` (same bytes as a file seen before). A restarted daemon
 resumes every job from exactly its state.
 
@@ -29,9 +30,10 @@ from typing import Any, Iterator
 
 from edgekif.errors import EdgekifError
 
-SCHEMA_VERSION = 2  # 2: one state per stage ('training' split into buffered/trained, gate -> approved)
+SCHEMA_VERSION = 3  # 2: one state per stage ('training' split into buffered/trained, gate -> approved)
+# 3: export before evaluate (the gate scores the export)
 
-PIPELINE = ("received", "validated", "buffered", "trained", "evaluated", "approved", "exported", "published")
+PIPELINE = ("received", "validated", "buffered", "trained", "exported", "evaluated", "approved", "published")
 TERMINAL = frozenset({"published", "failed", "held", "rejected", "duplicate"})
 STATES = PIPELINE + ("failed", "held", "rejected", "duplicate")
 # States a job can be retried from after `failed` (the state it failed in).
@@ -41,11 +43,13 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "received": frozenset({"validated", "rejected", "failed"}),
     "validated": frozenset({"buffered", "rejected", "failed"}),
     "buffered": frozenset({"trained", "rejected", "failed"}),
-    "trained": frozenset({"evaluated", "rejected", "failed"}),
+    "trained": frozenset({"exported", "rejected", "failed"}),
+    "exported": frozenset({"evaluated", "failed"}),
     "evaluated": frozenset({"approved", "held", "failed"}),
-    "approved": frozenset({"exported", "failed"}),
-    "exported": frozenset({"published", "failed"}),
-    "held": frozenset({"approved"}),  # `edgekif publish --force`: on to export, gate overridden
+    "approved": frozenset({"published", "failed"}),
+    # `edgekif publish --force`: on to publish, gate overridden; a job held by schema 2 has no
+    # export yet, so it goes back to `trained` (export, evaluate, then the gate lets it through)
+    "held": frozenset({"approved", "trained"}),
     "failed": RETRYABLE,  # `edgekif retry JOB`: back to the state it failed in
     "published": frozenset(),
     "rejected": frozenset(),
@@ -284,6 +288,16 @@ def _migrate_v1(c: sqlite3.Connection) -> None:
     c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
+def _migrate_v2(c: sqlite3.Connection) -> None:
+    """Schema 2 evaluated the PyTorch model, gated, then exported. Jobs between training and
+    publishing go back to `trained`: they are exported again and evaluated on the export (a
+    schema-2 export has no export-measured accuracies). The states themselves are unchanged."""
+    before = "('evaluated', 'approved', 'exported')"
+    c.execute(f"UPDATE jobs SET state = 'trained' WHERE state IN {before}")
+    c.execute(f"UPDATE jobs SET error = json_set(error, '$.failed_from', 'trained') WHERE state = 'failed' AND json_extract(error, '$.failed_from') IN {before}")
+    c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
 class JobStore:
     """One connection to state.db. Not thread-safe: open one per thread."""
 
@@ -332,8 +346,11 @@ class JobStore:
                 raise JobStoreError(
                     f"{self.path}: schema version {row['value']} is newer than this edgekif ({SCHEMA_VERSION}); upgrade edgekif"
                 )
-            elif int(row["value"]) == 1:
-                _migrate_v1(c)
+            else:
+                if int(row["value"]) == 1:
+                    _migrate_v1(c)
+                if int(row["value"]) <= 2:
+                    _migrate_v2(c)
 
     # ---- events -------------------------------------------------------------------------
 

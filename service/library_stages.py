@@ -6,8 +6,9 @@ Idempotency (a stage may be re-run after a crash that landed before the daemon c
   buffer     holdout/train split is a deterministic function of the file's SHA-256 and is
              written atomically; the replay insert is a no-op for a SHA-256 already stored
   train      resumes from jobs/<id>/checkpoint; skipped if jobs/<id>/learner already has the task
-  evaluate   pure read of the trained learner
-  export     skipped if jobs/<id>/export exists and its manifest verifies
+  export     skipped if jobs/<id>/export exists and its manifest verifies; the export is checked
+             against the fp32 model's answers and scored on the holdouts (edgekif.export.export_model)
+  evaluate   reads the export's manifest; the base's zero-shot score is cached per base and holdout
   publish    skipped if `current` already holds this export (same adapter hash)
 
 Model continuity: a job starts from the learner state of the *live* job (the version
@@ -21,11 +22,13 @@ import json
 import logging
 import random
 import shutil
+import time
 from pathlib import Path
 
 from edgekif.atomic import atomic_write_json, atomic_write_text
+from edgekif.quality import read_holdout
 
-from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, forgetting_gate
+from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, publish_gate
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,7 @@ def _learner_dir(layout, job_id: int) -> Path:
     return layout.jobs / str(job_id) / "learner"
 
 
-def _read_records(path: Path):
-    from edgekif.records import Record
-
-    return [Record.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+_read_records = read_holdout
 
 
 def _write_records(path: Path, records) -> None:
@@ -150,38 +150,23 @@ class LibraryStages:
         shutil.rmtree(ctx.work_dir / "checkpoint", ignore_errors=True)
         return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(out / "adapter"), metrics=res.to_dict())
 
-    # -- evaluate -----------------------------------------------------------------------------
-    def evaluate(self, ctx: JobContext) -> EvalResult:
-        from edgekif.continual import evaluate_tasks
-        from edgekif.workflow import open_learner
-
-        _quiet_transformers()
-        learner, _ = open_learner(ctx.config, state_dir=_learner_dir(ctx.layout, ctx.job_id))
+    # -- export: fused, built, and scored on the holdouts as a client runs it --------------------
+    def _holdouts(self, ctx: JobContext, names: list[str]) -> tuple[dict, dict]:
         hd = _holdout_dir(ctx)
-        names = [t for t in ctx.past_tasks if t != ctx.task_name] + [ctx.task_name]
         tasks, labels = {}, {}
         for name in names:
             path = hd / f"{name}.jsonl"
-            if path.is_file():
-                recs = _read_records(path)
-                if recs:
-                    tasks[name] = recs
-                    lab = hd / f"{name}.labels.json"
-                    labels[name] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
-        evals = evaluate_tasks(ctx.config, learner.model, learner.tokenizer, tasks, labels)
-        return EvalResult(
-            accuracies={k: v.score for k, v in evals.items()},
-            details={k: {"exact_match": v.exact_match, "label_accuracy": v.label_accuracy, "n": v.n} for k, v in evals.items()},
-        )
+            if path.is_file() and (recs := read_holdout(path)):
+                tasks[name] = recs[: ctx.config.eval.max_examples or None]
+                lab = hd / f"{name}.labels.json"
+                labels[name] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
+        return tasks, labels
 
-    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
-        return forgetting_gate(result.accuracies, ctx.published, ctx.config.service.forgetting_threshold)
-
-    # -- export ---------------------------------------------------------------------------------
     def export(self, ctx: JobContext) -> Path:
         from edgekif.errors import IntegrityError
         from edgekif.export import verify_manifest
         from edgekif.model import resolve_base
+        from edgekif.records import Record
         from edgekif.trainer import read_learner_meta
         from edgekif.workflow import cache_root, export_adapter
 
@@ -196,24 +181,49 @@ class LibraryStages:
         base = resolve_base(ctx.config.model, cache_root(ctx.config))
         learner_dir = _learner_dir(ctx.layout, ctx.job_id)
         tasks_seen = read_learner_meta(learner_dir).tasks_seen
-        evaluated = ctx.metrics.get("evaluate", {})
-        prompts = []
-        for name in tasks_seen[-2:]:
-            p = _holdout_dir(ctx) / f"{name}.jsonl"
-            if p.is_file():
-                prompts += [r.messages[-1][1] for r in _read_records(p)[:2]]
-        prompts = prompts or ["Hello! What can you do?"]
+        # Every task the model has learned, the new one last: the export is checked against the
+        # fp32 model and scored on all of them, and these scores are what the gate judges.
+        holdout, labels = self._holdouts(ctx, tasks_seen)
+        if not holdout:  # a file too small for a holdout: checked on a prompt, agreement only
+            holdout = {"prompts": [Record.from_prompt("Hello! What can you do?", "")]}
+        t0 = time.perf_counter()
         result = export_adapter(
-            ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, parity_prompts=prompts,
-            manifest_info={
-                "tasks": manifest_tasks(ctx.layout, ctx.config, tasks_seen),
-                "accuracies": evaluated.get("accuracies", {}),
-                "job_id": ctx.job_id,
-            },
+            ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, holdout=holdout, labels=labels,
+            manifest_info={"tasks": manifest_tasks(ctx.layout, ctx.config, tasks_seen), "job_id": ctx.job_id},
         )
+        log.info("export stage done", extra={"job_id": ctx.job_id, "seconds": round(time.perf_counter() - t0, 1)})
         # the fused fp32 copy (~0.5 GB for SmolLM2) is scratch: a re-run starts from the export
         shutil.rmtree(ctx.work_dir / "export-work", ignore_errors=True)
         return result
+
+    # -- evaluate: the export's own figures + the base's zero-shot on the new task ----------------
+    def evaluate(self, ctx: JobContext) -> EvalResult:
+        from edgekif.export import read_manifest
+        from edgekif.model import resolve_base
+        from edgekif.workflow import cache_root, zero_shot_accuracy
+
+        manifest = read_manifest(ctx.metrics["export"]["path"])
+        accuracies = {k: float(v) for k, v in (manifest.get("accuracies") or {}).items()}
+        zero_shot = {}
+        new, _ = self._holdouts(ctx, [ctx.task_name])
+        if new and ctx.task_name in accuracies:
+            _quiet_transformers()
+            base = resolve_base(ctx.config.model, cache_root(ctx.config))
+            settings = {**manifest.get("export", {}), "builder_options": (manifest.get("parity") or {}).get("builder_options") or {}}
+            zero_shot = zero_shot_accuracy(ctx.config, base, settings, new)
+        return EvalResult(
+            accuracies=accuracies,
+            details={
+                "measured_by": manifest.get("accuracies_measured_by"),
+                "zero_shot": zero_shot,
+                "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in (manifest.get("evaluation") or {}).items()},
+                "reference": manifest.get("reference"),
+                "parity": {k: v for k, v in (manifest.get("parity") or {}).items() if k != "per_task"},
+            },
+        )
+
+    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
+        return publish_gate(result, ctx.published, ctx.config)
 
     # -- publish ----------------------------------------------------------------------------------
     def publish(self, ctx: JobContext, export_path: Path) -> str:

@@ -1,8 +1,10 @@
 """The job steps: one state, one stage, one commit.
 
-    received  --validate-->  validated  --buffer-->  buffered  --train-->  trained
-    trained   --evaluate-->  evaluated  --gate-->    approved | held
-    approved  --export-->    exported   --publish--> published
+    received  --validate-->  validated  --buffer-->    buffered  --train-->  trained
+    trained   --export-->    exported   --evaluate-->  evaluated --gate-->   approved | held
+    approved  --publish-->   published
+
+The gate judges the exported model, measured through the runtime clients use.
 
 `JobRunner.step(store, job)` runs the one stage after the job's state and commits its result
 (or its failure). Attempts are counted before a stage runs, so a stage that kills the process
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 # Stages that load the model: check service.memory_ceiling_mb before each.
-MODEL_STAGES = frozenset({"train", "evaluate", "export"})
+MODEL_STAGES = frozenset({"train", "export", "evaluate"})
 
 
 # Out of disk or memory: nobody's fault, so it uses up no attempt; the job waits and retries
@@ -236,13 +238,18 @@ class JobRunner:
         log.info("trained", extra={"job_id": job.id, "steps": result.steps})
 
     def _from_trained(self, store: JobStore, job: Job, ctx: JobContext) -> None:
+        path = Path(self._guarded(store, job, "export", lambda: self.stages.export(ctx)))
+        store.advance(job.id, "trained", "exported", metrics={"export": {"path": str(path)}})
+        log.info("exported", extra={"job_id": job.id, "path": str(path)})
+
+    def _from_exported(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         result = self._guarded(store, job, "evaluate", lambda: self.stages.evaluate(ctx))
-        store.advance(job.id, "trained", "evaluated", metrics={"evaluate": result.to_dict()})
+        store.advance(job.id, "exported", "evaluated", metrics={"evaluate": result.to_dict()})
         log.info("evaluated", extra={"job_id": job.id, "accuracies": result.accuracies})
 
     def _from_evaluated(self, store: JobStore, job: Job, ctx: JobContext) -> None:
-        """The forgetting gate: approved, or held with the reasons (publish --force overrides)."""
-        if (job.metrics.get("gate") or {}).get("forced"):  # forced by a schema-1 daemon
+        """The gate: approved, or held with the reasons (publish --force overrides)."""
+        if (job.metrics.get("gate") or {}).get("forced"):  # forced before the export existed (schema 1/2)
             store.advance(job.id, "evaluated", "approved")
             return
         result = EvalResult.from_dict(job.metrics.get("evaluate", {}))
@@ -251,30 +258,28 @@ class JobRunner:
             "ok": bool(ok),
             "reasons": list(reasons),
             "threshold_points": self.config.service.forgetting_threshold,
+            "min_gain_over_base_points": self.config.service.min_gain_over_base,
             "accuracies": result.accuracies,
+            "zero_shot": result.details.get("zero_shot", {}),
+            "measured_by": result.details.get("measured_by"),
             "published_version": ctx.published.version if ctx.published else None,
             "published_accuracies": ctx.published.accuracies if ctx.published else {},
         }
         if ok:
             store.advance(job.id, "evaluated", "approved", metrics={"gate": info})
-            log.info("approved by the forgetting gate", extra={"job_id": job.id})
+            log.info("approved by the gate", extra={"job_id": job.id})
             return
         store.advance(job.id, "evaluated", "held", metrics={"gate": info},
-                      error={"kind": "forgetting", "message": "; ".join(info["reasons"]), "reasons": info["reasons"]})
-        log.warning("held by the forgetting gate (edgekif publish --force %d overrides)", job.id,
+                      error={"kind": "gate", "message": "; ".join(info["reasons"]), "reasons": info["reasons"]})
+        log.warning("held by the gate (edgekif publish --force %d overrides)", job.id,
                     extra={"job_id": job.id, "reasons": info["reasons"]})
 
     def _from_approved(self, store: JobStore, job: Job, ctx: JobContext) -> None:
-        path = Path(self._guarded(store, job, "export", lambda: self.stages.export(ctx)))
-        forced = bool((job.metrics.get("gate") or {}).get("forced"))
-        store.advance(job.id, "approved", "exported", metrics={"export": {"path": str(path)}})
-        log.info("exported", extra={"job_id": job.id, "path": str(path), "forced": forced})
-
-    def _from_exported(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         path = Path(job.metrics["export"]["path"])
+        forced = bool((job.metrics.get("gate") or {}).get("forced"))
         version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path)))
-        store.advance(job.id, "exported", "published", version=version, metrics={"publish": {"version": version}})
-        log.info("published", extra={"job_id": job.id, "version": version})
+        store.advance(job.id, "approved", "published", version=version, metrics={"publish": {"version": version}})
+        log.info("published", extra={"job_id": job.id, "version": version, "forced": forced})
 
     # ---- rejections of accepted files -------------------------------------------------------
 

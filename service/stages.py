@@ -132,15 +132,17 @@ class Stages(Protocol):
         """Train (resuming from the job's latest checkpoint). Poll should_stop(); when it
         returns True, checkpoint and raise Interrupted."""
 
+    def export(self, ctx: JobContext) -> Path:
+        """Fuse and export the model into ctx.work_dir; return the export folder."""
+
     def evaluate(self, ctx: JobContext) -> EvalResult:
-        """Accuracy on the new task's holdout and on every past task's holdout."""
+        """Accuracy of the export (ctx.metrics["export"]["path"]) on the new task's holdout and
+        on every past task's holdout, measured as a client runs it; details["zero_shot"]: the
+        untrained base's accuracy on the new task, measured the same way."""
 
     def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
         """May this job be published? (ok, human-readable reasons when not). A step of its
-        own: its decision is committed before anything is exported."""
-
-    def export(self, ctx: JobContext) -> Path:
-        """Fuse and export the model into ctx.work_dir; return the export folder."""
+        own: its decision is committed before anything is published."""
 
     def publish(self, ctx: JobContext, export_path: Path) -> str:
         """Make the export the live version; return the version name."""
@@ -163,6 +165,24 @@ def forgetting_gate(
             reasons.append(
                 f"{task}: {100 * before:.1f} -> {100 * after:.1f} (-{drop:.1f} points > {threshold_points:g} allowed)"
             )
+    return not reasons, reasons
+
+
+def base_gate(accuracies: dict[str, float], zero_shot: dict[str, float], min_gain_points: float) -> list[str]:
+    """The tasks whose accuracy does not beat the untrained base's by `min_gain_points`."""
+    reasons = []
+    for task, base in sorted(zero_shot.items()):
+        after = accuracies.get(task)
+        if after is not None and 100 * (after - base) < min_gain_points:
+            reasons.append(f"{task}: {100 * after:.1f} does not beat the base model's zero-shot {100 * base:.1f} "
+                           f"by {min_gain_points:g} points (nothing learned to publish)")
+    return reasons
+
+
+def publish_gate(result: EvalResult, published: Published | None, config: "Config") -> tuple[bool, list[str]]:
+    """The forgetting gate plus the base gate, on export-measured accuracies."""
+    _ok, reasons = forgetting_gate(result.accuracies, published, config.service.forgetting_threshold)
+    reasons += base_gate(result.accuracies, result.details.get("zero_shot") or {}, config.service.min_gain_over_base)
     return not reasons, reasons
 
 

@@ -21,7 +21,7 @@ from service.status import format_status, status
 from service.jobs import JobStore
 from service.testing import FakeStages, SimulatedCrash
 
-STAGES = ("validate", "buffer", "train", "evaluate", "export", "publish")
+STAGES = ("validate", "buffer", "train", "export", "evaluate", "publish")
 
 
 def config_for(tmp_path: Path, **service):
@@ -87,7 +87,7 @@ def test_one_file_goes_through_every_committed_step(tmp_path):
     with JobStore(tmp_path / "state.db") as store:
         kinds = [e.kind for e in store.events(job.id) if e.kind != "attempt"]
         task = store.task(job.task_id)
-    assert kinds == ["received", "validated", "buffered", "train_run", "trained", "evaluated", "approved", "exported", "published"]
+    assert kinds == ["received", "validated", "buffered", "train_run", "trained", "exported", "evaluated", "approved", "published"]
     assert task["name"] == "sentiment" and task["holdout"] == str(tmp_path / "jobs" / str(job.id) / "holdout.json")
     assert [c["stage"] for c in calls(tmp_path)] == list(STAGES)
     assert (tmp_path / "models" / "v1" / "model.json").exists()
@@ -225,7 +225,7 @@ def test_unexpected_errors_are_retried_then_fail(tmp_path):
     d.close()
     doomed = jobs(tmp_path)[-1]
     assert doomed.state == "failed"
-    assert doomed.error["failed_from"] == "approved" and doomed.error["stage"] == "export"
+    assert doomed.error["failed_from"] == "trained" and doomed.error["stage"] == "export"
     assert doomed.error["kind"] == "RuntimeError" and "injected error" in doomed.error["message"]
     with JobStore(tmp_path / "state.db") as store:
         assert len(store.events(doomed.id, ("error",))) == 2 and len(store.events(doomed.id, ("failed",))) == 1
@@ -279,13 +279,13 @@ def test_forgetting_gate_holds_and_force_publish_overrides(tmp_path):
     gate = second.metrics["gate"]
     assert gate["ok"] is False and gate["published_version"] == "v1"
     assert gate["accuracies"]["first"] == pytest.approx(0.8) and gate["published_accuracies"] == {"first": 0.9}
-    assert second.error["kind"] == "forgetting" and "first: 90.0 -> 80.0 (-10.0 points > 5 allowed)" in second.error["message"]
-    assert "export" not in [c["stage"] for c in calls(tmp_path) if c["job_id"] == second.id]
+    assert second.error["kind"] == "gate" and "first: 90.0 -> 80.0 (-10.0 points > 5 allowed)" in second.error["message"]
+    assert "publish" not in [c["stage"] for c in calls(tmp_path) if c["job_id"] == second.id]
 
     with pytest.raises(PublishError, match="only a held job"):
         force_publish(d.config, first.id)
     message = force_publish(d.config, second.id)
-    assert "despite the forgetting gate" in message and "first: 90.0 -> 80.0" in message
+    assert "despite the gate" in message and "first: 90.0 -> 80.0" in message
     d.run_until_idle()
     d.close()
     second = jobs(tmp_path)[1]

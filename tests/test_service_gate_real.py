@@ -1,6 +1,6 @@
 """The forgetting gate with the real library stages (service.library_stages.LibraryStages):
-real validation, holdout split, replay buffer, Recurrent-KIF training, label-scoring
-evaluation, ONNX export and publishing, on a tiny random Llama.
+real validation, holdout split, replay buffer, Recurrent-KIF training, ONNX export, exact
+match measured on the export, and publishing, on a tiny random Llama.
 
 Three tasks go through the daemon one after the other:
   colors    8 prompts, each with its own label (ant/bee/cow/dog), learnt to 100% -> v0001
@@ -137,8 +137,8 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     assert drop > THRESHOLD
     assert gate["reasons"] == [f"colors: {100 * acc_a['colors']:.1f} -> {100 * acc_b['colors']:.1f} "
                                f"(-{drop:.1f} points > {THRESHOLD:g} allowed)"]
-    assert b.error["kind"] == "forgetting" and b.version is None
-    assert "export" not in b.metrics and not (layout.job_dir(b.id) / "export").exists()
+    assert b.error["kind"] == "gate" and b.version is None
+    assert "publish" not in b.metrics and (layout.job_dir(b.id) / "export" / "manifest.json").is_file()  # kept for publish --force
     assert store.current() == "v0001" and store.versions() == ["v0001"]
 
     # 3. animals: a good task, published on top of colors (not of the held shuffled job).

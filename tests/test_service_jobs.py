@@ -24,7 +24,7 @@ def store(tmp_path):
 def test_pragmas_wal_and_foreign_keys(store):
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     with pytest.raises(sqlite3.IntegrityError):
         store.conn.execute("INSERT INTO jobs(file_id, state, created_at, updated_at) VALUES (999, 'received', 'x', 'x')")
 
@@ -143,4 +143,29 @@ def test_schema_1_database_is_migrated_to_one_state_per_stage(tmp_path):
         assert store.retry(3).state == "trained"
         assert len(store.events()) == 5  # 4 kept + the retry
         assert store.conn.execute("PRAGMA foreign_key_check").fetchall() == []
-        assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+
+
+def test_schema_2_database_sends_unpublished_evaluated_jobs_back_to_export(tmp_path):
+    """Schema 2 evaluated the PyTorch model before exporting. Jobs it left between training and
+    publishing are exported again and evaluated on the export; held jobs stay held."""
+    import sqlite3
+
+    from service import jobs as jobs_mod
+
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(jobs_mod._SCHEMA)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    conn.execute("INSERT INTO files VALUES (1, 'a.jsonl', 'a', 1, 't', 'taken', '/a')")
+    rows = [(1, "evaluated", None), (2, "approved", None), (3, "exported", None), (4, "held", None),
+            (5, "failed", '{"failed_from": "approved", "stage": "export"}'), (6, "published", None), (7, "buffered", None)]
+    for job_id, state, error in rows:
+        conn.execute("INSERT INTO jobs(id, file_id, state, metrics, error, created_at, updated_at) VALUES (?, 1, ?, '{}', ?, 't', 't')",
+                     (job_id, state, error))
+    conn.commit()
+    conn.close()
+    with JobStore(db) as store:
+        assert [j.state for j in store.jobs()] == ["trained", "trained", "trained", "held", "failed", "published", "buffered"]
+        assert store.get(5).error["failed_from"] == "trained"
+        assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"

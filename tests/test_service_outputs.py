@@ -76,9 +76,9 @@ def test_metrics_counted_from_events_and_written_atomically_on_change(tmp_path):
         assert m["edgekif_files_rejected_total"] == 1
         assert m["edgekif_training_seconds_total"] == 3.75
         assert m["edgekif_queue_length"] == 1 and m["edgekif_current_version"] == 0
-        for a, b in (("trained", "evaluated"), ("evaluated", "approved"), ("approved", "exported")):
+        for a, b in (("trained", "exported"), ("exported", "evaluated"), ("evaluated", "approved")):
             store.advance(job, a, b)
-        store.advance(job, "exported", "published", version="v12")
+        store.advance(job, "approved", "published", version="v12")
 
         writer = MetricsWriter(tmp_path / "metrics.prom")
         assert writer.write(store) is True

@@ -91,11 +91,11 @@ def test_out_of_disk_uses_no_attempt_waits_and_resumes(tmp_path):
     stages = FakeStages(tmp_path, inject={"export": ["enospc", "before", 5]})
     d = make(tmp_path, stages)
     drop(tmp_path, "a.jsonl", _recs("a", 2))
-    d.run_until_idle(max_steps=5)  # validate, buffer, train, evaluate, gate
+    d.run_until_idle(max_steps=3)  # validate, buffer, train
     for _ in range(5):
         d.run_until_idle(max_steps=1)
         (job,) = jobs(tmp_path)
-        assert job.state == "approved" and job.attempts == 0 and job.error is None
+        assert job.state == "trained" and job.attempts == 0 and job.error is None
         assert "ENOSPC" in d.runner.waiting[job.id]["reason"]
         assert "waiting for resources before export: ENOSPC" in d._status_line()
     d.run_until_idle()
@@ -125,7 +125,7 @@ def test_a_running_daemon_shows_why_a_job_waits(tmp_path):
         text = format_status(status(config))
         assert "waiting:  job 1 before export: ENOSPC" in text
         (job,) = jobs(tmp_path)
-        assert job.state == "approved" and job.attempts == 0
+        assert job.state == "trained" and job.attempts == 0
     finally:
         daemon.stop()
 
@@ -142,7 +142,7 @@ def test_jobs_and_retry_commands(tmp_path, capsys):
     assert edgekif_main(["jobs", "--data-dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["state"] == "failed"
     assert edgekif_main(["retry", "--data-dir", str(tmp_path), "1"]) == 0
-    assert "queued again from 'trained'" in capsys.readouterr().out
+    assert "queued again from 'exported'" in capsys.readouterr().out
     d.run_until_idle()
     d.close()
     assert jobs(tmp_path)[0].state == "published"

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Which onnxruntime-genai export keeps the accuracy of the fp32 model, and how fast is it?
+
+Takes the model a daemon published (DATA_DIR/models/current: its job's LoRA adapter fused into
+the base) and the holdouts of the tasks it learned, then for each builder variant (int4 block
+size, accuracy level, RTN / k-quant, int8 for the LM head and sensitive layers, int8, fp32):
+
+  build      seconds and size on disk
+  accuracy   exact match on the holdouts through the export (one record at a time, the
+             folder's chat template, greedy, eval.max_new_tokens answer tokens), its share of
+             answers identical to the fp32 PyTorch model's, and whether the daemon's check
+             (export.parity_min_agreement, export.parity_max_accuracy_drop) passes it
+  speed      batch 1, greedy, --new-tokens tokens forced (EOS masked), median decode tokens/s
+             and first-token latency over --prompts prompts, variants interleaved prompt by prompt
+
+    python tools/bench_quant.py --data-dir .edgekif-demo --out docs/benchmarks/quant
+
+Writes OUT/result.json and OUT/result.md (the table docs/serving.md quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = {
+    "int4": ("int4", {}),
+    "int4-bs128": ("int4", {"block_size": "128"}),
+    "int4-acc1": ("int4", {"accuracy_level": "1"}),
+    "int4-asym": ("int4", {"is_symmetric": "false"}),
+    "int4-rtn-last8": ("int4", {"algo_config": "rtn_last"}),
+    "int4-kquant": ("int4", {"algo_config": "k_quant"}),
+    "int4-kquant-mixed": ("int4", {"algo_config": "k_quant_mixed"}),
+    "int8": ("int8", {}),
+    "int8-acc1": ("int8", {"accuracy_level": "1"}),
+    "fp32": ("fp32", {}),
+}
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, type=Path, help="a daemon's data dir with a published version")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts timed per variant")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
+    ap.add_argument("--max-examples", type=int, default=0, help="holdout records per task (0 = all)")
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/quant"))
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: OUT/work, removed at the end)")
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from bench_serving import genai_speed
+    from edgekif.config import load_config
+    from edgekif.export import ExportVariant, _build, fuse_adapter, read_manifest
+    from edgekif.infer import open_model
+    from edgekif.model import resolve_base
+    from edgekif.publish import resolve_current
+    from edgekif.quality import compare_answers, read_holdout, reference_answers, runner_answers
+    from edgekif.workflow import cache_root
+
+    data = args.data_dir.resolve()
+    cfg_file = data / "edgekif.toml"
+    cfg = load_config(cfg_file if cfg_file.is_file() else None, [f"data_dir={data}"])
+    current = resolve_current(data)
+    manifest = read_manifest(current)
+    job = manifest["job_id"]
+    adapter = data / "jobs" / str(job) / "learner" / "adapter"
+    tasks = [t["name"] for t in manifest["tasks"]]
+    holdout, labels = {}, {}
+    for name in tasks:
+        recs = read_holdout(data / "holdout" / f"{name}.jsonl")
+        holdout[name] = recs[: args.max_examples or None]
+        lab = data / "holdout" / f"{name}.labels.json"
+        labels[name] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
+    work = (args.work or args.out / "work").resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    base = resolve_base(cfg.model, cache_root(cfg))
+    fused = fuse_adapter(base.path, adapter, work / "fused")
+    t0 = time.perf_counter()
+    reference = reference_answers(fused, holdout, max_new_tokens=cfg.eval.max_new_tokens, labels=labels)
+    ref_s = time.perf_counter() - t0
+    speed_prompts = [r.chat() for recs in holdout.values() for r in recs][: args.prompts]
+
+    rows: dict[str, dict] = {}
+    bar = tqdm(total=len(args.variants) * 2, desc="variants", unit="step")
+    for name in args.variants:
+        precision, options = VARIANTS[name]
+        variant = ExportVariant(precision, tuple(sorted(options.items())))
+        folder = work / name
+        bar.set_postfix_str(f"build {name}")
+        t0 = time.perf_counter()
+        try:
+            _build(fused, folder, "genai", variant, "cpu")
+        except Exception as e:  # a builder option this base does not support
+            rows[name] = {"precision": precision, "options": options, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
+            bar.update(2)
+            continue
+        build_s = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix_str(f"holdout {name}")
+        t0 = time.perf_counter()
+        runner = open_model(folder)
+        answers = runner_answers(runner, holdout, cfg.eval.max_new_tokens)
+        del runner
+        check = compare_answers(reference, answers, min_agreement=cfg.export.parity_min_agreement, max_accuracy_drop=cfg.export.parity_max_accuracy_drop)
+        rows[name] = {
+            "precision": precision, "options": options, "build_s": round(build_s, 1), "size_mb": round(folder_mb(folder), 1),
+            "holdout_s": round(time.perf_counter() - t0, 1), "exact_match": check.accuracy, "agreement": check.agreement,
+            "accuracy_drop_points": check.accuracy_drop, "passes": check.passed, "reasons": check.reasons,
+            "per_task": {k: v.exact_match for k, v in answers.items()},
+        }
+        bar.update(1)
+    bar.close()
+
+    # Speed: every built variant loaded at once, interleaved prompt by prompt (load changes hit all alike).
+    runs = {}
+    for name, row in rows.items():
+        if "error" not in row:
+            run, handle = genai_speed(work / name, args.threads)
+            run(speed_prompts[0], 4)  # warm-up
+            runs[name] = (run, handle)
+            row["timed"] = []
+    for i, p in enumerate(tqdm(speed_prompts, desc="speed", unit="prompt")):
+        names = list(runs)
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            rows[name]["timed"].append(runs[name][0](p, args.new_tokens).to_dict())
+    for name in runs:
+        timed = rows[name].pop("timed")
+        rows[name]["decode_tokens_per_s"] = median([t["decode_tokens_per_s"] for t in timed])
+        rows[name]["first_token_ms"] = median([t["first_token_ms"] for t in timed])
+        rows[name]["prompt_tokens"] = median([t["prompt_tokens"] for t in timed])
+    del runs
+
+    from benchlib import machine_info
+
+    result = {
+        "command": "python tools/bench_quant.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "model": {"base": base.name, "version": current.name, "job": job, "tasks": tasks, "holdout": {k: len(v) for k, v in holdout.items()}},
+        "reference": {"runtime": "pytorch fp32 (fused)", "exact_match": {k: v.exact_match for k, v in reference.items()},
+                      "label_accuracy": {k: v.label_accuracy for k, v in reference.items()}, "seconds": round(ref_s, 1)},
+        "check": {"min_agreement": cfg.export.parity_min_agreement, "max_accuracy_drop": cfg.export.parity_max_accuracy_drop},
+        "new_tokens": args.new_tokens, "prompts": len(speed_prompts), "threads": args.threads,
+        "variants": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "result.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def to_markdown(r: dict) -> str:
+    from edgekif.quality import pooled_exact_match  # noqa: F401  (same pooling as the check)
+
+    def f(x, spec=".1f"):
+        return "—" if x is None else format(x, spec)
+
+    ref_em = r["reference"]["exact_match"]
+    n = sum(r["model"]["holdout"].values())
+    lines = [
+        f"Model: {r['model']['base']} + the LoRA of {r['model']['version']} (tasks {', '.join(r['model']['tasks'])}; "
+        f"{n} holdout records). fp32 PyTorch exact match: " + ", ".join(f"{k} {f(100 * v) if v is not None else '—'}" for k, v in ref_em.items()) + ".",
+        f"Check: answers identical to fp32 on >= {100 * r['check']['min_agreement']:.0f}% of records and exact match at most "
+        f"{r['check']['max_accuracy_drop']:g} point below. Speed: batch 1, greedy, {r['new_tokens']} new tokens, median of {r['prompts']} prompts, "
+        f"threads {r['threads'] or 'default'}.",
+        "",
+        "| variant | builder options | exact match | same answers as fp32 | passes | decode tok/s | first token ms | size MB | build s |",
+        "|---|---|---:|---:|:---:|---:|---:|---:|---:|",
+    ]
+    for name, row in r["variants"].items():
+        opts = ", ".join(f"{k}={v}" for k, v in row.get("options", {}).items()) or "defaults"
+        if "error" in row:
+            lines.append(f"| {name} | {opts} | build failed: {row['error'][:120]} | | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {opts} | {f(100 * row['exact_match'] if row['exact_match'] is not None else None)} | {f(100 * row['agreement'])}% | "
+            f"{'yes' if row['passes'] else 'no'} | {f(row.get('decode_tokens_per_s'))} | {f(row.get('first_token_ms'), '.0f')} | {f(row['size_mb'], '.0f')} | {f(row['build_s'])} |"
+        )
+    lines += ["", f"Command: `{r['command']}` ({r['finished']}; {r['machine'].get('cpu', '')})", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
