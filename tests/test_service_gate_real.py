@@ -163,3 +163,46 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     assert st["published"]["version"] == "v0002" and st["published"]["accuracies"] == acc_c
     assert [(p["id"], p["state"]) for p in st["problems"]] == [(b.id, "held")]
     assert os.path.realpath(layout.models / "current") == str((layout.models / "v0002").resolve())
+
+
+@pytest.mark.slow
+def test_a_first_task_that_does_not_beat_the_base_is_held(tmp_path, wide_tiny_dir, one_torch_thread):
+    """One training step at a negligible rate leaves the model as the base was: its exact match
+    on the holdout (measured on the export) does not beat the base's zero-shot (measured on an
+    export of the base, same setting), so even a first model is held, with the reason; the
+    base's figure is cached for the next job."""
+    from edgekif.publish import ModelStore
+    from service.library_stages import LibraryStages
+
+    data = tmp_path / "data"
+    cache = tmp_path / "cache"
+    layout = DataLayout(data)
+    layout.create()
+    config = load_config(None, [
+        f"data_dir={data}", "service.quiet_seconds=0",
+        f"model.base={wide_tiny_dir}", "model.precision=fp32", "model.device=cpu", "model.threads=1",
+        "train.lr=1e-7", "train.max_steps=1", "service.holdout_fraction=0.25", "train.deterministic=true",
+        "export.target=onnx", "export.precision=fp32",
+    ])
+    (layout.inbox / "colors.jsonl").write_text(task_file(COLORS, "What is {}?"))
+    os.environ["EDGEKIF_CACHE_DIR"] = str(cache)
+    try:
+        d = Daemon(config, LibraryStages(config), retry_base_seconds=0)
+        try:
+            d.run_until_idle()
+        finally:
+            d.close()
+    finally:
+        del os.environ["EDGEKIF_CACHE_DIR"]
+    with JobStore(layout.state_db) as store:
+        (job,) = store.jobs()
+    gate = job.metrics["gate"]
+    assert job.state == "held" and gate["ok"] is False, (job.state, job.error)
+    after, base = job.metrics["evaluate"]["accuracies"]["colors"], gate["zero_shot"]["colors"]
+    assert after - base < 0.01 and gate["published_version"] is None  # a first model: nothing to forget
+    assert gate["reasons"] == [f"colors: {100 * after:.1f} does not beat the base model's zero-shot {100 * base:.1f} "
+                               f"by 1 points (nothing learned to publish)"]
+    assert gate["measured_by"]["runtime"].startswith("onnxruntime ") and gate["measured_by"]["metric"] == "exact_match"
+    assert job.error["kind"] == "gate" and ModelStore(data).current() is None
+    (scores,) = cache.glob("zero-shot/*/*/scores.json")
+    assert [v["task"] for v in json.loads(scores.read_text()).values()] == ["colors"]

@@ -3,8 +3,8 @@
 
 Starts `edgekif serve` on a fresh data dir (.edgekif-demo/), drops small slices of two
 benchmark tasks into its inbox, waits until each is published (or held by the forgetting
-gate), prints the status table and the published ONNX model's answers to a few test
-prompts, then stops the daemon with SIGTERM.
+gate), prints the status table, each version's accuracies as measured on its ONNX export,
+and the published model's answers to a few test prompts, then stops the daemon with SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,6 +31,26 @@ PY = sys.executable
 
 def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "service.cli", *args], env=env, capture_output=True, text=True, check=check)
+
+
+def print_measured(data_dir: Path) -> None:
+    """What each published version's accuracies are: exact match of its export, measured by the
+    runtime clients use, beside the fp32 PyTorch reference (manifest.json)."""
+    for folder in sorted((data_dir / "models").glob("v*")):
+        try:
+            m = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        by = m.get("accuracies_measured_by") or {}
+        parity = m.get("parity") or {}
+        ref = (m.get("reference") or {}).get("tasks") or {}
+        accs = ", ".join(f"{t} {100 * v:.1f}" for t, v in (m.get("accuracies") or {}).items())
+        refs = ", ".join(f"{t} {100 * (v.get('exact_match') or 0):.1f}" for t, v in ref.items())
+        rejected = ", ".join(f"{r.get('variant')} ({100 * (r.get('agreement') or 0):.0f}% same answers)" for r in m.get("parity_rejected") or [])
+        print(f"{folder.name}: exact match {accs}  [{by.get('runtime')}, {by.get('precision')}, whole holdout records, greedy]")
+        print(f"       fp32 PyTorch reference {refs}; export answers = fp32's on {100 * (parity.get('agreement') or 0):.0f}%"
+              + (f"; rejected: {rejected}" if rejected else ""))
+    print()
 
 
 def main() -> int:
@@ -102,6 +122,7 @@ def main() -> int:
         print()
         print(edgekif("status", "--data-dir", str(data_dir), env=env).stdout)
         print(edgekif("models", "list", "--data-dir", str(data_dir), env=env).stdout)
+        print_measured(data_dir)
         prompts = data_dir / "prompts.jsonl"
         with prompts.open("w") as f:
             for name, recs in tests.items():

