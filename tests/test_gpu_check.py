@@ -53,3 +53,11 @@ def test_both_runtime_flavours_installed_is_reported():
     assert checks["one ONNX runtime flavour installed"] is False
     assert checks["onnxruntime offers CUDAExecutionProvider"] is False
     assert checks["make setup installs the gpu extra only"] is True and checks["GPU runtimes installed"] is True
+
+
+def test_a_cpu_run_leaves_figures_measured_on_a_gpu_alone(tmp_path, monkeypatch, no_heavy):
+    monkeypatch.setattr(gpu_check, "nvidia_gpus", lambda: [])
+    measured = json.dumps({"status": "measured", "train": {"nf4": {"sec_per_step": 0.1}}})
+    (tmp_path / "gpu_check.json").write_text(measured)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "gpu_check.json").read_text() == measured

@@ -254,6 +254,10 @@ def export_and_speed(learner_dir: Path, work: Path, data: Path | None, new_token
 # --------------------------------------------------------------------------- report
 
 
+def _num(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     lines = ["## GPU check (tools/gpu_check.py)", ""]
     gpus = result["environment"]["gpus"]
@@ -273,20 +277,27 @@ def to_markdown(result: dict[str, Any]) -> str:
             if "error" in row:
                 lines.append(f"| {prec} | error: {row['error'][:80]} | | | | | |")
                 continue
-            lines.append(f"| {prec} | {row['sec_per_step']:.3f} | {row['load_s']:.1f} | {row['loaded_cuda_mb']:.0f} | {row['peak_cuda_mb']:.0f} | "
+            lines.append(f"| {prec} | {row['sec_per_step']:.3f} | {row['load_s']:.1f} | {_num(row['loaded_cuda_mb'], '.0f')} | {_num(row['peak_cuda_mb'], '.0f')} | "
                          f"{sum(t['fusions'] for t in row['tasks'])} | {row['tasks'][-1]['last_loss']:.3f} |")
         lines.append("")
     exp = result.get("export")
     if exp and "error" not in exp:
         parity = exp.get("parity") or {}
         lines.append(f"Export (onnxruntime-genai, {exp['execution_provider']}, {exp['precision']}): {exp['export_s']:.0f} s, parity agreement "
-                     f"{parity.get('agreement')} (greedy equal: {parity.get('greedy_equal')}); greedy decode {exp['tokens_per_s']:.0f} tokens/s "
+                     f"{parity.get('agreement')} (greedy equal: {parity.get('greedy_equal')}); greedy decode {_num(exp['tokens_per_s'], '.0f')} tokens/s "
                      f"({exp['new_tokens']} new tokens, median of 2 after a warm-up).")
     elif exp:
         lines.append(f"Export on CUDA failed: {exp['error'][:300]}")
     for name, why in result.get("skipped", {}).items():
         lines.append(f"- {name} not measured: {why}")
     return "\n".join(lines) + "\n"
+
+
+def _holds_measurements(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("status") == "measured"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,14 +359,18 @@ def main(argv: list[str] | None = None) -> int:
                     failed = True
         failed = failed or result["status"] != "measured"
     result["total_s"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    from edgekif.atomic import atomic_write_text
-
-    atomic_write_text(args.out / "gpu_check.json", json.dumps(result, indent=2, default=str) + "\n")
     md = to_markdown(result)
-    atomic_write_text(args.out / "gpu_check.md", md)
     print(md)
-    print(f"wrote {args.out / 'gpu_check.json'} and gpu_check.md in {result['total_s']:.0f} s")
+    if result["status"] != "measured" and _holds_measurements(args.out / "gpu_check.json"):
+        # A CPU box must not overwrite figures measured on a GPU (docs/benchmarks/gpu is committed).
+        print(f"{args.out} holds figures measured on a GPU: left as they are")
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        from edgekif.atomic import atomic_write_text
+
+        atomic_write_text(args.out / "gpu_check.json", json.dumps(result, indent=2, default=str) + "\n")
+        atomic_write_text(args.out / "gpu_check.md", md)
+        print(f"wrote {args.out / 'gpu_check.json'} and gpu_check.md in {result['total_s']:.0f} s")
     if result["status"] == "no_gpu":
         return 0
     return 1 if failed else 0
