@@ -246,7 +246,8 @@ def export_and_speed(learner_dir: Path, work: Path, data: Path | None, new_token
         if i > 0:  # the first run warms up the CUDA kernels
             speeds.append(n / (time.perf_counter() - start))
     return {
-        "fuse_s": t1 - t0, "export_s": t2 - t1, "precision": manifest.get("precision"), "execution_provider": manifest.get("execution_provider"),
+        "fuse_s": t1 - t0, "export_s": t2 - t1, "precision": manifest.get("export", {}).get("precision"), "execution_provider": manifest.get("export", {}).get("execution_provider"),
+        "runtime": manifest.get("runtime"), "parity_rejected": manifest.get("parity_rejected"),
         "parity": manifest.get("parity"), "tokens_per_s": statistics.median(speeds) if speeds else None, "new_tokens": new_tokens,
     }
 
