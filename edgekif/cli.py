@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, dump_default_toml, load_config
+from .config import Config, dump_default_toml, find_config, load_config
 from .errors import EdgekifError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML config file (default: $DATA_DIR/edgekif.toml if present)")
+    p.add_argument("--config", "-c", help="TOML config file (default: $DATA_DIR/edgekif.toml, else $XDG_CONFIG_HOME/edgekif/config.toml, if present)")
     p.add_argument("--data-dir", help="data directory (default: $EDGEKIF_DATA_DIR or $XDG_DATA_HOME/edgekif)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config option (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -28,11 +28,8 @@ def _config(args) -> Config:
     overrides = list(args.set)
     if args.data_dir:
         overrides.insert(0, f"data_dir={args.data_dir}")
-    path = args.config
-    if path is None:
-        probe = load_config(None, overrides)
-        default = probe.data_path / "edgekif.toml"
-        path = default if default.is_file() else None
+    # --config, else DATA_DIR/edgekif.toml, else $XDG_CONFIG_HOME/edgekif/config.toml (find_config)
+    path = args.config if args.config is not None else find_config(overrides)
     return load_config(path, overrides)
 
 

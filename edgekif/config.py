@@ -23,12 +23,42 @@ from .strategies import strategy_names
 from .strategies.config import KIFConfig  # [kif]: configured beside its strategy
 
 
+def xdg_dir(variable: str, default: str) -> Path:
+    """$XDG_<...>_HOME, else ~/<default>. The XDG spec says relative values are invalid: ignored."""
+    value = os.environ.get(variable, "")
+    return Path(value) if os.path.isabs(value) else Path.home() / default
+
+
 def default_data_dir() -> Path:
     """$EDGEKIF_DATA_DIR, else $XDG_DATA_HOME/edgekif, else ~/.local/share/edgekif."""
     if env := os.environ.get("EDGEKIF_DATA_DIR"):
         return Path(env)
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "edgekif"
+    return xdg_dir("XDG_DATA_HOME", ".local/share") / "edgekif"
+
+
+# The data dir's own config file; it takes the place of the user's XDG one (find_config).
+DATA_DIR_CONFIG = "edgekif.toml"
+
+
+def xdg_config_file() -> Path:
+    """$XDG_CONFIG_HOME/edgekif/config.toml, else ~/.config/edgekif/config.toml."""
+    return xdg_dir("XDG_CONFIG_HOME", ".config") / "edgekif" / "config.toml"
+
+
+def find_config(overrides: list[str] | None = None) -> Path | None:
+    """The config file to load when none is named with --config: the first that exists of
+    DATA_DIR/edgekif.toml (DATA_DIR from a `data_dir=` override, $EDGEKIF_DATA_DIR or the
+    XDG default) and $XDG_CONFIG_HOME/edgekif/config.toml; None = defaults only.
+    One file is in effect, never a merge of both: what `edgekif config` prints is that file."""
+    data_dir = default_data_dir()
+    for ov in overrides or []:
+        key, sep, value = ov.partition("=")
+        if sep and key.strip() == "data_dir" and value.strip():
+            data_dir = Path(value.strip())
+    for candidate in (data_dir / DATA_DIR_CONFIG, xdg_config_file()):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @dataclass

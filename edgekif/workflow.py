@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import Config
+from .config import Config, xdg_dir
 from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision
 from .trainer import Learner
 
@@ -19,8 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def cache_root(cfg: Config) -> Path:
-    """Converted base models live here ($EDGEKIF_CACHE_DIR lets several data dirs share one)."""
-    return Path(os.environ["EDGEKIF_CACHE_DIR"]) if os.environ.get("EDGEKIF_CACHE_DIR") else cfg.data_path / "cache"
+    """Where converted base models live: $EDGEKIF_CACHE_DIR; else DATA_DIR/cache if it exists
+    (made by versions before the XDG rule: reused rather than converted again); else
+    $XDG_CACHE_HOME/edgekif (~/.cache/edgekif), shared by every data dir of the user.
+    The system unit sets EDGEKIF_CACHE_DIR, so it never depends on the service user's HOME."""
+    if env := os.environ.get("EDGEKIF_CACHE_DIR"):
+        return Path(env)
+    legacy = cfg.data_path / "cache"
+    if legacy.is_dir():
+        return legacy
+    return xdg_dir("XDG_CACHE_HOME", ".cache") / "edgekif"
 
 
 def set_threads(cfg: Config) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from edgekif.cli import CommandAdder, _config, _print_json, build_parser, run
+from edgekif.config import find_config
 from edgekif.errors import EdgekifError
 
 
@@ -13,7 +14,9 @@ def cmd_serve(args) -> int:
     from .daemon import run_daemon
 
     overrides = list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-    return run_daemon(_config(args), config_path=args.config, overrides=overrides)
+    # SIGHUP re-reads the file _config found, named or not (find_config: data dir, then XDG).
+    path = args.config if args.config is not None else find_config(overrides)
+    return run_daemon(_config(args), config_path=path, overrides=overrides)
 
 
 def cmd_status(args) -> int:

@@ -45,3 +45,98 @@ def test_default_toml_roundtrips(tmp_path):
     p = tmp_path / "d.toml"
     p.write_text(dump_default_toml())
     assert load_config(p).to_dict() == Config().to_dict()
+
+
+# ------------------------------------------------------------------ where the files are (XDG)
+
+
+@pytest.fixture()
+def xdg_env(tmp_path, monkeypatch):
+    """An isolated HOME with XDG variables pointing inside tmp_path; EDGEKIF_* unset."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("EDGEKIF_DATA_DIR", "EDGEKIF_CACHE_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+def _cli_config(*argv):
+    from edgekif.cli import _config, build_parser
+
+    return _config(build_parser().parse_args(["config", *argv]))
+
+
+def test_config_file_precedence_explicit_then_data_dir_then_xdg_then_defaults(tmp_path, xdg_env, monkeypatch):
+    from edgekif.config import find_config, xdg_config_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    # Nothing anywhere: defaults.
+    assert find_config([f"data_dir={data}"]) is None
+    assert _cli_config("--data-dir", str(data)).train.lr == Config().train.lr
+    # The user's XDG file (default location ~/.config/edgekif/config.toml).
+    assert xdg_config_file() == xdg_env / ".config" / "edgekif" / "config.toml"
+    xdg_config_file().parent.mkdir(parents=True)
+    xdg_config_file().write_text("[train]\nlr = 0.5\nbatch_size = 3\n")
+    assert _cli_config("--data-dir", str(data)).train.lr == 0.5
+    # $XDG_CONFIG_HOME moves it.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    assert _cli_config("--data-dir", str(data)).train.lr == Config().train.lr
+    (tmp_path / "cfg" / "edgekif").mkdir(parents=True)
+    (tmp_path / "cfg" / "edgekif" / "config.toml").write_text("[train]\nlr = 0.25\nbatch_size = 3\n")
+    assert _cli_config("--data-dir", str(data)).train.lr == 0.25
+    # The data dir's own file takes the XDG file's place (not merged: batch_size is the default again).
+    (data / "edgekif.toml").write_text("[train]\nlr = 0.125\n")
+    assert find_config([f"data_dir={data}"]) == data / "edgekif.toml"
+    c = _cli_config("--data-dir", str(data))
+    assert (c.train.lr, c.train.batch_size) == (0.125, Config().train.batch_size)
+    # Found through $EDGEKIF_DATA_DIR too.
+    monkeypatch.setenv("EDGEKIF_DATA_DIR", str(data))
+    assert _cli_config().train.lr == 0.125
+    # An explicit --config wins over both; --set over the file.
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text("[train]\nlr = 0.0625\n")
+    assert _cli_config("--config", str(explicit)).train.lr == 0.0625
+    assert _cli_config("--config", str(explicit), "--set", "train.lr=0.03").train.lr == 0.03
+
+
+def test_relative_xdg_variables_are_ignored_as_the_spec_says(xdg_env, monkeypatch):
+    from edgekif.config import default_data_dir, xdg_config_file
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/cfg")
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/data")
+    assert xdg_config_file() == xdg_env / ".config" / "edgekif" / "config.toml"
+    assert default_data_dir() == xdg_env / ".local" / "share" / "edgekif"
+
+
+def test_cache_root_precedence_env_then_existing_data_dir_cache_then_xdg(tmp_path, xdg_env, monkeypatch):
+    from edgekif.workflow import cache_root
+
+    cfg = load_config(None, [f"data_dir={tmp_path / 'data'}"])
+    assert cache_root(cfg) == xdg_env / ".cache" / "edgekif"  # a new install: the user's cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdgcache"))
+    assert cache_root(cfg) == tmp_path / "xdgcache" / "edgekif"
+    (tmp_path / "data" / "cache").mkdir(parents=True)  # made by an earlier version: kept, not converted again
+    assert cache_root(cfg) == tmp_path / "data" / "cache"
+    monkeypatch.setenv("EDGEKIF_CACHE_DIR", str(tmp_path / "shared"))
+    assert cache_root(cfg) == tmp_path / "shared"
+
+
+def test_serve_hands_the_found_file_to_the_daemon_for_sighup(tmp_path, xdg_env, monkeypatch):
+    import service.daemon
+    from service.cli import main
+
+    seen = {}
+
+    def fake_run_daemon(cfg, *, config_path=None, overrides=None):
+        seen.update(lr=cfg.train.lr, config_path=config_path)
+        return 0
+
+    monkeypatch.setattr(service.daemon, "run_daemon", fake_run_daemon)
+    data = tmp_path / "data"
+    xdg = xdg_env / ".config" / "edgekif" / "config.toml"
+    xdg.parent.mkdir(parents=True)
+    xdg.write_text("[train]\nlr = 0.5\n")
+    assert main(["serve", "--data-dir", str(data)]) == 0
+    assert seen == {"lr": 0.5, "config_path": xdg}
