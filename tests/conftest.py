@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A developer's own ~/.config/edgekif/config.toml must not reach the tests (edgekif.config.find_config).
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="edgekif-test-xdg-config-")
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"

@@ -40,7 +40,7 @@ def test_runtimes_live_only_in_the_exclusive_extras():
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
-@pytest.mark.parametrize("has_gpu,extras", [("0", "dev,bench,cpu"), ("1", "dev,bench,gpu")])
+@pytest.mark.parametrize("has_gpu,extras", [("0", "dev,cpu"), ("1", "dev,gpu")])
 def test_makefile_installs_one_runtime_flavour_per_host(has_gpu, extras):
     # -n: print, run nothing; -B: as if nothing were installed yet; HAS_GPU on the command line
     # overrides the nvidia-smi probe.
@@ -61,7 +61,7 @@ def _registry_reachable() -> bool:
 @pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
                     reason="onnxruntime-genai-cuda wheels are resolved for linux x86_64 here")
 def test_gpu_install_plan_resolves_without_any_cpu_runtime(tmp_path):
-    """Resolve what `make setup` installs on a GPU host (`pip install -e .[dev,bench,gpu]`, after
+    """Resolve what `make setup` installs on a GPU host (`pip install -e .[dev,gpu]`, after
     `pip install torch`) with pip's own resolver, nothing installed (`--dry-run --ignore-installed`),
     and check the plan holds the CUDA runtimes and no CPU one.
 
@@ -74,7 +74,7 @@ def test_gpu_install_plan_resolves_without_any_cpu_runtime(tmp_path):
     """
     report = tmp_path / "plan.json"
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--retries", "1",
-           "--timeout", "30", "--report", str(report), f"{REPO}[dev,bench,gpu]"]
+           "--timeout", "30", "--report", str(report), f"{REPO}[dev,gpu]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         if not _registry_reachable():
@@ -84,3 +84,12 @@ def test_gpu_install_plan_resolves_without_any_cpu_runtime(tmp_path):
     assert GPU_RUNTIMES <= plan, sorted(plan)
     assert not plan & CPU_RUNTIMES, f"CPU runtime(s) in the GPU plan: {sorted(plan & CPU_RUNTIMES)}"
     assert {"edgekif", "torch", "pytest"} <= plan  # the plan really is the project's, extras included
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_llama_cpp_is_installed_by_the_benchmarks_only():
+    """llama-cpp-python compiles llama.cpp (minutes): `make test`/`make demo` must not install it."""
+    setup = subprocess.run(["make", "-n", "-B", "setup", "HAS_GPU=0"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
+    bench = subprocess.run(["make", "-n", "-B", "bench-quick", "HAS_GPU=0"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "bench" not in re.findall(r'pip install -q -e "\.\[([^\]]*)\]"', setup)[0].split(",")
+    assert '.[bench,cpu]' in bench
