@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .config import Config, dump_default_toml, load_config
 from .errors import EdgekifError
@@ -277,8 +277,11 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _read_prompts(path: str) -> list:
-    """JSONL of prompts: a string, or an object with "prompt", "messages" or "input"."""
+def _read_prompts(path: str) -> list[tuple[int, Any, list[dict[str, str]]]]:
+    """JSONL of prompts, each a string or an object of any shape the inbox accepts (Alpaca,
+    prompt/completion, chat messages): (line, id or None, chat messages) per non-blank line.
+    The messages come from edgekif.data.prompt_messages, the rule training used."""
+    from .data import prompt_messages
     from .errors import ValidationError
 
     prompts = []
@@ -294,10 +297,8 @@ def _read_prompts(path: str) -> list:
                 obj = json.loads(line)
             except ValueError as e:
                 raise ValidationError(f"not JSON: {e}", file=path, line=lineno, kind="bad_json") from e
-            prompt = obj if isinstance(obj, str) else (obj.get("prompt") or obj.get("messages") or obj.get("input")) if isinstance(obj, dict) else None
-            if not prompt:
-                raise ValidationError('expected a string or an object with "prompt", "messages" or "input"', file=path, line=lineno, field="prompt", kind="missing_field")
-            prompts.append(prompt)
+            messages = prompt_messages(obj, file=path, line=lineno)
+            prompts.append((lineno, obj.get("id") if isinstance(obj, dict) else None, messages))
     return prompts
 
 
@@ -314,9 +315,10 @@ def cmd_infer(args) -> int:
         n = max(1, args.batch_size)
         for i in range(0, len(prompts), n):
             chunk = prompts[i : i + n]
-            answers = runner.generate_batch(chunk, max_new_tokens=args.max_new_tokens)
-            for p, a in zip(chunk, answers):
-                print(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False), flush=True)
+            answers = runner.generate_batch([m for _, _, m in chunk], max_new_tokens=args.max_new_tokens)
+            for (lineno, rid, messages), a in zip(chunk, answers):
+                row = {"line": lineno, **({"id": rid} if rid is not None else {}), "messages": messages, "answer": a}
+                print(json.dumps(row, ensure_ascii=False), flush=True)
         print(f"# {len(prompts)} prompts in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
         return 0
     if not args.prompt:
@@ -389,7 +391,8 @@ def add_library_commands(add: CommandAdder) -> None:
     sp.add_argument("--json", action="store_true")
     sp = add("infer", cmd_infer, "run the current published model (onnxruntime-genai or plain ONNX)")
     sp.add_argument("prompt", nargs="?")
-    sp.add_argument("--file", help="JSONL of prompts (strings or {\"prompt\": ...})")
+    sp.add_argument("--file", help="JSONL of prompts: strings, or objects shaped like task records (Alpaca instruction/input, "
+                    "prompt, or chat messages; answers are ignored). Prints one JSON line per prompt: line, id, messages, answer")
     sp.add_argument("--model", help="an export folder instead of models/current")
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--batch-size", type=int, default=1, help="prompts per generate call with --file (default 1)")
