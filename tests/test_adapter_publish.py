@@ -98,3 +98,23 @@ def test_a_modified_adapter_fails_verification(published, tmp_path):
     cfg.write_text(cfg.read_text().replace('"tiny-llama"', '"other-base"'))
     with pytest.raises(IntegrityError, match="adapter_config.json"):
         verify_manifest(copy)
+
+
+def test_infer_file_answers_every_shape_from_its_chat_messages(published, tmp_path, capsys):
+    """`edgekif infer --file` end to end on the published version: one line per prompt, each
+    answer the one the runner gives for the prompt's chat messages."""
+    from edgekif.cli import main
+    from edgekif.infer import open_model
+
+    f = tmp_path / "prompts.jsonl"
+    rows = [{"id": "a1", "instruction": "Topic?", "input": "Text: x", "output": "A"}, {"prompt": "2+2?"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}, "plain"]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["infer", "--model", str(published["folder"]), "--file", str(f), "--max-new-tokens", "3", "--data-dir", str(tmp_path)]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(o["line"], o.get("id")) for o in out] == [(1, "a1"), (2, None), (3, None), (4, None)]
+    assert [o["messages"] for o in out] == [[{"role": "user", "content": "Topic?\nText: x"}], [{"role": "user", "content": "2+2?"}],
+                                            [{"role": "user", "content": "hi"}], [{"role": "user", "content": "plain"}]]
+    runner = open_model(published["folder"])
+    answers = [o["answer"] for o in out]
+    assert answers == [runner.generate(o["messages"], max_new_tokens=3) for o in out]

@@ -99,6 +99,30 @@ def test_bad_prompt_file_names_the_line(tmp_path, text, line, field, kind):
     assert str(f) in str(e)
 
 
+def test_infer_file_sends_each_prompts_messages_in_batches(tmp_path, monkeypatch, capsys):
+    import edgekif.infer
+    from edgekif.cli import main
+
+    calls = []
+
+    class Spy:
+        def generate_batch(self, prompts, max_new_tokens):
+            calls.append((prompts, max_new_tokens))
+            return [f"answer to {p[-1]['content']}" for p in prompts]
+
+    monkeypatch.setattr(edgekif.infer, "open_model", lambda folder: Spy())
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"id": 7, "instruction": "I", "input": "X", "output": "O"}) + "\n\n" + json.dumps({"prompt": "P"}) + "\n" + '"S"\n')
+    assert main(["infer", "--model", str(tmp_path), "--file", str(f), "--batch-size", "2", "--max-new-tokens", "5", "--data-dir", str(tmp_path)]) == 0
+    assert calls == [([[{"role": "user", "content": "I\nX"}], [{"role": "user", "content": "P"}]], 5), ([[{"role": "user", "content": "S"}]], 5)]
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert out == [
+        {"line": 1, "id": 7, "messages": [{"role": "user", "content": "I\nX"}], "answer": "answer to I\nX"},
+        {"line": 3, "messages": [{"role": "user", "content": "P"}], "answer": "answer to P"},
+        {"line": 4, "messages": [{"role": "user", "content": "S"}], "answer": "answer to S"},
+    ]
+
+
 def test_missing_prompt_file_is_a_validation_error(tmp_path):
     with pytest.raises(ValidationError) as ei:
         _read_prompts(str(tmp_path / "nope.jsonl"))
