@@ -278,12 +278,23 @@ def format_manifest(name: str, manifest: dict, *, is_current: bool, folder: Path
     elif manifest.get("adapter_sha256"):
         lines.append(f"adapter:     not included (sha256 {manifest['adapter_sha256']})")
     par = manifest.get("parity") or {}
-    if par:
-        lines.append(f"parity:      {'passed' if par.get('passed') else 'FAILED'}, agreement {par.get('agreement')}, exact {par.get('exact_agreement')}, {par.get('positions')} positions")
+    if par:  # answers checked against the fp32 model's (older versions: teacher-forced positions)
+        bits = ["passed" if par.get("passed") else "FAILED", f"agreement {par.get('agreement')}"]
+        if par.get("n") is not None:
+            bits[-1] += f" on {par['n']} answers"
+        elif par.get("positions") is not None:
+            bits[-1] += f" on {par['positions']} positions"
+        if par.get("accuracy") is not None:
+            bits.append(f"exact match {par['accuracy']} (fp32 {par.get('reference_accuracy')})")
+        if par.get("variant"):
+            bits.append(f"variant {par['variant']}")
+        lines.append("parity:      " + ", ".join(bits))
     acc = manifest.get("accuracies") or {}
     tasks = manifest.get("tasks") or []
     if tasks:
-        lines.append("tasks (in learning order):")
+        by = manifest.get("accuracies_measured_by") or {}
+        how = f"; accuracy: {by.get('metric', 'exact_match')} of {by.get('runtime')} {by.get('precision')}" if by.get("runtime") else ""
+        lines.append(f"tasks (in learning order{how}):")
         for t in tasks:
             tid = t.get("id") or t.get("name")
             score = f"{100 * float(acc[tid]):6.1f}" if tid in acc else "     -"

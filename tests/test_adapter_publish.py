@@ -14,6 +14,7 @@ from edgekif.errors import IntegrityError
 from edgekif.export import adapter_sha256, verify_manifest
 from edgekif.model import add_lora, load_model, load_tokenizer, model_info, resolve_base
 from edgekif.publish import ModelStore
+from edgekif.records import Record
 from edgekif.workflow import export_adapter
 
 LORA = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
@@ -39,7 +40,8 @@ def published(tiny_dir, tmp_path_factory):
     peft_model.save_pretrained(learner_adapter, safe_serialization=True)
     cfg = Config()
     cfg.export.target, cfg.export.precision, cfg.export.execution_provider = "onnx", "fp32", "cpu"
-    out = export_adapter(cfg, base, learner_adapter, root / "work", root / "export", parity_prompts=["Hello there"], manifest_info={"tasks": []})
+    holdout = {"prompts": [Record.from_prompt("Hello there", ""), Record.from_prompt("Classify: a great movie", "")]}
+    out = export_adapter(cfg, base, learner_adapter, root / "work", root / "export", holdout=holdout, manifest_info={"tasks": []})
     version = ModelStore(root / "data").publish(out)
     ids = torch.tensor([load_tokenizer(base.path)("Classify: a great movie")["input_ids"]])
     return {"root": root, "base": base, "base_dir": base_dir, "folder": root / "data" / "models" / version,
