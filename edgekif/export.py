@@ -85,6 +85,48 @@ def adapter_sha256(adapter_dir: str | os.PathLike) -> str:
     return sha256_file(p)
 
 
+ADAPTER_DIR = "adapter"  # the peft adapter inside an export / version folder
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def portable_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_model_id: str) -> dict[str, Any]:
+    """Copy a peft adapter for publishing: its weights as they are, its config with
+    `base_model_name_or_path` set to the base's id instead of this machine's cache path.
+
+    Only adapter_config.json and adapter_model.safetensors are copied (peft's README.md names the
+    local path too). Returns the manifest's `adapter` entry (path, peft version, LoRA shape).
+    """
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    try:
+        config = json.loads((adapter_dir / ADAPTER_FILES[0]).read_text())
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(f"{adapter_dir}: no readable {ADAPTER_FILES[0]} (not a peft adapter folder): {e}") from e
+    if not (adapter_dir / ADAPTER_FILES[1]).is_file():
+        raise ExportError(f"{adapter_dir}: no {ADAPTER_FILES[1]} (not a peft adapter folder saved with safetensors)")
+    config["base_model_name_or_path"] = base_model_id
+    config["revision"] = None
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        shutil.copyfile(adapter_dir / ADAPTER_FILES[1], tmp / ADAPTER_FILES[1])
+        atomic_write_json(tmp / ADAPTER_FILES[0], config)
+    return {
+        "path": ADAPTER_DIR + "/",
+        "format": "peft",
+        "peft_version": config.get("peft_version") or _dist_version("peft"),
+        "peft_type": config.get("peft_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": sorted(config.get("target_modules") or []),
+        "base_model_name_or_path": base_model_id,
+    }
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def fuse_adapter(
     base_path: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -659,6 +701,7 @@ def export_model(
     max_accuracy_drop: float = 1.0,
     max_new_tokens: int = 8,
     builder_options: dict[str, str] | None = None,
+    extra_dirs: dict[str, str | os.PathLike] | None = None,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -674,6 +717,8 @@ def export_model(
     The manifest's `accuracies` are the published export's own exact match per task (named by
     `accuracies_measured_by`); the PyTorch figures are kept under `reference`.
     Records without labels (prompts only) count for agreement, not accuracy.
+    `extra_dirs` ({name: folder}) are copied in as subfolders before the manifest is written, so
+    its hashes cover them (the published peft adapter).
     """
     from .infer import open_model
     from .quality import compare_answers, reference_answers, runner_answers
@@ -708,6 +753,8 @@ def export_model(
                     raise ParityError(f"{variant.name} export: " + "; ".join(check.reasons))
                 info = {k: v for k, v in (manifest_info or {}).items() if k not in ("target", "precision", "execution_provider", "accuracies")}
                 measured = {name: a.exact_match for name, a in answers.items() if a.exact_match is not None}
+                for name, src in (extra_dirs or {}).items():  # e.g. the peft adapter: in before the manifest hashes the folder
+                    shutil.copytree(src, tmp / name)
                 write_manifest(
                     tmp, target=target, precision=variant.precision, execution_provider=ep, accuracies=measured,
                     accuracies_measured_by={

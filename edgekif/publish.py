@@ -11,7 +11,8 @@ version whose manifest was verified. One process publishes (an flock on models/.
 guards against a second one); any number of processes may read. Version folders and their
 files get the umask-derived modes (0750/0640 under UMask=0027), whatever the export had.
 
-gc(keep) deletes versions that are neither among the newest `keep` nor current. A reader that
+gc(keep) deletes versions that are neither among the newest `keep` nor current; remove(name)
+deletes one version that is not current (version numbers still only grow). A reader that
 holds an old version across more than `keep` publishes may lose it: resolve `current` again.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .atomic import apply_default_modes, fsync_dir, fsync_tree
+from .atomic import apply_default_modes, atomic_write_text, fsync_dir, fsync_tree
 from .errors import IntegrityError, PublishError
 from .export import MANIFEST, read_manifest, verify_manifest
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 CURRENT = "current"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 LOCK_FILE = ".publish.lock"
+LAST_VERSION_FILE = ".last-version"  # highest number ever published, kept when `remove` deletes the newest
 
 
 def version_name(number: int) -> str:
@@ -58,6 +60,7 @@ def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "base_model": manifest.get("base_model"),
         "adapter_sha256": manifest.get("adapter_sha256"),
+        "adapter": manifest.get("adapter"),
         "tasks": manifest.get("tasks", []),
         "accuracies": manifest.get("accuracies", {}),
         "export": manifest.get("export", {}),
@@ -139,7 +142,7 @@ class ModelStore:
         verify_manifest(export_dir)
         with self._lock():
             existing = [int(VERSION_RE.match(n).group(1)) for n in self.versions()]  # type: ignore[union-attr]
-            name = version_name(max(existing, default=0) + 1)
+            name = version_name(max(existing + [self._last_removed()], default=0) + 1)
             staging = self.models / f".{name}.tmp"
             shutil.rmtree(staging, ignore_errors=True)  # leftover of a crashed publish
             try:
@@ -176,6 +179,34 @@ class ModelStore:
         """Delete versions beyond the newest `keep`, never the current one. Returns deleted names."""
         with self._lock():
             return self._gc(keep)
+
+    def remove(self, version: str) -> None:
+        """Delete one version folder; never the current one (roll back first).
+
+        Only a `vNNNN` folder directly under models/ can go. It is renamed aside first, so a
+        half-deleted folder never looks like a version. Version numbers keep growing after the
+        newest one is removed (recorded in models/.last-version).
+        """
+        if not VERSION_RE.match(version or ""):
+            raise PublishError(f"{version!r} is not a version name (vNNNN; see `edgekif models list`)")
+        with self._lock():
+            folder = self.path(version)
+            if version == self.current():
+                raise PublishError(f"{version} is the live version (models/current); roll back to another version before removing it")
+            number = int(VERSION_RE.match(version).group(1))  # type: ignore[union-attr]
+            if number > max(self._last_removed(), *(int(VERSION_RE.match(n).group(1)) for n in self.versions() if n != version), 0):  # type: ignore[union-attr]
+                atomic_write_text(self.models / LAST_VERSION_FILE, f"{number}\n")
+            trash = self.models / f".{version}.del-{os.getpid()}"
+            os.rename(folder, trash)
+            fsync_dir(self.models)
+            shutil.rmtree(trash, ignore_errors=True)
+        log.info("removed model version", extra={"version": version})
+
+    def _last_removed(self) -> int:
+        try:
+            return int((self.models / LAST_VERSION_FILE).read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
 
     def _gc(self, keep: int) -> list[str]:
         if keep < 1:

@@ -73,14 +73,23 @@ def export_adapter(
     manifest_info: dict[str, Any],
 ) -> Path:
     """Fuse the adapter into an fp32 copy of the base and export it, checked and scored on the
-    holdout records as a client would run them (edgekif.export.export_model), with manifest."""
-    from .export import adapter_sha256, export_model, fuse_adapter
+    holdout records as a client would run them (edgekif.export.export_model), with manifest.
+
+    The export also carries the peft adapter itself under adapter/ (about 1/100 of the fused
+    model's size), with the base's id as base_model_name_or_path; the manifest records it under
+    `adapter` with the base's id and SHA-256, so it can be loaded on another machine that has
+    the same base (docs/serving.md, "Adapters")."""
+    from .export import ADAPTER_DIR, adapter_sha256, export_model, fuse_adapter, portable_adapter
 
     fused = fuse_adapter(base.path, adapter_dir, Path(work_dir) / "fused")
+    portable = Path(work_dir) / "adapter"
+    adapter_info = portable_adapter(adapter_dir, portable, base_model_id=base.name)
+    adapter_info["base_model"] = {"id": base.name, "sha256": base.source_sha256, "source_file": Path(base.source).name}
     info = {
         "base_model_id": base.name,
         "base_model_sha256": base.source_sha256,
         "adapter_sha256": adapter_sha256(adapter_dir),
+        "adapter": adapter_info,
         **manifest_info,
     }
     return export_model(
@@ -95,6 +104,7 @@ def export_adapter(
         min_agreement=cfg.export.parity_min_agreement,
         max_accuracy_drop=cfg.export.parity_max_accuracy_drop,
         max_new_tokens=cfg.eval.max_new_tokens,
+        extra_dirs={ADAPTER_DIR: portable},
     )
 
 

@@ -132,11 +132,15 @@ class LibraryStages:
         start = _learner_dir(ctx.layout, ctx.published.job_id) if ctx.published else None
         learner, base = open_learner(ctx.config, state_dir=start)
         task = StreamTask(ctx.task_name, _read_records(ctx.work_dir / "train.jsonl"), source_file=ctx.file_name, source_sha256=ctx.sha256)
-        ctx.write_progress(stage="train", step=0, steps=None)
+        started = time.time()
+        ctx.write_progress(stage="train", started=started, step=0, steps=None)
+        first: dict = {}  # step and time of this run's first report: status's rate and ETA start there (after loading)
 
         def progress(ev: dict) -> None:
             if ev["step"] % 2 == 0 or ev["step"] == ev["steps"]:
-                ctx.write_progress(stage="train", step=ev["step"], steps=ev["steps"], loss=ev["loss"], kind=ev["kind"])
+                first.setdefault("first_step", ev["step"])
+                first.setdefault("first_ts", time.time())
+                ctx.write_progress(stage="train", started=started, step=ev["step"], steps=ev["steps"], loss=ev["loss"], kind=ev["kind"], **first)
 
         with ReplayBuffer(ctx.layout.replay_db, ctx.config.replay) as buf:
             # Replay only published tasks: the buffer also holds the examples of jobs the

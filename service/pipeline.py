@@ -154,8 +154,11 @@ class JobRunner:
         finally:
             self.on_current(None)
 
-    def _guarded(self, store: JobStore, job: Job, stage: str, fn: Callable[[], Any]) -> Any:
+    def _guarded(self, store: JobStore, job: Job, stage: str, fn: Callable[[], Any], ctx: JobContext) -> Any:
         """Run one stage call with attempt counting and error handling.
+
+        A fresh progress record (stage, start time) is written first, so `status` never shows
+        the last stage's progress (a finished "train step 9/9" while exporting).
 
         ValidationError -> job rejected; ResourceError / Interrupted -> stays queued, attempt
         refunded; other exceptions -> retried with backoff, `failed` after MAX_ATTEMPTS.
@@ -171,6 +174,7 @@ class JobRunner:
             raise _Handled
         self.on_current({"job_id": job.id, "file": job.file_name, "state": job.state, "stage": stage, "since": utc_now(), "attempt": attempts})
         try:
+            ctx.write_progress(stage=stage, started=time.time())
             if stage in MODEL_STAGES:
                 check_memory(self.config.service.memory_ceiling_mb)
             return fn()
@@ -205,13 +209,13 @@ class JobRunner:
     # ---- one method per state: run the stage after it, commit, done ---------------------------
 
     def _from_received(self, store: JobStore, job: Job, ctx: JobContext) -> None:
-        info = self._guarded(store, job, "validate", lambda: self.stages.validate(ctx))
+        info = self._guarded(store, job, "validate", lambda: self.stages.validate(ctx), ctx)
         store.advance(job.id, "received", "validated", metrics={"validate": info.to_dict()},
                       task={"name": info.name, "examples": info.examples})
         log.info("validated", extra={"job_id": job.id, "task": info.name, "examples": info.examples})
 
     def _from_validated(self, store: JobStore, job: Job, ctx: JobContext) -> None:
-        result = self._guarded(store, job, "buffer", lambda: self.stages.buffer(ctx))
+        result = self._guarded(store, job, "buffer", lambda: self.stages.buffer(ctx), ctx)
         d = result.to_dict() if result is not None else {}
         store.advance(job.id, "validated", "buffered", metrics={"buffer": d}, holdout=d.get("holdout_path"))
         log.info("buffered", extra={"job_id": job.id, **{k: v for k, v in d.items() if k != "details"}})
@@ -231,19 +235,19 @@ class JobRunner:
             store.log_event(job.id, "train_run", seconds=round(time.monotonic() - t0, 3), outcome=outcome)
 
     def _from_buffered(self, store: JobStore, job: Job, ctx: JobContext) -> None:
-        result = self._guarded(store, job, "train", lambda: self._train(store, job, ctx))
+        result = self._guarded(store, job, "train", lambda: self._train(store, job, ctx), ctx)
         # the live job this model was trained on top of: its lineage (JobStore.lineage)
         started_from = ctx.published.job_id if ctx.published else None
         store.advance(job.id, "buffered", "trained", metrics={"train": {**result.to_dict(), "started_from": started_from}}, steps=result.steps)
         log.info("trained", extra={"job_id": job.id, "steps": result.steps})
 
     def _from_trained(self, store: JobStore, job: Job, ctx: JobContext) -> None:
-        path = Path(self._guarded(store, job, "export", lambda: self.stages.export(ctx)))
+        path = Path(self._guarded(store, job, "export", lambda: self.stages.export(ctx), ctx))
         store.advance(job.id, "trained", "exported", metrics={"export": {"path": str(path)}})
         log.info("exported", extra={"job_id": job.id, "path": str(path)})
 
     def _from_exported(self, store: JobStore, job: Job, ctx: JobContext) -> None:
-        result = self._guarded(store, job, "evaluate", lambda: self.stages.evaluate(ctx))
+        result = self._guarded(store, job, "evaluate", lambda: self.stages.evaluate(ctx), ctx)
         store.advance(job.id, "exported", "evaluated", metrics={"evaluate": result.to_dict()})
         log.info("evaluated", extra={"job_id": job.id, "accuracies": result.accuracies})
 
@@ -253,7 +257,7 @@ class JobRunner:
             store.advance(job.id, "evaluated", "approved")
             return
         result = EvalResult.from_dict(job.metrics.get("evaluate", {}))
-        ok, reasons = self._guarded(store, job, "gate", lambda: self.stages.gate(ctx, result))
+        ok, reasons = self._guarded(store, job, "gate", lambda: self.stages.gate(ctx, result), ctx)
         info = {
             "ok": bool(ok),
             "reasons": list(reasons),
@@ -277,7 +281,7 @@ class JobRunner:
     def _from_approved(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         path = Path(job.metrics["export"]["path"])
         forced = bool((job.metrics.get("gate") or {}).get("forced"))
-        version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path)))
+        version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path), ctx))
         store.advance(job.id, "approved", "published", version=version, metrics={"publish": {"version": version}})
         log.info("published", extra={"job_id": job.id, "version": version, "forced": forced})
 

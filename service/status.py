@@ -4,6 +4,7 @@ folders. Read-only; works whether or not the daemon runs."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,29 @@ def _job_summary(job: Job) -> dict[str, Any]:
     }
 
 
+def progress_view(prog: dict[str, Any] | None, stage: str | None, now: float) -> dict[str, Any] | None:
+    """The stage's progress record with what status derives from its timestamps: elapsed_s
+    (since the stage started), and during training steps_per_s and eta_s (from the first step
+    reported by this run, so model loading does not count). Derived only while the record is the
+    running stage's own; a record left by another stage is dropped."""
+    if not prog:
+        return prog
+    out = dict(prog)
+    if stage is None or prog.get("stage") != stage:  # daemon not running: the last record as it is
+        return out if stage is None else None
+    if isinstance(prog.get("started"), (int, float)):
+        out["elapsed_s"] = round(max(0.0, now - prog["started"]), 1)
+    step, total = prog.get("step"), prog.get("steps") or prog.get("total_steps")
+    first_step, first_ts, ts = prog.get("first_step"), prog.get("first_ts"), prog.get("ts")
+    if all(isinstance(v, (int, float)) for v in (step, first_step, first_ts, ts)) and step > first_step and ts > first_ts:
+        rate = (step - first_step) / (ts - first_ts)
+        out["steps_per_s"] = round(rate, 4)
+        if total:
+            # as of the last report, less the time since it
+            out["eta_s"] = round(max(0.0, (total - step) / rate - max(0.0, now - ts)), 1)
+    return out
+
+
 def status(config: Config) -> dict[str, Any]:
     """Everything `edgekif status` shows, as plain data (also fine for `--json`)."""
     layout = DataLayout(config.data_path)
@@ -99,7 +123,7 @@ def status(config: Config) -> dict[str, Any]:
             cur = {"job_id": queue[0].id, "file": queue[0].file_name, "state": queue[0].state, "stage": None}
         if cur is not None:
             cur = dict(cur)
-            cur["progress"] = read_json(layout.job_dir(cur["job_id"]) / "progress.json")
+            cur["progress"] = progress_view(read_json(layout.job_dir(cur["job_id"]) / "progress.json"), cur.get("stage"), time.time())
         out["current"] = cur
         pub = store.live()  # models/current, which a rollback moves
         if pub is not None:
@@ -153,12 +177,8 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append("live:     no model published yet")
     cur = st.get("current")
     if cur:
-        prog = cur.get("progress") or {}
-        extra = ""
-        if "step" in prog:
-            total = prog.get("total_steps") or prog.get("steps")
-            extra = f"  step {prog['step']}/{total}" + (f" ({100 * prog['step'] / total:.0f}%)" if total else "")
-        lines.append(f"current:  job {cur['job_id']} {cur['file']}  {cur['state']}{' / ' + cur['stage'] if cur.get('stage') else ''}{extra}")
+        stage = f" / {cur['stage']}" if cur.get("stage") else ""
+        lines.append(f"current:  job {cur['job_id']} {cur['file']}  {cur['state']}{stage}{progress_text(cur.get('progress') or {})}")
     for job_id, w in (st.get("waiting") or {}).items():
         lines.append(f"waiting:  job {job_id} before {w['stage']}: {w['reason']} (retried every {w['retry_in_s']:g} s, no attempt used)")
     q = st.get("queue") or []
@@ -182,6 +202,33 @@ def format_status(st: dict[str, Any]) -> str:
         for j in probs:
             lines.append(f"  {j['id']:>5}  {_clip(j['file'], 32):<32} {j['state']:<10} {_clip(j['error'] or '', 80)}")
     return "\n".join(lines)
+
+
+def progress_text(prog: dict[str, Any]) -> str:
+    """`  step 40/120 (33%)  loss 0.412  2.50 s/step  ETA 3m20s`, or `  for 1m05s` outside training."""
+    parts = []
+    if "step" in prog:
+        total = prog.get("steps") or prog.get("total_steps")
+        parts.append(f"step {prog['step']}/{total or '?'}" + (f" ({100 * prog['step'] / total:.0f}%)" if total else ""))
+        if isinstance(prog.get("loss"), (int, float)):
+            parts.append(f"loss {prog['loss']:.3f}")
+        rate = prog.get("steps_per_s")
+        if rate:
+            parts.append(f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.2f} s/step")
+        if prog.get("eta_s") is not None:
+            parts.append(f"ETA {_duration(prog['eta_s'])}")
+    elif prog.get("elapsed_s") is not None:
+        parts.append(f"for {_duration(prog['elapsed_s'])}")
+    return "".join(f"  {p}" for p in parts)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _clip(text: str, width: int) -> str:

@@ -181,3 +181,57 @@ def test_concurrent_reader_always_sees_one_complete_version(store, tmp_path):
     assert result["reads"] > 0
     assert len(result["seen"]) >= 2, result
     assert store.current() == "v0008"
+
+
+def test_remove_deletes_a_version_atomically_and_refuses_the_live_one(store, exports):
+    for e in exports[:3]:
+        store.publish(e)
+    assert store.current() == "v0003"
+    with pytest.raises(PublishError, match="live version"):
+        store.remove("v0003")
+    assert store.versions() == ["v0001", "v0002", "v0003"]
+    store.remove("v0001")
+    assert store.versions() == ["v0002", "v0003"] and store.current() == "v0003"
+    assert not any(n.startswith(".v") for n in os.listdir(store.models)), "no trash left behind"
+    with pytest.raises(PublishError, match="no version 'v0001'"):
+        store.remove("v0001")
+    # only version folders under models/: no paths, no other names
+    for bad in ("../data", "current", "v1", "/tmp", ".publish.lock"):
+        with pytest.raises(PublishError):
+            store.remove(bad)
+    assert store.versions() == ["v0002", "v0003"]
+
+
+def test_numbers_keep_growing_after_the_newest_version_is_removed(store, exports):
+    for e in exports[:3]:
+        store.publish(e)
+    store.rollback("v0002")
+    store.remove("v0003")
+    assert store.versions() == ["v0001", "v0002"]
+    # a client that saw v0003 must never see a different model under that name
+    assert store.publish(exports[3]) == "v0004"
+    store.remove("v0001")
+    assert store.publish(exports[0]) == "v0005"
+
+
+def test_cli_models_show_and_rm(store, exports, capsys):
+    from edgekif.cli import main
+
+    store.publish(exports[0])
+    store.publish(exports[1])
+    data = ["--data-dir", str(store.root)]
+    assert main(["models", "show", "v0001", "--json", *data]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["name"] == "v0001" and shown["is_current"] is False
+    assert shown["manifest"]["tasks"] == [{"id": "t1", "name": "task 1", "examples": 1}]
+    assert main(["models", "show", *data]) == 0  # default: the current version
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == "version:     v0002  (current)"
+    assert "export:      genai/int4 on cpu" in text
+    assert text[-1] == "files:       3, 196.6 KB"  # 64 + 128 KiB of fake weights + a small config
+    assert main(["models", "rm", "v0002", *data]) == 2
+    err = capsys.readouterr().err
+    assert "v0002 is the live version" in err and "Traceback" not in err
+    assert main(["models", "rm", "v0001", *data]) == 0
+    assert capsys.readouterr().out.strip() == "removed: v0001"
+    assert store.versions() == ["v0002"]

@@ -313,7 +313,7 @@ def test_stop_during_training_checkpoints_and_resumes(tmp_path):
     progress = tmp_path / "jobs" / "1" / "progress.json"
     with running(d):
         drop(tmp_path, "long.jsonl")
-        assert wait_for(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 3)
+        assert wait_for(lambda: progress.exists() and json.loads(progress.read_text()).get("step", 0) >= 3)
         st = status(d.config)  # while it trains
         assert st["daemon"]["running"] and st["current"]["stage"] == "train"
         assert st["current"]["progress"]["total_steps"] == 60
