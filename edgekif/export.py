@@ -39,14 +39,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .atomic import atomic_dir, atomic_write_json, sha256_file
 from .errors import ConfigError, ExportError, IntegrityError, ParityError
+from .folders import EXPORT_INFO, GENAI_CONFIG, MANIFEST, MANIFEST_FORMAT, ONNX_MODEL_FILE  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-EXPORT_INFO = "export_info.json"  # target/precision/EP of an export folder, written by the exporters
-MANIFEST_FORMAT = 1
-ONNX_MODEL_FILE = "model.onnx"
-GENAI_CONFIG = "genai_config.json"
 
 # Files copied next to a plain ONNX export so a client can tokenize and apply the chat template.
 TOKENIZER_FILES = (

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 from .errors import ModelError, PublishError
-from .export import EXPORT_INFO, GENAI_CONFIG, MANIFEST, ONNX_MODEL_FILE
+from .folders import EXPORT_INFO, GENAI_CONFIG, MANIFEST, ONNX_MODEL_FILE
 
 log = logging.getLogger(__name__)
 
