@@ -95,7 +95,7 @@ class RunnerPool:
         self._lock = threading.Lock()  # guards refs, _live and _slots; held only briefly
         self._live: Slot | None = None
         self._slots: set[Slot] = set()  # every slot not yet closed (live + draining)
-        self._failed: str | None = None  # a version that failed to open: not retried until the link changes again
+        self._failed: str | None = None  # failed to open: not retried while an older one serves, until the link changes
 
     def live_name(self) -> str | None:
         """The version `current` names now (one readlink), or None if nothing is published."""
@@ -113,7 +113,7 @@ class RunnerPool:
         target = self.live_name()
         with self._load_lock:
             live = self._live
-            if target is not None and (live is None or live.version != target) and target != self._failed:
+            if target is not None and (live is None or (live.version != target and target != self._failed)):
                 self._switch(target)
             with self._lock:
                 if self._live is None:
@@ -481,7 +481,7 @@ def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None,
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
             body = {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
         async def sse() -> AsyncIterator[str]:
             try:

@@ -282,6 +282,33 @@ def test_version_switch_during_a_stream(data_dir, exports, reference):
             c.chat.completions.create(model="v0001", messages=messages, max_tokens=2)
 
 
+def test_a_version_that_fails_to_open_leaves_the_previous_one_serving(data_dir, exports, reference):
+    from edgekif.errors import ModelError
+    from edgekif.publish import resolve_current
+
+    opened = []
+
+    def opener(root):
+        opened.append(resolve_current(root).name)
+        if opened[-1] == "v0002":
+            raise ModelError("v0002: cannot load (simulated)")
+        return open_current(root)
+
+    app = create_app(data_dir, opener=opener)
+    with running(app) as url:
+        c = client(url)
+        assert c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX).model == "edgekif:v0001"
+        ModelStore(data_dir).publish(exports["v2"])
+        for _ in range(2):  # v0001 answers; v0002 is tried once, not on every request
+            r = c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX)
+            assert r.model == "edgekif:v0001" and r.choices[0].message.content == reference["v1"].generate(CHATS[0], MAX)
+        assert opened == ["v0001", "v0002"]
+        ModelStore(data_dir).publish(exports["v2"])  # the next publish is opened
+        r = c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX)
+        assert r.model == "edgekif:v0003" and r.choices[0].message.content == reference["v2"].generate(CHATS[0], MAX)
+        assert app.state.pool.open_versions() == ["v0003"]
+
+
 # --------------------------------------------------------------------------- bounds and errors
 
 
