@@ -16,13 +16,12 @@ import threading
 import time
 from pathlib import Path
 
+import openai  # the dev extra: a missing client must fail these tests, not skip them
 import pytest
 
-openai = pytest.importorskip("openai")
-
-from edgekif.infer import GenaiRunner, open_current  # noqa: E402
-from edgekif.publish import ModelStore  # noqa: E402
-from service.api import ApiSettings, create_app, remove_stale_socket, server_config  # noqa: E402
+from edgekif.infer import GenaiRunner, open_current
+from edgekif.publish import ModelStore
+from service.api import ApiSettings, create_app, remove_stale_socket, server_config
 
 MAX = 12  # max_tokens in the tests: a few ms per answer on the tiny model
 CHATS = [
