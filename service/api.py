@@ -538,13 +538,18 @@ def remove_stale_socket(path: Path) -> None:
     raise EdgekifError(f"{path}: another server is listening on this socket")
 
 
-def server_config(app, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, socket_path: str | None = None, log_level: str = "info"):
+def server_config(app, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, socket_path: str | None = None, log_level: str = "info",
+                  own_logging: bool = True):
+    """uvicorn's config; own_logging=False leaves uvicorn's loggers to the root handlers (JSON)."""
     import uvicorn
 
+    kw: dict[str, Any] = {"log_level": log_level, "access_log": False}  # one "chat completion" line per request instead
+    if not own_logging:
+        kw["log_config"] = None
     if socket_path:
         remove_stale_socket(Path(socket_path))
-        return uvicorn.Config(app, uds=socket_path, log_level=log_level, access_log=False)
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+        return uvicorn.Config(app, uds=socket_path, **kw)
+    return uvicorn.Config(app, host=host, port=port, **kw)
 
 
 def serve(data_dir: str | os.PathLike, settings: ApiSettings, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
@@ -552,6 +557,7 @@ def serve(data_dir: str | os.PathLike, settings: ApiSettings, *, host: str = "12
     """Run the API in the foreground until SIGINT/SIGTERM (uvicorn handles both)."""
     import uvicorn
 
-    server = uvicorn.Server(server_config(create_app(data_dir, settings), host=host, port=port, socket_path=socket_path))
+    config = server_config(create_app(data_dir, settings), host=host, port=port, socket_path=socket_path, own_logging=False)
+    server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1

@@ -51,12 +51,23 @@ def cmd_retry(args) -> int:
     return 0
 
 
+def _drop_color_message(record) -> bool:
+    """uvicorn puts an ANSI-coloured copy of its message on its records; not for the journal."""
+    record.__dict__.pop("color_message", None)
+    return True
+
+
 def cmd_api(args) -> int:
     import logging
 
     from .api import ApiSettings, serve
+    from .logs import setup_logging
 
-    logging.getLogger("service.api").setLevel(logging.INFO)  # version switches and requests
+    # The daemon's JSON lines on stdout (journald priorities under systemd), uvicorn's own lines
+    # included; no log file: the API's unit can write nowhere. Replaces the CLI's plain handler.
+    logging.getLogger().handlers.clear()
+    for handler in setup_logging(None, level=logging.DEBUG if args.verbose else logging.INFO):
+        handler.addFilter(_drop_color_message)
     settings = ApiSettings(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, concurrency=args.concurrency, queue=args.queue)
     for name in ("max_body_bytes", "max_tokens", "concurrency"):
         if getattr(settings, name) < 1:

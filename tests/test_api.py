@@ -38,6 +38,7 @@ def _tiny_export(root: Path, seed: int) -> Path:
 
     from edgekif.export import export_model
     from edgekif.model import tiny_llama
+    from edgekif.records import Record
 
     model, tok = tiny_llama(seed=seed)
     torch.manual_seed(100 + seed)
@@ -56,7 +57,7 @@ def _tiny_export(root: Path, seed: int) -> Path:
     model.save_pretrained(base, safe_serialization=True)
     tok.save_pretrained(base)
     return export_model(base, root / f"export{seed}", target="genai", precision="fp32", execution_provider="cpu",
-                        parity_prompts=["Hello there"])
+                        holdout={"hello": [Record.from_prompt("Hello there", "")]})
 
 
 @pytest.fixture(scope="session")
