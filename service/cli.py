@@ -51,6 +51,32 @@ def cmd_retry(args) -> int:
     return 0
 
 
+def _drop_color_message(record) -> bool:
+    """uvicorn puts an ANSI-coloured copy of its message on its records; not for the journal."""
+    record.__dict__.pop("color_message", None)
+    return True
+
+
+def cmd_api(args) -> int:
+    import logging
+
+    from .api import ApiSettings, serve
+    from .logs import setup_logging
+
+    # The daemon's JSON lines on stdout (journald priorities under systemd), uvicorn's own lines
+    # included; no log file: the API's unit can write nowhere. Replaces the CLI's plain handler.
+    logging.getLogger().handlers.clear()
+    for handler in setup_logging(None, level=logging.DEBUG if args.verbose else logging.INFO):
+        handler.addFilter(_drop_color_message)
+    settings = ApiSettings(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, concurrency=args.concurrency, queue=args.queue)
+    for name in ("max_body_bytes", "max_tokens", "concurrency"):
+        if getattr(settings, name) < 1:
+            raise EdgekifError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.queue < 0:
+        raise EdgekifError("--queue must be 0 or more")
+    return serve(_config(args).data_path, settings, host=args.host, port=args.port, socket_path=args.socket)
+
+
 def add_daemon_commands(add: CommandAdder) -> None:
     add("serve", cmd_serve, "run the daemon on the data dir (watch inbox/, train, export, publish)")
     sp = add("status", cmd_status, "queue, current job, published version and buffer stats")
@@ -62,6 +88,17 @@ def add_daemon_commands(add: CommandAdder) -> None:
     sp.add_argument("--limit", type=int, default=0, help="at most this many (0 = all)")
     sp = add("retry", cmd_retry, "queue a failed job again from the state it failed in")
     sp.add_argument("job", metavar="JOB", help="job id (see `edgekif status`)")
+    from .api import DEFAULT_PORT, ApiSettings
+
+    d = ApiSettings()
+    sp = add("api", cmd_api, "OpenAI-compatible HTTP API for the live version (/v1/chat/completions, /v1/models)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}: next to Ollama's 11434)")
+    sp.add_argument("--socket", metavar="PATH", help="listen on this Unix socket instead of TCP")
+    sp.add_argument("--concurrency", type=int, default=d.concurrency, help=f"generations at once (default {d.concurrency})")
+    sp.add_argument("--queue", type=int, default=d.queue, help=f"requests that may wait for a slot; beyond that 429 (default {d.queue})")
+    sp.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"largest max_tokens a request may ask for, and the default (default {d.max_tokens})")
+    sp.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help=f"largest request body; beyond that 413 (default {d.max_body_bytes})")
 
 
 def main(argv: list[str] | None = None) -> int:

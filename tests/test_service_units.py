@@ -80,6 +80,31 @@ def test_user_unit_uses_the_home_data_dir_without_root_only_options():
     assert unit["Install"]["WantedBy"] == ["default.target"]
 
 
+def test_api_unit_reads_the_models_folder_only():
+    unit = parse_unit(SYSTEMD / "edgekif-api.service")
+    svc = unit["Service"]
+    assert svc["ExecStart"][0].startswith("/opt/edgekif/.venv/bin/edgekif api --data-dir /var/lib/edgekif ")
+    assert "--host 127.0.0.1" in svc["ExecStart"][0]
+    expected = {
+        "User": "edgekif",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "TemporaryFileSystem": "/var/lib:ro",
+        "BindReadOnlyPaths": "/var/lib/edgekif/models",
+        "IPAddressDeny": "any",
+        "IPAddressAllow": "localhost",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "SystemCallFilter": "@system-service",
+    }
+    for key, value in expected.items():
+        assert svc.get(key) == [value], key
+    # nothing writable, no state of its own: the daemon keeps the data dir to itself
+    for writable in ("ReadWritePaths", "StateDirectory", "CacheDirectory", "LogsDirectory"):
+        assert writable not in svc, writable
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
 def test_gpu_drop_in_opens_the_nvidia_and_jetson_devices_only():
     svc = parse_unit(SYSTEMD / "edgekif.service.d" / "gpu.conf")["Service"]
     assert svc["PrivateDevices"] == ["no"] and svc["DevicePolicy"] == ["closed"]
@@ -127,6 +152,7 @@ def test_unit_cases_cover_the_shipped_drop_ins():
     cases = unit_cases()
     assert ("edgekif.service", "gpu.conf") in cases and ("edgekif-user.service", "sandbox.conf") in cases
     assert ("edgekif.service", None) in cases and ("edgekif-user.service", None) in cases
+    assert ("edgekif-api.service", None) in cases
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -144,6 +170,7 @@ SECURITY = {
     ("edgekif.service", "gpu.conf"): 1.8,
     ("edgekif-user.service", None): 6.1,
     ("edgekif-user.service", "sandbox.conf"): 1.5,
+    ("edgekif-api.service", None): 1.5,
 }
 
 

@@ -29,10 +29,18 @@ fuses a trained one (edgekif.export.fuse_model), then:
       call, its default): process wall time and the total time the command prints on stderr.
    c. cold `python -m edgekif.cli infer "PROMPT"` processes, start to exit, with peak RSS.
    b and c run under a small timer process (wall time and the child's ru_maxrss).
+4. `edgekif api` (the OpenAI-compatible endpoint, service/api.py) against the same published
+   export, started as its own process (`python -m service.cli api --port P`, default settings:
+   2 generations at once, 16 queued), next to direct onnxruntime-genai calls in this process
+   (one GenaiRunner, GenaiRunner.generate_ids from 1 or 4 threads): 1 and 4 concurrent clients,
+   each sending non-streaming chat completions (http.client, max_tokens 64, stops at EOS) over the
+   benchmark prompts; requests/s (requests / wall time of the level) and p50/p95 latency per
+   request, and whether the API's answers equal the direct ones.
 
     EDGEKIF_CACHE_DIR=/tmp/smolcache python tools/bench_serving.py --quick   # ~3.5 min on 2 cores (6 at load 4)
     EDGEKIF_CACHE_DIR=/tmp/smolcache python tools/bench_serving.py --profile standard  # quick targets, 8 x 64 tokens, 100 infer prompts
     EDGEKIF_CACHE_DIR=/tmp/smolcache python tools/bench_serving.py           # all targets, 8 prompts x 64 tokens, 100 infer prompts
+    EDGEKIF_CACHE_DIR=/tmp/smolcache python tools/bench_serving.py --api-only --exports genai-int8 --api-requests 8  # the API part alone
                                                                         # (~20+ min on 2 cores; --speed-budget-s caps the speed part)
 
 The base comes from resolve_base(ModelConfig(), $EDGEKIF_CACHE_DIR or ~/.cache/edgekif).
@@ -82,14 +90,15 @@ EXPORTS = {
 }
 PROFILES = {
     # speed_budget_s: stop the interleaved speed rounds (>= 2 of them) once this many seconds are spent; 0 = no limit
-    "quick": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=4, new_tokens=32, infer_prompts=20, cold_runs=1, speed_budget_s=90),
+    "quick": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=4, new_tokens=32, infer_prompts=20, cold_runs=1, speed_budget_s=90, api_requests=8),
     # the quick targets at the full profile's prompt counts: 100 `edgekif infer` prompts, as the report asks
-    "standard": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=240),
-    "full": dict(exports=list(EXPORTS), eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=0),
+    "standard": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=240, api_requests=24),
+    "full": dict(exports=list(EXPORTS), eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=0, api_requests=40),
 }
 PARITY_PROMPTS = 4  # the daemon's export.parity_prompts
 PARITY_TOKENS = 8  # export_model's default max_new_tokens
 INFER_MAX_NEW_TOKENS = 64  # `edgekif infer`'s default --max-new-tokens
+API_CLIENTS = (1, 4)  # concurrent clients of the API section
 MB = 1e6
 
 
@@ -153,8 +162,11 @@ def fmt(x: float | None, spec: str = ".1f", none: str = "—") -> str:
 
 
 def make_exports(fused: Path, work: Path, names: list[str], parity_prompts: list[str], base, bar: float, progress) -> dict[str, dict]:
+    from edgekif import export as ex
     from edgekif.errors import EdgekifError, ParityError
-    from edgekif.export import check_parity, export_genai, export_onnx, write_manifest
+    from edgekif.export import export_genai, export_onnx, write_manifest
+
+    check_parity = getattr(ex, "check_parity", None)  # replaced by export_model's holdout check on main: see the report
 
     out: dict[str, dict] = {}
     for name in names:
@@ -176,6 +188,8 @@ def make_exports(fused: Path, work: Path, names: list[str], parity_prompts: list
         t1 = time.perf_counter()
         parity: dict[str, Any]
         try:
+            if check_parity is None:
+                raise ParityError("not measured: edgekif.export.check_parity no longer exists")
             report = check_parity(fused, folder, target, parity_prompts, precision=precision, max_new_tokens=PARITY_TOKENS, min_agreement=0.0)
             parity = {k: v for k, v in report.to_dict().items() if k != "details"}
         except ParityError as e:  # fp32 must be exact; min_agreement=0 never fails a quantised export
@@ -513,6 +527,142 @@ def measure_infer(export_folder: Path, work: Path, prompts: list[list[dict]], co
     return res
 
 
+# --------------------------------------------------------------------------- 4. edgekif api
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api_chat(port: int, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
+    """One non-streaming chat completion: (latency s, answer, completion tokens)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"model": "edgekif", "messages": messages, "max_tokens": max_tokens})
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        lat = time.perf_counter() - t0
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {data[:300]!r}")
+    obj = json.loads(data)
+    return lat, obj["choices"][0]["message"]["content"], obj["usage"]["completion_tokens"]
+
+
+def _load_level(clients: int, jobs: list[list[dict]], call: Callable[[list[dict]], tuple[float, str, int]]) -> dict[str, Any]:
+    """`clients` threads take the next request from one list until it is empty (closed loop)."""
+    import threading
+
+    lock = threading.Lock()
+    todo = iter(range(len(jobs)))
+    lat: list[float | None] = [None] * len(jobs)
+    texts: list[str | None] = [None] * len(jobs)
+    ntok: list[int | None] = [None] * len(jobs)
+    errors: list[str] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                lat[i], texts[i], ntok[i] = call(jobs[i])
+            except Exception as e:  # report, do not hang the level
+                errors.append(f"{type(e).__name__}: {e}"[:500])
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done = [x for x in lat if x is not None]
+    return {
+        "clients": clients, "requests": len(done), "wall_s": wall, "requests_per_s": len(done) / wall if wall else None,
+        "p50_ms": 1000 * percentile(done, 50) if done else None, "p95_ms": 1000 * percentile(done, 95) if done else None,
+        "mean_new_tokens": statistics.mean([n for n in ntok if n is not None]) if done else None,
+        "errors": errors[:5], "texts": texts,
+    }
+
+
+def measure_api(export_folder: Path, work: Path, prompts: list[list[dict]], n_requests: int, progress) -> dict[str, Any]:
+    from edgekif.infer import open_current
+    from edgekif.publish import ModelStore
+    from service.api import ApiSettings
+
+    data_dir = work / "api-data"
+    published = ModelStore(data_dir).publish(export_folder)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "service.cli", "api", "--data-dir", str(data_dir), "--port", str(port)]
+    log_path = work / "api.log"
+    progress.set_postfix_str("api: start server")
+    jobs = [prompts[i % len(prompts)] for i in range(n_requests)]
+    res: dict[str, Any] = {"published": published, "server_cmd": "python -m service.cli api --data-dir D --port P",
+                           "server_settings": vars(ApiSettings()), "max_tokens": INFER_MAX_NEW_TOKENS, "requests_per_level": n_requests,
+                           "api": [], "direct": []}
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            t0 = time.perf_counter()
+            while True:  # ready when the model answers (the first request opens models/current)
+                if server.poll() is not None:
+                    raise RuntimeError(f"edgekif api exited with {server.returncode}: {log_path.read_text()[-2000:]}")
+                try:
+                    _api_chat(port, jobs[0], 4)
+                    break
+                except (ConnectionError, OSError):
+                    if time.perf_counter() - t0 > 180:
+                        raise
+                    time.sleep(0.2)
+            res["server_ready_s"] = time.perf_counter() - t0
+            runner = open_current(data_dir)
+            direct = lambda m: _direct_chat(runner, m)  # noqa: E731
+            api = lambda m: _api_chat(port, m, INFER_MAX_NEW_TOKENS)  # noqa: E731
+            direct(jobs[0]), api(jobs[0])  # warm-up, untimed
+            for clients in API_CLIENTS:  # direct then API at each level: background load hits both alike
+                for name, call in (("direct", direct), ("api", api)):
+                    progress.set_postfix_str(f"api: {name} x{clients}")
+                    res[name].append(_load_level(clients, jobs, call))
+                    progress.update(1)
+            try:
+                import psutil
+
+                res["server_rss_mb"] = psutil.Process(server.pid).memory_info().rss / MB
+            except Exception:
+                res["server_rss_mb"] = None
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    single_api, single_direct = res["api"][0]["texts"], res["direct"][0]["texts"]
+    res["answers_equal"] = sum(a == b and a is not None for a, b in zip(single_api, single_direct))
+    for row in res["api"] + res["direct"]:
+        row.pop("texts")
+    return res
+
+
+def _direct_chat(runner, messages: list[dict]) -> tuple[float, str, int]:
+    t0 = time.perf_counter()
+    ids = runner.generate_ids(messages, INFER_MAX_NEW_TOKENS)
+    text = runner.tokenizer.decode(ids)
+    return time.perf_counter() - t0, text, len(ids)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -575,8 +725,9 @@ def to_markdown(result: dict, plots: list[str]) -> str:
         f"{' (more runnable threads than cores: other jobs were running, absolute times are pessimistic and noisy; the speed ratios come from interleaved runs)' if max(m['loadavg_start'][0], m['loadavg_end'][0]) > m['cores'] else ''}. "
         f"Wall time {result['wall_s'] / 60:.1f} min.  ",
         f"Model: SmolLM2-135M-Instruct fused with a zero LoRA adapter (= the base; fp32 safetensors folder {fused_mb:.0f} MB). "
-        f"Prompts: the first {s['prompts']} records of `{s['task']}/test.jsonl`, chat template applied "
-        f"(median {fmt(result['prompt_tokens_median'], '.0f')} tokens).",
+        + (f"Prompts: the first {s['prompts']} records of `{s['task']}/test.jsonl`, chat template applied "
+         f"(median {fmt(result['prompt_tokens_median'], '.0f')} tokens)." if s["prompts"] else
+         f"Prompts: the first {s['infer_prompts']} records of `{s['task']}/test.jsonl` as chat messages."),
         "",
         "**Export** (build = `export_genai`/`export_onnx`; parity = `check_parity`, the daemon's settings: "
         f"{s['parity_prompts']} prompts x {PARITY_TOKENS} tokens, teacher-forced; total = build + parity + manifest; "
@@ -599,6 +750,7 @@ def to_markdown(result: dict, plots: list[str]) -> str:
             f"| {name} | {e['build_s']:.1f} | {e['parity_s']:.1f} | {e['total_s']:.1f} | {e['bytes'] / MB:.0f} | {e['bytes'] / result['fused_bytes']:.2f}x "
             f"| {exact} | {agree} | {'yes' if p.get('passes_default_bar') else 'no'} |"
         )
+    n_before_speed = len(lines)
     lines += [
         "",
         f"**Generation speed** (batch 1, greedy, {s['new_tokens']} new tokens per prompt with EOS suppressed, median over "
@@ -627,6 +779,8 @@ def to_markdown(result: dict, plots: list[str]) -> str:
         "+ HF `generate` with KV cache (`min_new_tokens`), timed with a streamer; nf4 = bitsandbytes 4-bit on CPU. "
         "\"same tokens\" counts prompts whose forced continuation equals eager fp32's token for token (median common prefix in tokens).",
     ]
+    if not result["speed"]["runners"]:  # --api-only: no speed runs
+        del lines[n_before_speed:]
     inf = result.get("infer")
     if inf:
         lp, fl, cs = inf["library_per_prompt"], inf["infer_file"], inf["cold_single"]
@@ -649,8 +803,29 @@ def to_markdown(result: dict, plots: list[str]) -> str:
             "",
             "`edgekif infer --file` prints only its total time, hence the in-process per-prompt row.",
         ]
+    api = result.get("api")
+    if api:
+        lines += [
+            "",
+            f"**`edgekif api`** (OpenAI-compatible, service/api.py) against a published `current` ({api['export']}), its own process "
+            f"(`{api['server_cmd']}`, default bounds: {api['server_settings']['concurrency']} generations at once, {api['server_settings']['queue']} queued), "
+            f"next to direct onnxruntime-genai calls in the benchmark process (one `GenaiRunner`, `generate_ids` from as many threads as clients). "
+            f"Closed loop: each client sends its next request when the previous answer arrives, {api['requests_per_level']} non-streaming chat completions "
+            f"per row (the benchmark prompts), max_tokens {api['max_tokens']}, stops at EOS; latency = request sent to full answer read. "
+            f"{api['answers_equal']}/{api['requests_per_level']} API answers equal the direct ones (1 client); server RSS {fmt(api.get('server_rss_mb'), '.0f')} MB.",
+            "",
+            "| clients | API req/s | API p50 ms | API p95 ms | direct req/s | direct p50 ms | direct p95 ms | API / direct req/s | mean new tokens |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for a, d in zip(api["api"], api["direct"]):
+            ratio = a["requests_per_s"] / d["requests_per_s"] if a["requests_per_s"] and d["requests_per_s"] else None
+            err = f" ({len(a['errors'])} errors: {a['errors'][0][:80]})" if a["errors"] else ""
+            lines.append(
+                f"| {a['clients']} | {fmt(a['requests_per_s'], '.2f')}{err} | {fmt(a['p50_ms'], '.0f')} | {fmt(a['p95_ms'], '.0f')} | {fmt(d['requests_per_s'], '.2f')} "
+                f"| {fmt(d['p50_ms'], '.0f')} | {fmt(d['p95_ms'], '.0f')} | {fmt(ratio, '.2f')}x | {fmt(a['mean_new_tokens'], '.0f')} |"
+            )
     h = result["headline"]
-    lines += [
+    lines += [] if not result["speed"]["runners"] else [
         "",
         f"Headline: genai int4 {fmt(h.get('genai_int4_tokens_per_s'))} tok/s vs PyTorch eager fp32 {fmt(h.get('eager_fp32_tokens_per_s'))} tok/s "
         f"= {fmt(h.get('genai_int4_vs_eager_fp32_tokens_per_s_ratio'), '.2f')}x decode speed; first token {fmt(h.get('genai_int4_first_token_ms'), '.0f')} ms vs "
@@ -679,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--infer-prompts", type=int, help="prompts for the `edgekif infer` latency")
     ap.add_argument("--speed-budget-s", type=float, help="stop the interleaved speed rounds (at least 2) after this many seconds "
                     "(default: 90 quick, 240 standard, 0 = none full)")
+    ap.add_argument("--api-requests", type=int, help="chat completions per row of the `edgekif api` section (default: 8 quick, 24 standard, 40 full; 0 = skip it)")
+    ap.add_argument("--api-only", action="store_true", help="only the `edgekif api` section (one genai export, no speed or `edgekif infer` runs)")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--keep", action="store_true", help="keep the work folder (fused model, exports, data dir) as OUT/bench_serving_*")
     args = ap.parse_args(argv)
@@ -694,7 +871,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.perf_counter()
     profile = "quick" if args.quick else args.profile
-    prof = profile_settings(PROFILES, profile, args, ("exports", "eager", "prompts", "new_tokens", "infer_prompts", "speed_budget_s"))
+    prof = profile_settings(PROFILES, profile, args, ("exports", "eager", "prompts", "new_tokens", "infer_prompts", "speed_budget_s", "api_requests"))
+    if args.api_only:  # one genai export (the profile's first unless --exports), nothing else before the API runs
+        prof.update(exports=(args.exports or [next(e for e in prof["exports"] if e.startswith("genai"))])[:1], eager=[], prompts=0)
     out = Path(args.out or f"bench_out/serving-{profile}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -712,14 +891,16 @@ def main(argv: list[str] | None = None) -> int:
     parity_prompts = [r.messages[-1][1] for r in records[:PARITY_PROMPTS]]
     bar = cfg.export.parity_min_agreement
 
-    speed_names = [e for e in prof["exports"]] + [f"eager-{p}" for p in prof["eager"]]
+    speed_names = [] if args.api_only else [e for e in prof["exports"]] + [f"eager-{p}" for p in prof["eager"]]
     if "eager-fp32" in speed_names:  # the reference first: ratios and token comparisons need it
         speed_names.remove("eager-fp32")
         speed_names.insert(0, "eager-fp32")
     infer_export = "genai-int4" if "genai-int4" in prof["exports"] else next((e for e in prof["exports"] if e.startswith("genai")), None)
     steps = len(prof["exports"]) + len(speed_names) * (prof["prompts"] + 1)
-    if infer_export:
+    if infer_export and not args.api_only:
         steps += prof["infer_prompts"] + 1 + prof["cold_runs"]
+    if infer_export and prof["api_requests"]:
+        steps += 2 * len(API_CLIENTS)
 
     result: dict[str, Any] = {
         "profile": profile,
@@ -751,8 +932,12 @@ def main(argv: list[str] | None = None) -> int:
             result["prompt_tokens_median"] = first["median_prompt_tokens"] if first else None
             atomic_write_json(out / "result.json", result)
 
-            if infer_export and "error" not in result["exports"].get(infer_export, {"error": 1}):
+            export_ok = infer_export and "error" not in result["exports"].get(infer_export, {"error": 1})
+            if export_ok and not args.api_only:
                 result["infer"] = {"export": infer_export, **measure_infer(Path(result["exports"][infer_export]["folder"]), work, infer_prompts, prof["cold_runs"], progress)}
+                atomic_write_json(out / "result.json", result)
+            if export_ok and prof["api_requests"]:
+                result["api"] = {"export": infer_export, **measure_api(Path(result["exports"][infer_export]["folder"]), work, infer_prompts, prof["api_requests"], progress)}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -771,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         "infer_p50_ms": result.get("infer", {}).get("library_per_prompt", {}).get("p50_ms"),
         "infer_p95_ms": result.get("infer", {}).get("library_per_prompt", {}).get("p95_ms"),
         "infer_cold_process_s": result.get("infer", {}).get("cold_single", {}).get("median_wall_s"),
+        **{f"api_{k}_clients{row['clients']}": row[k] for row in result.get("api", {}).get("api", []) for k in ("requests_per_s", "p50_ms", "p95_ms")},
     }
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t_all
