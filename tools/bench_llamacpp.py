@@ -178,27 +178,41 @@ def main(argv=None) -> int:
         child_main(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
         return 0
 
-    from tqdm import tqdm
-
     from benchlib import machine_info
 
     work = (args.work or args.out / "work").resolve()
+    result = {"command": "python tools/bench_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              **compare(work, threads=args.threads, new_tokens=args.new_tokens, rounds=args.rounds, variants=args.variants),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "result.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+def compare(work: Path, *, threads: int = 2, new_tokens: int = 64, rounds: int = 2, variants: list[str] | None = None, progress=None) -> dict:
+    """The whole comparison (tools/bench_serving.py calls it in its own run): models built under
+    `work`, speed interleaved, memory per child. Returns the result dict (runners, settings)."""
+    import llama_cpp
+    from tqdm import tqdm
+
     work.mkdir(parents=True, exist_ok=True)
-    models, base = make_models(work, args.variants)
+    models, base = make_models(work, variants or [])
     texts = [chat_text(Path(base.path), p) for p in PROMPTS]
     runs, handles, rows = {}, [], {}
     for name, m in models.items():
-        run, handle = (llama_runner if m["kind"] == "llama" else genai_runner)(Path(m["path"]), args.threads)
+        run, handle = (llama_runner if m["kind"] == "llama" else genai_runner)(Path(m["path"]), threads)
         run(texts[0], 4)  # warm-up
         runs[name] = run
         handles.append(handle)
         rows[name] = {"kind": m["kind"], "bits": m["bits"], "file": Path(m["path"]).name, "timed": []}
     names = list(runs)
     order_i = 0
-    for _ in range(args.rounds):
-        for text in tqdm(texts, desc="prompts", unit="prompt"):
+    for _ in range(rounds):
+        for text in tqdm(texts, desc="llama.cpp vs genai", unit="prompt", disable=progress is not None):
             for name in names[order_i % len(names):] + names[: order_i % len(names)]:
-                rows[name]["timed"].append(runs[name](text, args.new_tokens))
+                rows[name]["timed"].append(runs[name](text, new_tokens))
             order_i += 1
     del runs, handles
     for name, row in rows.items():
@@ -207,25 +221,17 @@ def main(argv=None) -> int:
         row["first_token_ms"] = median([t["first_token_ms"] for t in timed])
         row["prompt_tokens"] = median([t["prompt_tokens"] for t in timed])
         row["new_tokens"] = sorted({t["new_tokens"] for t in timed})
-        row["size_mb"] = round(sum(p.stat().st_size for p in Path(models[name]["path"]).rglob("*") if p.is_file()) / 2**20
-                               if Path(models[name]["path"]).is_dir() else Path(models[name]["path"]).stat().st_size / 2**20, 1)
-    for name, mem in measure_memory(models, args.threads, args.new_tokens).items():
+        path = Path(models[name]["path"])
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        row["size_mb"] = round(size / 2**20, 1)
+    for name, mem in measure_memory(models, threads, new_tokens).items():
         rows[name].update(mem)
     for bits in (4, 8):
-        ref = next((r for n, r in rows.items() if r["kind"] == "llama" and r["bits"] == bits), None)
-        for name, row in rows.items():
-            if row["kind"] == "genai" and row["bits"] == bits and ref and ref["decode_tokens_per_s"]:
+        ref = next((r for r in rows.values() if r["kind"] == "llama" and r["bits"] == bits), None)
+        for row in rows.values():
+            if row["kind"] == "genai" and row["bits"] == bits and ref and ref["decode_tokens_per_s"] and row["decode_tokens_per_s"]:
                 row["decode_ratio_vs_llamacpp"] = row["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
-    import llama_cpp
-
-    result = {"command": "python tools/bench_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "llama_cpp_python": llama_cpp.__version__,
-              "new_tokens": args.new_tokens, "prompts": len(texts) * args.rounds, "threads": args.threads, "runners": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "result.md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    return 0
+    return {"llama_cpp_python": llama_cpp.__version__, "new_tokens": new_tokens, "prompts": len(texts) * rounds, "threads": threads, "runners": rows}
 
 
 def to_markdown(r: dict) -> str:

@@ -5,11 +5,12 @@ target, generation speed per runtime, and `edgekif infer` latency.
 The "published model" is the base itself, fused with a zero LoRA adapter exactly as the daemon
 fuses a trained one (edgekif.export.fuse_model), then:
 
-1. exports: for each target, build time (edgekif.export.export_genai / export_onnx), parity time
-   (check_parity with the daemon's settings: 4 prompts x 8 tokens, teacher-forced) and manifest
-   time (write_manifest); folder size on disk; parity agreement (exact argmax and within ties).
-   Parity is run with min_agreement=0 so every export is measured; the table says whether it
-   would pass the daemon's bar (export.parity_min_agreement, 0.95; fp32 must be exact).
+1. exports: for each target, build time (edgekif.export.export_genai / export_onnx), check time
+   (the daemon's answer check, edgekif.quality: the export's greedy answers to the first
+   CHECK_RECORDS test records, one at a time through its chat template, against the fp32
+   PyTorch model's) and manifest time (write_manifest); folder size on disk; share of identical
+   answers and exact match vs fp32. Every export is measured; the table says whether it would
+   pass the daemon's bars (export.parity_min_agreement 0.95, export.parity_max_accuracy_drop 1 point).
 2. generation speed, batch 1, greedy, the same chat-templated prompts for every runner, a fixed
    number of new tokens (EOS suppressed: genai `min_length`, HF `min_new_tokens`, OnnxRunner with
    its session's EOS logits masked): first-token latency (model call start -> first generated token id,
@@ -95,7 +96,7 @@ PROFILES = {
     "standard": dict(exports=["genai-int4", "genai-int8", "onnx-fp32"], eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=240, api_requests=24),
     "full": dict(exports=list(EXPORTS), eager=["fp32", "nf4"], prompts=8, new_tokens=64, infer_prompts=100, cold_runs=3, speed_budget_s=0, api_requests=40),
 }
-PARITY_PROMPTS = 4  # the daemon's export.parity_prompts
+CHECK_RECORDS = 48  # test records the answer check runs on (the demo's holdout size)
 PARITY_TOKENS = 8  # export_model's default max_new_tokens
 INFER_MAX_NEW_TOKENS = 64  # `edgekif infer`'s default --max-new-tokens
 API_CLIENTS = (1, 4)  # concurrent clients of the API section
@@ -161,14 +162,21 @@ def fmt(x: float | None, spec: str = ".1f", none: str = "—") -> str:
 # --------------------------------------------------------------------------- 1. exports
 
 
-def make_exports(fused: Path, work: Path, names: list[str], parity_prompts: list[str], base, bar: float, progress) -> dict[str, dict]:
-    from edgekif import export as ex
-    from edgekif.errors import EdgekifError, ParityError
+def make_exports(fused: Path, work: Path, names: list[str], check_records: list, labels, base, cfg, progress) -> dict[str, dict]:
+    """Build each export, then run the daemon's answer check on it (edgekif.quality): its answers
+    to `check_records` against the fp32 PyTorch model's, with the daemon's bars. Every export is
+    measured; the table says whether it would pass."""
+    from edgekif.errors import EdgekifError
     from edgekif.export import export_genai, export_onnx, write_manifest
+    from edgekif.infer import open_model
+    from edgekif.quality import compare_answers, reference_answers, runner_answers
 
-    check_parity = getattr(ex, "check_parity", None)  # replaced by export_model's holdout check on main: see the report
-
-    out: dict[str, dict] = {}
+    holdout = {"check": check_records}
+    t0 = time.perf_counter()
+    reference = reference_answers(fused, holdout, max_new_tokens=cfg.eval.max_new_tokens, labels={"check": labels})
+    reference_s = time.perf_counter() - t0
+    out: dict[str, dict] = {"_reference": {"seconds": reference_s, "exact_match": reference["check"].exact_match,
+                                           "label_accuracy": reference["check"].label_accuracy, "n": len(check_records)}}
     for name in names:
         target, precision = EXPORTS[name]
         folder = work / "exports" / name
@@ -186,22 +194,15 @@ def make_exports(fused: Path, work: Path, names: list[str], parity_prompts: list
             progress.update(1)
             continue
         t1 = time.perf_counter()
-        parity: dict[str, Any]
-        try:
-            if check_parity is None:
-                raise ParityError("not measured: edgekif.export.check_parity no longer exists")
-            report = check_parity(fused, folder, target, parity_prompts, precision=precision, max_new_tokens=PARITY_TOKENS, min_agreement=0.0)
-            parity = {k: v for k, v in report.to_dict().items() if k != "details"}
-        except ParityError as e:  # fp32 must be exact; min_agreement=0 never fails a quantised export
-            parity = {"passed": False, "error": str(e)}
+        runner = open_model(folder)
+        answers = runner_answers(runner, holdout, cfg.eval.max_new_tokens)
+        del runner
+        check = compare_answers(reference, answers, min_agreement=cfg.export.parity_min_agreement, max_accuracy_drop=cfg.export.parity_max_accuracy_drop)
+        parity = {k: v for k, v in check.to_dict().items() if k != "per_task"}
         t2 = time.perf_counter()
-        if "error" not in parity:
-            parity["passes_default_bar"] = bool(parity["greedy_equal"] if precision == "fp32" else parity["agreement"] >= bar)
-        else:
-            parity["passes_default_bar"] = False
         write_manifest(
             folder, base_model_id=base.name, base_model_sha256=base.source_sha256, adapter_sha256=None,
-            tasks=[], parity={k: v for k, v in parity.items() if k != "passes_default_bar"}, note="bench_serving: zero LoRA (base model)",
+            tasks=[], parity=parity, note="bench_serving: zero LoRA (base model)",
         )
         t3 = time.perf_counter()
         row.update(
@@ -212,9 +213,6 @@ def make_exports(fused: Path, work: Path, names: list[str], parity_prompts: list
         out[name] = row
         progress.update(1)
     return out
-
-
-# --------------------------------------------------------------------------- 2. generation speed
 
 
 class Timed:
@@ -709,6 +707,21 @@ def plot(result: dict, out: Path) -> list[str]:
     return files
 
 
+def measure_llamacpp(work: Path, threads: int, new_tokens: int, progress) -> dict[str, Any]:
+    """llama.cpp (the bench extra's llama-cpp-python) vs genai exports of the same base."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"error": "llama-cpp-python is not installed (it is in the bench extra: `make setup-bench`)"}
+    from bench_llamacpp import compare
+
+    progress.set_postfix_str("llama.cpp")
+    t0 = time.perf_counter()
+    res = compare(work / "llamacpp", threads=threads, new_tokens=new_tokens, rounds=1, progress=progress)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
 def to_markdown(result: dict, plots: list[str]) -> str:
     s, m, sp = result["settings"], result["machine"], result["speed"]
     measured = f"{sp['prompts_measured']} prompts"
@@ -729,26 +742,25 @@ def to_markdown(result: dict, plots: list[str]) -> str:
          f"(median {fmt(result['prompt_tokens_median'], '.0f')} tokens)." if s["prompts"] else
          f"Prompts: the first {s['infer_prompts']} records of `{s['task']}/test.jsonl` as chat messages."),
         "",
-        "**Export** (build = `export_genai`/`export_onnx`; parity = `check_parity`, the daemon's settings: "
-        f"{s['parity_prompts']} prompts x {PARITY_TOKENS} tokens, teacher-forced; total = build + parity + manifest; "
-        f"MB = 10^6 bytes; bar = fp32 exact, quantised agreement >= {s['parity_bar']}):",
+        "**Export** (build = `export_genai`/`export_onnx`; check = the daemon's answer check: the export's greedy answers "
+        f"({PARITY_TOKENS} tokens) to {s.get('check_records')} test records against the fp32 PyTorch model's; total = build + check + manifest; "
+        f"MB = 10^6 bytes; passes = identical answers >= {100 * s['parity_bar']:.0f}% and exact match at most {s.get('parity_max_drop', 1.0):g} point below fp32"
+        + (f"; fp32 PyTorch exact match {100 * ref['exact_match']:.1f}" if (ref := result['exports'].get('_reference', {})).get('exact_match') is not None else "")
+        + "):",
         "",
-        "| export | build s | parity s | total s | size MB | size vs fp32 PyTorch | exact argmax agreement | agreement within ties (tol) | passes bar |",
+        "| export | build s | check s | total s | size MB | size vs fp32 PyTorch | same answers as fp32 | exact match | passes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in result["exports"].items():
+        if name.startswith("_"):
+            continue
         if "error" in e:
             lines.append(f"| {name} | failed: {e['error'][:120]} | | | | | | | |")
             continue
         p = e["parity"]
-        if "error" in p:
-            agree = exact = f"failed ({p['error'][:80]})"
-        else:
-            exact = f"{100 * p['exact_agreement']:.0f}% of {p['positions']}"
-            agree = f"{100 * p['agreement']:.0f}% ({p['tie_tolerance']:g})"
         lines.append(
             f"| {name} | {e['build_s']:.1f} | {e['parity_s']:.1f} | {e['total_s']:.1f} | {e['bytes'] / MB:.0f} | {e['bytes'] / result['fused_bytes']:.2f}x "
-            f"| {exact} | {agree} | {'yes' if p.get('passes_default_bar') else 'no'} |"
+            f"| {100 * p['agreement']:.0f}% of {p['n']} | {fmt(100 * p['accuracy'] if p.get('accuracy') is not None else None)} | {'yes' if p.get('passed') else 'no'} |"
         )
     n_before_speed = len(lines)
     lines += [
@@ -824,6 +836,16 @@ def to_markdown(result: dict, plots: list[str]) -> str:
                 f"| {a['clients']} | {fmt(a['requests_per_s'], '.2f')}{err} | {fmt(a['p50_ms'], '.0f')} | {fmt(a['p95_ms'], '.0f')} | {fmt(d['requests_per_s'], '.2f')} "
                 f"| {fmt(d['p50_ms'], '.0f')} | {fmt(d['p95_ms'], '.0f')} | {fmt(ratio, '.2f')}x | {fmt(a['mean_new_tokens'], '.0f')} |"
             )
+    lc = result.get("llamacpp")
+    if lc:
+        lines += ["", "**Against llama.cpp** (tools/bench_llamacpp.py, same run): the base as llama.cpp users run it (its GGUF) vs "
+                  "edgekif's onnxruntime-genai exports of the same base. "]
+        if "error" in lc:
+            lines[-1] += f"Not measured: {lc['error']}"
+        else:
+            from bench_llamacpp import to_markdown as llamacpp_markdown
+
+            lines += [llamacpp_markdown({**lc, "command": "(this run)", "finished": "", "machine": {}}).split("\n\nCommand:")[0]]
     h = result["headline"]
     lines += [] if not result["speed"]["runners"] else [
         "",
@@ -843,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="genai int4/int8 + onnx fp32 + eager fp32/nf4, 4 prompts x 32 tokens (90 s speed budget), 20 infer prompts")
     ap.add_argument("--profile", choices=list(PROFILES), default="full")
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison (tools/bench_llamacpp.py)")
     ap.add_argument("--out", default=None, help="output folder (default bench_out/serving-<profile>)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads for torch, onnxruntime and onnxruntime-genai (0 = their defaults; "
                     "the `edgekif infer` subprocesses always use the defaults)")
@@ -887,9 +910,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.task}/test.jsonl has {len(records)} records, {n_needed} needed")
     speed_prompts = [r.chat() for r in records[: prof["prompts"]]]
     infer_prompts = [r.chat() for r in records[: prof["infer_prompts"]]]
-    # the daemon's parity prompts: the last user message of a few held-out records
-    parity_prompts = [r.messages[-1][1] for r in records[:PARITY_PROMPTS]]
-    bar = cfg.export.parity_min_agreement
+    check_records = records[:CHECK_RECORDS]
+    labels = read_task(Path(args.data) / args.task / "train.jsonl").labels
 
     speed_names = [] if args.api_only else [e for e in prof["exports"]] + [f"eager-{p}" for p in prof["eager"]]
     if "eager-fp32" in speed_names:  # the reference first: ratios and token comparisons need it
@@ -905,8 +927,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "profile": profile,
         "command": shlex.join(["python", "tools/bench_serving.py", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": {**prof, "task": args.task, "threads": args.threads, "parity_prompts": PARITY_PROMPTS, "parity_tokens": PARITY_TOKENS,
-                     "parity_bar": bar, "infer_max_new_tokens": INFER_MAX_NEW_TOKENS, "base": {"name": base.name, "path": str(base.path), "sha256": base.source_sha256}},
+        "settings": {**prof, "task": args.task, "threads": args.threads, "check_records": CHECK_RECORDS, "parity_tokens": PARITY_TOKENS,
+                     "parity_bar": cfg.export.parity_min_agreement, "parity_max_drop": cfg.export.parity_max_accuracy_drop, "infer_max_new_tokens": INFER_MAX_NEW_TOKENS, "base": {"name": base.name, "path": str(base.path), "sha256": base.source_sha256}},
         "machine": machine_info(),
     }
 
@@ -922,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             result["fuse_s"] = time.perf_counter() - t0
             result["fused_bytes"] = sum(p.stat().st_size for p in fused.glob("*.safetensors"))
-            result["exports"] = make_exports(fused, work, prof["exports"], parity_prompts, base, bar, progress)
+            result["exports"] = make_exports(fused, work, prof["exports"], check_records, labels, base, cfg, progress)
             atomic_write_json(out / "result.json", result)
 
             result["loadavg_before_speed"] = list(os.getloadavg())
@@ -938,6 +960,9 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_json(out / "result.json", result)
             if export_ok and prof["api_requests"]:
                 result["api"] = {"export": infer_export, **measure_api(Path(result["exports"][infer_export]["folder"]), work, infer_prompts, prof["api_requests"], progress)}
+                atomic_write_json(out / "result.json", result)
+            if not args.api_only and not args.no_llamacpp:
+                result["llamacpp"] = measure_llamacpp(work, args.threads or (os.cpu_count() or 2), prof["new_tokens"], progress)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -957,6 +982,8 @@ def main(argv: list[str] | None = None) -> int:
         "infer_p95_ms": result.get("infer", {}).get("library_per_prompt", {}).get("p95_ms"),
         "infer_cold_process_s": result.get("infer", {}).get("cold_single", {}).get("median_wall_s"),
         **{f"api_{k}_clients{row['clients']}": row[k] for row in result.get("api", {}).get("api", []) for k in ("requests_per_s", "p50_ms", "p95_ms")},
+        **{f"vs_llamacpp_{name.split()[1]}": row.get("decode_ratio_vs_llamacpp") for name, row in (result.get("llamacpp") or {}).get("runners", {}).items()
+           if row.get("decode_ratio_vs_llamacpp")},
     }
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t_all
