@@ -58,9 +58,9 @@ TOKENIZER_FILES = (
     "config.json",
 )
 
-# Builder --extra_options per (precision, ep); none needed so far. Measured on SmolLM2-135M:
-# accuracy_level=1 (fp32 activations) makes int8 ~30x slower on CPU for +4% agreement, and
-# asymmetric or k-quant int4 do not fix int4's agreement (see docs/serving.md).
+# Builder --extra_options per (precision, ep) when none are given; none needed so far. Measured
+# on SmolLM2-135M (docs/benchmarks/quant): accuracy_level=1 (fp32 activations) makes int8 ~15x
+# slower on CPU for +1% identical answers; asymmetric int4 builds a graph onnxruntime refuses.
 DEFAULT_BUILDER_OPTIONS: dict[tuple[str, str], dict[str, str]] = {}
 
 AUTO_PRECISION = {("genai", "cpu"): "int4", ("genai", "cuda"): "fp16", ("onnx", "cpu"): "fp32", ("onnx", "cuda"): "fp32"}
@@ -650,9 +650,17 @@ class ExportVariant:
         return dict(self.options)
 
 
-# What `precision = auto` tries on the CPU genai target, fastest first (tools/bench_quant.py;
-# docs/serving.md). The first whose holdout answers pass `check_export_answers` is published.
-AUTO_VARIANTS_GENAI_CPU: tuple[ExportVariant, ...] = (ExportVariant("int4"), ExportVariant("int8"), ExportVariant("fp32"))
+# What `precision = auto` tries on the CPU genai target, fastest first; the first whose holdout
+# answers pass the check (edgekif.quality.compare_answers) is published. Measured on SmolLM2-135M
+# with the demo's adapter (tools/bench_quant.py, docs/benchmarks/quant): no int4 variant keeps the
+# fp32 answers (k-quant with int8 LM head and sensitive layers is the closest: 80% identical,
+# -3 points; builder-default int4 54%, -21 points), int8 does (97%, +3). One int4 try stays first
+# because a larger base may pass it; each failed try costs a build and one holdout pass.
+AUTO_VARIANTS_GENAI_CPU: tuple[ExportVariant, ...] = (
+    ExportVariant("int4", (("algo_config", "k_quant_mixed"),)),
+    ExportVariant("int8"),
+    ExportVariant("fp32"),
+)
 
 
 def export_candidates(target: str, precision: str, ep: str, requested: str, builder_options: dict[str, str] | None = None) -> list[ExportVariant]:
