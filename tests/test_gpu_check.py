@@ -30,7 +30,7 @@ def test_without_a_gpu_it_checks_the_install_and_says_the_figures_are_missing(tm
     names = {c["name"]: c for c in result["checks"]}
     assert "one ONNX runtime flavour installed" in names
     if "make setup plan" not in names:  # make is installed: the plan is read from the Makefile
-        assert result["environment"]["make_plan"]["extras"] == ["dev", "bench", "cpu"]
+        assert result["environment"]["make_plan"]["extras"] == ["dev", "cpu"]
         assert names["make setup installs the cpu extra only"]["ok"] and names["make setup picks the CPU torch"]["ok"]
     md = (tmp_path / "gpu_check.md").read_text()
     assert md.startswith("## GPU check") and gpu_check.NO_GPU in md
