@@ -12,7 +12,8 @@ a fixed number of new tokens (EOS ignored), on the same CPU threads:
 
 Decode tokens/s and first-token latency: every runner loaded in this process and interleaved
 prompt by prompt (background load hits all alike). Memory: each runner measured alone in a
-child process (peak RSS after loading and one generation, minus the interpreter's baseline).
+child process (peak RSS, /proc VmHWM, after loading and one generation; the child imports
+edgekif's benchmark helpers, so the figure includes that interpreter, alike for all).
 
     python tools/bench_llamacpp.py --out docs/benchmarks/llamacpp
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -74,14 +74,29 @@ def llama_runner(gguf: Path, threads: int):
 
 
 def genai_runner(folder: Path, threads: int):
-    from bench_serving import genai_speed
+    """onnxruntime-genai alone (no edgekif, no torch import: the memory figure is the runtime's)."""
+    import onnxruntime_genai as og
 
-    run_ids, handle = genai_speed(folder, threads)
+    config = og.Config(str(folder))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    tok = og.Tokenizer(model)
 
     def run(text: str, n: int) -> dict:
-        return run_ids([{"role": "user", "content": text}], n).to_dict()
+        ids = tok.encode(text)
+        t0 = time.perf_counter()
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + n, min_length=len(ids) + n)  # EOS masked until n tokens
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        times = []
+        while not gen.is_done() and len(times) < n:
+            gen.generate_next_token()
+            times.append(time.perf_counter())
+        return _timing(len(ids), t0, times)
 
-    return run, handle
+    return run, model
 
 
 def _timing(prompt_tokens: int, t0: float, times: list[float]) -> dict:
@@ -141,12 +156,20 @@ def chat_text(base_path: Path, prompt: str) -> str:
 # --------------------------------------------------------------------------- memory, one runner per child
 
 
+def _status_mb(key: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (MiB). Not getrusage's ru_maxrss: that one keeps
+    the high-water mark of the address space before exec, i.e. of the (large) parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def child_main(kind: str, path: str, threads: int, n: int) -> None:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_mb("VmRSS")
     run, handle = (llama_runner if kind == "llama" else genai_runner)(Path(path), threads)
     run("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", n)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mb": after / 1024, "model_rss_mb": (after - before) / 1024}))
+    print(json.dumps({"peak_rss_mb": _status_mb("VmHWM"), "model_rss_mb": _status_mb("VmRSS") - before}))
 
 
 def measure_memory(models: dict, threads: int, n: int) -> dict:
