@@ -193,8 +193,10 @@ def headline_md(h: dict, report_link: str) -> str:
         lines.append(
             f"* **Serving**: onnxruntime-genai int4 generates {sv['genai_int4_vs_eager_fp32_tokens_per_s_ratio']:.1f}× the tokens/s of PyTorch eager fp32 "
             f"({sv.get('genai_int4_tokens_per_s', 0):.0f} vs {sv.get('eager_fp32_tokens_per_s', 0):.0f} tokens/s, batch 1)"
-            + (f"; int8, which the daemon publishes for this base because int4 misses the parity bar, {sv['genai_int8_vs_eager_fp32_tokens_per_s_ratio']:.1f}× "
+            + (f"; int8, which the daemon publishes for this base because no int4 keeps its answers, {sv['genai_int8_vs_eager_fp32_tokens_per_s_ratio']:.1f}× "
                f"({sv['genai_int8_tokens_per_s']:.0f} tokens/s)" if sv.get("genai_int8_vs_eager_fp32_tokens_per_s_ratio") else "")
+            + (f"; against llama.cpp on the same base at the same bits: int8 {sv['vs_llamacpp_int8']:.2f}× Q8_0's decode speed"
+               + (f", int4 {sv['vs_llamacpp_int4']:.2f}× Q4_1's" if sv.get("vs_llamacpp_int4") else "") if sv.get("vs_llamacpp_int8") else "")
             + "."
         )
     dm = h.get("daemon") or {}
