@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +81,7 @@ def make_plan() -> dict[str, Any]:
 
 
 def installed() -> dict[str, str]:
-    out = {}
-    for dist in ("torch", *CPU_RUNTIMES, *GPU_RUNTIMES, "bitsandbytes"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return benchlib.package_versions(("torch", *CPU_RUNTIMES, *GPU_RUNTIMES, "bitsandbytes"))
 
 
 def torch_info() -> dict[str, Any]:
