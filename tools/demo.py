@@ -124,10 +124,10 @@ def main() -> int:
         print(edgekif("models", "list", "--data-dir", str(data_dir), env=env).stdout)
         print_measured(data_dir)
         prompts = data_dir / "prompts.jsonl"
-        with prompts.open("w") as f:
+        with prompts.open("w") as f:  # the test records as they are (Alpaca): infer reads every task-file shape
             for name, recs in tests.items():
                 for r in recs:
-                    f.write(json.dumps({"prompt": r["instruction"] + r["input"]}) + "\n")
+                    f.write(json.dumps({k: v for k, v in r.items() if k != "output"}) + "\n")
         res = edgekif("infer", "--file", str(prompts), "--max-new-tokens", "8", "--data-dir", str(data_dir), env=env, check=False)
         if res.returncode == 0:
             answers = [json.loads(l)["answer"] for l in res.stdout.splitlines() if l.strip()]
