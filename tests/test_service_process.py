@@ -164,7 +164,7 @@ def test_sigterm_mid_training_exits_0_and_the_job_resumes(tmp_path):
     with daemon:
         drop(tmp_path, "a.jsonl")
         progress = tmp_path / "jobs" / "1" / "progress.json"
-        assert daemon.wait_for(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 3), daemon.output()
+        assert daemon.wait_for(lambda: progress.exists() and json.loads(progress.read_text()).get("step", 0) >= 3), daemon.output()
         daemon.send(signal.SIGTERM)
         assert daemon.wait(timeout=stop_timeout) == 0
     logs = daemon.logs()  # every line is a JSON object
