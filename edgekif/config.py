@@ -140,7 +140,7 @@ class EvalConfig:
     max_examples: int = 0  # 0 = all
     # 0 = whole prompts, as clients send them; > 0 fits them into that many tokens by the rule
     # training uses (edgekif.data.fit_prompt; faster on long prompts, e.g. benchmarks that
-    # train at a short max_length). The forgetting gate and export parity prompts use it too.
+    # train at a short max_length). The daemon's gate and export check use whole prompts, as clients do.
     max_prompt_tokens: int = 0
 
 

@@ -747,7 +747,7 @@ def without_default_system(tokenizer) -> str | None:
 
 # --------------------------------------------------------------------------- prompt fitting
 #
-# One rule for training, evaluation, the forgetting gate and export parity prompts: when a
+# One rule for training and fitted evaluation (eval.max_prompt_tokens): when a
 # prompt does not fit, cut the MIDDLE of the text that matters least and keep both ends.
 # Cutting from the left (as before) dropped the chat template's start, the system message and
 # the instruction with its answer options, which come first; the end holds the answer cue.

@@ -306,9 +306,9 @@ def breakdown(data_dir: Path, job_id: int, t_drop: float, logs: list[dict[str, A
             if r.get("msg") == "running onnxruntime-genai model builder":
                 t = r["_t"]
                 prec = next((p for p in ("int4", "int8", "fp16", "fp32") if f"-p {p} " in r.get("cmd", "")), "?")
-            elif r.get("msg") == "parity":
-                sub.append({"step": f"build {r.get('precision', prec)} + parity check", "seconds": round(r["_t"] - t, 2),
-                            "agreement": r.get("agreement"), "greedy_equal": r.get("greedy_equal")})
+            elif r.get("msg") == "export checked on the holdout":
+                sub.append({"step": f"build {r.get('variant', prec)} + answer check on the holdout", "seconds": round(r["_t"] - t, 2),
+                            "agreement": r.get("agreement"), "passed": r.get("passed")})
                 t = r["_t"]
             elif r.get("msg") == "export ready":
                 sub.append({"step": "manifest + finish", "seconds": round(r["_t"] - t, 2)})
