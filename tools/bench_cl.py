@@ -311,7 +311,7 @@ def to_markdown(result: dict, args) -> str:
         f"Command: `{result['command']}`  ",
         f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), evaluated on {_eval_set(s)} "
-        f"(prompts cut to their last {s.get('eval_prompt_tokens', '—')} tokens, as training cuts them), metric: {s['metric']}; "
+        f"(prompts fitted into {s.get('eval_prompt_tokens', '—')} tokens as training fits them: the input's middle is cut), metric: {s['metric']}; "
         f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}); Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
         f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
