@@ -269,12 +269,15 @@ class JobRunner:
             "published_version": ctx.published.version if ctx.published else None,
             "published_accuracies": ctx.published.accuracies if ctx.published else {},
         }
+        # the event carries the figures the decision used (and the runtime that measured them)
+        decided_on = {k: info[k] for k in ("accuracies", "zero_shot", "published_accuracies", "reasons")}
+        decided_on["measured_by"] = (info["measured_by"] or {}).get("runtime")
         if ok:
-            store.advance(job.id, "evaluated", "approved", metrics={"gate": info})
+            store.advance(job.id, "evaluated", "approved", metrics={"gate": info}, **decided_on)
             log.info("approved by the gate", extra={"job_id": job.id})
             return
         store.advance(job.id, "evaluated", "held", metrics={"gate": info},
-                      error={"kind": "gate", "message": "; ".join(info["reasons"]), "reasons": info["reasons"]})
+                      error={"kind": "gate", "message": "; ".join(info["reasons"]), "reasons": info["reasons"]}, **decided_on)
         log.warning("held by the gate (edgekif publish --force %d overrides)", job.id,
                     extra={"job_id": job.id, "reasons": info["reasons"]})
 

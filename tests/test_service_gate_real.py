@@ -204,5 +204,9 @@ def test_a_first_task_that_does_not_beat_the_base_is_held(tmp_path, wide_tiny_di
                                f"by 1 points (nothing learned to publish)"]
     assert gate["measured_by"]["runtime"].startswith("onnxruntime ") and gate["measured_by"]["metric"] == "exact_match"
     assert job.error["kind"] == "gate" and ModelStore(data).current() is None
+    with JobStore(layout.state_db) as store:
+        (held,) = store.events(job.id, ("held",))
+    assert held.data["accuracies"] == {"colors": after} and held.data["zero_shot"] == {"colors": base}
+    assert held.data["measured_by"].startswith("onnxruntime ") and held.data["reasons"] == gate["reasons"]
     (scores,) = cache.glob("zero-shot/*/*/scores.json")
     assert [v["task"] for v in json.loads(scores.read_text()).values()] == ["colors"]
