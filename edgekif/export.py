@@ -669,7 +669,8 @@ def export_candidates(target: str, precision: str, ep: str, requested: str, buil
     return [ExportVariant(precision, tuple(sorted((builder_options or {}).items())))]
 
 
-def _build(fused_dir: Path, dest: Path, target: str, variant: ExportVariant, ep: str) -> None:
+def build_variant(fused_dir: Path, dest: Path, target: str, variant: ExportVariant, ep: str) -> None:
+    """Build one export variant into `dest` (no check, no manifest; the caller makes it atomic)."""
     if target == "genai":
         _build_genai(fused_dir, dest, variant.precision, ep, variant.builder_options())
     else:
@@ -684,10 +685,8 @@ def _runtime_name(target: str) -> str:
 
 
 def _pytorch_name() -> str:
-    try:
-        return f"pytorch {importlib.metadata.version('torch')} fp32 (fused model, eager)"
-    except importlib.metadata.PackageNotFoundError:
-        return "pytorch fp32 (fused model, eager)"
+    version = _dist_version("torch")
+    return f"pytorch {version} fp32 (fused model, eager)" if version else "pytorch fp32 (fused model, eager)"
 
 
 def export_model(
@@ -741,7 +740,7 @@ def export_model(
         t0 = _time.perf_counter()
         try:
             with atomic_dir(out_dir, overwrite=True) as tmp:
-                _build(fused_dir, tmp, target, variant, ep)
+                build_variant(fused_dir, tmp, target, variant, ep)
                 build_seconds = _time.perf_counter() - t0
                 t1 = _time.perf_counter()
                 runner = open_model(tmp)

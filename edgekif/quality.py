@@ -13,16 +13,12 @@ the stripped label.
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .records import Record
-
-log = logging.getLogger(__name__)
 
 Holdout = Mapping[str, Sequence[Record]]  # task name -> records (labels may be empty: agreement only)
 
@@ -158,9 +154,3 @@ def read_holdout(path: str | os.PathLike) -> list[Record]:
     """A holdout file as the daemon writes it (Record JSON lines)."""
     text = Path(path).read_text(encoding="utf-8")
     return [Record.from_json(line) for line in text.splitlines() if line.strip()]
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

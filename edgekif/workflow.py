@@ -120,7 +120,7 @@ def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[st
     import json
 
     from .atomic import atomic_dir, atomic_write_json
-    from .export import ExportVariant, _build
+    from .export import ExportVariant, build_variant
     from .infer import open_model
     from .quality import client_answers, exact_match, scored
 
@@ -144,7 +144,7 @@ def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[st
         export_dir = root / "export"
         if not (export_dir / "export_info.json").is_file():
             with atomic_dir(export_dir, overwrite=True) as tmp:
-                _build(Path(base.path), tmp, target, variant, ep)
+                build_variant(Path(base.path), tmp, target, variant, ep)
         runner = open_model(export_dir)
         for name in missing:
             recs = holdout[name]

@@ -45,7 +45,6 @@ def _learner_dir(layout, job_id: int) -> Path:
     return layout.jobs / str(job_id) / "learner"
 
 
-_read_records = read_holdout
 
 
 def _write_records(path: Path, records) -> None:
@@ -66,7 +65,7 @@ def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
             "id": name,
             "name": name,
             "train_examples": st.get("records"),  # the training split the buffer was offered
-            "holdout_examples": len(_read_records(hold)) if hold.is_file() else None,  # kept for the gate
+            "holdout_examples": len(read_holdout(hold)) if hold.is_file() else None,  # kept for the gate
             "replay_stored": st.get("stored"),
             "source_file": st.get("source_file"),
         })
@@ -131,7 +130,7 @@ class LibraryStages:
             return TrainResult(steps=0, adapter_path=str(out / "adapter"), metrics={"skipped": "already trained"})
         start = _learner_dir(ctx.layout, ctx.published.job_id) if ctx.published else None
         learner, base = open_learner(ctx.config, state_dir=start)
-        task = StreamTask(ctx.task_name, _read_records(ctx.work_dir / "train.jsonl"), source_file=ctx.file_name, source_sha256=ctx.sha256)
+        task = StreamTask(ctx.task_name, read_holdout(ctx.work_dir / "train.jsonl"), source_file=ctx.file_name, source_sha256=ctx.sha256)
         started = time.time()
         ctx.write_progress(stage="train", started=started, step=0, steps=None)
         first: dict = {}  # step and time of this run's first report: status's rate and ETA start there (after loading)

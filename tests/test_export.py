@@ -227,14 +227,14 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
 
     assert [_torch_greedy(fused["base"], p, 8) for p in PROMPTS] != [_torch_greedy(fused["fused"], p, 8) for p in PROMPTS]
     monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (ExportVariant("int8"), ExportVariant("fp32")))
-    real_build = export_mod._build
+    real_build = export_mod.build_variant
     built = []
 
     def build(src, dest, target, variant, ep):
         built.append(variant.name)
         real_build(fused["base"] if variant.precision == "int8" else src, dest, target, variant, ep)
 
-    monkeypatch.setattr(export_mod, "_build", build)
+    monkeypatch.setattr(export_mod, "build_variant", build)
     out = export_model(fused["fused"], tmp_path / "auto", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout())
     manifest = verify_manifest(out)
     assert built == ["int8", "fp32"] and manifest["export"]["precision"] == "fp32"

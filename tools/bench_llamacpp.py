@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -112,12 +111,10 @@ def make_models(work: Path, variants: list[str]) -> dict[str, dict]:
     """name -> {"kind": "llama"|"genai", "path": ...}: the base's GGUFs and genai exports."""
     from llama_cpp import llama_cpp as lc
 
-    from edgekif.config import ModelConfig
-    from edgekif.export import AUTO_VARIANTS_GENAI_CPU, ExportVariant, _build
+    from edgekif.config import Config, ModelConfig
+    from edgekif.export import AUTO_VARIANTS_GENAI_CPU, ExportVariant, build_variant
     from edgekif.model import locate_default_gguf, resolve_base
     from edgekif.workflow import cache_root
-
-    from edgekif.config import Config
 
     cfg = Config()
     base = resolve_base(ModelConfig(), cache_root(cfg))
@@ -140,7 +137,7 @@ def make_models(work: Path, variants: list[str]) -> dict[str, dict]:
             continue
         folder = work / variant.name.replace("/", "_").replace("=", "-")
         if not (folder / "genai_config.json").is_file():
-            _build(Path(base.path), folder, "genai", variant, "cpu")
+            build_variant(Path(base.path), folder, "genai", variant, "cpu")
         models[name] = {"kind": "genai", "path": folder, "bits": 4 if variant.precision == "int4" else 8}
     return models, base
 

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     from bench_serving import genai_speed
     from edgekif.config import load_config
-    from edgekif.export import ExportVariant, _build, fuse_adapter, read_manifest
+    from edgekif.export import ExportVariant, build_variant, fuse_adapter, read_manifest
     from edgekif.infer import open_model
     from edgekif.model import resolve_base
     from edgekif.publish import resolve_current
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         bar.set_postfix_str(f"build {name}")
         t0 = time.perf_counter()
         try:
-            _build(fused, folder, "genai", variant, "cpu")
+            build_variant(fused, folder, "genai", variant, "cpu")
         except Exception as e:  # a builder option this base does not support
             rows[name] = {"precision": precision, "options": options, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
             bar.update(2)
@@ -177,8 +177,6 @@ def main(argv=None) -> int:
 
 
 def to_markdown(r: dict) -> str:
-    from edgekif.quality import pooled_exact_match  # noqa: F401  (same pooling as the check)
-
     def f(x, spec=".1f"):
         return "—" if x is None else format(x, spec)
 
