@@ -61,3 +61,73 @@ def test_validation_split_is_the_last_n_disjoint_and_fixed():
     for bad in (0, 100, 150):
         with pytest.raises(SystemExit):
             validation_split(records, bad)
+
+
+def _run_dir(root: Path, name: str, seeds, strategies, zero=None, **settings) -> Path:
+    """A finished bench_cl run's result.json, as one process per seed writes it."""
+    from dataclasses import asdict
+
+    from edgekif.strategies import KIFConfig
+
+    base = {"order": ["dbpedia", "amazon"], "seeds": list(seeds), "train_per_task": 128, "test_per_task": 100, "lr": 1e-3, "precision": "fp32",
+            "task_steps": 16, "batch_size": 8, "max_length": 128, "eval_prompt_tokens": 120, "metric": "exact match", "replay_fraction": 0.02,
+            "replay_min_per_task": 16, "label_scoring": True, "kif": asdict(KIFConfig()), "lora": {"r": 8, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}}
+    res = {"profile": "standard", "command": f"python tools/bench_cl.py --seeds {' '.join(map(str, seeds))}", "wall_seconds": 60.0,
+           "settings": {**base, **settings}, "strategies": {}}
+    for strat, cells in strategies.items():
+        runs = []
+        for seed, a in zip(seeds, cells):
+            runs.append({"seed": seed, "matrix": {"tasks": ["dbpedia", "amazon"], "a": a}, "op": sum(a[-1]) / 2,
+                         "bwt": None if a[0][0] is None else a[1][0] - a[0][0], "plasticity": None if a[0][0] is None else (a[0][0] + a[1][1]) / 2,
+                         "fwt": None, "label_op": None, "grad_steps": 32, "sec_per_step": 3.0, "seconds": 30.0})
+        res["strategies"][strat] = {"runs": runs}
+    if zero:
+        res["zero_shot_by_seed"] = zero
+    d = root / name
+    d.mkdir()
+    (d / "result.json").write_text(json.dumps(res))
+    return d
+
+
+def test_merge_combines_seed_processes_and_fills_fwt_from_each_seeds_zero_shot(tmp_path):
+    from tools.bench_cl import main
+
+    a = _run_dir(tmp_path, "s1", [1], {"replay": [[[0.5, 0.2], [0.6, 0.8]]], "mtl": [[[None, None], [0.7, 0.9]]]})
+    b = _run_dir(tmp_path, "s2", [2], {"replay": [[[0.7, 0.4], [0.6, 0.6]]], "mtl": [[[None, None], [0.5, 0.7]]]})
+    # the zero-shot part ran without label scoring (FWT is on exact match): still mergeable
+    z = _run_dir(tmp_path, "z", [1, 2], {}, zero={"1": {"dbpedia": 0.1, "amazon": 0.1}, "2": {"dbpedia": 0.0, "amazon": 0.3}},
+                 zero_shot_only=True, label_scoring=False)
+    out = tmp_path / "merged"
+    rj = tmp_path / "results.json"
+    assert main(["--merge", str(z), str(b), str(a), "--out", str(out), "--results-json", str(rj)]) == 0
+    res = json.loads((out / "result.json").read_text())
+    replay = res["strategies"]["replay"]
+    assert [r["seed"] for r in replay["runs"]] == [1, 2] and res["settings"]["seeds"] == [1, 2]
+    assert replay["op_mean"] == pytest.approx((0.7 + 0.6) / 2) and replay["op_std"] == pytest.approx(0.05)
+    # FWT = a[0][1] - the zero-shot of the SAME seed's examples: seed 1 0.2 - 0.1, seed 2 0.4 - 0.3
+    assert [r["fwt"] for r in replay["runs"]] == [pytest.approx(0.1), pytest.approx(0.1)]
+    assert res["strategies"]["mtl"]["runs"][0]["fwt"] is None  # joint: no FWT
+    entry = json.loads(rj.read_text())["cl"]["standard-custom"]
+    assert entry["seeds"] == [1, 2] and entry["strategies"]["replay"]["fwt"] == pytest.approx(10.0)
+    assert set(entry["strategies"]["mtl"]) == {"op", "op_std"}
+    assert "Merged from" in (out / "result.md").read_text()
+
+
+def test_merge_refuses_runs_of_other_settings_or_a_seed_twice(tmp_path):
+    from tools.bench_cl import main
+
+    a = _run_dir(tmp_path, "a", [1], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]})
+    b = _run_dir(tmp_path, "b", [2], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}, lr=2e-3)
+    c = _run_dir(tmp_path, "c", [1], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]})
+    with pytest.raises(SystemExit, match="other settings than .*: lr"):
+        main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")])
+    z = _run_dir(tmp_path, "z", [1], {}, zero={"1": {"dbpedia": 0.1, "amazon": 0.1}}, zero_shot_only=True, test_per_task=50)
+    with pytest.raises(SystemExit, match="other settings than .*: test_per_task"):
+        main(["--merge", str(a), str(z), "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match="replay has seed 1 more than once"):
+        main(["--merge", str(a), str(c), "--out", str(tmp_path / "m")])
+    unfinished = json.loads((c / "result.json").read_text())
+    del unfinished["wall_seconds"]
+    (c / "result.json").write_text(json.dumps(unfinished))
+    with pytest.raises(SystemExit, match="did not finish"):
+        main(["--merge", str(a), str(c), "--out", str(tmp_path / "m")])

@@ -8,6 +8,10 @@ step budget and seeds, through the library's continual loop (edgekif.continual.r
     python tools/bench_cl.py --tasks DIR DIR ...     # any suite: DIR/train.jsonl + DIR/test.jsonl
     python tools/bench_cl.py --set train.deterministic=true --set kif.mask_quantile=0.9
     python tools/bench_cl.py --validation 60         # tune on the last 60 train records a task; test.jsonl unread
+    python tools/bench_cl.py --profile standard --seeds 1 --out A   # seeds in parallel processes,
+    python tools/bench_cl.py --profile standard --seeds 2 --out B   # ... then one report of them all:
+    python tools/bench_cl.py --profile standard --zero-shot-only --seeds 1 2 --out Z   # (FWT's baseline)
+    python tools/bench_cl.py --merge A B Z --out OUT --results-json docs/benchmarks/results.json
 
 Metrics: exact match (headline) and label scoring; OP, BWT, FWT (with zero-shot) and
 plasticity (a_ii: accuracy just after learning each task).
@@ -94,7 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="any config option, applied last (e.g. train.deterministic=true, kif.mask_quantile=0.9)")
+    ap.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=None,
+                    help="score the untrained base on each seed's test subset (FWT's baseline); default: the profile's setting")
+    ap.add_argument("--zero-shot-only", action="store_true", help="only score the base (no strategy runs); for --merge")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="RUN_DIR",
+                    help="combine the result.json of runs made with the same settings (e.g. one process per seed) into one report")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_runs(args, sys.argv[1:] if argv is None else argv)
     if args.validation and args.results_json:
         ap.error("--validation is for tuning: its numbers do not go into the benchmark's results.json (--results-json)")
 
@@ -111,7 +122,10 @@ def main(argv=None) -> int:
     from edgekif.workflow import open_learner
 
     profile_name = "quick" if args.quick else args.profile
-    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task", "label_scoring"))
+    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task", "label_scoring", "zero_shot"))
+    if args.zero_shot_only:
+        prof["zero_shot"] = True
+        prof["label_scoring"] = False  # FWT is on exact match
     out = Path(args.out or f"bench_out/cl-{profile_name}-order{args.order}")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -169,7 +183,7 @@ def main(argv=None) -> int:
     result = {
         "profile": profile_name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "settings": {**prof, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
+        "settings": {**prof, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
                      "kif": asdict(ran.kif), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "exact match of the greedy answer" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
                      "eval_prompt_tokens": eval_prompt_tokens},
@@ -179,11 +193,13 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
 
     if prof["zero_shot"]:
+        # the untrained base on each seed's own test subset (the one that seed's runs are scored on)
         learner, _ = open_learner(make_cfg("seq_lora", 0), base=base)
-        result["zero_shot"] = {t: evaluate(learner, t, 0)[0] for t in tqdm(order, desc="zero-shot")}
+        result["zero_shot_by_seed"] = {str(seed): {t: evaluate(learner, t, seed)[0] for t in order} for seed in tqdm(args.seeds, desc="zero-shot")}
+        result["zero_shot"] = _zero_shot_mean(result["zero_shot_by_seed"], order)
         del learner
 
-    for strategy in args.strategies:
+    for strategy in [] if args.zero_shot_only else args.strategies:
         runs = []
         for seed in args.seeds:
             cfg = make_cfg(strategy, seed)
@@ -229,33 +245,135 @@ def main(argv=None) -> int:
                 "seed": seed, "matrix": matrix.to_dict(), "op": matrix.op(), "bwt": matrix.bwt(), "plasticity": matrix.plasticity(),
                 "label_matrix": label_matrix.to_dict() if prof["label_scoring"] else None,
                 "label_op": label_matrix.op() if prof["label_scoring"] else None,
-                "fwt": matrix.fwt([result["zero_shot"][t] for t in order]) if "zero_shot" in result and not learner.strategy.joint else None,
+                "fwt": _fwt(matrix, result, seed, order) if not learner.strategy.joint else None,
                 "seconds": wall, "grad_steps": sum(r.steps for r in done), "examples": examples_total,
                 "sec_per_step": statistics.mean(r.seconds / r.steps for r in done), "train_seconds": train_seconds, "examples_per_sec": examples_total / max(1e-9, train_seconds),
                 "state_bytes": done[-1].state_bytes,
             })
             plot_heatmap(matrix, out / f"heatmap_{strategy}{'' if seed == args.seeds[0] else f'_s{seed}'}.png", title=f"{strategy} (order {args.order}, seed {seed})")
             del learner
-        ops = [r["op"] for r in runs if r["op"] is not None]
-        bwts = [r["bwt"] for r in runs if r["bwt"] is not None]
-        result["strategies"][strategy] = {
-            "runs": runs,
-            "plasticity_mean": _mean(r["plasticity"] for r in runs), "fwt_mean": _mean(r["fwt"] for r in runs),
-            "label_op_mean": _mean(r["label_op"] for r in runs),
-            "op_mean": statistics.mean(ops) if ops else None, "op_std": statistics.pstdev(ops) if len(ops) > 1 else 0.0,
-            "bwt_mean": statistics.mean(bwts) if bwts else None, "bwt_std": statistics.pstdev(bwts) if len(bwts) > 1 else 0.0,
-            "sec_per_step": statistics.mean(r["sec_per_step"] for r in runs),
-        }
+        result["strategies"][strategy] = aggregate(runs)
         atomic_write_json(out / "result.json", result)  # partial results survive an interrupted run
 
     result["wall_seconds"] = time.perf_counter() - t_all
     atomic_write_json(out / "result.json", result)
     if args.results_json:
-        merge_results(args.results_json, f"{profile_name}-{'custom' if args.tasks else f'order{args.order}'}", summary(result))
-    md = to_markdown(result, args)
+        merge_results(args.results_json, entry_key(result), summary(result))
+    md = to_markdown(result)
     atomic_write_text(out / "result.md", md)
     print(md)
     return 0
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One strategy's figures over its seeds (population std, the spread behind the ±)."""
+    ops = [r["op"] for r in runs if r["op"] is not None]
+    bwts = [r["bwt"] for r in runs if r["bwt"] is not None]
+    return {
+        "runs": runs,
+        "plasticity_mean": _mean(r["plasticity"] for r in runs), "fwt_mean": _mean(r.get("fwt") for r in runs),
+        "label_op_mean": _mean(r.get("label_op") for r in runs),
+        "op_mean": statistics.mean(ops) if ops else None, "op_std": statistics.pstdev(ops) if len(ops) > 1 else 0.0,
+        "bwt_mean": statistics.mean(bwts) if bwts else None, "bwt_std": statistics.pstdev(bwts) if len(bwts) > 1 else 0.0,
+        "sec_per_step": statistics.mean(r["sec_per_step"] for r in runs),
+    }
+
+
+def _zero_shot_mean(by_seed: dict, order: list[str]) -> dict:
+    return {t: statistics.mean(z[t] for z in by_seed.values()) for t in order}
+
+
+def _fwt(matrix, result: dict, seed: int, order: list[str]):
+    """FWT against the base's zero-shot on the same seed's test subset, where it was measured."""
+    z = result.get("zero_shot_by_seed", {}).get(str(seed))
+    return matrix.fwt([z[t] for t in order]) if z else None
+
+
+# what may differ between runs that --merge combines into one report
+_MERGE_FREE = {"seeds", "command", "zero_shot", "zero_shot_only"}
+# what a --zero-shot-only part must share with the runs: the examples and how they are scored
+_ZERO_SHOT_KEYS = ("order", "test_per_task", "eval_split", "validation", "eval_prompt_tokens", "precision")
+
+
+def merge_runs(args, argv: list[str]) -> int:
+    """Combine runs of the same settings (one process per seed, a --zero-shot-only run) into one
+    result: strategies' runs concatenated in seed order, FWT filled from the zero-shot of the
+    run's own seed, aggregates recomputed. Refuses runs whose settings differ in anything else."""
+    from edgekif.atomic import atomic_write_json, atomic_write_text
+    from edgekif.evaluate import AccuracyMatrix
+    from edgekif.strategies import STRATEGIES
+
+    parts = []
+    for d in args.merge:
+        path = d / "result.json"
+        try:
+            part = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge: cannot read {path}: {e}")
+        if "wall_seconds" not in part:
+            raise SystemExit(f"--merge: {path} is from a run that did not finish")
+        parts.append(part)
+    runs_first = sorted(range(len(parts)), key=lambda i: bool(parts[i]["settings"].get("zero_shot_only")))
+    parts, dirs = [parts[i] for i in runs_first], [args.merge[i] for i in runs_first]
+    ref = {k: v for k, v in parts[0]["settings"].items() if k not in _MERGE_FREE}
+    for d, part in zip(dirs, parts):
+        mine = {k: v for k, v in part["settings"].items() if k not in _MERGE_FREE}
+        keys = _ZERO_SHOT_KEYS if part["settings"].get("zero_shot_only") else ref.keys() | mine.keys()
+        diff = sorted(k for k in keys if ref.get(k) != mine.get(k))
+        if diff:
+            raise SystemExit(f"--merge: {d} was run with other settings than {dirs[0]}: {', '.join(diff)}")
+    order = ref["order"]
+    zero = {}
+    for part in parts:
+        zero.update(part.get("zero_shot_by_seed", {}))
+    runs: dict[str, list[dict]] = {}
+    for part in parts:
+        for name, st in part["strategies"].items():
+            runs.setdefault(name, []).extend(st["runs"])
+    result = {"profile": parts[0]["profile"], "command": "python tools/bench_cl.py " + shlex.join(argv),
+              "merged": [{"dir": str(d), "command": p["command"], "wall_seconds": p["wall_seconds"]} for d, p in zip(dirs, parts)],
+              "settings": {**parts[0]["settings"], "seeds": sorted({r["seed"] for rs in runs.values() for r in rs})},
+              "machine": parts[0].get("machine", {}), "strategies": {}}
+    if zero:
+        result["zero_shot_by_seed"] = zero
+        result["zero_shot"] = _zero_shot_mean(zero, order)
+    for name in [n for n in STRATEGIES if n in runs] + sorted(set(runs) - set(STRATEGIES)):
+        rs = sorted(runs[name], key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"--merge: {name} has seed {max(seeds, key=seeds.count)} more than once")
+        joint = _joint(name)
+        for r in rs:
+            if not joint and r.get("fwt") is None:
+                r["fwt"] = _fwt(AccuracyMatrix.from_dict(r["matrix"]), result, r["seed"], order)
+        result["strategies"][name] = aggregate(rs)
+    result["wall_seconds"] = sum(p["wall_seconds"] for p in parts)  # machine time, not elapsed
+    out = Path(args.out or "bench_out/cl-merged")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "result.json", result)
+    if args.results_json:
+        merge_results(args.results_json, entry_key(result), summary(result))
+    md = to_markdown(result)
+    atomic_write_text(out / "result.md", md)
+    print(md)
+    return 0
+
+
+def _joint(name: str) -> bool:
+    """Whether the named strategy trains on all tasks at once (no BWT, FWT or plasticity)."""
+    from edgekif.strategies import STRATEGIES
+
+    return name in STRATEGIES and STRATEGIES[name].load().joint
+
+
+def _order_name(order: list[str]) -> str:
+    """'order1'..'order3' for a standard order, else 'custom' (a --tasks suite)."""
+    return next((f"order{k}" for k, o in ORDERS.items() if o == order), "custom")
+
+
+def entry_key(result: dict) -> str:
+    """The results.json key: one entry per profile and order."""
+    return f"{result['profile']}-{_order_name(result['settings']['order'])}"
 
 
 def _pct(x):
@@ -284,7 +402,7 @@ def summary(result: dict) -> dict:
     strategies = {}
     for name, st in result["strategies"].items():
         entry = {"op": _p(st["op_mean"]), "op_std": _p(st["op_std"])}
-        if name != "mtl":
+        if not _joint(name):
             entry.update(bwt=_p(st["bwt_mean"]), plasticity=_p(st.get("plasticity_mean")), fwt=_p(st.get("fwt_mean")))
         if st.get("label_op_mean") is not None:
             entry["label_op"] = _p(st["label_op_mean"])
@@ -302,11 +420,11 @@ def merge_results(path: Path, key: str, entry: dict) -> None:
     atomic_write_json(path, data)
 
 
-def to_markdown(result: dict, args) -> str:
+def to_markdown(result: dict) -> str:
     s = result["settings"]
     k = s["kif"]
     lines = [
-        f"### Continual learning, {'tasks' if args.tasks else f'order {args.order}'} ({' → '.join(s['order'])}), profile `{result['profile']}`",
+        f"### Continual learning, {_order_name(s['order']).replace('order', 'order ')} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
         f"Command: `{result['command']}`  ",
         f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
@@ -316,11 +434,15 @@ def to_markdown(result: dict, args) -> str:
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
         f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
         "",
-        "Exact match; plasticity = mean accuracy on each task just after learning it (a_ii); label OP = OP by label scoring.",
+        "Exact match; plasticity = mean accuracy on each task just after learning it (a_ii); label OP = OP by label scoring; "
+        "FWT = accuracy on each later task just before learning it minus the base's zero-shot on the same examples.",
         "",
         "| strategy | OP | BWT | plasticity | FWT | label OP | grad steps | s / step | wall (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if result.get("merged"):  # one report of several processes: say which, and their times
+        lines[-4:-4] = ["Merged from " + "; ".join(f"`{m['command']}` ({m['wall_seconds'] / 60:.1f} min)" for m in result["merged"])
+                        + ". The wall time above is their sum (machine time), not the elapsed time.", ""]
     for name, st in result["strategies"].items():
         fwts = [r["fwt"] for r in st["runs"] if r.get("fwt") is not None]
         op = _pct(st["op_mean"]) + (f" ± {100 * st['op_std']:.1f}" if len(st["runs"]) > 1 else "")

@@ -41,6 +41,13 @@ CONFIGS: dict[str, dict] = {
     "kif_q0.6": {"kif": ["--set", "kif.mask_quantile=0.6"], "strategies": ["recurrent_kif"], "about": "mask top 40%"},
     "kif_reset": {"kif": ["--set", "kif.reset_importance=true"], "strategies": ["recurrent_kif"], "about": "importance EMAs reset per task"},
     "kif_outer_half": {"kif": ["--set", "kif.outer_lr=HALF"], "strategies": ["recurrent_kif"], "about": "outer lr halved"},
+    # the fusion damps tau_in and tau_out by 0.5 wherever neither mask is set (~64% of the
+    # elements at top 20%): with these weights KIF differs from replay only inside the masks
+    "kif_neither_full": {"kif": ["--set", "kif.w_neither_in=1", "--set", "kif.w_neither_out=1"], "strategies": ["recurrent_kif"],
+                         "about": "fusion weight 1/1 where neither mask is set (no damping outside the masks)"},
+    # more fusions per task at the same gradient steps (Q:M stays 2:1)
+    "kif_rounds4": {"kif": ["--set", "kif.inner_steps=2", "--set", "kif.outer_steps=1"], "strategies": ["recurrent_kif"],
+                    "about": "Q=2, M=1: 4 rounds (fusions) per task at 8 task steps, instead of 1"},
 }
 
 
