@@ -59,6 +59,12 @@ class ValidationError(EdgekifError):
         }
 
 
+class DamagedFileError(ValidationError):
+    """A file edgekif wrote itself (a job's holdout or training records) is damaged or was
+    edited by hand. Named like a ValidationError (file, line, field), but it is not the user's
+    input: the daemon fails the job with it instead of rejecting the user's file."""
+
+
 class ModelError(EdgekifError):
     """The base model cannot be found, converted or loaded."""
 

@@ -151,6 +151,33 @@ def compare_answers(
 
 
 def read_holdout(path: str | os.PathLike) -> list[Record]:
-    """A holdout file as the daemon writes it (Record JSON lines)."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [Record.from_json(line) for line in text.splitlines() if line.strip()]
+    """A holdout file as the daemon writes it (Record JSON lines). The daemon's own file, but
+    it lives on disk for weeks: a damaged or hand-edited one is a ValidationError naming the
+    file, line and field (DamagedFileError), not a bare JSON or KeyError."""
+    import json
+
+    from .errors import DamagedFileError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DamagedFileError(f"not UTF-8 text ({e.reason})", file=str(path), kind="damaged_holdout") from e
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError as e:
+            raise DamagedFileError(f"not a JSON record ({e})", file=str(path), line=n, kind="damaged_holdout") from e
+        if not isinstance(d, dict):
+            raise DamagedFileError(f"a record must be a JSON object, got {type(d).__name__}", file=str(path), line=n, kind="damaged_holdout")
+        for field in ("messages", "output"):
+            if field not in d:
+                raise DamagedFileError("missing", file=str(path), line=n, field=field, kind="damaged_holdout")
+        try:
+            out.append(Record.from_dict(d))
+        except (TypeError, ValueError) as e:
+            raise DamagedFileError(f"malformed record ({e})", file=str(path), line=n, field="messages", kind="damaged_holdout") from e
+    return out

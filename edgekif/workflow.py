@@ -6,10 +6,11 @@ fuse-export-publish a trained adapter. The run across tasks is edgekif.continual
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from .config import Config, xdg_dir
 from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision
@@ -119,15 +120,45 @@ def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[st
     import hashlib
     import json
 
-    from .atomic import atomic_dir, atomic_write_json
-    from .export import ExportVariant, build_variant
-    from .infer import open_model
-    from .quality import client_answers, exact_match, scored
+    from .export import ExportVariant
 
     variant = ExportVariant(str(export_settings["precision"]), tuple(sorted((export_settings.get("builder_options") or {}).items())))
     target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
     key = hashlib.sha256(json.dumps([target, ep, variant.name]).encode()).hexdigest()[:12]
     root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
+    with _cache_lock(root):
+        return _zero_shot_locked(cfg, root, holdout, target, variant, ep, base)
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path) -> Iterator[None]:
+    """Exclusive use of one zero-shot cache folder (daemons on other data dirs may share the
+    cache): the holder is its only writer, so a temp folder found there is a crashed build's
+    (kill -9 mid-build) and is removed, not left to take disk for good."""
+    import fcntl
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another process's build (minutes at most)
+        for stale in [*root.glob(".export.*.tmp"), *root.glob(".export.old-*")]:  # atomic_dir's temp and parked old folder
+            log.warning("removing a crashed zero-shot build", extra={"path": str(stale)})
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _zero_shot_locked(cfg: Config, root: Path, holdout: Mapping[str, Sequence[Any]], target: str, variant: Any, ep: str, base: BaseModel) -> dict[str, float]:
+    import hashlib
+    import json
+
+    from .atomic import atomic_dir, atomic_write_json
+    from .export import build_variant
+    from .infer import open_model
+    from .quality import client_answers, exact_match, scored
+
     scores_path = root / "scores.json"
     try:
         scores = json.loads(scores_path.read_text())

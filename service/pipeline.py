@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekif.config import Config
-from edgekif.errors import EdgekifError, Interrupted, ResourceError, ValidationError
+from edgekif.errors import DamagedFileError, EdgekifError, Interrupted, ResourceError, ValidationError
 
 from .jobs import TRANSITIONS, DataLayout, Job, JobStore, utc_now
 from .stages import EvalResult, JobContext, Published, Stages, TaskInfo, check_memory
@@ -186,7 +186,7 @@ class JobRunner:
                 release_memory()
 
     def _stage_failed(self, store: JobStore, job: Job, stage: str, attempts: int, e: BaseException) -> None:
-        if isinstance(e, ValidationError) and "rejected" in TRANSITIONS[job.state]:
+        if isinstance(e, ValidationError) and not isinstance(e, DamagedFileError) and "rejected" in TRANSITIONS[job.state]:
             self._reject_job(store, job, e, stage)
         elif (why := transient_cause(e)) is not None:
             store.refund_attempt(job.id, job.state)

@@ -467,3 +467,25 @@ def test_published_template_renders_the_training_prompt(smol_style, smollm2_temp
         assert (folder / "chat_template.jinja").read_text() == tok.chat_template
         assert json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template", tok.chat_template) == tok.chat_template
         verify_manifest(folder)  # the template was in place before the manifest hashed it
+
+
+@pytest.mark.parametrize("line, field, msg", [
+    ('{"messages": [["user", "hi"]], "output": "a"', None, "not a JSON record"),
+    ('{"messages": [["user", "hi"]]}', "output", "missing"),
+    ('["user", "hi"]', None, "must be a JSON object"),
+    ('{"messages": [["user"]], "output": "a"}', "messages", "malformed record"),
+])
+def test_a_damaged_holdout_names_file_line_and_field(tmp_path, line, field, msg):
+    """The daemon's own holdout file, damaged or hand-edited: a typed error saying where, which
+    the pipeline fails the job with (never a rejection of the user's file)."""
+    from edgekif.errors import DamagedFileError, ValidationError
+    from edgekif.quality import read_holdout
+    from edgekif.records import Record
+
+    path = tmp_path / "dbpedia.jsonl"
+    path.write_text(Record.from_prompt("Q?", "A").to_json() + "\n\n" + line + "\n")
+    with pytest.raises(DamagedFileError) as info:
+        read_holdout(path)
+    e = info.value
+    assert isinstance(e, ValidationError) and e.file == str(path) and e.line == 3 and e.field == field and msg in e.message
+    assert e.kind == "damaged_holdout" and f"{path}:line 3" in str(e)

@@ -191,6 +191,25 @@ def test_validation_error_moves_the_accepted_file_to_rejected(tmp_path):
     assert [c["stage"] for c in calls(tmp_path)] == ["validate", "validate"]
 
 
+def test_a_damaged_file_of_the_daemons_own_fails_the_job_and_never_rejects_the_users_file(tmp_path):
+    """A hand-damaged holdout (DamagedFileError, a ValidationError by shape) at a state that may
+    reject: the user's file was fine, so the job fails with file/line/field and is retryable."""
+    from edgekif.errors import DamagedFileError
+
+    class DamagedHoldout(FakeStages):
+        def export(self, ctx):
+            raise DamagedFileError("missing", file=str(ctx.work_dir / "holdout.jsonl"), line=3, field="output", kind="damaged_holdout")
+
+    drop(tmp_path, "fine.jsonl")
+    d = make_daemon(tmp_path, DamagedHoldout(tmp_path))
+    d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "failed" and job.error["failed_from"] == "trained"
+    assert (job.error["error"], job.error["kind"], job.error["line"], job.error["field"]) == ("DamagedFileError", "damaged_holdout", 3, "output")
+    assert os.listdir(tmp_path / "accepted") and not (tmp_path / "rejected" / "fine.jsonl").exists()
+
+
 def test_interrupted_rejection_is_finished_on_restart(tmp_path):
     drop(tmp_path, "bad.jsonl", "INVALID\n")
     d = make_daemon(tmp_path)

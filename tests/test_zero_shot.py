@@ -1,5 +1,6 @@
-"""The base's zero-shot accuracy (the base gate's baseline): built once, cached, and a damaged
-cache file (a crash mid-write on another filesystem, a hand edit) is measured again, not trusted."""
+"""The base's zero-shot accuracy (the base gate's baseline): built once, cached, a damaged
+cache file (a crash mid-write on another filesystem, a hand edit) is measured again, not
+trusted, and a crashed build's temp folder is removed."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def test_zero_shot_is_built_once_cached_and_a_damaged_cache_is_remeasured(tiny_d
     (scores,) = (tmp_path / "cache").glob("zero-shot/*/*/scores.json")
     assert [v["task"] for v in json.loads(scores.read_text()).values()] == ["t"]
 
+    # a build killed mid-way (kill -9) left atomic_dir's temp folder: removed by the next call
+    crashed = scores.parent / ".export.k1ll3d_9.tmp"
+    (crashed / "sub").mkdir(parents=True)
+    (crashed / "sub" / "model.onnx.data").write_bytes(b"x" * 1000)
     assert zero_shot_accuracy(cfg, base, settings, holdout) == first and builds == ["fp32"]  # cached: no build, no run
+    assert not crashed.exists() and (scores.parent / "export" / "export_info.json").is_file()
     scores.write_text('{"truncated": ')  # damaged: measured again on the export already built
     assert zero_shot_accuracy(cfg, base, settings, holdout) == first and builds == ["fp32"]
     assert json.loads(scores.read_text())  # and rewritten whole
