@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from edgekif.atomic import atomic_write_json, atomic_write_text
+    from edgekif.atomic import atomic_write_json
     from edgekif.config import Config, ModelConfig, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.data import read_task
@@ -257,9 +257,16 @@ def main(argv=None) -> int:
         atomic_write_json(out / "result.json", result)  # partial results survive an interrupted run
 
     result["wall_seconds"] = time.perf_counter() - t_all
+    return write_report(result, out, args.results_json)
+
+
+def write_report(result: dict, out: Path, results_json: Path | None) -> int:
+    """OUT/result.json and OUT/result.md, and the summary merged into results_json if given."""
+    from edgekif.atomic import atomic_write_json, atomic_write_text
+
     atomic_write_json(out / "result.json", result)
-    if args.results_json:
-        merge_results(args.results_json, entry_key(result), summary(result))
+    if results_json:
+        merge_results(results_json, entry_key(result), summary(result))
     md = to_markdown(result)
     atomic_write_text(out / "result.md", md)
     print(md)
@@ -300,7 +307,6 @@ def merge_runs(args, argv: list[str]) -> int:
     """Combine runs of the same settings (one process per seed, a --zero-shot-only run) into one
     result: strategies' runs concatenated in seed order, FWT filled from the zero-shot of the
     run's own seed, aggregates recomputed. Refuses runs whose settings differ in anything else."""
-    from edgekif.atomic import atomic_write_json, atomic_write_text
     from edgekif.evaluate import AccuracyMatrix
     from edgekif.strategies import STRATEGIES
 
@@ -351,13 +357,7 @@ def merge_runs(args, argv: list[str]) -> int:
     result["wall_seconds"] = sum(p["wall_seconds"] for p in parts)  # machine time, not elapsed
     out = Path(args.out or "bench_out/cl-merged")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "result.json", result)
-    if args.results_json:
-        merge_results(args.results_json, entry_key(result), summary(result))
-    md = to_markdown(result)
-    atomic_write_text(out / "result.md", md)
-    print(md)
-    return 0
+    return write_report(result, out, args.results_json)
 
 
 def _joint(name: str) -> bool:
