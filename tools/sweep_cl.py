@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     names = args.only or list(CONFIGS)
     common = ["--profile", args.profile, "--order", str(args.order), "--seeds", str(args.seed), "--threads", "1",
               "--validation", str(args.validation), "--train-per-task", str(args.train_per_task), "--task-steps", str(args.task_steps),
-              "--no-label-scoring", "--set", "train.deterministic=true"]
+              "--no-label-scoring", "--no-zero-shot", "--set", "train.deterministic=true"]  # tuning compares OP/BWT/plasticity
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     for name in [] if args.table_only else names:
