@@ -147,7 +147,9 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     target: str = "genai"  # genai | onnx
-    precision: str = "auto"  # auto (int4 on cpu, fp16 on cuda) | int4 | fp16 | fp32 | int8 (onnx)
+    # auto: on CPU (genai) k-quant mixed int4, else int8, else fp32, the first whose answers match
+    # fp32's (AUTO_VARIANTS_GENAI_CPU); fp16 on CUDA; fp32 for the onnx target. Or int4 | int8 | fp16 | fp32.
+    precision: str = "auto"
     execution_provider: str = "auto"  # auto | cpu | cuda
     keep_versions: int = 5
     # A quantised export is published only if, on the holdout records, its answers equal the
