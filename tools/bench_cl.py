@@ -354,7 +354,7 @@ def merge_runs(args, argv: list[str]) -> int:
             if not joint and r.get("fwt") is None:
                 r["fwt"] = _fwt(AccuracyMatrix.from_dict(r["matrix"]), result, r["seed"], order)
         result["strategies"][name] = aggregate(rs)
-    result["wall_seconds"] = sum(p["wall_seconds"] for p in parts)  # machine time, not elapsed
+    result["wall_seconds"] = sum(p["wall_seconds"] for p in parts)  # a sum of wall times, not the elapsed time
     out = Path(args.out or "bench_out/cl-merged")
     out.mkdir(parents=True, exist_ok=True)
     return write_report(result, out, args.results_json)
@@ -443,7 +443,7 @@ def to_markdown(result: dict) -> str:
     ]
     if result.get("merged"):  # one report of several processes: say which, and their times
         lines[-4:-4] = ["Merged from " + "; ".join(f"`{m['command']}` ({m['wall_seconds'] / 60:.1f} min)" for m in result["merged"])
-                        + ". The wall time above is their sum (machine time), not the elapsed time.", ""]
+                        + ". The wall time above is the sum of theirs: processes that ran side by side shared the cores, so it is neither the elapsed time nor the cost of one run.", ""]
     for name, st in result["strategies"].items():
         fwts = [r["fwt"] for r in st["runs"] if r.get("fwt") is not None]
         op = _pct(st["op_mean"]) + (f" ± {100 * st['op_std']:.1f}" if len(st["runs"]) > 1 else "")
