@@ -120,14 +120,41 @@ def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[st
     import hashlib
     import json
 
-    from .export import ExportVariant
+    from .atomic import atomic_dir, atomic_write_json
+    from .export import ExportVariant, build_variant
+    from .infer import open_model
+    from .quality import client_answers, exact_match, scored
 
     variant = ExportVariant(str(export_settings["precision"]), tuple(sorted((export_settings.get("builder_options") or {}).items())))
     target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
     key = hashlib.sha256(json.dumps([target, ep, variant.name]).encode()).hexdigest()[:12]
     root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
     with _cache_lock(root):
-        return _zero_shot_locked(cfg, root, holdout, target, variant, ep, base)
+        scores_path = root / "scores.json"
+        try:
+            scores = json.loads(scores_path.read_text())
+        except (FileNotFoundError, ValueError):
+            scores = {}
+        todo = {}
+        for name, recs in holdout.items():
+            if not scored(recs):
+                continue
+            digest = hashlib.sha256("".join(r.to_json() + "\n" for r in recs).encode()).hexdigest()
+            todo[name] = digest
+        missing = [name for name, digest in todo.items() if digest not in scores]
+        if missing:
+            export_dir = root / "export"
+            if not (export_dir / "export_info.json").is_file():
+                with atomic_dir(export_dir, overwrite=True) as tmp:
+                    build_variant(Path(base.path), tmp, target, variant, ep)
+            runner = open_model(export_dir)
+            for name in missing:
+                recs = holdout[name]
+                scores[todo[name]] = {"exact_match": exact_match(client_answers(runner, recs, cfg.eval.max_new_tokens), recs), "n": len(recs), "task": name}
+            del runner
+            atomic_write_json(scores_path, scores)
+            log.info("zero-shot accuracy of the base measured", extra={"base": base.name, "variant": variant.name, "tasks": missing})
+        return {name: float(scores[digest]["exact_match"]) for name, digest in todo.items()}
 
 
 @contextlib.contextmanager
@@ -148,39 +175,3 @@ def _cache_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _zero_shot_locked(cfg: Config, root: Path, holdout: Mapping[str, Sequence[Any]], target: str, variant: Any, ep: str, base: BaseModel) -> dict[str, float]:
-    import hashlib
-    import json
-
-    from .atomic import atomic_dir, atomic_write_json
-    from .export import build_variant
-    from .infer import open_model
-    from .quality import client_answers, exact_match, scored
-
-    scores_path = root / "scores.json"
-    try:
-        scores = json.loads(scores_path.read_text())
-    except (FileNotFoundError, ValueError):
-        scores = {}
-    todo = {}
-    for name, recs in holdout.items():
-        if not scored(recs):
-            continue
-        digest = hashlib.sha256("".join(r.to_json() + "\n" for r in recs).encode()).hexdigest()
-        todo[name] = digest
-    missing = [name for name, digest in todo.items() if digest not in scores]
-    if missing:
-        export_dir = root / "export"
-        if not (export_dir / "export_info.json").is_file():
-            with atomic_dir(export_dir, overwrite=True) as tmp:
-                build_variant(Path(base.path), tmp, target, variant, ep)
-        runner = open_model(export_dir)
-        for name in missing:
-            recs = holdout[name]
-            scores[todo[name]] = {"exact_match": exact_match(client_answers(runner, recs, cfg.eval.max_new_tokens), recs), "n": len(recs), "task": name}
-        del runner
-        atomic_write_json(scores_path, scores)
-        log.info("zero-shot accuracy of the base measured", extra={"base": base.name, "variant": variant.name, "tasks": missing})
-    return {name: float(scores[digest]["exact_match"]) for name, digest in todo.items()}

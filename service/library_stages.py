@@ -45,8 +45,6 @@ def _learner_dir(layout, job_id: int) -> Path:
     return layout.jobs / str(job_id) / "learner"
 
 
-
-
 def _write_records(path: Path, records) -> None:
     atomic_write_text(path, "".join(r.to_json() + "\n" for r in records))
 

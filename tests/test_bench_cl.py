@@ -96,7 +96,7 @@ def test_merge_combines_seed_processes_and_fills_fwt_from_each_seeds_zero_shot(t
     b = _run_dir(tmp_path, "s2", [2], {"replay": [[[0.7, 0.4], [0.6, 0.6]]], "mtl": [[[None, None], [0.5, 0.7]]]})
     # the zero-shot part ran without label scoring (FWT is on exact match): still mergeable
     z = _run_dir(tmp_path, "z", [1, 2], {}, zero={"1": {"dbpedia": 0.1, "amazon": 0.1}, "2": {"dbpedia": 0.0, "amazon": 0.3}},
-                 zero_shot_only=True, label_scoring=False)  # other label scoring: still mergeable
+                 zero_shot_only=True, label_scoring=False)
     out = tmp_path / "merged"
     rj = tmp_path / "results.json"
     assert main(["--merge", str(z), str(b), str(a), "--out", str(out), "--results-json", str(rj)]) == 0

@@ -424,6 +424,10 @@ def merge_results(path: Path, key: str, entry: dict) -> None:
 def to_markdown(result: dict) -> str:
     s = result["settings"]
     k = s["kif"]
+    # one report of several processes (--merge): say which, and their times
+    merged = [("Merged from " + "; ".join(f"`{m['command']}` ({m['wall_seconds'] / 60:.1f} min)" for m in result["merged"])
+               + ". The wall time above is the sum of theirs: processes that ran side by side shared the cores, so it is neither the elapsed time nor the cost of one run."),
+              ""] if result.get("merged") else []
     lines = [
         f"### Continual learning, {_order_name(s['order']).replace('order', 'order ')} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
@@ -435,15 +439,13 @@ def to_markdown(result: dict) -> str:
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
         f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
         "",
+        *merged,
         "Exact match; plasticity = mean accuracy on each task just after learning it (a_ii); label OP = OP by label scoring; "
         "FWT = accuracy on each later task just before learning it minus the base's zero-shot on the same examples.",
         "",
         "| strategy | OP | BWT | plasticity | FWT | label OP | grad steps | s / step | wall (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    if result.get("merged"):  # one report of several processes: say which, and their times
-        lines[-4:-4] = ["Merged from " + "; ".join(f"`{m['command']}` ({m['wall_seconds'] / 60:.1f} min)" for m in result["merged"])
-                        + ". The wall time above is the sum of theirs: processes that ran side by side shared the cores, so it is neither the elapsed time nor the cost of one run.", ""]
     for name, st in result["strategies"].items():
         fwts = [r["fwt"] for r in st["runs"] if r.get("fwt") is not None]
         op = _pct(st["op_mean"]) + (f" ± {100 * st['op_std']:.1f}" if len(st["runs"]) > 1 else "")
