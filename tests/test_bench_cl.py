@@ -131,3 +131,7 @@ def test_merge_refuses_runs_of_other_settings_or_a_seed_twice(tmp_path):
     (c / "result.json").write_text(json.dumps(unfinished))
     with pytest.raises(SystemExit, match="did not finish"):
         main(["--merge", str(a), str(c), "--out", str(tmp_path / "m")])
+    (c / "result.json").write_text('{"profile": "standard", "settings": {')  # half-written (a killed run, another filesystem)
+    with pytest.raises(SystemExit, match=r"cannot read .*c/result\.json"):
+        main(["--merge", str(a), str(c), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()  # a refused merge writes nothing
