@@ -11,10 +11,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import Config, dump_default_toml, find_config, load_config
 from .errors import EdgekifError
+
+if TYPE_CHECKING:
+    from .export.manifest import Manifest
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -258,23 +261,21 @@ def _human_size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def format_manifest(name: str, manifest: dict, *, is_current: bool, folder: Path) -> str:
+def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder: Path) -> str:
     """`edgekif models show`: a version's manifest, readable."""
-    exp = manifest.get("export") or {}
-    base = manifest.get("base_model") or {}
     lines = [
         f"version:     {name}{'  (current)' if is_current else ''}",
         f"path:        {folder}",
-        f"created:     {manifest.get('created') or '?'}",
-        f"base model:  {base.get('id') or '?'}  sha256 {base.get('sha256') or '?'}",
-        f"export:      {exp.get('target', '?')}/{exp.get('precision', '?')} on {exp.get('execution_provider', '?')}",
+        f"created:     {manifest.created or '?'}",
+        f"base model:  {manifest.base_model_id or '?'}  sha256 {manifest.base_model_sha256 or '?'}",
+        f"export:      {manifest.target or '?'}/{manifest.precision or '?'} on {manifest.execution_provider or '?'}",
     ]
-    adapter = manifest.get("adapter")
+    adapter = manifest.adapter
     if adapter:
-        lines.append(f"adapter:     {adapter.get('path')}  peft {adapter.get('peft_version') or '?'}  sha256 {manifest.get('adapter_sha256') or '?'}")
-    elif manifest.get("adapter_sha256"):
-        lines.append(f"adapter:     not included (sha256 {manifest['adapter_sha256']})")
-    par = manifest.get("parity") or {}
+        lines.append(f"adapter:     {adapter.get('path')}  peft {adapter.get('peft_version') or '?'}  sha256 {manifest.adapter_sha256 or '?'}")
+    elif manifest.adapter_sha256:
+        lines.append(f"adapter:     not included (sha256 {manifest.adapter_sha256})")
+    par = manifest.parity or {}
     if par:  # answers checked against the fp32 model's (older versions: teacher-forced positions)
         bits = ["passed" if par.get("passed") else "FAILED", f"agreement {par.get('agreement')}"]
         if par.get("n") is not None:
@@ -286,28 +287,25 @@ def format_manifest(name: str, manifest: dict, *, is_current: bool, folder: Path
         if par.get("variant"):
             bits.append(f"variant {par['variant']}")
         lines.append("parity:      " + ", ".join(bits))
-    acc = manifest.get("accuracies") or {}
-    tasks = manifest.get("tasks") or []
-    if tasks:
-        by = manifest.get("accuracies_measured_by") or {}
+    acc = manifest.accuracies or {}
+    if manifest.tasks:
+        by = manifest.accuracies_measured_by or {}
         how = f"; accuracy: {by.get('metric', 'exact_match')} of {by.get('runtime')} {by.get('precision')}" if by.get("runtime") else ""
         lines.append(f"tasks (in learning order{how}):")
-        for t in tasks:
+        for t in manifest.tasks:
             tid = t.get("id") or t.get("name")
             score = f"{100 * float(acc[tid]):6.1f}" if tid in acc else "     -"
             counts = ", ".join(f"{k.replace('_examples', '').replace('_', ' ')} {t[k]}" for k in ("train_examples", "holdout_examples", "replay_stored") if t.get(k) is not None)
             lines.append(f"  {str(t.get('name') or tid):<24} {score}" + (f"  ({counts})" if counts else ""))
-    runtime = manifest.get("runtime") or {}
-    if runtime:
-        lines.append("runtime:     " + ", ".join(f"{k} {v}" for k, v in sorted(runtime.items()) if v))
-    files = manifest.get("files") or {}
-    size = sum((folder / rel).stat().st_size for rel in files if (folder / rel).is_file())
-    lines.append(f"files:       {len(files)}, {_human_size(size)}")
+    if manifest.runtime:
+        lines.append("runtime:     " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.runtime.items()) if v))
+    size = sum((folder / rel).stat().st_size for rel in manifest.files if (folder / rel).is_file())
+    lines.append(f"files:       {len(manifest.files)}, {_human_size(size)}")
     return "\n".join(lines)
 
 
 def cmd_models(args) -> int:
-    from .export import read_manifest
+    from .export.manifest import read_manifest
     from .publish import ModelStore
 
     cfg = _config(args)
@@ -326,7 +324,7 @@ def cmd_models(args) -> int:
         name = folder.name
         manifest = read_manifest(folder)
         if args.json:
-            _print_json({"name": name, "is_current": name == store.current(), "path": str(folder), "manifest": manifest})
+            _print_json({"name": name, "is_current": name == store.current(), "path": str(folder), "manifest": manifest.to_dict()})
         else:
             print(format_manifest(name, manifest, is_current=name == store.current(), folder=folder))
     elif args.action == "rm":
@@ -370,7 +368,8 @@ def _read_prompts(path: str) -> list[tuple[int, Any, list[dict[str, str]]]]:
 
 
 def cmd_infer(args) -> int:
-    from .infer import open_current, open_model
+    from .infer import open_model
+    from .publish import open_current
 
     cfg = _config(args)
     runner = open_model(args.model) if args.model else open_current(cfg.data_path)

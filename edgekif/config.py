@@ -154,7 +154,7 @@ class ExportConfig:
     keep_versions: int = 5
     # A quantised export is published only if, on the holdout records, its answers equal the
     # fp32 model's on >= parity_min_agreement of them and its exact match is at most
-    # parity_max_accuracy_drop points lower (edgekif.quality.compare_answers).
+    # parity_max_accuracy_drop points lower (edgekif.export.check.compare_answers).
     parity_min_agreement: float = 0.95
     parity_max_accuracy_drop: float = 1.0
     parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)

@@ -2,7 +2,10 @@
 
   GenaiRunner(folder)   onnxruntime-genai folder (target "genai"): KV cache, batched generation
   OnnxRunner(folder)    plain ONNX folder (target "onnx"): no KV cache, re-runs the full sequence
-  open_current(root)    resolve ROOT/models/current once and open the right runner for it
+  open_model(folder)    the runner an export folder's target needs
+
+Opening the published version (ROOT/models/current) is edgekif.publish.open_current: the
+store knows its versions, the runners know only folders.
 
 Prompts are a user message (str) or a list of {"role","content"} messages; the folder's chat
 template is applied with add_generation_prompt, as at training time.
@@ -16,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-from .errors import ModelError, PublishError
-from .folders import EXPORT_INFO, GENAI_CONFIG, MANIFEST, ONNX_MODEL_FILE
+from .errors import IntegrityError, ModelError
+from .export.files import EXPORT_INFO, GENAI_CONFIG, ONNX_MODEL_FILE
+from .export.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _manifest(folder: Path) -> Manifest | None:
+    """The folder's manifest, or None (an export being checked has none yet)."""
+    try:
+        return read_manifest(folder)
+    except IntegrityError:
+        return None
+
+
 class GenaiRunner:
     """Greedy generation with onnxruntime-genai from a genai export folder."""
 
@@ -45,8 +57,8 @@ class GenaiRunner:
         import onnxruntime_genai as og
 
         self.model_dir = Path(model_dir)
-        self.version: str | None = None  # set by open_current
-        self.manifest: dict[str, Any] = _read_json(self.model_dir / MANIFEST)
+        self.version: str | None = None  # set by edgekif.publish.open_current
+        self.manifest = _manifest(self.model_dir)
         if not (self.model_dir / GENAI_CONFIG).is_file():
             raise ModelError(f"{self.model_dir}: no {GENAI_CONFIG} (not an onnxruntime-genai model folder)")
         try:
@@ -144,8 +156,8 @@ class OnnxRunner:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
-        self.version: str | None = None  # set by open_current
-        self.manifest: dict[str, Any] = _read_json(self.model_dir / MANIFEST)
+        self.version: str | None = None  # set by edgekif.publish.open_current
+        self.manifest = _manifest(self.model_dir)
         try:
             self.session = ort.InferenceSession(str(self.model_dir / ONNX_MODEL_FILE), providers=["CPUExecutionProvider"])
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
@@ -211,26 +223,10 @@ Runner = Union[GenaiRunner, OnnxRunner]
 def open_model(folder: str | os.PathLike, *, execution_provider: str | None = None) -> Runner:
     """Open an export folder with the runner its target needs (from manifest.json / export_info.json)."""
     folder = Path(folder)
-    target = (_read_json(folder / MANIFEST).get("export") or {}).get("target") or _read_json(folder / EXPORT_INFO).get("target")
+    manifest = _manifest(folder)
+    target = (manifest.target if manifest else None) or _read_json(folder / EXPORT_INFO).get("target")
     if target is None:
         target = "genai" if (folder / GENAI_CONFIG).is_file() else "onnx"
     if target == "genai":
         return GenaiRunner(folder, execution_provider=execution_provider)
     return OnnxRunner(folder)
-
-
-def open_current(root: str | os.PathLike, *, execution_provider: str | None = None) -> Runner:
-    """Open the version ROOT/models/current points to *now*.
-
-    The link is resolved once, so the runner keeps reading one consistent version even if a
-    publish switches `current` meanwhile. `runner.version` names it; reopen to pick up a new one.
-    """
-    from .publish import resolve_current
-
-    folder = resolve_current(root)
-    try:
-        runner = open_model(folder, execution_provider=execution_provider)
-    except FileNotFoundError as e:  # removed by gc between resolve and load: caller may retry
-        raise PublishError(f"{folder}: version disappeared while opening it: {e}") from e
-    runner.version = folder.name
-    return runner

@@ -14,6 +14,7 @@ files get the umask-derived modes (0750/0640 under UMask=0027), whatever the exp
 gc(keep) deletes versions that are neither among the newest `keep` nor current; remove(name)
 deletes one version that is not current (version numbers still only grow). A reader that
 holds an old version across more than `keep` publishes may lose it: resolve `current` again.
+open_current(root) does that and opens the version with the runner its target needs.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .atomic import apply_default_modes, atomic_write_text, fsync_dir, fsync_tree
 from .errors import IntegrityError, PublishError
-from .export import MANIFEST, read_manifest, verify_manifest
+from .export.files import MANIFEST
+from .export.manifest import read_manifest, verify_manifest
+
+if TYPE_CHECKING:
+    from .infer import Runner
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +59,6 @@ class VersionInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "created": self.created, "is_current": self.is_current, "path": str(self.path), **self.summary}
-
-
-def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "base_model": manifest.get("base_model"),
-        "adapter_sha256": manifest.get("adapter_sha256"),
-        "adapter": manifest.get("adapter"),
-        "tasks": manifest.get("tasks", []),
-        "accuracies": manifest.get("accuracies", {}),
-        "export": manifest.get("export", {}),
-    }
 
 
 class ModelStore:
@@ -111,7 +105,7 @@ class ModelStore:
         for name in self.versions():
             try:
                 manifest = read_manifest(self.models / name)
-                created, summary = manifest.get("created"), manifest_summary(manifest)
+                created, summary = manifest.created, manifest.summary()
             except IntegrityError as e:
                 created, summary = None, {"error": str(e)}
             out.append(VersionInfo(name=name, created=created, summary=summary, is_current=name == cur, path=self.models / name))
@@ -247,3 +241,20 @@ def resolve_current(root: str | os.PathLike) -> Path:
     if not (real / MANIFEST).is_file():
         raise PublishError(f"{link} -> {real}: not a published version (no {MANIFEST})")
     return real
+
+
+def open_current(root: str | os.PathLike, *, execution_provider: str | None = None) -> "Runner":
+    """Open the version ROOT/models/current points to *now*.
+
+    The link is resolved once, so the runner keeps reading one consistent version even if a
+    publish switches `current` meanwhile. `runner.version` names it; reopen to pick up a new one.
+    """
+    from .infer import open_model
+
+    folder = resolve_current(root)
+    try:
+        runner = open_model(folder, execution_provider=execution_provider)
+    except FileNotFoundError as e:  # removed by gc between resolve and load: caller may retry
+        raise PublishError(f"{folder}: version disappeared while opening it: {e}") from e
+    runner.version = folder.name
+    return runner

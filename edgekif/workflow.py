@@ -1,12 +1,15 @@
 """Compositions of the library used by the CLI, the benchmarks and the daemon's stages.
 
 Each function is one step a user thinks in: open a learner (base + LoRA + strategy state),
-fuse-export-publish a trained adapter. The run across tasks is edgekif.continual.
+fuse and export a trained adapter (checked, with its manifest; publishing is
+edgekif.publish.ModelStore), score the untrained base the same way (the zero-shot baseline).
+The run across tasks is edgekif.continual.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -74,13 +77,15 @@ def export_adapter(
     manifest_info: dict[str, Any],
 ) -> Path:
     """Fuse the adapter into an fp32 copy of the base and export it, checked and scored on the
-    holdout records as a client would run them (edgekif.export.export_model), with manifest.
+    holdout records as a client would run them (edgekif.export.exporter.export_model), with manifest.
 
     The export also carries the peft adapter itself under adapter/ (about 1/100 of the fused
     model's size), with the base's id as base_model_name_or_path; the manifest records it under
     `adapter` with the base's id and SHA-256, so it can be loaded on another machine that has
     the same base (docs/serving.md, "Adapters")."""
-    from .export import ADAPTER_DIR, adapter_sha256, export_model, fuse_adapter, portable_adapter
+    from .export.exporter import export_model
+    from .export.files import ADAPTER_DIR
+    from .export.fuse import adapter_sha256, fuse_adapter, portable_adapter
 
     fused = fuse_adapter(base.path, adapter_dir, Path(work_dir) / "fused")
     portable = Path(work_dir) / "adapter"
@@ -114,16 +119,17 @@ def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[st
     export was (`export_settings`: target, precision, execution_provider, builder_options, as
     in its manifest), so a trained model is compared with the base like for like.
 
-    The base's export is built once per setting and kept in the cache (cache_root/zero-shot);
-    scores are cached by the records' SHA-256, so each holdout is run once per base.
+    The base's export is built and answered by the export check (edgekif.export.check), once
+    per setting, and kept in the cache (cache_root/zero-shot); scores are cached by the records'
+    SHA-256, so each holdout is run once per base.
     """
     import hashlib
     import json
 
     from .atomic import atomic_dir, atomic_write_json
-    from .export import ExportVariant, build_variant
-    from .infer import open_model
-    from .quality import client_answers, exact_match, scored
+    from .export.build import ExportVariant
+    from .export.check import check_candidate, scored
+    from .export.files import EXPORT_INFO
 
     variant = ExportVariant(str(export_settings["precision"]), tuple(sorted((export_settings.get("builder_options") or {}).items())))
     target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
@@ -143,15 +149,17 @@ def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[st
             todo[name] = digest
         missing = [name for name, digest in todo.items() if digest not in scores]
         if missing:
-            export_dir = root / "export"
-            if not (export_dir / "export_info.json").is_file():
+            export_dir, todo_records = root / "export", {name: holdout[name] for name in missing}
+            check = functools.partial(check_candidate, base.path, target=target, variant=variant, execution_provider=ep,
+                                      holdout=todo_records, max_new_tokens=cfg.eval.max_new_tokens)
+            if (export_dir / EXPORT_INFO).is_file():
+                result = check(export_dir, build=False)
+            else:
                 with atomic_dir(export_dir, overwrite=True) as tmp:
-                    build_variant(Path(base.path), tmp, target, variant, ep)
-            runner = open_model(export_dir)
+                    result = check(tmp)
             for name in missing:
-                recs = holdout[name]
-                scores[todo[name]] = {"exact_match": exact_match(client_answers(runner, recs, cfg.eval.max_new_tokens), recs), "n": len(recs), "task": name}
-            del runner
+                answers = result.answers[name]
+                scores[todo[name]] = {"exact_match": answers.exact_match, "n": answers.n, "task": name}
             atomic_write_json(scores_path, scores)
             log.info("zero-shot accuracy of the base measured", extra={"base": base.name, "variant": variant.name, "tasks": missing})
         return {name: float(scores[digest]["exact_match"]) for name, digest in todo.items()}

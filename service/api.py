@@ -86,7 +86,7 @@ class RunnerPool:
     """
 
     def __init__(self, data_dir: str | os.PathLike, opener: Callable[[Path], Any] | None = None) -> None:
-        from edgekif.infer import open_current
+        from edgekif.publish import open_current
 
         self.data_dir = Path(data_dir)
         self.link = self.data_dir / "models" / CURRENT
@@ -366,7 +366,7 @@ def _usage(r: Result) -> dict[str, int]:
 
 def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None, *, opener: Callable[[Path], Any] | None = None):
     """The FastAPI app serving DATA_DIR/models/current. `opener(data_dir)` opens the live version
-    (default edgekif.infer.open_current; tests wrap it)."""
+    (default edgekif.publish.open_current; tests wrap it)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse

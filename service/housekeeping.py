@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgekif.export import GENAI_CACHE_PREFIX
+from edgekif.export.build import GENAI_CACHE_PREFIX
 
 from .jobs import DataLayout
 

@@ -1,14 +1,28 @@
 """The real pipeline stages: the edgekif library behind the `Stages` interface.
 
 Every ML import happens inside a method, so an idle daemon never imports torch.
+
+What each stage does:
+  validate   reads the dropped file (edgekif.data.read_task)
+  buffer     splits off the holdout (edgekif.holdouts) and stores the training share for replay
+  train      one task of continual learning from the live version's learner state
+  export     fuses the adapter, builds the export and runs the export check on the holdouts of
+             every learned task (edgekif.workflow.export_adapter -> edgekif.export.exporter):
+             the export's answers against the fp32 model's, variant by variant; the one that
+             passes is written with its manifest, whose accuracies are that export's own exact
+             match, measured in the same pass (answering the holdouts again would give the same)
+  evaluate   the figures the gate judges: the export's accuracies and check from its manifest,
+             and the base's zero-shot exact match on the new task, measured through the same
+             export check (edgekif.workflow.zero_shot_accuracy -> edgekif.export.check)
+  publish    the export becomes the next version (edgekif.publish.ModelStore)
+
 Idempotency (a stage may be re-run after a crash that landed before the daemon committed):
   validate   pure read
   buffer     holdout/train split is a deterministic function of the file's SHA-256 and is
              written atomically; the replay insert is a no-op for a SHA-256 already stored
   train      resumes from jobs/<id>/checkpoint; skipped if jobs/<id>/learner already has the task
-  export     skipped if jobs/<id>/export exists and its manifest verifies; the export is checked
-             against the fp32 model's answers and scored on the holdouts (edgekif.export.export_model)
-  evaluate   reads the export's manifest; the base's zero-shot score is cached per base and holdout
+  export     skipped if jobs/<id>/export exists and its manifest verifies
+  evaluate   the base's zero-shot score is cached per base and holdout
   publish    skipped if `current` already holds this export (same adapter hash)
 
 Model continuity: a job starts from the learner state of the *live* job (the version
@@ -18,35 +32,21 @@ version learned, so neither a held job nor a version rolled back over leaks into
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
 import time
 from pathlib import Path
 
-from edgekif.atomic import atomic_write_json, atomic_write_text
-from edgekif.quality import read_holdout
+from edgekif.holdouts import holdout_file, read_holdout, read_holdouts, write_holdout, write_records
 
 from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, publish_gate
 
 log = logging.getLogger(__name__)
 
 
-def _holdout_root(layout) -> Path:
-    return layout.root / "holdout"
-
-
-def _holdout_dir(ctx: JobContext) -> Path:
-    return _holdout_root(ctx.layout)
-
-
 def _learner_dir(layout, job_id: int) -> Path:
     return layout.jobs / str(job_id) / "learner"
-
-
-def _write_records(path: Path, records) -> None:
-    atomic_write_text(path, "".join(r.to_json() + "\n" for r in records))
 
 
 def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
@@ -58,7 +58,7 @@ def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
     out = []
     for name in names:
         st = per_task.get(name, {})
-        hold = _holdout_root(layout) / f"{name}.jsonl"
+        hold = holdout_file(layout.root, name)
         out.append({
             "id": name,
             "name": name,
@@ -102,14 +102,12 @@ class LibraryStages:
         n_hold = min(cfg.service.holdout_max, int(round(cfg.service.holdout_fraction * len(records))))
         n_hold = min(n_hold, len(records) - 1) if len(records) > 1 else 0
         holdout, train = records[:n_hold], records[n_hold:]
-        hd = _holdout_dir(ctx)
-        _write_records(hd / f"{ctx.task_name}.jsonl", holdout)
-        atomic_write_json(hd / f"{ctx.task_name}.labels.json", {"labels": data.labels})
-        _write_records(ctx.work_dir / "train.jsonl", train)
+        holdout_path = write_holdout(ctx.layout.root, ctx.task_name, holdout, data.labels)
+        write_records(ctx.work_dir / "train.jsonl", train)
         with ReplayBuffer(ctx.layout.replay_db, cfg.replay) as buf:
             res = buf.add_task(ctx.task_name, train, source_file=ctx.file_name, source_sha256=ctx.sha256)
         return BufferResult(
-            holdout_path=str(hd / f"{ctx.task_name}.jsonl"),
+            holdout_path=str(holdout_path),
             holdout_examples=len(holdout),
             replay_inserted=0 if res.duplicate else res.stored,
             details={"train_examples": len(train), "duplicate": res.duplicate},
@@ -151,21 +149,14 @@ class LibraryStages:
         shutil.rmtree(ctx.work_dir / "checkpoint", ignore_errors=True)
         return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(out / "adapter"), metrics=res.to_dict())
 
-    # -- export: fused, built, and scored on the holdouts as a client runs it --------------------
+    # -- export: fused, built, and checked against the fp32 model on the holdouts -------------------
     def _holdouts(self, ctx: JobContext, names: list[str]) -> tuple[dict, dict]:
-        hd = _holdout_dir(ctx)
-        tasks, labels = {}, {}
-        for name in names:
-            path = hd / f"{name}.jsonl"
-            if path.is_file() and (recs := read_holdout(path)):
-                tasks[name] = recs[: ctx.config.eval.max_examples or None]
-                lab = hd / f"{name}.labels.json"
-                labels[name] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
-        return tasks, labels
+        return read_holdouts(ctx.layout.root, names, max_examples=ctx.config.eval.max_examples)
 
     def export(self, ctx: JobContext) -> Path:
         from edgekif.errors import IntegrityError
-        from edgekif.export import verify_manifest
+        from edgekif.export.files import MANIFEST
+        from edgekif.export.manifest import verify_manifest
         from edgekif.model import resolve_base
         from edgekif.records import Record
         from edgekif.trainer import read_learner_meta
@@ -173,7 +164,7 @@ class LibraryStages:
 
         _quiet_transformers()
         out = ctx.work_dir / "export"
-        if (out / "manifest.json").is_file():
+        if (out / MANIFEST).is_file():
             try:
                 verify_manifest(out)
                 return out
@@ -199,27 +190,28 @@ class LibraryStages:
 
     # -- evaluate: the export's own figures + the base's zero-shot on the new task ----------------
     def evaluate(self, ctx: JobContext) -> EvalResult:
-        from edgekif.export import read_manifest
+        from edgekif.export.manifest import read_manifest
         from edgekif.model import resolve_base
         from edgekif.workflow import cache_root, zero_shot_accuracy
 
         manifest = read_manifest(ctx.metrics["export"]["path"])
-        accuracies = {k: float(v) for k, v in (manifest.get("accuracies") or {}).items()}
+        accuracies = {k: float(v) for k, v in manifest.accuracies.items()}
         zero_shot = {}
         new, _ = self._holdouts(ctx, [ctx.task_name])
         if new and ctx.task_name in accuracies:
             _quiet_transformers()
             base = resolve_base(ctx.config.model, cache_root(ctx.config))
-            settings = {**manifest.get("export", {}), "builder_options": (manifest.get("parity") or {}).get("builder_options") or {}}
+            settings = {"target": manifest.target, "precision": manifest.precision, "execution_provider": manifest.execution_provider,
+                        "builder_options": manifest.builder_options}
             zero_shot = zero_shot_accuracy(ctx.config, base, settings, new)
         return EvalResult(
             accuracies=accuracies,
             details={
-                "measured_by": manifest.get("accuracies_measured_by"),
+                "measured_by": manifest.accuracies_measured_by,
                 "zero_shot": zero_shot,
-                "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in (manifest.get("evaluation") or {}).items()},
-                "reference": manifest.get("reference"),
-                "parity": {k: v for k, v in (manifest.get("parity") or {}).items() if k != "per_task"},
+                "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in (manifest.evaluation or {}).items()},
+                "reference": manifest.reference,
+                "parity": {k: v for k, v in (manifest.parity or {}).items() if k != "per_task"},
             },
         )
 
@@ -228,14 +220,14 @@ class LibraryStages:
 
     # -- publish ----------------------------------------------------------------------------------
     def publish(self, ctx: JobContext, export_path: Path) -> str:
-        from edgekif.export import read_manifest
+        from edgekif.export.manifest import read_manifest
         from edgekif.publish import ModelStore
 
         store = ModelStore(ctx.layout.root)
         cur = store.current()
         if cur is not None:
             try:
-                if read_manifest(store.path(cur)).get("job_id") == ctx.job_id:
+                if read_manifest(store.path(cur)).job_id == ctx.job_id:
                     return cur  # a crash after the switch, before the daemon's commit
             except Exception:  # an unreadable current manifest: publish anew
                 pass

@@ -56,7 +56,7 @@ class FakeStages:
       inject                     -- {"stage": [kind, "before"|"after", times]}, kind one of
                                     crash, error, resource, validation, enospc, memory
       export_child_seconds       -- export runs a child process that sleeps this long (like
-                                    the genai builder, through edgekif.export.run_child)
+                                    the genai builder, through edgekif.children.run_child)
       model_store                -- publish through edgekif.publish.ModelStore (models/current
                                     link, rollback) instead of models/current.json
     A file whose content contains the line `INVALID` fails validation (line number reported).
@@ -198,14 +198,14 @@ class FakeStages:
         built = not final.exists()
         if built:
             if self.export_child_seconds:
-                from edgekif.export import run_child  # torch-free
+                from edgekif.children import run_child  # torch-free
 
                 self._record("export_child", ctx)
                 # the work dir in its command line lets a test find it (and any orphan)
                 run_child([sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1]))", str(self.export_child_seconds), str(ctx.work_dir)])
             _build_dir(final, {"model.json": json.dumps({"job_id": ctx.job_id, "sha256": ctx.sha256})})
             if self.model_store:
-                from edgekif.export import write_manifest
+                from edgekif.export.manifest import write_manifest
 
                 write_manifest(final, accuracies={ctx.task_name: self.new_accuracy}, job_id=ctx.job_id)
         self._record("export", ctx, built=built)
@@ -216,12 +216,12 @@ class FakeStages:
     def publish(self, ctx: JobContext, export_path: Path) -> str:
         self._maybe_inject("publish", "before")
         if self.model_store:
-            from edgekif.export import read_manifest
+            from edgekif.export.manifest import read_manifest
             from edgekif.publish import ModelStore
 
             store = ModelStore(ctx.layout.root)
             for v in store.versions():  # idempotent: a version this job made is returned
-                if read_manifest(store.path(v)).get("job_id") == ctx.job_id:
+                if read_manifest(store.path(v)).job_id == ctx.job_id:
                     return v
             version = store.publish(export_path)
             self._record("publish", ctx, version=version, made=True)

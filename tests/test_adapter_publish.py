@@ -11,7 +11,8 @@ import torch
 
 from edgekif.config import Config, LoRAConfig, ModelConfig
 from edgekif.errors import IntegrityError
-from edgekif.export import adapter_sha256, verify_manifest
+from edgekif.export.fuse import adapter_sha256
+from edgekif.export.manifest import verify_manifest
 from edgekif.model import add_lora, load_model, load_tokenizer, model_info, resolve_base
 from edgekif.publish import ModelStore
 from edgekif.records import Record
@@ -50,7 +51,7 @@ def published(tiny_dir, tmp_path_factory):
 
 def test_version_holds_the_adapter_covered_by_the_manifest(published):
     folder = published["folder"]
-    manifest = verify_manifest(folder)
+    manifest = verify_manifest(folder).to_dict()
     assert sorted(p.name for p in (folder / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["files"])
     # the weights are the learner's, byte for byte: adapter_sha256 names the published file

@@ -19,7 +19,8 @@ from pathlib import Path
 import openai  # the dev extra: a missing client must fail these tests, not skip them
 import pytest
 
-from edgekif.infer import GenaiRunner, open_current
+from edgekif.infer import GenaiRunner
+from edgekif.publish import open_current
 from edgekif.publish import ModelStore
 from service.api import ApiSettings, create_app, remove_stale_socket, server_config
 
@@ -36,7 +37,7 @@ def _tiny_export(root: Path, seed: int) -> Path:
     answers vary with the prompt and the seed (the default init answers "\\n" to everything)."""
     import torch
 
-    from edgekif.export import export_model
+    from edgekif.export.exporter import export_model
     from edgekif.model import tiny_llama
     from edgekif.records import Record
 

@@ -18,16 +18,10 @@ import torch
 
 from edgekif.config import LoRAConfig
 from edgekif.errors import ConfigError, IntegrityError, ParityError
-from edgekif.export import (
-    ExportVariant,
-    adapter_sha256,
-    export_model,
-    fuse_adapter,
-    fuse_model,
-    resolve_export_settings,
-    verify_manifest,
-    write_manifest,
-)
+from edgekif.export.build import ExportVariant, resolve_export_settings
+from edgekif.export.exporter import export_model
+from edgekif.export.fuse import adapter_sha256, fuse_adapter, fuse_model
+from edgekif.export.manifest import verify_manifest, write_manifest
 from edgekif.model import add_lora, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +153,7 @@ def test_fuse_model_from_nf4_merges_into_fp32_weights(fused, tmp_path):
 def test_genai_export_passes_the_answer_check_and_has_the_client_files(genai_fp32, manifest_info):
     files = set(os.listdir(genai_fp32))
     assert {"genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "manifest.json"} <= files
-    manifest = verify_manifest(genai_fp32)
+    manifest = verify_manifest(genai_fp32).to_dict()
     parity = manifest["parity"]
     assert parity["agreement"] == 1.0 and parity["n"] == len(PROMPTS) and parity["passed"] is True
     assert parity["accuracy"] is None  # prompts without labels: agreement only
@@ -176,7 +170,7 @@ def test_genai_export_passes_the_answer_check_and_has_the_client_files(genai_fp3
 
 
 def test_onnx_export_passes_the_answer_check(onnx_fp32):
-    manifest = verify_manifest(onnx_fp32)
+    manifest = verify_manifest(onnx_fp32).to_dict()
     assert manifest["export"]["target"] == "onnx" and manifest["parity"]["agreement"] == 1.0
     assert manifest["accuracies_measured_by"]["runtime"].startswith("onnxruntime ")
     assert {"model.onnx", "tokenizer.json", "chat_template.jinja"} <= set(manifest["files"])
@@ -202,15 +196,15 @@ def test_manifest_accuracies_are_what_a_separate_client_measures(fused, tmp_path
     export's own, and a client running the published files (onnxruntime-genai, whole records
     through the folder's chat template, greedy) measures the same."""
     from edgekif.infer import GenaiRunner
-    from edgekif.quality import reference_answers
+    from edgekif.export.check import reference_answers
 
     plain = _holdout()
     ref = reference_answers(fused["fused"], plain)["sentiment"].answers
     labels = {PROMPTS[0]: ref[0], PROMPTS[1]: ref[1], PROMPTS[2]: ref[2] + " not this"}
     holdout = _holdout(labels=labels)
     out = export_model(fused["fused"], tmp_path / "genai", target="genai", precision="fp32", execution_provider="cpu", holdout=holdout)
-    manifest = verify_manifest(out)
-    runner = GenaiRunner(out)  # a client of its own: no edgekif.quality
+    manifest = verify_manifest(out).to_dict()
+    runner = GenaiRunner(out)  # a client of its own: no edgekif.export.check
     answers = [runner.generate([{"role": "user", "content": p}], 8).strip() for p in PROMPTS]
     client_em = sum(a == labels[p].strip() for a, p in zip(answers, PROMPTS)) / len(PROMPTS)
     assert manifest["accuracies"] == {"sentiment": pytest.approx(client_em)} and client_em == pytest.approx(2 / 3)
@@ -223,7 +217,7 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
     model's beyond the margin is rejected with its figures, and the next one is published.
     The rejected candidate is made to answer differently on purpose: it is built from the
     base without the adapter (whose greedy answers differ from the fused model's)."""
-    from edgekif import export as export_mod
+    from edgekif.export import build as export_mod
 
     assert [_torch_greedy(fused["base"], p, 8) for p in PROMPTS] != [_torch_greedy(fused["fused"], p, 8) for p in PROMPTS]
     monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (ExportVariant("int8"), ExportVariant("fp32")))
@@ -236,7 +230,7 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
 
     monkeypatch.setattr(export_mod, "build_variant", build)
     out = export_model(fused["fused"], tmp_path / "auto", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout())
-    manifest = verify_manifest(out)
+    manifest = verify_manifest(out).to_dict()
     assert built == ["int8", "fp32"] and manifest["export"]["precision"] == "fp32"
     (rejected,) = manifest["parity_rejected"]
     assert rejected["precision"] == "int8" and rejected["passed"] is False and rejected["agreement"] < 0.95
@@ -245,7 +239,7 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
 
 
 def test_an_accuracy_drop_beyond_the_margin_fails_even_when_most_answers_agree():
-    from edgekif.quality import TaskAnswers, compare_answers
+    from edgekif.export.check import TaskAnswers, compare_answers
 
     ref = {"t": TaskAnswers(["a"] * 100, 100, 0.50)}
     got = {"t": TaskAnswers(["a"] * 98 + ["b", "b"], 100, 0.48)}
@@ -300,9 +294,9 @@ def test_write_manifest_hashes_nested_files(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.bin").write_bytes(b"a")
     (tmp_path / "sub" / "b.bin").write_bytes(b"b")
-    manifest = write_manifest(tmp_path, target="onnx", precision="fp32", tasks=[{"id": "x", "name": "x", "examples": 1}])
+    manifest = write_manifest(tmp_path, target="onnx", precision="fp32", tasks=[{"id": "x", "name": "x", "examples": 1}]).to_dict()
     assert set(manifest["files"]) == {"a.bin", "sub/b.bin"}
-    assert verify_manifest(tmp_path)["export"]["target"] == "onnx"
+    assert verify_manifest(tmp_path).to_dict()["export"]["target"] == "onnx"
     (tmp_path / "sub" / "b.bin").write_bytes(b"B")
     with pytest.raises(IntegrityError, match="b.bin"):
         verify_manifest(tmp_path)
@@ -312,7 +306,7 @@ def test_write_manifest_hashes_nested_files(tmp_path):
 
 
 def test_resolve_export_settings(monkeypatch):
-    import edgekif.export as export
+    import edgekif.export.build as export
 
     monkeypatch.setattr(export, "_cuda_usable", lambda target: False)
     assert resolve_export_settings("genai", "auto", "auto") == ("genai", "int4", "cpu")
@@ -332,8 +326,8 @@ def test_resolve_export_settings(monkeypatch):
 
 
 def test_open_current_keeps_its_version_across_a_publish(genai_fp32, onnx_fp32, tmp_path):
-    from edgekif.infer import GenaiRunner, OnnxRunner, open_current
-    from edgekif.publish import ModelStore
+    from edgekif.infer import GenaiRunner, OnnxRunner
+    from edgekif.publish import ModelStore, open_current
 
     store = ModelStore(tmp_path)
     store.publish(genai_fp32)
@@ -396,7 +390,7 @@ def test_smollm2_trained_adapter_cpu_export_keeps_the_fp32_answers(smollm2, benc
     del learner
     out = export_model(fused, tmp_path / "export", target="genai", precision="auto", execution_provider="cpu",
                        holdout={"agnews": test}, labels={"agnews": train.labels})
-    manifest = verify_manifest(out)
+    manifest = verify_manifest(out).to_dict()
     parity = manifest["parity"]
     assert manifest["export"]["precision"] in ("int4", "int8", "fp32") and parity["passed"]
     assert parity["agreement"] >= 0.95 and parity["accuracy_drop_points"] <= 1.0
@@ -479,7 +473,7 @@ def test_a_damaged_holdout_names_file_line_and_field(tmp_path, line, field, msg)
     """The daemon's own holdout file, damaged or hand-edited: a typed error saying where, which
     the pipeline fails the job with (never a rejection of the user's file)."""
     from edgekif.errors import DamagedFileError, ValidationError
-    from edgekif.quality import read_holdout
+    from edgekif.holdouts import read_holdout
     from edgekif.records import Record
 
     path = tmp_path / "dbpedia.jsonl"

@@ -1,5 +1,5 @@
 """Nothing outlives its job: the genai builder's process dies with the daemon
-(edgekif.export.run_child), and start-up removes temp files crashed runs left behind
+(edgekif.children.run_child), and start-up removes temp files crashed runs left behind
 (service.housekeeping.cleanup_stale_temp)."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from edgekif import export
 from edgekif.atomic import atomic_dir, atomic_write_text
+from edgekif.children import run_child
 from edgekif.errors import ExportError
-from edgekif.export import GENAI_CACHE_PREFIX, run_child
+from edgekif.export import build as export
+from edgekif.export.build import GENAI_CACHE_PREFIX
 from service.housekeeping import LEGACY_CACHE_MAX_AGE, cleanup_stale_temp
 from service.jobs import DataLayout
 
@@ -61,7 +62,7 @@ def test_child_dies_when_its_parent_is_killed(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from edgekif.export import run_child
+        from edgekif.children import run_child
         run_child(["/bin/sh", "-c", "echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && exec sleep 60"])
     """)
     parent = subprocess.Popen([sys.executable, "-c", script])

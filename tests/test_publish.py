@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgekif.errors import IntegrityError, PublishError
-from edgekif.export import write_manifest
+from edgekif.export.manifest import write_manifest
 from edgekif.publish import ModelStore, resolve_current
 
 

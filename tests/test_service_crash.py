@@ -27,7 +27,7 @@ from test_service_process import DaemonProcess, _no_leftover_daemons, drop  # no
 
 TRAIN_STEPS = 8
 # validate, buffer, evaluate, export sleep 0.2 s each and train is 8 x 0.1 s: ~1.6 s a job.
-# export also runs a 0.2 s child process through edgekif.export.run_child, as the genai builder.
+# export also runs a 0.2 s child process through edgekif.children.run_child, as the genai builder.
 OPTS = {"train_steps": TRAIN_STEPS, "step_seconds": 0.1, "stage_seconds": 0.2, "export_child_seconds": 0.2}
 OVERRIDES = ["service.quiet_seconds=0.1", "service.scan_interval=0.2", "service.stop_timeout=20"]
 PIPELINE = ["received", "validated", "buffered", "trained", "evaluated", "approved", "exported", "published"]

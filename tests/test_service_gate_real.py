@@ -75,7 +75,7 @@ def one_torch_thread():
 
 @pytest.mark.slow
 def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_dir, one_torch_thread, monkeypatch):
-    from edgekif.export import read_manifest
+    from edgekif.export.manifest import read_manifest
     from edgekif.publish import ModelStore
     from edgekif.replay import ReplayBuffer
     from service.library_stages import LibraryStages
@@ -150,7 +150,7 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     assert 100 * (acc_a["colors"] - acc_c["colors"]) <= THRESHOLD, acc_c  # measured 1.0 -> 1.0
     assert c.metrics["gate"]["ok"] is True and c.metrics["gate"]["reasons"] == []
     assert store.current() == "v0002" and store.versions() == ["v0001", "v0002"]
-    manifest = read_manifest(store.path("v0002"))
+    manifest = read_manifest(store.path("v0002")).to_dict()
     assert [t["name"] for t in manifest["tasks"]] == ["colors", "animals"]
     assert manifest["accuracies"] == acc_c and manifest["job_id"] == c.id
 

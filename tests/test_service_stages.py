@@ -32,7 +32,7 @@ def _alpaca(n: int) -> str:
 def _export(folder: Path, content: str, job_id: int | None = None) -> Path:
     import hashlib
 
-    from edgekif.export import write_manifest
+    from edgekif.export.manifest import write_manifest
 
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_text(content)

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 
 def test_zero_shot_is_built_once_cached_and_a_damaged_cache_is_remeasured(tiny_dir, tmp_path, monkeypatch):
-    from edgekif import export as export_mod
+    from edgekif.export import build as export_mod
     from edgekif.config import load_config
     from edgekif.model import BaseModel
     from edgekif.records import Record

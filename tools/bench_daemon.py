@@ -50,6 +50,8 @@ sys.path.insert(0, str(REPO))
 
 from edgekif.atomic import atomic_write_json, atomic_write_text  # noqa: E402  (light: no torch)
 from edgekif.config import load_config  # noqa: E402
+from edgekif.errors import IntegrityError  # noqa: E402
+from edgekif.export.manifest import read_manifest  # noqa: E402  (light: no torch)
 from tools.benchlib import cache_dir, cpu_model, package_versions, ram_gb  # noqa: E402
 
 PY = sys.executable
@@ -314,11 +316,13 @@ def breakdown(data_dir: Path, job_id: int, t_drop: float, logs: list[dict[str, A
                 sub.append({"step": "manifest + finish", "seconds": round(r["_t"] - t, 2)})
         out["export_steps"] = sub
     ver = job.version
-    man = read_json(data_dir / "models" / ver / "manifest.json") if ver else None
+    try:
+        man = read_manifest(data_dir / "models" / ver) if ver else None
+    except IntegrityError:
+        man = None
     if man:
-        exp = man.get("export") or man  # manifest format 1 nests target/precision under "export"
-        out["export"] = {"target": exp.get("target"), "precision": exp.get("precision"), "execution_provider": exp.get("execution_provider"),
-                         "parity": man.get("parity"), "parity_rejected": [r.get("precision") for r in man.get("parity_rejected") or []],
+        out["export"] = {"target": man.target, "precision": man.precision, "execution_provider": man.execution_provider,
+                         "parity": man.parity, "parity_rejected": [r.get("precision") for r in man.parity_rejected or []],
                          "size_mb": round(sum(p.stat().st_size for p in (data_dir / "models" / ver).rglob("*") if p.is_file()) / MB, 1)}
     return out
 

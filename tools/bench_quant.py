@@ -69,11 +69,14 @@ def main(argv=None) -> int:
 
     from bench_serving import genai_speed
     from edgekif.config import load_config
-    from edgekif.export import ExportVariant, build_variant, fuse_adapter, read_manifest
-    from edgekif.infer import open_model
+    from edgekif.errors import ModelError
+    from edgekif.export.build import ExportVariant
+    from edgekif.export.check import check_candidate, reference_answers
+    from edgekif.export.fuse import fuse_adapter
+    from edgekif.export.manifest import read_manifest
+    from edgekif.holdouts import read_holdouts
     from edgekif.model import resolve_base
     from edgekif.publish import resolve_current
-    from edgekif.quality import compare_answers, read_holdout, reference_answers, runner_answers
     from edgekif.workflow import cache_root
 
     data = args.data_dir.resolve()
@@ -81,15 +84,10 @@ def main(argv=None) -> int:
     cfg = load_config(cfg_file if cfg_file.is_file() else None, [f"data_dir={data}"])
     current = resolve_current(data)
     manifest = read_manifest(current)
-    job = manifest["job_id"]
+    job = manifest.job_id
     adapter = data / "jobs" / str(job) / "learner" / "adapter"
-    tasks = [t["name"] for t in manifest["tasks"]]
-    holdout, labels = {}, {}
-    for name in tasks:
-        recs = read_holdout(data / "holdout" / f"{name}.jsonl")
-        holdout[name] = recs[: args.max_examples or None]
-        lab = data / "holdout" / f"{name}.labels.json"
-        labels[name] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
+    tasks = manifest.task_names
+    holdout, labels = read_holdouts(data, tasks, max_examples=args.max_examples)
     work = (args.work or args.out / "work").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -106,34 +104,27 @@ def main(argv=None) -> int:
         precision, options = VARIANTS[name]
         variant = ExportVariant(precision, tuple(sorted(options.items())))
         folder = work / name
-        bar.set_postfix_str(f"build {name}")
-        t0 = time.perf_counter()
+        bar.set_postfix_str(f"build + check {name}")
         try:
-            build_variant(fused, folder, "genai", variant, "cpu")
+            result = check_candidate(fused, folder, target="genai", variant=variant, execution_provider="cpu", holdout=holdout, reference=reference,
+                                     max_new_tokens=cfg.eval.max_new_tokens, min_agreement=cfg.export.parity_min_agreement,
+                                     max_accuracy_drop=cfg.export.parity_max_accuracy_drop)
+        except ModelError as e:  # built, but the runtime refuses the graph
+            rows[name] = {"precision": precision, "options": options, "error": f"does not load: {str(e)[-300:]}"}
+            bar.update(2)
+            continue
         except Exception as e:  # a builder option this base does not support
             rows[name] = {"precision": precision, "options": options, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
             bar.update(2)
             continue
-        build_s = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix_str(f"holdout {name}")
-        t0 = time.perf_counter()
-        try:
-            runner = open_model(folder)
-        except Exception as e:  # built, but the runtime refuses the graph
-            rows[name] = {"precision": precision, "options": options, "error": f"does not load: {str(e)[-300:]}"}
-            bar.update(1)
-            continue
-        answers = runner_answers(runner, holdout, cfg.eval.max_new_tokens)
-        del runner
-        check = compare_answers(reference, answers, min_agreement=cfg.export.parity_min_agreement, max_accuracy_drop=cfg.export.parity_max_accuracy_drop)
+        check = result.check
         rows[name] = {
-            "precision": precision, "options": options, "build_s": round(build_s, 1), "size_mb": round(folder_mb(folder), 1),
-            "holdout_s": round(time.perf_counter() - t0, 1), "exact_match": check.accuracy, "agreement": check.agreement,
+            "precision": precision, "options": options, "build_s": round(result.build_seconds, 1), "size_mb": round(folder_mb(folder), 1),
+            "holdout_s": round(result.seconds, 1), "exact_match": check.accuracy, "agreement": check.agreement,
             "accuracy_drop_points": check.accuracy_drop, "passes": check.passed, "reasons": check.reasons,
-            "per_task": {k: v.exact_match for k, v in answers.items()},
+            "per_task": {k: v.exact_match for k, v in result.answers.items()},
         }
-        bar.update(1)
+        bar.update(2)
     bar.close()
 
     # Speed: every built variant loaded at once, interleaved prompt by prompt (load changes hit all alike).

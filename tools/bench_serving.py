@@ -3,10 +3,10 @@
 target, generation speed per runtime, and `edgekif infer` latency.
 
 The "published model" is the base itself, fused with a zero LoRA adapter exactly as the daemon
-fuses a trained one (edgekif.export.fuse_model), then:
+fuses a trained one (edgekif.export.fuse.fuse_model), then:
 
-1. exports: for each target, build time (edgekif.export.export_genai / export_onnx), check time
-   (the daemon's answer check, edgekif.quality: the export's greedy answers to the first
+1. exports: for each target, build time and check time (the daemon's export check,
+   edgekif.export.check.check_candidate: the export's greedy answers to the first
    CHECK_RECORDS test records, one at a time through its chat template, against the fp32
    PyTorch model's) and manifest time (write_manifest); folder size on disk; share of identical
    answers and exact match vs fp32. Every export is measured; the table says whether it would
@@ -163,13 +163,13 @@ def fmt(x: float | None, spec: str = ".1f", none: str = "—") -> str:
 
 
 def make_exports(fused: Path, work: Path, names: list[str], check_records: list, labels, base, cfg, progress) -> dict[str, dict]:
-    """Build each export, then run the daemon's answer check on it (edgekif.quality): its answers
-    to `check_records` against the fp32 PyTorch model's, with the daemon's bars. Every export is
-    measured; the table says whether it would pass."""
+    """Build each export and run the daemon's export check on it (edgekif.export.check): its
+    answers to `check_records` against the fp32 PyTorch model's, with the daemon's bars. Every
+    export is measured; the table says whether it would pass."""
     from edgekif.errors import EdgekifError
-    from edgekif.export import export_genai, export_onnx, write_manifest
-    from edgekif.infer import open_model
-    from edgekif.quality import compare_answers, reference_answers, runner_answers
+    from edgekif.export.build import ExportVariant
+    from edgekif.export.check import check_candidate, reference_answers
+    from edgekif.export.manifest import write_manifest
 
     holdout = {"check": check_records}
     t0 = time.perf_counter()
@@ -182,23 +182,16 @@ def make_exports(fused: Path, work: Path, names: list[str], check_records: list,
         folder = work / "exports" / name
         row: dict[str, Any] = {"target": target, "precision": precision, "folder": str(folder)}
         progress.set_postfix_str(f"export {name}")
-        t0 = time.perf_counter()
         try:
-            if target == "genai":
-                export_genai(fused, folder, precision=precision, execution_provider="cpu")
-            else:
-                export_onnx(fused, folder, quantize_int8=precision == "int8")
+            result = check_candidate(fused, folder, target=target, variant=ExportVariant(precision), execution_provider="cpu", holdout=holdout,
+                                     reference=reference, max_new_tokens=cfg.eval.max_new_tokens,
+                                     min_agreement=cfg.export.parity_min_agreement, max_accuracy_drop=cfg.export.parity_max_accuracy_drop)
         except EdgekifError as e:
             row["error"] = str(e)[-2000:]
             out[name] = row
             progress.update(1)
             continue
-        t1 = time.perf_counter()
-        runner = open_model(folder)
-        answers = runner_answers(runner, holdout, cfg.eval.max_new_tokens)
-        del runner
-        check = compare_answers(reference, answers, min_agreement=cfg.export.parity_min_agreement, max_accuracy_drop=cfg.export.parity_max_accuracy_drop)
-        parity = {k: v for k, v in check.to_dict().items() if k != "per_task"}
+        parity = {k: v for k, v in result.check.to_dict().items() if k != "per_task"}
         t2 = time.perf_counter()
         write_manifest(
             folder, base_model_id=base.name, base_model_sha256=base.source_sha256, adapter_sha256=None,
@@ -206,7 +199,7 @@ def make_exports(fused: Path, work: Path, names: list[str], check_records: list,
         )
         t3 = time.perf_counter()
         row.update(
-            build_s=t1 - t0, parity_s=t2 - t1, manifest_s=t3 - t2, total_s=t3 - t0,
+            build_s=result.build_seconds, parity_s=result.seconds, manifest_s=t3 - t2, total_s=result.build_seconds + result.seconds + t3 - t2,
             bytes=folder_bytes(folder), parity=parity,
             files={p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
         )
@@ -441,7 +434,7 @@ def _run_timed(cmd: list[str], env: dict) -> dict[str, Any]:
 
 
 def measure_infer(export_folder: Path, work: Path, prompts: list[list[dict]], cold_runs: int, progress) -> dict[str, Any]:
-    from edgekif.infer import open_current
+    from edgekif.publish import open_current
     from edgekif.publish import ModelStore
 
     data_dir = work / "data"
@@ -596,7 +589,7 @@ def _load_level(clients: int, jobs: list[list[dict]], call: Callable[[list[dict]
 
 
 def measure_api(export_folder: Path, work: Path, prompts: list[list[dict]], n_requests: int, progress) -> dict[str, Any]:
-    from edgekif.infer import open_current
+    from edgekif.publish import open_current
     from edgekif.publish import ModelStore
     from service.api import ApiSettings
 
@@ -889,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekif.atomic import atomic_write_json, atomic_write_text
     from edgekif.config import Config, LoRAConfig, ModelConfig
     from edgekif.data import read_task
-    from edgekif.export import fuse_model
+    from edgekif.export.fuse import fuse_model
     from edgekif.model import add_lora, load_model, resolve_base
 
     t_all = time.perf_counter()

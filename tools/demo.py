@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 # The benchmark data beside the checkout when it is there; otherwise the slices shipped in
 # tools/demo_data (the 192 train + 3 test examples of dbpedia and agnews the demo uses: the
 # first 192 of the same seeded shuffle, so both sources give the same files).
@@ -36,17 +37,20 @@ def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
 def print_measured(data_dir: Path) -> None:
     """What each published version's accuracies are: exact match of its export, measured by the
     runtime clients use, beside the fp32 PyTorch reference (manifest.json)."""
+    from edgekif.errors import IntegrityError
+    from edgekif.export.manifest import read_manifest
+
     for folder in sorted((data_dir / "models").glob("v*")):
         try:
-            m = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError):
+            m = read_manifest(folder)
+        except IntegrityError:
             continue
-        by = m.get("accuracies_measured_by") or {}
-        parity = m.get("parity") or {}
-        ref = (m.get("reference") or {}).get("tasks") or {}
-        accs = ", ".join(f"{t} {100 * v:.1f}" for t, v in (m.get("accuracies") or {}).items())
+        by = m.accuracies_measured_by or {}
+        parity = m.parity or {}
+        ref = (m.reference or {}).get("tasks") or {}
+        accs = ", ".join(f"{t} {100 * v:.1f}" for t, v in m.accuracies.items())
         refs = ", ".join(f"{t} {100 * (v.get('exact_match') or 0):.1f}" for t, v in ref.items())
-        rejected = ", ".join(f"{r.get('variant')} ({100 * (r.get('agreement') or 0):.0f}% same answers)" for r in m.get("parity_rejected") or [])
+        rejected = ", ".join(f"{r.get('variant')} ({100 * (r.get('agreement') or 0):.0f}% same answers)" for r in m.parity_rejected or [])
         print(f"{folder.name}: exact match {accs}  [{by.get('runtime')}, {by.get('precision')}, whole holdout records, greedy]")
         print(f"       fp32 PyTorch reference {refs}; export answers = fp32's on {100 * (parity.get('agreement') or 0):.0f}%"
               + (f"; rejected: {rejected}" if rejected else ""))

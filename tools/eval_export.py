@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _records(path: Path):
     from edgekif.data import read_task
     from edgekif.errors import ValidationError
-    from edgekif.records import Record
+    from edgekif.holdouts import read_holdout
 
     try:
         return read_task(path).records
     except ValidationError as e:  # the daemon's holdout files are Record JSON lines
         try:
-            return [Record.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except Exception:
+            return read_holdout(path)
+        except ValidationError:
             raise SystemExit(f"eval_export: {e}") from None  # neither shape: the reader's error names file, line, field
 
 
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
+    from edgekif.export.check import client_answers, exact_match
     from edgekif.infer import open_model
 
     runner = open_model(Path(args.model).resolve())
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
     for path in args.files:
         recs = _records(path)
         t0 = time.perf_counter()
-        answers = [runner.generate(r.chat(), args.max_new_tokens).strip() for r in recs]
-        em = sum(a == r.label for a, r in zip(answers, recs)) / max(1, len(recs))
+        answers = client_answers(runner, recs, args.max_new_tokens)
+        em = exact_match(answers, recs)
         out[str(path)] = {"n": len(recs), "exact_match": em, "seconds": round(time.perf_counter() - t0, 1),
                           "answers": [{"expected": r.label, "got": a} for r, a in zip(recs, answers)]}
         print(f"{path}: exact match {100 * em:.1f} on {len(recs)} ({out[str(path)]['seconds']} s)")

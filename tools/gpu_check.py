@@ -210,7 +210,9 @@ def train_job(precision: str, steps: int, data: Path | None, adapter_out: Path |
 def export_and_speed(learner_dir: Path, work: Path, data: Path | None, new_tokens: int = 64, execution_provider: str = "cuda") -> dict[str, Any]:
     """Fuse, export for onnxruntime-genai on CUDA (fp16, checked on 24 records against the fp32 model's answers), then greedy tokens/s."""
     from edgekif.config import ModelConfig
-    from edgekif.export import export_model, fuse_adapter
+    from edgekif.export.exporter import export_model
+    from edgekif.export.fuse import fuse_adapter
+    from edgekif.export.manifest import read_manifest
     from edgekif.infer import GenaiRunner
     from edgekif.model import resolve_base
 
@@ -222,7 +224,7 @@ def export_and_speed(learner_dir: Path, work: Path, data: Path | None, new_token
     t1 = time.perf_counter()
     folder = export_model(fused, work / "export", target="genai", precision="auto", execution_provider=execution_provider, holdout={"agnews": records})
     t2 = time.perf_counter()
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     runner = GenaiRunner(folder)
     og = runner._og
     speeds = []
@@ -240,9 +242,9 @@ def export_and_speed(learner_dir: Path, work: Path, data: Path | None, new_token
         if i > 0:  # the first run warms up the CUDA kernels
             speeds.append(n / (time.perf_counter() - start))
     return {
-        "fuse_s": t1 - t0, "export_s": t2 - t1, "precision": manifest.get("export", {}).get("precision"), "execution_provider": manifest.get("export", {}).get("execution_provider"),
-        "runtime": manifest.get("runtime"), "parity_rejected": manifest.get("parity_rejected"),
-        "parity": manifest.get("parity"), "tokens_per_s": statistics.median(speeds) if speeds else None, "new_tokens": new_tokens,
+        "fuse_s": t1 - t0, "export_s": t2 - t1, "precision": manifest.precision, "execution_provider": manifest.execution_provider,
+        "runtime": manifest.runtime, "parity_rejected": manifest.parity_rejected,
+        "parity": manifest.parity, "tokens_per_s": statistics.median(speeds) if speeds else None, "new_tokens": new_tokens,
     }
 
 

@@ -1,9 +1,14 @@
-"""What clients get: an export's answers on holdout records, scored as a client would see them,
-and the rule that accepts a quantised export only when its answers match the fp32 model's.
+"""The export check: build a candidate, run it on records as a client does, compare it with a reference.
 
-  client_answers(runner, records)            # one record at a time, the folder's chat template, greedy
+  check_candidate(source, folder, target=..., variant=..., holdout=..., reference=...)
+      = build_variant (edgekif.export.build) -> open the folder's runner (edgekif.infer)
+        -> client_answers on every record -> compare_answers with the reference
   reference_answers(model_dir, holdout)      # the fp32 PyTorch model on the same prompts: the reference
   compare_answers(reference, answers, ...)   # -> AnswerCheck (agreement, accuracy drop, passed)
+
+The one place that loop exists: the exporter (edgekif.export.exporter), the base's zero-shot
+baseline (edgekif.workflow.zero_shot_accuracy) and the benchmarks (tools/bench_serving.py,
+tools/bench_quant.py) all call check_candidate.
 
 Prompts are the records' whole chat messages (`Record.chat()`), rendered by the export's own
 chat template, which equals the training format (tests/test_export.py checks it): exactly
@@ -14,11 +19,13 @@ the stripped label.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .records import Record
+from ..records import Record
+from .build import ExportVariant
 
 Holdout = Mapping[str, Sequence[Record]]  # task name -> records (labels may be empty: agreement only)
 
@@ -67,8 +74,8 @@ def reference_answers(
     """Greedy answers of the fp32 PyTorch model in `model_dir` (the fused model) on whole
     prompts, plus label-scoring accuracy for tasks with a label set: the reference an export
     is held to, and the figures the manifest keeps as `reference`."""
-    from .evaluate import generate_answers, label_scores
-    from .model import load_model, load_tokenizer
+    from ..evaluate import generate_answers, label_scores
+    from ..model import load_model, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, "fp32").eval()
@@ -150,34 +157,54 @@ def compare_answers(
     return check
 
 
-def read_holdout(path: str | os.PathLike) -> list[Record]:
-    """A holdout file as the daemon writes it (Record JSON lines). The daemon's own file, but
-    it lives on disk for weeks: a damaged or hand-edited one is a ValidationError naming the
-    file, line and field (DamagedFileError), not a bare JSON or KeyError."""
-    import json
+@dataclass
+class CandidateCheck:
+    """One candidate export: its answers, and how they compare with the reference's."""
 
-    from .errors import DamagedFileError
+    variant: ExportVariant
+    answers: dict[str, TaskAnswers]
+    check: AnswerCheck | None  # None: no reference to compare with (the base's zero-shot score)
+    build_seconds: float | None  # None: built before (build=False)
+    seconds: float  # opening the runner, answering and comparing
 
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DamagedFileError(f"not UTF-8 text ({e.reason})", file=str(path), kind="damaged_holdout") from e
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except ValueError as e:
-            raise DamagedFileError(f"not a JSON record ({e})", file=str(path), line=n, kind="damaged_holdout") from e
-        if not isinstance(d, dict):
-            raise DamagedFileError(f"a record must be a JSON object, got {type(d).__name__}", file=str(path), line=n, kind="damaged_holdout")
-        for field in ("messages", "output"):
-            if field not in d:
-                raise DamagedFileError("missing", file=str(path), line=n, field=field, kind="damaged_holdout")
-        try:
-            out.append(Record.from_dict(d))
-        except (TypeError, ValueError) as e:
-            raise DamagedFileError(f"malformed record ({e})", file=str(path), line=n, field="messages", kind="damaged_holdout") from e
-    return out
+
+def check_candidate(
+    source_dir: str | os.PathLike,
+    folder: str | os.PathLike,
+    *,
+    target: str,
+    variant: ExportVariant,
+    execution_provider: str,
+    holdout: Holdout,
+    reference: Mapping[str, TaskAnswers] | None = None,
+    max_new_tokens: int = 8,
+    min_agreement: float = 0.95,
+    max_accuracy_drop: float = 1.0,
+    build: bool = True,
+) -> CandidateCheck:
+    """Build `variant` of the model in `source_dir` into `folder` (skipped with build=False: the
+    folder holds it already), answer every holdout record through the folder's own runner as a
+    client does, and compare with `reference` when one is given (compare_answers).
+
+    `folder` is written as it is (callers that publish it pass a temp folder). Raises
+    ExportError when the build fails and ModelError when the runtime cannot open the result;
+    a failed comparison is not an error here (`check.passed`), the caller decides.
+    """
+    from ..infer import open_model
+    from .build import build_variant
+
+    build_seconds = None
+    if build:
+        t0 = time.perf_counter()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        build_variant(Path(source_dir), Path(folder), target, variant, execution_provider)
+        build_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runner = open_model(folder)
+    answers = runner_answers(runner, holdout, max_new_tokens)
+    del runner
+    check = None
+    if reference is not None:
+        check = compare_answers(reference, answers, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+        check.seconds = time.perf_counter() - t0
+    return CandidateCheck(variant, answers, check, build_seconds, time.perf_counter() - t0)

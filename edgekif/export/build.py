@@ -1,0 +1,332 @@
+"""Build an export of a fused model folder: onnxruntime-genai or plain ONNX, one variant at a time.
+
+  resolve_export_settings(target, precision, ep)     # config values ("auto") -> concrete settings
+  export_candidates(...)                             # the variants to try, in order
+  build_variant(fused_dir, dest, target, variant, ep)   # one build, no check, no manifest
+
+Two export targets:
+  genai  onnxruntime-genai's model builder (GQA attention + KV cache, int4/int8/fp16/fp32), run
+         as a child process (edgekif.children.run_child); the folder loads with
+         `onnxruntime_genai.Model(folder)`. This is what clients should use.
+  onnx   a plain ONNX causal-LM graph from torch.onnx.export: inputs input_ids + attention_mask,
+         output logits, no KV cache (each step re-reads the whole sequence). For runtimes without
+         onnxruntime-genai; optional int8 dynamic quantisation.
+
+Each builder writes export_info.json (edgekif.export.files) and the fused model's chat template.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_dir, atomic_write_json
+from ..children import run_child
+from ..errors import ConfigError, ExportError
+from .files import GENAI_CONFIG, ONNX_MODEL_FILE, write_export_info
+
+log = logging.getLogger(__name__)
+
+# Files copied next to a plain ONNX export so a client can tokenize and apply the chat template.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "config.json",
+)
+
+AUTO_PRECISION = {("genai", "cpu"): "int4", ("genai", "cuda"): "fp16", ("onnx", "cpu"): "fp32", ("onnx", "cuda"): "fp32"}
+
+GENAI_PRECISIONS = {"cpu": ("int4", "int8", "fp32"), "cuda": ("int4", "int8", "fp16", "bf16", "fp32")}
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _installed(*dists: str) -> bool:
+    """True if any of these distributions is installed (checked via metadata: no import)."""
+    for dist in dists:
+        try:
+            importlib.metadata.distribution(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return False
+
+
+def _genai_cuda_installed() -> bool:
+    return _installed("onnxruntime-genai-cuda", "onnxruntime_genai_cuda")
+
+
+def _ort_cuda_installed() -> bool:
+    return _installed("onnxruntime-gpu", "onnxruntime_gpu")
+
+
+def _cuda_usable(target: str) -> bool:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return _genai_cuda_installed() if target == "genai" else _ort_cuda_installed()
+
+
+def resolve_export_settings(target: str, precision: str = "auto", execution_provider: str = "auto") -> tuple[str, str, str]:
+    """Turn config values (possibly "auto") into a concrete (target, precision, execution_provider).
+
+    auto EP: cuda when torch sees a GPU *and* the matching CUDA runtime package is installed, else cpu.
+    auto precision: genai -> int4 on cpu, fp16 on cuda; onnx -> fp32 (exact; int8 is opt-in).
+    export_model falls back from an "auto" int4 that fails parity to int8, then fp32.
+    """
+    if target not in ("genai", "onnx"):
+        raise ConfigError(f"export.target: {target!r} not in genai|onnx")
+    ep = execution_provider
+    if ep == "auto":
+        ep = "cuda" if _cuda_usable(target) else "cpu"
+    if ep not in ("cpu", "cuda"):
+        raise ConfigError(f"export.execution_provider: {execution_provider!r} not in auto|cpu|cuda")
+    prec = precision
+    if prec == "auto":
+        prec = AUTO_PRECISION[(target, ep)]
+    allowed = GENAI_PRECISIONS[ep] if target == "genai" else ONNX_PRECISIONS
+    if prec not in allowed:
+        raise ConfigError(f"export.precision: {prec!r} is not supported for target {target} on {ep} (use one of {', '.join(allowed)})")
+    return target, prec, ep
+
+
+# --------------------------------------------------------------------------- export: genai
+
+
+def export_genai(
+    fused_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    precision: str = "int4",
+    execution_provider: str = "cpu",
+    builder_options: dict[str, str] | None = None,
+) -> Path:
+    """Build an onnxruntime-genai model folder from a fused HF folder (atomically into out_dir).
+
+    builder_options are the builder's `--extra_options` (key=value).
+    """
+    _, precision, execution_provider = resolve_export_settings("genai", precision, execution_provider)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        _build_genai(Path(fused_dir), tmp, precision, execution_provider, builder_options)
+    return out_dir
+
+
+GENAI_CACHE_PREFIX = "edgekif-genai-cache-"  # + "<pid>-": start-up cleanup skips live pids
+
+
+def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_options: dict[str, str] | None = None) -> None:
+    if not (fused_dir / "config.json").is_file():
+        raise ExportError(f"{fused_dir}: not a Hugging Face model folder (no config.json)")
+    # The pid in the name lets the daemon's start-up cleanup remove caches of dead processes
+    # (service.housekeeping.cleanup_stale_temp) without touching a running export's.
+    with tempfile.TemporaryDirectory(prefix=f"{GENAI_CACHE_PREFIX}{os.getpid()}-") as cache:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(fused_dir.resolve()), "-o", str(dest.resolve()), "-p", precision, "-e", ep, "-c", cache]
+        options = dict(builder_options or {})
+        if options:
+            cmd += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        log.info("running onnxruntime-genai model builder", extra={"cmd": " ".join(cmd)})
+        res = run_child(cmd, env=env, cwd=cache)
+    output = (res.stdout or "") + (res.stderr or "")
+    if res.returncode != 0:
+        raise ExportError(f"onnxruntime-genai builder failed (exit {res.returncode}) for {fused_dir}:\n{output[-3000:]}")
+    for required in (GENAI_CONFIG, ONNX_MODEL_FILE):
+        if not (dest / required).is_file():
+            raise ExportError(f"onnxruntime-genai builder wrote no {required} into {dest}:\n{output[-3000:]}")
+    _ensure_chat_template(fused_dir, dest)
+    write_export_info(dest, "genai", precision, ep, builder_options=options)
+
+
+def _chat_template(folder: Path) -> str | None:
+    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (FileNotFoundError, ValueError):
+        return None
+    return template if isinstance(template, str) and template else None
+
+
+def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
+    """Publish the fused model's chat template, which is the format training used.
+
+    The fused folder's tokenizer was saved by edgekif.model.load_tokenizer, whose template
+    renders exactly the training prompts (SmolLM2's default system prompt removed, see
+    edgekif.data.without_default_system). Whatever the builder wrote is replaced by it, in
+    chat_template.jinja and in tokenizer_config.json, so a client that sends only a user
+    message gets the very tokens the model was trained on.
+    """
+    template = _chat_template(fused_dir)
+    if template is None:
+        log.warning("fused model has no chat template; the export has none either", extra={"path": str(fused_dir)})
+        return
+    jinja = dest / "chat_template.jinja"
+    if not jinja.is_file() or jinja.read_text(encoding="utf-8") != template:
+        jinja.write_text(template, encoding="utf-8")
+    cfg_path = dest / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return
+    if isinstance(cfg, dict) and "chat_template" in cfg and cfg["chat_template"] != template:
+        cfg["chat_template"] = template
+        atomic_write_json(cfg_path, cfg)
+
+
+# --------------------------------------------------------------------------- export: plain onnx
+
+
+def export_onnx(fused_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quantize_int8: bool = False) -> Path:
+    """Export a plain ONNX causal-LM graph (input_ids, attention_mask -> logits; no KV cache)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        _build_onnx(Path(fused_dir), tmp, quantize_int8)
+    return out_dir
+
+
+class _LogitsOnly:
+    """Wraps a causal LM so the traced graph has exactly (input_ids, attention_mask) -> logits.
+
+    position_ids come from the attention mask inside the graph, so left-padded batches get the
+    same positions as unpadded single sequences (as in transformers' generate()).
+    """
+
+    @staticmethod
+    def build(model: Any) -> Any:
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, lm: Any) -> None:
+                super().__init__()
+                self.lm = lm
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+                return out.logits
+
+        return Wrapper(model).eval()
+
+
+def _build_onnx(fused_dir: Path, dest: Path, quantize_int8: bool, ep: str = "cpu") -> None:
+    import warnings
+
+    import torch
+
+    from ..model import load_model
+
+    model = load_model(fused_dir, "fp32")
+    wrapper = _LogitsOnly.build(model)
+    ids = torch.full((2, 8), 3, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    axes = {"batch": 0, "sequence": 1}
+    dynamic = {name: {v: k for k, v in axes.items()} for name in ("input_ids", "attention_mask", "logits")}
+    with tempfile.TemporaryDirectory(prefix="edgekif-onnx-", dir=dest.parent) as scratch:
+        raw = Path(scratch) / ONNX_MODEL_FILE if quantize_int8 else dest / ONNX_MODEL_FILE
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes are expected
+                torch.onnx.export(
+                    wrapper,
+                    (ids, mask),
+                    str(raw),
+                    input_names=["input_ids", "attention_mask"],
+                    output_names=["logits"],
+                    dynamic_axes=dynamic,
+                    opset_version=17,
+                    dynamo=False,
+                )
+        except Exception as e:  # the exporter raises many types
+            raise ExportError(f"torch.onnx.export failed for {fused_dir}: {e}") from e
+        if quantize_int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            try:
+                quantize_dynamic(str(raw), str(dest / ONNX_MODEL_FILE), weight_type=QuantType.QInt8)
+            except Exception as e:
+                raise ExportError(f"int8 dynamic quantisation failed for {raw}: {e}") from e
+    for name in TOKENIZER_FILES:
+        if (fused_dir / name).is_file():
+            shutil.copy2(fused_dir / name, dest / name)
+    _ensure_chat_template(fused_dir, dest)
+    write_export_info(dest, "onnx", "int8" if quantize_int8 else "fp32", ep)
+    _check_onnx_loads(dest)
+
+
+def _check_onnx_loads(folder: Path) -> None:
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(folder / ONNX_MODEL_FILE), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"{folder / ONNX_MODEL_FILE}: exported graph does not load in onnxruntime: {e}") from e
+    names = {i.name for i in sess.get_inputs()}
+    if names != {"input_ids", "attention_mask"}:
+        raise ExportError(f"{folder / ONNX_MODEL_FILE}: unexpected inputs {sorted(names)}")
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class ExportVariant:
+    """One way to build an export: a precision plus the builder's --extra_options."""
+
+    precision: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.precision + "".join(f"/{k}={v}" for k, v in self.options)
+
+    def builder_options(self) -> dict[str, str]:
+        return dict(self.options)
+
+
+# What `precision = auto` tries on the CPU genai target, fastest first; the first whose holdout
+# answers pass the check (edgekif.export.check.compare_answers) is published. Measured on SmolLM2-135M
+# with the demo's adapter (tools/bench_quant.py, docs/benchmarks/quant): no int4 variant keeps the
+# fp32 answers (k-quant with int8 LM head and sensitive layers is the closest: 80% identical,
+# -3 points; builder-default int4 54%, -21 points), int8 does (97%, +3). One int4 try stays first
+# because a larger base may pass it; each failed try costs a build and one holdout pass.
+AUTO_VARIANTS_GENAI_CPU: tuple[ExportVariant, ...] = (
+    ExportVariant("int4", (("algo_config", "k_quant_mixed"),)),
+    ExportVariant("int8"),
+    ExportVariant("fp32"),
+)
+
+
+def export_candidates(target: str, precision: str, ep: str, requested: str, builder_options: dict[str, str] | None = None) -> list[ExportVariant]:
+    if requested == "auto" and target == "genai" and ep == "cpu" and not builder_options:
+        return list(AUTO_VARIANTS_GENAI_CPU)
+    return [ExportVariant(precision, tuple(sorted((builder_options or {}).items())))]
+
+
+def build_variant(fused_dir: Path, dest: Path, target: str, variant: ExportVariant, ep: str) -> None:
+    """Build one export variant into `dest` (no check, no manifest; the caller makes it atomic)."""
+    if target == "genai":
+        _build_genai(fused_dir, dest, variant.precision, ep, variant.builder_options())
+    else:
+        _build_onnx(fused_dir, dest, quantize_int8=variant.precision == "int8", ep=ep)

@@ -1,0 +1,136 @@
+"""export_model: a fused model folder -> a checked export folder with its manifest.
+
+  reference_answers (fp32 PyTorch, edgekif.export.check)
+  -> for each candidate variant (edgekif.export.build.export_candidates), fastest first:
+       check_candidate (build, answer the holdout as a client, compare with the reference)
+  -> the first that passes gets its manifest (edgekif.export.manifest) and appears at out_dir
+
+Each candidate is built in a temp sibling of out_dir and renamed into place only when it passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..atomic import atomic_dir
+from ..errors import ExportError, ParityError
+from .build import export_candidates, resolve_export_settings
+from .check import CandidateCheck, TaskAnswers, check_candidate, reference_answers
+from .files import runtime_versions
+from .fuse import dist_version
+from .manifest import write_manifest
+
+log = logging.getLogger(__name__)
+
+KEEP_ANSWERS = 20  # per task, in the manifest: enough to see what the model says
+
+
+def export_model(
+    fused_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    target: str = "genai",
+    precision: str = "auto",
+    execution_provider: str = "auto",
+    holdout: Mapping[str, Sequence[Any]],
+    labels: Mapping[str, Sequence[str] | None] | None = None,
+    manifest_info: dict[str, Any] | None = None,
+    min_agreement: float = 0.95,
+    max_accuracy_drop: float = 1.0,
+    max_new_tokens: int = 8,
+    builder_options: dict[str, str] | None = None,
+    extra_dirs: dict[str, str | os.PathLike] | None = None,
+) -> Path:
+    """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
+    only when an export passes.
+
+    The fp32 PyTorch model in `fused_dir` answers every holdout record first (the reference).
+    Each candidate export then answers the same records through its own runtime (one request at
+    a time, its chat template, greedy, `max_new_tokens`). A candidate passes when it answers
+    exactly as the reference on >= `min_agreement` of the records and its pooled exact match is
+    at most `max_accuracy_drop` points below the reference's (edgekif.export.check.compare_answers).
+    With precision "auto" on the CPU genai target the candidates are AUTO_VARIANTS_GENAI_CPU,
+    fastest first; rejected ones are recorded in the manifest with their figures.
+
+    The manifest's `accuracies` are the published export's own exact match per task (named by
+    `accuracies_measured_by`); the PyTorch figures are kept under `reference`.
+    Records without labels (prompts only) count for agreement, not accuracy.
+    `extra_dirs` ({name: folder}) are copied in as subfolders before the manifest is written, so
+    its hashes cover them (the published peft adapter).
+    """
+    requested = precision
+    target, precision, ep = resolve_export_settings(target, precision, execution_provider)
+    candidates = export_candidates(target, precision, ep, requested, builder_options)
+    fused_dir, out_dir = Path(fused_dir), Path(out_dir)
+    holdout = {k: list(v) for k, v in holdout.items() if v}
+    if not holdout:
+        raise ExportError("export_model needs holdout records (or prompts) to check the export with")
+    t0 = time.perf_counter()
+    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels)
+    reference_seconds = time.perf_counter() - t0
+    rejected: list[dict[str, Any]] = []
+    for i, variant in enumerate(candidates):
+        try:
+            with atomic_dir(out_dir, overwrite=True) as tmp:
+                result = check_candidate(fused_dir, tmp, target=target, variant=variant, execution_provider=ep, holdout=holdout, reference=reference,
+                                         max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+                check = result.check
+                assert check is not None  # a reference was given
+                figures = {"variant": variant.name, "precision": variant.precision, "builder_options": variant.builder_options(),
+                           "build_seconds": round(result.build_seconds or 0.0, 1), **{k: v for k, v in check.to_dict().items() if k != "per_task"}}
+                log.info("export checked on the holdout", extra={k: figures[k] for k in ("variant", "agreement", "accuracy", "reference_accuracy", "passed")})
+                if not check.passed:
+                    raise ParityError(f"{variant.name} export: " + "; ".join(check.reasons))
+                for name, src in (extra_dirs or {}).items():  # e.g. the peft adapter: in before the manifest hashes the folder
+                    shutil.copytree(src, tmp / name)
+                _write_checked_manifest(tmp, target, ep, result, figures, reference, reference_seconds, rejected, max_new_tokens, manifest_info)
+            break
+        except ParityError as e:
+            if i + 1 == len(candidates):
+                raise ParityError(f"{out_dir.name}: no export passed the answer check ({len(candidates)} tried): {e}") from e
+            log.warning("export rejected; trying the next one", extra={"variant": variant.name, "next": candidates[i + 1].name, "error": str(e)})
+            rejected.append({**figures, "reasons": check.reasons})
+    log.info("export ready", extra={"path": str(out_dir), "target": target, "variant": variant.name, "ep": ep})
+    return out_dir
+
+
+def _write_checked_manifest(
+    folder: Path, target: str, ep: str, result: CandidateCheck, figures: dict[str, Any], reference: Mapping[str, TaskAnswers],
+    reference_seconds: float, rejected: list[dict[str, Any]], max_new_tokens: int, manifest_info: dict[str, Any] | None,
+) -> None:
+    """The manifest of a candidate that passed: its own accuracies, the reference's, the check's figures."""
+    variant, answers, check = result.variant, result.answers, result.check
+    assert check is not None
+    info = {k: v for k, v in (manifest_info or {}).items() if k not in ("target", "precision", "execution_provider", "accuracies")}
+    measured = {name: a.exact_match for name, a in answers.items() if a.exact_match is not None}
+    write_manifest(
+        folder, target=target, precision=variant.precision, execution_provider=ep, accuracies=measured,
+        accuracies_measured_by={
+            "runtime": _runtime_name(target), "target": target, "precision": variant.precision, "execution_provider": ep,
+            "metric": "exact_match", "decoding": "greedy", "max_new_tokens": max_new_tokens,
+            "prompt": "each holdout record's chat messages, whole, through this folder's chat template",
+        },
+        evaluation={name: {**a.summary(), "answers": a.answers[:KEEP_ANSWERS]} for name, a in answers.items()},
+        reference={"runtime": _pytorch_name(), "seconds": round(reference_seconds, 1),
+                   "tasks": {name: a.summary() for name, a in reference.items()}},
+        parity={**figures, "per_task": check.per_task},
+        **({"parity_rejected": rejected} if rejected else {}),
+        **info,
+    )
+
+
+def _runtime_name(target: str) -> str:
+    versions = runtime_versions()
+    if target == "genai":
+        return f"onnxruntime-genai {versions.get('onnxruntime_genai')}"
+    return f"onnxruntime {versions.get('onnxruntime')}"
+
+
+def _pytorch_name() -> str:
+    version = dist_version("torch")
+    return f"pytorch {version} fp32 (fused model, eager)" if version else "pytorch fp32 (fused model, eager)"
