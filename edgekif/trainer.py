@@ -277,7 +277,7 @@ class Learner:
                 batch_items = [encoded[i] for i in order[task_step * B : (task_step + 1) * B]]
                 task_step += 1
             else:
-                recs = replay(self.cfg.kif.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
+                recs = replay(self.strategy.config.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
                 batch_items = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in recs]
             batch = collate(batch_items, pad_id)
 
