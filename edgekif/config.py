@@ -99,7 +99,7 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    max_length: int = 256  # tokens per example (prompt + answer); longer prompts are fitted (data.fit_prompt)
+    max_length: int = 256  # tokens per example (prompt + answer); longer prompts are fitted (inputs.fit_prompt)
     max_file_bytes: int = 64 * 1024 * 1024
     max_records: int = 200_000
     max_line_bytes: int = 1024 * 1024
@@ -154,7 +154,7 @@ class EvalConfig:
     label_scoring: bool = True
     max_examples: int = 0  # 0 = all
     # 0 = whole prompts, as clients send them; > 0 fits them into that many tokens by the rule
-    # training uses (edgekif.data.fit_prompt; faster on long prompts, e.g. benchmarks that
+    # training uses (edgekif.inputs.fit_prompt; faster on long prompts, e.g. benchmarks that
     # train at a short max_length). The daemon's gate and export check use whole prompts, as clients do.
     max_prompt_tokens: int = 0
 

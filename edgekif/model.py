@@ -205,14 +205,14 @@ def load_tokenizer(path: str | os.PathLike, *, keep_default_system: bool = False
 
     A template that inserts a default system prompt when a conversation has none (SmolLM2's
     "You are a helpful AI assistant named SmolLM...", ~21 tokens) is replaced by the same
-    template without it (edgekif.data.without_default_system): measured on dbpedia, the
+    template without it (edgekif.inputs.without_default_system): measured on dbpedia, the
     prompt tokens are better spent on the task's text (docs/benchmarks.md, "Prompt format
     trials (issue 11)"). Fused and exported models save this tokenizer, so the published
     template renders what training saw. `keep_default_system=True` keeps the template as is.
     """
     from transformers import AutoTokenizer
 
-    from .data import without_default_system
+    from .inputs import without_default_system
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:

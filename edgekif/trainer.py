@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_dir, atomic_write_json
 from .config import Config
-from .data import collate, encode_example
+from .inputs import collate, encode_example
 from .errors import CheckpointError, Interrupted, TrainingError
 from .model import lora_parameters
 from .records import Record

@@ -84,7 +84,7 @@ class LibraryStages:
 
     # -- validate ---------------------------------------------------------------------------
     def validate(self, ctx: JobContext) -> TaskInfo:
-        from edgekif.data import read_task
+        from edgekif.taskfile import read_task
 
         data = read_task(ctx.file_path, ctx.config.data)
         # read_task names the task after accepted/<sha12>_<name>; the user's name is what they dropped.
@@ -92,7 +92,7 @@ class LibraryStages:
 
     # -- buffer: holdout split + replay insert ------------------------------------------------
     def buffer(self, ctx: JobContext) -> BufferResult:
-        from edgekif.data import read_task
+        from edgekif.taskfile import read_task
         from edgekif.replay import ReplayBuffer
 
         cfg = ctx.config

@@ -378,7 +378,7 @@ def test_smollm2_trained_adapter_cpu_export_keeps_the_fp32_answers(smollm2, benc
     Deterministic: seeded, train.deterministic=true; the assertions hold for any precision the
     check picks (a CPU with other int4 kernels may pick another)."""
     from edgekif.config import Config
-    from edgekif.data import read_task
+    from edgekif.taskfile import read_task
     from edgekif.infer import GenaiRunner
     from edgekif.trainer import Learner
 
@@ -439,7 +439,7 @@ def test_published_template_renders_the_training_prompt(smol_style, smollm2_temp
     """A client that sends only a user message gets exactly the tokens training used."""
     from transformers import AutoTokenizer
 
-    from edgekif.data import encode_example, encode_target, render_prompt
+    from edgekif.inputs import encode_example, encode_target, render_prompt
     from edgekif.infer import GenaiRunner, OnnxRunner
     from edgekif.records import Record
 

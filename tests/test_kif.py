@@ -233,7 +233,7 @@ def test_learner_state_roundtrip(tmp_path):
 
 
 def test_target_loss_equals_full_loss(tiny):
-    from edgekif.data import collate, encode_example
+    from edgekif.inputs import collate, encode_example
     from edgekif.trainer import target_loss
 
     model, tok = tiny

@@ -49,7 +49,7 @@ ORDERS = {
 PROFILES = {
     # train examples offered per task, gradient steps on the task, test examples per task
     # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; long prompts are fitted by
-    # edgekif.data.fit_prompt: the input's middle is cut, the options and answer cue kept)
+    # edgekif.inputs.fit_prompt: the input's middle is cut, the options and answer cue kept)
     "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False),
     # enough steps for the tasks to be learned and forgotten, and >= 100 test examples a task
     # so that one example is 1 point (at 24 the strategies were not separable)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from edgekif.atomic import atomic_write_json
     from edgekif.config import Config, ModelConfig, apply_overrides
     from edgekif.continual import StreamTask, run_stream
-    from edgekif.data import read_task
+    from edgekif.taskfile import read_task
     from edgekif.evaluate import AccuracyMatrix, evaluate_task, plot_heatmap
     from edgekif.model import resolve_base
     from edgekif.replay import ReplayBuffer

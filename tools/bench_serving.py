@@ -888,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgekif.atomic import atomic_write_json, atomic_write_text
     from edgekif.config import Config, LoRAConfig, ModelConfig
-    from edgekif.data import read_task
+    from edgekif.taskfile import read_task
     from edgekif.export import fuse_model
     from edgekif.model import add_lora, load_model, resolve_base
 

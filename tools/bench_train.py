@@ -68,8 +68,8 @@ class AnonPeak:
 
 def _records(task: str, n: int, seed: int):
     """n examples from a benchmark task, prompts padded with other examples' text so that
-    every example fills max_length after prompt fitting (edgekif.data.fit_prompt)."""
-    from edgekif.data import read_task
+    every example fills max_length after prompt fitting (edgekif.inputs.fit_prompt)."""
+    from edgekif.taskfile import read_task
     from edgekif.records import Record
 
     recs = read_task(DATA / task / "train.jsonl").records
