@@ -9,11 +9,12 @@ import torch
 
 from edgekif.config import Config, LoRAConfig, TrainConfig, load_config
 from edgekif.continual import StreamTask, learn_task, run_stream
-from edgekif.model import add_lora, tiny_llama
+from edgekif.model import add_lora
 from edgekif.records import Record
 from edgekif.replay import ReplayBuffer
 from edgekif.strategies import STRATEGIES, KIFConfig, ReplayScheduleConfig, strategy_config, strategy_names
 from edgekif.trainer import Learner, has_learner, read_learner_meta
+from tiny_models import tiny_llama
 
 WORDS = ["alpha", "beta", "gamma", "delta"]
 

@@ -21,8 +21,9 @@ from edgekif.evaluate import (
     label_scores,
     plot_heatmap,
 )
-from edgekif.model import add_lora, bitsandbytes_available, load_model, tiny_llama
+from edgekif.model import add_lora, bitsandbytes_available, load_model
 from edgekif.records import Record
+from tiny_models import tiny_llama
 
 SAY = [Record.from_prompt("say A", "A", id="a"), Record.from_prompt("say B", "B", id="b")]
 LABELS = ["A", "B", "C"]

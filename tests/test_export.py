@@ -417,7 +417,7 @@ def test_smollm2_trained_adapter_cpu_export_keeps_the_fp32_answers(smollm2, benc
 def smol_style(tmp_path_factory, smollm2_template):
     """A tiny base whose tokenizer carries SmolLM2's template, fused with a LoRA and exported
     both ways, as the daemon publishes models."""
-    from edgekif.model import tiny_llama
+    from tiny_models import tiny_llama
 
     root = tmp_path_factory.mktemp("smol-style")
     model, tok = tiny_llama()

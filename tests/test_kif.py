@@ -10,11 +10,12 @@ import torch
 
 from edgekif.config import Config, LoRAConfig, TrainConfig
 from edgekif.importance import FusionWeights, ImportanceTracker, fuse, top_share_masks
-from edgekif.model import add_lora, tiny_llama
+from edgekif.model import add_lora
 from edgekif.records import Record
 from edgekif.strategies import REPLAY, TASK, STRATEGIES, KIFConfig, make_strategy
 from edgekif.strategies.base import interleaved_schedule
 from edgekif.trainer import Learner
+from tiny_models import tiny_llama
 
 # ----------------------------------------------------------------------------- masks
 
