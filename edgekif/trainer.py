@@ -1,6 +1,6 @@
 """The training loop: one plain loop for every strategy, with atomic checkpoint/resume.
 
-    learner = Learner.create(cfg, model_with_lora, tokenizer)      # or Learner.load(...)
+    learner = Learner.create(cfg, model_with_lora, tokenizer)      # then learner.load_state(dir) to continue one
     result  = learner.train_task("agnews", records, replay=sample_fn, ckpt_dir=...)
     learner.save(dir)                                              # adapter + strategy state
 
