@@ -71,7 +71,7 @@ def cmd_model(args) -> int:
 
 
 def _read_tasks(paths: list[str], cfg: Config):
-    from .data import read_task
+    from .taskfile import read_task
 
     return [read_task(p, cfg.data) for p in paths]
 
@@ -200,7 +200,7 @@ def cmd_eval(args) -> int:
 def _export_holdout(cfg, args) -> tuple[dict, dict]:
     """What the export is checked and scored on: --holdout task files (any accepted shape, the
     name is the file's stem; scored by exact match), else --prompt texts (answer agreement only)."""
-    from .data import read_task
+    from .taskfile import read_task
     from .records import Record
 
     holdout, labels = {}, {}
@@ -345,8 +345,8 @@ def cmd_models(args) -> int:
 def _read_prompts(path: str) -> list[tuple[int, Any, list[dict[str, str]]]]:
     """JSONL of prompts, each a string or an object of any shape the inbox accepts (Alpaca,
     prompt/completion, chat messages): (line, id or None, chat messages) per non-blank line.
-    The messages come from edgekif.data.prompt_messages, the rule training used."""
-    from .data import prompt_messages
+    The messages come from edgekif.taskfile.prompt_messages, the rule training used."""
+    from .taskfile import prompt_messages
     from .errors import ValidationError
 
     prompts = []

@@ -1,8 +1,11 @@
 """edgekif configuration: one TOML file, one dataclass per section, every option overridable.
 
 The sections mirror the architecture: [model] and [lora] configure the base model provider,
-[data] the task reader, [replay] the replay buffer, [train] and [kif] the trainer,
-[eval] evaluation, [export] fusion/export/publish, [service] the daemon.
+[data] the task reader, [replay] the replay buffer, [train] the trainer, [eval] evaluation,
+[export] fusion/export/publish, [service] the daemon. Each strategy with options has its own
+section ([kif] for recurrent_kif, [experience_replay] for replay), registered by the strategy
+itself (edgekif.strategies.register_strategy, as peft's register_peft_method), so this module
+does not import the strategies; `import edgekif` registers the built-in ones.
 
 Load with `load_config(path, overrides=["train.lr=1e-3", ...])`. Unknown keys are errors
 (a typo in a config file should not be silently ignored on an unattended box).
@@ -19,8 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .strategies import strategy_names
-from .strategies.config import KIFConfig  # [kif]: configured beside its strategy
+
+# Filled by edgekif.strategies.register_strategy: strategy name -> its section (None = no
+# options), section -> the options' dataclass (which may have a `validate()` raising ConfigError).
+STRATEGY_SECTIONS: dict[str, str | None] = {}
+SECTION_CONFIGS: dict[str, type] = {}
+
+
+def register_strategy_config(name: str, section: str | None, config_cls: type) -> None:
+    """Make `train.strategy = name` valid and, with a section, add `[section]` to every Config."""
+    if section is not None and SECTION_CONFIGS.get(section, config_cls) is not config_cls:
+        raise ValueError(f"section [{section}] is already registered with {SECTION_CONFIGS[section].__name__}")
+    STRATEGY_SECTIONS[name] = section
+    if section is not None:
+        SECTION_CONFIGS[section] = config_cls
 
 
 def xdg_dir(variable: str, default: str) -> Path:
@@ -84,7 +99,7 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    max_length: int = 256  # tokens per example (prompt + answer); longer prompts are fitted (data.fit_prompt)
+    max_length: int = 256  # tokens per example (prompt + answer); longer prompts are fitted (inputs.fit_prompt)
     max_file_bytes: int = 64 * 1024 * 1024
     max_records: int = 200_000
     max_line_bytes: int = 1024 * 1024
@@ -139,7 +154,7 @@ class EvalConfig:
     label_scoring: bool = True
     max_examples: int = 0  # 0 = all
     # 0 = whole prompts, as clients send them; > 0 fits them into that many tokens by the rule
-    # training uses (edgekif.data.fit_prompt; faster on long prompts, e.g. benchmarks that
+    # training uses (edgekif.inputs.fit_prompt; faster on long prompts, e.g. benchmarks that
     # train at a short max_length). The daemon's gate and export check use whole prompts, as clients do.
     max_prompt_tokens: int = 0
 
@@ -188,20 +203,28 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    kif: KIFConfig = field(default_factory=KIFConfig)
+    # + one attribute per registered strategy section (cfg.kif, cfg.experience_replay)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+
+    def __post_init__(self) -> None:
+        for section, config_cls in SECTION_CONFIGS.items():
+            if not hasattr(self, section):
+                setattr(self, section, config_cls())
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
 
+    def sections(self) -> list[str]:
+        """Section names in file order: the strategies' sections follow [train]."""
+        fixed = [f.name for f in dataclasses.fields(self) if f.name != "data_dir"]
+        at = fixed.index("train") + 1
+        return fixed[:at] + list(SECTION_CONFIGS) + fixed[at:]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "data_dir"}
+        return {"data_dir": self.data_dir, **{s: dataclasses.asdict(getattr(self, s)) for s in self.sections()}}
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:
@@ -245,8 +268,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     if section == "" and key == "data_dir":
         cfg.data_dir = _coerce(value, "", where)
         return
-    if section not in _SECTIONS:
-        raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(_SECTIONS)})")
+    if section not in cfg.sections():
+        raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(cfg.sections())})")
     obj = getattr(cfg, section)
     names = {f.name for f in dataclasses.fields(obj)}
     if key not in names:
@@ -302,7 +325,7 @@ def validate_config(cfg: Config) -> None:
     check(cfg.data.max_length >= 8, "data.max_length must be >= 8")
     check(cfg.replay.capacity > 0, "replay.capacity must be positive")
     check(0 < cfg.replay.fraction <= 1, "replay.fraction must be in (0, 1]")
-    check(cfg.train.strategy in strategy_names(), f"train.strategy: {cfg.train.strategy!r} not in {'|'.join(strategy_names())}")
+    check(cfg.train.strategy in STRATEGY_SECTIONS, f"train.strategy: {cfg.train.strategy!r} not in {'|'.join(STRATEGY_SECTIONS)}")
     check(cfg.train.batch_size > 0 and cfg.train.lr > 0, "train.batch_size and train.lr must be positive")
     t = cfg.train
     check(t.epochs > 0 and math.isfinite(t.epochs), "train.epochs must be a positive number")
@@ -312,9 +335,10 @@ def validate_config(cfg: Config) -> None:
     check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
     check(t.lr_decay in ("cosine", "linear", "constant"), f"train.lr_decay: {t.lr_decay!r} not in cosine|linear|constant")
     check(t.max_minutes >= 0 and math.isfinite(t.max_minutes), "train.max_minutes must be >= 0 (0 = no limit)")
-    check(cfg.kif.inner_steps > 0 and cfg.kif.outer_steps >= 0, "kif.inner_steps > 0, kif.outer_steps >= 0")
-    check(0 < cfg.kif.mask_quantile < 1, "kif.mask_quantile must be in (0, 1)")
-    check(0 <= cfg.kif.beta1 < 1 and 0 <= cfg.kif.beta2 < 1, "kif.beta1/beta2 must be in [0, 1)")
+    for section in SECTION_CONFIGS:
+        options = getattr(cfg, section)
+        if hasattr(options, "validate"):
+            options.validate(section)
     check(cfg.eval.max_new_tokens > 0 and cfg.eval.batch_size > 0, "eval.max_new_tokens and eval.batch_size must be positive")
     check(cfg.eval.max_examples >= 0 and cfg.eval.max_prompt_tokens >= 0, "eval.max_examples and eval.max_prompt_tokens must be >= 0 (0 = no limit)")
     check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")

@@ -4,8 +4,8 @@
     evaluate_tasks(cfg, model, tok, {name: records})    # one row of accuracies (cfg.eval settings)
     run_stream(learner, buffer, tasks, evaluate=...)    # every task in order, accuracy matrix
 
-`edgekif train`, `tools/bench_cl.py` and the daemon's train and evaluate stages go through here, so
-the rules are written once:
+`edgekif train`, `tools/bench_cl.py` and the daemon's train stage go through here (the daemon's
+evaluate stage does not: it scores the export), so the rules are written once:
   * replay draws only from *past* tasks (never the task being learned), and only from the
     tasks the caller allows (the daemon: tasks of published versions);
   * a strategy that does not replay never gets a sampler;

@@ -6,7 +6,7 @@
   AccuracyMatrix                                 # a[j][i]; OP / BWT / FWT; JSON + markdown
   plot_heatmap(matrix, path, title)              # PNG, written atomically
 
-Prompts and targets are tokenised exactly as for training (edgekif.data.encode_prompt /
+Prompts and targets are tokenised exactly as for training (edgekif.inputs.encode_prompt /
 encode_target), so a label's score is the log-likelihood the trainer optimised.
 Works on a plain transformers CausalLM, a peft PeftModel and an NF4 (bitsandbytes) model.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .atomic import atomic_write_bytes
-from .data import encode_prompt, encode_target
+from .inputs import encode_prompt, encode_target
 from .errors import EdgekifError
 from .records import Record
 
@@ -102,7 +102,7 @@ def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[li
 
 def _prompts(tokenizer, records: Sequence[Record], max_prompt_tokens: int) -> list[list[int]]:
     """Prompt token ids; with max_prompt_tokens > 0 fitted into that many tokens by the rule
-    training uses (data.fit_prompt: the middle is cut, the instruction and answer cue kept)."""
+    training uses (inputs.fit_prompt: the middle is cut, the instruction and answer cue kept)."""
     return [encode_prompt(tokenizer, r, max_prompt_tokens) for r in records]
 
 
@@ -249,7 +249,7 @@ def evaluate_task(
     max_prompt_tokens: int = 0,
 ) -> TaskEval:
     """Exact match of greedy answers, plus label-scoring accuracy when a label set is given.
-    `max_prompt_tokens` > 0 evaluates on prompts fitted into that many tokens (data.fit_prompt)."""
+    `max_prompt_tokens` > 0 evaluates on prompts fitted into that many tokens (inputs.fit_prompt)."""
     t0 = time.perf_counter()
     records = list(records)
     if max_examples > 0:

@@ -28,11 +28,6 @@ class Record:
         """The answer as compared by exact match (whitespace stripped)."""
         return self.output.strip()
 
-    @property
-    def prompt_text(self) -> str:
-        """The prompt as plain text (used when the tokenizer has no chat template)."""
-        return "\n".join(content for _role, content in self.messages)
-
     def chat(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
 

@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import sqlite_utils
 
 from .config import ReplayConfig
 from .errors import ReplayError
@@ -243,7 +242,6 @@ class ReplayBuffer:
             # FULL: a commit survives power loss; one fsync per add_task costs little.
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            self.db = sqlite_utils.Database(self._conn, execute_plugins=False)
             self._migrate()
             self._enforce_quotas_on_open()
         except sqlite3.DatabaseError as e:
@@ -383,8 +381,12 @@ class ReplayBuffer:
             conn.execute(f"DELETE FROM examples WHERE task_id=? AND slot IN ({marks})", (task_id, *chunk))
 
     def _write_examples(self, conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-        """Insert example rows (inside the caller's transaction; sqlite-utils nests a savepoint)."""
-        self.db["examples"].insert_all(rows, batch_size=_INSERT_CHUNK)
+        """Insert example rows (all with the same keys) inside the caller's transaction."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        conn.executemany(f"INSERT INTO examples ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                         [tuple(row[c] for c in columns) for row in rows])
 
     # -- writes ----------------------------------------------------------------------------
 

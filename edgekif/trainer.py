@@ -1,6 +1,6 @@
 """The training loop: one plain loop for every strategy, with atomic checkpoint/resume.
 
-    learner = Learner.create(cfg, model_with_lora, tokenizer)      # or Learner.load(...)
+    learner = Learner.create(cfg, model_with_lora, tokenizer)      # then learner.load_state(dir) to continue one
     result  = learner.train_task("agnews", records, replay=sample_fn, ckpt_dir=...)
     learner.save(dir)                                              # adapter + strategy state
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_dir, atomic_write_json
 from .config import Config
-from .data import collate, encode_example
+from .inputs import collate, encode_example
 from .errors import CheckpointError, Interrupted, TrainingError
 from .model import lora_parameters
 from .records import Record
@@ -277,7 +277,7 @@ class Learner:
                 batch_items = [encoded[i] for i in order[task_step * B : (task_step + 1) * B]]
                 task_step += 1
             else:
-                recs = replay(self.cfg.kif.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
+                recs = replay(self.strategy.config.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
                 batch_items = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in recs]
             batch = collate(batch_items, pad_id)
 

@@ -301,9 +301,8 @@ def _migrate_v2(c: sqlite3.Connection) -> None:
 class JobStore:
     """One connection to state.db. Not thread-safe: open one per thread."""
 
-    def __init__(self, path: str | os.PathLike, *, max_attempts: int = 3) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.max_attempts = max_attempts
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         self.conn.row_factory = sqlite3.Row

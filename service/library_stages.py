@@ -3,7 +3,7 @@
 Every ML import happens inside a method, so an idle daemon never imports torch.
 
 What each stage does:
-  validate   reads the dropped file (edgekif.data.read_task)
+  validate   reads the dropped file (edgekif.taskfile.read_task)
   buffer     splits off the holdout (edgekif.holdouts) and stores the training share for replay
   train      one task of continual learning from the live version's learner state
   export     fuses the adapter, builds the export and runs the export check on the holdouts of
@@ -84,7 +84,7 @@ class LibraryStages:
 
     # -- validate ---------------------------------------------------------------------------
     def validate(self, ctx: JobContext) -> TaskInfo:
-        from edgekif.data import read_task
+        from edgekif.taskfile import read_task
 
         data = read_task(ctx.file_path, ctx.config.data)
         # read_task names the task after accepted/<sha12>_<name>; the user's name is what they dropped.
@@ -92,7 +92,7 @@ class LibraryStages:
 
     # -- buffer: holdout split + replay insert ------------------------------------------------
     def buffer(self, ctx: JobContext) -> BufferResult:
-        from edgekif.data import read_task
+        from edgekif.taskfile import read_task
         from edgekif.replay import ReplayBuffer
 
         cfg = ctx.config

@@ -22,7 +22,7 @@ BENCHMARK_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random Llama saved as an HF folder (safetensors + tokenizer + chat template)."""
-    from edgekif.model import save_tiny_llama
+    from tiny_models import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "base")
 
@@ -30,7 +30,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny():
     """(model, tokenizer): a fresh tiny random Llama in memory."""
-    from edgekif.model import tiny_llama
+    from tiny_models import tiny_llama
 
     return tiny_llama()
 

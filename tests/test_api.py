@@ -38,7 +38,7 @@ def _tiny_export(root: Path, seed: int) -> Path:
     import torch
 
     from edgekif.export.exporter import export_model
-    from edgekif.model import tiny_llama
+    from tiny_models import tiny_llama
     from edgekif.records import Record
 
     model, tok = tiny_llama(seed=seed)

@@ -1,4 +1,4 @@
-"""`edgekif infer --file` prompt parsing (every task-file shape, through edgekif.data.prompt_messages;
+"""`edgekif infer --file` prompt parsing (every task-file shape, through edgekif.taskfile.prompt_messages;
 errors name file, line, field) and `edgekif models list` lines."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from edgekif.cli import _read_prompts
-from edgekif.data import prompt_messages, read_task
+from edgekif.taskfile import prompt_messages, read_task
 from edgekif.errors import ValidationError
 
 

@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from edgekif.config import Config, KIFConfig, LoRAConfig, TrainConfig, load_config
+from edgekif.config import Config, LoRAConfig, TrainConfig, load_config
 from edgekif.continual import StreamTask, learn_task, run_stream
-from edgekif.model import add_lora, tiny_llama
+from edgekif.model import add_lora
 from edgekif.records import Record
 from edgekif.replay import ReplayBuffer
-from edgekif.strategies import STRATEGIES, strategy_config, strategy_names
+from edgekif.strategies import STRATEGIES, KIFConfig, ReplayScheduleConfig, strategy_config, strategy_names
 from edgekif.trainer import Learner, has_learner, read_learner_meta
+from tiny_models import tiny_llama
 
 WORDS = ["alpha", "beta", "gamma", "delta"]
 
@@ -28,6 +29,7 @@ def _learner(strategy: str, max_steps: int = 3) -> Learner:
     cfg = Config()
     cfg.train = TrainConfig(strategy=strategy, lr=5e-3, batch_size=4, max_steps=max_steps, checkpoint_every=0, seed=3)
     cfg.kif = KIFConfig(inner_steps=2, outer_steps=1, outer_lr=5e-3, replay_batch_size=4)
+    cfg.experience_replay = ReplayScheduleConfig(inner_steps=2, outer_steps=1, replay_batch_size=4)
     cfg.data.max_length = 48
     return Learner.create(cfg, model, tok)
 
@@ -102,13 +104,15 @@ def test_joint_strategy_trains_once_on_the_union_with_every_tasks_budget(buffer)
 
 def test_registry_ties_every_strategy_to_its_config():
     assert strategy_names() == list(STRATEGIES)
-    cfg = load_config(None, ["kif.inner_steps=5", "kif.mask_quantile=0.9"])
+    cfg = load_config(None, ["kif.inner_steps=5", "kif.mask_quantile=0.9", "experience_replay.inner_steps=5"])
     assert strategy_config("recurrent_kif", cfg).mask_quantile == 0.9
     assert strategy_config("replay", cfg).inner_steps == 5
     assert dataclasses.fields(strategy_config("seq_lora", cfg)) == ()
     for name, spec in STRATEGIES.items():
         cls = spec.load()
         assert cls.name == name and isinstance(strategy_config(name, cfg), spec.config_cls)
+    # replay has its own section: KIF's options do not reach it
+    assert strategy_config("replay", load_config(None, ["kif.inner_steps=5"])).inner_steps == 8
     from edgekif.config import ConfigError
 
     with pytest.raises(ConfigError, match="recurrent_kif"):

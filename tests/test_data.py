@@ -1,4 +1,4 @@
-"""Task-file reading, validation and tokenisation (edgekif.data)."""
+"""Task-file reading and validation (edgekif.taskfile) and records into model inputs (edgekif.inputs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgekif.config import DataConfig
-from edgekif.data import (
+from edgekif.inputs import (
     CUT_MARK,
     IGNORE_INDEX,
     Encoded,
@@ -17,18 +17,19 @@ from edgekif.data import (
     encode_example,
     encode_prompt,
     encode_target,
+    encode_task,
     fit_messages,
     fit_prompt,
-    read_task,
     render_prompt,
 )
 from edgekif.errors import ValidationError
 from edgekif.records import Record
+from edgekif.taskfile import read_task
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from edgekif.model import tiny_tokenizer
+    from tiny_models import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -392,7 +393,7 @@ def test_prompt_uses_chat_template(tok):
 
 
 def test_prompt_without_chat_template_is_plain_text(tok):
-    from edgekif.model import tiny_tokenizer
+    from tiny_models import tiny_tokenizer
 
     plain = tiny_tokenizer()
     plain.chat_template = None
@@ -462,10 +463,10 @@ def test_collate_pads_both_sides():
 
 def test_task_encode_feeds_the_model(tmp_path, tok):
     import torch
-    from edgekif.model import tiny_llama
+    from tiny_models import tiny_llama
 
     task = read_task(write(tmp_path, "t.jsonl", jsonl(ALPACA, {"prompt": "p", "completion": "longer answer here"})))
-    encoded = task.encode(tok, max_length=64)
+    encoded = encode_task(tok, task, max_length=64)
     assert len(encoded) == 2
     batch = collate(encoded, pad_id=tok.pad_token_id)
     model, _ = tiny_llama()
@@ -583,7 +584,7 @@ def test_fitting_without_room_for_the_template_keeps_the_prompt_end(tok):
 
 
 def test_fitting_without_chat_template(tok, tmp_path):
-    from edgekif.model import tiny_tokenizer
+    from tiny_models import tiny_tokenizer
 
     plain = tiny_tokenizer()
     plain.chat_template = None
@@ -627,8 +628,8 @@ def test_real_dbpedia_prompts_keep_their_options(tok, benchmark_data):
 
 
 def test_default_system_prompt_is_removed_by_rendering_check(smollm2_template):
-    from edgekif.data import CHATML_TEMPLATE, without_default_system
-    from edgekif.model import tiny_tokenizer
+    from edgekif.inputs import CHATML_TEMPLATE, without_default_system
+    from tiny_models import tiny_tokenizer
 
     smol = tiny_tokenizer()
     smol.chat_template = smollm2_template

@@ -1,4 +1,4 @@
-"""A top-level JSON array is validated element by element (edgekif.data._parse_json_array):
+"""A top-level JSON array is validated element by element (edgekif.taskfile._parse_json_array):
 same records and the same errors as parsing the whole document first, without its tree."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgekif import data
+from edgekif import taskfile
 from edgekif.config import DataConfig
-from edgekif.data import read_task
+from edgekif.taskfile import read_task
 from edgekif.errors import ValidationError
 
 
@@ -20,7 +20,7 @@ def whole_document(path: Path, cfg: DataConfig | None = None):
     """What _parse_json did for an array before streaming: json.loads, then each record."""
     cfg = cfg or DataConfig()
     text = path.read_bytes().decode("utf-8")
-    builder = data._RecordBuilder(file=str(path), stem=path.stem, cfg=cfg)
+    builder = taskfile._RecordBuilder(file=str(path), stem=path.stem, cfg=cfg)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -84,7 +84,7 @@ def test_large_array_keeps_only_the_records(big):
     cfg = DataConfig()
 
     def transient(parse) -> tuple[int, int]:
-        builder = data._RecordBuilder(file=str(path), stem=path.stem, cfg=cfg)
+        builder = taskfile._RecordBuilder(file=str(path), stem=path.stem, cfg=cfg)
         tracemalloc.start()
         try:
             parse(builder)
@@ -99,7 +99,7 @@ def test_large_array_keeps_only_the_records(big):
             builder.check_count(index, "record")
             builder.add(obj, index, "record")
 
-    extra_new, kept = transient(lambda b: data._parse_json(text, b))
+    extra_new, kept = transient(lambda b: taskfile._parse_json(text, b))
     extra_old, _ = transient(old)
     assert extra_old > 5_000_000  # the tree the old path built (sanity of the measurement)
     assert extra_new < 1_000_000 and extra_new < extra_old / 10, (extra_new, extra_old, kept)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgekif.config import LoRAConfig
-from edgekif.data import collate, encode_example, encode_prompt, encode_target, fit_prompt
+from edgekif.inputs import collate, encode_example, encode_prompt, encode_target, fit_prompt
 from edgekif.errors import EdgekifError
 from edgekif.evaluate import (
     AccuracyMatrix,
@@ -21,8 +21,9 @@ from edgekif.evaluate import (
     label_scores,
     plot_heatmap,
 )
-from edgekif.model import add_lora, bitsandbytes_available, load_model, tiny_llama
+from edgekif.model import add_lora, bitsandbytes_available, load_model
 from edgekif.records import Record
+from tiny_models import tiny_llama
 
 SAY = [Record.from_prompt("say A", "A", id="a"), Record.from_prompt("say B", "B", id="b")]
 LABELS = ["A", "B", "C"]
@@ -309,7 +310,7 @@ def test_heatmap_writes_png(tmp_path):
 
 def test_max_prompt_tokens_fits_prompts_as_training_does(opinionated):
     """Evaluation can fit prompts as training does (bench_cl uses the training max_length).
-    Issue 11 changed the rule from a left cut to data.fit_prompt (middle cut); so did this test."""
+    Issue 11 changed the rule from a left cut to inputs.fit_prompt (middle cut); so did this test."""
     model, tok = opinionated
     records = [Record.from_prompt("q" * n + " what?", "x") for n in (30, 2, 55)]
     full = [encode_prompt(tok, r) for r in records]

@@ -372,7 +372,7 @@ def test_smollm2_trained_adapter_cpu_export_keeps_the_fp32_answers(smollm2, benc
     Deterministic: seeded, train.deterministic=true; the assertions hold for any precision the
     check picks (a CPU with other int4 kernels may pick another)."""
     from edgekif.config import Config
-    from edgekif.data import read_task
+    from edgekif.taskfile import read_task
     from edgekif.infer import GenaiRunner
     from edgekif.trainer import Learner
 
@@ -411,7 +411,7 @@ def test_smollm2_trained_adapter_cpu_export_keeps_the_fp32_answers(smollm2, benc
 def smol_style(tmp_path_factory, smollm2_template):
     """A tiny base whose tokenizer carries SmolLM2's template, fused with a LoRA and exported
     both ways, as the daemon publishes models."""
-    from edgekif.model import tiny_llama
+    from tiny_models import tiny_llama
 
     root = tmp_path_factory.mktemp("smol-style")
     model, tok = tiny_llama()
@@ -433,7 +433,7 @@ def test_published_template_renders_the_training_prompt(smol_style, smollm2_temp
     """A client that sends only a user message gets exactly the tokens training used."""
     from transformers import AutoTokenizer
 
-    from edgekif.data import encode_example, encode_target, render_prompt
+    from edgekif.inputs import encode_example, encode_target, render_prompt
     from edgekif.infer import GenaiRunner, OnnxRunner
     from edgekif.records import Record
 

@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from edgekif.config import Config, KIFConfig, LoRAConfig, TrainConfig
+from edgekif.config import Config, LoRAConfig, TrainConfig
 from edgekif.importance import FusionWeights, ImportanceTracker, fuse, top_share_masks
-from edgekif.model import add_lora, tiny_llama
+from edgekif.model import add_lora
 from edgekif.records import Record
-from edgekif.strategies import REPLAY, TASK, STRATEGIES, make_strategy
+from edgekif.strategies import REPLAY, TASK, STRATEGIES, KIFConfig, make_strategy
 from edgekif.strategies.base import interleaved_schedule
 from edgekif.trainer import Learner
+from tiny_models import tiny_llama
 
 # ----------------------------------------------------------------------------- masks
 
@@ -233,7 +234,7 @@ def test_learner_state_roundtrip(tmp_path):
 
 
 def test_target_loss_equals_full_loss(tiny):
-    from edgekif.data import collate, encode_example
+    from edgekif.inputs import collate, encode_example
     from edgekif.trainer import target_loss
 
     model, tok = tiny

@@ -383,11 +383,18 @@ def test_re_adding_same_source_is_a_noop(tmp_path):
         assert buf.stats()["tasks"]["C"]["seen"] == c1.offered
 
 
+def _query(buf: ReplayBuffer, sql: str) -> list[dict]:
+    """Rows as dicts, read on the buffer's own connection (its transaction view)."""
+    cur = buf._conn.execute(sql)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
 def test_provenance_columns(tmp_path):
     records = recs("A", 12, labels=4)
     with ReplayBuffer(tmp_path / "r.db", cfg(100)) as buf:
         buf.add_task("A", records, source_file="/in/a.jsonl", source_sha256="a" * 64)
-        rows = list(buf.db.query("SELECT * FROM examples ORDER BY id"))
+        rows = _query(buf, "SELECT * FROM examples ORDER BY id")
     assert [r["source_index"] for r in rows] == list(range(12))  # file order, insertion order
     for row in rows:
         rec = records[row["source_index"]]
@@ -432,12 +439,12 @@ def test_validation_errors(tmp_path):
 
 def test_wal_foreign_keys_and_schema_version(tmp_path):
     with ReplayBuffer(tmp_path / "r.db", cfg(10)) as buf:
-        assert buf.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert buf.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-        assert buf.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert buf.db["meta"].get("schema_version")["value"] == str(SCHEMA_VERSION)
+        assert buf._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert buf._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert buf._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert _query(buf, "SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"] == str(SCHEMA_VERSION)
         with pytest.raises(sqlite3.IntegrityError):  # an example of no known task is refused
-            buf.db.execute(
+            buf._conn.execute(
                 "INSERT INTO examples(task_id, slot, record_id, label, record_json, source_file, source_sha256, source_index)"
                 " VALUES ('ghost', 0, '', '', '{}', '', 'x', 0)"
             )
@@ -485,7 +492,7 @@ CRASH_CHILD = textwrap.dedent(
 
     ReplayBuffer._write_examples = write_then_die
     buf = ReplayBuffer(path, ReplayConfig(capacity=capacity, fraction=1.0, min_per_task=0))
-    buf.db.execute("PRAGMA cache_size=5")
+    buf._conn.execute("PRAGMA cache_size=5")
     records = [Record.from_prompt("B question %d " % i + "x" * 200, "label%d" % (i % 3), id="B-%d" % i) for i in range(3000)]
     buf.add_task("B", records, source_file="b.jsonl", source_sha256="b" * 64)
     print("add_task returned: the crash hook did not run", flush=True)
@@ -512,7 +519,7 @@ def test_kill_9_before_commit_leaves_buffer_unchanged(tmp_path):
     assert wal.exists() and wal.stat().st_size > 0  # uncommitted pages really reached the WAL
 
     with ReplayBuffer(path, cfg(capacity)) as buf:
-        assert buf.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert buf._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert buf.stats() == stats
         assert [r.to_json() for r in buf.records()] == rows
         assert not buf.has_source("b" * 64) and buf.tasks() == ["A"]

@@ -58,7 +58,7 @@ def task_file(mapping: dict[str, str], fmt: str) -> str:
 
 @pytest.fixture(scope="module")
 def wide_tiny_dir(tmp_path_factory) -> Path:
-    from edgekif.model import save_tiny_llama
+    from tiny_models import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("wide-tiny") / "base", seed=0, hidden=512)
 

@@ -49,7 +49,7 @@ ORDERS = {
 PROFILES = {
     # train examples offered per task, gradient steps on the task, test examples per task
     # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; long prompts are fitted by
-    # edgekif.data.fit_prompt: the input's middle is cut, the options and answer cue kept)
+    # edgekif.inputs.fit_prompt: the input's middle is cut, the options and answer cue kept)
     "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False),
     # enough steps for the tasks to be learned and forgotten, and >= 100 test examples a task
     # so that one example is 1 point (at 24 the strategies were not separable)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from edgekif.atomic import atomic_write_json
     from edgekif.config import Config, ModelConfig, apply_overrides
     from edgekif.continual import StreamTask, run_stream
-    from edgekif.data import read_task
+    from edgekif.taskfile import read_task
     from edgekif.evaluate import AccuracyMatrix, evaluate_task, plot_heatmap
     from edgekif.model import resolve_base
     from edgekif.replay import ReplayBuffer
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
         cfg.train.max_steps = prof["task_steps"]
         cfg.train.batch_size = prof["batch_size"]
         cfg.kif.replay_batch_size = prof["batch_size"]
+        cfg.experience_replay.replay_batch_size = prof["batch_size"]  # replay's own section, as KIF's
         cfg.train.checkpoint_every = 0
         cfg.data.max_length = prof["max_length"]
         cfg.replay.seed = seed
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
         "profile": profile_name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
-                     "kif": asdict(ran.kif), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
+                     "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "exact match of the greedy answer" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
                      "eval_prompt_tokens": eval_prompt_tokens},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -881,8 +881,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgekif.atomic import atomic_write_json, atomic_write_text
     from edgekif.config import Config, LoRAConfig, ModelConfig
-    from edgekif.data import read_task
     from edgekif.export.fuse import fuse_model
+    from edgekif.taskfile import read_task
     from edgekif.model import add_lora, load_model, resolve_base
 
     t_all = time.perf_counter()

@@ -68,8 +68,8 @@ class AnonPeak:
 
 def _records(task: str, n: int, seed: int):
     """n examples from a benchmark task, prompts padded with other examples' text so that
-    every example fills max_length after prompt fitting (edgekif.data.fit_prompt)."""
-    from edgekif.data import read_task
+    every example fills max_length after prompt fitting (edgekif.inputs.fit_prompt)."""
+    from edgekif.taskfile import read_task
     from edgekif.records import Record
 
     recs = read_task(DATA / task / "train.jsonl").records
@@ -102,10 +102,12 @@ def run_point(p: dict) -> dict:
     cfg.data.max_length = p["max_length"]
     cfg.train.strategy = p["strategy"]
     cfg.train.batch_size = BATCH
-    cfg.kif.replay_batch_size = BATCH
     cfg.train.checkpoint_every = 0
-    # a short round (2 inner + 1 outer step) so that a few steps include a fusion
-    cfg.kif.inner_steps, cfg.kif.outer_steps = 2, 1
+    # a short round (2 inner + 1 outer step) so that a few steps include a fusion; replay
+    # (its own section) runs the same schedule
+    for schedule in (cfg.kif, cfg.experience_replay):
+        schedule.replay_batch_size = BATCH
+        schedule.inner_steps, schedule.outer_steps = 2, 1
     base = resolve_base(cfg.model, benchlib.cache_dir())
     rss0 = _rss_mb()
     anon = AnonPeak()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _records(path: Path):
-    from edgekif.data import read_task
+    from edgekif.taskfile import read_task
     from edgekif.errors import ValidationError
     from edgekif.holdouts import read_holdout
 

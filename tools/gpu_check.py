@@ -139,7 +139,7 @@ def task_records(name: str, n: int, seed: int, data: Path | None):
     from edgekif.records import Record
 
     if data is not None and (data / name / "train.jsonl").is_file():
-        from edgekif.data import read_task
+        from edgekif.taskfile import read_task
 
         recs = list(read_task(data / name / "train.jsonl").records)
         return random.Random(seed).sample(recs, min(n, len(recs)))

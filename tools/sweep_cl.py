@@ -36,7 +36,8 @@ CONFIGS: dict[str, dict] = {
     "all_lr1e-3": {"args": ["--lr", "1e-3", "--set", f"lora.target_modules={ALL_LINEAR}"], "strategies": POLICY, "about": "LoRA on all linear layers, lr 1e-3"},
     "all_lr2e-3": {"args": ["--lr", "2e-3", "--set", f"lora.target_modules={ALL_LINEAR}"], "strategies": POLICY, "about": "LoRA on all linear layers, lr 2e-3"},
     "qv_lr2e-3": {"args": ["--lr", "2e-3"], "strategies": POLICY, "about": "LoRA q,v, lr 2e-3"},
-    # (b) Recurrent-KIF ablation on the policy chosen from (a) (--kif-base names it)
+    # (b) Recurrent-KIF ablation on the policy chosen from (a) (--kif-base names it); [kif]
+    # configures recurrent_kif only (replay has [experience_replay]), so these run it alone
     "kif_q0.9": {"kif": ["--set", "kif.mask_quantile=0.9"], "strategies": ["recurrent_kif"], "about": "mask top 10%"},
     "kif_q0.6": {"kif": ["--set", "kif.mask_quantile=0.6"], "strategies": ["recurrent_kif"], "about": "mask top 40%"},
     "kif_reset": {"kif": ["--set", "kif.reset_importance=true"], "strategies": ["recurrent_kif"], "about": "importance EMAs reset per task"},

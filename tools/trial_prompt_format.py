@@ -4,7 +4,7 @@ SmolLM2's chat template inserts "You are a helpful AI assistant named SmolLM, tr
 Hugging Face" (~21 tokens) when a conversation has no system message. At max_length 128 those
 tokens are taken from the task's input text. This trains the same LoRA, on the same examples,
 seeds and fitted prompts, once with the template as shipped ("default_system") and once with
-the default removed ("no_system", edgekif.data.without_default_system), and scores both on the
+the default removed ("no_system", edgekif.inputs.without_default_system), and scores both on the
 same test examples, with test prompts fitted like training prompts and rendered in the format
 each model was trained on.
 
@@ -47,7 +47,8 @@ def main() -> None:
     import torch
 
     from edgekif.config import Config, ModelConfig
-    from edgekif.data import encode_example, read_task, without_default_system
+    from edgekif.taskfile import read_task
+    from edgekif.inputs import encode_example, without_default_system
     from edgekif.evaluate import evaluate_task
     from edgekif.model import add_lora, load_model, load_tokenizer, resolve_base
     from edgekif.trainer import Learner

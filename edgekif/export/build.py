@@ -174,7 +174,7 @@ def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
 
     The fused folder's tokenizer was saved by edgekif.model.load_tokenizer, whose template
     renders exactly the training prompts (SmolLM2's default system prompt removed, see
-    edgekif.data.without_default_system). Whatever the builder wrote is replaced by it, in
+    edgekif.inputs.without_default_system). Whatever the builder wrote is replaced by it, in
     chat_template.jinja and in tokenizer_config.json, so a client that sends only a user
     message gets the very tokens the model was trained on.
     """

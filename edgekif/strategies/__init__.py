@@ -1,5 +1,7 @@
 """Continual-learning strategies behind one interface (see base.Strategy), peft-style:
-one registry ties each strategy's name to its class and its config dataclass, and
+each strategy registers its name, class and config dataclass with `register_strategy` (as
+peft's `register_peft_method`), which also gives its options a section of the config file
+(edgekif.config does not import the strategies: `import edgekif` imports this package).
 `make_strategy` is the one entry point.
 
 The registry is torch-free (strategy classes are imported on first use), so the config
@@ -12,6 +14,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config import register_strategy_config
 from .config import KIFConfig, ReplayScheduleConfig, StrategyConfig
 
 if TYPE_CHECKING:
@@ -26,7 +29,7 @@ REPLAY = "replay"
 class StrategySpec:
     target: str  # "module:Class", relative to this package
     config_cls: type[StrategyConfig]
-    section: str | None  # the Config section holding its options ([kif]), None = no options
+    section: str | None  # the config section holding its options ([kif]), None = no options
     summary: str
 
     def load(self) -> "type[Strategy]":
@@ -34,12 +37,21 @@ class StrategySpec:
         return getattr(importlib.import_module(module, __name__), cls)
 
 
-STRATEGIES: dict[str, StrategySpec] = {
-    "recurrent_kif": StrategySpec(".recurrent_kif:RecurrentKIF", KIFConfig, "kif", "Recurrent-KIF: inner/outer loops, importance-masked fusion"),
-    "seq_lora": StrategySpec(".baselines:SeqLoRA", StrategyConfig, None, "sequential LoRA fine-tuning, no replay (lower bound)"),
-    "replay": StrategySpec(".baselines:ExperienceReplay", ReplayScheduleConfig, "kif", "experience replay on KIF's schedule, no fusion"),
-    "mtl": StrategySpec(".baselines:MultiTask", StrategyConfig, None, "joint training on all tasks at once (upper bound)"),
-}
+STRATEGIES: dict[str, StrategySpec] = {}
+
+
+def register_strategy(name: str, target: str, config_cls: type[StrategyConfig] = StrategyConfig, section: str | None = None, summary: str = "") -> None:
+    """Add a strategy: `target` is "module:Class" (relative to this package), its options
+    `config_cls` are read from `[section]` of the config file."""
+    register_strategy_config(name, section, config_cls)
+    STRATEGIES[name] = StrategySpec(target, config_cls, section, summary)
+
+
+register_strategy("recurrent_kif", ".recurrent_kif:RecurrentKIF", KIFConfig, "kif", "Recurrent-KIF: inner/outer loops, importance-masked fusion")
+register_strategy("seq_lora", ".baselines:SeqLoRA", summary="sequential LoRA fine-tuning, no replay (lower bound)")
+# its own section, with the same defaults as [kif]'s schedule: the comparison isolates the fusion rule
+register_strategy("replay", ".baselines:ExperienceReplay", ReplayScheduleConfig, "experience_replay", "experience replay on KIF's schedule, no fusion")
+register_strategy("mtl", ".baselines:MultiTask", summary="joint training on all tasks at once (upper bound)")
 
 
 def strategy_names() -> list[str]:
@@ -64,4 +76,4 @@ def _spec(name: str) -> StrategySpec:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}") from None
 
 
-__all__ = ["STRATEGIES", "StrategySpec", "make_strategy", "strategy_config", "strategy_names", "TASK", "REPLAY", "KIFConfig", "ReplayScheduleConfig", "StrategyConfig"]
+__all__ = ["STRATEGIES", "StrategySpec", "make_strategy", "register_strategy", "strategy_config", "strategy_names", "TASK", "REPLAY", "KIFConfig", "ReplayScheduleConfig", "StrategyConfig"]

@@ -1,14 +1,16 @@
 """Strategy configurations, torch-free so the idle daemon can read its config without torch.
 
-Each strategy's options are one dataclass here, tied to the strategy in the registry
-(`edgekif.strategies.STRATEGIES`). The TOML file keeps its sections: `[kif]` holds the
-interleaved schedule (shared by `replay` and `recurrent_kif`, so the comparison isolates the
-fusion rule) and Recurrent-KIF's own options.
+Each strategy's options are one dataclass here, registered with the strategy
+(`edgekif.strategies.register_strategy`) under its section of the config file: `[kif]` for
+recurrent_kif, `[experience_replay]` for replay. Both start from the same interleaved
+schedule with the same defaults, so the replay-vs-KIF comparison isolates the fusion rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -24,6 +26,12 @@ class ReplayScheduleConfig(StrategyConfig):
     outer_steps: int = 4  # M
     replay_batch_size: int = 8
 
+    def validate(self, section: str) -> None:
+        if not (self.inner_steps > 0 and self.outer_steps >= 0):
+            raise ConfigError(f"{section}.inner_steps > 0, {section}.outer_steps >= 0")
+        if self.replay_batch_size <= 0:
+            raise ConfigError(f"{section}.replay_batch_size must be positive")
+
 
 @dataclass
 class KIFConfig(ReplayScheduleConfig):
@@ -38,3 +46,10 @@ class KIFConfig(ReplayScheduleConfig):
     w_neither_in: float = 0.5  # element set in neither mask: 0.5*tau_in + 0.5*tau_out
     w_neither_out: float = 0.5
     reset_importance: bool = False  # reset EMAs at each new task
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        if not 0 < self.mask_quantile < 1:
+            raise ConfigError(f"{section}.mask_quantile must be in (0, 1)")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"{section}.beta1/beta2 must be in [0, 1)")
