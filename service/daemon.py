@@ -179,6 +179,9 @@ class Daemon:
         self._lock_fd = fd
         self._store = JobStore(self.layout.state_db)
         cleanup_stale_temp(self.layout)  # what a killed daemon's jobs left half-written
+        from edgekif.publish import ModelStore  # torch-free
+
+        ModelStore(self.layout.root).cleanup()  # a killed publish's staging and current.tmp-* links
         reconcile_takes(self.layout, self._store)
         self.runner.reconcile_rejections(self._store)
 
