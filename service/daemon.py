@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from .jobs import DataLayout, Job, JobStore, utc_now
 from .logs import setup_logging
 from .housekeeping import cleanup_stale_temp
 from .metrics import MetricsWriter, read_json, replace_json
-from .pipeline import JobRunner
+from .pipeline import TRANSIENT_ERRNOS, JobRunner, transient_cause
 from .sdnotify import Notifier
 from .stages import Stages
 from .watcher import InboxWatcher, reconcile_takes
@@ -108,7 +109,13 @@ class RuntimeFile:
                 "torch_loaded": "torch" in sys.modules,
             }
             if info != self._last:
-                replace_json(self.layout.runtime_file, info)
+                try:
+                    replace_json(self.layout.runtime_file, info)
+                except OSError as e:  # a full disk must not stop the daemon: status is stale meanwhile
+                    if e.errno not in TRANSIENT_ERRNOS:
+                        raise
+                    log.warning("could not write daemon.json", extra={"error": str(e)})
+                    return
                 self._last = info
 
 
@@ -174,16 +181,31 @@ class Daemon:
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise DaemonError(f"another edgekif daemon is running on {self.layout.root}") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # the flock is the lock; the pid in it is for people (a full disk)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
-        self._store = JobStore(self.layout.state_db)
-        cleanup_stale_temp(self.layout)  # what a killed daemon's jobs left half-written
+        cleanup_stale_temp(self.layout)  # what a killed daemon's jobs left half-written (frees disk first)
         from edgekif.publish import ModelStore  # torch-free
 
         ModelStore(self.layout.root).cleanup()  # a killed publish's staging and current.tmp-* links
-        reconcile_takes(self.layout, self._store)
-        self.runner.reconcile_rejections(self._store)
+        self._store = self._until_space("open state.db", lambda: JobStore(self.layout.state_db))
+        self._until_space("finish interrupted file moves", lambda: (reconcile_takes(self.layout, self._store),
+                                                                    self.runner.reconcile_rejections(self._store)))
+
+    def _until_space(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Start-up on a full disk starts and waits: retry `fn` while its failure is the disk's."""
+        while True:
+            try:
+                return fn()
+            except (OSError, sqlite3.Error) as e:
+                why = transient_cause(e, self.layout.root)
+                if why is None:
+                    raise
+                log.warning("waiting for disk space", extra={"action": what, "error": why})
+                self.notifier.status(f"waiting: cannot {what}: {why}")
+                if self._stop.wait(max(1.0, self.runner.resource_retry_seconds)):
+                    raise DaemonError(f"stopped while waiting for disk space to {what}") from e
 
     def close(self, *, release_lock: bool = True) -> None:
         self.watcher.close()

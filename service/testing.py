@@ -40,6 +40,8 @@ _INJECTED = {
     "validation": lambda stage: ValidationError(f"injected validation error in {stage}", kind="injected"),
     "enospc": lambda stage: OSError(errno.ENOSPC, "No space left on device", f"<injected in {stage}>"),
     "memory": lambda stage: MemoryError(f"injected in {stage}"),
+    # safetensors' writer (Rust) reports a full disk with no OSError and no errno in the chain
+    "safetensors_full": lambda stage: Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
 }
 
 
@@ -54,7 +56,8 @@ class FakeStages:
       new_accuracy               -- accuracy reported for the job's own task
       drop                       -- points every past task loses (to trip the gate)
       inject                     -- {"stage": [kind, "before"|"after", times]}, kind one of
-                                    crash, error, resource, validation, enospc, memory
+                                    crash, error, resource, validation, enospc, memory,
+                                    safetensors_full
       export_child_seconds       -- export runs a child process that sleeps this long (like
                                     the genai builder, through edgekif.export.run_child)
       model_store                -- publish through edgekif.publish.ModelStore (models/current
