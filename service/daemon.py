@@ -46,8 +46,13 @@ class DaemonError(EdgekifError):
 
 
 def default_stages(config: Config) -> Stages:
-    """The real pipeline: the edgekif library behind the Stages interface (imports no torch
-    until a stage runs)."""
+    """The real pipeline: the edgekif library behind the Stages interface; its model stages in
+    a child process each (service.stage_process), unless service.model_stages_in_child is off
+    (then in the daemon: it imports torch and keeps much of a job's memory afterwards)."""
+    if config.service.model_stages_in_child:
+        from .stage_process import ChildStages
+
+        return ChildStages(config)
     from .library_stages import LibraryStages
 
     return LibraryStages(config)
@@ -157,6 +162,9 @@ class Daemon:
         self.watcher = InboxWatcher(self.layout, config, on_new_job=lambda _job_id: self._work.set())
         self.metrics = MetricsWriter(self._metrics_path(config))
         self.runtime = RuntimeFile(self.layout)
+        if hasattr(self.stages, "on_child"):  # service.stage_process.ChildStages
+            self.stages.should_stop = self._stop.is_set  # type: ignore[attr-defined]
+            self.stages.on_child = self._on_child  # type: ignore[attr-defined]
 
     @property
     def _not_before(self) -> dict[int, float]:
@@ -348,6 +356,11 @@ class Daemon:
     def _publish_runtime(self, state: str | None = None) -> None:
         # not running (run_until_idle without run()): no daemon.json
         self.runtime.publish(self.current, state, write=self._lock_fd is not None, waiting=self.runner.waiting)
+
+    def _on_child(self, pid: int | None) -> None:
+        """A model stage's process started (pid) or ended (None): status shows its memory."""
+        if self.current is not None:
+            self._set_current({**{k: v for k, v in self.current.items() if k != "child_pid"}, **({"child_pid": pid} if pid else {})})
 
     def _set_current(self, current: dict[str, Any] | None) -> None:
         self.current = current
