@@ -98,6 +98,7 @@ class FakeStages:
     def from_data_dir(cls, data_dir: str | os.PathLike) -> "FakeStages":
         opts_file = Path(data_dir) / "fake_stages.json"
         opts = json.loads(opts_file.read_text()) if opts_file.exists() else {}
+        opts.pop("in_child", None)  # fake_daemon_stages' switch, not a FakeStages option
         return cls(data_dir, **opts)
 
     @staticmethod
@@ -271,11 +272,22 @@ def fake_stages_for(config: Any) -> FakeStages:
     return FakeStages.from_data_dir(config.data_path)
 
 
+def fake_daemon_stages(config: Any) -> Any:
+    """The fake daemon's stages: FakeStages, with the model stages in child processes as the
+    real daemon runs them when fake_stages.json says `"in_child": true`."""
+    opts_file = Path(config.data_path) / "fake_stages.json"
+    if opts_file.exists() and json.loads(opts_file.read_text()).get("in_child"):
+        from .stage_process import ChildStages
+
+        return ChildStages(config, factory="service.testing:fake_stages_for", inner=fake_stages_for(config))
+    return fake_stages_for(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m service.testing`: the daemon in the foreground, with FakeStages."""
     from .__main__ import main as service_main
 
-    return service_main(argv, stages_factory=fake_stages_for)
+    return service_main(argv, stages_factory=fake_daemon_stages)
 
 
 if __name__ == "__main__":
