@@ -189,6 +189,9 @@ class ServiceConfig:
     min_gain_over_base: float = 1.0
     nice: int = 10
     memory_ceiling_mb: int = 0  # refuse to load a model if less is available; 0 = off
+    # train/export/evaluate in a child process each (service.stage_process): the daemon never
+    # loads torch, stays small when idle, and survives a stage the OOM killer takes
+    model_stages_in_child: bool = True
     stop_timeout: float = 30.0
     metrics_file: str = "metrics.prom"
     log_max_bytes: int = 10 * 1024 * 1024
@@ -295,6 +298,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             else:
                 _apply(cfg, "", key, value, f"{p} {key}")
     return apply_overrides(cfg, overrides or [])
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """The inverse of Config.to_dict (a stage's child process gets the daemon's config this way)."""
+    cfg = Config()
+    for key, value in d.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _apply(cfg, key, k, v, f"config [{key}] {k}")
+        else:
+            _apply(cfg, "", key, value, f"config {key}")
+    validate_config(cfg)
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -135,6 +135,14 @@ class ModelStore:
         export_dir = Path(export_dir)
         verify_manifest(export_dir)
         with self._lock():
+            # A crash between the version's rename and the switch of `current` left this
+            # export complete under its name already: finish the switch, never copy it twice.
+            same = self._holding(export_dir)
+            if same is not None:
+                if self.current() != same:
+                    self._switch(same)
+                log.info("export already published; finished the switch", extra={"version": same, "source": str(export_dir)})
+                return same
             existing = [int(VERSION_RE.match(n).group(1)) for n in self.versions()]  # type: ignore[union-attr]
             name = version_name(max(existing + [self._last_removed()], default=0) + 1)
             staging = self.models / f".{name}.tmp"
@@ -196,6 +204,22 @@ class ModelStore:
             shutil.rmtree(trash, ignore_errors=True)
         log.info("removed model version", extra={"version": version})
 
+    def _holding(self, export_dir: Path) -> str | None:
+        """The newest version whose manifest.json is byte for byte the export's: the manifest
+        hashes every file and records the job and its creation time, so equal bytes mean this
+        very export was published already (publish copies it unchanged and verifies the copy)."""
+        try:
+            want = (export_dir / MANIFEST).read_bytes()
+        except OSError:
+            return None
+        for name in reversed(self.versions()):
+            try:
+                if (self.models / name / MANIFEST).read_bytes() == want:
+                    return name
+            except OSError:
+                continue
+        return None
+
     def _last_removed(self) -> int:
         try:
             return int((self.models / LAST_VERSION_FILE).read_text().strip() or 0)
@@ -213,13 +237,37 @@ class ModelStore:
             trash = self.models / f".{name}.del-{os.getpid()}"
             os.rename(self.models / name, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        for entry in os.scandir(self.models):  # stale staging/trash of crashed runs (we hold the lock)
-            if entry.name.startswith(".v") and (entry.name.endswith(".tmp") or ".del-" in entry.name):
-                shutil.rmtree(entry.path, ignore_errors=True)
+        self._remove_stale()
         if doomed:
             fsync_dir(self.models)
             log.info("deleted old model versions", extra={"versions": doomed})
         return doomed
+
+    def cleanup(self) -> list[str]:
+        """Remove what crashed publishes left (staging, trash, `current.tmp-*` links); the
+        daemon calls it at start-up. Skipped when another process is publishing now."""
+        if not self.models.is_dir():
+            return []
+        try:
+            with self._lock():
+                return self._remove_stale()
+        except PublishError:
+            return []
+
+    def _remove_stale(self) -> list[str]:
+        """Under the lock: every temp name here is a crashed run's."""
+        removed = []
+        for entry in os.scandir(self.models):
+            if entry.name.startswith(".v") and (entry.name.endswith(".tmp") or ".del-" in entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+            elif entry.name.startswith(f"{CURRENT}.tmp-") and entry.is_symlink():
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        if removed:
+            fsync_dir(self.models)
+            log.info("removed what crashed publishes left", extra={"names": removed})
+        return removed
 
     def _switch(self, name: str) -> None:
         """Atomically repoint `current` (relative link, so the data dir can move)."""

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from .jobs import DataLayout, Job, JobStore, utc_now
 from .logs import setup_logging
 from .housekeeping import cleanup_stale_temp
 from .metrics import MetricsWriter, read_json, replace_json
-from .pipeline import JobRunner
+from .pipeline import TRANSIENT_ERRNOS, JobRunner, transient_cause
 from .sdnotify import Notifier
 from .stages import Stages
 from .watcher import InboxWatcher, reconcile_takes
@@ -45,8 +46,13 @@ class DaemonError(EdgekifError):
 
 
 def default_stages(config: Config) -> Stages:
-    """The real pipeline: the edgekif library behind the Stages interface (imports no torch
-    until a stage runs)."""
+    """The real pipeline: the edgekif library behind the Stages interface; its model stages in
+    a child process each (service.stage_process), unless service.model_stages_in_child is off
+    (then in the daemon: it imports torch and keeps much of a job's memory afterwards)."""
+    if config.service.model_stages_in_child:
+        from .stage_process import ChildStages
+
+        return ChildStages(config)
     from .library_stages import LibraryStages
 
     return LibraryStages(config)
@@ -108,7 +114,13 @@ class RuntimeFile:
                 "torch_loaded": "torch" in sys.modules,
             }
             if info != self._last:
-                replace_json(self.layout.runtime_file, info)
+                try:
+                    replace_json(self.layout.runtime_file, info)
+                except OSError as e:  # a full disk must not stop the daemon: status is stale meanwhile
+                    if e.errno not in TRANSIENT_ERRNOS:
+                        raise
+                    log.warning("could not write daemon.json", extra={"error": str(e)})
+                    return
                 self._last = info
 
 
@@ -150,6 +162,9 @@ class Daemon:
         self.watcher = InboxWatcher(self.layout, config, on_new_job=lambda _job_id: self._work.set())
         self.metrics = MetricsWriter(self._metrics_path(config))
         self.runtime = RuntimeFile(self.layout)
+        if hasattr(self.stages, "on_child"):  # service.stage_process.ChildStages
+            self.stages.should_stop = self._stop.is_set  # type: ignore[attr-defined]
+            self.stages.on_child = self._on_child  # type: ignore[attr-defined]
 
     @property
     def _not_before(self) -> dict[int, float]:
@@ -174,13 +189,31 @@ class Daemon:
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise DaemonError(f"another edgekif daemon is running on {self.layout.root}") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # the flock is the lock; the pid in it is for people (a full disk)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
-        self._store = JobStore(self.layout.state_db)
-        cleanup_stale_temp(self.layout)  # what a killed daemon's jobs left half-written
-        reconcile_takes(self.layout, self._store)
-        self.runner.reconcile_rejections(self._store)
+        cleanup_stale_temp(self.layout)  # what a killed daemon's jobs left half-written (frees disk first)
+        from edgekif.publish import ModelStore  # torch-free
+
+        ModelStore(self.layout.root).cleanup()  # a killed publish's staging and current.tmp-* links
+        self._store = self._until_space("open state.db", lambda: JobStore(self.layout.state_db))
+        self._until_space("finish interrupted file moves", lambda: (reconcile_takes(self.layout, self._store),
+                                                                    self.runner.reconcile_rejections(self._store)))
+
+    def _until_space(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Start-up on a full disk starts and waits: retry `fn` while its failure is the disk's."""
+        while True:
+            try:
+                return fn()
+            except (OSError, sqlite3.Error) as e:
+                why = transient_cause(e, self.layout.root)
+                if why is None:
+                    raise
+                log.warning("waiting for disk space", extra={"action": what, "error": why})
+                self.notifier.status(f"waiting: cannot {what}: {why}")
+                if self._stop.wait(max(1.0, self.runner.resource_retry_seconds)):
+                    raise DaemonError(f"stopped while waiting for disk space to {what}") from e
 
     def close(self, *, release_lock: bool = True) -> None:
         self.watcher.close()
@@ -323,6 +356,11 @@ class Daemon:
     def _publish_runtime(self, state: str | None = None) -> None:
         # not running (run_until_idle without run()): no daemon.json
         self.runtime.publish(self.current, state, write=self._lock_fd is not None, waiting=self.runner.waiting)
+
+    def _on_child(self, pid: int | None) -> None:
+        """A model stage's process started (pid) or ended (None): status shows its memory."""
+        if self.current is not None:
+            self._set_current({**{k: v for k, v in self.current.items() if k != "child_pid"}, **({"child_pid": pid} if pid else {})})
 
     def _set_current(self, current: dict[str, Any] | None) -> None:
         self.current = current

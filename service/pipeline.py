@@ -15,11 +15,14 @@ commit only makes it run again. The runner knows nothing of threads or signals: 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import gc
 import logging
 import os
+import shutil
+import sqlite3
 import time
 import traceback
 from pathlib import Path
@@ -35,6 +38,8 @@ from .watcher import move_to_rejected, safe_name, unique_rejected_dest
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+NEXT_STAGE = {"received": "validate", "validated": "buffer", "buffered": "train", "trained": "export",
+              "exported": "evaluate", "evaluated": "gate", "approved": "publish"}
 # Stages that load the model: check service.memory_ceiling_mb before each.
 MODEL_STAGES = frozenset({"train", "export", "evaluate"})
 
@@ -44,8 +49,20 @@ MODEL_STAGES = frozenset({"train", "export", "evaluate"})
 TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
 
 
-def transient_cause(e: BaseException) -> str | None:
-    """Why `e` is a transient resource shortage (following raise-from chains), or None."""
+SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode of "database or disk is full"
+# Libraries that lose the errno on the way (safetensors' Rust writer, onnx, the genai builder)
+# still print the OS's own words for it.
+_NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+# Below this much free space after a failure, the failure is taken as the full disk's doing.
+LOW_DISK_BYTES = 64 * 1024 * 1024
+
+
+def transient_cause(e: BaseException, data_dir: str | os.PathLike | None = None) -> str | None:
+    """Why `e` is a transient resource shortage (following raise-from chains), or None.
+
+    By errno where the chain has one (OSError, SQLite's SQLITE_FULL); else by the OS's words for
+    ENOSPC/EDQUOT in a message; else, when `data_dir` is given, by a free-space check of its
+    filesystem after the failure (a writer that dropped both errno and text)."""
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
@@ -56,7 +73,18 @@ def transient_cause(e: BaseException) -> str | None:
             return "out of memory"
         if isinstance(cur, OSError) and cur.errno in TRANSIENT_ERRNOS:
             return f"{errno.errorcode.get(cur.errno, cur.errno)}: {cur.strerror or cur}" + (f" ({cur.filename})" if cur.filename else "")
+        if isinstance(cur, sqlite3.Error) and getattr(cur, "sqlite_errorcode", None) == SQLITE_FULL:
+            return f"ENOSPC: {cur} (SQLite)"
+        if any(t in str(cur) for t in _NO_SPACE_TEXT):
+            return f"ENOSPC: {type(cur).__name__}: {str(cur)[:200]}"
         cur = cur.__cause__ or cur.__context__
+    if data_dir is not None:
+        try:
+            free = shutil.disk_usage(data_dir).free
+        except OSError:
+            return None
+        if free < LOW_DISK_BYTES:
+            return f"ENOSPC: {free // 2**20} MB free on {data_dir}'s filesystem after {type(e).__name__}: {str(e)[:200]}"
     return None
 
 
@@ -112,6 +140,12 @@ class JobRunner:
         self.not_before: dict[int, float] = {}  # job id -> monotonic time of the next try
         self.waiting: dict[int, dict[str, Any]] = {}  # job id -> why it waits (disk, memory); status shows it
 
+    def wait_for_resources(self, job: Job, stage: str, why: str) -> None:
+        """Hold `job` back for resource_retry_seconds; no attempt is used, no limit while it lasts."""
+        self.waiting[job.id] = {"stage": stage, "reason": why, "since": utc_now(), "retry_in_s": self.resource_retry_seconds}
+        self.not_before[job.id] = time.monotonic() + self.resource_retry_seconds
+        log.warning("not enough resources; job stays queued", extra={"job_id": job.id, "stage": stage, "error": why, "retry_in_s": self.resource_retry_seconds})
+
     def runnable(self, job: Job) -> bool:
         return self.not_before.get(job.id, 0.0) <= time.monotonic()
 
@@ -151,6 +185,13 @@ class JobRunner:
             self.waiting.pop(job.id, None)  # the stage went through: the resource is back
         except _Handled:
             pass
+        except Exception as e:
+            # The daemon's own bookkeeping hit the full disk (state.db, the progress record)
+            # outside a stage: the job waits like any stage would; the daemon stays up.
+            why = transient_cause(e, self.layout.root)
+            if why is None:
+                raise
+            self.wait_for_resources(job, NEXT_STAGE.get(job.state, job.state), why)
         finally:
             self.on_current(None)
 
@@ -188,12 +229,12 @@ class JobRunner:
     def _stage_failed(self, store: JobStore, job: Job, stage: str, attempts: int, e: BaseException) -> None:
         if isinstance(e, ValidationError) and not isinstance(e, DamagedFileError) and "rejected" in TRANSITIONS[job.state]:
             self._reject_job(store, job, e, stage)
-        elif (why := transient_cause(e)) is not None:
-            store.refund_attempt(job.id, job.state)
-            store.log_event(job.id, "waiting", stage=stage, reason=why)
-            self.waiting[job.id] = {"stage": stage, "reason": why, "since": utc_now(), "retry_in_s": self.resource_retry_seconds}
-            self.not_before[job.id] = time.monotonic() + self.resource_retry_seconds
-            log.warning("not enough resources; job stays queued", extra={"job_id": job.id, "stage": stage, "error": why, "retry_in_s": self.resource_retry_seconds})
+        elif (why := transient_cause(e, self.layout.root)) is not None:
+            self.wait_for_resources(job, stage, why)
+            # the records of the wait may not fit on a full disk: the wait itself is in memory
+            with contextlib.suppress(sqlite3.Error, OSError):
+                store.refund_attempt(job.id, job.state)
+                store.log_event(job.id, "waiting", stage=stage, reason=why)
         elif isinstance(e, Interrupted):
             store.refund_attempt(job.id, job.state)
             log.info("stage stopped at a checkpoint", extra={"job_id": job.id, "stage": stage, "detail": str(e)})

@@ -124,6 +124,10 @@ def status(config: Config) -> dict[str, Any]:
         if cur is not None:
             cur = dict(cur)
             cur["progress"] = progress_view(read_json(layout.job_dir(cur["job_id"]) / "progress.json"), cur.get("stage"), time.time())
+            if cur.get("child_pid"):
+                from .stage_process import rss_mb
+
+                cur["child_rss_mb"] = rss_mb(int(cur["child_pid"]))
         out["current"] = cur
         pub = store.live()  # models/current, which a rollback moves
         if pub is not None:
@@ -179,6 +183,8 @@ def format_status(st: dict[str, Any]) -> str:
     if cur:
         stage = f" / {cur['stage']}" if cur.get("stage") else ""
         lines.append(f"current:  job {cur['job_id']} {cur['file']}  {cur['state']}{stage}{progress_text(cur.get('progress') or {})}")
+        if cur.get("child_rss_mb") is not None:
+            lines.append(f"          stage process pid {cur['child_pid']}, {cur['child_rss_mb']:.0f} MB resident")
     for job_id, w in (st.get("waiting") or {}).items():
         lines.append(f"waiting:  job {job_id} before {w['stage']}: {w['reason']} (retried every {w['retry_in_s']:g} s, no attempt used)")
     q = st.get("queue") or []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -40,6 +41,10 @@ _INJECTED = {
     "validation": lambda stage: ValidationError(f"injected validation error in {stage}", kind="injected"),
     "enospc": lambda stage: OSError(errno.ENOSPC, "No space left on device", f"<injected in {stage}>"),
     "memory": lambda stage: MemoryError(f"injected in {stage}"),
+    # the kernel's OOM killer (only ever injected into a stage's child process)
+    "sigkill": lambda stage: os.kill(os.getpid(), signal.SIGKILL),
+    # safetensors' writer (Rust) reports a full disk with no OSError and no errno in the chain
+    "safetensors_full": lambda stage: Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
 }
 
 
@@ -54,7 +59,8 @@ class FakeStages:
       new_accuracy               -- accuracy reported for the job's own task
       drop                       -- points every past task loses (to trip the gate)
       inject                     -- {"stage": [kind, "before"|"after", times]}, kind one of
-                                    crash, error, resource, validation, enospc, memory
+                                    crash, error, resource, validation, enospc, memory,
+                                    safetensors_full, sigkill (child processes only)
       export_child_seconds       -- export runs a child process that sleeps this long (like
                                     the genai builder, through edgekif.children.run_child)
       model_store                -- publish through edgekif.publish.ModelStore (models/current
@@ -92,6 +98,7 @@ class FakeStages:
     def from_data_dir(cls, data_dir: str | os.PathLike) -> "FakeStages":
         opts_file = Path(data_dir) / "fake_stages.json"
         opts = json.loads(opts_file.read_text()) if opts_file.exists() else {}
+        opts.pop("in_child", None)  # fake_daemon_stages' switch, not a FakeStages option
         return cls(data_dir, **opts)
 
     @staticmethod
@@ -259,11 +266,28 @@ def _build_dir(final: Path, files: dict[str, str]) -> None:
     os.rename(tmp, final)
 
 
+def fake_stages_for(config: Any) -> FakeStages:
+    """FakeStages from the data dir's fake_stages.json: the factory tests give
+    service.stage_process.ChildStages, so the child runs the fakes."""
+    return FakeStages.from_data_dir(config.data_path)
+
+
+def fake_daemon_stages(config: Any) -> Any:
+    """The fake daemon's stages: FakeStages, with the model stages in child processes as the
+    real daemon runs them when fake_stages.json says `"in_child": true`."""
+    opts_file = Path(config.data_path) / "fake_stages.json"
+    if opts_file.exists() and json.loads(opts_file.read_text()).get("in_child"):
+        from .stage_process import ChildStages
+
+        return ChildStages(config, factory="service.testing:fake_stages_for", inner=fake_stages_for(config))
+    return fake_stages_for(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m service.testing`: the daemon in the foreground, with FakeStages."""
     from .__main__ import main as service_main
 
-    return service_main(argv, stages_factory=lambda config: FakeStages.from_data_dir(config.data_path))
+    return service_main(argv, stages_factory=fake_daemon_stages)
 
 
 if __name__ == "__main__":

@@ -152,8 +152,12 @@ def move_to_rejected(
     layout.rejected.mkdir(parents=True, exist_ok=True)
     if dest is None:
         dest = unique_rejected_dest(layout.rejected, safe_name(name), display)
+    error = dict(error)
+    if error.get("file") is not None and os.fsdecode(error["file"]) == os.fsdecode(src):
+        error["file"] = str(dest)  # the report names where the file is now, not where it was read
     report = {
-        "file": display,
+        "file": display,  # the name it was dropped with
+        "path": str(dest),
         "sha256": sha256,
         "received_at": received_at or utc_now(),
         "error": error,

@@ -235,3 +235,74 @@ def test_cli_models_show_and_rm(store, exports, capsys):
     assert main(["models", "rm", "v0001", *data]) == 0
     assert capsys.readouterr().out.strip() == "removed: v0001"
     assert store.versions() == ["v0002"]
+
+
+# ---- a kill at every write of publish: one version per export, no stray names ------------------
+
+_KILL_AT = """
+import os, sys, shutil
+from pathlib import Path
+import edgekif.publish as publish
+
+counter = {"n": 0}
+kill_at = int(sys.argv[3])
+
+def killing(fn):
+    def wrapped(*a, **k):
+        counter["n"] += 1
+        if counter["n"] == kill_at:
+            os._exit(137)  # as SIGKILL: no finally, no cleanup
+        return fn(*a, **k)
+    return wrapped
+
+# every step of ModelStore.publish that changes the disk
+for mod, name in ((publish.os, "rename"), (publish.os, "symlink"), (publish.os, "replace"), (publish.os, "unlink"),
+                  (publish.shutil, "copytree"), (publish.shutil, "rmtree")):
+    setattr(mod, name, killing(getattr(mod, name)))
+publish.fsync_dir = killing(publish.fsync_dir)
+publish.fsync_tree = killing(publish.fsync_tree)
+publish.apply_default_modes = killing(publish.apply_default_modes)
+print(publish.ModelStore(sys.argv[1]).publish(Path(sys.argv[2])))
+"""
+
+
+def test_a_kill_at_any_write_of_publish_then_a_rerun_gives_one_version(tmp_path, exports):
+    """Kill the publishing process at its k-th disk-changing call, for every k, restart
+    (start-up cleanup, then the job's publish again): exactly one version holds the export,
+    `current` points at it, and models/ holds no stray names."""
+    script = tmp_path / "kill_at.py"
+    script.write_text(_KILL_AT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    k, completed = 0, False
+    while not completed:
+        k += 1
+        assert k < 40, "publish never completed"
+        root = tmp_path / f"data{k}"
+        store = ModelStore(root)
+        store.publish(exports[0])  # v0001 is live before the new one comes
+        run = subprocess.run([sys.executable, str(script), str(root), str(exports[1]), str(k)], env=env, capture_output=True, text=True)
+        completed = run.returncode == 0
+        assert run.returncode in (0, 137), run.stderr
+        restarted = ModelStore(root)
+        restarted.cleanup()
+        assert restarted.publish(exports[1]) == "v0002", f"kill at call {k}"
+        assert restarted.versions() == ["v0001", "v0002"], f"kill at call {k}"
+        assert restarted.current() == "v0002" and _seed_of(resolve_current(root)) == 2
+        assert sorted(os.listdir(restarted.models)) == [".publish.lock", "current", "v0001", "v0002"], f"kill at call {k}"
+    assert k > 5  # the kills landed at many points, the last run went through untouched
+
+
+def test_publishing_the_same_export_again_only_switches(store, exports):
+    assert store.publish(exports[0]) == "v0001"
+    assert store.publish(exports[1]) == "v0002"
+    store.rollback("v0001")
+    assert store.publish(exports[1]) == "v0002"  # the same bytes: no v0003
+    assert store.versions() == ["v0001", "v0002"] and store.current() == "v0002"
+
+
+def test_cleanup_removes_a_crashed_switch_link(store, exports):
+    store.publish(exports[0])
+    os.symlink("v0001", store.models / "current.tmp-99999")
+    (store.models / ".v0002.tmp").mkdir()
+    assert sorted(store.cleanup()) == [".v0002.tmp", "current.tmp-99999"]
+    assert sorted(os.listdir(store.models)) == [".publish.lock", "current", "v0001"]

@@ -426,3 +426,20 @@ def test_stage_ignoring_stop_is_abandoned_at_stop_timeout(tmp_path):
     assert json.loads(d.layout.runtime_file.read_text())["state"] == "stopped"
     assert wait_for(lambda: d.current is None)  # let the abandoned stage finish before cleanup
     d.close()
+
+
+def test_start_up_removes_a_crashed_publish_switch(tmp_path):
+    """A daemon killed inside ModelStore._switch leaves models/current.tmp-PID; the next start
+    removes it (and a half-copied staging folder), keeping the live version."""
+    d = make_daemon(tmp_path)
+    models = d.layout.models
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "v0001").mkdir()
+    os.symlink("v0001", models / "current")
+    os.symlink("v0001", models / "current.tmp-4242")
+    (models / ".v0002.tmp").mkdir()
+    d.open()
+    try:
+        assert sorted(p.name for p in models.iterdir() if p.name != ".publish.lock") == ["current", "v0001"]
+    finally:
+        d.close()

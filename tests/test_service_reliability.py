@@ -233,3 +233,115 @@ def test_kill_9_during_export_leaves_no_child_and_restart_removes_temp_files(tmp
         assert not list((tmp_path / "jobs").rglob("*.tmp"))
     finally:
         restarted.stop()
+
+
+# ---- a full disk: recognised whatever library hits it, and it never stops the daemon --------------
+
+
+def test_a_full_disk_without_an_errno_is_transient_and_the_job_resumes(tmp_path):
+    """safetensors reports ENOSPC as a plain exception with the OS's words and no errno."""
+    d = make(tmp_path, FakeStages(tmp_path, inject={"export": ["safetensors_full", "before", 4]}))
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle(max_steps=4)
+    (job,) = jobs(tmp_path)
+    assert job.state == "trained" and job.attempts == 0 and "No space left" in d.runner.waiting[job.id]["reason"]
+    d.run_until_idle()
+    (job,) = jobs(tmp_path)
+    assert job.state == "published"
+    d.close()
+
+
+def test_any_failure_on_a_nearly_full_disk_is_taken_as_the_disk(tmp_path, monkeypatch):
+    """A writer that lost both errno and text: the free-space check after the failure decides."""
+    import shutil as shutil_mod
+
+    from service import pipeline
+
+    real = shutil_mod.disk_usage
+    free = {"bytes": 2 * 2**20}
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: real(p)._replace(free=free["bytes"]))
+    d = make(tmp_path, FakeStages(tmp_path, inject={"export": ["error", "before", 1]}))
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle(max_steps=4)
+    (job,) = jobs(tmp_path)
+    assert job.state == "trained" and job.attempts == 0
+    assert "2 MB free" in d.runner.waiting[job.id]["reason"] and "injected error in export" in d.runner.waiting[job.id]["reason"]
+    free["bytes"] = 10 * 2**30  # space is back; the same error would now be an ordinary failure
+    d.run_until_idle()
+    (job,) = jobs(tmp_path)
+    assert job.state == "published"
+    d.close()
+
+
+def test_a_full_state_db_and_daemon_json_do_not_stop_the_daemon(tmp_path, monkeypatch):
+    """The bookkeeping around a failed stage hits the full disk too (SQLite's 'database or disk
+    is full', daemon.json's ENOSPC): the job waits, nothing escapes to kill the worker."""
+    import errno
+    import sqlite3
+
+    from service import daemon as daemon_mod
+    from service.jobs import JobStore as Store
+
+    d = make(tmp_path, FakeStages(tmp_path, inject={"export": ["enospc", "before", 2]}))
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle(max_steps=3)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13
+
+    def no_space(*a, **k):
+        raise full
+
+    def no_space_json(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "daemon.json")
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "log_event", no_space)
+        m.setattr(Store, "begin_attempt", no_space)
+        m.setattr(daemon_mod, "replace_json", no_space_json)
+        d.runtime.publish({"job_id": 1}, "running")  # does not raise
+        d.run_until_idle(max_steps=1)  # begin_attempt fails outside the stage: the job waits
+        (job,) = jobs(tmp_path)
+        assert job.state == "trained" and "SQLite" in d.runner.waiting[job.id]["reason"]
+    d.run_until_idle()
+    (job,) = jobs(tmp_path)
+    assert job.state == "published"
+    d.close()
+
+
+def test_start_up_on_a_full_disk_waits_instead_of_exiting(tmp_path, monkeypatch):
+    import sqlite3
+
+    from service import daemon as daemon_mod
+    from service.jobs import JobStore as Store
+
+    d = make(tmp_path)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13
+    tries = {"n": 0}
+
+    def opening(path):
+        tries["n"] += 1
+        if tries["n"] <= 2:
+            raise full
+        return Store(path)
+
+    monkeypatch.setattr(daemon_mod, "JobStore", opening)
+    monkeypatch.setattr(d._stop, "wait", lambda timeout=None: False)  # no real sleeping
+    d.open()
+    assert tries["n"] == 3 and d._store is not None
+    d.close()
+
+
+def test_a_rejection_report_names_the_file_where_it_is_now(tmp_path):
+    """The reader names the accepted/ copy it read; after the move the report must name the file
+    in rejected/ (which exists) and the name it was dropped with."""
+    d = make(tmp_path, LibraryInput(tmp_path))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n')
+    d.run_until_idle()
+    d.close()
+    report = json.loads((tmp_path / "rejected" / "bad.jsonl.error.json").read_text())
+    assert report["file"] == "bad.jsonl" and report["path"] == str(tmp_path / "rejected" / "bad.jsonl")
+    assert report["error"]["file"] == report["path"] and Path(report["error"]["file"]).is_file()
+    assert report["error"]["line"] == 2 and report["error"]["field"] == "output"

@@ -1,0 +1,286 @@
+"""The model stages (train, export, evaluate) in a child process, one per stage call.
+
+Why: a stage loads torch and a model (1.5 GB peak for SmolLM2); run in the daemon, glibc keeps
+much of that heap after the job (572 MB idle after one job, measured), and an out-of-memory
+kill takes the daemon with it. In a child, the daemon never imports torch, returns to its
+idle size after every job, and an OOM-killed stage is a job that fails with `out of memory`
+while the daemon goes on with the next one.
+
+    ChildStages(config)        the Stages the daemon runs: validate, buffer, gate and publish
+                               in the daemon (torch-free); train, export and evaluate each in a
+                               `python -m service.stage_process REQUEST` child
+    main(REQUEST)              the child: rebuild the job's context, run the stage, write the
+                               result (or the error, typed) as JSON next to the request
+
+The stages' own outputs on disk (checkpoints, learner, export) are the restart points, so a
+child needs nothing from the daemon but its request file. The child's log records come back
+on its stdout as JSON lines and are logged by the daemon (one log, one writer). A daemon stop
+sends the child SIGTERM: training checkpoints and stops (Interrupted), export and evaluate stop
+at once (they re-run from their start). The child cannot outlive the daemon (its own process
+group and, on Linux, PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import edgekif.errors as errors
+from edgekif.atomic import atomic_write_json
+from edgekif.config import Config, config_from_dict
+from edgekif.errors import EdgekifError, Interrupted, ResourceError
+from edgekif.export import _die_with_parent_hook
+
+from .jobs import DataLayout
+from .logs import _STANDARD, JsonFormatter
+from .stages import BufferResult, EvalResult, JobContext, Published, ShouldStop, Stages, TaskInfo, TrainResult
+
+log = logging.getLogger(__name__)
+
+REQUEST_FILE = "stage-request.json"
+RESULT_FILE = "stage-result.json"
+DEFAULT_FACTORY = "service.library_stages:LibraryStages"
+
+
+class StageKilled(EdgekifError):
+    """The stage's process was killed by a signal (SIGKILL: the kernel's OOM killer, mostly)."""
+
+
+class StageCrashed(EdgekifError):
+    """The stage raised something outside edgekif's errors; the message keeps its type and text."""
+
+
+# ---------------------------------------------------------------- the daemon's side
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process (Linux /proc), for `edgekif status`."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class ChildStages:
+    """Stages whose model work runs in a child process per call (module docstring).
+
+    `factory` ("module:callable", called with the Config in the child) builds the stages the
+    child runs; `on_child(pid | None)` is told when a child starts and ends (status shows its
+    memory); `should_stop()` is polled while a child runs."""
+
+    def __init__(self, config: Config, *, factory: str = DEFAULT_FACTORY, inner: Stages | None = None,
+                 should_stop: ShouldStop = lambda: False, on_child: Callable[[int | None], None] = lambda _pid: None) -> None:
+        self.config = config
+        self.factory = factory
+        self.inner = inner if inner is not None else _load(factory)(config)
+        self.should_stop = should_stop
+        self.on_child = on_child
+        self.peak_rss_mb: float | None = None  # of the last child
+
+    # torch-free stages: in the daemon
+    def validate(self, ctx: JobContext) -> TaskInfo:
+        return self.inner.validate(ctx)
+
+    def buffer(self, ctx: JobContext) -> BufferResult | None:
+        return self.inner.buffer(ctx)
+
+    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
+        return self.inner.gate(ctx, result)
+
+    def publish(self, ctx: JobContext, export_path: Path) -> str:
+        return self.inner.publish(ctx, export_path)
+
+    # model stages: in a child
+    def train(self, ctx: JobContext, should_stop: ShouldStop) -> TrainResult:
+        return TrainResult(**self._run("train", ctx, should_stop))
+
+    def export(self, ctx: JobContext) -> Path:
+        return Path(self._run("export", ctx, self.should_stop)["path"])
+
+    def evaluate(self, ctx: JobContext) -> EvalResult:
+        return EvalResult.from_dict(self._run("evaluate", ctx, self.should_stop))
+
+    def _run(self, stage: str, ctx: JobContext, should_stop: ShouldStop) -> dict[str, Any]:
+        request, result = ctx.work_dir / REQUEST_FILE, ctx.work_dir / RESULT_FILE
+        result.unlink(missing_ok=True)
+        atomic_write_json(request, {"stage": stage, "factory": self.factory, "config": self.config.to_dict(),
+                                    "ctx": context_to_dict(ctx), "result": str(result)})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.stage_process", str(request)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
+            process_group=0, preexec_fn=_die_with_parent_hook(),
+        )
+        relay = threading.Thread(target=_relay_logs, args=(proc.stdout, proc.pid, stage), name=f"edgekif-{stage}-log", daemon=True)
+        relay.start()
+        self.on_child(proc.pid)
+        peak, stopping = 0.0, False
+        try:
+            while proc.poll() is None:
+                peak = max(peak, rss_mb(proc.pid) or 0.0)
+                if not stopping and should_stop():
+                    proc.send_signal(signal.SIGTERM)  # training checkpoints first; see main()
+                    stopping = True
+                time.sleep(0.2)
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            relay.join(5)
+            self.on_child(None)
+            self.peak_rss_mb = peak or None
+        log.info("stage process ended", extra={"stage": stage, "job_id": ctx.job_id, "returncode": proc.returncode, "peak_rss_mb": peak})
+        try:
+            outcome = json.loads(result.read_text())
+        except (OSError, ValueError):
+            outcome = None
+        finally:
+            request.unlink(missing_ok=True)
+            result.unlink(missing_ok=True)
+        if outcome is None:
+            raise _no_result(stage, proc.returncode, peak)
+        if not outcome.get("ok"):
+            raise error_from_dict(outcome["error"])
+        return outcome["result"]
+
+
+def _no_result(stage: str, returncode: int, peak: float) -> EdgekifError:
+    if returncode == -signal.SIGKILL:
+        return StageKilled(f"out of memory: the {stage} stage's process was killed by SIGKILL (the kernel's OOM killer, most likely) "
+                           f"at {peak:.0f} MB resident")
+    if returncode < 0:
+        return StageKilled(f"the {stage} stage's process was killed by signal {signal.Signals(-returncode).name}")
+    return StageCrashed(f"the {stage} stage's process exited with {returncode} and no result")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _relay_logs(stream: Any, pid: int, stage: str) -> None:
+    """Each line of the child's output into the daemon's log: its JSON records as they were
+    logged (level, logger, fields), anything else (a native library's print) as a line of text."""
+    for line in stream:
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+            level = logging.getLevelName(rec.pop("level"))
+            name, msg = rec.pop("logger"), rec.pop("msg")
+            rec.pop("ts", None)
+        except (ValueError, KeyError, AttributeError, TypeError):
+            logging.getLogger("service.stage_process.output").info(line[:2000], extra={"stage": stage, "child_pid": pid})
+            continue
+        extra = {k: v for k, v in rec.items() if k not in _STANDARD}
+        logging.getLogger(name).log(level if isinstance(level, int) else logging.INFO, msg, extra={**extra, "child_pid": pid})
+    stream.close()
+
+
+# ---------------------------------------------------------------- what crosses the process boundary
+
+
+def context_to_dict(ctx: JobContext) -> dict[str, Any]:
+    return {
+        "job_id": ctx.job_id, "file_name": ctx.file_name, "file_path": str(ctx.file_path), "sha256": ctx.sha256,
+        "work_dir": str(ctx.work_dir), "data_dir": str(ctx.layout.root), "metrics": ctx.metrics, "past_tasks": ctx.past_tasks,
+        "task": dataclasses.asdict(ctx.task) if ctx.task else None,
+        "published": dataclasses.asdict(ctx.published) if ctx.published else None,
+    }
+
+
+def context_from_dict(d: dict[str, Any], config: Config) -> JobContext:
+    return JobContext(
+        job_id=d["job_id"], file_name=d["file_name"], file_path=Path(d["file_path"]), sha256=d["sha256"],
+        work_dir=Path(d["work_dir"]), layout=DataLayout(Path(d["data_dir"])), config=config,
+        task=TaskInfo(**d["task"]) if d.get("task") else None, metrics=d.get("metrics") or {},
+        published=Published(**d["published"]) if d.get("published") else None, past_tasks=list(d.get("past_tasks") or []),
+    )
+
+
+def error_to_dict(e: BaseException) -> dict[str, Any]:
+    """What the daemon needs to handle the error as if the stage had raised it in-process: its
+    type (edgekif's errors by name), fields, and whether it is the disk's or memory's doing."""
+    from .pipeline import transient_cause  # the child has the whole cause chain; the daemon does not
+
+    d: dict[str, Any] = {"type": type(e).__name__, "message": str(e), "transient": transient_cause(e)}
+    if isinstance(e, errors.ValidationError):
+        d["fields"] = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+    return d
+
+
+def error_from_dict(d: dict[str, Any]) -> BaseException:
+    if d.get("transient"):
+        return ResourceError(d["transient"])
+    cls = getattr(errors, d.get("type", ""), None)
+    if isinstance(cls, type) and issubclass(cls, errors.ValidationError):
+        return cls(**d["fields"])
+    if isinstance(cls, type) and issubclass(cls, EdgekifError):
+        return cls(d["message"])
+    if d.get("type") == "MemoryError":
+        return MemoryError(d["message"])
+    return StageCrashed(f"{d.get('type')}: {d.get('message')}")
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------- the child's side
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    request = json.loads(Path(argv[0]).read_text())
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    stage, result_path = request["stage"], Path(request["result"])
+    config = config_from_dict(request["config"])
+    ctx = context_from_dict(request["ctx"], config)
+    stop = threading.Event()
+
+    def on_term(_sig: int, _frame: Any) -> None:
+        if stage == "train":
+            stop.set()  # the trainer checkpoints at its next step and raises Interrupted
+        else:
+            raise Interrupted(f"{stage} stopped by the daemon")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        stages = _load(request.get("factory") or DEFAULT_FACTORY)(config)
+        if stage == "train":
+            out: dict[str, Any] = stages.train(ctx, stop.is_set).to_dict()
+        elif stage == "export":
+            out = {"path": str(stages.export(ctx))}
+        elif stage == "evaluate":
+            out = stages.evaluate(ctx).to_dict()
+        else:
+            raise EdgekifError(f"no model stage {stage!r}")
+        atomic_write_json(result_path, {"ok": True, "result": out})
+        return 0
+    except (Exception, MemoryError) as e:
+        logging.getLogger(__name__).info("stage raised", extra={"stage": stage, "error": f"{type(e).__name__}: {e}"})
+        atomic_write_json(result_path, {"ok": False, "error": error_to_dict(e)})
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
