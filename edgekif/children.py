@@ -51,7 +51,8 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
     return hook
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a child started by start_child and everything in its group; wait for it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own group: pgid == pid
     except (ProcessLookupError, PermissionError):
@@ -60,6 +61,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+def start_child(cmd: Sequence[str], **popen: Any) -> subprocess.Popen:
+    """subprocess.Popen(cmd, **popen) in its own process group, dying with the thread that
+    started it (Linux): for a caller that polls the child itself (service.stage_process)."""
+    return subprocess.Popen(list(cmd), process_group=0, preexec_fn=_die_with_parent_hook(), **popen)
 
 
 def run_child(
@@ -74,13 +81,10 @@ def run_child(
     follows the *thread* that started the child, so call this from a thread that waits for it
     (as here). Grandchildren that leave the group are not covered.
     """
-    proc = subprocess.Popen(
-        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-        process_group=0, preexec_fn=_die_with_parent_hook(),
-    )
+    proc = start_child(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

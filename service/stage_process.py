@@ -9,8 +9,9 @@ while the daemon goes on with the next one.
     ChildStages(config)        the Stages the daemon runs: validate, buffer, gate and publish
                                in the daemon (torch-free); train, export and evaluate each in a
                                `python -m service.stage_process REQUEST` child
-    main(REQUEST)              the child: rebuild the job's context, run the stage, write the
-                               result (or the error, typed) as JSON next to the request
+    main([REQUEST])            the child: rebuild the job's context, run the stage with the
+                               library's stages (or the factory given: the tests' fakes), write
+                               the result (or the error, typed) as JSON next to the request
 
 The stages' own outputs on disk (checkpoints, learner, export) are the restart points, so a
 child needs nothing from the daemon but its request file. The child's log records come back
@@ -23,7 +24,6 @@ group and, on Linux, PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -39,17 +39,18 @@ import edgekif.errors as errors
 from edgekif.atomic import atomic_write_json
 from edgekif.config import Config, config_from_dict
 from edgekif.errors import EdgekifError, Interrupted, ResourceError
-from edgekif.export import _die_with_parent_hook
+from edgekif.children import kill_group, start_child
 
 from .jobs import DataLayout
 from .logs import _STANDARD, JsonFormatter
+from .metrics import rss_mb
 from .stages import BufferResult, EvalResult, JobContext, Published, ShouldStop, Stages, TaskInfo, TrainResult
 
 log = logging.getLogger(__name__)
 
 REQUEST_FILE = "stage-request.json"
 RESULT_FILE = "stage-result.json"
-DEFAULT_FACTORY = "service.library_stages:LibraryStages"
+CHILD_COMMAND = (sys.executable, "-m", "service.stage_process")  # + REQUEST
 
 
 class StageKilled(EdgekifError):
@@ -63,29 +64,20 @@ class StageCrashed(EdgekifError):
 # ---------------------------------------------------------------- the daemon's side
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process (Linux /proc), for `edgekif status`."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 class ChildStages:
     """Stages whose model work runs in a child process per call (module docstring).
 
-    `factory` ("module:callable", called with the Config in the child) builds the stages the
-    child runs; `on_child(pid | None)` is told when a child starts and ends (status shows its
-    memory); `should_stop()` is polled while a child runs."""
+    `inner` runs the daemon's own stages (default: the library's); `child_command` + REQUEST
+    starts a child (the tests' fakes have their own); `on_child(pid | None)` is told when a
+    child starts and ends (status shows its memory); `should_stop()` is polled while a child runs."""
 
-    def __init__(self, config: Config, *, factory: str = DEFAULT_FACTORY, inner: Stages | None = None,
+    def __init__(self, config: Config, *, inner: Stages | None = None, child_command: tuple[str, ...] = CHILD_COMMAND,
                  should_stop: ShouldStop = lambda: False, on_child: Callable[[int | None], None] = lambda _pid: None) -> None:
+        from .library_stages import LibraryStages
+
         self.config = config
-        self.factory = factory
-        self.inner = inner if inner is not None else _load(factory)(config)
+        self.child_command = tuple(child_command)
+        self.inner = inner if inner is not None else LibraryStages(config)
         self.should_stop = should_stop
         self.on_child = on_child
         self.peak_rss_mb: float | None = None  # of the last child
@@ -116,13 +108,10 @@ class ChildStages:
     def _run(self, stage: str, ctx: JobContext, should_stop: ShouldStop) -> dict[str, Any]:
         request, result = ctx.work_dir / REQUEST_FILE, ctx.work_dir / RESULT_FILE
         result.unlink(missing_ok=True)
-        atomic_write_json(request, {"stage": stage, "factory": self.factory, "config": self.config.to_dict(),
+        atomic_write_json(request, {"stage": stage, "config": self.config.to_dict(),
                                     "ctx": context_to_dict(ctx), "result": str(result)})
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.stage_process", str(request)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
-            process_group=0, preexec_fn=_die_with_parent_hook(),
-        )
+        proc = start_child([*self.child_command, str(request)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
         relay = threading.Thread(target=_relay_logs, args=(proc.stdout, proc.pid, stage), name=f"edgekif-{stage}-log", daemon=True)
         relay.start()
         self.on_child(proc.pid)
@@ -135,7 +124,7 @@ class ChildStages:
                     stopping = True
                 time.sleep(0.2)
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc)
             raise
         finally:
             relay.join(5)
@@ -163,14 +152,6 @@ def _no_result(stage: str, returncode: int, peak: float) -> EdgekifError:
     if returncode < 0:
         return StageKilled(f"the {stage} stage's process was killed by signal {signal.Signals(-returncode).name}")
     return StageCrashed(f"the {stage} stage's process exited with {returncode} and no result")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def _relay_logs(stream: Any, pid: int, stage: str) -> None:
@@ -238,15 +219,10 @@ def error_from_dict(d: dict[str, Any]) -> BaseException:
     return StageCrashed(f"{d.get('type')}: {d.get('message')}")
 
 
-def _load(target: str) -> Callable[..., Any]:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 # ---------------------------------------------------------------- the child's side
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, stages_factory: Callable[[Config], Any] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(argv[0]).read_text())
     handler = logging.StreamHandler(sys.stdout)
@@ -265,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        stages = _load(request.get("factory") or DEFAULT_FACTORY)(config)
+        if stages_factory is None:
+            from .library_stages import LibraryStages as stages_factory
+        stages = stages_factory(config)
         if stage == "train":
             out: dict[str, Any] = stages.train(ctx, stop.is_set).to_dict()
         elif stage == "export":

@@ -11,7 +11,7 @@ from typing import Any
 from edgekif.config import Config
 
 from .jobs import DataLayout, Job, JobStore
-from .metrics import read_json
+from .metrics import read_json, rss_mb
 from .watcher import ignored_inbox_entries, is_ignored
 
 
@@ -125,8 +125,6 @@ def status(config: Config) -> dict[str, Any]:
             cur = dict(cur)
             cur["progress"] = progress_view(read_json(layout.job_dir(cur["job_id"]) / "progress.json"), cur.get("stage"), time.time())
             if cur.get("child_pid"):
-                from .stage_process import rss_mb
-
                 cur["child_rss_mb"] = rss_mb(int(cur["child_pid"]))
         out["current"] = cur
         pub = store.live()  # models/current, which a rollback moves

@@ -272,6 +272,10 @@ def fake_stages_for(config: Any) -> FakeStages:
     return FakeStages.from_data_dir(config.data_path)
 
 
+# `python -m service.testing --stage-child REQUEST`: a stage's child process running the fakes
+FAKE_CHILD_COMMAND = (sys.executable, "-m", "service.testing", "--stage-child")
+
+
 def fake_daemon_stages(config: Any) -> Any:
     """The fake daemon's stages: FakeStages, with the model stages in child processes as the
     real daemon runs them when fake_stages.json says `"in_child": true`."""
@@ -279,7 +283,7 @@ def fake_daemon_stages(config: Any) -> Any:
     if opts_file.exists() and json.loads(opts_file.read_text()).get("in_child"):
         from .stage_process import ChildStages
 
-        return ChildStages(config, factory="service.testing:fake_stages_for", inner=fake_stages_for(config))
+        return ChildStages(config, inner=fake_stages_for(config), child_command=FAKE_CHILD_COMMAND)
     return fake_stages_for(config)
 
 
@@ -291,4 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--stage-child"]:
+        from .stage_process import main as stage_child
+
+        sys.exit(stage_child(sys.argv[2:], stages_factory=fake_stages_for))
     sys.exit(main())

@@ -13,16 +13,14 @@ from edgekif.config import load_config
 from service.daemon import Daemon
 from service.jobs import JobStore
 from service.stage_process import ChildStages, error_from_dict, error_to_dict
-from service.testing import FakeStages
-
-FACTORY = "service.testing:fake_stages_for"
+from service.testing import FAKE_CHILD_COMMAND, FakeStages
 
 
 def make(tmp_path: Path, **fake):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "fake_stages.json").write_text(json.dumps(fake))
     config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
-    stages = ChildStages(config, factory=FACTORY, inner=FakeStages.from_data_dir(tmp_path))
+    stages = ChildStages(config, inner=FakeStages.from_data_dir(tmp_path), child_command=FAKE_CHILD_COMMAND)
     return Daemon(config, stages, retry_base_seconds=0, resource_retry_seconds=0)
 
 
