@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .config import Config, dump_default_toml, find_config, load_config
 from .errors import EdgekifError
+from .layout import DataLayout
 
 if TYPE_CHECKING:
     from .export.manifest import Manifest
@@ -82,7 +83,7 @@ def cmd_ingest(args) -> int:
 
     cfg = _config(args)
     cfg.data_path.mkdir(parents=True, exist_ok=True)
-    with ReplayBuffer(cfg.data_path / "replay.db", cfg.replay) as buf:
+    with ReplayBuffer(DataLayout(cfg.data_path).replay_db, cfg.replay) as buf:
         for task in _read_tasks(args.files, cfg):
             res = buf.add_task(args.name or task.name, task.records, source_file=str(task.path), source_sha256=task.sha256)
             print(f"{task.path}: {len(task.records)} records, {'already in buffer' if res.duplicate else f'{res.stored} kept in the buffer'}")
@@ -105,7 +106,7 @@ def cmd_buffer(args) -> int:
     from .replay import ReplayBuffer
 
     cfg = _config(args)
-    path = cfg.data_path / "replay.db"
+    path = DataLayout(cfg.data_path).replay_db
     if not path.is_file():
         print(f"no replay buffer at {path}", file=sys.stderr)
         return 1

@@ -1,9 +1,8 @@
 """The holdout files a data dir keeps per learned task: DATA_DIR/holdout/<task>.jsonl (Record
 JSON lines) and <task>.labels.json (the task's label set, or null).
 
-The one place those names are joined: the daemon's buffer stage writes them with
-write_holdout, the export and evaluate stages and tools/bench_quant.py read them with
-read_holdouts.
+The daemon's buffer stage writes them with write_holdout; the export and evaluate stages and
+tools/bench_quant.py read them with read_holdouts; their paths come from edgekif.layout.
 """
 
 from __future__ import annotations
@@ -15,17 +14,8 @@ from typing import Sequence
 
 from .atomic import atomic_write_json, atomic_write_text
 from .errors import DamagedFileError
+from .layout import DataLayout
 from .records import Record
-
-HOLDOUT_DIR = "holdout"
-
-
-def holdout_file(data_dir: str | os.PathLike, task: str) -> Path:
-    return Path(data_dir) / HOLDOUT_DIR / f"{task}.jsonl"
-
-
-def labels_file(data_dir: str | os.PathLike, task: str) -> Path:
-    return Path(data_dir) / HOLDOUT_DIR / f"{task}.labels.json"
 
 
 def write_records(path: Path, records: Sequence[Record]) -> None:
@@ -34,9 +24,10 @@ def write_records(path: Path, records: Sequence[Record]) -> None:
 
 def write_holdout(data_dir: str | os.PathLike, task: str, records: Sequence[Record], labels: Sequence[str] | None) -> Path:
     """Write one task's holdout and label set (atomically); returns the holdout file."""
-    path = holdout_file(data_dir, task)
+    layout = DataLayout(Path(data_dir))
+    path = layout.holdout_file(task)
     write_records(path, records)
-    atomic_write_json(labels_file(data_dir, task), {"labels": labels})
+    atomic_write_json(layout.labels_file(task), {"labels": labels})
     return path
 
 
@@ -45,11 +36,12 @@ def read_holdouts(data_dir: str | os.PathLike, tasks: Sequence[str], *, max_exam
     has a non-empty holdout file; tasks without one are left out of both."""
     records: dict[str, list[Record]] = {}
     labels: dict[str, list[str] | None] = {}
+    layout = DataLayout(Path(data_dir))
     for task in tasks:
-        path = holdout_file(data_dir, task)
+        path = layout.holdout_file(task)
         if path.is_file() and (recs := read_holdout(path)):
             records[task] = recs[: max_examples or None]
-            lab = labels_file(data_dir, task)
+            lab = layout.labels_file(task)
             labels[task] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
     return records, labels
 

@@ -38,12 +38,8 @@ class JobLayout:
         return self.root / "learner"
 
     @property
-    def adapter(self) -> Path:
-        return self.learner / "adapter"
-
-    @property
     def checkpoint(self) -> Path:
-        """Mid-task checkpoint (the trainer's own folder under the job dir): only for a resume."""
+        """The trainer's mid-task checkpoint: only for a resume."""
         return self.root / "checkpoint"
 
     @property

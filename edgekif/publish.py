@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from .atomic import apply_default_modes, atomic_write_text, fsync_dir, fsync_tree
 from .errors import IntegrityError, PublishError
 from .export.files import MANIFEST
+from .layout import CURRENT, DataLayout
 from .export.manifest import read_manifest, verify_manifest
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CURRENT = "current"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 LOCK_FILE = ".publish.lock"
 LAST_VERSION_FILE = ".last-version"  # highest number ever published, kept when `remove` deletes the newest
@@ -66,7 +66,7 @@ class ModelStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self.models = self.root / "models"
+        self.models = DataLayout(self.root).models
 
     # ----------------------------------------------------------------- queries
 
@@ -282,7 +282,7 @@ class ModelStore:
 
 def resolve_current(root: str | os.PathLike) -> Path:
     """The real folder `root/models/current` points to now (resolve once, then read from it)."""
-    link = Path(root) / "models" / CURRENT
+    link = DataLayout(Path(root)).current
     if not os.path.lexists(link):
         raise PublishError(f"{link}: no model published yet")
     real = Path(os.path.realpath(link))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 
 ReplaySampler = Callable[[int, int], Sequence[Record]]  # (n, seed) -> records of PAST tasks only
 ProgressFn = Callable[[dict], None]
+
+
+
+def learner_adapter(learner_dir: str | os.PathLike) -> Path:
+    """The peft adapter inside a folder written by Learner.save."""
+    return Path(learner_dir) / "adapter"
 
 
 @dataclass
@@ -241,7 +248,7 @@ class Learner:
         base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.strategy.optimizers.items()}
         deadline = Deadline(tcfg.max_minutes)  # this call's budget: a resumed job gets a fresh one
         start, resumed_from, losses = 0, 0, []
-        ckpt = Path(ckpt_dir) / "checkpoint" if ckpt_dir else None
+        ckpt = Path(ckpt_dir) if ckpt_dir else None
         if ckpt is not None and (ckpt / CKPT_META).is_file():
             meta = load_checkpoint(ckpt, params=self.params, strategy=self.strategy)
             if meta.get("task_id") != task_id or meta.get("schedule") != len(kinds):
@@ -334,7 +341,7 @@ class Learner:
 
         folder = Path(folder)
         with atomic_dir(folder, overwrite=True) as tmp:
-            self.model.save_pretrained(tmp / "adapter")
+            self.model.save_pretrained(learner_adapter(tmp))
             state = {k: v.detach().clone().contiguous() for k, v in self.strategy.persistent_state().items()}
             if state:
                 save_file(state, str(tmp / STRATEGY_STATE))
@@ -349,7 +356,7 @@ class Learner:
         folder = Path(folder)
         meta = read_learner_meta(folder)
         try:
-            weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+            weights = load_file(str(learner_adapter(folder) / "adapter_model.safetensors"))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{folder}: unreadable learner state: {e}") from e
         set_peft_model_state_dict(self.model, weights)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from .config import Config, xdg_dir
+from .layout import DataLayout
 from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision
 from .trainer import Learner
 
@@ -29,7 +30,7 @@ def cache_root(cfg: Config) -> Path:
     The system unit sets EDGEKIF_CACHE_DIR, so it never depends on the service user's HOME."""
     if env := os.environ.get("EDGEKIF_CACHE_DIR"):
         return Path(env)
-    legacy = cfg.data_path / "cache"
+    legacy = DataLayout(cfg.data_path).legacy_cache
     if legacy.is_dir():
         return legacy
     return xdg_dir("XDG_CACHE_HOME", ".cache") / "edgekif"

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from edgekif.errors import EdgekifError
-from edgekif.publish import CURRENT, VERSION_RE
+from edgekif.layout import DataLayout
+from edgekif.publish import VERSION_RE
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class RunnerPool:
         from edgekif.publish import open_current
 
         self.data_dir = Path(data_dir)
-        self.link = self.data_dir / "models" / CURRENT
+        self.link = DataLayout(self.data_dir).current
         self._open = opener or open_current
         self._load_lock = threading.Lock()  # one version opens at a time
         self._lock = threading.Lock()  # guards refs, _live and _slots; held only briefly
@@ -406,7 +407,7 @@ def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None,
 
     def _model_row(name: str, live: str) -> dict[str, Any]:
         try:
-            created = int(os.stat(pool.data_dir / "models" / live).st_mtime)
+            created = int(os.stat(DataLayout(pool.data_dir).version(live)).st_mtime)
         except OSError:
             created = 0
         return {"id": name, "object": "model", "created": created, "owned_by": MODEL_NAME}

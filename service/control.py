@@ -7,8 +7,9 @@ from pathlib import Path
 
 from edgekif.config import Config
 from edgekif.errors import PublishError
+from edgekif.layout import DataLayout
 
-from .jobs import TERMINAL, DataLayout, JobStore, utc_now
+from .jobs import TERMINAL, JobStore, utc_now
 
 
 def force_publish(config: Config, job_id: int) -> str:

@@ -28,8 +28,9 @@ from typing import Any, Callable
 
 from edgekif.config import Config, load_config
 from edgekif.errors import ConfigError, EdgekifError
+from edgekif.layout import DataLayout
 
-from .jobs import DataLayout, Job, JobStore, utc_now
+from .jobs import Job, JobStore, utc_now
 from .logs import setup_logging
 from .housekeeping import cleanup_stale_temp
 from .metrics import MetricsWriter, read_json, replace_json
@@ -77,7 +78,7 @@ def status_line(store: JobStore, layout: DataLayout, current: dict[str, Any] | N
         job_id, w = next(iter(waiting.items()))
         return f"job {job_id} waiting for resources before {w['stage']}: {w['reason']}; {queued} unfinished"
     if current:
-        progress = read_json(layout.job_dir(current["job_id"]) / "progress.json") or {}
+        progress = read_json(layout.job(current["job_id"]).progress) or {}
         total = progress.get("total_steps") or progress.get("steps") or "?"
         step = f" step {progress['step']}/{total}" if current["stage"] == "train" and "step" in progress else ""
         return f"job {current['job_id']} ({current['file']}): {current['stage']}{step}; {queued} unfinished"
@@ -448,7 +449,7 @@ def run_daemon(
     layout = DataLayout(config.data_path)
     layout.create()
     svc = config.service
-    setup_logging(layout.logs, max_bytes=svc.log_max_bytes, backups=svc.log_backups)
+    setup_logging(layout.log_file, max_bytes=svc.log_max_bytes, backups=svc.log_backups)
     apply_niceness(svc.nice)
     apply_thread_limits(config.model.threads)
     try:
@@ -458,7 +459,7 @@ def run_daemon(
         return 1
 
     def on_reload(cfg: Config) -> None:
-        setup_logging(layout.logs, max_bytes=cfg.service.log_max_bytes, backups=cfg.service.log_backups)
+        setup_logging(layout.log_file, max_bytes=cfg.service.log_max_bytes, backups=cfg.service.log_backups)
         apply_niceness(cfg.service.nice)
 
     daemon.reload_hooks.append(on_reload)

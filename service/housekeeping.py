@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from edgekif.export.build import GENAI_CACHE_PREFIX
+from edgekif.layout import DataLayout
 
-from .jobs import DataLayout
+
 
 log = logging.getLogger(__name__)
 

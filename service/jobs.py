@@ -198,61 +198,6 @@ FROM jobs JOIN files ON files.id = jobs.file_id
 """
 
 
-@dataclass(frozen=True)
-class DataLayout:
-    """Where everything lives under the data dir."""
-
-    root: Path
-
-    @property
-    def inbox(self) -> Path:
-        return self.root / "inbox"
-
-    @property
-    def accepted(self) -> Path:
-        return self.root / "accepted"
-
-    @property
-    def rejected(self) -> Path:
-        return self.root / "rejected"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def jobs(self) -> Path:
-        return self.root / "jobs"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def state_db(self) -> Path:
-        return self.root / "state.db"
-
-    @property
-    def replay_db(self) -> Path:
-        return self.root / "replay.db"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / "daemon.lock"
-
-    @property
-    def runtime_file(self) -> Path:
-        """Small JSON the running daemon keeps current (pid, what it is doing) for `status`."""
-        return self.root / "daemon.json"
-
-    def job_dir(self, job_id: int) -> Path:
-        return self.jobs / str(job_id)
-
-    def create(self) -> None:
-        for d in (self.root, self.inbox, self.accepted, self.rejected, self.models, self.jobs, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
-
-
 def _unique_task_name(c: sqlite3.Connection, name: str) -> str:
     """Each file is its own task: a file named like an earlier task (other bytes; the same
     bytes are a duplicate) becomes `NAME~2`, `NAME~3`, ... so that its holdout and its share

@@ -38,15 +38,11 @@ import shutil
 import time
 from pathlib import Path
 
-from edgekif.holdouts import holdout_file, read_holdout, read_holdouts, write_holdout, write_records
+from edgekif.holdouts import read_holdout, read_holdouts, write_holdout, write_records
 
 from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, publish_gate
 
 log = logging.getLogger(__name__)
-
-
-def _learner_dir(layout, job_id: int) -> Path:
-    return layout.jobs / str(job_id) / "learner"
 
 
 def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
@@ -58,7 +54,7 @@ def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
     out = []
     for name in names:
         st = per_task.get(name, {})
-        hold = holdout_file(layout.root, name)
+        hold = layout.holdout_file(name)
         out.append({
             "id": name,
             "name": name,
@@ -103,7 +99,7 @@ class LibraryStages:
         n_hold = min(n_hold, len(records) - 1) if len(records) > 1 else 0
         holdout, train = records[:n_hold], records[n_hold:]
         holdout_path = write_holdout(ctx.layout.root, ctx.task_name, holdout, data.labels)
-        write_records(ctx.work_dir / "train.jsonl", train)
+        write_records(ctx.job_files.train_file, train)
         with ReplayBuffer(ctx.layout.replay_db, cfg.replay) as buf:
             res = buf.add_task(ctx.task_name, train, source_file=ctx.file_name, source_sha256=ctx.sha256)
         return BufferResult(
@@ -117,16 +113,16 @@ class LibraryStages:
     def train(self, ctx: JobContext, should_stop: ShouldStop) -> TrainResult:
         from edgekif.continual import StreamTask, learn_task
         from edgekif.replay import ReplayBuffer
-        from edgekif.trainer import has_learner, read_learner_meta
+        from edgekif.trainer import has_learner, learner_adapter, read_learner_meta
         from edgekif.workflow import open_learner
 
         _quiet_transformers()
-        out = _learner_dir(ctx.layout, ctx.job_id)
+        out = ctx.job_files.learner
         if has_learner(out) and ctx.task_name in read_learner_meta(out).tasks_seen:
-            return TrainResult(steps=0, adapter_path=str(out / "adapter"), metrics={"skipped": "already trained"})
-        start = _learner_dir(ctx.layout, ctx.published.job_id) if ctx.published else None
+            return TrainResult(steps=0, adapter_path=str(learner_adapter(out)), metrics={"skipped": "already trained"})
+        start = ctx.layout.job(ctx.published.job_id).learner if ctx.published else None
         learner, base = open_learner(ctx.config, state_dir=start)
-        task = StreamTask(ctx.task_name, read_holdout(ctx.work_dir / "train.jsonl"), source_file=ctx.file_name, source_sha256=ctx.sha256)
+        task = StreamTask(ctx.task_name, read_holdout(ctx.job_files.train_file), source_file=ctx.file_name, source_sha256=ctx.sha256)
         started = time.time()
         ctx.write_progress(stage="train", started=started, step=0, steps=None)
         first: dict = {}  # step and time of this run's first report: status's rate and ETA start there (after loading)
@@ -141,13 +137,13 @@ class LibraryStages:
             # Replay only published tasks: the buffer also holds the examples of jobs the
             # forgetting gate held (or that failed after buffering). The buffer step stored this
             # task's share already (remember=False).
-            res = learn_task(learner, buf, task, past_tasks=ctx.past_tasks, remember=False, ckpt_dir=ctx.work_dir,
+            res = learn_task(learner, buf, task, past_tasks=ctx.past_tasks, remember=False, ckpt_dir=ctx.job_files.checkpoint,
                              should_stop=should_stop, progress=progress)
         learner.save(out)
         # the mid-task checkpoint only serves a resume; the learner folder now holds the result
         # (a re-run after a crash here sees the task in learner.json and skips training)
-        shutil.rmtree(ctx.work_dir / "checkpoint", ignore_errors=True)
-        return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(out / "adapter"), metrics=res.to_dict())
+        shutil.rmtree(ctx.job_files.checkpoint, ignore_errors=True)
+        return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(learner_adapter(out)), metrics=res.to_dict())
 
     # -- export: fused, built, and checked against the fp32 model on the holdouts -------------------
     def _holdouts(self, ctx: JobContext, names: list[str]) -> tuple[dict, dict]:
@@ -159,11 +155,11 @@ class LibraryStages:
         from edgekif.export.manifest import verify_manifest
         from edgekif.model import resolve_base
         from edgekif.records import Record
-        from edgekif.trainer import read_learner_meta
+        from edgekif.trainer import learner_adapter, read_learner_meta
         from edgekif.workflow import cache_root, export_adapter
 
         _quiet_transformers()
-        out = ctx.work_dir / "export"
+        out = ctx.job_files.export
         if (out / MANIFEST).is_file():
             try:
                 verify_manifest(out)
@@ -171,7 +167,7 @@ class LibraryStages:
             except IntegrityError:
                 log.warning("re-exporting: existing export does not verify", extra={"job": ctx.job_id})
         base = resolve_base(ctx.config.model, cache_root(ctx.config))
-        learner_dir = _learner_dir(ctx.layout, ctx.job_id)
+        learner_dir = ctx.job_files.learner
         tasks_seen = read_learner_meta(learner_dir).tasks_seen
         # Every task the model has learned, the new one last: the export is checked against the
         # fp32 model and scored on all of them, and these scores are what the gate judges.
@@ -180,12 +176,12 @@ class LibraryStages:
             holdout = {"prompts": [Record.from_prompt("Hello! What can you do?", "")]}
         t0 = time.perf_counter()
         result = export_adapter(
-            ctx.config, base, learner_dir / "adapter", ctx.work_dir / "export-work", out, holdout=holdout, labels=labels,
+            ctx.config, base, learner_adapter(learner_dir), ctx.job_files.scratch, out, holdout=holdout, labels=labels,
             manifest_info={"tasks": manifest_tasks(ctx.layout, ctx.config, tasks_seen), "job_id": ctx.job_id},
         )
         log.info("export stage done", extra={"job_id": ctx.job_id, "seconds": round(time.perf_counter() - t0, 1)})
         # the fused fp32 copy (~0.5 GB for SmolLM2) is scratch: a re-run starts from the export
-        shutil.rmtree(ctx.work_dir / "export-work", ignore_errors=True)
+        shutil.rmtree(ctx.job_files.scratch, ignore_errors=True)
         return result
 
     # -- evaluate: the export's own figures + the base's zero-shot on the new task ----------------

@@ -82,7 +82,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(
-    log_dir: str | Path | None,
+    log_file: str | Path | None,
     *,
     max_bytes: int = 10 * 1024 * 1024,
     backups: int = 3,
@@ -108,13 +108,9 @@ def setup_logging(
     out = logging.StreamHandler(out_stream)
     out.setFormatter(JsonFormatter(syslog_prefix=syslog_prefix))
     handlers.append(out)
-    if log_dir is not None:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.RotatingFileHandler(
-                Path(log_dir) / "edgekif.log", maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-            )
-        )
+    if log_file is not None:  # DATA_DIR/logs/edgekif.log for the daemon (edgekif.layout)
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"))
     for h in handlers:
         if h.formatter is None:
             h.setFormatter(fmt)

@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 from edgekif.config import Config
 from edgekif.errors import DamagedFileError, EdgekifError, Interrupted, ResourceError, ValidationError
+from edgekif.layout import DataLayout
 
-from .jobs import TRANSITIONS, DataLayout, Job, JobStore, utc_now
+from .jobs import TRANSITIONS, Job, JobStore, utc_now
 from .stages import EvalResult, JobContext, Published, Stages, TaskInfo, check_memory
 from .watcher import move_to_rejected, safe_name, unique_rejected_dest
 
@@ -146,6 +147,11 @@ class JobRunner:
         self.not_before[job.id] = time.monotonic() + self.resource_retry_seconds
         log.warning("not enough resources; job stays queued", extra={"job_id": job.id, "stage": stage, "error": why, "retry_in_s": self.resource_retry_seconds})
 
+    def drop_scratch(self, job_id: int) -> None:
+        """A job that ended without publishing keeps what a retry or `publish --force` needs
+        (learner, checkpoint, export) and loses its scratch: the fused fp32 copy is ~0.5 GB."""
+        shutil.rmtree(self.layout.job(job_id).scratch, ignore_errors=True)
+
     def runnable(self, job: Job) -> bool:
         return self.not_before.get(job.id, 0.0) <= time.monotonic()
 
@@ -211,6 +217,7 @@ class JobRunner:
                 "kind": "crashed", "stage": stage,
                 "message": f"{stage} was started {MAX_ATTEMPTS} times without finishing (process killed or crashed)",
             })
+            self.drop_scratch(job.id)
             log.error("job failed: stage never finished", extra={"job_id": job.id, "stage": stage})
             raise _Handled
         self.on_current({"job_id": job.id, "file": job.file_name, "state": job.state, "stage": stage, "since": utc_now(), "attempt": attempts})
@@ -240,6 +247,7 @@ class JobRunner:
             log.info("stage stopped at a checkpoint", extra={"job_id": job.id, "stage": stage, "detail": str(e)})
         elif attempts >= MAX_ATTEMPTS:
             store.fail(job.id, job.state, error_dict(e, stage))
+            self.drop_scratch(job.id)
             log.error("job failed", extra={"job_id": job.id, "stage": stage, "attempts": attempts, "error": str(e)}, exc_info=e)
         else:
             store.record_error(job.id, job.state, error_dict(e, stage))
@@ -319,6 +327,7 @@ class JobRunner:
             return
         store.advance(job.id, "evaluated", "held", metrics={"gate": info},
                       error={"kind": "gate", "message": "; ".join(info["reasons"]), "reasons": info["reasons"]}, **decided_on)
+        self.drop_scratch(job.id)  # the export stays: `publish --force` publishes it
         log.warning("held by the gate (edgekif publish --force %d overrides)", job.id,
                     extra={"job_id": job.id, "reasons": info["reasons"]})
 

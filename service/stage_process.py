@@ -37,11 +37,12 @@ from typing import Any, Callable
 
 import edgekif.errors as errors
 from edgekif.atomic import atomic_write_json
+from edgekif.children import kill_group, start_child
 from edgekif.config import Config, config_from_dict
 from edgekif.errors import EdgekifError, Interrupted, ResourceError
-from edgekif.children import kill_group, start_child
+from edgekif.layout import DataLayout
 
-from .jobs import DataLayout
+
 from .logs import _STANDARD, JsonFormatter
 from .metrics import rss_mb
 from .stages import BufferResult, EvalResult, JobContext, Published, ShouldStop, Stages, TaskInfo, TrainResult

@@ -24,7 +24,7 @@ from .metrics import replace_json
 if TYPE_CHECKING:
     from edgekif.config import Config
 
-    from .jobs import DataLayout
+    from edgekif.layout import DataLayout, JobLayout
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,13 @@ class JobContext:
         return self.task.name if self.task else Path(self.file_name).stem
 
     @property
+    def job_files(self) -> "JobLayout":
+        """This job's folder and the stages' outputs in it (edgekif.layout)."""
+        return self.layout.job(self.job_id)
+
+    @property
     def progress_path(self) -> Path:
-        return self.work_dir / "progress.json"
+        return self.job_files.progress
 
     def write_progress(self, **fields: Any) -> None:
         """The train stage reports here; `status` shows it. Atomic so readers never see half;

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekif.config import Config
+from edgekif.layout import DataLayout
 
-from .jobs import DataLayout, Job, JobStore
+from .jobs import Job, JobStore
 from .metrics import read_json, rss_mb
 from .watcher import ignored_inbox_entries, is_ignored
 
@@ -123,7 +124,7 @@ def status(config: Config) -> dict[str, Any]:
             cur = {"job_id": queue[0].id, "file": queue[0].file_name, "state": queue[0].state, "stage": None}
         if cur is not None:
             cur = dict(cur)
-            cur["progress"] = progress_view(read_json(layout.job_dir(cur["job_id"]) / "progress.json"), cur.get("stage"), time.time())
+            cur["progress"] = progress_view(read_json(layout.job(cur["job_id"]).progress), cur.get("stage"), time.time())
             if cur.get("child_pid"):
                 cur["child_rss_mb"] = rss_mb(int(cur["child_pid"]))
         out["current"] = cur

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from edgekif.atomic import atomic_write_json, fsync_dir, mkstemp_public, sha256_file
+from edgekif.layout import DataLayout
 
-from .jobs import DataLayout, DuplicateFile, JobStore, utc_now
+from .jobs import DuplicateFile, JobStore, utc_now
 
 if TYPE_CHECKING:
     from edgekif.config import Config

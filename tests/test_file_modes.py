@@ -15,7 +15,7 @@ import pytest
 
 from edgekif.atomic import atomic_dir, atomic_write_json, atomic_write_text, dir_mode, file_mode, process_umask
 from edgekif.publish import ModelStore
-from service.jobs import DataLayout
+from edgekif.layout import DataLayout
 from service.metrics import replace_json, replace_text
 from service.watcher import move_to_rejected
 

@@ -20,7 +20,7 @@ from edgekif.errors import ExportError
 from edgekif.export import build as export
 from edgekif.export.build import GENAI_CACHE_PREFIX
 from service.housekeeping import LEGACY_CACHE_MAX_AGE, cleanup_stale_temp
-from service.jobs import DataLayout
+from edgekif.layout import DataLayout
 
 REPO = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")

@@ -46,7 +46,7 @@ def test_forced_prefix_goes_to_the_stream_only_never_the_file(tmp_path):
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        handlers = setup_logging(tmp_path / "logs", stream=stream, syslog_prefix=True)
+        handlers = setup_logging(tmp_path / "logs" / "edgekif.log", stream=stream, syslog_prefix=True)
         log = logging.getLogger("service.test")
         log.error("boom", extra={"job_id": 3})
         log.warning("careful")

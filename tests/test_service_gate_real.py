@@ -39,7 +39,8 @@ pytest.importorskip("onnxruntime")
 from edgekif.config import load_config  # noqa: E402
 from service.daemon import Daemon  # noqa: E402
 from service.status import status  # noqa: E402
-from service.jobs import DataLayout, JobStore  # noqa: E402
+from edgekif.layout import DataLayout
+from service.jobs import JobStore  # noqa: E402
 
 COLORS = {"apple": "ant", "brick": "bee", "cloud": "cow", "dingo": "dog",
           "eagle": "ant", "flute": "bee", "grape": "cow", "house": "dog"}

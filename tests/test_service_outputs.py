@@ -40,8 +40,8 @@ def test_setup_logging_writes_rotating_file_and_replaces_its_handlers(tmp_path):
     before = list(root.handlers)
     level = root.level
     try:
-        setup_logging(tmp_path / "logs", max_bytes=300, backups=2, stream=io.StringIO())
-        handlers = setup_logging(tmp_path / "logs", max_bytes=300, backups=2, stream=io.StringIO())
+        setup_logging(tmp_path / "logs" / "edgekif.log", max_bytes=300, backups=2, stream=io.StringIO())
+        handlers = setup_logging(tmp_path / "logs" / "edgekif.log", max_bytes=300, backups=2, stream=io.StringIO())
         assert sum(h in root.handlers for h in handlers) == 2
         assert len(root.handlers) == len(before) + 2  # the first call's handlers were removed
         for i in range(20):

@@ -345,3 +345,40 @@ def test_a_rejection_report_names_the_file_where_it_is_now(tmp_path):
     assert report["file"] == "bad.jsonl" and report["path"] == str(tmp_path / "rejected" / "bad.jsonl")
     assert report["error"]["file"] == report["path"] and Path(report["error"]["file"]).is_file()
     assert report["error"]["line"] == 2 and report["error"]["field"] == "output"
+
+
+class ScratchStages(FakeStages):
+    """Fakes whose export writes a fused-model-sized scratch first, as the real one does."""
+
+    def export(self, ctx):
+        scratch = ctx.job_files.scratch
+        scratch.mkdir(parents=True, exist_ok=True)
+        (scratch / "model.safetensors").write_bytes(b"\0" * (4 << 20))
+        return super().export(ctx)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_failed_or_held_job_leaves_no_scratch(tmp_path):
+    failed = make(tmp_path / "f", ScratchStages(tmp_path / "f", inject={"export": ["error", "after", 3]}))
+    drop(tmp_path / "f", "a.jsonl", _recs("a", 2))
+    failed.run_until_idle()
+    failed.close()
+    (job,) = jobs(tmp_path / "f")
+    assert job.state == "failed"
+    assert not (tmp_path / "f" / "jobs" / str(job.id) / "export-work").exists()
+    assert _size(tmp_path / "f" / "jobs" / str(job.id)) < 64 * 1024
+
+    held = make(tmp_path / "h", ScratchStages(tmp_path / "h", drop=50.0))  # every past task loses 50 points
+    drop(tmp_path / "h", "a.jsonl", _recs("a", 2))
+    held.run_until_idle()
+    drop(tmp_path / "h", "b.jsonl", _recs("b", 2))
+    held.run_until_idle()
+    held.close()
+    a, b = sorted(jobs(tmp_path / "h"), key=lambda j: j.id)
+    assert a.state == "published" and b.state == "held"
+    assert not (tmp_path / "h" / "jobs" / str(b.id) / "export-work").exists()
+    assert (tmp_path / "h" / "jobs" / str(b.id) / "export").is_dir()  # what publish --force needs
+    assert _size(tmp_path / "h" / "jobs" / str(b.id)) < 64 * 1024

@@ -11,7 +11,8 @@ import pytest
 from edgekif.config import load_config
 from service.daemon import Daemon
 from service.status import status
-from service.jobs import DataLayout, JobStore
+from edgekif.layout import DataLayout
+from service.jobs import JobStore
 from service.stages import EvalResult, Published, TrainResult, forgetting_gate
 
 

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from edgekif.config import load_config
-from service.jobs import DataLayout, JobStore
+from edgekif.layout import DataLayout
+from service.jobs import JobStore
 import service.watcher as watcher_mod
 from service.watcher import InboxWatcher, accepted_name, ignored_inbox_entries, name_problem, open_writers, reconcile_takes, safe_name
 from test_service_daemon import wait_for as _wait_for

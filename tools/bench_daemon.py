@@ -52,6 +52,7 @@ from edgekif.atomic import atomic_write_json, atomic_write_text  # noqa: E402  (
 from edgekif.config import load_config  # noqa: E402
 from edgekif.errors import IntegrityError  # noqa: E402
 from edgekif.export.manifest import read_manifest  # noqa: E402  (light: no torch)
+from edgekif.layout import DataLayout  # noqa: E402
 from tools.benchlib import cache_dir, cpu_model, package_versions, ram_gb  # noqa: E402
 
 PY = sys.executable
@@ -203,12 +204,12 @@ def job_rows(state_db: Path) -> list[dict[str, Any]]:
     return [{"id": r[0], "state": r[1], "file": r[2]} for r in rows]
 
 
-def current_version(models: Path) -> str | None:
+def current_version(layout: DataLayout) -> str | None:
     try:
-        return os.path.basename(os.readlink(models / "current").rstrip("/"))
+        return os.path.basename(os.readlink(layout.current).rstrip("/"))
     except OSError:
         pass
-    fake = read_json(models / "current.json")  # --fake-stages (plumbing test) publish this way
+    fake = read_json(layout.models / "current.json")  # --fake-stages (plumbing test) publish this way
     return fake.get("version") if fake else None
 
 
@@ -237,7 +238,7 @@ def breakdown(data_dir: Path, job_id: int, t_drop: float, logs: list[dict[str, A
     """Stage windows from state.db's event log: `attempt` (stage starts) -> committing event."""
     from service.jobs import JobStore
 
-    with JobStore(data_dir / "state.db") as store:
+    with JobStore(DataLayout(data_dir).state_db) as store:
         job = store.get(job_id)
         events = store.events(job_id)
     ev = [{"kind": e.kind, "t": ts_epoch(e.ts), "data": e.data} for e in events]
@@ -317,13 +318,13 @@ def breakdown(data_dir: Path, job_id: int, t_drop: float, logs: list[dict[str, A
         out["export_steps"] = sub
     ver = job.version
     try:
-        man = read_manifest(data_dir / "models" / ver) if ver else None
+        man = read_manifest(DataLayout(data_dir).version(ver)) if ver else None
     except IntegrityError:
         man = None
     if man:
         out["export"] = {"target": man.target, "precision": man.precision, "execution_provider": man.execution_provider,
                          "parity": man.parity, "parity_rejected": [r.get("precision") for r in man.parity_rejected or []],
-                         "size_mb": round(sum(p.stat().st_size for p in (data_dir / "models" / ver).rglob("*") if p.is_file()) / MB, 1)}
+                         "size_mb": round(sum(p.stat().st_size for p in DataLayout(data_dir).version(ver).rglob("*") if p.is_file()) / MB, 1)}
     return out
 
 
@@ -336,17 +337,18 @@ def drop_task(data_dir: Path, src: Path, name: str, n: int) -> tuple[str, float]
         raise SystemExit(f"{src} has only {len(lines)} examples, {n} needed")
     random.Random(0).shuffle(lines)
     fname = f"{name}-{n}.jsonl"
-    part = data_dir / "inbox" / f"{fname}.part"  # ignored by the watcher until renamed
+    inbox = DataLayout(data_dir).inbox
+    part = inbox / f"{fname}.part"  # ignored by the watcher until renamed
     part.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
     with open(part, "rb") as f:
         os.fsync(f.fileno())
-    os.rename(part, data_dir / "inbox" / fname)
+    os.rename(part, inbox / fname)
     return fname, time.time()
 
 
 def run_task(daemon: subprocess.Popen, sampler: Sampler, data_dir: Path, src: Path, name: str, n: int, timeout: float) -> dict[str, Any]:
-    models = data_dir / "models"
-    before = current_version(models)
+    layout = DataLayout(data_dir)
+    before = current_version(layout)
     fname, t_drop = drop_task(data_dir, src, name, n)
     t_mono = time.monotonic()
     print(f"dropped {fname} ({n} examples); waiting for a new models/current (was {before})", flush=True)
@@ -363,11 +365,11 @@ def run_task(daemon: subprocess.Popen, sampler: Sampler, data_dir: Path, src: Pa
                 s["t_since_drop"] = round(now - t_mono, 2)
                 samples.append(s)
             next_sample += 1.0
-            rows = [r for r in job_rows(data_dir / "state.db") if r["file"] == fname]
+            rows = [r for r in job_rows(layout.state_db) if r["file"] == fname]
             job = rows[-1] if rows else None
-            rt = read_json(data_dir / "daemon.json") or {}
+            rt = read_json(layout.runtime_file) or {}
             cur = rt.get("current") or {}
-            prog = read_json(data_dir / "jobs" / str(job["id"]) / "progress.json") if job else None
+            prog = read_json(layout.job(job["id"]).progress) if job else None
             line = f"job {job['id']} {job['state']}" if job else "waiting for pickup"
             if cur.get("stage"):
                 line += f" / {cur['stage']}"
@@ -376,7 +378,7 @@ def run_task(daemon: subprocess.Popen, sampler: Sampler, data_dir: Path, src: Pa
             if line != last_line:
                 print(f"  {now - t_mono:7.1f}s  {line}", flush=True)
                 last_line = line
-        cur_v = current_version(models)
+        cur_v = current_version(layout)
         if seen_at is None and cur_v is not None and cur_v != before:
             seen_at = time.time()
             print(f"  {time.monotonic() - t_mono:7.1f}s  models/current -> {cur_v}", flush=True)
@@ -389,9 +391,9 @@ def run_task(daemon: subprocess.Popen, sampler: Sampler, data_dir: Path, src: Pa
         time.sleep(0.25)
     res = {"task": name, "examples": n, "file": fname, "drop_epoch": t_drop, "outcome": job["state"],
            "drop_to_published_s": round(seen_at - t_drop, 2) if seen_at else None,
-           "drop_to_final_s": round(time.time() - t_drop, 2), "version": current_version(models),
+           "drop_to_final_s": round(time.time() - t_drop, 2), "version": current_version(layout),
            "resources": {**summarize(samples), "timeline": samples}}
-    res.update(breakdown(data_dir, job["id"], t_drop, read_log(data_dir / "logs" / "edgekif.log")))
+    res.update(breakdown(data_dir, job["id"], t_drop, read_log(layout.log_file)))
     if seen_at and "publish" in res["stages"]:
         # the symlink swap happens inside the publish stage, before the daemon commits `published`
         res["published_commit_after_visible_s"] = round(res["stages"]["publish"]["end"] - (seen_at - t_drop), 3)
@@ -650,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampler = Sampler(daemon.pid)
         while True:  # ready: daemon.json says running
-            rt = read_json(data_dir / "daemon.json")
+            rt = read_json(DataLayout(data_dir).runtime_file)
             if rt and rt.get("state") == "running" and rt.get("pid") == daemon.pid:
                 break
             if daemon.poll() is not None:
@@ -661,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         result["startup_s"] = round(time.monotonic() - t_start, 3)
         print(f"daemon running after {result['startup_s']:.2f} s (pid {daemon.pid}); sampling {prof['startup_idle_s']} s before any job", flush=True)
         pre = sampler.window(prof["startup_idle_s"], "after_start")
-        result["after_start"] = {**summarize(pre), "torch_loaded": (read_json(data_dir / "daemon.json") or {}).get("torch_loaded")}
+        result["after_start"] = {**summarize(pre), "torch_loaded": (read_json(DataLayout(data_dir).runtime_file) or {}).get("torch_loaded")}
 
         for task, n in prof["tasks"]:
             t = run_task(daemon, sampler, data_dir, args.data / task / "train.jsonl", task, n, prof["task_timeout"])
@@ -674,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"sampling the idle daemon for {idle_s:.0f} s", flush=True)
         idle = sampler.window(idle_s, "idle")
-        result["idle"] = {**summarize(idle), "torch_loaded": (read_json(data_dir / "daemon.json") or {}).get("torch_loaded")}
+        result["idle"] = {**summarize(idle), "torch_loaded": (read_json(DataLayout(data_dir).runtime_file) or {}).get("torch_loaded")}
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         rc = 1

@@ -75,8 +75,10 @@ def main(argv=None) -> int:
     from edgekif.export.fuse import fuse_adapter
     from edgekif.export.manifest import read_manifest
     from edgekif.holdouts import read_holdouts
+    from edgekif.layout import DataLayout
     from edgekif.model import resolve_base
     from edgekif.publish import resolve_current
+    from edgekif.trainer import learner_adapter
     from edgekif.workflow import cache_root
 
     data = args.data_dir.resolve()
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     current = resolve_current(data)
     manifest = read_manifest(current)
     job = manifest.job_id
-    adapter = data / "jobs" / str(job) / "learner" / "adapter"
+    adapter = learner_adapter(DataLayout(data).job(job).learner)
     tasks = manifest.task_names
     holdout, labels = read_holdouts(data, tasks, max_examples=args.max_examples)
     work = (args.work or args.out / "work").resolve()

@@ -22,6 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from edgekif.layout import DataLayout  # noqa: E402  (import-free)
+
 # The benchmark data beside the checkout when it is there; otherwise the slices shipped in
 # tools/demo_data (the 192 train + 3 test examples of dbpedia and agnews the demo uses: the
 # first 192 of the same seeded shuffle, so both sources give the same files).
@@ -40,7 +43,7 @@ def print_measured(data_dir: Path) -> None:
     from edgekif.errors import IntegrityError
     from edgekif.export.manifest import read_manifest
 
-    for folder in sorted((data_dir / "models").glob("v*")):
+    for folder in sorted(DataLayout(data_dir).models.glob("v*")):
         try:
             m = read_manifest(folder)
         except IntegrityError:
@@ -82,7 +85,7 @@ def main() -> int:
         env=env, stdout=open(data_dir / "daemon.stdout.log", "w"), stderr=subprocess.STDOUT,
     )
     try:
-        inbox = data_dir / "inbox"
+        inbox = DataLayout(data_dir).inbox
         for _ in range(100):
             if inbox.is_dir():
                 break
