@@ -12,7 +12,14 @@ from typing import Any
 
 
 class EdgekifError(Exception):
-    """Base class of all edgekif errors."""
+    """Base class of all edgekif errors.
+
+    `permanent`: the same inputs fail the same way every time (a setting, a check that measured
+    the model, a damaged file), so the daemon fails the job at once instead of retrying it;
+    `hint` says what to do about it."""
+
+    permanent = False
+    hint = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": type(self).__name__, "message": str(self)}
@@ -20,6 +27,9 @@ class EdgekifError(Exception):
 
 class ConfigError(EdgekifError):
     """A configuration file or override is invalid."""
+
+    permanent = True
+    hint = "fix the setting, then `edgekif retry JOB`"
 
 
 @dataclass
@@ -64,6 +74,9 @@ class DamagedFileError(ValidationError):
     edited by hand. Named like a ValidationError (file, line, field), but it is not the user's
     input: the daemon fails the job with it instead of rejecting the user's file."""
 
+    permanent = True
+    hint = "restore or delete the named file, then `edgekif retry JOB`"
+
 
 class ModelError(EdgekifError):
     """The base model cannot be found, converted or loaded."""
@@ -82,11 +95,23 @@ class CheckpointError(TrainingError):
 
 
 class ExportError(EdgekifError):
-    """Fusing or exporting a model failed."""
+    """Fusing or exporting a model failed. A builder that failed with its own error (not
+    killed, not out of space) is `permanent`: it fails the same way on the same model."""
+
+    def __init__(self, *args: object, permanent: bool = False) -> None:
+        super().__init__(*args)
+        self.permanent = permanent
+        if permanent:
+            self.hint = "the exporter cannot build this model with these settings: change export.target/precision or the base, then `edgekif retry JOB`"
 
 
 class ParityError(ExportError):
-    """The exported model does not reproduce the PyTorch model's outputs."""
+    """The exported model does not reproduce the PyTorch model's outputs (the answer check
+    measured it: the same model gives the same figures again)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args, permanent=True)
+        self.hint = "set export.precision = \"fp32\" (or a precision the check passes), then `edgekif retry JOB`"
 
 
 class PublishError(EdgekifError):

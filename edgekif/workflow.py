@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from .atomic import atomic_write_text
 from .config import Config, xdg_dir
 from .layout import DataLayout
 from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision
@@ -88,14 +89,23 @@ def export_adapter(
     from .export.files import ADAPTER_DIR
     from .export.fuse import adapter_sha256, fuse_adapter, portable_adapter
 
-    fused = fuse_adapter(base.path, adapter_dir, Path(work_dir) / "fused")
-    portable = Path(work_dir) / "adapter"
+    # A retry starts from what the last try finished in work_dir: the fused model (made from
+    # this very adapter) and the reference answers are reused.
+    work_dir, digest = Path(work_dir), adapter_sha256(adapter_dir)
+    fused, fused_from = work_dir / "fused", work_dir / "fused.adapter_sha256"
+    if not (fused_from.is_file() and fused_from.read_text().strip() == digest and fused.is_dir()):
+        fused_from.unlink(missing_ok=True)
+        fuse_adapter(base.path, adapter_dir, fused)
+        atomic_write_text(fused_from, digest + "\n")
+    else:
+        log.info("fused model reused from the last try", extra={"path": str(fused)})
+    portable = work_dir / "adapter"
     adapter_info = portable_adapter(adapter_dir, portable, base_model_id=base.name)
     adapter_info["base_model"] = {"id": base.name, "sha256": base.source_sha256, "source_file": Path(base.source).name}
     info = {
         "base_model_id": base.name,
         "base_model_sha256": base.source_sha256,
-        "adapter_sha256": adapter_sha256(adapter_dir),
+        "adapter_sha256": digest,
         "adapter": adapter_info,
         **manifest_info,
     }
@@ -112,6 +122,7 @@ def export_adapter(
         max_accuracy_drop=cfg.export.parity_max_accuracy_drop,
         max_new_tokens=cfg.eval.max_new_tokens,
         extra_dirs={ADAPTER_DIR: portable},
+        reference_cache=work_dir / "reference.json",
     )
 
 

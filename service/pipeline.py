@@ -97,6 +97,9 @@ def error_dict(e: BaseException, stage: str) -> dict[str, Any]:
     d = e.to_dict() if isinstance(e, EdgekifError) else {"error": type(e).__name__, "message": str(e)}
     d.setdefault("kind", type(e).__name__)
     d["stage"] = stage
+    d["class"] = "permanent" if getattr(e, "permanent", False) else "unknown"  # unknown: a bounded number of tries
+    if getattr(e, "hint", ""):
+        d["hint"] = e.hint  # type: ignore[attr-defined]
     d["traceback"] = traceback.format_exception(e)[-3:]
     return d
 
@@ -245,7 +248,7 @@ class JobRunner:
         elif isinstance(e, Interrupted):
             store.refund_attempt(job.id, job.state)
             log.info("stage stopped at a checkpoint", extra={"job_id": job.id, "stage": stage, "detail": str(e)})
-        elif attempts >= MAX_ATTEMPTS:
+        elif getattr(e, "permanent", False) or attempts >= MAX_ATTEMPTS:
             store.fail(job.id, job.state, error_dict(e, stage))
             self.drop_scratch(job.id)
             log.error("job failed", extra={"job_id": job.id, "stage": stage, "attempts": attempts, "error": str(e)}, exc_info=e)

@@ -201,7 +201,8 @@ def error_to_dict(e: BaseException) -> dict[str, Any]:
     type (edgekif's errors by name), fields, and whether it is the disk's or memory's doing."""
     from .pipeline import transient_cause  # the child has the whole cause chain; the daemon does not
 
-    d: dict[str, Any] = {"type": type(e).__name__, "message": str(e), "transient": transient_cause(e)}
+    d: dict[str, Any] = {"type": type(e).__name__, "message": str(e), "transient": transient_cause(e),
+                         "permanent": bool(getattr(e, "permanent", False)), "hint": getattr(e, "hint", "")}
     if isinstance(e, errors.ValidationError):
         d["fields"] = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
     return d
@@ -214,7 +215,9 @@ def error_from_dict(d: dict[str, Any]) -> BaseException:
     if isinstance(cls, type) and issubclass(cls, errors.ValidationError):
         return cls(**d["fields"])
     if isinstance(cls, type) and issubclass(cls, EdgekifError):
-        return cls(d["message"])
+        e = cls(d["message"])
+        e.permanent, e.hint = bool(d.get("permanent")), d.get("hint") or ""
+        return e
     if d.get("type") == "MemoryError":
         return MemoryError(d["message"])
     return StageCrashed(f"{d.get('type')}: {d.get('message')}")

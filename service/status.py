@@ -60,6 +60,7 @@ def _job_summary(job: Job) -> dict[str, Any]:
         "updated_at": job.updated_at,
         "version": job.version,
         "error": (job.error or {}).get("message"),
+        "hint": (job.error or {}).get("hint"),  # what to do about a permanent failure
     }
 
 
@@ -206,6 +207,8 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append("recent problems:")
         for j in probs:
             lines.append(f"  {j['id']:>5}  {_clip(j['file'], 32):<32} {j['state']:<10} {_clip(j['error'] or '', 80)}")
+            if j.get("hint"):
+                lines.append(f"  {'':>5}  what to do: {j['hint']}")
     return "\n".join(lines)
 
 

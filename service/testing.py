@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgekif.errors import Interrupted, ResourceError, ValidationError
+from edgekif.errors import Interrupted, ParityError, ResourceError, ValidationError
 
 from .metrics import replace_json
 from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, forgetting_gate
@@ -41,6 +41,8 @@ _INJECTED = {
     "validation": lambda stage: ValidationError(f"injected validation error in {stage}", kind="injected"),
     "enospc": lambda stage: OSError(errno.ENOSPC, "No space left on device", f"<injected in {stage}>"),
     "memory": lambda stage: MemoryError(f"injected in {stage}"),
+    # the answer check measured the model: the same figures every try (permanent)
+    "parity": lambda stage: ParityError(f"injected: answers agree with the fp32 model on 54.0% in {stage}"),
     # the kernel's OOM killer (only ever injected into a stage's child process)
     "sigkill": lambda stage: os.kill(os.getpid(), signal.SIGKILL),
     # safetensors' writer (Rust) reports a full disk with no OSError and no errno in the chain
@@ -60,7 +62,7 @@ class FakeStages:
       drop                       -- points every past task loses (to trip the gate)
       inject                     -- {"stage": [kind, "before"|"after", times]}, kind one of
                                     crash, error, resource, validation, enospc, memory,
-                                    safetensors_full, sigkill (child processes only)
+                                    safetensors_full, parity, sigkill (child processes only)
       export_child_seconds       -- export runs a child process that sleeps this long (like
                                     the genai builder, through edgekif.children.run_child)
       model_store                -- publish through edgekif.publish.ModelStore (models/current

@@ -21,7 +21,7 @@ from edgekif.errors import ConfigError, IntegrityError, ParityError
 from edgekif.export.build import ExportVariant, resolve_export_settings
 from edgekif.export.exporter import export_model
 from edgekif.export.fuse import adapter_sha256, fuse_adapter, fuse_model
-from edgekif.export.manifest import verify_manifest, write_manifest
+from edgekif.export.manifest import read_manifest, verify_manifest, write_manifest
 from edgekif.model import add_lora, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -483,3 +483,25 @@ def test_a_damaged_holdout_names_file_line_and_field(tmp_path, line, field, msg)
     e = info.value
     assert isinstance(e, ValidationError) and e.file == str(path) and e.line == 3 and e.field == field and msg in e.message
     assert e.kind == "damaged_holdout" and f"{path}:line 3" in str(e)
+
+
+def test_a_retry_reuses_the_reference_answers_and_a_failed_check_is_permanent(fused, tmp_path, monkeypatch):
+    """A second try on the same fused model and records reads the fp32 answers from the cache
+    (no PyTorch pass); other records are measured anew. A failed answer check is permanent."""
+    from edgekif.errors import ParityError
+    from edgekif.export import exporter
+
+    calls = []
+    real = exporter.reference_answers
+    monkeypatch.setattr(exporter, "reference_answers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "reference.json"
+    kw = dict(target="onnx", precision="fp32", execution_provider="cpu", reference_cache=cache)
+    first = export_model(fused["fused"], tmp_path / "a", holdout=_holdout(PROMPTS[:2]), **kw)
+    second = export_model(fused["fused"], tmp_path / "b", holdout=_holdout(PROMPTS[:2]), **kw)
+    assert len(calls) == 1 and cache.is_file()
+    assert read_manifest(first).evaluation == read_manifest(second).evaluation
+    export_model(fused["fused"], tmp_path / "c", holdout=_holdout(PROMPTS[:1]), **kw)
+    assert len(calls) == 2  # other records: measured
+    with pytest.raises(ParityError) as e:
+        export_model(fused["fused"], tmp_path / "d", holdout=_holdout(PROMPTS[:1]), min_agreement=1.01, **kw)
+    assert e.value.permanent and "fp32" in e.value.hint

@@ -382,3 +382,19 @@ def test_a_failed_or_held_job_leaves_no_scratch(tmp_path):
     assert not (tmp_path / "h" / "jobs" / str(b.id) / "export-work").exists()
     assert (tmp_path / "h" / "jobs" / str(b.id) / "export").is_dir()  # what publish --force needs
     assert _size(tmp_path / "h" / "jobs" / str(b.id)) < 64 * 1024
+
+
+def test_a_permanent_failure_fails_at_once_with_what_to_do(tmp_path):
+    """A failed answer check gives the same figures on every try: one attempt, no retries,
+    and status says what to do."""
+    d = make(tmp_path, FakeStages(tmp_path, inject={"export": ["parity", "before", 5]}))
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "failed"
+    assert job.error["class"] == "permanent" and 'export.precision = "fp32"' in job.error["hint"]
+    config = load_config(None, [f"data_dir={tmp_path}"])
+    assert "what to do: set export.precision" in format_status(status(config))
+    with JobStore(tmp_path / "state.db") as store:
+        assert [e.data["stage"] for e in store.events(job.id, ("attempt",))].count("export") == 1

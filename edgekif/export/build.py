@@ -149,7 +149,8 @@ def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_o
         res = run_child(cmd, env=env, cwd=cache)
     output = (res.stdout or "") + (res.stderr or "")
     if res.returncode != 0:
-        raise ExportError(f"onnxruntime-genai builder failed (exit {res.returncode}) for {fused_dir}:\n{output[-3000:]}")
+        # its own error (a traceback, exit 1) repeats on the same model; a signal (the OOM killer) may not
+        raise ExportError(f"onnxruntime-genai builder failed (exit {res.returncode}) for {fused_dir}:\n{output[-3000:]}", permanent=res.returncode > 0)
     for required in (GENAI_CONFIG, ONNX_MODEL_FILE):
         if not (dest / required).is_file():
             raise ExportError(f"onnxruntime-genai builder wrote no {required} into {dest}:\n{output[-3000:]}")

@@ -10,14 +10,17 @@ Each candidate is built in a temp sibling of out_dir and renamed into place only
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
 from .build import export_candidates, resolve_export_settings
 from .check import CandidateCheck, TaskAnswers, check_candidate, reference_answers
@@ -45,6 +48,7 @@ def export_model(
     max_new_tokens: int = 8,
     builder_options: dict[str, str] | None = None,
     extra_dirs: dict[str, str | os.PathLike] | None = None,
+    reference_cache: str | os.PathLike | None = None,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -61,7 +65,8 @@ def export_model(
     `accuracies_measured_by`); the PyTorch figures are kept under `reference`.
     Records without labels (prompts only) count for agreement, not accuracy.
     `extra_dirs` ({name: folder}) are copied in as subfolders before the manifest is written, so
-    its hashes cover them (the published peft adapter).
+    its hashes cover them (the published peft adapter). `reference_cache` (a JSON file) keeps
+    the reference answers for a retry of the same fused model on the same records.
     """
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
@@ -70,9 +75,7 @@ def export_model(
     holdout = {k: list(v) for k, v in holdout.items() if v}
     if not holdout:
         raise ExportError("export_model needs holdout records (or prompts) to check the export with")
-    t0 = time.perf_counter()
-    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels)
-    reference_seconds = time.perf_counter() - t0
+    reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache)
     rejected: list[dict[str, Any]] = []
     for i, variant in enumerate(candidates):
         try:
@@ -97,6 +100,28 @@ def export_model(
             rejected.append({**figures, "reasons": check.reasons})
     log.info("export ready", extra={"path": str(out_dir), "target": target, "variant": variant.name, "ep": ep})
     return out_dir
+
+
+def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_tokens: int,
+               labels: Mapping[str, Sequence[str] | None] | None, cache: str | os.PathLike | None) -> tuple[dict[str, TaskAnswers], float]:
+    """The fp32 reference answers (and how long they took), from `cache` when it was written
+    for these very records, budget and label sets (a retry after a failed try), else measured."""
+    key = hashlib.sha256(json.dumps({"records": {k: [r.to_json() for r in v] for k, v in holdout.items()},
+                                     "max_new_tokens": max_new_tokens, "labels": labels or {}}, sort_keys=True).encode()).hexdigest()
+    if cache is not None:
+        try:
+            saved = json.loads(Path(cache).read_text())
+            if saved.get("key") == key:
+                log.info("reference answers reused from the last try", extra={"path": str(cache)})
+                return {k: TaskAnswers(**v) for k, v in saved["tasks"].items()}, float(saved["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    t0 = time.perf_counter()
+    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels)
+    seconds = time.perf_counter() - t0
+    if cache is not None:
+        atomic_write_json(cache, {"key": key, "seconds": seconds, "tasks": {k: asdict(v) for k, v in reference.items()}})
+    return reference, seconds
 
 
 def _write_checked_manifest(
