@@ -247,15 +247,9 @@ class Learner:
         # Base rates of the fresh optimizers, before a checkpoint loads scheduled ones.
         base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.strategy.optimizers.items()}
         deadline = Deadline(tcfg.max_minutes)  # this call's budget: a resumed job gets a fresh one
-        start, resumed_from, losses = 0, 0, []
         ckpt = Path(ckpt_dir) if ckpt_dir else None
-        if ckpt is not None and (ckpt / CKPT_META).is_file():
-            meta = load_checkpoint(ckpt, params=self.params, strategy=self.strategy)
-            if meta.get("task_id") != task_id or meta.get("schedule") != len(kinds):
-                raise CheckpointError(f"{ckpt}: checkpoint is for task {meta.get('task_id')!r} with {meta.get('schedule')} steps, not {task_id!r}/{len(kinds)}")
-            start = resumed_from = int(meta["step"])
-            losses = list(meta.get("losses", []))
-            log.info("resumed training", extra={"task": task_id, "step": start, "of": len(kinds)})
+        start, losses = self._resume(ckpt, task_id, len(kinds))
+        resumed_from = start
         self.model.train()
 
         def checkpoint(step: int) -> None:
@@ -292,17 +286,7 @@ class Learner:
             for name, opt in self.strategy.optimizers.items():
                 for group, base_lr in zip(opt.param_groups, base_lrs[name]):
                     group["lr"] = base_lr * mult
-
-            self.strategy.before_step(kind, prev_kind)
-            loss = target_loss(self.model, batch)
-            loss.backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params.values(), tcfg.grad_clip)
-            self.strategy.after_backward(kind)
-            opt = self.strategy.optimizer(kind)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            boundary = self.strategy.after_step(kind, next_kind)
+            loss, boundary = self._step(kind, prev_kind, next_kind, batch)
 
             losses.append(round(loss.item(), 6))
             examples += len(batch_items)
@@ -332,6 +316,30 @@ class Learner:
             planned_steps=len(kinds),
             stopped=stopped,
         )
+
+    def _step(self, kind: str, prev_kind: str | None, next_kind: str | None, batch: dict) -> tuple[torch.Tensor, bool]:
+        """One optimizer step, with the strategy's hooks around it; True at a boundary worth
+        checkpointing (e.g. right after a fusion)."""
+        self.strategy.before_step(kind, prev_kind)
+        loss = target_loss(self.model, batch)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.train.grad_clip)
+        self.strategy.after_backward(kind)
+        opt = self.strategy.optimizer(kind)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, self.strategy.after_step(kind, next_kind)
+
+    def _resume(self, ckpt: Path | None, task_id: str, n_steps: int) -> tuple[int, list[float]]:
+        """The step to start at and the losses so far: from the task's checkpoint, if any."""
+        if ckpt is None or not (ckpt / CKPT_META).is_file():
+            return 0, []
+        meta = load_checkpoint(ckpt, params=self.params, strategy=self.strategy)
+        if meta.get("task_id") != task_id or meta.get("schedule") != n_steps:
+            raise CheckpointError(f"{ckpt}: checkpoint is for task {meta.get('task_id')!r} with {meta.get('schedule')} steps, not {task_id!r}/{n_steps}")
+        log.info("resumed training", extra={"task": task_id, "step": int(meta["step"]), "of": n_steps})
+        return int(meta["step"]), list(meta.get("losses", []))
 
     # -- persistence across tasks (daemon jobs) ---------------------------------------------
     def save(self, folder: Path) -> Path:

@@ -369,9 +369,7 @@ def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None,
     """The FastAPI app serving DATA_DIR/models/current. `opener(data_dir)` opens the live version
     (default edgekif.publish.open_current; tests wrap it)."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = settings or ApiSettings()
     pool = RunnerPool(data_dir, opener)
@@ -391,19 +389,7 @@ def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None,
 
     app = FastAPI(title="edgekif", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool, app.state.settings = pool, settings
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code).body(), status_code=e.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
+    _install_error_handlers(app)
 
     def _model_row(name: str, live: str) -> dict[str, Any]:
         try:
@@ -479,41 +465,66 @@ def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None,
             }, headers=headers)
 
         future.add_done_callback(lambda f: events.put_nowait(f))  # runs on the loop: the end marker
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            body = {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-        async def sse() -> AsyncIterator[str]:
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    item = await events.get()
-                    if isinstance(item, str):
-                        yield chunk({"content": item})
-                        continue
-                    try:  # the future: generation ended
-                        r = item.result()
-                    except ApiError as e:
-                        yield f"data: {json.dumps(e.body())}\n\n"
-                        return
-                    except Exception as e:
-                        log.exception("generation failed", extra={"version": slot.version})
-                        yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
-                        return
-                    yield chunk({}, "length" if r.finish_reason == "cancelled" else r.finish_reason)
-                    if req.include_usage:
-                        yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(r)})}\n\n"
-                    yield "data: [DONE]\n\n"
-                    log.info("chat completion (stream)", extra={"version": slot.version, "prompt_tokens": r.prompt_tokens,
-                                                                "completion_tokens": r.completion_tokens, "s": round(time.perf_counter() - t0, 3)})
-                    return
-            finally:
-                stop.set()  # the client went away (or we are done): the worker stops at the next token
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(_sse(events, head, slot.version, req.include_usage, stop, t0), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def _install_error_handlers(app: Any) -> None:
+    """Every error answers with OpenAI's error body."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
+
+
+async def _sse(events: asyncio.Queue, head: dict[str, Any], version: str, include_usage: bool, stop: threading.Event, t0: float) -> AsyncIterator[str]:
+    """A streamed chat completion: the tokens the worker pushes into `events`, then its end
+    (the finished future), as server-sent events."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        body = {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            item = await events.get()
+            if isinstance(item, str):
+                yield chunk({"content": item})
+                continue
+            try:  # the future: generation ended
+                r = item.result()
+            except ApiError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+                return
+            except Exception as e:
+                log.exception("generation failed", extra={"version": version})
+                yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
+                return
+            yield chunk({}, "length" if r.finish_reason == "cancelled" else r.finish_reason)
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(r)})}\n\n"
+            yield "data: [DONE]\n\n"
+            log.info("chat completion (stream)", extra={"version": version, "prompt_tokens": r.prompt_tokens,
+                                                        "completion_tokens": r.completion_tokens, "s": round(time.perf_counter() - t0, 3)})
+            return
+    finally:
+        stop.set()  # the client went away (or we are done): the worker stops at the next token
 
 
 # --------------------------------------------------------------------------- server

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import shutil
 import socket
 import threading
 import time
@@ -304,7 +305,13 @@ def test_a_version_that_fails_to_open_leaves_the_previous_one_serving(data_dir, 
             r = c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX)
             assert r.model == "edgekif:v0001" and r.choices[0].message.content == reference["v1"].generate(CHATS[0], MAX)
         assert opened == ["v0001", "v0002"]
-        ModelStore(data_dir).publish(exports["v2"])  # the next publish is opened
+        # the next publish is opened: the same model again, as another job's export (its own
+        # manifest: publishing the very same export twice only re-points current)
+        again = data_dir.parent / "v2-again"
+        shutil.copytree(exports["v2"], again)
+        manifest = json.loads((again / "manifest.json").read_text())
+        (again / "manifest.json").write_text(json.dumps({**manifest, "job_id": 99}))
+        ModelStore(data_dir).publish(again)
         r = c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX)
         assert r.model == "edgekif:v0003" and r.choices[0].message.content == reference["v2"].generate(CHATS[0], MAX)
         assert app.state.pool.open_versions() == ["v0003"]
