@@ -497,14 +497,11 @@ class JobStore:
         """The job whose version `models/current` points at. That link is the one source of
         truth for what is live: `edgekif models rollback` moves it, and status, the forgetting
         gate's baseline and the next job's starting adapter follow. A version no job made
-        (published by hand with `edgekif export --publish`) has no job: None. Stages that
-        publish without ModelStore's link (the tests' fakes): the last published job."""
-        root = self.path.parent  # state.db lives in the data dir
-        if not os.path.lexists(root / "models" / "current"):
-            return self.last_published()
+        (published by hand with `edgekif export --publish`) has no job: None. No link: nothing
+        is live, None."""
         from edgekif.publish import ModelStore  # torch-free
 
-        version = ModelStore(root).current()
+        version = ModelStore(self.path.parent).current()  # state.db lives in the data dir
         if version is None:
             return None
         # one indexed row, not every published job: status and metrics ask this every second

@@ -205,9 +205,7 @@ def current_version(models: Path) -> str | None:
     try:
         return os.path.basename(os.readlink(models / "current").rstrip("/"))
     except OSError:
-        pass
-    fake = read_json(models / "current.json")  # --fake-stages (plumbing test) publish this way
-    return fake.get("version") if fake else None
+        return None
 
 
 # ---- per-job breakdown -----------------------------------------------------------------------------
