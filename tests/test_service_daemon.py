@@ -311,6 +311,41 @@ def test_forgetting_gate_holds_and_force_publish_overrides(tmp_path):
     assert second.state == "published" and second.version == "v0002" and second.metrics["gate"]["forced"] is True
 
 
+def test_a_job_held_by_schema_2_is_exported_evaluated_and_gated_anew(tmp_path):
+    """Schema 2 held a job before exporting it. Opened by this version, that job goes back to
+    `trained`, and the pipeline exports, evaluates and gates it like any job."""
+    import shutil
+    import sqlite3
+
+    drop(tmp_path, "first.jsonl")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.stages.drop = 10.0
+    drop(tmp_path, "second.jsonl", '{"b": 1}\n')
+    d.run_until_idle()
+    d.close()
+    first, second = jobs(tmp_path)
+    assert (first.state, second.state) == ("published", "held")
+    # what schema 2 left: held by a gate that ran before the export, so no export
+    metrics = {k: v for k, v in second.metrics.items() if k not in ("export", "evaluate")}
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(metrics), second.id))
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    shutil.rmtree(tmp_path / "jobs" / str(second.id) / "export")
+
+    d = make_daemon(tmp_path)  # the past task keeps its accuracy now: the new gate lets it through
+    d.run_until_idle()
+    d.close()
+    second = jobs(tmp_path)[1]
+    assert second.state == "published" and second.version == "v0002" and second.metrics["gate"]["ok"] is True
+    assert "forced" not in second.metrics["gate"]
+    with JobStore(tmp_path / "state.db") as store:
+        kinds = [e.kind for e in store.events(second.id) if e.kind != "attempt"]
+    assert kinds[-5:] == ["migrated", "exported", "evaluated", "approved", "published"]
+    assert [c["built"] for c in calls(tmp_path) if c["stage"] == "export" and c["job_id"] == second.id] == [True, True]
+
+
 def test_force_publish_refuses_to_replace_a_newer_model(tmp_path):
     drop(tmp_path, "a.jsonl")
     d = make_daemon(tmp_path)
