@@ -3,8 +3,6 @@ change state.db only; the running daemon does the work on its next step."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from edgekif.config import Config
 from edgekif.errors import PublishError
 from edgekif.layout import DataLayout
@@ -30,10 +28,7 @@ def force_publish(config: Config, job_id: int) -> str:
             raise PublishError(f"job {job_id} was held before job {later[-1]} was published; forcing it would replace that newer model")
         reasons = gate.get("reasons") or []
         gate.update(forced=True, forced_at=utc_now())
-        export = (job.metrics.get("export") or {}).get("path")
-        # a job held by schema 2 was gated before its export existed: export it first
-        to = "approved" if export and Path(export, "manifest.json").is_file() else "trained"
-        store.advance(job_id, "held", to, metrics={"gate": gate}, forced=True)
+        store.advance(job_id, "held", "approved", metrics={"gate": gate}, forced=True)
     return (f"job {job_id} ({job.file_name}) will be published by the daemon despite the gate"
             + (f": {'; '.join(reasons)}" if reasons else ""))
 

@@ -47,9 +47,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "exported": frozenset({"evaluated", "failed"}),
     "evaluated": frozenset({"approved", "held", "failed"}),
     "approved": frozenset({"published", "failed"}),
-    # `edgekif publish --force`: on to publish, gate overridden; a job held by schema 2 has no
-    # export yet, so it goes back to `trained` (export, evaluate, then the gate lets it through)
-    "held": frozenset({"approved", "trained"}),
+    "held": frozenset({"approved"}),  # `edgekif publish --force`: on to publish, gate overridden
     "failed": RETRYABLE,  # `edgekif retry JOB`: back to the state it failed in
     "published": frozenset(),
     "rejected": frozenset(),
@@ -234,12 +232,27 @@ def _migrate_v1(c: sqlite3.Connection) -> None:
 
 
 def _migrate_v2(c: sqlite3.Connection) -> None:
-    """Schema 2 evaluated the PyTorch model, gated, then exported. Jobs between training and
-    publishing go back to `trained`: they are exported again and evaluated on the export (a
-    schema-2 export has no export-measured accuracies). The states themselves are unchanged."""
+    """Schema 2 evaluated and gated the PyTorch model, then exported. Every job that schema-2
+    stage order left between training and publishing goes back to `trained`: it is exported,
+    evaluated on the export and gated again, like any job (a schema-2 export has no
+    export-measured accuracies). That includes `held` jobs (schema 2 held them before any export
+    existed) and jobs forced past the gate: the gate decides anew on the export, and
+    `edgekif publish --force` can override it again. Their schema-2 gate result leaves the job's
+    metrics; each moved job gets a `migrated` event with the reason and that gate result."""
     before = "('evaluated', 'approved', 'exported')"
-    c.execute(f"UPDATE jobs SET state = 'trained' WHERE state IN {before}")
+    back = "('evaluated', 'approved', 'exported', 'held')"
+    moved = f"state IN {back} OR (state = 'failed' AND json_extract(error, '$.failed_from') IN {before})"
+    why = "schema 2 evaluated and gated the PyTorch model before exporting: export, evaluate and gate again on the export"
+    c.execute(
+        "INSERT INTO events(job_id, ts, kind, data) SELECT id, ?, 'migrated', json_object('from_schema', 2, 'state', state,"
+        " 'failed_from', json_extract(error, '$.failed_from'), 'to', 'trained', 'why', ?, 'gate', json(json_extract(metrics, '$.gate')))"
+        f" FROM jobs WHERE {moved}",
+        (utc_now(), why),
+    )
+    c.execute(f"UPDATE jobs SET metrics = json_remove(metrics, '$.gate') WHERE {moved}")
     c.execute(f"UPDATE jobs SET error = json_set(error, '$.failed_from', 'trained') WHERE state = 'failed' AND json_extract(error, '$.failed_from') IN {before}")
+    c.execute("UPDATE jobs SET error = NULL WHERE state = 'held'")  # the gate's reasons: no longer held
+    c.execute(f"UPDATE jobs SET state = 'trained' WHERE state IN {back}")
     c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
@@ -442,14 +455,11 @@ class JobStore:
         """The job whose version `models/current` points at. That link is the one source of
         truth for what is live: `edgekif models rollback` moves it, and status, the forgetting
         gate's baseline and the next job's starting adapter follow. A version no job made
-        (published by hand with `edgekif export --publish`) has no job: None. Stages that
-        publish without ModelStore's link (the tests' fakes): the last published job."""
-        root = self.path.parent  # state.db lives in the data dir
-        if not os.path.lexists(root / "models" / "current"):
-            return self.last_published()
+        (published by hand with `edgekif export --publish`) has no job: None. No link: nothing
+        is live, None."""
         from edgekif.publish import ModelStore  # torch-free
 
-        version = ModelStore(root).current()
+        version = ModelStore(self.path.parent).current()  # state.db lives in the data dir
         if version is None:
             return None
         # one indexed row, not every published job: status and metrics ask this every second

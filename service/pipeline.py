@@ -305,9 +305,6 @@ class JobRunner:
 
     def _from_evaluated(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         """The gate: approved, or held with the reasons (publish --force overrides)."""
-        if (job.metrics.get("gate") or {}).get("forced"):  # forced before the export existed (schema 1/2)
-            store.advance(job.id, "evaluated", "approved")
-            return
         result = EvalResult.from_dict(job.metrics.get("evaluate", {}))
         ok, reasons = self._guarded(store, job, "gate", lambda: self.stages.gate(ctx, result), ctx)
         info = {

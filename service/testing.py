@@ -65,8 +65,8 @@ class FakeStages:
                                     safetensors_full, parity, sigkill (child processes only)
       export_child_seconds       -- export runs a child process that sleeps this long (like
                                     the genai builder, through edgekif.children.run_child)
-      model_store                -- publish through edgekif.publish.ModelStore (models/current
-                                    link, rollback) instead of models/current.json
+    The export is a folder with one small file and a manifest.json; publish puts it through
+    edgekif.publish.ModelStore, as the real stages do (models/vNNNN, the models/current link).
     A file whose content contains the line `INVALID` fails validation (line number reported).
     """
 
@@ -81,10 +81,8 @@ class FakeStages:
         drop: float = 0.0,
         inject: dict[str, list[Any]] | None = None,
         export_child_seconds: float = 0.0,
-        model_store: bool = False,
     ) -> None:
         self.export_child_seconds = export_child_seconds
-        self.model_store = model_store
         self.data_dir = Path(data_dir)
         self.train_steps = train_steps
         self.step_seconds = step_seconds
@@ -212,59 +210,43 @@ class FakeStages:
                 self._record("export_child", ctx)
                 # the work dir in its command line lets a test find it (and any orphan)
                 run_child([sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1]))", str(self.export_child_seconds), str(ctx.work_dir)])
-            _build_dir(final, {"model.json": json.dumps({"job_id": ctx.job_id, "sha256": ctx.sha256})})
-            if self.model_store:
-                from edgekif.export.manifest import write_manifest
-
-                write_manifest(final, accuracies={ctx.task_name: self.new_accuracy}, job_id=ctx.job_id)
+            _build_export(final, {"model.json": json.dumps({"job_id": ctx.job_id, "sha256": ctx.sha256})},
+                          accuracies={ctx.task_name: self.new_accuracy}, job_id=ctx.job_id)
         self._record("export", ctx, built=built)
         self._sleep()
         self._maybe_inject("export", "after")
         return final
 
     def publish(self, ctx: JobContext, export_path: Path) -> str:
-        self._maybe_inject("publish", "before")
-        if self.model_store:
-            from edgekif.export.manifest import read_manifest
-            from edgekif.publish import ModelStore
+        from edgekif.export.manifest import read_manifest
+        from edgekif.publish import ModelStore  # torch-free
 
-            store = ModelStore(ctx.layout.root)
-            for v in store.versions():  # idempotent: a version this job made is returned
-                if read_manifest(store.path(v)).job_id == ctx.job_id:
-                    return v
-            version = store.publish(export_path)
-            self._record("publish", ctx, version=version, made=True)
-            return version
-        models = ctx.layout.models
+        self._maybe_inject("publish", "before")
+        store = ModelStore(ctx.layout.root)
         # Idempotent: a version already made from this job is returned, not made again.
-        for d in sorted(models.glob("v*")):
-            src = d / "source.json"
-            if src.exists() and json.loads(src.read_text()).get("job_id") == ctx.job_id:
-                # A crash may have landed after the folder was made, before current.json moved.
-                current = models / "current.json"
-                if not current.exists() or json.loads(current.read_text()).get("version") != d.name:
-                    replace_json(current, {"version": d.name})
-                self._record("publish", ctx, version=d.name, made=False)
-                return d.name
-        n = 1 + max((int(d.name[1:]) for d in models.glob("v*") if d.name[1:].isdigit()), default=0)
-        version = f"v{n}"
-        _build_dir(models / version, {
-            "model.json": (export_path / "model.json").read_text(),
-            "source.json": json.dumps({"job_id": ctx.job_id}),
-        })
-        replace_json(models / "current.json", {"version": version})
+        for v in store.versions():
+            if read_manifest(store.path(v)).job_id == ctx.job_id:
+                if store.current() != v:  # a crash after the folder was made, before the link moved
+                    store.rollback(v)
+                self._record("publish", ctx, version=v, made=False)
+                return v
+        version = store.publish(export_path)
         self._record("publish", ctx, version=version, made=True)
         self._maybe_inject("publish", "after")
         return version
 
 
-def _build_dir(final: Path, files: dict[str, str]) -> None:
-    """Fill a temp sibling, then rename it into place (the fakes' cheap atomic_dir: no fsync).
-    The temp is named as edgekif.atomic names its own, so start-up cleanup knows it."""
+def _build_export(final: Path, files: dict[str, str], **manifest: Any) -> None:
+    """Fill a temp sibling with `files` and their manifest.json, then rename it into place
+    (the fakes' cheap atomic_dir: no fsync of the files). The temp is named as edgekif.atomic
+    names its own, so start-up cleanup knows it."""
+    from edgekif.export.manifest import write_manifest  # torch-free
+
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     for name, text in files.items():
         (tmp / name).write_text(text)
+    write_manifest(tmp, **manifest)
     os.rename(tmp, final)
 
 

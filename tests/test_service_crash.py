@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from edgekif.config import load_config
+from edgekif.export.manifest import verify_manifest
+from edgekif.publish import ModelStore, version_name
 from service.daemon import Daemon
 from service.jobs import JobStore
 from service.testing import FakeStages, SimulatedCrash
@@ -115,7 +117,7 @@ def test_kill_9_at_random_points_then_restart_publishes_each_job_once(tmp_path, 
             else:
                 delay = rng.uniform(0.0, MAX_DELAY[stage])
                 if stage == "publish":  # lasts milliseconds: wait (cheaply) for its version folder to appear
-                    version_dir = tmp_path / "models" / f"v{target_job}"
+                    version_dir = tmp_path / "models" / version_name(target_job)
                     cond = version_dir.exists
                 else:
                     cond = lambda: reached(daemon, target_job, stage)  # noqa: E731
@@ -141,7 +143,7 @@ def test_kill_9_at_random_points_then_restart_publishes_each_job_once(tmp_path, 
         time.sleep(0.3)  # a stray duplicate job would show up within a scan interval
         assert again.stop() == 0, again.output()
 
-    # One job per dropped file, all published, in arrival order v1, v2, ...
+    # One job per dropped file, all published, in arrival order v0001, v0002, ...
     with JobStore(tmp_path / "state.db") as store:
         jobs = store.jobs()
         published_events = Counter(e.job_id for e in store.events(kinds=("published",)))
@@ -149,7 +151,7 @@ def test_kill_9_at_random_points_then_restart_publishes_each_job_once(tmp_path, 
         tasks = {j.id: store.task(j.task_id) for j in jobs}
     assert sorted(j.file_name for j in jobs) == sorted(examples), kills
     assert all(j.state == "published" and j.error is None and j.attempts == 0 for j in jobs), kills
-    assert [j.version for j in jobs] == [f"v{i}" for i in range(1, n_files + 1)], kills
+    assert [j.version for j in jobs] == [version_name(i) for i in range(1, n_files + 1)], kills
     assert published_events == {j.id: 1 for j in jobs}, kills
     for j in jobs:
         assert tasks[j.id]["examples"] == examples[j.file_name]
@@ -184,19 +186,19 @@ def test_kill_9_at_random_points_then_restart_publishes_each_job_once(tmp_path, 
 
     # `current` names the last job's version, which is complete; no half-built folders.
     models = tmp_path / "models"
-    current = json.loads((models / "current.json").read_text())["version"]
-    assert current == live.version == f"v{n_files}", kills
+    current = ModelStore(tmp_path).current()
+    assert current == live.version == version_name(n_files), kills
     model = json.loads((models / current / "model.json").read_text())
     assert model == {"job_id": live.id, "sha256": live.sha256}
-    assert json.loads((models / current / "source.json").read_text()) == {"job_id": live.id}
-    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted(version_of.values()), kills
+    assert verify_manifest(models / current).job_id == live.id
+    assert sorted(p.name for p in models.iterdir() if p.is_dir() and not p.is_symlink()) == sorted(version_of.values()), kills
     for j in jobs:
         assert not [p.name for p in (tmp_path / "jobs" / str(j.id)).iterdir() if p.is_dir() and p.name.startswith(".")]
-        assert json.loads((models / j.version / "source.json").read_text()) == {"job_id": j.id}
+        assert verify_manifest(models / j.version).job_id == j.id
 
     # No process outlived the daemon that started it, no temp file outlived the restart.
     assert _processes_naming(tmp_path) == [], kills
-    # (models/ is ModelStore's, which clears its own staging; the fakes' current.json is not it)
+    # (models/ is ModelStore's, which clears its own staging)
     assert not [str(p) for p in tmp_path.rglob("*.tmp") if not {"inbox", "models"} & set(p.parts)], kills
 
     # Nothing left in the inbox or half-taken; every file kept once in accepted/.
@@ -207,10 +209,8 @@ def test_kill_9_at_random_points_then_restart_publishes_each_job_once(tmp_path, 
 
 def test_crash_between_making_a_version_and_switching_current_is_repaired(tmp_path, monkeypatch):
     """Deterministic companion to the random kills: the narrowest publish window. The version
-    folder exists, current.json still names the previous one, and the daemon has not committed.
-    The re-run publish must find the version it made *and* make it current."""
-    import service.testing as stages_mod
-
+    folder exists, models/current still points at the previous one, and the daemon has not
+    committed. The re-run publish must find the version it made *and* make it current."""
     config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
     (tmp_path / "inbox").mkdir(parents=True)
     (tmp_path / "inbox" / "a.jsonl").write_text('{"a": 1}\n')
@@ -219,14 +219,10 @@ def test_crash_between_making_a_version_and_switching_current_is_repaired(tmp_pa
     d.close()
     (tmp_path / "inbox" / "b.jsonl").write_text('{"b": 1}\n{"b": 2}\n')
 
-    real_replace_json = stages_mod.replace_json
+    def crash_on_switch(self, name):
+        raise SimulatedCrash("killed before models/current was switched")
 
-    def crash_on_switch(path, obj):
-        if Path(path).name == "current.json":
-            raise SimulatedCrash("killed before current.json was switched")
-        real_replace_json(path, obj)
-
-    monkeypatch.setattr(stages_mod, "replace_json", crash_on_switch)
+    monkeypatch.setattr(ModelStore, "_switch", crash_on_switch)
     d = Daemon(config, FakeStages(tmp_path), retry_base_seconds=0)
     try:
         with pytest.raises(SimulatedCrash):
@@ -234,13 +230,13 @@ def test_crash_between_making_a_version_and_switching_current_is_repaired(tmp_pa
     finally:
         d.close()
     monkeypatch.undo()
-    assert json.loads((tmp_path / "models" / "current.json").read_text())["version"] == "v1"
-    assert (tmp_path / "models" / "v2" / "model.json").exists()
+    assert ModelStore(tmp_path).current() == "v0001"
+    assert (tmp_path / "models" / "v0002" / "model.json").exists()
 
     d = Daemon(config, FakeStages(tmp_path), retry_base_seconds=0)
     d.run_until_idle()
     d.close()
     with JobStore(tmp_path / "state.db") as store:
-        assert [(j.file_name, j.state, j.version) for j in store.jobs()] == [("a.jsonl", "published", "v1"), ("b.jsonl", "published", "v2")]
-    assert json.loads((tmp_path / "models" / "current.json").read_text())["version"] == "v2"
-    assert json.loads((tmp_path / "models" / "v2" / "source.json").read_text()) == {"job_id": 2}
+        assert [(j.file_name, j.state, j.version) for j in store.jobs()] == [("a.jsonl", "published", "v0001"), ("b.jsonl", "published", "v0002")]
+    assert ModelStore(tmp_path).current() == "v0002"
+    assert verify_manifest(tmp_path / "models" / "v0002").job_id == 2

@@ -80,7 +80,7 @@ def test_one_file_goes_through_every_committed_step(tmp_path):
     d.run_until_idle()
     d.close()
     (job,) = jobs(tmp_path)
-    assert job.state == "published" and job.version == "v1" and job.attempts == 0
+    assert job.state == "published" and job.version == "v0001" and job.attempts == 0
     assert set(job.metrics) == {"validate", "buffer", "train", "evaluate", "gate", "export", "publish"}
     assert job.metrics["validate"]["examples"] == 2 and job.metrics["evaluate"]["accuracies"] == {"sentiment": 0.9}
     assert job.metrics["gate"]["ok"] is True
@@ -90,7 +90,7 @@ def test_one_file_goes_through_every_committed_step(tmp_path):
     assert kinds == ["received", "validated", "buffered", "train_run", "trained", "exported", "evaluated", "approved", "published"]
     assert task["name"] == "sentiment" and task["holdout"] == str(tmp_path / "jobs" / str(job.id) / "holdout.json")
     assert [c["stage"] for c in calls(tmp_path)] == list(STAGES)
-    assert (tmp_path / "models" / "v1" / "model.json").exists()
+    assert (tmp_path / "models" / "v0001" / "model.json").exists()
     assert Path(job.file_path).read_text() == '{"a": 1}\n{"a": 2}\n' and Path(job.file_path).parent.name == "accepted"
 
 
@@ -159,7 +159,7 @@ def test_crash_then_restart_resumes_from_the_committed_state(tmp_path, stage, wh
     d2.run_until_idle()
     d2.close()
     (job,) = jobs(tmp_path)
-    assert job.state == "published" and job.version == "v1"
+    assert job.state == "published" and job.version == "v0001"
     log = calls(tmp_path)
     by_stage = Counter(c["stage"] for c in log)
     # validate is never repeated once committed; the replay insert is applied exactly once
@@ -171,7 +171,7 @@ def test_crash_then_restart_resumes_from_the_committed_state(tmp_path, stage, wh
     assert trains[-1]["end_step"] == 4 and all(c["start_step"] <= c["end_step"] for c in trains)
     if (stage, when) == ("train", "after"):
         assert trains[-1]["start_step"] == 4  # the checkpoint said 4: no step trained twice
-    assert sorted(p.name for p in (tmp_path / "models").glob("v*")) == ["v1"]  # one version only
+    assert sorted(p.name for p in (tmp_path / "models").glob("v*")) == ["v0001"]  # one version only
     if crashed_in in ("buffered", "trained"):
         assert by_stage["validate"] == 1 and [c["stage"] for c in log].count("buffer") == 1
 
@@ -296,7 +296,7 @@ def test_forgetting_gate_holds_and_force_publish_overrides(tmp_path):
     first, second = jobs(tmp_path)
     assert (first.state, second.state) == ("published", "held")
     gate = second.metrics["gate"]
-    assert gate["ok"] is False and gate["published_version"] == "v1"
+    assert gate["ok"] is False and gate["published_version"] == "v0001"
     assert gate["accuracies"]["first"] == pytest.approx(0.8) and gate["published_accuracies"] == {"first": 0.9}
     assert second.error["kind"] == "gate" and "first: 90.0 -> 80.0 (-10.0 points > 5 allowed)" in second.error["message"]
     assert "publish" not in [c["stage"] for c in calls(tmp_path) if c["job_id"] == second.id]
@@ -308,7 +308,42 @@ def test_forgetting_gate_holds_and_force_publish_overrides(tmp_path):
     d.run_until_idle()
     d.close()
     second = jobs(tmp_path)[1]
-    assert second.state == "published" and second.version == "v2" and second.metrics["gate"]["forced"] is True
+    assert second.state == "published" and second.version == "v0002" and second.metrics["gate"]["forced"] is True
+
+
+def test_a_job_held_by_schema_2_is_exported_evaluated_and_gated_anew(tmp_path):
+    """Schema 2 held a job before exporting it. Opened by this version, that job goes back to
+    `trained`, and the pipeline exports, evaluates and gates it like any job."""
+    import shutil
+    import sqlite3
+
+    drop(tmp_path, "first.jsonl")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.stages.drop = 10.0
+    drop(tmp_path, "second.jsonl", '{"b": 1}\n')
+    d.run_until_idle()
+    d.close()
+    first, second = jobs(tmp_path)
+    assert (first.state, second.state) == ("published", "held")
+    # what schema 2 left: held by a gate that ran before the export, so no export
+    metrics = {k: v for k, v in second.metrics.items() if k not in ("export", "evaluate")}
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(metrics), second.id))
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    shutil.rmtree(tmp_path / "jobs" / str(second.id) / "export")
+
+    d = make_daemon(tmp_path)  # the past task keeps its accuracy now: the new gate lets it through
+    d.run_until_idle()
+    d.close()
+    second = jobs(tmp_path)[1]
+    assert second.state == "published" and second.version == "v0002" and second.metrics["gate"]["ok"] is True
+    assert "forced" not in second.metrics["gate"]
+    with JobStore(tmp_path / "state.db") as store:
+        kinds = [e.kind for e in store.events(second.id) if e.kind != "attempt"]
+    assert kinds[-5:] == ["migrated", "exported", "evaluated", "approved", "published"]
+    assert [c["built"] for c in calls(tmp_path) if c["stage"] == "export" and c["job_id"] == second.id] == [True, True]
 
 
 def test_force_publish_refuses_to_replace_a_newer_model(tmp_path):
@@ -369,14 +404,14 @@ def test_status_reports_queue_live_version_problems_and_buffer(tmp_path):
         conn.execute("INSERT INTO tasks VALUES ('a', 16)")
     st = status(d.config)
     assert st["daemon"]["running"] is False
-    assert st["published"]["version"] == "v1" and st["published"]["accuracies"] == {"a": 0.9}
+    assert st["published"]["version"] == "v0001" and st["published"]["accuracies"] == {"a": 0.9}
     assert [(q["file"], q["state"]) for q in st["queue"]] == [("queued.jsonl", "received")]
     assert st["current"]["file"] == "queued.jsonl"
     assert st["counts"] == {"published": 1, "rejected": 1, "received": 1}
     assert [(p["file"], p["state"]) for p in st["problems"]] == [("bad.jsonl", "rejected")]
     assert st["buffer"] == {"total": 16, "tasks": {"a": 16}}
     text = format_status(st)
-    for needle in ("not running", "live:     v1", "a  ", "90.0", "queued.jsonl", "bad.jsonl", "buffer:   16 examples (a 16)"):
+    for needle in ("not running", "live:     v0001", "a  ", "90.0", "queued.jsonl", "bad.jsonl", "buffer:   16 examples (a 16)"):
         assert needle in text, needle
     empty = status(config_for(tmp_path / "nothing"))
     assert empty["initialized"] is False and "no model published yet" in format_status(empty)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -147,8 +148,10 @@ def test_schema_1_database_is_migrated_to_one_state_per_stage(tmp_path):
 
 
 def test_schema_2_database_sends_unpublished_evaluated_jobs_back_to_export(tmp_path):
-    """Schema 2 evaluated the PyTorch model before exporting. Jobs it left between training and
-    publishing are exported again and evaluated on the export; held jobs stay held."""
+    """Schema 2 evaluated and gated the PyTorch model before exporting. Jobs it left between
+    training and publishing, held ones included (held before any export existed), are exported
+    again, evaluated on the export and gated anew; the schema-2 gate result moves from the
+    job's metrics to a `migrated` event that says why."""
     import sqlite3
 
     from service import jobs as jobs_mod
@@ -158,14 +161,25 @@ def test_schema_2_database_sends_unpublished_evaluated_jobs_back_to_export(tmp_p
     conn.executescript(jobs_mod._SCHEMA)
     conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
     conn.execute("INSERT INTO files VALUES (1, 'a.jsonl', 'a', 1, 't', 'taken', '/a')")
-    rows = [(1, "evaluated", None), (2, "approved", None), (3, "exported", None), (4, "held", None),
-            (5, "failed", '{"failed_from": "approved", "stage": "export"}'), (6, "published", None), (7, "buffered", None)]
-    for job_id, state, error in rows:
-        conn.execute("INSERT INTO jobs(id, file_id, state, metrics, error, created_at, updated_at) VALUES (?, 1, ?, '{}', ?, 't', 't')",
-                     (job_id, state, error))
+    held_gate = {"ok": False, "reasons": ["a: 90.0 -> 80.0"]}
+    forced_gate = {"ok": False, "reasons": ["a: 90.0 -> 70.0"], "forced": True}
+    rows = [(1, "evaluated", "{}", None), (2, "approved", json.dumps({"gate": forced_gate}), None), (3, "exported", "{}", None),
+            (4, "held", json.dumps({"train": {"steps": 3}, "gate": held_gate}), json.dumps({"kind": "gate", "message": "a: 90.0 -> 80.0"})),
+            (5, "failed", "{}", '{"failed_from": "approved", "stage": "export"}'), (6, "published", "{}", None), (7, "buffered", "{}", None)]
+    for job_id, state, metrics, error in rows:
+        conn.execute("INSERT INTO jobs(id, file_id, state, metrics, error, created_at, updated_at) VALUES (?, 1, ?, ?, ?, 't', 't')",
+                     (job_id, state, metrics, error))
     conn.commit()
     conn.close()
     with JobStore(db) as store:
-        assert [j.state for j in store.jobs()] == ["trained", "trained", "trained", "held", "failed", "published", "buffered"]
+        assert [j.state for j in store.jobs()] == ["trained", "trained", "trained", "trained", "failed", "published", "buffered"]
         assert store.get(5).error["failed_from"] == "trained"
+        held = store.get(4)
+        assert held.error is None and held.metrics == {"train": {"steps": 3}}  # no gate result: the gate decides anew
+        assert "gate" not in store.get(2).metrics  # forced on the PyTorch model: gated anew on the export
+        migrated = {e.job_id: e.data for e in store.events(kinds=("migrated",))}
+        assert sorted(migrated) == [1, 2, 3, 4, 5]
+        assert migrated[4]["state"] == "held" and migrated[4]["to"] == "trained" and migrated[4]["gate"] == held_gate
+        assert migrated[2]["gate"] == forced_gate and migrated[5]["failed_from"] == "approved"
+        assert "gate again on the export" in migrated[4]["why"]
         assert store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"

@@ -78,7 +78,9 @@ def test_metrics_counted_from_events_and_written_atomically_on_change(tmp_path):
         assert m["edgekif_queue_length"] == 1 and m["edgekif_current_version"] == 0
         for a, b in (("trained", "exported"), ("exported", "evaluated"), ("evaluated", "approved")):
             store.advance(job, a, b)
-        store.advance(job, "approved", "published", version="v12")
+        store.advance(job, "approved", "published", version="v0012")
+        (tmp_path / "models" / "v0012").mkdir(parents=True)  # what the publish stage leaves: the live link
+        (tmp_path / "models" / "current").symlink_to("v0012")
 
         writer = MetricsWriter(tmp_path / "metrics.prom")
         assert writer.write(store) is True

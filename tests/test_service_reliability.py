@@ -165,7 +165,7 @@ def test_status_lists_dot_files_waiting_for_a_rename(tmp_path):
 def test_rollback_moves_live_for_status_gate_and_the_next_job(tmp_path):
     from edgekif.publish import ModelStore
 
-    stages = FakeStages(tmp_path, model_store=True)
+    stages = FakeStages(tmp_path)
     d = make(tmp_path, stages)
     for name in ("a", "b"):
         drop(tmp_path, f"{name}.jsonl", _recs(name, 2))

@@ -85,4 +85,4 @@ def test_pipeline_writes_a_fresh_progress_record_at_each_stage(tmp_path):
         assert rec["stage"] == stage and "step" not in rec, rec  # the train record is gone
         assert rec["ts"] - rec["started"] < 5
     st = status(config)  # idle again: the job is published, nothing current
-    assert st["current"] is None and st["published"]["version"] == "v1"
+    assert st["current"] is None and st["published"]["version"] == "v0001"

@@ -208,9 +208,7 @@ def current_version(layout: DataLayout) -> str | None:
     try:
         return os.path.basename(os.readlink(layout.current).rstrip("/"))
     except OSError:
-        pass
-    fake = read_json(layout.models / "current.json")  # --fake-stages (plumbing test) publish this way
-    return fake.get("version") if fake else None
+        return None
 
 
 # ---- per-job breakdown -----------------------------------------------------------------------------
