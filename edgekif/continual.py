@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .config import Config
-from .evaluate import AccuracyMatrix, TaskEval, evaluate_task
+from .evaluate import AccuracyMatrix, EvalScores, evaluate_task
 from .records import Record
 from .replay import ReplayBuffer
-from .trainer import Learner, ProgressFn, ReplaySampler, TaskResult
+from .trainer import Learner, ProgressFn, ReplaySampler, TrainStats
 
 
 @dataclass
@@ -56,7 +56,7 @@ def learn_task(
     ckpt_dir: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: ProgressFn | None = None,
-) -> TaskResult:
+) -> TrainStats:
     """Train `task` with replay of past tasks, then offer its records to the buffer.
 
     past_tasks: the tasks replay may draw from (default: every task in the buffer). The task
@@ -73,7 +73,7 @@ def learn_task(
     return result
 
 
-def evaluate_tasks(cfg: Config, model, tokenizer, tasks: Mapping[str, Sequence[Record]], labels: Mapping[str, list[str] | None] | None = None) -> dict[str, TaskEval]:
+def evaluate_tasks(cfg: Config, model, tokenizer, tasks: Mapping[str, Sequence[Record]], labels: Mapping[str, list[str] | None] | None = None) -> dict[str, EvalScores]:
     """Score each task (in the given order) on its test or holdout records, with cfg.eval."""
     out = {}
     for name, recs in tasks.items():
@@ -98,7 +98,7 @@ EvaluateFn = Callable[[Learner, str], float]  # (learner, task name) -> accuracy
 class StreamResult:
     order: list[str]
     matrix: AccuracyMatrix
-    results: list[TaskResult] = field(default_factory=list)
+    results: list[TrainStats] = field(default_factory=list)
 
 
 def run_stream(
@@ -110,7 +110,7 @@ def run_stream(
     score_before: bool = False,
     ckpt_root: Path | None = None,
     progress: Callable[[str], ProgressFn | None] | None = None,
-    on_task: Callable[[int, TaskResult, AccuracyMatrix], None] | None = None,
+    on_task: Callable[[int, TrainStats, AccuracyMatrix], None] | None = None,
 ) -> StreamResult:
     """Learn `tasks` in order and fill the accuracy matrix a[j][i] (after task j, on task i).
 

@@ -2,7 +2,7 @@
 
   generate_answers(model, tok, records)          # greedy answers, batched with left padding
   label_scores(model, tok, records, labels)      # pick the most likely label per record
-  evaluate_task(model, tok, records, labels=...) # -> TaskEval(n, exact_match, label_accuracy, ...)
+  evaluate_task(model, tok, records, labels=...) # -> EvalScores(n, exact_match, label_accuracy, ...)
   AccuracyMatrix                                 # a[j][i]; OP / BWT / FWT; JSON + markdown
   plot_heatmap(matrix, path, title)              # PNG, written atomically
 
@@ -30,7 +30,7 @@ from .records import Record
 
 log = logging.getLogger(__name__)
 
-KEEP_PREDICTIONS = 20  # answers kept in a TaskEval for reports
+KEEP_PREDICTIONS = 20  # answers kept in a EvalScores for reports
 
 
 # --------------------------------------------------------------------------- helpers
@@ -216,7 +216,7 @@ def label_scores(model, tokenizer, records: Sequence[Record], labels: Sequence[s
 
 
 @dataclass
-class TaskEval:
+class EvalScores:
     n: int
     exact_match: float  # fraction of generated answers == record.label; NaN when n == 0
     label_accuracy: float | None  # label-scoring accuracy; None when not computed
@@ -247,7 +247,7 @@ def evaluate_task(
     max_examples: int = 0,
     label_scoring: bool = True,
     max_prompt_tokens: int = 0,
-) -> TaskEval:
+) -> EvalScores:
     """Exact match of greedy answers, plus label-scoring accuracy when a label set is given.
     `max_prompt_tokens` > 0 evaluates on prompts fitted into that many tokens (inputs.fit_prompt)."""
     t0 = time.perf_counter()
@@ -256,7 +256,7 @@ def evaluate_task(
         records = records[:max_examples]
     if not records:
         log.warning("evaluate_task called with no records")
-        return TaskEval(n=0, exact_match=float("nan"), label_accuracy=None, predictions=[], seconds=0.0)
+        return EvalScores(n=0, exact_match=float("nan"), label_accuracy=None, predictions=[], seconds=0.0)
 
     answers = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     exact = sum(a == r.label for a, r in zip(answers, records)) / len(records)
@@ -268,7 +268,7 @@ def evaluate_task(
 
     seconds = time.perf_counter() - t0
     log.info("evaluated %d records: exact_match=%.3f label_accuracy=%s (%.1fs)", len(records), exact, label_acc, seconds)
-    return TaskEval(n=len(records), exact_match=exact, label_accuracy=label_acc, predictions=answers[:KEEP_PREDICTIONS], seconds=seconds)
+    return EvalScores(n=len(records), exact_match=exact, label_accuracy=label_acc, predictions=answers[:KEEP_PREDICTIONS], seconds=seconds)
 
 
 # --------------------------------------------------------------------------- continual-learning metrics

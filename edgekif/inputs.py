@@ -29,7 +29,7 @@ class Encoded:
 
 
 def encode_task(tokenizer, task, max_length: int) -> list[Encoded]:
-    """Every record of a task (an edgekif.taskfile.TaskData), logging how many were cut."""
+    """Every record of a task (an edgekif.taskfile.TaskFile), logging how many were cut."""
     encoded = [encode_example(tokenizer, r, max_length) for r in task.records]
     if n_trunc := sum(e.truncated for e in encoded):
         log.info("%s: %d of %d examples truncated to %d tokens", task.name, n_trunc, len(encoded), max_length)

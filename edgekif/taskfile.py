@@ -75,7 +75,7 @@ _MAX_LABELS = 50
 
 
 @dataclass
-class TaskData:
+class TaskFile:
     name: str  # file stem
     path: Path
     sha256: str  # of the file's raw bytes
@@ -98,7 +98,7 @@ def infer_labels(records: list[Record]) -> list[str] | None:
 # --------------------------------------------------------------------------- reading
 
 
-def read_task(path: str | os.PathLike, cfg: DataConfig | None = None) -> TaskData:
+def read_task(path: str | os.PathLike, cfg: DataConfig | None = None) -> TaskFile:
     """Read and validate one task file; raises ValidationError at the first problem."""
     cfg = cfg or DataConfig()
     path = Path(path)
@@ -116,7 +116,7 @@ def read_task(path: str | os.PathLike, cfg: DataConfig | None = None) -> TaskDat
         raise _too_large(file, len(raw), cfg)
 
     fmt, records = _parse(raw, path, cfg)
-    return TaskData(
+    return TaskFile(
         name=path.stem,
         path=path,
         sha256=hashlib.sha256(raw).hexdigest(),

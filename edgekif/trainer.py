@@ -49,7 +49,7 @@ def learner_adapter(learner_dir: str | os.PathLike) -> Path:
 
 
 @dataclass
-class TaskResult:
+class TrainStats:
     task_id: str
     strategy: str
     steps: int  # gradient steps taken (task + replay)
@@ -223,7 +223,7 @@ class Learner:
         should_stop: Callable[[], bool] | None = None,
         progress: ProgressFn | None = None,
         max_steps: int | None = None,
-    ) -> TaskResult:
+    ) -> TrainStats:
         """Train the learner on one task. `max_steps` overrides train.max_steps (the
         continual loop gives joint training the budget of all its tasks)."""
         cfg, tcfg = self.cfg, self.cfg.train
@@ -300,7 +300,7 @@ class Learner:
         self.tasks_seen.append(task_id)
         done = kinds[:end]
         task_losses = [l for l, k in zip(losses, done) if k == TASK]
-        return TaskResult(
+        return TrainStats(
             task_id=task_id,
             strategy=self.strategy.name,
             steps=len(done),

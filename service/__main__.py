@@ -15,7 +15,7 @@ from .stages import Stages
 
 
 def main(argv: list[str] | None = None, *, stages_factory: Callable[[Config], Stages] | None = None) -> int:
-    """stages_factory(config) builds the pipeline (default: the library's); service.testing
+    """stages_factory(config) builds the pipeline (default: the library's); service.fake_stages
     passes its fakes here."""
     p = argparse.ArgumentParser(prog="python -m service", description="Run the edgekif daemon in the foreground.")
     p.add_argument("--config", help="TOML config file (SIGHUP re-reads it)")

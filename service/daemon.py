@@ -4,9 +4,9 @@ Threads:
   main     signals (SIGTERM/SIGINT stop, SIGHUP reload), sd_notify READY/STATUS/WATCHDOG,
            metrics textfile, daemon.json for `status`
   watcher  scans inbox/, takes complete files into accepted/ and queues a job for each
-  worker   runs the oldest unfinished job one stage at a time (service.pipeline.JobRunner)
+  worker   runs the oldest unfinished job one stage at a time (service.job_runner.JobRunner)
 
-The job steps live in service.pipeline, status queries in service.status, operator actions
+The job steps live in service.job_runner, status queries in service.status, operator actions
 (publish --force, retry) in service.control. `python -m service` and `edgekif serve` call
 run_daemon().
 """
@@ -34,7 +34,7 @@ from .jobs import Job, JobStore, utc_now
 from .logs import setup_logging
 from .housekeeping import cleanup_stale_temp
 from .metrics import MetricsWriter, read_json, replace_json
-from .pipeline import TRANSIENT_ERRNOS, JobRunner, transient_cause
+from .job_runner import TRANSIENT_ERRNOS, JobRunner, transient_cause
 from .sdnotify import Notifier
 from .stages import Stages
 from .watcher import InboxWatcher, reconcile_takes
@@ -54,7 +54,7 @@ def default_stages(config: Config) -> Stages:
         from .stage_process import ChildStages
 
         return ChildStages(config)
-    from .library_stages import LibraryStages
+    from .edgekif_stages import LibraryStages
 
     return LibraryStages(config)
 
@@ -409,7 +409,7 @@ class Daemon:
         return steps
 
     def step(self, store: JobStore, job: Job) -> None:
-        """Run the next stage of `job` (service.pipeline) and commit it."""
+        """Run the next stage of `job` (service.job_runner) and commit it."""
         self.runner.step(store, job)
 
 

@@ -37,17 +37,6 @@ def replace_text(path: str | Path, text: str) -> None:
         raise
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process (Linux /proc): the daemon's stage process, for `status`."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def replace_json(path: str | Path, obj: Any) -> None:
     replace_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

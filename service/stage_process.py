@@ -44,8 +44,8 @@ from edgekif.layout import DataLayout
 
 
 from .logs import _STANDARD, JsonFormatter
-from .metrics import rss_mb
-from .stages import BufferResult, EvalResult, JobContext, Published, ShouldStop, Stages, TaskInfo, TrainResult
+from .resources import rss_mb
+from .stages import BufferResult, EvalResult, JobContext, Published, ShouldStop, Stages, ValidatedTask, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ChildStages:
 
     def __init__(self, config: Config, *, inner: Stages | None = None, child_command: tuple[str, ...] = CHILD_COMMAND,
                  should_stop: ShouldStop = lambda: False, on_child: Callable[[int | None], None] = lambda _pid: None) -> None:
-        from .library_stages import LibraryStages
+        from .edgekif_stages import LibraryStages
 
         self.config = config
         self.child_command = tuple(child_command)
@@ -84,7 +84,7 @@ class ChildStages:
         self.peak_rss_mb: float | None = None  # of the last child
 
     # torch-free stages: in the daemon
-    def validate(self, ctx: JobContext) -> TaskInfo:
+    def validate(self, ctx: JobContext) -> ValidatedTask:
         return self.inner.validate(ctx)
 
     def buffer(self, ctx: JobContext) -> BufferResult | None:
@@ -191,7 +191,7 @@ def context_from_dict(d: dict[str, Any], config: Config) -> JobContext:
     return JobContext(
         job_id=d["job_id"], file_name=d["file_name"], file_path=Path(d["file_path"]), sha256=d["sha256"],
         work_dir=Path(d["work_dir"]), layout=DataLayout(Path(d["data_dir"])), config=config,
-        task=TaskInfo(**d["task"]) if d.get("task") else None, metrics=d.get("metrics") or {},
+        task=ValidatedTask(**d["task"]) if d.get("task") else None, metrics=d.get("metrics") or {},
         published=Published(**d["published"]) if d.get("published") else None, past_tasks=list(d.get("past_tasks") or []),
     )
 
@@ -199,7 +199,7 @@ def context_from_dict(d: dict[str, Any], config: Config) -> JobContext:
 def error_to_dict(e: BaseException) -> dict[str, Any]:
     """What the daemon needs to handle the error as if the stage had raised it in-process: its
     type (edgekif's errors by name), fields, and whether it is the disk's or memory's doing."""
-    from .pipeline import transient_cause  # the child has the whole cause chain; the daemon does not
+    from .job_runner import transient_cause  # the child has the whole cause chain; the daemon does not
 
     d: dict[str, Any] = {"type": type(e).__name__, "message": str(e), "transient": transient_cause(e),
                          "permanent": bool(getattr(e, "permanent", False)), "hint": getattr(e, "hint", "")}
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None, *, stages_factory: Callable[[Config], An
     signal.signal(signal.SIGTERM, on_term)
     try:
         if stages_factory is None:
-            from .library_stages import LibraryStages as stages_factory
+            from .edgekif_stages import LibraryStages as stages_factory
         stages = stages_factory(config)
         if stage == "train":
             out: dict[str, Any] = stages.train(ctx, stop.is_set).to_dict()

@@ -4,9 +4,9 @@ The daemon owns the order, the commits and the retries; a stage owns the work. E
 must be idempotent when re-run after a crash, because a crash can land after its side
 effects and before the daemon commits its result (see docs/daemon.md for each stage).
 
-The real stages (`service.library_stages.LibraryStages`) import the ML library lazily inside
+The real stages (`service.edgekif_stages.LibraryStages`) import the ML library lazily inside
 each call, so an idle daemon never loads torch. The daemon's tests inject
-`service.testing.FakeStages` (tiny file writes and sleeps) instead.
+`service.fake_stages.FakeStages` (tiny file writes and sleeps) instead.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from edgekif.errors import ResourceError
-
 from .metrics import replace_json
 
 if TYPE_CHECKING:
     from edgekif.config import Config
-
     from edgekif.layout import DataLayout, JobLayout
 
 log = logging.getLogger(__name__)
@@ -35,7 +32,7 @@ ShouldStop = Callable[[], bool]
 
 
 @dataclass
-class TaskInfo:
+class ValidatedTask:
     name: str
     examples: int
     details: dict[str, Any] = field(default_factory=dict)
@@ -102,7 +99,7 @@ class JobContext:
     work_dir: Path  # jobs/<id>/: checkpoints, adapter, export
     layout: "DataLayout"
     config: "Config"
-    task: TaskInfo | None = None  # after validate
+    task: ValidatedTask | None = None  # after validate
     metrics: dict[str, Any] = field(default_factory=dict)  # committed results of earlier stages
     published: Published | None = None
     past_tasks: list[str] = field(default_factory=list)  # tasks the live model has learned, oldest first
@@ -127,7 +124,7 @@ class JobContext:
 
 
 class Stages(Protocol):
-    def validate(self, ctx: JobContext) -> TaskInfo:
+    def validate(self, ctx: JobContext) -> ValidatedTask:
         """Read and validate ctx.file_path; raise ValidationError for bad input."""
 
     def buffer(self, ctx: JobContext) -> BufferResult | None:
@@ -151,67 +148,3 @@ class Stages(Protocol):
 
     def publish(self, ctx: JobContext, export_path: Path) -> str:
         """Make the export the live version; return the version name."""
-
-
-def forgetting_gate(
-    accuracies: dict[str, float], published: Published | None, threshold_points: float
-) -> tuple[bool, list[str]]:
-    """No past task may lose more than `threshold_points` accuracy points vs what is live."""
-    if published is None:
-        return True, []
-    reasons = []
-    for task, before in sorted(published.accuracies.items()):
-        after = accuracies.get(task)
-        if after is None:
-            reasons.append(f"{task}: not evaluated (was {100 * before:.1f})")
-            continue
-        drop = 100 * (before - after)
-        if drop > threshold_points:
-            reasons.append(
-                f"{task}: {100 * before:.1f} -> {100 * after:.1f} (-{drop:.1f} points > {threshold_points:g} allowed)"
-            )
-    return not reasons, reasons
-
-
-def base_gate(accuracies: dict[str, float], zero_shot: dict[str, float], min_gain_points: float) -> list[str]:
-    """The tasks whose accuracy does not beat the untrained base's by `min_gain_points`."""
-    reasons = []
-    for task, base in sorted(zero_shot.items()):
-        after = accuracies.get(task)
-        if after is not None and 100 * (after - base) < min_gain_points:
-            reasons.append(f"{task}: {100 * after:.1f} does not beat the base model's zero-shot {100 * base:.1f} "
-                           f"by {min_gain_points:g} points (nothing learned to publish)")
-    return reasons
-
-
-def publish_gate(result: EvalResult, published: Published | None, config: "Config") -> tuple[bool, list[str]]:
-    """The forgetting gate plus the base gate, on export-measured accuracies."""
-    _ok, reasons = forgetting_gate(result.accuracies, published, config.service.forgetting_threshold)
-    reasons += base_gate(result.accuracies, result.details.get("zero_shot") or {}, config.service.min_gain_over_base)
-    return not reasons, reasons
-
-
-def available_memory_mb() -> float | None:
-    try:
-        import psutil  # optional: only the bench/dev extras install it
-
-        return psutil.virtual_memory().available / 2**20
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_memory(ceiling_mb: int) -> None:
-    """ResourceError when less than `ceiling_mb` MiB is available (0 = no check)."""
-    if ceiling_mb <= 0:
-        return
-    available = available_memory_mb()
-    if available is not None and available < ceiling_mb:
-        raise ResourceError(f"only {available:.0f} MiB memory available, service.memory_ceiling_mb needs {ceiling_mb}")

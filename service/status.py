@@ -12,7 +12,8 @@ from edgekif.config import Config
 from edgekif.layout import DataLayout
 
 from .jobs import Job, JobStore
-from .metrics import read_json, rss_mb
+from .metrics import read_json
+from .resources import rss_mb
 from .watcher import ignored_inbox_entries, is_ignored
 
 

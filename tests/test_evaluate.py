@@ -14,7 +14,7 @@ from edgekif.inputs import collate, encode_example, encode_prompt, encode_target
 from edgekif.errors import EdgekifError
 from edgekif.evaluate import (
     AccuracyMatrix,
-    TaskEval,
+    EvalScores,
     evaluate_task,
     generate_answers,
     label_logprobs,
@@ -134,8 +134,8 @@ def test_empty_task_is_not_a_zero_score(trained):
 
 
 def test_taskeval_score_prefers_label_accuracy():
-    assert TaskEval(n=4, exact_match=0.25, label_accuracy=0.75).score == 0.75
-    assert TaskEval(n=4, exact_match=0.25, label_accuracy=None).score == 0.25
+    assert EvalScores(n=4, exact_match=0.25, label_accuracy=0.75).score == 0.75
+    assert EvalScores(n=4, exact_match=0.25, label_accuracy=None).score == 0.25
 
 
 # --------------------------------------------------------------------------- label scoring

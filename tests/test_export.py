@@ -239,10 +239,10 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
 
 
 def test_an_accuracy_drop_beyond_the_margin_fails_even_when_most_answers_agree():
-    from edgekif.export.check import TaskAnswers, compare_answers
+    from edgekif.export.check import AnswerSet, compare_answers
 
-    ref = {"t": TaskAnswers(["a"] * 100, 100, 0.50)}
-    got = {"t": TaskAnswers(["a"] * 98 + ["b", "b"], 100, 0.48)}
+    ref = {"t": AnswerSet(["a"] * 100, 100, 0.50)}
+    got = {"t": AnswerSet(["a"] * 98 + ["b", "b"], 100, 0.48)}
     check = compare_answers(ref, got, min_agreement=0.95, max_accuracy_drop=1.0)
     assert check.agreement == 0.98 and check.accuracy_drop == pytest.approx(2.0) and not check.passed
     assert check.reasons == ["exact match 48.0 vs fp32 50.0 (-2.0 points > 1 allowed)"]

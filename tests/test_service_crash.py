@@ -24,7 +24,7 @@ from edgekif.export.manifest import verify_manifest
 from edgekif.publish import ModelStore, version_name
 from service.daemon import Daemon
 from service.jobs import JobStore
-from service.testing import FakeStages, SimulatedCrash
+from service.fake_stages import FakeStages, SimulatedCrash
 from test_service_process import DaemonProcess, _no_leftover_daemons, drop  # noqa: F401 (autouse fixture)
 
 TRAIN_STEPS = 8

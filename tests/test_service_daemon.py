@@ -19,7 +19,7 @@ from service.control import force_publish, retry_job
 from service.daemon import Daemon, DaemonError
 from service.status import format_status, status
 from service.jobs import JobStore
-from service.testing import FakeStages, SimulatedCrash
+from service.fake_stages import FakeStages, SimulatedCrash
 
 STAGES = ("validate", "buffer", "train", "export", "evaluate", "publish")
 

@@ -1,4 +1,4 @@
-"""The forgetting gate with the real library stages (service.library_stages.LibraryStages):
+"""The forgetting gate with the real library stages (service.edgekif_stages.LibraryStages):
 real validation, holdout split, replay buffer, Recurrent-KIF training, ONNX export, exact
 match measured on the export, and publishing, on a tiny random Llama.
 
@@ -79,7 +79,7 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     from edgekif.export.manifest import read_manifest
     from edgekif.publish import ModelStore
     from edgekif.replay import ReplayBuffer
-    from service.library_stages import LibraryStages
+    from service.edgekif_stages import LibraryStages
 
     data = tmp_path / "data"
     layout = DataLayout(data)
@@ -173,7 +173,7 @@ def test_a_first_task_that_does_not_beat_the_base_is_held(tmp_path, wide_tiny_di
     export of the base, same setting), so even a first model is held, with the reason; the
     base's figure is cached for the next job."""
     from edgekif.publish import ModelStore
-    from service.library_stages import LibraryStages
+    from service.edgekif_stages import LibraryStages
 
     data = tmp_path / "data"
     cache = tmp_path / "cache"

@@ -21,13 +21,13 @@ from typing import Any, Callable
 import pytest
 
 from service.jobs import JobStore
-from service.testing import FakeStages
+from service.fake_stages import FakeStages
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class DaemonProcess:
-    """`python -m service.testing --data-dir DIR` (FakeStages) or, with fake_stages=False,
+    """`python -m service.fake_stages --data-dir DIR` (FakeStages) or, with fake_stages=False,
     `python -m service --data-dir DIR` (the real stages) in a subprocess.
 
     fake_options go to DIR/fake_stages.json (FakeStages kwargs); overrides are `--set k=v`.
@@ -62,7 +62,7 @@ class DaemonProcess:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        module = "service.testing" if self.fake_stages else "service"
+        module = "service.fake_stages" if self.fake_stages else "service"
         cmd = [sys.executable, "-m", module, "--data-dir", str(self.data_dir)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]

@@ -17,9 +17,9 @@ from edgekif.replay import ReplayBuffer
 from service.cli import main as edgekif_main
 from service.daemon import Daemon
 from service.jobs import JobStore
-from service.library_stages import LibraryStages
+from service.edgekif_stages import LibraryStages
 from service.status import format_status, list_jobs, status
-from service.testing import FakeStages
+from service.fake_stages import FakeStages
 from test_service_process import DaemonProcess, _no_leftover_daemons  # noqa: F401 (autouse fixture)
 
 
@@ -255,7 +255,7 @@ def test_any_failure_on_a_nearly_full_disk_is_taken_as_the_disk(tmp_path, monkey
     """A writer that lost both errno and text: the free-space check after the failure decides."""
     import shutil as shutil_mod
 
-    from service import pipeline
+    from service import job_runner as pipeline
 
     real = shutil_mod.disk_usage
     free = {"bytes": 2 * 2**20}

@@ -1,5 +1,5 @@
 """The stage interface: the forgetting gate, and the daemon driving the library-backed stages
-(service/library_stages.py) with stand-ins for the torch-heavy ones."""
+(service/edgekif_stages.py) with stand-ins for the torch-heavy ones."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from service.daemon import Daemon
 from service.status import status
 from edgekif.layout import DataLayout
 from service.jobs import JobStore
-from service.stages import EvalResult, Published, TrainResult, forgetting_gate
+from service.gates import forgetting_gate
+from service.stages import EvalResult, Published, TrainResult
 
 
 def test_forgetting_gate_compares_points_against_the_live_version():
@@ -44,7 +45,7 @@ def _export(folder: Path, content: str, job_id: int | None = None) -> Path:
 
 def _library_with_fake_training(config):
     """Real validate/buffer/publish; train/evaluate/export stand-ins that need no torch."""
-    library_stages = pytest.importorskip("service.library_stages")
+    library_stages = pytest.importorskip("service.edgekif_stages")
 
     class Stages(library_stages.LibraryStages):
         def train(self, ctx, should_stop):
@@ -86,7 +87,7 @@ def test_daemon_with_library_stages_publishes_versions_and_reports_the_buffer(tm
 
 
 def test_manifest_lists_each_learned_task_with_its_example_counts(tmp_path):
-    library_stages = pytest.importorskip("service.library_stages")
+    library_stages = pytest.importorskip("service.edgekif_stages")
     config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
     layout = DataLayout(tmp_path)
     layout.create()

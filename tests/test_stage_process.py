@@ -13,7 +13,7 @@ from edgekif.config import load_config
 from service.daemon import Daemon
 from service.jobs import JobStore
 from service.stage_process import ChildStages, error_from_dict, error_to_dict
-from service.testing import FAKE_CHILD_COMMAND, FakeStages
+from service.fake_stages import FAKE_CHILD_COMMAND, FakeStages
 
 
 def make(tmp_path: Path, **fake):

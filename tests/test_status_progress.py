@@ -9,7 +9,7 @@ from pathlib import Path
 from edgekif.config import load_config
 from service.daemon import Daemon
 from service.status import format_status, progress_view, status
-from service.testing import FakeStages
+from service.fake_stages import FakeStages
 
 T0 = 1_700_000_000.0
 

@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(data_dir / "fake_stages.json", {"train_steps": 3, "step_seconds": 0.5, "stage_seconds": 0.3})
     t_all = time.monotonic()
     log_f = open(data_dir / "daemon.stdout.log", "w") if data_dir.exists() else None
-    module = "service.testing" if args.fake_stages else "service"  # the testing entry point runs the daemon with FakeStages
+    module = "service.fake_stages" if args.fake_stages else "service"  # the testing entry point runs the daemon with FakeStages
     cmd = [PY, "-m", module, "--data-dir", str(data_dir), *[x for o in overrides for x in ("--set", o)]]
     t_start = time.monotonic()
     daemon = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT)

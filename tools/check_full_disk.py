@@ -3,7 +3,7 @@
     python tools/check_full_disk.py [--size-mb 48] [--keep]
 
 Needs root (it mounts a tmpfs of --size-mb as the data dir) and Linux; elsewhere it says why
-and exits 0 having checked nothing. The daemon is `python -m service.testing` (the fake
+and exits 0 having checked nothing. The daemon is `python -m service.fake_stages` (the fake
 stages: they write real files, state.db rows and checkpoints, fast) with its model stages in
 child processes as the real daemon runs them. Scenarios, each on a really full disk (a filler
 file written until ENOSPC):
@@ -62,7 +62,7 @@ class Daemon:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(var, None)
-        cmd = [sys.executable, "-m", "service.testing", "--data-dir", str(self.data),
+        cmd = [sys.executable, "-m", "service.fake_stages", "--data-dir", str(self.data),
                "--set", "service.quiet_seconds=0.2", "--set", "service.scan_interval=0.3"]
         # the log goes to a file outside the full filesystem: what journald would keep
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.out, "ab"), stderr=subprocess.STDOUT, cwd=REPO)

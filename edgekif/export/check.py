@@ -45,7 +45,7 @@ def client_answers(runner: Any, records: Sequence[Record], max_new_tokens: int =
 
 
 @dataclass
-class TaskAnswers:
+class AnswerSet:
     answers: list[str]
     n: int
     exact_match: float | None  # None: the records carry no labels
@@ -55,11 +55,11 @@ class TaskAnswers:
         return {"n": self.n, "exact_match": self.exact_match, **({"label_accuracy": self.label_accuracy} if self.label_accuracy is not None else {})}
 
 
-def score_answers(answers: Sequence[str], records: Sequence[Record]) -> TaskAnswers:
-    return TaskAnswers(list(answers), len(records), exact_match(answers, records) if scored(records) else None)
+def score_answers(answers: Sequence[str], records: Sequence[Record]) -> AnswerSet:
+    return AnswerSet(list(answers), len(records), exact_match(answers, records) if scored(records) else None)
 
 
-def runner_answers(runner: Any, holdout: Holdout, max_new_tokens: int = 8) -> dict[str, TaskAnswers]:
+def runner_answers(runner: Any, holdout: Holdout, max_new_tokens: int = 8) -> dict[str, AnswerSet]:
     return {name: score_answers(client_answers(runner, recs, max_new_tokens), recs) for name, recs in holdout.items()}
 
 
@@ -70,7 +70,7 @@ def reference_answers(
     max_new_tokens: int = 8,
     labels: Mapping[str, Sequence[str] | None] | None = None,
     batch_size: int = 16,
-) -> dict[str, TaskAnswers]:
+) -> dict[str, AnswerSet]:
     """Greedy answers of the fp32 PyTorch model in `model_dir` (the fused model) on whole
     prompts, plus label-scoring accuracy for tasks with a label set: the reference an export
     is held to, and the figures the manifest keeps as `reference`."""
@@ -79,7 +79,7 @@ def reference_answers(
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, "fp32").eval()
-    out: dict[str, TaskAnswers] = {}
+    out: dict[str, AnswerSet] = {}
     for name, recs in holdout.items():
         recs = list(recs)
         res = score_answers(generate_answers(model, tok, recs, max_new_tokens=max_new_tokens, batch_size=batch_size), recs)
@@ -92,7 +92,7 @@ def reference_answers(
     return out
 
 
-def pooled_exact_match(results: Mapping[str, TaskAnswers]) -> float | None:
+def pooled_exact_match(results: Mapping[str, AnswerSet]) -> float | None:
     """Exact match over every labelled record (each record counts once, whatever its task)."""
     hits = total = 0
     for r in results.values():
@@ -128,8 +128,8 @@ class AnswerCheck:
 
 
 def compare_answers(
-    reference: Mapping[str, TaskAnswers],
-    answers: Mapping[str, TaskAnswers],
+    reference: Mapping[str, AnswerSet],
+    answers: Mapping[str, AnswerSet],
     *,
     min_agreement: float,
     max_accuracy_drop: float,
@@ -162,7 +162,7 @@ class CandidateCheck:
     """One candidate export: its answers, and how they compare with the reference's."""
 
     variant: ExportVariant
-    answers: dict[str, TaskAnswers]
+    answers: dict[str, AnswerSet]
     check: AnswerCheck | None  # None: no reference to compare with (the base's zero-shot score)
     build_seconds: float | None  # None: built before (build=False)
     seconds: float  # opening the runner, answering and comparing
@@ -176,7 +176,7 @@ def check_candidate(
     variant: ExportVariant,
     execution_provider: str,
     holdout: Holdout,
-    reference: Mapping[str, TaskAnswers] | None = None,
+    reference: Mapping[str, AnswerSet] | None = None,
     max_new_tokens: int = 8,
     min_agreement: float = 0.95,
     max_accuracy_drop: float = 1.0,

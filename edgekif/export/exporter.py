@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
 from .build import export_candidates, resolve_export_settings
-from .check import CandidateCheck, TaskAnswers, check_candidate, reference_answers
+from .check import CandidateCheck, AnswerSet, check_candidate, reference_answers
 from .files import runtime_versions
 from .fuse import dist_version
 from .manifest import write_manifest
@@ -103,7 +103,7 @@ def export_model(
 
 
 def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_tokens: int,
-               labels: Mapping[str, Sequence[str] | None] | None, cache: str | os.PathLike | None) -> tuple[dict[str, TaskAnswers], float]:
+               labels: Mapping[str, Sequence[str] | None] | None, cache: str | os.PathLike | None) -> tuple[dict[str, AnswerSet], float]:
     """The fp32 reference answers (and how long they took), from `cache` when it was written
     for these very records, budget and label sets (a retry after a failed try), else measured."""
     key = hashlib.sha256(json.dumps({"records": {k: [r.to_json() for r in v] for k, v in holdout.items()},
@@ -113,7 +113,7 @@ def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_to
             saved = json.loads(Path(cache).read_text())
             if saved.get("key") == key:
                 log.info("reference answers reused from the last try", extra={"path": str(cache)})
-                return {k: TaskAnswers(**v) for k, v in saved["tasks"].items()}, float(saved["seconds"])
+                return {k: AnswerSet(**v) for k, v in saved["tasks"].items()}, float(saved["seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_to
 
 
 def _write_checked_manifest(
-    folder: Path, target: str, ep: str, result: CandidateCheck, figures: dict[str, Any], reference: Mapping[str, TaskAnswers],
+    folder: Path, target: str, ep: str, result: CandidateCheck, figures: dict[str, Any], reference: Mapping[str, AnswerSet],
     reference_seconds: float, rejected: list[dict[str, Any]], max_new_tokens: int, manifest_info: dict[str, Any] | None,
 ) -> None:
     """The manifest of a candidate that passed: its own accuracies, the reference's, the check's figures."""

@@ -33,7 +33,8 @@ from edgekif.errors import DamagedFileError, EdgekifError, Interrupted, Resource
 from edgekif.layout import DataLayout
 
 from .jobs import TRANSITIONS, Job, JobStore, utc_now
-from .stages import EvalResult, JobContext, Published, Stages, TaskInfo, check_memory
+from .resources import check_memory
+from .stages import EvalResult, JobContext, Published, Stages, ValidatedTask
 from .watcher import move_to_rejected, safe_name, unique_rejected_dest
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class JobRunner:
         if job.task_id is not None:
             row = store.task(job.task_id)
             if row is not None:
-                task = TaskInfo(row["name"], row["examples"], job.metrics.get("validate", {}).get("details", {}))
+                task = ValidatedTask(row["name"], row["examples"], job.metrics.get("validate", {}).get("details", {}))
         pub = store.live()  # models/current: after a rollback, the version rolled back to
         published = None
         past: list[str] = []

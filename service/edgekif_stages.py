@@ -40,7 +40,8 @@ from pathlib import Path
 
 from edgekif.holdouts import read_holdout, read_holdouts, write_holdout, write_records
 
-from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, publish_gate
+from .gates import publish_gate
+from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TrainResult, ValidatedTask
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,12 @@ class LibraryStages:
         self.config = config
 
     # -- validate ---------------------------------------------------------------------------
-    def validate(self, ctx: JobContext) -> TaskInfo:
+    def validate(self, ctx: JobContext) -> ValidatedTask:
         from edgekif.taskfile import read_task
 
         data = read_task(ctx.file_path, ctx.config.data)
         # read_task names the task after accepted/<sha12>_<name>; the user's name is what they dropped.
-        return TaskInfo(name=Path(ctx.file_name).stem, examples=len(data.records), details={"format": data.format, "labels": data.labels})
+        return ValidatedTask(name=Path(ctx.file_name).stem, examples=len(data.records), details={"format": data.format, "labels": data.labels})
 
     # -- buffer: holdout split + replay insert ------------------------------------------------
     def buffer(self, ctx: JobContext) -> BufferResult:

@@ -4,7 +4,7 @@ Not used by the daemon itself: tests inject `FakeStages` into `Daemon(config, st
 subprocess tests (and `tools/bench_daemon.py --fake-stages`) run the daemon with them through
 this module's own entry point:
 
-    python -m service.testing --data-dir DIR [--config F] [--set k=v ...]
+    python -m service.fake_stages --data-dir DIR [--config F] [--set k=v ...]
 
 FakeStages options come from DIR/fake_stages.json. Nothing here imports torch.
 """
@@ -24,7 +24,8 @@ from typing import Any
 from edgekif.errors import Interrupted, ParityError, ResourceError, ValidationError
 
 from .metrics import replace_json
-from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TaskInfo, TrainResult, forgetting_gate
+from .gates import forgetting_gate
+from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TrainResult, ValidatedTask
 
 
 
@@ -55,7 +56,7 @@ class FakeStages:
     contracts as the real ones and record every call, in memory and as JSON lines in
     `<data>/fake_calls.jsonl` (so a test can count calls across daemon restarts/processes).
 
-    Options (kwargs, or `<data>/fake_stages.json` for `python -m service.testing`):
+    Options (kwargs, or `<data>/fake_stages.json` for `python -m service.fake_stages`):
       train_steps, step_seconds  -- fake training length; one checkpoint per step
       stage_seconds              -- sleep in every other stage
       new_accuracy               -- accuracy reported for the job's own task
@@ -134,7 +135,7 @@ class FakeStages:
         if self.stage_seconds:
             time.sleep(self.stage_seconds)
 
-    def validate(self, ctx: JobContext) -> TaskInfo:
+    def validate(self, ctx: JobContext) -> ValidatedTask:
         self._maybe_inject("validate", "before")
         self._record("validate", ctx)
         self._sleep()
@@ -145,7 +146,7 @@ class FakeStages:
         if not any(line.strip() for line in lines):
             raise ValidationError("file has no records", file=ctx.file_name, kind="empty")
         self._maybe_inject("validate", "after")
-        return TaskInfo(name=Path(ctx.file_name).stem, examples=sum(1 for line in lines if line.strip()))
+        return ValidatedTask(name=Path(ctx.file_name).stem, examples=sum(1 for line in lines if line.strip()))
 
     def buffer(self, ctx: JobContext) -> BufferResult:
         self._maybe_inject("buffer", "before")
@@ -256,8 +257,8 @@ def fake_stages_for(config: Any) -> FakeStages:
     return FakeStages.from_data_dir(config.data_path)
 
 
-# `python -m service.testing --stage-child REQUEST`: a stage's child process running the fakes
-FAKE_CHILD_COMMAND = (sys.executable, "-m", "service.testing", "--stage-child")
+# `python -m service.fake_stages --stage-child REQUEST`: a stage's child process running the fakes
+FAKE_CHILD_COMMAND = (sys.executable, "-m", "service.fake_stages", "--stage-child")
 
 
 def fake_daemon_stages(config: Any) -> Any:
@@ -272,7 +273,7 @@ def fake_daemon_stages(config: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m service.testing`: the daemon in the foreground, with FakeStages."""
+    """`python -m service.fake_stages`: the daemon in the foreground, with FakeStages."""
     from .__main__ import main as service_main
 
     return service_main(argv, stages_factory=fake_daemon_stages)
