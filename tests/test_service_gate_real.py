@@ -21,7 +21,7 @@ Measured with base seeds 0-4 (seed 0 is the test): colors 1.0 after its job, 0.0
 shuffled (shuffled itself 1.0), still 1.0 after animals (animals 0.75-1.0); so the default
 5-point threshold separates the two with room to spare. With 40 steps instead of 80 for the
 later tasks, Recurrent-KIF's fusion left animals unlearnt on one seed; before the replay fix
-in library_stages.train, animals' outer loop also replayed the held task's examples.
+in edgekif_stages.train, animals' outer loop also replayed the held task's examples.
 ~35-65 s on a busy 2-core box.
 """
 
