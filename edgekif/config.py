@@ -291,26 +291,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{p}: config file not found") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: {e}") from None
-        for key, value in raw.items():
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    _apply(cfg, key, k, v, f"{p} [{key}] {k}")
-            else:
-                _apply(cfg, "", key, value, f"{p} {key}")
+        _apply_tables(cfg, raw, str(p))
     return apply_overrides(cfg, overrides or [])
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
     """The inverse of Config.to_dict (a stage's child process gets the daemon's config this way)."""
     cfg = Config()
-    for key, value in d.items():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                _apply(cfg, key, k, v, f"config [{key}] {k}")
-        else:
-            _apply(cfg, "", key, value, f"config {key}")
+    _apply_tables(cfg, d, "config")
     validate_config(cfg)
     return cfg
+
+
+def _apply_tables(cfg: Config, raw: dict[str, Any], where: str) -> None:
+    """A TOML-shaped dict ({section: {key: value}}, top-level keys such as data_dir) onto cfg."""
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _apply(cfg, key, k, v, f"{where} [{key}] {k}")
+        else:
+            _apply(cfg, "", key, value, f"{where} {key}")
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
