@@ -53,6 +53,16 @@ class JobLayout:
         return self.root / "export-work"
 
     @property
+    def stage_request(self) -> Path:
+        """What a model stage's child process is asked to do (service.stage_process)."""
+        return self.root / "stage-request.json"
+
+    @property
+    def stage_result(self) -> Path:
+        """What it answered: the stage's result, or its error."""
+        return self.root / "stage-result.json"
+
+    @property
     def progress(self) -> Path:
         """What the running stage is doing now, for `edgekif status`."""
         return self.root / "progress.json"

@@ -49,8 +49,6 @@ from .stages import BufferResult, EvalResult, JobContext, Published, ShouldStop,
 
 log = logging.getLogger(__name__)
 
-REQUEST_FILE = "stage-request.json"
-RESULT_FILE = "stage-result.json"
 CHILD_COMMAND = (sys.executable, "-m", "service.stage_process")  # + REQUEST
 
 
@@ -107,7 +105,7 @@ class ChildStages:
         return EvalResult.from_dict(self._run("evaluate", ctx, self.should_stop))
 
     def _run(self, stage: str, ctx: JobContext, should_stop: ShouldStop) -> dict[str, Any]:
-        request, result = ctx.work_dir / REQUEST_FILE, ctx.work_dir / RESULT_FILE
+        request, result = ctx.job_files.stage_request, ctx.job_files.stage_result
         result.unlink(missing_ok=True)
         atomic_write_json(request, {"stage": stage, "config": self.config.to_dict(),
                                     "ctx": context_to_dict(ctx), "result": str(result)})
