@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -117,12 +118,31 @@ class RuntimeFile:
             if info != self._last:
                 try:
                     replace_json(self.layout.runtime_file, info)
-                except OSError as e:  # a full disk must not stop the daemon: status is stale meanwhile
+                except OSError as e:  # a full disk must not stop the daemon
                     if e.errno not in TRANSIENT_ERRNOS:
                         raise
-                    log.warning("could not write daemon.json", extra={"error": str(e)})
-                    return
+                    if not _rewrite_in_place(self.layout.runtime_file, info):
+                        log.warning("could not write daemon.json", extra={"error": str(e)})
+                        return
                 self._last = info
+
+
+def _rewrite_in_place(path: Path, info: dict[str, Any]) -> bool:
+    """On a full disk the atomic write's temp file has no room, but truncating the old file
+    frees its blocks for the new text (a few hundred bytes): `status` can still say why the
+    job waits. Not atomic: a reader may catch it empty for a moment and retries."""
+    text = (json.dumps(info, indent=2, sort_keys=True, default=str) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, text)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class Daemon:

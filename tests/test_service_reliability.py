@@ -294,11 +294,13 @@ def test_a_full_state_db_and_daemon_json_do_not_stop_the_daemon(tmp_path, monkey
     def no_space_json(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", "daemon.json")
 
+    (tmp_path / "daemon.json").write_text("{}")  # a running daemon wrote it before the disk filled
     with monkeypatch.context() as m:
         m.setattr(Store, "log_event", no_space)
         m.setattr(Store, "begin_attempt", no_space)
         m.setattr(daemon_mod, "replace_json", no_space_json)
-        d.runtime.publish({"job_id": 1}, "running")  # does not raise
+        d.runtime.publish({"job_id": 1}, "running")  # does not raise: rewritten in place
+        assert json.loads((tmp_path / "daemon.json").read_text())["current"] == {"job_id": 1}
         d.run_until_idle(max_steps=1)  # begin_attempt fails outside the stage: the job waits
         (job,) = jobs(tmp_path)
         assert job.state == "trained" and "SQLite" in d.runner.waiting[job.id]["reason"]

@@ -8,8 +8,8 @@ stages: they write real files, state.db rows and checkpoints, fast) with its mod
 child processes as the real daemon runs them. Scenarios, each on a really full disk (a filler
 file written until ENOSPC):
 
-  1. the disk fills during training: the daemon stays up and logs that the job waits; the
-     filler is removed; the job is published by itself
+  1. the disk fills during training: the daemon stays up, logs that the job waits and
+     `edgekif status` says so; the filler is removed; the job is published by itself
   2. the disk fills during export: the same
   3. the daemon is stopped, the disk filled, the daemon started: it starts and stays up; the
      filler is removed; a file dropped then is published
@@ -105,6 +105,12 @@ def stage_now(layout: DataLayout) -> str | None:
         return None
 
 
+def status_text(data: Path) -> str:
+    r = subprocess.run([sys.executable, "-m", "service.cli", "status", "--data-dir", str(data)], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return r.stdout
+
+
 def fill(mount: Path) -> Path:
     """Write a filler file until the filesystem says ENOSPC."""
     filler = mount / "FILLER"
@@ -157,6 +163,7 @@ def main() -> int:
             check(f"[{stage}] job reached {stage}", wait_for(lambda: stage_now(layout) == stage, 120))
             filler = fill(mount)
             check(f"[{stage}] disk full: the job waits", wait_for(lambda: daemon.log_has("not enough resources; job stays queued"), 120))
+            check(f"[{stage}] `edgekif status` says waiting", wait_for(lambda: "waiting:  job" in status_text(mount), 30))
             time.sleep(3)
             check(f"[{stage}] daemon still running on a full disk", daemon.alive())
             filler.unlink()
