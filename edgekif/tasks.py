@@ -154,11 +154,13 @@ def read_task_spec(
     *,
     detection: KindDetectionConfig | None = None,
     budget: AnswerBudgetConfig | None = None,
+    sidecar: str | os.PathLike | None = None,
 ) -> TaskSpec:
     """The spec of the task in `task_file` with training records `records`: the sidecar's
     statements where it has any (TaskSpecError when it is invalid), the rest decided from the
-    records. Without a tokenizer an unstated budget stays None."""
-    side = sidecar_path(task_file)
+    records. Without a tokenizer an unstated budget stays None. `sidecar`: where the sidecar
+    is when it is not beside the file under the same stem (a copy the daemon renamed)."""
+    side = Path(sidecar) if sidecar is not None else sidecar_path(task_file)
     stated = read_sidecar(side) if side.is_file() else {}
     kind = stated.get("kind") or detect_kind(records, detection)
     metric = stated.get("metric") or HEADLINE_METRIC[kind]

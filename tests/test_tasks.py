@@ -169,6 +169,14 @@ def test_a_sidecar_without_the_kind_leaves_it_detected(tmp_path, tok):
     assert read_task_spec(path, records, tok).source == "detected"
 
 
+def test_a_sidecar_kept_elsewhere(tmp_path, tok):
+    """The daemon keeps renamed copies (accepted/<sha12>_NAME.jsonl): it names the sidecar."""
+    path, records = write_task(tmp_path, "labels", LABELS)
+    (tmp_path / "kept.toml").write_text('kind = "generation"\n')
+    assert read_task_spec(path, records, tok, sidecar=tmp_path / "kept.toml").source == "sidecar"
+    assert read_task_spec(path, records, tok, sidecar=tmp_path / "missing.toml").source == "detected"
+
+
 @pytest.mark.parametrize(
     "text, line, field, kind, message",
     [
