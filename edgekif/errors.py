@@ -78,6 +78,12 @@ class DamagedFileError(ValidationError):
     hint = "restore or delete the named file, then `edgekif retry JOB`"
 
 
+class TaskSpecError(ValidationError):
+    """The sidecar `NAME.task.toml` beside a task file (it states the task's kind, metric or
+    answer budget, edgekif.tasks) is invalid. The user's input like the task file itself, so
+    the file is rejected the same way; `file` is the sidecar, `line` its line, `field` the key."""
+
+
 class ModelError(EdgekifError):
     """The base model cannot be found, converted or loaded."""
 

@@ -251,6 +251,69 @@ def test_an_accuracy_drop_beyond_the_margin_fails_even_when_most_answers_agree()
     assert compare_answers(ref, got, min_agreement=0.99, max_accuracy_drop=5.0).reasons[0].startswith("answers agree with the fp32 model on 98.0%")
 
 
+def test_the_tasks_own_metric_is_scored_beside_strict_exact_match():
+    """With a metric named, score_answers adds the task's metric per record; exact_match stays
+    strict, and without one the AnswerSet and its summary are what they always were."""
+    from edgekif.export.check import score_answers
+    from edgekif.records import Record
+
+    records = [Record.from_prompt("q1", "World"), Record.from_prompt("q2", "Sports"), Record.from_prompt("q3", "Business")]
+    answers = ["world.", "Sports", "Science"]
+    plain = score_answers(answers, records)
+    assert (plain.exact_match, plain.metric, plain.score, plain.scores) == (pytest.approx(1 / 3), None, None, None)
+    assert plain.summary() == {"n": 3, "exact_match": pytest.approx(1 / 3)}
+    norm = score_answers(answers, records, "normalized_exact_match")
+    assert norm.exact_match == plain.exact_match  # strict, as before
+    assert (norm.metric, norm.scores, norm.score) == ("normalized_exact_match", [1.0, 1.0, 0.0], pytest.approx(2 / 3))
+    assert norm.summary() == {"n": 3, "exact_match": pytest.approx(1 / 3), "metric": "normalized_exact_match", "score": pytest.approx(2 / 3)}
+    # free text: LCS "the cat on mat" of 5 and 6 words -> F1 8/11
+    gen = score_answers(["the cat on a mat"], [Record.from_prompt("q", "the cat sat on the mat")], "rouge_l")
+    assert (gen.exact_match, gen.scores) == (0.0, [pytest.approx(8 / 11)])
+    # no labels: nothing to score against
+    assert score_answers(["x"], [Record.from_prompt("q", "")], "rouge_l").metric is None
+
+
+def test_specs_give_each_task_its_budget_and_metric_and_leave_the_pass_rule_alone():
+    from edgekif.export.check import AnswerSet, compare_answers, runner_answers
+    from edgekif.records import Record
+    from edgekif.tasks import TaskSpec
+
+    class Runner:  # answers "the cat sat on the mat", cut to its budget in words
+        budgets: list[int] = []
+
+        def generate(self, chat, max_new_tokens):
+            self.budgets.append(max_new_tokens)
+            return " ".join("the cat sat on the mat".split()[:max_new_tokens])
+
+    holdout = {"news": [Record.from_prompt("q", "the cat sat on the mat")], "labels": [Record.from_prompt("q", "the")]}
+    specs = {"news": TaskSpec("generation", "rouge_l", 3, "detected")}  # "labels": no spec
+    got = runner_answers(Runner(), holdout, 8, specs)
+    assert Runner.budgets == [3, 8]
+    assert got["news"].answers == ["the cat sat"] and got["news"].scores == [pytest.approx(2 * 1 * 0.5 / 1.5)]  # P 3/3, R 3/6
+    assert got["labels"].metric is None and runner_answers(Runner(), holdout, 8)["news"].metric is None
+    ref = {"news": AnswerSet(["the cat sat on the mat"], 1, 1.0, metric="rouge_l", score=1.0, scores=[1.0]), "labels": AnswerSet(["the"], 1, 1.0)}
+    same = {k: AnswerSet(v.answers, 1, v.exact_match) for k, v in ref.items()}
+    check = compare_answers(ref, {**same, "news": got["news"]}, min_agreement=0.0, max_accuracy_drop=100.0)
+    assert check.per_task["news"] == {"n": 1, "agreement": 0.0, "exact_match": 0.0, "reference_exact_match": 1.0,
+                                      "metric": "rouge_l", "score": pytest.approx(2 / 3), "reference_score": 1.0}
+    assert "metric" not in check.per_task["labels"] and check.passed  # the margins decide, as before
+    assert compare_answers(ref, same, min_agreement=0.95, max_accuracy_drop=1.0).per_task["news"].keys() == {"n", "agreement", "exact_match", "reference_exact_match"}
+
+
+def test_reference_answers_use_the_tasks_budget_and_metric(fused):
+    from edgekif.export.check import reference_answers
+    from edgekif.tasks import TaskSpec
+
+    tok = load_tokenizer(fused["fused"])
+    holdout = _holdout(labels={p: "some reference text" for p in PROMPTS})
+    full = reference_answers(fused["fused"], holdout)["sentiment"]
+    short = reference_answers(fused["fused"], holdout, specs={"sentiment": TaskSpec("generation", "chrf", 2, "sidecar", ("kind",))})["sentiment"]
+    assert all(len(tok(a, add_special_tokens=False)["input_ids"]) <= 2 for a in short.answers)
+    assert any(len(tok(a, add_special_tokens=False)["input_ids"]) > 2 for a in full.answers)  # else the budget proves nothing
+    assert full.metric is None and short.metric == "chrf" and len(short.scores) == len(PROMPTS)
+    assert short.exact_match == 0.0 and all(0.0 <= s <= 1.0 for s in short.scores)
+
+
 def test_failed_check_publishes_no_export_folder(fused, tmp_path):
     out = tmp_path / "onnx-int8"
     with pytest.raises(ParityError, match="no export passed"):

@@ -14,6 +14,13 @@ Prompts are the records' whole chat messages (`Record.chat()`), rendered by the 
 chat template, which equals the training format (tests/test_export.py checks it): exactly
 what `edgekif infer` and a local client send. Exact match compares the stripped answer with
 the stripped label.
+
+Given the tasks' specs (edgekif.tasks.TaskSpec, `specs=` on runner_answers, reference_answers
+and check_candidate), each task is also scored by its own metric (edgekif.metrics: e.g.
+ROUGE-L for free text) in `AnswerSet.metric/score/scores`, and answered with its own budget
+(`spec.max_new_tokens`). `exact_match` stays the strict figure it always was, and the pass
+rule of compare_answers does not read the new fields: without specs, every figure and
+manifest is as before.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..metrics import score
 from ..records import Record
 from .build import ExportVariant
+
+if TYPE_CHECKING:
+    from ..tasks import TaskSpec
 
 Holdout = Mapping[str, Sequence[Record]]  # task name -> records (labels may be empty: agreement only)
 
@@ -50,17 +61,45 @@ class AnswerSet:
     n: int
     exact_match: float | None  # None: the records carry no labels
     label_accuracy: float | None = None  # label scoring (PyTorch only)
+    # The task's own metric (edgekif.metrics), when its spec was given and the records are labelled:
+    metric: str | None = None
+    score: float | None = None  # its mean
+    scores: list[float] | None = None  # per record, in the records' order (paired comparisons)
 
     def summary(self) -> dict[str, Any]:
-        return {"n": self.n, "exact_match": self.exact_match, **({"label_accuracy": self.label_accuracy} if self.label_accuracy is not None else {})}
+        return {
+            "n": self.n, "exact_match": self.exact_match,
+            **({"label_accuracy": self.label_accuracy} if self.label_accuracy is not None else {}),
+            # only when measured, so a summary without specs is the same as before
+            **({"metric": self.metric, "score": self.score} if self.metric is not None else {}),
+        }
 
 
-def score_answers(answers: Sequence[str], records: Sequence[Record]) -> AnswerSet:
-    return AnswerSet(list(answers), len(records), exact_match(answers, records) if scored(records) else None)
+def score_answers(answers: Sequence[str], records: Sequence[Record], metric: str | None = None) -> AnswerSet:
+    """Strict exact match, plus `metric` (edgekif.metrics.METRICS) per record when one is named."""
+    result = AnswerSet(list(answers), len(records), exact_match(answers, records) if scored(records) else None)
+    if metric is not None and scored(records):
+        measured = score(metric, result.answers, [r.label for r in records])
+        result.metric, result.score, result.scores = metric, measured.mean, measured.scores
+    return result
 
 
-def runner_answers(runner: Any, holdout: Holdout, max_new_tokens: int = 8) -> dict[str, AnswerSet]:
-    return {name: score_answers(client_answers(runner, recs, max_new_tokens), recs) for name, recs in holdout.items()}
+def task_budget(name: str, max_new_tokens: int, specs: Mapping[str, "TaskSpec"] | None) -> int:
+    """The task's own answer budget where its spec has one, else the call's `max_new_tokens`."""
+    spec = (specs or {}).get(name)
+    return spec.max_new_tokens if spec is not None and spec.max_new_tokens is not None else max_new_tokens
+
+
+def task_metric(name: str, specs: Mapping[str, "TaskSpec"] | None) -> str | None:
+    spec = (specs or {}).get(name)
+    return spec.metric if spec is not None else None
+
+
+def runner_answers(runner: Any, holdout: Holdout, max_new_tokens: int = 8, specs: Mapping[str, "TaskSpec"] | None = None) -> dict[str, AnswerSet]:
+    return {
+        name: score_answers(client_answers(runner, recs, task_budget(name, max_new_tokens, specs)), recs, task_metric(name, specs))
+        for name, recs in holdout.items()
+    }
 
 
 def reference_answers(
@@ -70,6 +109,7 @@ def reference_answers(
     max_new_tokens: int = 8,
     labels: Mapping[str, Sequence[str] | None] | None = None,
     batch_size: int = 16,
+    specs: Mapping[str, "TaskSpec"] | None = None,
 ) -> dict[str, AnswerSet]:
     """Greedy answers of the fp32 PyTorch model in `model_dir` (the fused model) on whole
     prompts, plus label-scoring accuracy for tasks with a label set: the reference an export
@@ -82,7 +122,8 @@ def reference_answers(
     out: dict[str, AnswerSet] = {}
     for name, recs in holdout.items():
         recs = list(recs)
-        res = score_answers(generate_answers(model, tok, recs, max_new_tokens=max_new_tokens, batch_size=batch_size), recs)
+        budget = task_budget(name, max_new_tokens, specs)
+        res = score_answers(generate_answers(model, tok, recs, max_new_tokens=budget, batch_size=batch_size), recs, task_metric(name, specs))
         task_labels = (labels or {}).get(name)
         if task_labels and scored(recs):
             picked = label_scores(model, tok, recs, task_labels, batch_size=batch_size)
@@ -144,6 +185,8 @@ def compare_answers(
         same += agree
         total += ref.n
         per_task[name] = {"n": ref.n, "agreement": agree / max(1, ref.n), "exact_match": got.exact_match, "reference_exact_match": ref.exact_match}
+        if got.metric is not None:  # the task's own metric, beside (not yet part of the pass rule)
+            per_task[name].update(metric=got.metric, score=got.score, reference_score=ref.score if ref.metric == got.metric else None)
     check = AnswerCheck(
         agreement=same / total if total else 1.0, accuracy=pooled_exact_match(answers), reference_accuracy=pooled_exact_match(reference),
         n=total, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, per_task=per_task,
@@ -181,10 +224,12 @@ def check_candidate(
     min_agreement: float = 0.95,
     max_accuracy_drop: float = 1.0,
     build: bool = True,
+    specs: Mapping[str, "TaskSpec"] | None = None,
 ) -> CandidateCheck:
     """Build `variant` of the model in `source_dir` into `folder` (skipped with build=False: the
     folder holds it already), answer every holdout record through the folder's own runner as a
-    client does, and compare with `reference` when one is given (compare_answers).
+    client does, and compare with `reference` when one is given (compare_answers). `specs`:
+    each task's metric and answer budget (see the module docstring).
 
     `folder` is written as it is (callers that publish it pass a temp folder). Raises
     ExportError when the build fails and ModelError when the runtime cannot open the result;
@@ -201,7 +246,7 @@ def check_candidate(
         build_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     runner = open_model(folder)
-    answers = runner_answers(runner, holdout, max_new_tokens)
+    answers = runner_answers(runner, holdout, max_new_tokens, specs)
     del runner
     check = None
     if reference is not None:
