@@ -187,6 +187,11 @@ class ServiceConfig:
     # precision) by at least this many points, or the job is held: a model that learned nothing
     # is not published. 0 = only "not worse".
     min_gain_over_base: float = 1.0
+    # Confidence of the paired gates (service.gates.beats_base / significant_loss, edgekif.stats):
+    # a gain over the base, or a loss vs live, counts only when a paired test on the holdout's
+    # per-record scores finds it at this level (p < 1 - gate_confidence). Not yet used by the
+    # daemon's gate stage, which still compares means against the two margins above.
+    gate_confidence: float = 0.95
     nice: int = 10
     memory_ceiling_mb: int = 0  # refuse to load a model if less is available; 0 = off
     # train/export/evaluate in a child process each (service.stage_process): the daemon never
@@ -360,6 +365,7 @@ def validate_config(cfg: Config) -> None:
     check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")
     check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")
+    check(0 < cfg.service.gate_confidence < 1, "service.gate_confidence must be in (0, 1)")
 
 
 def dump_default_toml() -> str:

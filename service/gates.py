@@ -3,16 +3,23 @@
     forgetting_gate   no task the live version knows may lose more than service.forgetting_threshold points
     base_gate         the new task must beat the untrained base by service.min_gain_over_base points
     publish_gate      both, on export-measured accuracies (what the daemon's gate stage calls)
+
+The same two questions asked of per-record scores paired on one holdout (edgekif.stats), at a
+stated confidence instead of a margin on two means (not yet wired into publish_gate):
+    beats_base        the new task beats the base's zero-shot with confidence
+    significant_loss  an old task lost significantly AND more than the tolerance vs live
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 from .stages import EvalResult, Published
 
 if TYPE_CHECKING:
     from edgekif.config import Config
+    from edgekif.stats import PairedDifference
 
 
 def forgetting_gate(
@@ -51,3 +58,97 @@ def publish_gate(result: EvalResult, published: Published | None, config: "Confi
     _ok, reasons = forgetting_gate(result.accuracies, published, config.service.forgetting_threshold)
     reasons += base_gate(result.accuracies, result.details.get("zero_shot") or {}, config.service.min_gain_over_base)
     return not reasons, reasons
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """One paired gate's verdict: `passed` False holds the publish; `reason` carries the statistic
+    either way (it goes to the log and the hold reason); `figures` go to the manifest as they are."""
+
+    passed: bool
+    reason: str
+    figures: dict
+
+
+def _alpha(confidence: float) -> float:
+    # rounded so that confidence 0.95 is alpha 0.05, not 0.05000000000000004 (p = 0.05 is not < 0.05)
+    return round(1.0 - confidence, 12)
+
+
+def _describe(task: str, metric: str, other: str, d: "PairedDifference") -> str:
+    """e.g. `headlines: ROUGE-L 0.198 vs base 0.121, +0.077 [95% CI +0.041, +0.113], paired bootstrap (sign-flip p=0.0004), n=48`"""
+    if d.candidate_only is not None:  # McNemar: the discordant pairs are what it counted
+        test = f"{d.method} ({d.candidate_only} vs {d.reference_only} discordant) p={d.p_value:.3g}"
+    else:  # the interval is the bootstrap's, the p-value the sign-flip permutation test's
+        test = f"{d.method} (sign-flip p={d.p_value:.3g})"
+    return (f"{task}: {metric} {d.candidate_mean:.3f} vs {other} {d.reference_mean:.3f}, {d.mean_diff:+.3f} "
+            f"[{100 * d.confidence:g}% CI {d.low:+.3f}, {d.high:+.3f}], {test}, n={d.n}")
+
+
+def _figures(d: "PairedDifference", **extra: object) -> dict:
+    figures = d.figures()
+    figures["interval"] = [figures.pop("low"), figures.pop("high")]
+    return {**figures, **extra}
+
+
+def beats_base(
+    candidate_scores: Sequence[float],
+    base_scores: Sequence[float],
+    *,
+    confidence: float,
+    min_gain_points: float = 0.0,
+    task: str = "task",
+    metric: str = "score",
+    seed: int = 0,
+) -> GateDecision:
+    """A new task passes when its gain over the base's zero-shot, record by record on the same
+    holdout, is significant at `confidence` (two-sided p < 1 - confidence, gain positive) and its
+    mean is at least `min_gain_points` (service.min_gain_over_base). Two-sided, to match the
+    two-sided interval in the reason; the test decides where the two disagree at the border (for 0/1
+    scores the McNemar p is exact, the bootstrap interval approximate)."""
+    from edgekif.stats import paired_difference  # numpy + scipy: only when a gate runs, not in the idle daemon
+
+    d = paired_difference(candidate_scores, base_scores, confidence=confidence, seed=seed)
+    alpha = _alpha(confidence)
+    significant = d.mean_diff > 0 and d.p_value < alpha
+    big_enough = 100 * d.mean_diff >= min_gain_points
+    reason = _describe(task, metric, "base", d)
+    if not significant:
+        reason += f": not a significant gain over the base (p >= {alpha:g} or no gain; nothing learned to publish)"
+    elif not big_enough:
+        reason += f": gain of {100 * d.mean_diff:.1f} points < {min_gain_points:g} required"
+    passed = significant and big_enough
+    return GateDecision(passed, reason, _figures(d, gate="beats_base", metric=metric, alpha=alpha,
+                                                 min_gain_points=min_gain_points, passed=passed))
+
+
+def significant_loss(
+    candidate_scores: Sequence[float],
+    live_scores: Sequence[float],
+    *,
+    tolerance_points: float,
+    confidence: float,
+    task: str = "task",
+    metric: str = "score",
+    seed: int = 0,
+) -> GateDecision:
+    """An old task blocks publishing (passed=False) only when its loss vs the live version is
+    significant (two-sided p < 1 - confidence) AND its mean loss exceeds `tolerance_points`
+    (service.forgetting_threshold). Not "the whole interval below -tolerance": at n ~ 50 that
+    would let a significant 12-point loss through a 5-point tolerance."""
+    from edgekif.stats import paired_difference  # numpy + scipy: only when a gate runs, not in the idle daemon
+
+    d = paired_difference(candidate_scores, live_scores, confidence=confidence, seed=seed)
+    alpha = _alpha(confidence)
+    loss_points = -100 * d.mean_diff
+    significant = d.mean_diff < 0 and d.p_value < alpha
+    blocks = significant and loss_points > tolerance_points
+    reason = _describe(task, metric, "live", d)
+    if blocks:
+        reason += f": a significant loss of {loss_points:.1f} points > {tolerance_points:g} allowed"
+    elif significant:
+        reason += f": a significant loss of {loss_points:.1f} points, within the {tolerance_points:g} allowed"
+    else:
+        reason += f": no significant loss (p >= {alpha:g} or no loss)"
+    return GateDecision(not blocks, reason, _figures(d, gate="significant_loss", metric=metric, alpha=alpha,
+                                                     tolerance_points=tolerance_points, passed=not blocks))
