@@ -5,7 +5,11 @@ perturbed model finds the base's answers less likely and is held."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,23 @@ def test_the_prompts_ship_in_the_wheel():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "general_prompts.jsonl" in data["edgekif"]
     assert (REPO / "edgekif" / "general_prompts.jsonl").is_file()
+
+
+def test_a_built_wheel_holds_the_prompts(tmp_path):
+    """Build the wheel (no isolation, no dependencies: ~5 s) from a copy of the sources, so
+    the checkout gets no build/ folder, and look for the prompt file in it."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("edgekif", "service"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("edgekif-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("edgekif/general_prompts.jsonl").decode() == (REPO / "edgekif" / "general_prompts.jsonl").read_text()
 
 
 @pytest.mark.parametrize("line,error", [
