@@ -157,7 +157,8 @@ def base_answer_loglik(model: Any, tokenizer: Any, prompts: Sequence[GeneralProm
     """Mean per-token log-likelihood (nats) a PyTorch causal LM gives `answers` after their
     prompts, teacher-forced: the mean over all answer tokens of all prompts, each answer
     followed by eos as training encodes it (edgekif.inputs.encode_example), so "stops here"
-    counts too. Higher (closer to 0) means the model still finds the base's answers likely."""
+    counts too. Higher (closer to 0) means the model still finds the base's answers likely; nan
+    when there is no answer token at all."""
     import torch
 
     from .inputs import collate, encode_example
