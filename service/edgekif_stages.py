@@ -252,6 +252,9 @@ class LibraryStages:
                 "zero_shot": zero_shot,
                 "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in (manifest.evaluation or {}).items()},
                 "reference": manifest.reference,
+                # each task's kind, metric and budget, and its headline score on the export (None: no specs)
+                "task_specs": manifest.task_specs,
+                "scores": manifest.scores,
                 "parity": {k: v for k, v in (manifest.parity or {}).items() if k != "per_task"},
             },
         )
