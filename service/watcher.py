@@ -499,6 +499,12 @@ class InboxWatcher:
             raise
         os.rename(tmp, dest)  # the accepted file appears complete, with the recorded bytes
         fsync_dir(self.layout.accepted)
+        return self._finish_take(path, text, sha, before, dest, file_id, sidecar)
+
+    def _finish_take(self, path: bytes, text: str, sha: str, before: os.stat_result, dest: Path, file_id: int,
+                     sidecar: tuple[bytes, Path] | None) -> int | None:
+        """The copy is in accepted/: finish the take (job queued), or undo it if the inbox file
+        changed meanwhile."""
         # Remove the inbox file only if it is still what was copied. A write that landed after
         # the copy (a writer we could not see) undoes the take: the file waits again, whole.
         try:
