@@ -1,8 +1,11 @@
 """The holdout files a data dir keeps per learned task: DATA_DIR/holdout/<task>.jsonl (Record
-JSON lines) and <task>.labels.json (the task's label set, or null).
+JSON lines), <task>.labels.json (the task's label set, or null) and <task>.spec.json (its
+edgekif.tasks.TaskSpec: kind, metric, answer budget, decided once).
 
-The daemon's buffer stage writes them with write_holdout; the export and evaluate stages and
-tools/bench_quant.py read them with read_holdouts; their paths come from edgekif.layout.
+The daemon's buffer stage writes them with write_holdout (and write_spec); the export and
+evaluate stages and tools/bench_quant.py read them with read_holdouts (and read_specs); their
+paths come from edgekif.layout. Tasks learned before specs existed have no spec file: they
+are answered and scored as before (the global budget, exact match).
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .atomic import atomic_write_json, atomic_write_text
 from .errors import DamagedFileError
 from .layout import DataLayout
 from .records import Record
+
+if TYPE_CHECKING:
+    from .tasks import TaskSpec
 
 
 def write_records(path: Path, records: Sequence[Record]) -> None:
@@ -44,6 +50,31 @@ def read_holdouts(data_dir: str | os.PathLike, tasks: Sequence[str], *, max_exam
             lab = layout.labels_file(task)
             labels[task] = json.loads(lab.read_text()).get("labels") if lab.is_file() else None
     return records, labels
+
+
+def write_spec(data_dir: str | os.PathLike, task: str, spec: "TaskSpec") -> Path:
+    """Write one task's spec beside its holdout (atomically); returns the file."""
+    path = DataLayout(Path(data_dir)).spec_file(task)
+    atomic_write_json(path, spec.to_dict())
+    return path
+
+
+def read_specs(data_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, "TaskSpec"]:
+    """The spec of each task that has a spec file (tasks learned before specs have none). A
+    damaged one is a DamagedFileError naming it."""
+    from .tasks import TaskSpec
+
+    layout = DataLayout(Path(data_dir))
+    out: dict[str, TaskSpec] = {}
+    for task in tasks:
+        path = layout.spec_file(task)
+        if not path.is_file():
+            continue
+        try:
+            out[task] = TaskSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedFileError(f"not a task spec ({e!r})", file=str(path), kind="damaged_spec") from e
+    return out
 
 
 def read_holdout(path: str | os.PathLike) -> list[Record]:

@@ -2,7 +2,9 @@
 
     DATA_DIR/
       inbox/  accepted/  rejected/       files dropped, taken, refused (with a report)
-      holdout/TASK.jsonl                 records kept back from training, per task (+ TASK.labels.json)
+      inbox/NAME.task.toml               a task file's sidecar (its kind, metric, budget: edgekif.tasks)
+      holdout/TASK.jsonl                 records kept back from training, per task
+                                         (+ TASK.labels.json, TASK.spec.json)
       jobs/ID/                           one job's work: train.jsonl, learner/, export/, progress.json
       models/vNNNN/  models/current      published versions and the live one (edgekif.publish)
       logs/  state.db  replay.db         the daemon's log, its job database, the replay buffer
@@ -19,6 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CURRENT = "current"  # models/current -> vNNNN
+SIDECAR_SUFFIX = ".task.toml"  # NAME.task.toml states what NAME.jsonl (any extension) asks for
+
+
+def sidecar_of(task_file: str | os.PathLike) -> Path:
+    """The sidecar that belongs to a task file: `inbox/NAME.jsonl` -> `inbox/NAME.task.toml`,
+    and so `accepted/<sha12>_NAME.jsonl` -> `accepted/<sha12>_NAME.task.toml` (the watcher
+    copies a sidecar in under the name of the task file it came with)."""
+    path = Path(task_file)
+    return path.with_name(path.stem + SIDECAR_SUFFIX)
+
+
+def is_sidecar_name(name: str | bytes) -> bool:
+    return (os.fsencode(name) if isinstance(name, str) else name).endswith(SIDECAR_SUFFIX.encode())
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,10 @@ class DataLayout:
     def labels_file(self, task: str) -> Path:
         """The task's label set as read from its file ({"labels": [...] | null})."""
         return self.holdout / f"{task}.labels.json"
+
+    def spec_file(self, task: str) -> Path:
+        """The task's spec as decided once (edgekif.tasks.TaskSpec: kind, metric, answer budget)."""
+        return self.holdout / f"{task}.spec.json"
 
     @property
     def models(self) -> Path:

@@ -40,14 +40,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import TaskSpecError
+from .layout import SIDECAR_SUFFIX, sidecar_of
 from .metrics import CLASSIFICATION, GENERATION, HEADLINE_METRIC, KINDS, METRICS, normalize_answer
 from .records import Record
 
-SIDECAR_SUFFIX = ".task.toml"
 SIDECAR_KEYS = ("kind", "metric", "max_new_tokens")
 # A stated budget above this is a typo, not a task: 100000 new tokens a record would keep
 # evaluation busy for days. 2048 is more than any answer a small on-device model should write.
 MAX_STATED_NEW_TOKENS = 2048
+MAX_SIDECAR_BYTES = 64 * 1024  # a sidecar states three keys: a larger file is not one
 
 
 # --------------------------------------------------------------------------- kind
@@ -140,11 +141,17 @@ class TaskSpec:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "stated": list(self.stated)}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskSpec":
+        return cls(d["kind"], d["metric"], d.get("max_new_tokens"), d.get("source", "detected"), tuple(d.get("stated") or ()))
+
+    def with_budget(self, max_new_tokens: int) -> "TaskSpec":
+        return TaskSpec(self.kind, self.metric, max_new_tokens, self.source, self.stated)
+
 
 def sidecar_path(task_file: str | os.PathLike) -> Path:
     """`inbox/NAME.jsonl` -> `inbox/NAME.task.toml` (the task's name is the file's stem)."""
-    path = Path(task_file)
-    return path.with_name(path.stem + SIDECAR_SUFFIX)
+    return sidecar_of(task_file)
 
 
 def read_task_spec(
@@ -175,7 +182,10 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The validated keys of a sidecar NAME.task.toml (any of SIDECAR_KEYS; none is required)."""
     file = str(path)
     try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
+        raw_bytes = Path(path).read_bytes()
+        if len(raw_bytes) > MAX_SIDECAR_BYTES:
+            raise TaskSpecError(f"larger than {MAX_SIDECAR_BYTES} bytes: not a task's sidecar", file=file, kind="too_large")
+        text = raw_bytes.decode("utf-8-sig")
     except OSError as e:
         raise TaskSpecError(f"cannot read the task's sidecar: {e.strerror or e}", file=file, kind="unreadable") from e
     except UnicodeDecodeError as e:

@@ -77,6 +77,7 @@ def export_adapter(
     holdout: Mapping[str, Sequence[Any]],
     labels: Mapping[str, Sequence[str] | None] | None = None,
     manifest_info: dict[str, Any],
+    specs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Fuse the adapter into an fp32 copy of the base and export it, checked and scored on the
     holdout records as a client would run them (edgekif.export.exporter.export_model), with manifest.
@@ -84,7 +85,9 @@ def export_adapter(
     The export also carries the peft adapter itself under adapter/ (about 1/100 of the fused
     model's size), with the base's id as base_model_name_or_path; the manifest records it under
     `adapter` with the base's id and SHA-256, so it can be loaded on another machine that has
-    the same base (docs/serving.md, "Adapters")."""
+    the same base (docs/serving.md, "Adapters"). `specs` ({task: edgekif.tasks.TaskSpec}):
+    each task is answered with its own budget and scored by its own metric; tasks without one
+    with `eval.max_new_tokens` and exact match only."""
     from .export.exporter import export_model
     from .export.files import ADAPTER_DIR
     from .export.fuse import adapter_sha256, fuse_adapter, portable_adapter
@@ -123,6 +126,7 @@ def export_adapter(
         max_new_tokens=cfg.eval.max_new_tokens,
         extra_dirs={ADAPTER_DIR: portable},
         reference_cache=work_dir / "reference.json",
+        specs=specs,
     )
 
 

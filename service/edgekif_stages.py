@@ -3,11 +3,18 @@
 Every ML import happens inside a method, so an idle daemon never imports torch.
 
 What each stage does:
-  validate   reads the dropped file (edgekif.taskfile.read_task)
-  buffer     splits off the holdout (edgekif.holdouts) and stores the training share for replay
-  train      one task of continual learning from the live version's learner state
+  validate   reads the dropped file (edgekif.taskfile.read_task) and decides the task's spec
+             (edgekif.tasks.read_task_spec: kind and metric, stated by a sidecar the watcher
+             took with the file or detected from the records; recorded in the job's details)
+  buffer     splits off the holdout (edgekif.holdouts) and stores the training share for
+             replay; writes the spec beside the holdout (holdout/TASK.spec.json)
+  train      one task of continual learning from the live version's learner state; an answer
+             budget the sidecar did not state is decided here, from the training split's
+             answers with the base's tokenizer (edgekif.tasks.answer_budget), and written into
+             the spec file: the daemon (validate, buffer) never imports torch, and transformers'
+             tokenizers do
   export     fuses the adapter, builds the export and runs the export check on the holdouts of
-             every learned task (edgekif.workflow.export_adapter -> edgekif.export.exporter):
+             every learned task, each answered with its spec's budget and scored by its metric (edgekif.workflow.export_adapter -> edgekif.export.exporter):
              the export's answers against the fp32 model's, variant by variant; the one that
              passes is written with its manifest, whose accuracies are that export's own exact
              match, measured in the same pass (answering the holdouts again would give the same)
@@ -38,7 +45,7 @@ import shutil
 import time
 from pathlib import Path
 
-from edgekif.holdouts import read_holdout, read_holdouts, write_holdout, write_records
+from edgekif.holdouts import read_holdout, read_holdouts, read_specs, write_holdout, write_records, write_spec
 
 from .gates import publish_gate
 from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TrainResult, ValidatedTask
@@ -84,8 +91,20 @@ class LibraryStages:
         from edgekif.taskfile import read_task
 
         data = read_task(ctx.file_path, ctx.config.data)
+        spec = self._spec(ctx, data.records)
         # read_task names the task after accepted/<sha12>_<name>; the user's name is what they dropped.
-        return ValidatedTask(name=Path(ctx.file_name).stem, examples=len(data.records), details={"format": data.format, "labels": data.labels})
+        return ValidatedTask(name=Path(ctx.file_name).stem, examples=len(data.records),
+                             details={"format": data.format, "labels": data.labels, "spec": spec.to_dict()})
+
+    @staticmethod
+    def _spec(ctx: JobContext, records):
+        """The task's spec without a tokenizer (the budget, unless stated, comes in train). The
+        watcher copied a sidecar dropped with the file to accepted/<sha12>_NAME.task.toml,
+        beside ctx.file_path under its stem: read_task_spec finds it there (TaskSpecError, a
+        ValidationError naming the sidecar, line and key, when it is invalid)."""
+        from edgekif.tasks import read_task_spec
+
+        return read_task_spec(ctx.file_path, records)
 
     # -- buffer: holdout split + replay insert ------------------------------------------------
     def buffer(self, ctx: JobContext) -> BufferResult:
@@ -100,6 +119,8 @@ class LibraryStages:
         n_hold = min(n_hold, len(records) - 1) if len(records) > 1 else 0
         holdout, train = records[:n_hold], records[n_hold:]
         holdout_path = write_holdout(ctx.layout.root, ctx.task_name, holdout, data.labels)
+        spec = self._spec(ctx, data.records)  # as validate decided it (a pure function of the files)
+        write_spec(ctx.layout.root, ctx.task_name, spec)
         write_records(ctx.job_files.train_file, train)
         with ReplayBuffer(ctx.layout.replay_db, cfg.replay) as buf:
             res = buf.add_task(ctx.task_name, train, source_file=ctx.file_name, source_sha256=ctx.sha256)
@@ -107,7 +128,7 @@ class LibraryStages:
             holdout_path=str(holdout_path),
             holdout_examples=len(holdout),
             replay_inserted=0 if res.duplicate else res.stored,
-            details={"train_examples": len(train), "duplicate": res.duplicate},
+            details={"train_examples": len(train), "duplicate": res.duplicate, "spec": spec.to_dict()},
         )
 
     # -- train ----------------------------------------------------------------------------------
@@ -120,9 +141,11 @@ class LibraryStages:
         _quiet_transformers()
         out = ctx.job_files.learner
         if has_learner(out) and ctx.task_name in read_learner_meta(out).tasks_seen:
-            return TrainResult(steps=0, adapter_path=str(learner_adapter(out)), metrics={"skipped": "already trained"})
+            spec = self._decide_budget(ctx, None)
+            return TrainResult(steps=0, adapter_path=str(learner_adapter(out)), metrics={"skipped": "already trained", **spec})
         start = ctx.layout.job(ctx.published.job_id).learner if ctx.published else None
         learner, base = open_learner(ctx.config, state_dir=start)
+        spec = self._decide_budget(ctx, learner.tokenizer)
         task = StreamTask(ctx.task_name, read_holdout(ctx.job_files.train_file), source_file=ctx.file_name, source_sha256=ctx.sha256)
         started = time.time()
         ctx.write_progress(stage="train", started=started, step=0, steps=None)
@@ -144,7 +167,27 @@ class LibraryStages:
         # the mid-task checkpoint only serves a resume; the learner folder now holds the result
         # (a re-run after a crash here sees the task in learner.json and skips training)
         shutil.rmtree(ctx.job_files.checkpoint, ignore_errors=True)
-        return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(learner_adapter(out)), metrics=res.to_dict())
+        return TrainResult(steps=res.steps, seconds=res.seconds, adapter_path=str(learner_adapter(out)), metrics={**res.to_dict(), **spec})
+
+    @staticmethod
+    def _decide_budget(ctx: JobContext, tokenizer) -> dict:
+        """Complete the task's spec file with its answer budget, once: from the training split's
+        answers, tokenized by the base's tokenizer (the one training encodes them with). Returns
+        {"spec": ...} for the job's train metrics ({} for a task buffered before specs)."""
+        from edgekif.tasks import answer_budget
+
+        spec = read_specs(ctx.layout.root, [ctx.task_name]).get(ctx.task_name)
+        if spec is None:
+            return {}
+        if spec.max_new_tokens is None:
+            if tokenizer is None:
+                from edgekif.model import load_tokenizer, resolve_base
+                from edgekif.workflow import cache_root
+
+                tokenizer = load_tokenizer(resolve_base(ctx.config.model, cache_root(ctx.config)).path)
+            spec = spec.with_budget(answer_budget(tokenizer, read_holdout(ctx.job_files.train_file), spec.kind))
+            write_spec(ctx.layout.root, ctx.task_name, spec)
+        return {"spec": spec.to_dict()}
 
     # -- export: fused, built, and checked against the fp32 model on the holdouts -------------------
     def _holdouts(self, ctx: JobContext, names: list[str]) -> tuple[dict, dict]:
@@ -173,11 +216,12 @@ class LibraryStages:
         # Every task the model has learned, the new one last: the export is checked against the
         # fp32 model and scored on all of them, and these scores are what the gate judges.
         holdout, labels = self._holdouts(ctx, tasks_seen)
+        specs = read_specs(ctx.layout.root, list(holdout))  # tasks learned before specs have none
         if not holdout:  # a file too small for a holdout: checked on a prompt, agreement only
             holdout = {"prompts": [Record.from_prompt("Hello! What can you do?", "")]}
         t0 = time.perf_counter()
         result = export_adapter(
-            ctx.config, base, learner_adapter(learner_dir), ctx.job_files.scratch, out, holdout=holdout, labels=labels,
+            ctx.config, base, learner_adapter(learner_dir), ctx.job_files.scratch, out, holdout=holdout, labels=labels, specs=specs,
             manifest_info={"tasks": manifest_tasks(ctx.layout, ctx.config, tasks_seen), "job_id": ctx.job_id},
         )
         log.info("export stage done", extra={"job_id": ctx.job_id, "seconds": round(time.perf_counter() - t0, 1)})
@@ -208,6 +252,9 @@ class LibraryStages:
                 "zero_shot": zero_shot,
                 "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in (manifest.evaluation or {}).items()},
                 "reference": manifest.reference,
+                # each task's kind, metric and budget, and its headline score on the export (None: no specs)
+                "task_specs": manifest.task_specs,
+                "scores": manifest.scores,
                 "parity": {k: v for k, v in (manifest.parity or {}).items() if k != "per_task"},
             },
         )

@@ -18,6 +18,12 @@ Nothing in the inbox is ever followed or opened unless it is a regular file with
 symlinks, directories, FIFOs, sockets, devices and hard links (a regular file with more than
 one name, possibly outside the data dir) are moved to rejected/ as they are (os.rename moves
 the link, not its target), with a NAME.error.json report beside them.
+
+Sidecars (`NAME.task.toml`, edgekif.tasks) are not tasks: the scan never takes one on its
+own. When it takes `NAME.<ext>`, a sidecar present beside it then is copied into accepted/
+under the task file's accepted name (`<sha12>_NAME.task.toml`) before the job is queued, and
+removed from the inbox with it. A sidecar without its file waits, listed as ignored (status),
+until its file comes; one dropped after its file was taken stays there, ignored.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from edgekif.atomic import atomic_write_json, fsync_dir, mkstemp_public, sha256_file
-from edgekif.layout import DataLayout
+from edgekif.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, mkstemp_public, sha256_file
+from edgekif.layout import DataLayout, is_sidecar_name, sidecar_of
+from edgekif.tasks import MAX_SIDECAR_BYTES
 
 from .jobs import DuplicateFile, JobStore, utc_now
 
@@ -51,14 +58,14 @@ _ERROR_SUFFIX = ".error.json"
 
 
 def is_ignored(name: bytes) -> bool:
-    """Dot-files and in-progress names: not ours to look at (yet)."""
-    return name.startswith(b".") or name.endswith(IGNORED_SUFFIXES)
+    """Dot-files, in-progress names and sidecars: not taken as tasks (yet, or ever)."""
+    return name.startswith(b".") or name.endswith(IGNORED_SUFFIXES) or is_sidecar_name(name)
 
 
 def ignored_inbox_entries(layout: DataLayout) -> list[str]:
     """Display names of inbox entries ignored as "in progress" (dot-files, .tmp/.part/...
-    names), sorted. They wait, untouched, until renamed; `status` shows them so a writer that
-    forgot the rename is noticed."""
+    names) or as sidecars waiting for their task file, sorted. They wait, untouched; `status`
+    shows them so a writer that forgot the rename (or the task file) is noticed."""
     try:
         with os.scandir(os.fsencode(layout.inbox)) as it:
             return sorted(display_name(e.name) for e in it if is_ignored(e.name))
@@ -341,7 +348,10 @@ class InboxWatcher:
                 entries.append((st.st_mtime_ns, entry.name, st))
         entries.sort()  # arrival order (mtime, then name) decides job order
         for name in sorted(ignored - self._ignored):  # once per name: it may wait for hours
-            log.info("ignoring %s until it is renamed (in-progress name)", display_name(name), extra={"file": display_name(name)})
+            if is_sidecar_name(name) and not name.startswith(b"."):
+                log.info("ignoring %s: a task's sidecar, taken only with its task file", display_name(name), extra={"file": display_name(name)})
+            else:
+                log.info("ignoring %s until it is renamed (in-progress name)", display_name(name), extra={"file": display_name(name)})
         self._ignored = ignored
 
         now = time.monotonic()
@@ -481,8 +491,20 @@ class InboxWatcher:
         except BaseException:
             _unlink_quietly(tmp)
             raise
+        try:  # the sidecar first: once the task's copy is in accepted/, its sidecar is too
+            sidecar = self._copy_sidecar(name, sidecar_of(dest))
+        except BaseException:
+            _unlink_quietly(tmp)
+            self.store.forget_take(file_id)
+            raise
         os.rename(tmp, dest)  # the accepted file appears complete, with the recorded bytes
         fsync_dir(self.layout.accepted)
+        return self._finish_take(path, text, sha, before, dest, file_id, sidecar)
+
+    def _finish_take(self, path: bytes, text: str, sha: str, before: os.stat_result, dest: Path, file_id: int,
+                     sidecar: tuple[bytes, Path] | None) -> int | None:
+        """The copy is in accepted/: finish the take (job queued), or undo it if the inbox file
+        changed meanwhile."""
         # Remove the inbox file only if it is still what was copied. A write that landed after
         # the copy (a writer we could not see) undoes the take: the file waits again, whole.
         try:
@@ -492,17 +514,44 @@ class InboxWatcher:
             now, unchanged = None, False
         if not unchanged:
             os.unlink(dest)
+            if sidecar is not None:
+                _unlink_quietly(str(sidecar[1]))
             fsync_dir(self.layout.accepted)
             self.store.forget_take(file_id)
             log.info("%s changed while it was being taken; waiting again", text, extra={"file": text})
             return None
         os.unlink(path)
+        if sidecar is not None:
+            _unlink_quietly(sidecar[0])  # it went with its file (a copy is in accepted/)
         fsync_dir(self.layout.inbox)
         job_id = self.store.finish_take(file_id)
         log.info("file taken", extra={"file": text, "job_id": job_id, "sha256": sha, "size": before.st_size})
         if self.on_new_job is not None:
             self.on_new_job(job_id)
         return job_id
+
+    def _copy_sidecar(self, name: bytes, dest: Path) -> tuple[bytes, Path] | None:
+        """Copy the sidecar of task file `name` (inbox/NAME.task.toml), if one is there now,
+        to `dest`; returns (its inbox path, dest), or None. Only a regular file with one link
+        is read (as for task files); any other entry of that name is left where it is (the
+        next scan does not take it, and validate judges the task without it). Of a sidecar
+        larger than MAX_SIDECAR_BYTES only that much and one byte is copied: validate rejects
+        it as too large, naming it (edgekif.tasks.read_sidecar)."""
+        src = os.fsencode(sidecar_of(os.fsdecode(os.path.join(os.fsencode(self.layout.inbox), name))))
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # none there (or a symlink: never followed)
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return None
+            data = os.read(fd, MAX_SIDECAR_BYTES + 1)
+        finally:
+            os.close(fd)
+        atomic_write_bytes(dest, data)
+        log.info("sidecar taken with its task file", extra={"file": display_name(os.path.basename(src)), "path": str(dest)})
+        return src, dest
 
     # ---- the loop -----------------------------------------------------------------------
 

@@ -314,6 +314,39 @@ def test_reference_answers_use_the_tasks_budget_and_metric(fused):
     assert short.exact_match == 0.0 and all(0.0 <= s <= 1.0 for s in short.scores)
 
 
+def test_the_manifest_records_each_tasks_kind_metric_budget_and_score(fused, tmp_path):
+    """With specs, each task is answered with its own budget and scored by its own metric, and
+    the manifest says which (task_specs) and what it measured (scores), beside the unchanged
+    strict `accuracies`; a task without a spec is answered as before; the spec is in the
+    reference cache's key, so a changed budget measures the reference again."""
+    from edgekif.export.check import reference_answers
+    from edgekif.records import Record
+    from edgekif.tasks import TaskSpec
+
+    plain = reference_answers(fused["fused"], _holdout())["sentiment"].answers
+    holdout = {"news": [Record.from_prompt(p, "a short headline for " + p) for p in PROMPTS],
+               "sentiment": [Record.from_prompt(p, a) for p, a in zip(PROMPTS, plain)]}
+    specs = {"news": TaskSpec("generation", "rouge_l", 5, "detected"), "other": TaskSpec("generation", "chrf", 9, "sidecar", ("kind",))}
+    cache = tmp_path / "reference.json"
+    out = export_model(fused["fused"], tmp_path / "genai", target="genai", precision="fp32", execution_provider="cpu",
+                       holdout=holdout, specs=specs, reference_cache=cache)
+    manifest = verify_manifest(out)
+    assert manifest.task_specs == {"news": {"kind": "generation", "metric": "rouge_l", "max_new_tokens": 5, "source": "detected"}}
+    assert set(manifest.scores) == {"news"} and 0.0 <= manifest.scores["news"] <= 1.0
+    assert manifest.scores["news"] == pytest.approx(manifest.evaluation["news"]["score"])
+    assert manifest.evaluation["news"]["metric"] == "rouge_l" and "metric" not in manifest.evaluation["sentiment"]
+    assert manifest.accuracies == {"news": 0.0, "sentiment": 1.0}  # strict exact match, as without specs
+    assert manifest.summary()["task_specs"] == manifest.task_specs
+    key = json.loads(cache.read_text())["key"]
+    export_model(fused["fused"], tmp_path / "genai2", target="genai", precision="fp32", execution_provider="cpu",
+                 holdout=holdout, specs={"news": TaskSpec("generation", "rouge_l", 6, "detected")}, reference_cache=cache)
+    assert json.loads(cache.read_text())["key"] != key
+    # a manifest written before specs reads with them empty
+    old = verify_manifest(export_model(fused["fused"], tmp_path / "plain", target="genai", precision="fp32", execution_provider="cpu",
+                                       holdout=holdout))
+    assert old.task_specs is None and old.scores is None and "task_specs" not in old.to_dict() and "task_specs" not in old.summary()
+
+
 def test_failed_check_publishes_no_export_folder(fused, tmp_path):
     out = tmp_path / "onnx-int8"
     with pytest.raises(ParityError, match="no export passed"):

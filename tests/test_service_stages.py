@@ -127,3 +127,61 @@ def test_published_jobs_leave_no_export_copy_and_a_rerun_publish_needs_none(tmp_
                      work_dir=work, layout=layout, config=config)
     assert stages.publish(ctx, work / "export") == "v0001"
     assert sorted(p.name for p in layout.models.iterdir() if p.name.startswith("v")) == ["v0001"]
+
+
+def _headlines(n: int) -> str:
+    return "".join(json.dumps({"instruction": f"Write a headline for story {i}.", "input": "", "output": f"Story number {i} makes the news today"}) + "\n"
+                   for i in range(n))
+
+
+def test_a_generation_task_gets_its_spec_recorded_and_its_budget_from_its_answers(tmp_path):
+    from service.stages import JobContext
+    from tiny_models import tiny_tokenizer
+
+    config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
+    layout = DataLayout(tmp_path)
+    layout.create()
+    (layout.inbox / "heads.jsonl").write_text(_headlines(30))
+    (layout.inbox / "yesno.jsonl").write_text(_alpaca(40))
+    (layout.inbox / "yesno.task.toml").write_text('metric = "exact_match"\nmax_new_tokens = 3\n')
+    stages = _library_with_fake_training(config)
+    d = Daemon(config, stages)
+    d.run_until_idle()
+    d.close()
+    with JobStore(layout.state_db) as store:
+        jobs = {j.file_name: j for j in store.jobs()}
+    assert {n: j.state for n, j in jobs.items()} == {"heads.jsonl": "published", "yesno.jsonl": "published"}
+    heads = jobs["heads.jsonl"].metrics["validate"]["details"]["spec"]
+    assert heads == {"kind": "generation", "metric": "rouge_l", "max_new_tokens": None, "source": "detected", "stated": []}
+    assert jobs["yesno.jsonl"].metrics["validate"]["details"]["spec"] == {
+        "kind": "classification", "metric": "exact_match", "max_new_tokens": 3, "source": "detected", "stated": ["metric", "max_new_tokens"]}
+    assert json.loads(layout.spec_file("heads").read_text()) == heads
+    assert json.loads(layout.spec_file("yesno").read_text())["max_new_tokens"] == 3
+    # the budget the sidecar left open is decided by train, from the training answers (in the child; here directly)
+    job = jobs["heads.jsonl"]
+    ctx = JobContext(job_id=job.id, file_name=job.file_name, file_path=Path(job.file_path), sha256=job.sha256,
+                     work_dir=layout.job_dir(job.id), layout=layout, config=config)
+    tok = tiny_tokenizer()
+    longest = max(len(tok(r["output"], add_special_tokens=False)["input_ids"]) for r in map(json.loads, _headlines(30).splitlines()))
+    decided = stages._decide_budget(ctx, tok)["spec"]
+    assert decided["kind"] == "generation" and longest < decided["max_new_tokens"] <= longest + 4
+    assert json.loads(layout.spec_file("heads").read_text()) == decided
+    assert stages._decide_budget(ctx, None)["spec"] == decided  # once: not decided again
+
+
+@pytest.mark.parametrize("sidecar, line, field", [('kind = "generation"\nmetrik = "rouge_l"\n', 2, "metrik"),
+                                                  ('max_new_tokens = "many"\n', 1, "max_new_tokens")])
+def test_a_bad_sidecar_rejects_its_file_naming_file_line_and_field(tmp_path, sidecar, line, field):
+    config = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0"])
+    layout = DataLayout(tmp_path)
+    layout.create()
+    (layout.inbox / "heads.jsonl").write_text(_headlines(10))
+    (layout.inbox / "heads.task.toml").write_text(sidecar)
+    d = Daemon(config, _library_with_fake_training(config))
+    d.run_until_idle()
+    d.close()
+    with JobStore(layout.state_db) as store:
+        (job,) = store.jobs()
+    assert job.state == "rejected"
+    assert job.error["file"].endswith("_heads.task.toml") and job.error["line"] == line and job.error["field"] == field
+    assert not layout.spec_file("heads").exists()

@@ -403,3 +403,46 @@ def test_name_rules():
     assert safe_name(b"..\x1b[31mred") == "_[31mred"
     long = "x" * 300 + ".jsonl"
     assert len(accepted_name("a" * 64, long).encode()) <= 255 and accepted_name("a" * 64, long).endswith(".jsonl")
+
+
+def test_sidecar_is_taken_with_its_task_file(tmp_path):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    (layout.inbox / "heads.task.toml").write_text('kind = "generation"\n')
+    (layout.inbox / "heads.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    watcher.scan_once()
+    with JobStore(layout.state_db) as store:
+        files, jobs = store.files("taken"), store.jobs()
+    assert [f.name for f in files] == ["heads.jsonl"] and len(jobs) == 1  # one job: the sidecar is no task
+    taken = layout.accepted / accepted_name(files[0].sha256, "heads.jsonl")
+    side = layout.accepted / (files[0].sha256[:12] + "_heads.task.toml")
+    assert side.read_text() == 'kind = "generation"\n' and taken.is_file()
+    assert not any(layout.inbox.iterdir()) and not any(layout.rejected.iterdir())
+    watcher.close()
+
+
+def test_sidecar_alone_is_ignored_until_its_file_comes_and_after_it_was_taken(tmp_path, caplog):
+    config, layout = make(tmp_path, quiet_seconds=0)
+    watcher = InboxWatcher(layout, config)
+    (layout.inbox / "late.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    (layout.inbox / "alone.task.toml").write_text('kind = "generation"\n')
+    with caplog.at_level("INFO", logger="service.watcher"):
+        for _ in range(2):
+            watcher.scan_once()
+    assert sum("alone.task.toml: a task's sidecar" in r.getMessage() for r in caplog.records) == 1
+    # the file was taken without a sidecar; one dropped now stays in the inbox, ignored
+    (layout.inbox / "late.task.toml").write_text('kind = "generation"\n')
+    watcher.scan_once()
+    assert ignored_inbox_entries(layout) == ["alone.task.toml", "late.task.toml"]
+    assert not any(layout.rejected.iterdir())
+    assert [p.name for p in layout.accepted.iterdir() if p.name.endswith(".task.toml")] == []
+    with JobStore(layout.state_db) as store:
+        assert [f.name for f in store.files()] == ["late.jsonl"] and len(store.jobs()) == 1
+    # its file comes: both are taken, as one job
+    (layout.inbox / "alone.jsonl").write_text('{"input": "c", "output": "d"}\n')
+    watcher.scan_once()
+    assert ignored_inbox_entries(layout) == ["late.task.toml"]
+    assert len(list(layout.accepted.glob("*_alone.task.toml"))) == 1
+    with JobStore(layout.state_db) as store:
+        assert sorted(f.name for f in store.files()) == ["alone.jsonl", "late.jsonl"] and len(store.jobs()) == 2
+    watcher.close()

@@ -18,15 +18,18 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
 from .build import export_candidates, resolve_export_settings
-from .check import CandidateCheck, AnswerSet, check_candidate, reference_answers
+from .check import CandidateCheck, AnswerSet, check_candidate, reference_answers, task_budget
 from .files import runtime_versions
 from .fuse import dist_version
 from .manifest import write_manifest
+
+if TYPE_CHECKING:
+    from ..tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ def export_model(
     builder_options: dict[str, str] | None = None,
     extra_dirs: dict[str, str | os.PathLike] | None = None,
     reference_cache: str | os.PathLike | None = None,
+    specs: Mapping[str, "TaskSpec"] | None = None,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -67,6 +71,10 @@ def export_model(
     `extra_dirs` ({name: folder}) are copied in as subfolders before the manifest is written, so
     its hashes cover them (the published peft adapter). `reference_cache` (a JSON file) keeps
     the reference answers for a retry of the same fused model on the same records.
+    `specs` ({task: TaskSpec}): each task's answers are generated with its own budget and
+    scored by its own metric too (edgekif.export.check); the manifest records per task its
+    kind, metric and budget (`task_specs`) and its headline score (`scores`), beside
+    `accuracies` (strict exact match, as always). The pass rule does not read them (yet).
     """
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
@@ -75,13 +83,14 @@ def export_model(
     holdout = {k: list(v) for k, v in holdout.items() if v}
     if not holdout:
         raise ExportError("export_model needs holdout records (or prompts) to check the export with")
-    reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache)
+    specs = {k: v for k, v in (specs or {}).items() if k in holdout}
+    reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache, specs)
     rejected: list[dict[str, Any]] = []
     for i, variant in enumerate(candidates):
         try:
             with atomic_dir(out_dir, overwrite=True) as tmp:
                 result = check_candidate(fused_dir, tmp, target=target, variant=variant, execution_provider=ep, holdout=holdout, reference=reference,
-                                         max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+                                         max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, specs=specs)
                 check = result.check
                 assert check is not None  # a reference was given
                 figures = {"variant": variant.name, "precision": variant.precision, "builder_options": variant.builder_options(),
@@ -91,7 +100,8 @@ def export_model(
                     raise ParityError(f"{variant.name} export: " + "; ".join(check.reasons))
                 for name, src in (extra_dirs or {}).items():  # e.g. the peft adapter: in before the manifest hashes the folder
                     shutil.copytree(src, tmp / name)
-                _write_checked_manifest(tmp, target, ep, result, figures, reference, reference_seconds, rejected, max_new_tokens, manifest_info)
+                _write_checked_manifest(tmp, target, ep, result, figures, reference, reference_seconds, rejected, max_new_tokens,
+                                        {**(manifest_info or {}), **_spec_info(specs, result.answers, max_new_tokens)})
             break
         except ParityError as e:
             if i + 1 == len(candidates):
@@ -102,12 +112,27 @@ def export_model(
     return out_dir
 
 
+def _spec_info(specs: Mapping[str, "TaskSpec"], answers: Mapping[str, AnswerSet], max_new_tokens: int) -> dict[str, Any]:
+    """The manifest's `task_specs` (per task: kind, metric, the budget it was answered with,
+    where the spec came from) and `scores` (its headline metric, measured on this export)."""
+    if not specs:
+        return {}
+    task_specs = {name: {"kind": s.kind, "metric": s.metric, "max_new_tokens": task_budget(name, max_new_tokens, specs), "source": s.source}
+                  for name, s in specs.items()}
+    scores = {name: a.score for name, a in answers.items() if name in specs and a.score is not None}
+    return {"task_specs": task_specs, "scores": scores}
+
+
 def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_tokens: int,
-               labels: Mapping[str, Sequence[str] | None] | None, cache: str | os.PathLike | None) -> tuple[dict[str, AnswerSet], float]:
+               labels: Mapping[str, Sequence[str] | None] | None, cache: str | os.PathLike | None,
+               specs: Mapping[str, "TaskSpec"] | None = None) -> tuple[dict[str, AnswerSet], float]:
     """The fp32 reference answers (and how long they took), from `cache` when it was written
-    for these very records, budget and label sets (a retry after a failed try), else measured."""
-    key = hashlib.sha256(json.dumps({"records": {k: [r.to_json() for r in v] for k, v in holdout.items()},
-                                     "max_new_tokens": max_new_tokens, "labels": labels or {}}, sort_keys=True).encode()).hexdigest()
+    for these very records, budgets, metrics and label sets (a retry after a failed try), else
+    measured."""
+    key_of = {"records": {k: [r.to_json() for r in v] for k, v in holdout.items()}, "max_new_tokens": max_new_tokens, "labels": labels or {}}
+    if specs:  # only with specs, so a cache written before them keeps its key
+        key_of["specs"] = {k: {**s.to_dict(), "max_new_tokens": task_budget(k, max_new_tokens, specs)} for k, s in specs.items()}
+    key = hashlib.sha256(json.dumps(key_of, sort_keys=True).encode()).hexdigest()
     if cache is not None:
         try:
             saved = json.loads(Path(cache).read_text())
@@ -117,7 +142,7 @@ def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_to
         except (OSError, ValueError, KeyError, TypeError):
             pass
     t0 = time.perf_counter()
-    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels)
+    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels, specs=specs)
     seconds = time.perf_counter() - t0
     if cache is not None:
         atomic_write_json(cache, {"key": key, "seconds": seconds, "tasks": {k: asdict(v) for k, v in reference.items()}})

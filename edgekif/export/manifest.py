@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 
 # Written only when set (older manifests and fake exports lack them).
-_OPTIONAL = ("adapter", "accuracies_measured_by", "evaluation", "reference", "parity", "parity_rejected", "job_id")
+_OPTIONAL = ("adapter", "accuracies_measured_by", "evaluation", "reference", "parity", "parity_rejected", "job_id", "task_specs", "scores")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class Manifest:
     parity: dict[str, Any] | None = None  # the answer check of the published variant
     parity_rejected: list[dict[str, Any]] | None = None  # variants tried before it and why they failed
     job_id: int | None = None  # the daemon job that made it
+    # per task: {"kind", "metric", "max_new_tokens" (the budget it was answered with), "source"}
+    # (edgekif.tasks.TaskSpec); None in manifests written before task specs, or without them
+    task_specs: dict[str, dict[str, Any]] | None = None
+    scores: dict[str, float] | None = None  # per task: its headline metric (task_specs' metric) on this export
     other: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -96,7 +100,8 @@ class Manifest:
     def summary(self) -> dict[str, Any]:
         """What a version listing shows (`edgekif models list --json`, ModelStore.list)."""
         return {"base_model": self.base_model or None, "adapter_sha256": self.adapter_sha256, "adapter": self.adapter,
-                "tasks": self.tasks, "accuracies": self.accuracies, "export": self.export}
+                "tasks": self.tasks, "accuracies": self.accuracies, "export": self.export,
+                **({"scores": self.scores, "task_specs": self.task_specs} if self.task_specs is not None else {})}
 
 
 def _list_files(folder: Path) -> list[str]:
