@@ -7,9 +7,10 @@ all map onto it, so the replay buffer, trainer and evaluator see a single shape.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -57,3 +58,8 @@ class Record:
     def from_prompt(cls, prompt: str, output: str, id: str = "", system: str | None = None) -> "Record":
         msgs: tuple[tuple[str, str], ...] = ((("system", system),) if system else ()) + (("user", prompt),)
         return cls(messages=msgs, output=output, id=id)
+
+
+def records_sha256(records: Sequence[Record]) -> str:
+    """What a per-record score vector was measured on: two vectors pair only when this matches."""
+    return hashlib.sha256("".join(r.to_json() + "\n" for r in records).encode()).hexdigest()

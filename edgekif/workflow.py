@@ -131,26 +131,36 @@ def export_adapter(
 
 
 def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any], holdout: Mapping[str, Sequence[Any]]) -> dict[str, float]:
-    """Exact match of the *untrained* base on each holdout, exported and run exactly as a job's
-    export was (`export_settings`: target, precision, execution_provider, builder_options, as
-    in its manifest), so a trained model is compared with the base like for like.
+    """Exact match of the untrained base on each holdout (zero_shot_scores, without specs)."""
+    return {name: float(s["exact_match"]) for name, s in zero_shot_scores(cfg, base, export_settings, holdout).items()}
+
+
+def zero_shot_scores(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any], holdout: Mapping[str, Sequence[Any]],
+                     specs: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The *untrained* base on each holdout, exported and run exactly as a job's export was
+    (`export_settings`: target, precision, execution_provider, builder_options, as in its
+    manifest), so a trained model is compared with the base like for like: per task its strict
+    exact match and, with the task's spec (edgekif.tasks.TaskSpec), its answer budget, its
+    headline metric and every record's score (the gate's paired test) with the records' SHA-256.
 
     The base's export is built and answered by the export check (edgekif.export.check), once
     per setting, and kept in the cache (cache_root/zero-shot); scores are cached by the records'
-    SHA-256, so each holdout is run once per base.
+    SHA-256, budget and metric, so each holdout is run once per base.
     """
     import hashlib
     import json
 
     from .atomic import atomic_dir, atomic_write_json
     from .export.build import ExportVariant
-    from .export.check import check_candidate, scored
+    from .export.check import check_candidate, scored, task_budget, task_metric
+    from .records import records_sha256
     from .export.files import EXPORT_INFO
 
     variant = ExportVariant(str(export_settings["precision"]), tuple(sorted((export_settings.get("builder_options") or {}).items())))
     target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
     key = hashlib.sha256(json.dumps([target, ep, variant.name]).encode()).hexdigest()[:12]
     root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
+    specs = {k: v for k, v in (specs or {}).items() if k in holdout}
     with _cache_lock(root):
         scores_path = root / "scores.json"
         try:
@@ -161,24 +171,30 @@ def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[st
         for name, recs in holdout.items():
             if not scored(recs):
                 continue
-            digest = hashlib.sha256("".join(r.to_json() + "\n" for r in recs).encode()).hexdigest()
-            todo[name] = digest
+            budget, metric = task_budget(name, cfg.eval.max_new_tokens, specs), task_metric(name, specs)
+            digest = records_sha256(recs)
+            # the budget and metric are part of what was measured (older entries: the records alone)
+            todo[name] = digest if not specs.get(name) else hashlib.sha256(f"{digest}/{budget}/{metric}".encode()).hexdigest()
         missing = [name for name, digest in todo.items() if digest not in scores]
         if missing:
             export_dir, todo_records = root / "export", {name: holdout[name] for name in missing}
             check = functools.partial(check_candidate, base.path, target=target, variant=variant, execution_provider=ep,
-                                      holdout=todo_records, max_new_tokens=cfg.eval.max_new_tokens)
+                                      holdout=todo_records, max_new_tokens=cfg.eval.max_new_tokens,
+                                      **({"specs": {k: v for k, v in specs.items() if k in todo_records}} if specs else {}))
             if (export_dir / EXPORT_INFO).is_file():
                 result = check(export_dir, build=False)
             else:
                 with atomic_dir(export_dir, overwrite=True) as tmp:
                     result = check(tmp)
             for name in missing:
-                answers = result.answers[name]
-                scores[todo[name]] = {"exact_match": answers.exact_match, "n": answers.n, "task": name}
+                a = result.answers[name]
+                scores[todo[name]] = {"exact_match": a.exact_match, "n": a.n, "task": name,
+                                      "max_new_tokens": task_budget(name, cfg.eval.max_new_tokens, specs),
+                                      **({"metric": a.metric, "score": a.score, "scores": [round(x, 6) for x in a.scores],
+                                          "records_sha256": records_sha256(holdout[name])} if a.scores is not None else {})}
             atomic_write_json(scores_path, scores)
-            log.info("zero-shot accuracy of the base measured", extra={"base": base.name, "variant": variant.name, "tasks": missing})
-        return {name: float(scores[digest]["exact_match"]) for name, digest in todo.items()}
+            log.info("zero-shot scores of the base measured", extra={"base": base.name, "variant": variant.name, "tasks": missing})
+        return {name: scores[digest] for name, digest in todo.items()}
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from edgekif.holdouts import read_holdout, read_holdouts, read_specs, write_holdout, write_records, write_spec
 
-from .gates import publish_gate
+from .gates import paired_publish_gate
 from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TrainResult, ValidatedTask
 
 log = logging.getLogger(__name__)
@@ -233,23 +233,26 @@ class LibraryStages:
     def evaluate(self, ctx: JobContext) -> EvalResult:
         from edgekif.export.manifest import read_manifest
         from edgekif.model import resolve_base
-        from edgekif.workflow import cache_root, zero_shot_accuracy
+        from edgekif.holdouts import read_specs
+        from edgekif.workflow import cache_root, zero_shot_scores
 
         manifest = read_manifest(ctx.metrics["export"]["path"])
         accuracies = {k: float(v) for k, v in manifest.accuracies.items()}
-        zero_shot = {}
+        base_scores: dict = {}
         new, _ = self._holdouts(ctx, [ctx.task_name])
         if new and ctx.task_name in accuracies:
             _quiet_transformers()
             base = resolve_base(ctx.config.model, cache_root(ctx.config))
             settings = {"target": manifest.target, "precision": manifest.precision, "execution_provider": manifest.execution_provider,
                         "builder_options": manifest.builder_options}
-            zero_shot = zero_shot_accuracy(ctx.config, base, settings, new)
+            base_scores = zero_shot_scores(ctx.config, base, settings, new, read_specs(ctx.layout.root, [ctx.task_name]))
         return EvalResult(
             accuracies=accuracies,
             details={
                 "measured_by": manifest.accuracies_measured_by,
-                "zero_shot": zero_shot,
+                "zero_shot": {k: float(v["exact_match"]) for k, v in base_scores.items()},
+                # the base's headline metric per record on the new task: the gate's paired test
+                "zero_shot_scores": base_scores,
                 "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in (manifest.evaluation or {}).items()},
                 "reference": manifest.reference,
                 # each task's kind, metric and budget, and its headline score on the export (None: no specs)
@@ -259,8 +262,24 @@ class LibraryStages:
             },
         )
 
-    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
-        return publish_gate(result, ctx.published, ctx.config)
+    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str], dict]:
+        """Paired tests where per-record scores exist on both sides (service.gates); the
+        decisions' figures go into the export's manifest before anything is published."""
+        from edgekif.errors import IntegrityError
+        from edgekif.export.manifest import read_manifest, record_gate
+
+        export = Path(ctx.metrics["export"]["path"])
+        live = None
+        if ctx.published is not None:
+            try:
+                live = read_manifest(ctx.layout.version(ctx.published.version))
+            except (IntegrityError, OSError):
+                live = None  # a removed or damaged live version: the margin rules decide
+        ok, reasons, decisions = paired_publish_gate(result, ctx.published, ctx.config, read_manifest(export), live)
+        record_gate(export, {"passed": ok, "reasons": reasons, "confidence": ctx.config.service.gate_confidence,
+                             "tolerance_points": ctx.config.service.forgetting_threshold,
+                             "min_gain_over_base_points": ctx.config.service.min_gain_over_base, "decisions": decisions})
+        return ok, reasons, decisions
 
     # -- publish ----------------------------------------------------------------------------------
     def publish(self, ctx: JobContext, export_path: Path) -> str:

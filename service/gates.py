@@ -1,24 +1,26 @@
 """The gate between a checked export and publishing: what a new version must keep and must gain.
 
-    forgetting_gate   no task the live version knows may lose more than service.forgetting_threshold points
-    base_gate         the new task must beat the untrained base by service.min_gain_over_base points
-    publish_gate      both, on export-measured accuracies (what the daemon's gate stage calls)
-
-The same two questions asked of per-record scores paired on one holdout (edgekif.stats), at a
-stated confidence instead of a margin on two means (not yet wired into publish_gate):
+The daemon's gate stage (paired_publish_gate) asks two questions of per-record scores paired
+on one holdout (edgekif.stats), at service.gate_confidence, not of a margin on two means:
     beats_base        the new task beats the base's zero-shot with confidence
     significant_loss  an old task lost significantly AND more than the tolerance vs live
+The margin rules remain for what has no per-record scores on both sides (versions published
+before them; the fake stages):
+    forgetting_gate   no task the live version knows may lose more than service.forgetting_threshold points
+    base_gate         the new task must beat the untrained base by service.min_gain_over_base points
+    publish_gate      both, on mean accuracies
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .stages import EvalResult, Published
 
 if TYPE_CHECKING:
     from edgekif.config import Config
+    from edgekif.export.manifest import Manifest
     from edgekif.stats import PairedDifference
 
 
@@ -152,3 +154,34 @@ def significant_loss(
         reason += f": no significant loss (p >= {alpha:g} or no loss)"
     return GateDecision(not blocks, reason, _figures(d, gate="significant_loss", metric=metric, alpha=alpha,
                                                      tolerance_points=tolerance_points, passed=not blocks))
+
+
+def paired_publish_gate(result: EvalResult, published: Published | None, config: "Config", candidate: "Manifest",
+                        live: "Manifest | None") -> tuple[bool, list[str], dict[str, Any]]:
+    """The daemon's gate: per-record paired tests at service.gate_confidence wherever both sides
+    have per-record scores on the same records with the same metric (significant_loss against the
+    live version for every task it knows, beats_base for the new task); the margin rules above
+    for a task whose other side has none (versions and base scores from before per-record scores).
+    Returns (ok, reasons, decisions): decisions has each test's figures, for the manifest."""
+    conf, tolerance, min_gain = config.service.gate_confidence, config.service.forgetting_threshold, config.service.min_gain_over_base
+    reasons: list[str] = []
+    decisions: dict[str, Any] = {}
+    if published is not None:
+        for task, before in sorted(published.accuracies.items()):
+            mine, theirs = candidate.record_scores(task), live.record_scores(task) if live is not None else None
+            if mine is not None and theirs is not None and (mine[0], mine[2]) == (theirs[0], theirs[2]):
+                d = significant_loss(mine[1], theirs[1], tolerance_points=tolerance, confidence=conf, task=task, metric=mine[0])
+                decisions[f"{task} vs live"] = {**d.figures, "reason": d.reason}
+                reasons += [] if d.passed else [d.reason]
+            else:
+                one = Published(published.version, published.job_id, {task: before})
+                reasons += forgetting_gate(result.accuracies, one, tolerance)[1]
+    for task, base in sorted((result.details.get("zero_shot_scores") or {}).items()):
+        mine = candidate.record_scores(task)
+        if mine is not None and base.get("scores") is not None and (mine[0], mine[2]) == (base.get("metric"), base.get("records_sha256")):
+            d = beats_base(mine[1], base["scores"], confidence=conf, min_gain_points=min_gain, task=task, metric=mine[0])
+            decisions[f"{task} vs base"] = {**d.figures, "reason": d.reason}
+            reasons += [] if d.passed else [d.reason]
+        elif task in result.accuracies and base.get("exact_match") is not None:
+            reasons += base_gate({task: result.accuracies[task]}, {task: float(base["exact_match"])}, min_gain)
+    return not reasons, reasons, decisions

@@ -307,10 +307,11 @@ class JobRunner:
     def _from_evaluated(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         """The gate: approved, or held with the reasons (publish --force overrides)."""
         result = EvalResult.from_dict(job.metrics.get("evaluate", {}))
-        ok, reasons = self._guarded(store, job, "gate", lambda: self.stages.gate(ctx, result), ctx)
+        ok, reasons, *decisions = self._guarded(store, job, "gate", lambda: self.stages.gate(ctx, result), ctx)
         info = {
             "ok": bool(ok),
             "reasons": list(reasons),
+            "decisions": decisions[0] if decisions else {},  # the paired tests' figures, where the stages ran them
             "threshold_points": self.config.service.forgetting_threshold,
             "min_gain_over_base_points": self.config.service.min_gain_over_base,
             "accuracies": result.accuracies,
@@ -320,7 +321,7 @@ class JobRunner:
             "published_accuracies": ctx.published.accuracies if ctx.published else {},
         }
         # the event carries the figures the decision used (and the runtime that measured them)
-        decided_on = {k: info[k] for k in ("accuracies", "zero_shot", "published_accuracies", "reasons")}
+        decided_on = {k: info[k] for k in ("accuracies", "zero_shot", "published_accuracies", "reasons", "decisions")}
         decided_on["measured_by"] = (info["measured_by"] or {}).get("runtime")
         if ok:
             store.advance(job.id, "evaluated", "approved", metrics={"gate": info}, **decided_on)

@@ -88,7 +88,7 @@ class ChildStages:
     def buffer(self, ctx: JobContext) -> BufferResult | None:
         return self.inner.buffer(ctx)
 
-    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
+    def gate(self, ctx: JobContext, result: EvalResult) -> tuple:
         return self.inner.gate(ctx, result)
 
     def publish(self, ctx: JobContext, export_path: Path) -> str:

@@ -142,9 +142,9 @@ class Stages(Protocol):
         on every past task's holdout, measured as a client runs it; details["zero_shot"]: the
         untrained base's accuracy on the new task, measured the same way."""
 
-    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]]:
-        """May this job be published? (ok, human-readable reasons when not). A step of its
-        own: its decision is committed before anything is published."""
+    def gate(self, ctx: JobContext, result: EvalResult) -> tuple[bool, list[str]] | tuple[bool, list[str], dict]:
+        """May this job be published? (ok, human-readable reasons when not[, each decision's
+        figures]). A step of its own: its decision is committed before anything is published."""
 
     def publish(self, ctx: JobContext, export_path: Path) -> str:
         """Make the export the live version; return the version name."""

@@ -136,8 +136,18 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     assert gate["published_accuracies"] == acc_a and gate["threshold_points"] == THRESHOLD
     drop = 100 * (acc_a["colors"] - acc_b["colors"])
     assert drop > THRESHOLD
-    assert gate["reasons"] == [f"colors: {100 * acc_a['colors']:.1f} -> {100 * acc_b['colors']:.1f} "
-                               f"(-{drop:.1f} points > {THRESHOLD:g} allowed)"]
+    # the paired test on the 12 colors records, its statistic in the reason (issue 21)
+    n = a.metrics["buffer"]["holdout_examples"]
+    lost = round(n * (acc_a["colors"] - acc_b["colors"]))
+    assert gate["reasons"] == [f"colors: normalized_exact_match {acc_b['colors']:.3f} vs live {acc_a['colors']:.3f}, "
+                               f"{acc_b['colors'] - acc_a['colors']:+.3f} [95% CI -1.000, -1.000], "
+                               f"exact McNemar (0 vs {lost} discordant) p={2 * 0.5 ** lost:.3g}, n={n}: "
+                               f"a significant loss of {drop:.1f} points > {THRESHOLD:g} allowed"]
+    decision = gate["decisions"]["colors vs live"]
+    assert decision["method"].startswith("exact McNemar") and decision["passed"] is False and decision["n"] == n
+    from edgekif.export.manifest import read_manifest
+
+    assert read_manifest(layout.job_dir(b.id) / "export").gate["decisions"]["colors vs live"] == decision
     assert b.error["kind"] == "gate" and b.version is None
     assert "publish" not in b.metrics and (layout.job_dir(b.id) / "export" / "manifest.json").is_file()  # kept for publish --force
     assert store.current() == "v0001" and store.versions() == ["v0001"]
@@ -201,8 +211,10 @@ def test_a_first_task_that_does_not_beat_the_base_is_held(tmp_path, wide_tiny_di
     assert job.state == "held" and gate["ok"] is False, (job.state, job.error)
     after, base = job.metrics["evaluate"]["accuracies"]["colors"], gate["zero_shot"]["colors"]
     assert after - base < 0.01 and gate["published_version"] is None  # a first model: nothing to forget
-    assert gate["reasons"] == [f"colors: {100 * after:.1f} does not beat the base model's zero-shot {100 * base:.1f} "
-                               f"by 1 points (nothing learned to publish)"]
+    (reason,) = gate["reasons"]  # the paired test and its statistic (issue 21)
+    assert reason.startswith("colors: normalized_exact_match ") and " vs base " in reason and "McNemar" in reason
+    assert reason.endswith("not a significant gain over the base (p >= 0.05 or no gain; nothing learned to publish)")
+    assert gate["decisions"]["colors vs base"]["passed"] is False
     assert gate["measured_by"]["runtime"].startswith("onnxruntime ") and gate["measured_by"]["metric"] == "exact_match"
     assert job.error["kind"] == "gate" and ModelStore(data).current() is None
     with JobStore(layout.state_db) as store:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
+from ..records import records_sha256
 from .build import export_candidates, resolve_export_settings
 from .check import CandidateCheck, AnswerSet, check_candidate, reference_answers, task_budget
 from .files import runtime_versions
@@ -101,7 +102,7 @@ def export_model(
                 for name, src in (extra_dirs or {}).items():  # e.g. the peft adapter: in before the manifest hashes the folder
                     shutil.copytree(src, tmp / name)
                 _write_checked_manifest(tmp, target, ep, result, figures, reference, reference_seconds, rejected, max_new_tokens,
-                                        {**(manifest_info or {}), **_spec_info(specs, result.answers, max_new_tokens)})
+                                        {**(manifest_info or {}), **_spec_info(specs, result.answers, max_new_tokens)}, holdout)
             break
         except ParityError as e:
             if i + 1 == len(candidates):
@@ -152,6 +153,7 @@ def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_to
 def _write_checked_manifest(
     folder: Path, target: str, ep: str, result: CandidateCheck, figures: dict[str, Any], reference: Mapping[str, AnswerSet],
     reference_seconds: float, rejected: list[dict[str, Any]], max_new_tokens: int, manifest_info: dict[str, Any] | None,
+    holdout: Mapping[str, Sequence[Any]],
 ) -> None:
     """The manifest of a candidate that passed: its own accuracies, the reference's, the check's figures."""
     variant, answers, check = result.variant, result.answers, result.check
@@ -165,13 +167,23 @@ def _write_checked_manifest(
             "metric": "exact_match", "decoding": "greedy", "max_new_tokens": max_new_tokens,
             "prompt": "each holdout record's chat messages, whole, through this folder's chat template",
         },
-        evaluation={name: {**a.summary(), "answers": a.answers[:KEEP_ANSWERS]} for name, a in answers.items()},
+        evaluation={name: _evaluation(a, holdout[name]) for name, a in answers.items()},
         reference={"runtime": _pytorch_name(), "seconds": round(reference_seconds, 1),
                    "tasks": {name: a.summary() for name, a in reference.items()}},
         parity={**figures, "per_task": check.per_task},
         **({"parity_rejected": rejected} if rejected else {}),
         **info,
     )
+
+
+def _evaluation(a: AnswerSet, records: Sequence[Any]) -> dict[str, Any]:
+    """A task's figures on the export, its first answers, and (when its metric was measured)
+    every record's score, for the gate's paired tests."""
+    out: dict[str, Any] = {**a.summary(), "answers": a.answers[:KEEP_ANSWERS]}
+    if a.scores is not None:
+        out["scores"] = [round(s, 6) for s in a.scores]
+        out["records_sha256"] = records_sha256(records)
+    return out
 
 
 def _runtime_name(target: str) -> str:

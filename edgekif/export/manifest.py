@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 
 # Written only when set (older manifests and fake exports lack them).
-_OPTIONAL = ("adapter", "accuracies_measured_by", "evaluation", "reference", "parity", "parity_rejected", "job_id", "task_specs", "scores")
+_OPTIONAL = ("adapter", "accuracies_measured_by", "evaluation", "reference", "parity", "parity_rejected", "job_id", "task_specs", "scores", "gate")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Manifest:
     # (edgekif.tasks.TaskSpec); None in manifests written before task specs, or without them
     task_specs: dict[str, dict[str, Any]] | None = None
     scores: dict[str, float] | None = None  # per task: its headline metric (task_specs' metric) on this export
+    # the daemon's gate: each decision's figures (paired test, interval, n) and its verdict
+    gate: dict[str, Any] | None = None
     other: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -81,6 +83,14 @@ class Manifest:
     @property
     def base_model_sha256(self) -> str | None:
         return (self.base_model or {}).get("sha256")
+
+    def record_scores(self, task: str) -> tuple[str, list[float], str] | None:
+        """(metric, per-record headline scores, the records' SHA-256) of a task on this export,
+        for paired comparisons; None when not recorded (older manifests)."""
+        ev = (self.evaluation or {}).get(task) or {}
+        if ev.get("metric") and isinstance(ev.get("scores"), list) and ev.get("records_sha256"):
+            return ev["metric"], [float(x) for x in ev["scores"]], ev["records_sha256"]
+        return None
 
     @property
     def task_names(self) -> list[str]:
@@ -155,6 +165,15 @@ def write_manifest(
     })
     atomic_write_json(out_dir / MANIFEST, manifest.to_dict())
     return manifest
+
+
+def record_gate(folder: str | os.PathLike, gate: dict[str, Any]) -> Manifest:
+    """Add the gate's decisions to an export's manifest (atomically; the manifest does not
+    hash itself, so its file hashes stay valid)."""
+    manifest = read_manifest(folder)
+    updated = Manifest.from_dict({**manifest.to_dict(), "gate": gate})
+    atomic_write_json(Path(folder) / MANIFEST, updated.to_dict())
+    return updated
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
