@@ -130,11 +130,6 @@ def export_adapter(
     )
 
 
-def zero_shot_accuracy(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any], holdout: Mapping[str, Sequence[Any]]) -> dict[str, float]:
-    """Exact match of the untrained base on each holdout (zero_shot_scores, without specs)."""
-    return {name: float(s["exact_match"]) for name, s in zero_shot_scores(cfg, base, export_settings, holdout).items()}
-
-
 def zero_shot_scores(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any], holdout: Mapping[str, Sequence[Any]],
                      specs: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The *untrained* base on each holdout, exported and run exactly as a job's export was

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -34,7 +33,7 @@ from edgekif.layout import DataLayout
 from .jobs import Job, JobStore, utc_now
 from .logs import setup_logging
 from .housekeeping import cleanup_stale_temp
-from .metrics import MetricsWriter, read_json, replace_json
+from .metrics import MetricsWriter, json_text, read_json, replace_json
 from .job_runner import TRANSIENT_ERRNOS, JobRunner, transient_cause
 from .sdnotify import Notifier
 from .stages import Stages
@@ -131,7 +130,7 @@ def _rewrite_in_place(path: Path, info: dict[str, Any]) -> bool:
     """On a full disk the atomic write's temp file has no room, but truncating the old file
     frees its blocks for the new text (a few hundred bytes): `status` can still say why the
     job waits. Not atomic: a reader may catch it empty for a moment and retries."""
-    text = (json.dumps(info, indent=2, sort_keys=True, default=str) + "\n").encode()
+    text = json_text(info).encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     except OSError:

@@ -18,9 +18,10 @@ What each stage does:
              the export's answers against the fp32 model's, variant by variant; the one that
              passes is written with its manifest, whose accuracies are that export's own exact
              match, measured in the same pass (answering the holdouts again would give the same)
-  evaluate   the figures the gate judges: the export's accuracies and check from its manifest,
-             and the base's zero-shot exact match on the new task, measured through the same
-             export check (edgekif.workflow.zero_shot_accuracy -> edgekif.export.check)
+  evaluate   the figures the gate judges: the export's accuracies, per-record scores and check
+             from its manifest, and the base's zero-shot per-record scores on the new task (its
+             spec's budget and metric), measured through the same export check
+             (edgekif.workflow.zero_shot_scores -> edgekif.export.check)
   publish    the export becomes the next version (edgekif.publish.ModelStore)
 
 Idempotency (a stage may be re-run after a crash that landed before the daemon committed):

@@ -8,7 +8,6 @@ The margin rules remain for what has no per-record scores on both sides (version
 before them; the fake stages):
     forgetting_gate   no task the live version knows may lose more than service.forgetting_threshold points
     base_gate         the new task must beat the untrained base by service.min_gain_over_base points
-    publish_gate      both, on mean accuracies
 """
 
 from __future__ import annotations
@@ -53,13 +52,6 @@ def base_gate(accuracies: dict[str, float], zero_shot: dict[str, float], min_gai
             reasons.append(f"{task}: {100 * after:.1f} does not beat the base model's zero-shot {100 * base:.1f} "
                            f"by {min_gain_points:g} points (nothing learned to publish)")
     return reasons
-
-
-def publish_gate(result: EvalResult, published: Published | None, config: "Config") -> tuple[bool, list[str]]:
-    """The forgetting gate plus the base gate, on export-measured accuracies."""
-    _ok, reasons = forgetting_gate(result.accuracies, published, config.service.forgetting_threshold)
-    reasons += base_gate(result.accuracies, result.details.get("zero_shot") or {}, config.service.min_gain_over_base)
-    return not reasons, reasons
 
 
 @dataclass(frozen=True)

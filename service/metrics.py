@@ -37,8 +37,13 @@ def replace_text(path: str | Path, text: str) -> None:
         raise
 
 
+def json_text(obj: Any) -> str:
+    """The text of the small JSON files the daemon rewrites (replace_json)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def replace_json(path: str | Path, obj: Any) -> None:
-    replace_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    replace_text(path, json_text(obj))
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:

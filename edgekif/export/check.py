@@ -7,7 +7,7 @@
   compare_answers(reference, answers, ...)   # -> AnswerCheck (agreement, accuracy drop, passed)
 
 The one place that loop exists: the exporter (edgekif.export.exporter), the base's zero-shot
-baseline (edgekif.workflow.zero_shot_accuracy) and the benchmarks (tools/bench_serving.py,
+baseline (edgekif.workflow.zero_shot_scores) and the benchmarks (tools/bench_serving.py,
 tools/bench_quant.py) all call check_candidate.
 
 Prompts are the records' whole chat messages (`Record.chat()`), rendered by the export's own

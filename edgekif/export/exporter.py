@@ -130,9 +130,8 @@ def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_to
     """The fp32 reference answers (and how long they took), from `cache` when it was written
     for these very records, budgets, metrics and label sets (a retry after a failed try), else
     measured."""
-    key_of = {"records": {k: [r.to_json() for r in v] for k, v in holdout.items()}, "max_new_tokens": max_new_tokens, "labels": labels or {}}
-    if specs:  # only with specs, so a cache written before them keeps its key
-        key_of["specs"] = {k: {**s.to_dict(), "max_new_tokens": task_budget(k, max_new_tokens, specs)} for k, s in specs.items()}
+    key_of = {"records": {k: [r.to_json() for r in v] for k, v in holdout.items()}, "max_new_tokens": max_new_tokens, "labels": labels or {},
+              "specs": {k: {**s.to_dict(), "max_new_tokens": task_budget(k, max_new_tokens, specs)} for k, s in (specs or {}).items()}}
     key = hashlib.sha256(json.dumps(key_of, sort_keys=True).encode()).hexdigest()
     if cache is not None:
         try:
