@@ -598,6 +598,9 @@ def test_a_retry_reuses_the_reference_answers_and_a_failed_check_is_permanent(fu
     assert read_manifest(first).evaluation == read_manifest(second).evaluation
     export_model(fused["fused"], tmp_path / "c", holdout=_holdout(PROMPTS[:1]), **kw)
     assert len(calls) == 2  # other records: measured
+    cache.write_text('{"key": "')  # a try killed while writing it (the write is atomic; a hand edit is not)
+    export_model(fused["fused"], tmp_path / "c2", holdout=_holdout(PROMPTS[:1]), **kw)
+    assert len(calls) == 3 and json.loads(cache.read_text())["tasks"]  # measured again, written whole
     with pytest.raises(ParityError) as e:
         export_model(fused["fused"], tmp_path / "d", holdout=_holdout(PROMPTS[:1]), min_agreement=1.01, **kw)
     assert e.value.permanent and "fp32" in e.value.hint
