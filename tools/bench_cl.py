@@ -13,8 +13,13 @@ step budget and seeds, through the library's continual loop (edgekif.continual.r
     python tools/bench_cl.py --profile standard --zero-shot-only --seeds 1 2 --out Z   # (FWT's baseline)
     python tools/bench_cl.py --merge A B Z --out OUT --results-json docs/benchmarks/results.json
 
-Metrics: exact match (headline) and label scoring; OP, BWT, FWT (with zero-shot) and
-plasticity (a_ii: accuracy just after learning each task).
+Each task is judged by its own spec (edgekif.tasks.read_task_spec on its train.jsonl: kind
+detected from the answers, the kind's headline metric, the answer budget from the answers'
+lengths): normalised exact match for label tasks (strict exact match and label scoring
+beside it), ROUGE-L F1 for free text. OP, BWT, FWT (with zero-shot) and plasticity (a_ii:
+the score just after learning each task) are on each task's headline metric. After each
+run the model answers the shipped general prompts (edgekif.general_ability) and its drift
+from the base's own answers is reported (ROUGE-L to them, log-likelihood drop).
 Writes OUT/result.json, OUT/result.md and OUT/heatmap_<strategy>.png; --results-json merges the
 summary into docs/benchmarks/results.json (one entry per profile and order).
 """
@@ -65,6 +70,13 @@ def _subset(records, n, seed):
     return [records[i] for i in idx[:n]]
 
 
+def _general_record(prompt):
+    """A general prompt as a record (edgekif.records.Record), so it is encoded as tasks are."""
+    from edgekif.records import Record
+
+    return Record(messages=prompt.messages, output="", id=prompt.id)
+
+
 def validation_split(records, n):
     """(train part, validation slice): the validation slice is the LAST n records of a task's
     train file, fixed (the same for every seed and configuration); training draws only from
@@ -84,6 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--tasks", nargs="+", metavar="DIR", help="task folders (each with train.jsonl and test.jsonl), in learning order; overrides --order")
     ap.add_argument("--results-json", type=Path, help="also merge this run's summary into this file (docs/benchmarks/results.json)")
+    ap.add_argument("--name", help="the results.json key of a --tasks suite (e.g. gen-order1); default PROFILE-orderN / PROFILE-custom")
+    ap.add_argument("--drift", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the general-ability drift of each run's final model (default: on)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--precision", default="fp32", help="base precision (fp32|nf4|bf16); fp32 is fastest on CPU")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -116,8 +131,11 @@ def main(argv=None) -> int:
     from edgekif.config import Config, ModelConfig, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.taskfile import read_task
-    from edgekif.evaluate import AccuracyMatrix, evaluate_task, plot_heatmap
-    from edgekif.model import resolve_base
+    from edgekif.evaluate import AccuracyMatrix, generate_answers, label_scores, plot_heatmap
+    from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
+    from edgekif.metrics import CLASSIFICATION, score as metric_score
+    from edgekif.model import load_tokenizer, resolve_base
+    from edgekif.tasks import read_task_spec
     from edgekif.replay import ReplayBuffer
     from edgekif.workflow import open_learner
 
@@ -149,6 +167,10 @@ def main(argv=None) -> int:
     eval_split = f"validation slice of train ({args.validation} per task)" if args.validation else "test"
 
     base = resolve_base(ModelConfig(), cache_dir())
+    # each task's spec from its own training answers, as the daemon decides it at buffer time
+    tokenizer = load_tokenizer(base.path)
+    specs = {f.name: read_task_spec(f / "train.jsonl", train_tasks[f.name].records, tokenizer) for f in folders}
+    del tokenizer
 
     def make_cfg(strategy: str, seed: int) -> Config:
         cfg = Config()
@@ -167,26 +189,40 @@ def main(argv=None) -> int:
         cfg.eval.label_scoring = prof["label_scoring"]
         return apply_overrides(cfg, args.set)
 
-    # test prompts are fitted like the training examples (room left for an 8-token
-    # answer): the model is scored on what it was trained to see, and long yahoo prompts
-    # (up to ~1000 tokens) no longer dominate the benchmark's wall time
-    answer_tokens = 8
-    eval_prompt_tokens = prof["max_length"] - answer_tokens
+    # test prompts are fitted like the training examples, leaving room for the task's answer
+    # budget: the model is scored on what it was trained to see, and long prompts (yahoo: up
+    # to ~1000 tokens) do not dominate the benchmark's wall time
+    def prompt_tokens(task: str) -> int:
+        return max(16, prof["max_length"] - specs[task].max_new_tokens)
 
     def evaluate(learner, task, seed, label_scoring=None):
+        """(the task's headline score, its label-scoring accuracy or None)."""
+        spec = specs[task]
         recs = _subset(evalset[task], prof["test_per_task"], 1000 + seed)
-        ev = evaluate_task(learner.model, learner.tokenizer, recs, labels=labels[task], max_new_tokens=answer_tokens, batch_size=16,
-                           label_scoring=prof["label_scoring"] if label_scoring is None else label_scoring, max_prompt_tokens=eval_prompt_tokens)
-        return ev.exact_match, ev  # exact match is the headline; label scoring is kept beside it
+        answers = generate_answers(learner.model, learner.tokenizer, recs, max_new_tokens=spec.max_new_tokens, batch_size=16,
+                                   max_prompt_tokens=prompt_tokens(task))
+        label_acc = None
+        if spec.kind == CLASSIFICATION and labels[task] and (prof["label_scoring"] if label_scoring is None else label_scoring):
+            picked = label_scores(learner.model, learner.tokenizer, recs, labels[task], batch_size=16, max_prompt_tokens=prompt_tokens(task))
+            label_acc = sum(p == r.label for p, r in zip(picked, recs)) / len(recs)
+        return metric_score(spec.metric, answers, [r.label for r in recs]).mean, label_acc
+
+    general = load_prompts() if args.drift else []
+    general_cfg = GeneralAbilityConfig()
+
+    def general_answers(learner) -> list[str]:
+        return generate_answers(learner.model, learner.tokenizer, [_general_record(p) for p in general],
+                                max_new_tokens=general_cfg.max_new_tokens, batch_size=16)
 
     ran = make_cfg("recurrent_kif", args.seeds[0])  # what every run is configured with (strategy and seed aside)
     result = {
-        "profile": profile_name,
+        "profile": profile_name, "name": args.name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
                      "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
-                     "metric": "exact match of the greedy answer" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
-                     "eval_prompt_tokens": eval_prompt_tokens},
+                     "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
+                     "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
+                     "general_prompts": len(general), "general_max_new_tokens": general_cfg.max_new_tokens},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "strategies": {},
     }
@@ -199,6 +235,15 @@ def main(argv=None) -> int:
         result["zero_shot_by_seed"] = {str(seed): {t: evaluate(learner, t, seed, label_scoring=False)[0] for t in order}
                                        for seed in tqdm(args.seeds, desc="zero-shot")}
         result["zero_shot"] = _zero_shot_mean(result["zero_shot_by_seed"], order)
+        del learner
+    base_general = None
+    if general and not args.zero_shot_only:
+        # the base's own answers to the general prompts and how likely it finds them: the
+        # reference every run's final model is compared with
+        learner, _ = open_learner(make_cfg("seq_lora", 0), base=base)
+        answers = general_answers(learner)
+        base_general = {"answers": answers, "loglik": base_answer_loglik(learner.model, learner.tokenizer, general, answers)}
+        result["general_base_answers"] = answers
         del learner
 
     for strategy in [] if args.zero_shot_only else args.strategies:
@@ -227,19 +272,24 @@ def main(argv=None) -> int:
             label_matrix = AccuracyMatrix(order)  # the same cells, scored by label likelihood
 
             def score(lrn, name, seed=seed, label_matrix=label_matrix):
-                em, ev = evaluate(lrn, name, seed)
+                headline, label_acc = evaluate(lrn, name, seed)
                 # the row run_stream fills: after the joint run, the last; else one per task learned
                 row = len(order) - 1 if lrn.strategy.joint else len(lrn.tasks_seen) - 1
                 cell = (row, order.index(name))
-                if ev.label_accuracy is not None:
-                    label_matrix.set(*cell, ev.label_accuracy)
-                return em
+                if label_acc is not None:
+                    label_matrix.set(*cell, label_acc)
+                return headline
 
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp, ReplayBuffer(Path(tmp) / "replay.db", cfg.replay) as buf:
                 stream_result = run_stream(learner, buf, stream, evaluate=score,
                                            score_before="zero_shot" in result, progress=progress, on_task=on_task)
             wall = time.perf_counter() - t0
+            general_drift = None
+            if base_general is not None:
+                final = general_answers(learner)
+                general_drift = drift(final, base_general["answers"], general, loglik_base=base_general["loglik"],
+                                      loglik_candidate=base_answer_loglik(learner.model, learner.tokenizer, general, base_general["answers"])).to_dict()
             matrix, done = stream_result.matrix, stream_result.results
             train_seconds = sum(r.seconds for r in done)
             examples_total = sum(r.examples for r in done)
@@ -250,7 +300,7 @@ def main(argv=None) -> int:
                 "fwt": _fwt(matrix, result, seed, order) if not learner.strategy.joint else None,
                 "seconds": wall, "grad_steps": sum(r.steps for r in done), "examples": examples_total,
                 "sec_per_step": statistics.mean(r.seconds / r.steps for r in done), "train_seconds": train_seconds, "examples_per_sec": examples_total / max(1e-9, train_seconds),
-                "state_bytes": done[-1].state_bytes,
+                "state_bytes": done[-1].state_bytes, "general_drift": general_drift,
             })
             plot_heatmap(matrix, out / f"heatmap_{strategy}{'' if seed == args.seeds[0] else f'_s{seed}'}.png", title=f"{strategy} (order {args.order}, seed {seed})")
             del learner
@@ -285,6 +335,8 @@ def aggregate(runs: list[dict]) -> dict:
         "op_mean": statistics.mean(ops) if ops else None, "op_std": statistics.pstdev(ops) if len(ops) > 1 else 0.0,
         "bwt_mean": statistics.mean(bwts) if bwts else None, "bwt_std": statistics.pstdev(bwts) if len(bwts) > 1 else 0.0,
         "sec_per_step": statistics.mean(r["sec_per_step"] for r in runs),
+        "drift_rouge_l_mean": _mean((r.get("general_drift") or {}).get("rouge_l") for r in runs),
+        "drift_loglik_drop_mean": _mean((r.get("general_drift") or {}).get("loglik_drop") for r in runs),
     }
 
 
@@ -338,7 +390,7 @@ def merge_runs(args, argv: list[str]) -> int:
     for part in parts:
         for name, st in part["strategies"].items():
             runs.setdefault(name, []).extend(st["runs"])
-    result = {"profile": parts[0]["profile"], "command": "python tools/bench_cl.py " + shlex.join(argv),
+    result = {"profile": parts[0]["profile"], "name": args.name or parts[0].get("name"), "command": "python tools/bench_cl.py " + shlex.join(argv),
               "merged": [{"dir": str(d), "command": p["command"], "wall_seconds": p["wall_seconds"]} for d, p in zip(dirs, parts)],
               "settings": {**parts[0]["settings"], "seeds": sorted({r["seed"] for rs in runs.values() for r in rs})},
               "machine": parts[0].get("machine", {}), "strategies": {}}
@@ -374,8 +426,8 @@ def _order_name(order: list[str]) -> str:
 
 
 def entry_key(result: dict) -> str:
-    """The results.json key: one entry per profile and order."""
-    return f"{result['profile']}-{_order_name(result['settings']['order'])}"
+    """The results.json key: --name where given, else one entry per profile and order."""
+    return result.get("name") or f"{result['profile']}-{_order_name(result['settings']['order'])}"
 
 
 def _pct(x):
@@ -408,9 +460,22 @@ def summary(result: dict) -> dict:
             entry.update(bwt=_p(st["bwt_mean"]), plasticity=_p(st.get("plasticity_mean")), fwt=_p(st.get("fwt_mean")))
         if st.get("label_op_mean") is not None:
             entry["label_op"] = _p(st["label_op_mean"])
+        if st.get("drift_rouge_l_mean") is not None:
+            entry["general_drift"] = {"rouge_l": round(st["drift_rouge_l_mean"], 4), "loglik_drop": _round(st.get("drift_loglik_drop_mean"))}
         strategies[name] = entry
-    return {"profile": result["profile"], "order": s["order"], "seeds": s["seeds"], "train_per_task": s["train_per_task"],
-            "test_per_task": s["test_per_task"], "eval_split": s.get("eval_split", "test"), "metric": "exact_match", "command": result["command"], "strategies": strategies}
+    specs = s.get("task_specs")
+    metric = {t: v["metric"] for t, v in specs.items()} if specs else "exact_match"
+    out = {"profile": result["profile"], "order": s["order"], "seeds": s["seeds"], "train_per_task": s["train_per_task"],
+           "test_per_task": s["test_per_task"], "eval_split": s.get("eval_split", "test"), "metric": metric, "command": result["command"], "strategies": strategies}
+    if specs:
+        out["max_new_tokens"] = {t: v["max_new_tokens"] for t, v in specs.items()}
+    if result.get("zero_shot"):
+        out["zero_shot"] = {t: _p(v) for t, v in result["zero_shot"].items()}
+    return out
+
+
+def _round(x, digits=4):
+    return None if x is None else round(x, digits)
 
 
 def merge_results(path: Path, key: str, entry: dict) -> None:
@@ -420,6 +485,20 @@ def merge_results(path: Path, key: str, entry: dict) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault("cl", {})[key] = entry
     atomic_write_json(path, data)
+
+
+def _num(x, digits=3):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _spec_lines(s: dict) -> list[str]:
+    """One line per task: its kind, metric and answer budget (older result.json: none)."""
+    specs = s.get("task_specs")
+    if not specs:
+        return []
+    return ["Tasks: " + "; ".join(f"{t}: {v['kind']}, {v['metric']}, {v['max_new_tokens']} new tokens, prompt fitted into "
+                                  f"{(s.get('eval_prompt_tokens') or {}).get(t, '—') if isinstance(s.get('eval_prompt_tokens'), dict) else s.get('eval_prompt_tokens')}"
+                                  for t, v in specs.items()) + ".", ""]
 
 
 def to_markdown(result: dict) -> str:
@@ -435,17 +514,20 @@ def to_markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), evaluated on {_eval_set(s)} "
-        f"(prompts fitted into {s.get('eval_prompt_tokens', '—')} tokens as training fits them: the input's middle is cut), metric: {s['metric']}; "
+        f"(prompts fitted as training fits them: the input's middle is cut), metric: {s['metric']}; "
         f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}); Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
         f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
         "",
         *merged,
-        "Exact match; plasticity = mean accuracy on each task just after learning it (a_ii); label OP = OP by label scoring; "
-        "FWT = accuracy on each later task just before learning it minus the base's zero-shot on the same examples.",
+        *_spec_lines(s),
+        "Each task's headline metric (percent); plasticity = mean score on each task just after learning it (a_ii); label OP = OP by label scoring (label tasks); "
+        "FWT = score on each later task just before learning it minus the base's zero-shot on the same examples; "
+        "general drift = ROUGE-L F1 of the final model's answers to the general prompts against the base's own answers (1 = unchanged), "
+        "and how much less likely (nats per token) the final model finds the base's answers.",
         "",
-        "| strategy | OP | BWT | plasticity | FWT | label OP | grad steps | s / step | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| strategy | OP | BWT | plasticity | FWT | label OP | general ROUGE-L to base | log-lik drop | grad steps | s / step | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, st in result["strategies"].items():
         fwts = [r["fwt"] for r in st["runs"] if r.get("fwt") is not None]
@@ -453,6 +535,7 @@ def to_markdown(result: dict) -> str:
         bwt = _pct(st["bwt_mean"]) + (f" ± {100 * st['bwt_std']:.1f}" if len(st["runs"]) > 1 and st["bwt_mean"] is not None else "")
         lines.append(
             f"| {name} | {op} | {bwt} | {_pct(st.get('plasticity_mean'))} | {_pct(statistics.mean(fwts)) if fwts else '—'} | {_pct(st.get('label_op_mean'))} "
+            f"| {_num(st.get('drift_rouge_l_mean'))} | {_num(st.get('drift_loglik_drop_mean'))} "
             f"| {st['runs'][0]['grad_steps']} | {st['sec_per_step']:.2f} | {statistics.mean(r['seconds'] for r in st['runs']):.0f} |"
         )
     seeds = s["seeds"]
@@ -462,6 +545,11 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{_pct(r['op'])} / {_pct(r['bwt'])}" for r in st["runs"]) + " |")
     if "zero_shot" in result:
         lines += ["", "Zero-shot (base model): " + ", ".join(f"{t} {_pct(v)}" for t, v in result["zero_shot"].items())]
+    drifts = {name: [r.get("general_drift") for r in st["runs"]] for name, st in result["strategies"].items()}
+    if any(d for ds in drifts.values() for d in ds):
+        lines += ["", "General-ability drift per seed (ROUGE-L to the base's answers / log-likelihood drop, nats per token):", ""]
+        for name, ds in drifts.items():
+            lines.append(f"- {name}: " + ", ".join(f"{_num(d.get('rouge_l'))} / {_num(d.get('loglik_drop'))}" if d else "—" for d in ds))
     return "\n".join(lines) + "\n"
 
 
