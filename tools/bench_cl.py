@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="+", metavar="DIR", help="task folders (each with train.jsonl and test.jsonl), in learning order; overrides --order")
     ap.add_argument("--results-json", type=Path, help="also merge this run's summary into this file (docs/benchmarks/results.json)")
     ap.add_argument("--name", help="the results.json key of a --tasks suite (e.g. gen-order1); default PROFILE-orderN / PROFILE-custom")
+    ap.add_argument("--fwt", action=argparse.BooleanOptionalAction, default=True,
+                    help="score each task just before learning it, for FWT (default: on where zero-shot is measured; "
+                         "--no-fwt saves T-1 evaluations a run)")
     ap.add_argument("--drift", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the general-ability drift of each run's final model (default: on)")
     ap.add_argument("--out", default=None)
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
     result = {
         "profile": profile_name, "name": args.name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "settings": {**prof, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
+        "settings": {**prof, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
                      "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp, ReplayBuffer(Path(tmp) / "replay.db", cfg.replay) as buf:
                 stream_result = run_stream(learner, buf, stream, evaluate=score,
-                                           score_before="zero_shot" in result, progress=progress, on_task=on_task)
+                                           score_before="zero_shot" in result and args.fwt, progress=progress, on_task=on_task)
             wall = time.perf_counter() - t0
             general_drift = None
             if base_general is not None:
