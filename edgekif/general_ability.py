@@ -244,23 +244,28 @@ def drift(candidate_answers: Sequence[str], base_answers: Sequence[str], prompts
 
 @dataclass
 class GeneralAbilityConfig:
-    """The general-ability gate. `max_new_tokens`: answer budget for base and candidate (the
-    cache key includes it). `min_rouge_l`: hold a candidate whose mean ROUGE-L to the base's
-    answers is below. `max_loglik_drop`: hold one whose mean per-token log-likelihood of the
-    base's answers fell by more than this many nats (None: not checked; it needs PyTorch)."""
+    """The general-ability gate (the `[general_ability]` section of the daemon's config).
+    `max_new_tokens`: answer budget for base and candidate (the cache key includes it).
+    `min_rouge_l`: hold a candidate whose mean ROUGE-L to the base's answers is below.
+    `max_loglik_drop`: hold one whose mean per-token log-likelihood of the base's answers fell
+    by more than this many nats (0: not checked). The defaults are set from measured drift:
+    docs/daemon.md, "General ability"."""
 
     enabled: bool = True
-    max_new_tokens: int = 48
-    min_rouge_l: float = 0.5
-    max_loglik_drop: float | None = 0.5
+    max_new_tokens: int = 32
+    min_rouge_l: float = 0.2
+    max_loglik_drop: float = 0.5
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, section: str = "general_ability") -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"general_ability.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise ValueError(f"{section}.max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0.0 <= self.min_rouge_l <= 1.0:
-            raise ValueError(f"general_ability.min_rouge_l must be in [0, 1], got {self.min_rouge_l}")
-        if self.max_loglik_drop is not None and self.max_loglik_drop < 0:
-            raise ValueError(f"general_ability.max_loglik_drop must be >= 0 or None, got {self.max_loglik_drop}")
+            raise ValueError(f"{section}.min_rouge_l must be in [0, 1], got {self.min_rouge_l}")
+        if self.max_loglik_drop < 0:
+            raise ValueError(f"{section}.max_loglik_drop must be >= 0 (0: not checked), got {self.max_loglik_drop}")
 
 
 def drifted(figures: DriftFigures, config: GeneralAbilityConfig) -> tuple[bool, str]:
@@ -274,7 +279,7 @@ def drifted(figures: DriftFigures, config: GeneralAbilityConfig) -> tuple[bool, 
     if figures.rouge_l < config.min_rouge_l:
         return True, f"general ability: {rouge} (needs >= {config.min_rouge_l:.2f}) {over}"
     drop = figures.loglik_drop
-    if config.max_loglik_drop is not None and drop is not None and drop > config.max_loglik_drop:
+    if config.max_loglik_drop > 0 and drop is not None and drop > config.max_loglik_drop:
         return True, (f"general ability: mean log-likelihood of the base's answers {figures.loglik_candidate:.2f} per token vs the "
                       f"base's {figures.loglik_base:.2f} (drop {drop:.2f}, allowed <= {config.max_loglik_drop:.2f}) {over}")
     extra = f", log-likelihood drop {drop:.2f}" if drop is not None else ""

@@ -167,7 +167,7 @@ def test_the_loglik_bound_holds_and_an_empty_set_is_not_measured():
     held, reason = drifted(figures, GeneralAbilityConfig(max_loglik_drop=0.5))
     assert held and reason == ("general ability: mean log-likelihood of the base's answers -2.31 per token vs the base's -1.20 "
                                "(drop 1.11, allowed <= 0.50) over 5 prompts")
-    assert not drifted(figures, GeneralAbilityConfig(max_loglik_drop=None))[0]
+    assert not drifted(figures, GeneralAbilityConfig(max_loglik_drop=0))[0]
     assert not drifted(figures, GeneralAbilityConfig(max_loglik_drop=1.2))[0]
     assert drifted(drift([], []), GeneralAbilityConfig()) == (False, "general ability: not measured (no prompts)")
     with pytest.raises(ValueError, match="min_rouge_l"):
