@@ -297,7 +297,23 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
             tid = t.get("id") or t.get("name")
             score = f"{100 * float(acc[tid]):6.1f}" if tid in acc else "     -"
             counts = ", ".join(f"{k.replace('_examples', '').replace('_', ' ')} {t[k]}" for k in ("train_examples", "holdout_examples", "replay_stored") if t.get(k) is not None)
+            spec = (manifest.task_specs or {}).get(tid)
+            headline = (manifest.scores or {}).get(tid)
+            if spec and headline is not None:  # the task's own metric beside strict exact match
+                counts = f"{spec['metric']} {100 * float(headline):.1f}, {spec['kind']}, {spec['max_new_tokens']} new tokens" + (f"; {counts}" if counts else "")
             lines.append(f"  {str(t.get('name') or tid):<24} {score}" + (f"  ({counts})" if counts else ""))
+    general = manifest.general_ability
+    if general:
+        verdict = "HELD" if general.get("held") else "ok"
+        drop = general.get("loglik_drop")
+        lines.append(f"general:     {verdict}: answers ROUGE-L {general.get('rouge_l', 0):.3f} to the base's own on {general.get('n')} prompts"
+                     + (f", log-likelihood drop {drop:.3f} nats/token" if drop is not None else "")
+                     + f" (bounds: ROUGE-L >= {general.get('min_rouge_l')}, drop <= {general.get('max_loglik_drop')})")
+    if manifest.parity_skipped:
+        lines.append("skipped:     " + ", ".join(str(x.get("variant")) for x in manifest.parity_skipped) + " (rejected on recent jobs of this base)")
+    gate = manifest.gate or {}
+    for name, d in (gate.get("decisions") or {}).items():
+        lines.append(f"gate:        {d.get('reason') or name}")
     if manifest.runtime:
         lines.append("runtime:     " + ", ".join(f"{k} {v}" for k, v in sorted(manifest.runtime.items()) if v))
     size = sum((folder / rel).stat().st_size for rel in manifest.files if (folder / rel).is_file())

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .general_ability import GeneralAbilityConfig
 
 # Filled by edgekif.strategies.register_strategy: strategy name -> its section (None = no
 # options), section -> the options' dataclass (which may have a `validate()` raising ConfigError).
@@ -172,6 +173,17 @@ class ExportConfig:
     # parity_max_accuracy_drop points lower (edgekif.export.check.compare_answers).
     parity_min_agreement: float = 0.95
     parity_max_accuracy_drop: float = 1.0
+    # Free-text tasks are held to their metric instead (edgekif.export.check.GenerationRule):
+    # the mean paired drop of e.g. ROUGE-L vs fp32 at most this many points, and at least this
+    # share of answers starting with fp32's first `parity_prefix_words` words. Measured:
+    # docs/serving.md, "The export check for free text".
+    parity_max_score_drop: float = 2.0
+    parity_min_prefix_agreement: float = 0.6
+    parity_prefix_words: int = 3
+    # A variant rejected on the last `skip_after` checks with the same base and rules is not
+    # built again for `retry_after` jobs (edgekif.export.history); 0 = always try every one.
+    skip_rejected_after: int = 2
+    retry_skipped_after: int = 10
     parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)
 
 
@@ -214,6 +226,7 @@ class Config:
     # + one attribute per registered strategy section (cfg.kif, cfg.experience_replay)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    general_ability: GeneralAbilityConfig = field(default_factory=GeneralAbilityConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
@@ -366,6 +379,14 @@ def validate_config(cfg: Config) -> None:
     check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")
     check(0 < cfg.service.gate_confidence < 1, "service.gate_confidence must be in (0, 1)")
+    e = cfg.export
+    check(e.parity_max_score_drop >= 0 and 0 <= e.parity_min_prefix_agreement <= 1 and e.parity_prefix_words >= 1,
+          "export.parity_max_score_drop >= 0, export.parity_min_prefix_agreement in [0, 1], export.parity_prefix_words >= 1")
+    check(e.skip_rejected_after >= 0 and e.retry_skipped_after >= 1, "export.skip_rejected_after >= 0 (0 = never skip), export.retry_skipped_after >= 1")
+    try:
+        cfg.general_ability.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def dump_default_toml() -> str:

@@ -9,6 +9,7 @@
       models/vNNNN/  models/current      published versions and the live one (edgekif.publish)
       logs/  state.db  replay.db         the daemon's log, its job database, the replay buffer
       daemon.lock  daemon.json           the running daemon's lock and its runtime record
+      export-history.json                past export checks per variant (which to skip)
 
 The library, the daemon, the API and the tools all take paths from `DataLayout`; nothing else
 joins these names by hand. Torch-free and import-free, so anything may use it.
@@ -163,6 +164,11 @@ class DataLayout:
     @property
     def lock_file(self) -> Path:
         return self.root / "daemon.lock"
+
+    @property
+    def export_history(self) -> Path:
+        """Past export checks' outcomes per variant (edgekif.export.history): which to skip."""
+        return self.root / "export-history.json"
 
     @property
     def runtime_file(self) -> Path:

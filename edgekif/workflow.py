@@ -9,7 +9,6 @@ The run across tasks is edgekif.continual.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from pathlib import Path
@@ -78,6 +77,7 @@ def export_adapter(
     labels: Mapping[str, Sequence[str] | None] | None = None,
     manifest_info: dict[str, Any],
     specs: Mapping[str, Any] | None = None,
+    history_file: Path | None = None,
 ) -> Path:
     """Fuse the adapter into an fp32 copy of the base and export it, checked and scored on the
     holdout records as a client would run them (edgekif.export.exporter.export_model), with manifest.
@@ -87,10 +87,13 @@ def export_adapter(
     `adapter` with the base's id and SHA-256, so it can be loaded on another machine that has
     the same base (docs/serving.md, "Adapters"). `specs` ({task: edgekif.tasks.TaskSpec}):
     each task is answered with its own budget and scored by its own metric; tasks without one
-    with `eval.max_new_tokens` and exact match only."""
+    with `eval.max_new_tokens` and exact match only. `history_file`: past check outcomes, so a
+    variant this base keeps failing is skipped (edgekif.export.history)."""
+    from .export.check import GenerationRule
     from .export.exporter import export_model
     from .export.files import ADAPTER_DIR
     from .export.fuse import adapter_sha256, fuse_adapter, portable_adapter
+    from .export.history import SkipPolicy
 
     # A retry starts from what the last try finished in work_dir: the fused model (made from
     # this very adapter) and the reference answers are reused.
@@ -127,34 +130,84 @@ def export_adapter(
         extra_dirs={ADAPTER_DIR: portable},
         reference_cache=work_dir / "reference.json",
         specs=specs,
+        generation=GenerationRule(cfg.export.parity_max_score_drop, cfg.export.parity_min_prefix_agreement, cfg.export.parity_prefix_words),
+        history_file=history_file if cfg.export.skip_rejected_after > 0 else None,
+        skip_policy=SkipPolicy(max(1, cfg.export.skip_rejected_after), cfg.export.retry_skipped_after),
     )
+
+
+def _zero_shot_root(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]) -> tuple[Path, Any, str, str]:
+    """(the cache folder of the base exported with these settings, its variant, target, ep)."""
+    import hashlib
+    import json
+
+    from .export.build import ExportVariant
+
+    variant = ExportVariant(str(export_settings["precision"]), tuple(sorted((export_settings.get("builder_options") or {}).items())))
+    target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
+    # "training-template": the base is exported with the chat template training uses (older
+    # caches kept the base's own template, default system prompt and all: not like for like)
+    key = hashlib.sha256(json.dumps([target, ep, variant.name, "training-template"]).encode()).hexdigest()[:12]
+    root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
+    return root, variant, target, ep
+
+
+def _base_source(root: Path, base: BaseModel) -> Path:
+    """The base's folder as a trained model's is exported: its weights (linked, not copied) with
+    the tokenizer training uses (edgekif.model.load_tokenizer: no default system prompt), so the
+    base's export renders a prompt exactly as a trained version's does. Called under the lock."""
+    from .atomic import atomic_dir
+
+    src = root / "source"
+    if (src / "config.json").exists():
+        return src
+    with atomic_dir(src, overwrite=True) as tmp:
+        load_tokenizer(base.path).save_pretrained(tmp)
+        for f in Path(base.path).iterdir():
+            if f.is_file() and not (tmp / f.name).exists():
+                os.symlink(f.resolve(), tmp / f.name)
+    return src
+
+
+def base_export(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]) -> Path:
+    """The untrained base exported exactly as a job's export was (`export_settings`: target,
+    precision, execution_provider, builder_options, as in its manifest), with the training
+    chat template; built once per setting into the cache (cache_root/zero-shot)."""
+    from .atomic import atomic_dir
+    from .export.build import build_variant
+    from .export.files import EXPORT_INFO
+
+    root, variant, target, ep = _zero_shot_root(cfg, base, export_settings)
+    with _cache_lock(root):
+        export_dir = root / "export"
+        if not (export_dir / EXPORT_INFO).is_file():
+            source = _base_source(root, base)
+            with atomic_dir(export_dir, overwrite=True) as tmp:
+                build_variant(source, tmp, target, variant, ep)
+            log.info("base exported for zero-shot and general-ability figures", extra={"base": base.name, "variant": variant.name})
+        return export_dir
 
 
 def zero_shot_scores(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any], holdout: Mapping[str, Sequence[Any]],
                      specs: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The *untrained* base on each holdout, exported and run exactly as a job's export was
-    (`export_settings`: target, precision, execution_provider, builder_options, as in its
-    manifest), so a trained model is compared with the base like for like: per task its strict
-    exact match and, with the task's spec (edgekif.tasks.TaskSpec), its answer budget, its
-    headline metric and every record's score (the gate's paired test) with the records' SHA-256.
+    (base_export), so a trained model is compared with the base like for like: per task its
+    strict exact match and, with the task's spec (edgekif.tasks.TaskSpec), its answer budget,
+    its headline metric and every record's score (the gate's paired test) with the records'
+    SHA-256.
 
-    The base's export is built and answered by the export check (edgekif.export.check), once
-    per setting, and kept in the cache (cache_root/zero-shot); scores are cached by the records'
-    SHA-256, budget and metric, so each holdout is run once per base.
+    The base's export is answered by the export check (edgekif.export.check); scores are
+    cached by the records' SHA-256, budget and metric, so each holdout is run once per base.
     """
     import hashlib
     import json
 
-    from .atomic import atomic_dir, atomic_write_json
-    from .export.build import ExportVariant
+    from .atomic import atomic_write_json
     from .export.check import check_candidate, scored, task_budget, task_metric
     from .records import records_sha256
-    from .export.files import EXPORT_INFO
 
-    variant = ExportVariant(str(export_settings["precision"]), tuple(sorted((export_settings.get("builder_options") or {}).items())))
-    target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
-    key = hashlib.sha256(json.dumps([target, ep, variant.name]).encode()).hexdigest()[:12]
-    root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
+    export_dir = base_export(cfg, base, export_settings)
+    root, variant, target, ep = _zero_shot_root(cfg, base, export_settings)
     specs = {k: v for k, v in (specs or {}).items() if k in holdout}
     with _cache_lock(root):
         scores_path = root / "scores.json"
@@ -172,15 +225,10 @@ def zero_shot_scores(cfg: Config, base: BaseModel, export_settings: Mapping[str,
             todo[name] = digest if not specs.get(name) else hashlib.sha256(f"{digest}/{budget}/{metric}".encode()).hexdigest()
         missing = [name for name, digest in todo.items() if digest not in scores]
         if missing:
-            export_dir, todo_records = root / "export", {name: holdout[name] for name in missing}
-            check = functools.partial(check_candidate, base.path, target=target, variant=variant, execution_provider=ep,
-                                      holdout=todo_records, max_new_tokens=cfg.eval.max_new_tokens,
-                                      **({"specs": {k: v for k, v in specs.items() if k in todo_records}} if specs else {}))
-            if (export_dir / EXPORT_INFO).is_file():
-                result = check(export_dir, build=False)
-            else:
-                with atomic_dir(export_dir, overwrite=True) as tmp:
-                    result = check(tmp)
+            todo_records = {name: holdout[name] for name in missing}
+            result = check_candidate(base.path, export_dir, target=target, variant=variant, execution_provider=ep, holdout=todo_records,
+                                     max_new_tokens=cfg.eval.max_new_tokens, build=False,
+                                     **({"specs": {k: v for k, v in specs.items() if k in todo_records}} if specs else {}))
             for name in missing:
                 a = result.answers[name]
                 scores[todo[name]] = {"exact_match": a.exact_match, "n": a.n, "task": name,
@@ -190,6 +238,41 @@ def zero_shot_scores(cfg: Config, base: BaseModel, export_settings: Mapping[str,
             atomic_write_json(scores_path, scores)
             log.info("zero-shot scores of the base measured", extra={"base": base.name, "variant": variant.name, "tasks": missing})
         return {name: scores[digest] for name, digest in todo.items()}
+
+
+def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: Path | None) -> dict[str, Any]:
+    """How far the export in `export_dir` drifted from the base on the shipped general prompts
+    (edgekif.general_ability): both answer them greedily through their exports as a client
+    does (the base's answers cached per base and export setting), and, with `fused_dir` (the
+    candidate's fp32 weights) and `max_loglik_drop` > 0, the mean log-likelihood each PyTorch
+    model gives the base's answers. Returns the figures, the bounds and the verdict
+    (`held`, `reason`), as the manifest keeps them."""
+    from .export.manifest import read_manifest
+    from .general_ability import base_answer_loglik, base_answers, cached_base_answers, drift, drifted, load_prompts
+    from .infer import open_model
+
+    gcfg = cfg.general_ability
+    prompts = load_prompts()
+    m = read_manifest(export_dir)
+    settings = {"target": m.target, "precision": m.precision, "execution_provider": m.execution_provider, "builder_options": m.builder_options}
+    _root, variant, target, _ep = _zero_shot_root(cfg, base, settings)
+    base_id = f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}/{target}-{variant.name}/training-template"
+    reference = cached_base_answers(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
+                                    lambda: open_model(base_export(cfg, base, settings)))
+    runner = open_model(export_dir)
+    answers = base_answers(runner, prompts, gcfg.max_new_tokens)
+    del runner
+    ll_base = ll_cand = None
+    if fused_dir is not None and gcfg.max_loglik_drop > 0:
+        tok = load_tokenizer(base.path)
+        ll_base = base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference)
+        ll_cand = base_answer_loglik(load_model(fused_dir, "fp32"), tok, prompts, reference)
+    figures = drift(answers, reference, prompts, loglik_base=ll_base, loglik_candidate=ll_cand)
+    held, reason = drifted(figures, gcfg)
+    log.info("general ability measured", extra={"rouge_l": figures.rouge_l, "loglik_drop": figures.loglik_drop, "held": held})
+    return {**figures.to_dict(), "max_new_tokens": gcfg.max_new_tokens, "min_rouge_l": gcfg.min_rouge_l,
+            "max_loglik_drop": gcfg.max_loglik_drop, "prompts": len(prompts), "held": held, "reason": reason,
+            "answers": dict(list(zip([p.id for p in prompts], answers))[:10])}
 
 
 @contextlib.contextmanager

@@ -197,11 +197,11 @@ class LibraryStages:
     def export(self, ctx: JobContext) -> Path:
         from edgekif.errors import IntegrityError
         from edgekif.export.files import MANIFEST
-        from edgekif.export.manifest import verify_manifest
+        from edgekif.export.manifest import record_general_ability, verify_manifest
         from edgekif.model import resolve_base
         from edgekif.records import Record
         from edgekif.trainer import learner_adapter, read_learner_meta
-        from edgekif.workflow import cache_root, export_adapter
+        from edgekif.workflow import cache_root, export_adapter, general_ability
 
         _quiet_transformers()
         out = ctx.job_files.export
@@ -224,7 +224,11 @@ class LibraryStages:
         result = export_adapter(
             ctx.config, base, learner_adapter(learner_dir), ctx.job_files.scratch, out, holdout=holdout, labels=labels, specs=specs,
             manifest_info={"tasks": manifest_tasks(ctx.layout, ctx.config, tasks_seen), "job_id": ctx.job_id},
+            history_file=ctx.layout.export_history,
         )
+        if ctx.config.general_ability.enabled:
+            # measured here, while the fused fp32 weights are still on disk (the log-likelihood needs them)
+            record_general_ability(out, general_ability(ctx.config, base, out, ctx.job_files.scratch / "fused"))
         log.info("export stage done", extra={"job_id": ctx.job_id, "seconds": round(time.perf_counter() - t0, 1)})
         # the fused fp32 copy (~0.5 GB for SmolLM2) is scratch: a re-run starts from the export
         shutil.rmtree(ctx.job_files.scratch, ignore_errors=True)

@@ -4,6 +4,8 @@ The daemon's gate stage (paired_publish_gate) asks two questions of per-record s
 on one holdout (edgekif.stats), at service.gate_confidence, not of a margin on two means:
     beats_base        the new task beats the base's zero-shot with confidence
     significant_loss  an old task lost significantly AND more than the tolerance vs live
+and one of the candidate's answers to general prompts, measured in the export stage:
+    general ability   its answers drifted from the base's beyond [general_ability]'s bounds
 The margin rules remain for what has no per-record scores on both sides (versions published
 before them; the fake stages):
     forgetting_gate   no task the live version knows may lose more than service.forgetting_threshold points
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
+
+from edgekif.general_ability import DriftFigures, drifted
 
 from .stages import EvalResult, Published
 
@@ -176,4 +180,13 @@ def paired_publish_gate(result: EvalResult, published: Published | None, config:
             reasons += [] if d.passed else [d.reason]
         elif task in result.accuracies and base.get("exact_match") is not None:
             reasons += base_gate({task: result.accuracies[task]}, {task: float(base["exact_match"])}, min_gain)
+    general = candidate.general_ability
+    if general is not None and config.general_ability.enabled:
+        # the verdict the export stage measured (edgekif.workflow.general_ability), under this config's bounds
+        figures = DriftFigures(n=int(general.get("n") or 0), rouge_l=general.get("rouge_l"), identical=general.get("identical"),
+                               loglik_base=general.get("loglik_base"), loglik_candidate=general.get("loglik_candidate"))
+        held, reason = drifted(figures, config.general_ability)
+        decisions["general ability"] = {"rouge_l": figures.rouge_l, "loglik_drop": figures.loglik_drop, "min_rouge_l": config.general_ability.min_rouge_l,
+                                        "max_loglik_drop": config.general_ability.max_loglik_drop, "passed": not held, "reason": reason}
+        reasons += [reason] if held else []
     return not reasons, reasons, decisions

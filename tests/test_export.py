@@ -238,6 +238,37 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
     assert manifest["parity"]["agreement"] == 1.0
 
 
+def test_a_variant_this_base_keeps_failing_is_skipped_and_the_manifest_says_so(fused, tmp_path, monkeypatch):
+    """With a history file, int8 (built from the base, so its answers differ) is rejected on
+    two exports and not built on the third; the manifest names it under parity_skipped."""
+    from edgekif.export import build as export_mod
+    from edgekif.export.history import SkipPolicy
+
+    monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (ExportVariant("int8"), ExportVariant("fp32")))
+    real_build = export_mod.build_variant
+    built = []
+
+    def build(src, dest, target, variant, ep):
+        built.append(variant.name)
+        real_build(fused["base"] if variant.precision == "int8" else src, dest, target, variant, ep)
+
+    monkeypatch.setattr(export_mod, "build_variant", build)
+    history = tmp_path / "export-history.json"
+    info = {"base_model_sha256": "ab" * 32}
+    for i in range(3):
+        out = export_model(fused["fused"], tmp_path / f"v{i}", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout(),
+                           manifest_info=info, history_file=history, skip_policy=SkipPolicy(skip_after=2, retry_after=5))
+        assert verify_manifest(out).precision == "fp32"
+    assert built == ["int8", "fp32", "int8", "fp32", "fp32"]
+    third = verify_manifest(tmp_path / "v2")
+    assert [s["variant"] for s in third.parity_skipped] == ["int8"] and third.parity_rejected is None
+    assert "rejected on the last 2 checks" in third.parity_skipped[0]["reason"]
+    # another base: its own history, int8 is tried again
+    export_model(fused["fused"], tmp_path / "other", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout(),
+                 manifest_info={"base_model_sha256": "cd" * 32}, history_file=history)
+    assert built[-2:] == ["int8", "fp32"]
+
+
 def test_an_accuracy_drop_beyond_the_margin_fails_even_when_most_answers_agree():
     from edgekif.export.check import AnswerSet, compare_answers
 

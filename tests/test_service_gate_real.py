@@ -102,6 +102,10 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
             "train.lr=3e-3", f"train.max_steps={steps}", "service.holdout_fraction=0.25", "train.deterministic=true",
             "train.warmup_ratio=0", "train.min_lr_ratio=1",  # a constant rate, as the step counts above were measured with
             "export.target=onnx", "export.precision=fp32",
+            # a tiny random model's general answers are noise, so the general-ability bounds are
+            # off here (test_zero_shot and test_service_gates_paired hold a drifted model); the
+            # export stage still measures the figures and the gate still reads them
+            "general_ability.min_rouge_l=0", "general_ability.max_loglik_drop=0",
         ])
         training.append(Path(name).stem)
         (layout.inbox / name).write_text(text)
@@ -125,6 +129,9 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     acc_a = a.metrics["evaluate"]["accuracies"]
     assert acc_a["colors"] >= 0.9, acc_a  # chance is 0.25; measured 1.0
     assert store.current() == "v0001"
+    general = read_manifest(store.path("v0001")).general_ability
+    assert general["n"] == general["prompts"] >= 60 and general["held"] is False and general["loglik_drop"] is None  # 0 = not checked
+    assert a.metrics["gate"]["decisions"]["general ability"]["passed"] is True
 
     # 2. shuffled: learnt too (that is the harm), colors collapses, the gate holds it.
     b, _ = run_job("shuffled.jsonl", task_file(SHUFFLED, "What is {}?"), steps=80)

@@ -160,3 +160,49 @@ def test_gate_confidence_config():
     cfg.service.gate_confidence = 1.0
     with pytest.raises(ConfigError, match="gate_confidence"):
         validate_config(cfg)
+
+
+# --------------------------------------------------------------------------- general ability
+
+
+def _candidate(general):
+    from edgekif.export.manifest import Manifest
+
+    return Manifest(files={"model.onnx": "00"}, general_ability=general)
+
+
+def _no_tasks():
+    from service.stages import EvalResult
+
+    return EvalResult(accuracies={}, details={})
+
+
+def test_the_gate_holds_a_version_whose_general_answers_drifted():
+    from service.gates import paired_publish_gate
+
+    cfg = Config()
+    drifted_far = {"n": 63, "rouge_l": 0.08, "identical": 0.0, "loglik_base": -1.1, "loglik_candidate": -1.3}
+    ok, reasons, decisions = paired_publish_gate(_no_tasks(), None, cfg, _candidate(drifted_far), None)
+    assert not ok and reasons == ["general ability: answers ROUGE-L 0.08 vs the base's own (needs >= 0.20) over 63 prompts"]
+    assert decisions["general ability"]["passed"] is False and decisions["general ability"]["rouge_l"] == 0.08
+    # the log-likelihood bound: answers still alike, but the base's own answers became unlikely
+    unlikely = {**drifted_far, "rouge_l": 0.6, "loglik_candidate": -2.0}
+    ok, reasons, _ = paired_publish_gate(_no_tasks(), None, cfg, _candidate(unlikely), None)
+    assert not ok and "drop 0.90, allowed <= 0.50" in reasons[0]
+    # a model that still answers like the base passes; the bound is the config's
+    kept = {**drifted_far, "rouge_l": 0.45, "loglik_candidate": -1.2}
+    ok, reasons, decisions = paired_publish_gate(_no_tasks(), None, cfg, _candidate(kept), None)
+    assert ok and reasons == [] and decisions["general ability"]["passed"] is True
+    cfg.general_ability.min_rouge_l = 0.5
+    assert not paired_publish_gate(_no_tasks(), None, cfg, _candidate(kept), None)[0]
+    cfg.general_ability.enabled = False
+    assert paired_publish_gate(_no_tasks(), None, cfg, _candidate(drifted_far), None)[:2] == (True, [])
+    # a manifest without the figures (older versions, fake stages): nothing to judge
+    assert paired_publish_gate(_no_tasks(), None, Config(), _candidate(None), None)[:2] == (True, [])
+
+
+def test_general_ability_config_is_validated():
+    cfg = Config()
+    cfg.general_ability.min_rouge_l = 2.0
+    with pytest.raises(ConfigError, match="general_ability.min_rouge_l"):
+        validate_config(cfg)

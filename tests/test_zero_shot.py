@@ -47,3 +47,80 @@ def test_zero_shot_is_built_once_cached_and_a_damaged_cache_is_remeasured(tiny_d
     assert json.loads(scores.read_text())  # and rewritten whole
     other = {"u": [Record.from_prompt("Classify: a great movie", "zzz")]}
     assert zero_shot_accuracy(cfg, base, settings, other) == {"u": 0.0} and builds == ["fp32"]
+
+
+def _with_template(folder: Path, template: str) -> Path:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_the_base_is_exported_with_the_training_template_and_its_general_answers_are_the_reference(tmp_path, monkeypatch, smollm2_template):
+    """A base whose own template adds a default system prompt (SmolLM2's) is exported for the
+    zero-shot and general-ability figures with the template training uses, weights linked not
+    copied; a candidate with the base's weights then answers the general prompts exactly as the
+    base does (drift 0), and a different model is held by the general-ability bound."""
+    from edgekif.config import load_config
+    from edgekif.export.exporter import export_model
+    from edgekif.model import BaseModel, load_tokenizer
+    from edgekif.records import Record
+    from edgekif.workflow import base_export, general_ability
+
+    monkeypatch.setenv("EDGEKIF_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, [f"data_dir={tmp_path / 'data'}", "general_ability.max_new_tokens=6"])
+    base_dir = _with_template(_talkative_tiny(tmp_path / "base", 1), smollm2_template)
+    base = BaseModel(name="tiny", path=base_dir, source=base_dir, source_sha256="ef" * 32)
+    settings = {"target": "onnx", "precision": "fp32", "execution_provider": "cpu"}
+    exported = base_export(cfg, base, settings)
+    source = exported.parent / "source"
+    assert (source / "model.safetensors").is_symlink() and (source / "model.safetensors").resolve() == (base_dir / "model.safetensors").resolve()
+    user = [{"role": "user", "content": "hi"}]
+    from transformers import AutoTokenizer
+
+    rendered = AutoTokenizer.from_pretrained(str(exported)).apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # no "You are a helpful AI assistant named SmolLM"
+
+    holdout = {"t": [Record.from_prompt("Hello there", "zzz")]}
+
+    def candidate(weights: Path, name: str) -> Path:
+        # a trained model is saved with the training tokenizer (edgekif.export.fuse), as here
+        load_tokenizer(base_dir).save_pretrained(weights)
+        return export_model(weights, tmp_path / name, target="onnx", precision="fp32", execution_provider="cpu", holdout=holdout)
+
+    same = candidate(_copy_weights(base_dir, tmp_path / "same-weights"), "same")
+    figures = general_ability(cfg, base, same, tmp_path / "same-weights")
+    assert figures["identical"] == 1.0 and figures["rouge_l"] == 1.0 and figures["loglik_drop"] == pytest.approx(0.0, abs=1e-5)
+    assert figures["held"] is False and figures["n"] == figures["prompts"] >= 60 and figures["max_new_tokens"] == 6
+    (cache,) = (tmp_path / "cache" / "general-ability").glob("*.json")  # the base's answers, kept for the next job
+
+    other_dir = _talkative_tiny(tmp_path / "other-weights", 2)
+    other = candidate(other_dir, "other")
+    figures = general_ability(cfg, base, other, other_dir)
+    assert figures["identical"] < 0.5 and figures["held"] is True and figures["reason"].startswith("general ability:")
+
+
+def _copy_weights(src: Path, dest: Path) -> Path:
+    import shutil
+
+    dest.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        if (src / f).is_file():
+            shutil.copy(src / f, dest / f)
+    return dest
+
+
+def _talkative_tiny(folder: Path, seed: int) -> Path:
+    """A tiny Llama that says something: a random one with tied embeddings repeats the prompt's
+    last token ("\n", stripped to nothing), so its final norm is randomised (per `seed`)."""
+    import torch
+    from tiny_models import tiny_llama
+
+    model, tok = tiny_llama(seed=0)
+    torch.manual_seed(seed)
+    model.model.norm.weight.data = torch.randn_like(model.model.norm.weight) * 3
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder

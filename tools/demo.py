@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """`make demo`: the daemon end to end on the default base model.
 
-Starts `edgekif serve` on a fresh data dir (.edgekif-demo/), drops small slices of two
-benchmark tasks into its inbox, waits until each is published (or held by the forgetting
-gate), prints the status table, each version's accuracies as measured on its ONNX export,
+Starts `edgekif serve` on a fresh data dir (.edgekif-demo/), drops small slices of three
+benchmark tasks into its inbox (two label tasks, dbpedia and agnews, and a free-text one,
+headlines), waits until each is published or held, prints the status table, each version's
+tasks judged by their own metric as measured on its ONNX export with the base's figure on
+the same records beside it, how far its answers to general prompts drifted from the base's,
 and the published model's answers to a few test prompts, then stops the daemon with SIGTERM.
 """
 
@@ -26,11 +28,19 @@ sys.path.insert(0, str(REPO))
 from edgekif.layout import DataLayout  # noqa: E402  (import-free)
 
 # The benchmark data beside the checkout when it is there; otherwise the slices shipped in
-# tools/demo_data (the 192 train + 3 test examples of dbpedia and agnews the demo uses: the
-# first 192 of the same seeded shuffle, so both sources give the same files).
-SHARED_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"
-DATA = Path(os.environ["EDGEKIF_DEMO_DATA"]) if os.environ.get("EDGEKIF_DEMO_DATA") else SHARED_DATA if SHARED_DATA.is_dir() else REPO / "tools" / "demo_data"
+# tools/demo_data (the 192 train + 3 test examples of each task the demo uses: the first 192
+# of the same seeded shuffle, so both sources give the same files).
+SHARED_DATA = [REPO.parent / "shared" / "data" / "cl-benchmark", REPO.parent / "shared" / "data" / "gen-benchmark"]
+SHIPPED_DATA = REPO / "tools" / "demo_data"
 PY = sys.executable
+
+
+def task_dir(name: str) -> Path:
+    """Where a task's train.jsonl and test.jsonl are: $EDGEKIF_DEMO_DATA/NAME, else the shared
+    benchmarks beside the checkout, else the slices shipped in tools/demo_data."""
+    if os.environ.get("EDGEKIF_DEMO_DATA"):
+        return Path(os.environ["EDGEKIF_DEMO_DATA"]) / name
+    return next((d / name for d in SHARED_DATA if (d / name / "train.jsonl").is_file()), SHIPPED_DATA / name)
 
 
 def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
@@ -38,8 +48,9 @@ def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
 
 
 def print_measured(data_dir: Path) -> None:
-    """What each published version's accuracies are: exact match of its export, measured by the
-    runtime clients use, beside the fp32 PyTorch reference (manifest.json)."""
+    """Each version's tasks by their own headline metric, measured on its export by the runtime
+    clients use, with the untrained base's figure on the same holdout records and the gate's
+    paired test beside it (manifest.json), and its general-ability drift."""
     from edgekif.errors import IntegrityError
     from edgekif.export.manifest import read_manifest
 
@@ -49,20 +60,38 @@ def print_measured(data_dir: Path) -> None:
         except IntegrityError:
             continue
         by = m.accuracies_measured_by or {}
-        parity = m.parity or {}
-        ref = (m.reference or {}).get("tasks") or {}
-        accs = ", ".join(f"{t} {100 * v:.1f}" for t, v in m.accuracies.items())
-        refs = ", ".join(f"{t} {100 * (v.get('exact_match') or 0):.1f}" for t, v in ref.items())
-        rejected = ", ".join(f"{r.get('variant')} ({100 * (r.get('agreement') or 0):.0f}% same answers)" for r in m.parity_rejected or [])
-        print(f"{folder.name}: exact match {accs}  [{by.get('runtime')}, {by.get('precision')}, whole holdout records, greedy]")
-        print(f"       fp32 PyTorch reference {refs}; export answers = fp32's on {100 * (parity.get('agreement') or 0):.0f}%"
-              + (f"; rejected: {rejected}" if rejected else ""))
+        decisions = (m.gate or {}).get("decisions") or {}
+        print(f"{folder.name}: [{by.get('runtime')}, {m.precision}, whole holdout records, greedy]")
+        for task, spec in (m.task_specs or {}).items():
+            score = (m.scores or {}).get(task)
+            line = f"  {task:<10} {spec['metric']} {_pct(score)} ({spec['kind']}, {spec['max_new_tokens']} new tokens)"
+            base = decisions.get(f"{task} vs base")
+            if base:
+                line += f"; base {_pct(base.get('reference_mean'))}, gain {100 * base['mean_diff']:+.1f} [{100 * base['interval'][0]:+.1f}, {100 * base['interval'][1]:+.1f}] p={base['p_value']:.2g}"
+            live = decisions.get(f"{task} vs live")
+            if live:
+                line += f"; vs the version before {100 * live['mean_diff']:+.1f} [{100 * live['interval'][0]:+.1f}, {100 * live['interval'][1]:+.1f}]"
+            print(line)
+        general = m.general_ability or {}
+        if general:
+            drop = general.get("loglik_drop")
+            print(f"  general ability: answers ROUGE-L {general.get('rouge_l', 0):.2f} to the base's own over {general.get('n')} prompts"
+                  + (f", log-likelihood of the base's answers {-drop:+.2f} nats/token" if drop is not None else "")
+                  + f" (holds below {general.get('min_rouge_l')} or beyond {general.get('max_loglik_drop')})")
+        skipped = ", ".join(s.get("variant", "?") for s in m.parity_skipped or [])
+        rejected = ", ".join(f"{r.get('variant')} ({'; '.join(r.get('reasons') or [])})" for r in m.parity_rejected or [])
+        if rejected or skipped:
+            print("  export: " + "; ".join(x for x in (f"rejected {rejected}" if rejected else "", f"skipped {skipped} (failed on recent jobs)" if skipped else "") if x))
     print()
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", nargs="+", default=["dbpedia", "agnews"])
+    ap.add_argument("--tasks", nargs="+", default=["dbpedia", "agnews", "headlines"])
     ap.add_argument("--examples", type=int, default=192, help="examples per dropped task file (a quarter is held out, at most 48)")
     ap.add_argument("--data-dir", default=str(REPO / ".edgekif-demo"))
     ap.add_argument("--timeout", type=float, default=1500)
@@ -92,12 +121,12 @@ def main() -> int:
             time.sleep(0.2)
         tests = {}
         for name in args.tasks:
-            lines = (DATA / name / "train.jsonl").read_text().splitlines()
+            lines = (task_dir(name) / "train.jsonl").read_text().splitlines()
             random.Random(0).shuffle(lines)
             part = inbox / f"{name}.jsonl.part"  # write under a temp name, then rename: the daemon never sees half a file
             part.write_text("\n".join(lines[: args.examples]) + "\n")
             os.rename(part, inbox / f"{name}.jsonl")
-            tests[name] = [json.loads(l) for l in (DATA / name / "test.jsonl").read_text().splitlines()[:3]]
+            tests[name] = [json.loads(l) for l in (task_dir(name) / "test.jsonl").read_text().splitlines()[:3]]
             print(f"dropped {name}.jsonl ({args.examples} examples)")
 
         final = {"published", "held", "failed", "rejected", "duplicate"}
@@ -135,13 +164,13 @@ def main() -> int:
             for name, recs in tests.items():
                 for r in recs:
                     f.write(json.dumps({k: v for k, v in r.items() if k != "output"}) + "\n")
-        res = edgekif("infer", "--file", str(prompts), "--max-new-tokens", "8", "--data-dir", str(data_dir), env=env, check=False)
+        res = edgekif("infer", "--file", str(prompts), "--max-new-tokens", "24", "--data-dir", str(data_dir), env=env, check=False)
         if res.returncode == 0:
             answers = [json.loads(l)["answer"] for l in res.stdout.splitlines() if l.strip()]
             expected = [r["output"] for recs in tests.values() for r in recs]
             print("answers of the published ONNX model (models/current) to test prompts:")
             for (name, exp, ans) in zip([n for n, recs in tests.items() for _ in recs], expected, answers):
-                print(f"  {name:<8} expected {exp!r:<26} got {ans!r}")
+                print(f"  {name:<9} expected {exp!r:<40} got {ans!r}")
         else:
             print("infer:", res.stderr.strip()[-500:])
     finally:

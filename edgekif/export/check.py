@@ -18,9 +18,10 @@ the stripped label.
 Given the tasks' specs (edgekif.tasks.TaskSpec, `specs=` on runner_answers, reference_answers
 and check_candidate), each task is also scored by its own metric (edgekif.metrics: e.g.
 ROUGE-L for free text) in `AnswerSet.metric/score/scores`, and answered with its own budget
-(`spec.max_new_tokens`). `exact_match` stays the strict figure it always was, and the pass
-rule of compare_answers does not read the new fields: without specs, every figure and
-manifest is as before.
+(`spec.max_new_tokens`). `exact_match` stays the strict figure it always was. The pass rule
+is per kind (compare_answers): label tasks keep identical answers and exact match; free-text
+tasks are judged by their metric, paired per record, and by their answers' first words
+(GenerationRule). Without specs every task is a label task, as before.
 """
 
 from __future__ import annotations
@@ -143,12 +144,42 @@ def pooled_exact_match(results: Mapping[str, AnswerSet]) -> float | None:
     return hits / total if total else None
 
 
+@dataclass(frozen=True)
+class GenerationRule:
+    """How a free-text task's export answers are held to the fp32 model's (compare_answers).
+
+    Identical answers are the wrong test for free text: one changed word late in a 20-token
+    headline is a different answer of the same quality. A free-text task passes when
+      * the mean of the per-record paired differences of its metric (fp32 minus candidate,
+        on the same records) is at most `max_score_drop` points, and
+      * at least `min_prefix_agreement` of the answers begin with the same `prefix_words`
+        words as fp32's (greedy decoding diverges after the first changed token, so the
+        start of an answer is where quantisation error shows first and most clearly).
+    The defaults are measured on real runs: docs/serving.md, "The export check for free text".
+    """
+
+    max_score_drop: float = 2.0  # points of the task's metric (ROUGE-L F1 x 100)
+    min_prefix_agreement: float = 0.6
+    prefix_words: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_score_drop < 0 or not 0.0 <= self.min_prefix_agreement <= 1.0 or self.prefix_words < 1:
+            raise ValueError(f"bad GenerationRule {self}: max_score_drop >= 0, min_prefix_agreement in [0, 1], prefix_words >= 1")
+
+
+def prefix_agreement(reference: Sequence[str], answers: Sequence[str], words: int) -> float:
+    """Share of answers whose first `words` whitespace-separated words equal the reference's
+    (the whole answer where it is shorter)."""
+    same = sum(a.split()[:words] == r.split()[:words] for r, a in zip(reference, answers))
+    return same / max(1, len(reference))
+
+
 @dataclass
 class AnswerCheck:
     """An export's answers against the fp32 reference's, on the same records."""
 
-    agreement: float  # share of records answered exactly as the reference answered (no tie allowance)
-    accuracy: float | None  # pooled exact match of the export (None: no labels)
+    agreement: float  # share of records answered exactly as the reference answered (no tie allowance), all tasks
+    accuracy: float | None  # pooled exact match of the export over the label tasks (None: no labels)
     reference_accuracy: float | None
     n: int
     min_agreement: float
@@ -157,6 +188,9 @@ class AnswerCheck:
     reasons: list[str] = field(default_factory=list)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    # the identical-answer share over the tasks that rule judges (all but free text)
+    label_agreement: float | None = None
+    generation_rule: dict[str, Any] | None = None  # GenerationRule, when a free-text task was checked
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -174,29 +208,62 @@ def compare_answers(
     *,
     min_agreement: float,
     max_accuracy_drop: float,
+    kinds: Mapping[str, str] | None = None,
+    generation: GenerationRule | None = None,
 ) -> AnswerCheck:
-    """Passed when the share of identical answers is >= min_agreement and the pooled exact
-    match is at most `max_accuracy_drop` points below the reference's."""
-    same = total = 0
-    per_task = {}
+    """The export check, per kind of task (`kinds`: task -> "classification" | "generation";
+    a task without a kind is judged as a label task, as before kinds existed):
+      * label tasks, pooled: the share of identical answers is >= min_agreement and the pooled
+        exact match is at most `max_accuracy_drop` points below the reference's;
+      * each free-text task: its metric's mean paired drop and its answers' first words
+        (GenerationRule).
+    Passed when every rule holds; each failed rule is a reason naming its figures."""
+    from ..metrics import GENERATION
+
+    rule = generation or GenerationRule()
+    free = {name for name in reference if (kinds or {}).get(name) == GENERATION}
+    same = total = label_same = label_total = 0
+    per_task: dict[str, dict[str, Any]] = {}
+    reasons: list[str] = []
     for name, ref in reference.items():
         got = answers[name]
         agree = sum(a == b for a, b in zip(ref.answers, got.answers))
-        same += agree
-        total += ref.n
+        same, total = same + agree, total + ref.n
         per_task[name] = {"n": ref.n, "agreement": agree / max(1, ref.n), "exact_match": got.exact_match, "reference_exact_match": ref.exact_match}
-        if got.metric is not None:  # the task's own metric, beside (not yet part of the pass rule)
+        if got.metric is not None:  # the task's own metric
             per_task[name].update(metric=got.metric, score=got.score, reference_score=ref.score if ref.metric == got.metric else None)
+        if name not in free:
+            label_same, label_total = label_same + agree, label_total + ref.n
+            continue
+        prefix = prefix_agreement(ref.answers, got.answers, rule.prefix_words)
+        per_task[name]["prefix_agreement"] = prefix
+        if got.scores is not None and ref.scores is not None and ref.metric == got.metric:
+            drop = 100 * sum(r - c for r, c in zip(ref.scores, got.scores)) / max(1, len(ref.scores))
+            per_task[name]["score_drop_points"] = drop
+            if drop > rule.max_score_drop + 1e-9:
+                reasons.append(f"{name}: {got.metric} {100 * got.score:.1f} vs fp32 {100 * ref.score:.1f} "  # type: ignore[operator]
+                               f"(mean paired drop {drop:.1f} points > {rule.max_score_drop:g} allowed)")
+        if prefix < rule.min_prefix_agreement:
+            reasons.append(f"{name}: {100 * prefix:.1f}% of {ref.n} answers begin with fp32's first {rule.prefix_words} words "
+                           f"(needs >= {100 * rule.min_prefix_agreement:.0f}%)")
+    labelled = {k: v for k, v in answers.items() if k not in free}
     check = AnswerCheck(
-        agreement=same / total if total else 1.0, accuracy=pooled_exact_match(answers), reference_accuracy=pooled_exact_match(reference),
+        agreement=same / total if total else 1.0,
+        accuracy=pooled_exact_match({k: v for k, v in labelled.items() if k in reference}),
+        reference_accuracy=pooled_exact_match({k: v for k, v in reference.items() if k not in free}),
         n=total, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, per_task=per_task,
+        label_agreement=label_same / label_total if label_total else None,
+        generation_rule=asdict(rule) if free else None,
     )
-    if check.agreement < min_agreement:
-        check.reasons.append(f"answers agree with the fp32 model on {100 * check.agreement:.1f}% of {total} records (needs >= {100 * min_agreement:.0f}%)")
+    if check.label_agreement is not None and check.label_agreement < min_agreement:
+        what = "label-task records" if free else "records"
+        reasons.insert(0, f"answers agree with the fp32 model on {100 * check.label_agreement:.1f}% of {label_total} {what} (needs >= {100 * min_agreement:.0f}%)")
     drop = check.accuracy_drop
     if drop is not None and drop > max_accuracy_drop + 1e-9:  # 1e-9: float noise of the pooled fractions
-        check.reasons.append(f"exact match {100 * check.accuracy:.1f} vs fp32 {100 * check.reference_accuracy:.1f} (-{drop:.1f} points > {max_accuracy_drop:g} allowed)")  # type: ignore[operator]
-    check.passed = not check.reasons
+        reasons.insert(1 if check.label_agreement is not None and check.label_agreement < min_agreement else 0,
+                       f"exact match {100 * check.accuracy:.1f} vs fp32 {100 * check.reference_accuracy:.1f} (-{drop:.1f} points > {max_accuracy_drop:g} allowed)")  # type: ignore[operator]
+    check.reasons = reasons
+    check.passed = not reasons
     return check
 
 
@@ -225,11 +292,13 @@ def check_candidate(
     max_accuracy_drop: float = 1.0,
     build: bool = True,
     specs: Mapping[str, "TaskSpec"] | None = None,
+    generation: GenerationRule | None = None,
 ) -> CandidateCheck:
     """Build `variant` of the model in `source_dir` into `folder` (skipped with build=False: the
     folder holds it already), answer every holdout record through the folder's own runner as a
     client does, and compare with `reference` when one is given (compare_answers). `specs`:
-    each task's metric and answer budget (see the module docstring).
+    each task's kind, metric and answer budget (see the module docstring); free-text tasks
+    are held to `generation` (GenerationRule), label tasks to identical answers.
 
     `folder` is written as it is (callers that publish it pass a temp folder). Raises
     ExportError when the build fails and ModelError when the runtime cannot open the result;
@@ -250,6 +319,7 @@ def check_candidate(
     del runner
     check = None
     if reference is not None:
-        check = compare_answers(reference, answers, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+        check = compare_answers(reference, answers, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+                                kinds={name: spec.kind for name, spec in (specs or {}).items()}, generation=generation)
         check.seconds = time.perf_counter() - t0
     return CandidateCheck(variant, answers, check, build_seconds, time.perf_counter() - t0)

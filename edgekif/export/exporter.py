@@ -24,9 +24,10 @@ from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
 from ..records import records_sha256
 from .build import export_candidates, resolve_export_settings
-from .check import CandidateCheck, AnswerSet, check_candidate, reference_answers, task_budget
+from .check import CandidateCheck, AnswerSet, GenerationRule, check_candidate, reference_answers, task_budget
 from .files import runtime_versions
 from .fuse import dist_version
+from .history import SkipPolicy, VariantHistory, setting_key
 from .manifest import write_manifest
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ def export_model(
     extra_dirs: dict[str, str | os.PathLike] | None = None,
     reference_cache: str | os.PathLike | None = None,
     specs: Mapping[str, "TaskSpec"] | None = None,
+    generation: GenerationRule | None = None,
+    history_file: str | os.PathLike | None = None,
+    skip_policy: SkipPolicy | None = None,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -75,7 +79,11 @@ def export_model(
     `specs` ({task: TaskSpec}): each task's answers are generated with its own budget and
     scored by its own metric too (edgekif.export.check); the manifest records per task its
     kind, metric and budget (`task_specs`) and its headline score (`scores`), beside
-    `accuracies` (strict exact match, as always). The pass rule does not read them (yet).
+    `accuracies` (strict exact match, as always); free-text tasks are held to `generation`
+    (edgekif.export.check.GenerationRule) instead of identical answers.
+    `history_file`: past check outcomes (edgekif.export.history): with several candidates, a
+    variant rejected on the last checks of the same base and rules is skipped, and the
+    manifest says so under `parity_skipped`.
     """
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
@@ -85,15 +93,33 @@ def export_model(
     if not holdout:
         raise ExportError("export_model needs holdout records (or prompts) to check the export with")
     specs = {k: v for k, v in (specs or {}).items() if k in holdout}
+    generation = generation or GenerationRule()
+    history = None
+    if history_file is not None and len(candidates) > 1:
+        rules = {"min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop, "generation": asdict(generation)}
+        history = VariantHistory(history_file, setting_key(str((manifest_info or {}).get("base_model_sha256")), target, ep, rules), skip_policy)
+        skipped_names = history.skip([v.name for v in candidates])
+        for v in candidates:
+            if v.name in skipped_names:
+                history.note_skipped(v.name)
+                log.info("export variant skipped: rejected on the last checks of this base", extra={"variant": v.name})
+        candidates = [v for v in candidates if v.name not in skipped_names]
+        skipped = [{"variant": name, "reason": f"rejected on the last {history.policy.skip_after} checks with this base and rules; "
+                    f"tried again after {history.policy.retry_after} skips"} for name in sorted(skipped_names)]
+    else:
+        skipped = []
     reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache, specs)
     rejected: list[dict[str, Any]] = []
     for i, variant in enumerate(candidates):
         try:
             with atomic_dir(out_dir, overwrite=True) as tmp:
                 result = check_candidate(fused_dir, tmp, target=target, variant=variant, execution_provider=ep, holdout=holdout, reference=reference,
-                                         max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, specs=specs)
+                                         max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, specs=specs,
+                                         generation=generation)
                 check = result.check
                 assert check is not None  # a reference was given
+                if history is not None:
+                    history.record(variant.name, check.passed)
                 figures = {"variant": variant.name, "precision": variant.precision, "builder_options": variant.builder_options(),
                            "build_seconds": round(result.build_seconds or 0.0, 1), **{k: v for k, v in check.to_dict().items() if k != "per_task"}}
                 log.info("export checked on the holdout", extra={k: figures[k] for k in ("variant", "agreement", "accuracy", "reference_accuracy", "passed")})
@@ -102,7 +128,8 @@ def export_model(
                 for name, src in (extra_dirs or {}).items():  # e.g. the peft adapter: in before the manifest hashes the folder
                     shutil.copytree(src, tmp / name)
                 _write_checked_manifest(tmp, target, ep, result, figures, reference, reference_seconds, rejected, max_new_tokens,
-                                        {**(manifest_info or {}), **_spec_info(specs, result.answers, max_new_tokens)}, holdout)
+                                        {**(manifest_info or {}), **_spec_info(specs, result.answers, max_new_tokens),
+                                         **({"parity_skipped": skipped} if skipped else {})}, holdout)
             break
         except ParityError as e:
             if i + 1 == len(candidates):

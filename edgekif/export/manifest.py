@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 
 # Written only when set (older manifests and fake exports lack them).
-_OPTIONAL = ("adapter", "accuracies_measured_by", "evaluation", "reference", "parity", "parity_rejected", "job_id", "task_specs", "scores", "gate")
+_OPTIONAL = ("adapter", "accuracies_measured_by", "evaluation", "reference", "parity", "parity_rejected", "parity_skipped", "job_id", "task_specs",
+             "scores", "general_ability", "gate")
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,15 @@ class Manifest:
     reference: dict[str, Any] | None = None  # the fp32 PyTorch model's figures
     parity: dict[str, Any] | None = None  # the answer check of the published variant
     parity_rejected: list[dict[str, Any]] | None = None  # variants tried before it and why they failed
+    parity_skipped: list[dict[str, Any]] | None = None  # variants not tried: rejected on recent jobs (edgekif.export.history)
     job_id: int | None = None  # the daemon job that made it
     # per task: {"kind", "metric", "max_new_tokens" (the budget it was answered with), "source"}
     # (edgekif.tasks.TaskSpec); None in manifests written before task specs, or without them
     task_specs: dict[str, dict[str, Any]] | None = None
     scores: dict[str, float] | None = None  # per task: its headline metric (task_specs' metric) on this export
+    # how far this export's answers to the general prompts drifted from the base's own
+    # (edgekif.general_ability.DriftFigures.to_dict, plus the bound and the verdict)
+    general_ability: dict[str, Any] | None = None
     # the daemon's gate: each decision's figures (paired test, interval, n) and its verdict
     gate: dict[str, Any] | None = None
     other: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
@@ -170,8 +175,17 @@ def write_manifest(
 def record_gate(folder: str | os.PathLike, gate: dict[str, Any]) -> Manifest:
     """Add the gate's decisions to an export's manifest (atomically; the manifest does not
     hash itself, so its file hashes stay valid)."""
+    return _record(folder, "gate", gate)
+
+
+def record_general_ability(folder: str | os.PathLike, figures: dict[str, Any]) -> Manifest:
+    """Add the general-ability figures to an export's manifest (as record_gate)."""
+    return _record(folder, "general_ability", figures)
+
+
+def _record(folder: str | os.PathLike, key: str, value: dict[str, Any]) -> Manifest:
     manifest = read_manifest(folder)
-    updated = Manifest.from_dict({**manifest.to_dict(), "gate": gate})
+    updated = Manifest.from_dict({**manifest.to_dict(), key: value})
     atomic_write_json(Path(folder) / MANIFEST, updated.to_dict())
     return updated
 
