@@ -177,8 +177,8 @@ class ExportConfig:
     # the mean paired drop of e.g. ROUGE-L vs fp32 at most this many points, and at least this
     # share of answers starting with fp32's first `parity_prefix_words` words. Measured:
     # docs/serving.md, "The export check for free text".
-    parity_max_score_drop: float = 2.0
-    parity_min_prefix_agreement: float = 0.6
+    parity_max_score_drop: float = 3.0
+    parity_min_prefix_agreement: float = 0.75
     parity_prefix_words: int = 3
     # A variant rejected on the last `skip_after` checks with the same base and rules is not
     # built again for `retry_after` jobs (edgekif.export.history); 0 = always try every one.

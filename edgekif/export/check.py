@@ -158,8 +158,8 @@ class GenerationRule:
     The defaults are measured on real runs: docs/serving.md, "The export check for free text".
     """
 
-    max_score_drop: float = 2.0  # points of the task's metric (ROUGE-L F1 x 100)
-    min_prefix_agreement: float = 0.6
+    max_score_drop: float = 3.0  # points of the task's metric (ROUGE-L F1 x 100)
+    min_prefix_agreement: float = 0.75
     prefix_words: int = 3
 
     def __post_init__(self) -> None:

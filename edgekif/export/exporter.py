@@ -135,7 +135,7 @@ def export_model(
             if i + 1 == len(candidates):
                 raise ParityError(f"{out_dir.name}: no export passed the answer check ({len(candidates)} tried): {e}") from e
             log.warning("export rejected; trying the next one", extra={"variant": variant.name, "next": candidates[i + 1].name, "error": str(e)})
-            rejected.append({**figures, "reasons": check.reasons})
+            rejected.append({**figures, "reasons": check.reasons, "per_task": check.per_task})
     log.info("export ready", extra={"path": str(out_dir), "target": target, "variant": variant.name, "ep": ep})
     return out_dir
 
