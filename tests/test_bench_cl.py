@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tools.bench_cl import merge_results, summary  # noqa: E402
+from tools.bench_cl import entry_key, merge_results, summary, to_markdown  # noqa: E402
 
 
 def _result():
@@ -32,6 +32,36 @@ def test_summary_has_the_documented_shape():
     assert s["metric"] == "exact_match" and s["seeds"] == [0, 1, 2] and s["test_per_task"] == 100
     assert s["strategies"]["recurrent_kif"] == {"op": 50.0, "op_std": 2.0, "bwt": -1.0, "plasticity": 60.0, "fwt": None, "label_op": 55.0}
     assert s["strategies"]["mtl"] == {"op": 70.0, "op_std": 0.0}
+
+
+def test_a_task_suite_reports_each_tasks_metric_budget_zero_shot_and_general_drift():
+    r = _result()
+    r["name"] = "gen-order1"
+    r["settings"].update(task_specs={"a": {"kind": "generation", "metric": "rouge_l", "max_new_tokens": 24, "source": "detected", "stated": []},
+                                     "b": {"kind": "classification", "metric": "normalized_exact_match", "max_new_tokens": 5, "source": "detected", "stated": []}},
+                         eval_prompt_tokens={"a": 104, "b": 123})
+    r["zero_shot"] = {"a": 0.1561, "b": 0.25}
+    st = r["strategies"]["recurrent_kif"]
+    st["runs"][0]["general_drift"] = {"rouge_l": 0.41, "loglik_drop": 0.2}
+    st.update(drift_rouge_l_mean=0.41, drift_loglik_drop_mean=0.2)
+    s = summary(r)
+    assert entry_key(r) == "gen-order1" and entry_key(_result()) == "standard-custom"
+    assert s["metric"] == {"a": "rouge_l", "b": "normalized_exact_match"} and s["max_new_tokens"] == {"a": 24, "b": 5}
+    assert s["zero_shot"] == {"a": 15.61, "b": 25.0}
+    assert s["strategies"]["recurrent_kif"]["general_drift"] == {"rouge_l": 0.41, "loglik_drop": 0.2}
+    assert "general_drift" not in s["strategies"]["mtl"]
+    r["settings"].update(lora={"r": 8, "alpha": 32, "target_modules": ["q_proj"]}, lr=1e-3, batch_size=8, task_steps=16, max_length=128, metric="m",
+                         replay_fraction=0.02, replay_min_per_task=16, precision="fp32",
+                         kif={"inner_steps": 8, "outer_steps": 4, "outer_lr": 1e-3, "beta1": 0.85, "beta2": 0.85, "mask_quantile": 0.8,
+                              "w_both_in": 0.4, "w_both_out": 0.6, "w_neither_in": 0.5, "w_neither_out": 0.5, "reset_importance": False})
+    for st in r["strategies"].values():
+        st.setdefault("sec_per_step", 1.0)
+        for run in st["runs"]:
+            run.update(grad_steps=10, seconds=5.0)
+    md = to_markdown(r)
+    assert "Tasks: a: generation, rouge_l, 24 new tokens, prompt fitted into 104; b: classification, normalized_exact_match, 5 new tokens" in md
+    assert "| recurrent_kif | 50.0 | -1.0 | 60.0 | — | 55.0 | 0.410 | 0.200 |" in md
+    assert "- recurrent_kif: 0.410 / 0.200" in md
 
 
 def test_merge_keeps_other_entries(tmp_path):
