@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 from edgekif.config import Config
 from edgekif.errors import DamagedFileError, EdgekifError, Interrupted, ResourceError, ValidationError
-from edgekif.layout import DataLayout
+from edgekif.atomic import fsync_dir
+from edgekif.layout import DataLayout, sidecar_of
 
 from .jobs import TRANSITIONS, Job, JobStore, utc_now
 from .resources import check_memory
@@ -356,9 +357,17 @@ class JobRunner:
 
     def _move_rejected(self, store: JobStore, file_id: int, dest: Path, error: dict[str, Any], job_id: int) -> None:
         f = store.file(file_id)
+        side = sidecar_of(f.path)
+        if error.get("file") is not None and os.fsdecode(error["file"]) == str(side):
+            error = {**error, "file": str(sidecar_of(dest))}  # a bad sidecar: the report names where it goes
         if os.path.lexists(f.path):
             move_to_rejected(self.layout, f.path, name=f.name, error=error, sha256=f.sha256,
                              received_at=f.received_at, dest=dest, extra={"job_id": job_id})
+        # the sidecar taken with the file goes with it (after it: a crash in between is redone by
+        # reconcile_rejections), so rejected/ holds everything the user dropped, e.g. to fix it
+        if os.path.lexists(side):
+            os.rename(side, sidecar_of(dest))
+            fsync_dir(self.layout.rejected)
         store.set_file(file_id, status="rejected", path=str(dest))
 
     def reconcile_rejections(self, store: JobStore) -> None:

@@ -185,3 +185,8 @@ def test_a_bad_sidecar_rejects_its_file_naming_file_line_and_field(tmp_path, sid
     assert job.state == "rejected"
     assert job.error["file"].endswith("_heads.task.toml") and job.error["line"] == line and job.error["field"] == field
     assert not layout.spec_file("heads").exists()
+    # the file and its sidecar are both in rejected/, beside the report; nothing stays in accepted/
+    assert sorted(p.name for p in layout.rejected.iterdir()) == ["heads.jsonl", "heads.jsonl.error.json", "heads.task.toml"]
+    assert (layout.rejected / "heads.task.toml").read_text() == sidecar and list(layout.accepted.iterdir()) == []
+    report = json.loads((layout.rejected / "heads.jsonl.error.json").read_text())
+    assert report["error"]["file"] == str(layout.rejected / "heads.task.toml") and report["error"]["line"] == line
