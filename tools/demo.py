@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--tasks", nargs="+", default=["dbpedia", "agnews", "headlines"])
     ap.add_argument("--examples", type=int, default=192, help="examples per dropped task file (a quarter is held out, at most 48)")
     ap.add_argument("--data-dir", default=str(REPO / ".edgekif-demo"))
-    ap.add_argument("--timeout", type=float, default=1500)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for every file to be published or held")
     args = ap.parse_args()
 
     data_dir = Path(args.data_dir)
