@@ -212,23 +212,30 @@ def test_manifest_accuracies_are_what_a_separate_client_measures(fused, tmp_path
     assert manifest["reference"]["tasks"]["sentiment"]["exact_match"] == pytest.approx(2 / 3)
 
 
-def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried(fused, tmp_path, monkeypatch):
-    """`auto` tries its variants in order; one whose holdout answers differ from the fp32
-    model's beyond the margin is rejected with its figures, and the next one is published.
-    The rejected candidate is made to answer differently on purpose: it is built from the
-    base without the adapter (whose greedy answers differ from the fused model's)."""
+def _int8_answers_as_the_base(fused, monkeypatch) -> list[str]:
+    """`auto` tries int8 then fp32, and int8 is built from the base without the adapter, so
+    its answers differ from the fused model's. Returns the list of variants built, in order."""
     from edgekif.export import build as export_mod
 
-    assert [_torch_greedy(fused["base"], p, 8) for p in PROMPTS] != [_torch_greedy(fused["fused"], p, 8) for p in PROMPTS]
     monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (ExportVariant("int8"), ExportVariant("fp32")))
     real_build = export_mod.build_variant
-    built = []
+    built: list[str] = []
 
     def build(src, dest, target, variant, ep):
         built.append(variant.name)
         real_build(fused["base"] if variant.precision == "int8" else src, dest, target, variant, ep)
 
     monkeypatch.setattr(export_mod, "build_variant", build)
+    return built
+
+
+def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried(fused, tmp_path, monkeypatch):
+    """`auto` tries its variants in order; one whose holdout answers differ from the fp32
+    model's beyond the margin is rejected with its figures, and the next one is published.
+    The rejected candidate is made to answer differently on purpose: it is built from the
+    base without the adapter (whose greedy answers differ from the fused model's)."""
+    assert [_torch_greedy(fused["base"], p, 8) for p in PROMPTS] != [_torch_greedy(fused["fused"], p, 8) for p in PROMPTS]
+    built = _int8_answers_as_the_base(fused, monkeypatch)
     out = export_model(fused["fused"], tmp_path / "auto", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout())
     manifest = verify_manifest(out).to_dict()
     assert built == ["int8", "fp32"] and manifest["export"]["precision"] == "fp32"
@@ -241,18 +248,9 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
 def test_a_variant_this_base_keeps_failing_is_skipped_and_the_manifest_says_so(fused, tmp_path, monkeypatch):
     """With a history file, int8 (built from the base, so its answers differ) is rejected on
     two exports and not built on the third; the manifest names it under parity_skipped."""
-    from edgekif.export import build as export_mod
     from edgekif.export.history import SkipPolicy
 
-    monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (ExportVariant("int8"), ExportVariant("fp32")))
-    real_build = export_mod.build_variant
-    built = []
-
-    def build(src, dest, target, variant, ep):
-        built.append(variant.name)
-        real_build(fused["base"] if variant.precision == "int8" else src, dest, target, variant, ep)
-
-    monkeypatch.setattr(export_mod, "build_variant", build)
+    built = _int8_answers_as_the_base(fused, monkeypatch)
     history = tmp_path / "export-history.json"
     info = {"base_model_sha256": "ab" * 32}
     for i in range(3):
