@@ -207,10 +207,17 @@ class LibraryStages:
         out = ctx.job_files.export
         if (out / MANIFEST).is_file():
             try:
-                verify_manifest(out)
-                return out
+                done = verify_manifest(out)
             except IntegrityError:
                 log.warning("re-exporting: existing export does not verify", extra={"job": ctx.job_id})
+            else:
+                if done.general_ability is None and ctx.config.general_ability.enabled:
+                    # a stop between the export and its general figures: measure them now (the
+                    # fused weights may be gone with the scratch: then without the log-likelihood)
+                    fused = ctx.job_files.scratch / "fused"
+                    record_general_ability(out, general_ability(ctx.config, resolve_base(ctx.config.model, cache_root(ctx.config)), out,
+                                                                fused if (fused / "config.json").is_file() else None))
+                return out
         base = resolve_base(ctx.config.model, cache_root(ctx.config))
         learner_dir = ctx.job_files.learner
         tasks_seen = read_learner_meta(learner_dir).tasks_seen
