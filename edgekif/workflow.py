@@ -253,8 +253,7 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
 
     gcfg = cfg.general_ability
     prompts = load_prompts()
-    m = read_manifest(export_dir)
-    settings = {"target": m.target, "precision": m.precision, "execution_provider": m.execution_provider, "builder_options": m.builder_options}
+    settings = read_manifest(export_dir).export_settings
     _root, variant, target, _ep = _zero_shot_root(cfg, base, settings)
     base_id = f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}/{target}-{variant.name}/training-template"
     reference = cached_base_answers(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,

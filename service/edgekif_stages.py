@@ -255,9 +255,7 @@ class LibraryStages:
         if new and ctx.task_name in accuracies:
             _quiet_transformers()
             base = resolve_base(ctx.config.model, cache_root(ctx.config))
-            settings = {"target": manifest.target, "precision": manifest.precision, "execution_provider": manifest.execution_provider,
-                        "builder_options": manifest.builder_options}
-            base_scores = zero_shot_scores(ctx.config, base, settings, new, read_specs(ctx.layout.root, [ctx.task_name]))
+            base_scores = zero_shot_scores(ctx.config, base, manifest.export_settings, new, read_specs(ctx.layout.root, [ctx.task_name]))
         return EvalResult(
             accuracies=accuracies,
             details={

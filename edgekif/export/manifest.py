@@ -82,6 +82,13 @@ class Manifest:
         return dict((self.parity or {}).get("builder_options") or {})
 
     @property
+    def export_settings(self) -> dict[str, Any]:
+        """How this export was built (target, precision, execution provider, builder options):
+        what an export of the untrained base must share to be compared like for like."""
+        return {"target": self.target, "precision": self.precision, "execution_provider": self.execution_provider,
+                "builder_options": self.builder_options}
+
+    @property
     def base_model_id(self) -> str | None:
         return (self.base_model or {}).get("id")
 
