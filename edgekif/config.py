@@ -88,6 +88,10 @@ class ModelConfig:
     device: str = "auto"
     # torch intra-op threads for training/eval; 0 = torch's default.
     threads: int = 0
+    # Chat template for training and every export (edgekif.chat_templates): "" = the base's own,
+    # or its family's default when it has none (Gemma's turn format for Gemma bases, ChatML
+    # otherwise); "chatml" or "gemma" = that template; or a path to a .jinja file.
+    chat_template: str = ""
 
 
 @dataclass
@@ -201,8 +205,8 @@ class ServiceConfig:
     min_gain_over_base: float = 1.0
     # Confidence of the paired gates (service.gates.beats_base / significant_loss, edgekif.stats):
     # a gain over the base, or a loss vs live, counts only when a paired test on the holdout's
-    # per-record scores finds it at this level (p < 1 - gate_confidence). Not yet used by the
-    # daemon's gate stage, which still compares means against the two margins above.
+    # per-record scores finds it at this level (p < 1 - gate_confidence); the two margins above
+    # are then the smallest gain / largest loss that counts (service.gates.paired_publish_gate).
     gate_confidence: float = 0.95
     nice: int = 10
     memory_ceiling_mb: int = 0  # refuse to load a model if less is available; 0 = off
@@ -354,6 +358,9 @@ def validate_config(cfg: Config) -> None:
 
     check(cfg.model.precision in ("auto", "nf4", "bf16", "fp32"), f"model.precision: {cfg.model.precision!r} not in auto|nf4|bf16|fp32")
     check(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), f"model.device: {cfg.model.device!r}")
+    from .chat_templates import configured_template  # here: chat_templates imports edgekif.inputs
+
+    configured_template(cfg.model.chat_template)  # a bad name or unreadable file fails at load, not mid-job
     check(cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive")
     check(0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)")
     check(cfg.data.max_length >= 8, "data.max_length must be >= 8")

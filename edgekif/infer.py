@@ -76,6 +76,8 @@ class GenaiRunner:
         self._og = og
         cfg = _read_json(self.model_dir / GENAI_CONFIG)
         self.context_length = int(cfg.get("model", {}).get("context_length") or 2048)
+        # sliding-window layers (Gemma 2/3) get a KV cache of this many positions at least
+        self.window_size = int((cfg.get("model", {}).get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
         self.eos_ids = set(int(t) for t in self.tokenizer.eos_token_ids)
         self._hf_tokenizer: Any = None
 
@@ -95,6 +97,10 @@ class GenaiRunner:
         max_length = min(prompt_len + max_new_tokens, self.context_length)
         if prompt_len >= max_length:
             raise ModelError(f"prompt of {prompt_len} tokens does not fit the context length {self.context_length}")
+        # onnxruntime-genai sizes the windowed KV cache by max_length and refuses one smaller than
+        # the window ("KV cache capacity (32) must be at least local_window_size (512)"); the
+        # answer's length is still bounded by the callers' own max_new_tokens loops
+        max_length = min(max(max_length, self.window_size), self.context_length)
         params.set_search_options(do_sample=False, max_length=max_length, batch_size=batch_size)
         return params
 

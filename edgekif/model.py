@@ -199,8 +199,13 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     return precision
 
 
-def load_tokenizer(path: str | os.PathLike, *, keep_default_system: bool = False):
+def load_tokenizer(path: str | os.PathLike, *, keep_default_system: bool = False, chat_template: str = ""):
     """The tokenizer, with the chat template edgekif trains on.
+
+    `chat_template` is the `model.chat_template` setting (edgekif.chat_templates): "" keeps the
+    base's own template and gives a base without one its family's default; a name or a .jinja
+    path replaces it. Folders this tokenizer was saved into (fused, exported) then carry the
+    template, so loading them with the default "" keeps it.
 
     A template that inserts a default system prompt when a conversation has none (SmolLM2's
     "You are a helpful AI assistant named SmolLM...", ~21 tokens) is replaced by the same
@@ -211,11 +216,14 @@ def load_tokenizer(path: str | os.PathLike, *, keep_default_system: bool = False
     """
     from transformers import AutoTokenizer
 
+    from .chat_templates import choose_template
     from .inputs import without_default_system
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if (template := choose_template(tok, path, chat_template)) is not None:
+        tok.chat_template = template
     if not keep_default_system and (plain := without_default_system(tok)) is not None:
         tok.chat_template = plain
     return tok

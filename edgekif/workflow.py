@@ -58,7 +58,7 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
 
     torch.manual_seed(cfg.train.seed)  # LoRA's initial weights: the same run gives the same adapter
     model = add_lora(model, cfg.lora)
-    tok = load_tokenizer(base.path)
+    tok = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
     learner = Learner.create(cfg, model, tok, strategy)
     if state_dir is not None and (Path(state_dir) / "learner.json").is_file():
         learner.load_state(Path(state_dir))
@@ -101,7 +101,7 @@ def export_adapter(
     fused, fused_from = work_dir / "fused", work_dir / "fused.adapter_sha256"
     if not (fused_from.is_file() and fused_from.read_text().strip() == digest and fused.is_dir()):
         fused_from.unlink(missing_ok=True)
-        fuse_adapter(base.path, adapter_dir, fused)
+        fuse_adapter(base.path, adapter_dir, fused, chat_template=cfg.model.chat_template)
         atomic_write_text(fused_from, digest + "\n")
     else:
         log.info("fused model reused from the last try", extra={"path": str(fused)})
@@ -147,12 +147,23 @@ def _zero_shot_root(cfg: Config, base: BaseModel, export_settings: Mapping[str, 
     target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
     # "training-template": the base is exported with the chat template training uses (older
     # caches kept the base's own template, default system prompt and all: not like for like)
-    key = hashlib.sha256(json.dumps([target, ep, variant.name, "training-template"]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([target, ep, variant.name, "training-template", *_template_tag(cfg)]).encode()).hexdigest()[:12]
     root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
     return root, variant, target, ep
 
 
-def _base_source(root: Path, base: BaseModel) -> Path:
+def _template_tag(cfg: Config) -> list[str]:
+    """[] for the base's own template (keeps older cache keys), else [a hash of the configured
+    template], so a changed model.chat_template never reuses the base's cached export."""
+    import hashlib
+
+    from .chat_templates import configured_template
+
+    template = configured_template(cfg.model.chat_template)
+    return [] if template is None else ["template-" + hashlib.sha256(template.encode()).hexdigest()[:12]]
+
+
+def _base_source(root: Path, base: BaseModel, chat_template: str = "") -> Path:
     """The base's folder as a trained model's is exported: its weights (linked, not copied) with
     the tokenizer training uses (edgekif.model.load_tokenizer: no default system prompt), so the
     base's export renders a prompt exactly as a trained version's does. Called under the lock."""
@@ -162,7 +173,7 @@ def _base_source(root: Path, base: BaseModel) -> Path:
     if (src / "config.json").exists():
         return src
     with atomic_dir(src, overwrite=True) as tmp:
-        load_tokenizer(base.path).save_pretrained(tmp)
+        load_tokenizer(base.path, chat_template=chat_template).save_pretrained(tmp)
         for f in Path(base.path).iterdir():
             if f.is_file() and not (tmp / f.name).exists():
                 os.symlink(f.resolve(), tmp / f.name)
@@ -181,7 +192,7 @@ def base_export(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]
     with _cache_lock(root):
         export_dir = root / "export"
         if not (export_dir / EXPORT_INFO).is_file():
-            source = _base_source(root, base)
+            source = _base_source(root, base, cfg.model.chat_template)
             with atomic_dir(export_dir, overwrite=True) as tmp:
                 build_variant(source, tmp, target, variant, ep)
             log.info("base exported for zero-shot and general-ability figures", extra={"base": base.name, "variant": variant.name})
@@ -255,7 +266,7 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     prompts = load_prompts()
     settings = read_manifest(export_dir).export_settings
     _root, variant, target, _ep = _zero_shot_root(cfg, base, settings)
-    base_id = f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}/{target}-{variant.name}/training-template"
+    base_id = "/".join([f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}", f"{target}-{variant.name}", "training-template", *_template_tag(cfg)])
     reference = cached_base_answers(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
                                     lambda: open_model(base_export(cfg, base, settings)))
     runner = open_model(export_dir)
@@ -263,7 +274,7 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     del runner
     ll_base = ll_cand = None
     if fused_dir is not None and gcfg.max_loglik_drop > 0:
-        tok = load_tokenizer(base.path)
+        tok = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
         ll_base = base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference)
         ll_cand = base_answer_loglik(load_model(fused_dir, "fp32"), tok, prompts, reference)
     figures = drift(answers, reference, prompts, loglik_base=ll_base, loglik_candidate=ll_cand)

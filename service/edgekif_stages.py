@@ -185,7 +185,7 @@ class LibraryStages:
                 from edgekif.model import load_tokenizer, resolve_base
                 from edgekif.workflow import cache_root
 
-                tokenizer = load_tokenizer(resolve_base(ctx.config.model, cache_root(ctx.config)).path)
+                tokenizer = load_tokenizer(resolve_base(ctx.config.model, cache_root(ctx.config)).path, chat_template=ctx.config.model.chat_template)
             spec = spec.with_budget(answer_budget(tokenizer, read_holdout(ctx.job_files.train_file), spec.kind))
             write_spec(ctx.layout.root, ctx.task_name, spec)
         return {"spec": spec.to_dict()}

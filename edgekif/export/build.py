@@ -6,7 +6,8 @@
 
 Two export targets:
   genai  onnxruntime-genai's model builder (GQA attention + KV cache, int4/int8/fp16/fp32), run
-         as a child process (edgekif.children.run_child); the folder loads with
+         as a child process (edgekif.children.run_child) through edgekif.export.genai_builder,
+         which normalises the model config first; the folder loads with
          `onnxruntime_genai.Model(folder)`. This is what clients should use.
   onnx   a plain ONNX causal-LM graph from torch.onnx.export: inputs input_ids + attention_mask,
          output logits, no KV cache (each step re-reads the whole sequence). For runtimes without
@@ -140,11 +141,16 @@ def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_o
     # The pid in the name lets the daemon's start-up cleanup remove caches of dead processes
     # (service.housekeeping.cleanup_stale_temp) without touching a running export's.
     with tempfile.TemporaryDirectory(prefix=f"{GENAI_CACHE_PREFIX}{os.getpid()}-") as cache:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(fused_dir.resolve()), "-o", str(dest.resolve()), "-p", precision, "-e", ep, "-c", cache]
+        # the builder, run through edgekif.export.genai_builder: it flattens configs the builder
+        # cannot read (transformers 5's nested Gemma 3 RoPE) before building
+        cmd = [sys.executable, "-m", "edgekif.export.genai_builder", "-i", str(fused_dir.resolve()), "-o", str(dest.resolve()), "-p", precision, "-e", ep, "-c", cache]
         options = dict(builder_options or {})
         if options:
             cmd += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        # the child runs in the cache dir: make this edgekif importable there even when not installed
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         log.info("running onnxruntime-genai model builder", extra={"cmd": " ".join(cmd)})
         res = run_child(cmd, env=env, cwd=cache)
     output = (res.stdout or "") + (res.stderr or "")

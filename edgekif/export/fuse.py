@@ -78,8 +78,10 @@ def fuse_adapter(
     out_dir: str | os.PathLike,
     *,
     tokenizer_path: str | os.PathLike | None = None,
+    chat_template: str = "",
 ) -> Path:
-    """Merge a peft LoRA adapter (saved with save_pretrained) into an fp32 copy of the base."""
+    """Merge a peft LoRA adapter (saved with save_pretrained) into an fp32 copy of the base.
+    `chat_template`: the model.chat_template setting (edgekif.model.load_tokenizer)."""
     from peft import PeftModel
 
     from ..model import load_model
@@ -93,7 +95,7 @@ def fuse_adapter(
     except Exception as e:  # peft raises several types for shape/key mismatches
         raise ExportError(f"{adapter_dir}: cannot load LoRA adapter onto {base_path}: {e}") from e
     merged = peft_model.merge_and_unload()
-    return _save_fused(merged, tokenizer_path or base_path, out_dir)
+    return _save_fused(merged, tokenizer_path or base_path, out_dir, chat_template)
 
 
 def fuse_model(
@@ -102,6 +104,7 @@ def fuse_model(
     out_dir: str | os.PathLike,
     *,
     tokenizer_path: str | os.PathLike | None = None,
+    chat_template: str = "",
 ) -> Path:
     """Merge an in-memory PeftModel (its base may be NF4) into a fresh fp32 base and save it.
 
@@ -131,13 +134,13 @@ def fuse_model(
     if unexpected or missing_lora:
         raise ExportError(f"fuse_model: LoRA state does not fit the fp32 base: unexpected={unexpected[:5]} missing={missing_lora[:5]}")
     merged = fresh.merge_and_unload()
-    return _save_fused(merged, tokenizer_path or base_path, out_dir)
+    return _save_fused(merged, tokenizer_path or base_path, out_dir, chat_template)
 
 
-def _save_fused(merged: Any, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def _save_fused(merged: Any, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, chat_template: str = "") -> Path:
     from ..model import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path, chat_template=chat_template)
     if not getattr(tok, "chat_template", None):
         log.warning("tokenizer has no chat template; clients will have to format prompts themselves", extra={"path": str(tokenizer_path)})
     merged.eval()
