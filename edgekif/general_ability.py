@@ -107,7 +107,9 @@ def base_answers(runner: Any, prompts: Sequence[GeneralPrompt], max_new_tokens: 
     """Greedy answers of `runner` (anything with edgekif.infer's `generate(messages,
     max_new_tokens) -> str`), one per prompt, end-of-turn text removed. Used for the base and,
     the same way, for a candidate."""
-    return [strip_end_of_turn(runner.generate(p.chat(), max_new_tokens)) for p in prompts]
+    from .infer import answer_all
+
+    return [strip_end_of_turn(a) for a in answer_all(runner, [p.chat() for p in prompts], max_new_tokens)]
 
 
 def _slug(text: str) -> str:

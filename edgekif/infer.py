@@ -3,6 +3,7 @@
   GenaiRunner(folder)   onnxruntime-genai folder (target "genai"): KV cache, batched generation
   OnnxRunner(folder)    plain ONNX folder (target "onnx"): no KV cache, re-runs the full sequence
   open_model(folder)    the runner an export folder's target needs
+  answer_all(runner, prompts, budget)   greedy answers to many prompts, batched by length
 
 Opening the published version (ROOT/models/current) is edgekif.publish.open_current: the
 store knows its versions, the runners know only folders.
@@ -236,3 +237,24 @@ def open_model(folder: str | os.PathLike, *, execution_provider: str | None = No
     if target == "genai":
         return GenaiRunner(folder, execution_provider=execution_provider)
     return OnnxRunner(folder)
+
+
+# Prompts per generator batch in answer_all. Measured on the demo's v0002 int8 export (144
+# holdout records of dbpedia, agnews and headlines at 8/8/24 new tokens, 2 cores): answers
+# identical to one request at a time on all 144, in 289 s instead of 482 s (both under load).
+ANSWER_BATCH = 16
+
+
+def answer_all(runner: Any, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int = ANSWER_BATCH) -> list[str]:
+    """The runner's greedy answer to each prompt, in order. Prompts go through the generator in
+    batches of similar length (less padding); batch_size 1, or a runner without
+    generate_batch, answers one request at a time as a client sends it."""
+    if batch_size <= 1 or not hasattr(runner, "generate_batch"):
+        return [runner.generate(p, max_new_tokens) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(json.dumps(_messages(prompts[i]), ensure_ascii=False)))
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, text in zip(chunk, runner.generate_batch([prompts[i] for i in chunk], max_new_tokens)):
+            answers[i] = text
+    return answers

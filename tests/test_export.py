@@ -191,6 +191,25 @@ def test_runners_reproduce_pytorch_greedy(fused, genai_fp32, onnx_fp32):
     assert isinstance(text, str) and pieces
 
 
+def test_answer_all_batches_by_length_and_keeps_each_answer_in_its_place(genai_fp32):
+    from edgekif.infer import GenaiRunner, answer_all
+
+    genai = GenaiRunner(genai_fp32)
+    prompts = [*PROMPTS, "x", "A much longer prompt than the others, so the batches sort it last", PROMPTS[0]]
+    one_by_one = [genai.generate(p, 6) for p in prompts]
+    assert answer_all(genai, prompts, 6, batch_size=2) == one_by_one  # 3 batches, sorted by length
+
+    class ClientOnly:  # no generate_batch: one request at a time
+        calls: list = []
+
+        def generate(self, prompt, max_new_tokens):
+            self.calls.append(prompt)
+            return f"{prompt}/{max_new_tokens}"
+
+    runner = ClientOnly()
+    assert answer_all(runner, ["b", "a"], 3) == ["b/3", "a/3"] and runner.calls == ["b", "a"]
+
+
 def test_manifest_accuracies_are_what_a_separate_client_measures(fused, tmp_path):
     """Labels chosen so the fp32 model gets 2 of 3 right: the manifest's exact match is the
     export's own, and a client running the published files (onnxruntime-genai, whole records
