@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -152,6 +153,28 @@ def cached_base_answers(cache_dir: str | Path, base_id: str, prompts: Sequence[G
     atomic_write_json(path, {"format": CACHE_FORMAT, "base_id": base_id, "prompts_sha256": sha, "max_new_tokens": max_new_tokens,
                              "answers": dict(zip(ids, answers))})
     return answers
+
+
+def cached_base_loglik(cache_dir: str | Path, base_id: str, prompts: Sequence[GeneralPrompt], max_new_tokens: int,
+                       compute: Callable[[], float]) -> float:
+    """The base's own mean log-likelihood of its cached answers (base_answer_loglik), kept in
+    the answers' cache file: the same for every job of a base, and a full fp32 pass over the
+    prompts to compute. `compute()` runs only on a miss; call after cached_base_answers."""
+    path = cache_path(cache_dir, base_id, prompts, max_new_tokens)
+    sha, ids = prompts_sha256(prompts), [p.id for p in prompts]
+    if _read_cache(path, base_id, sha, max_new_tokens, ids) is None:
+        return compute()  # no answers cached (a read-only cache): nothing to keep it beside
+    data = json.loads(path.read_text(encoding="utf-8"))
+    value = data.get("loglik_base")
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    value = compute()
+    if math.isfinite(value):
+        try:
+            atomic_write_json(path, {**data, "loglik_base": value})
+        except OSError:  # a read-only cache: computing it again next time is fine
+            pass
+    return value
 
 
 def base_answer_loglik(model: Any, tokenizer: Any, prompts: Sequence[GeneralPrompt], answers: Sequence[str], *,

@@ -259,7 +259,7 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     model gives the base's answers. Returns the figures, the bounds and the verdict
     (`held`, `reason`), as the manifest keeps them."""
     from .export.manifest import read_manifest
-    from .general_ability import base_answer_loglik, base_answers, cached_base_answers, drift, drifted, load_prompts
+    from .general_ability import base_answer_loglik, base_answers, cached_base_answers, cached_base_loglik, drift, drifted, load_prompts
     from .infer import open_model
 
     gcfg = cfg.general_ability
@@ -275,7 +275,8 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     ll_base = ll_cand = None
     if fused_dir is not None and gcfg.max_loglik_drop > 0:
         tok = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
-        ll_base = base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference)
+        ll_base = cached_base_loglik(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
+                                     lambda: base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference))
         ll_cand = base_answer_loglik(load_model(fused_dir, "fp32"), tok, prompts, reference)
     figures = drift(answers, reference, prompts, loglik_base=ll_base, loglik_candidate=ll_cand)
     held, reason = drifted(figures, gcfg)

@@ -5,6 +5,7 @@ perturbed model finds the base's answers less likely and is held."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,30 @@ def test_the_base_answers_are_computed_once_and_reused(tmp_path):
     path.write_text("{torn")  # an unreadable entry is recomputed, not trusted
     assert cached_base_answers(tmp_path, "smollm2-135m/genai-int4", prompts, 48, open_runner) == first
     assert len(opened) == 5 and json.loads(path.read_text())["answers"] == data["answers"]
+
+
+def test_the_base_loglik_is_kept_beside_its_answers_and_computed_once(tmp_path):
+    from edgekif.general_ability import cached_base_loglik
+
+    prompts = load_prompts()
+    calls: list[int] = []
+
+    def compute():
+        calls.append(1)
+        return -1.25
+
+    # no cached answers yet: computed, nothing written
+    assert cached_base_loglik(tmp_path, "b/genai-int8", prompts, 32, compute) == -1.25 and not list(tmp_path.iterdir())
+    answers = cached_base_answers(tmp_path, "b/genai-int8", prompts, 32, lambda: FakeRunner(lambda text: "ok"))
+    assert cached_base_loglik(tmp_path, "b/genai-int8", prompts, 32, compute) == -1.25
+    assert cached_base_loglik(tmp_path, "b/genai-int8", prompts, 32, compute) == -1.25
+    assert len(calls) == 2  # once before the answers were cached, once after: then reused
+    data = json.loads(cache_path(tmp_path, "b/genai-int8", prompts, 32).read_text())
+    assert data["loglik_base"] == -1.25 and list(data["answers"].values()) == answers
+    # a nan is not kept: the next job computes it again
+    cached_base_answers(tmp_path, "b/other", prompts, 32, lambda: FakeRunner(lambda text: "ok"))
+    assert math.isnan(cached_base_loglik(tmp_path, "b/other", prompts, 32, lambda: float("nan")))
+    assert "loglik_base" not in json.loads(cache_path(tmp_path, "b/other", prompts, 32).read_text())
 
 
 # --------------------------------------------------------------------------- PyTorch
