@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from edgekif.config import LoRAConfig
-from edgekif.errors import ConfigError, IntegrityError, ParityError
+from edgekif.errors import ConfigError, ExportError, IntegrityError, ParityError
 from edgekif.export.build import ExportVariant, resolve_export_settings
 from edgekif.export.exporter import export_model
 from edgekif.export.fuse import adapter_sha256, fuse_adapter, fuse_model
@@ -208,6 +208,26 @@ def test_answer_all_batches_by_length_and_keeps_each_answer_in_its_place(genai_f
 
     runner = ClientOnly()
     assert answer_all(runner, ["b", "a"], 3) == ["b/3", "a/3"] and runner.calls == ["b", "a"]
+
+
+def test_an_export_that_cannot_answer_fails_once_with_the_reason(genai_fp32, tmp_path, monkeypatch):
+    """A built export the runtime opens but cannot answer with (here: no chat template, as a
+    template-less base once gave) is a permanent ExportError naming the cause, not a retry."""
+    import edgekif.infer as infer
+    from edgekif.export.check import _deterministic, check_candidate
+
+    def no_template(*a, **k):
+        raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set")
+
+    monkeypatch.setattr(infer.GenaiRunner, "generate_batch", no_template)
+    with pytest.raises(ExportError) as e:
+        check_candidate(genai_fp32, genai_fp32, target="genai", variant=ExportVariant("fp32"), execution_provider="cpu", build=False,
+                        holdout=_holdout(), max_new_tokens=4)
+    assert e.value.permanent and "chat_template is not set" in str(e.value) and "model.chat_template" in e.value.hint
+    assert isinstance(e.value.__cause__, ValueError)
+    # shortages stay retryable
+    assert not _deterministic(MemoryError()) and not _deterministic(RuntimeError("Failed to allocate memory for tensor"))
+    assert _deterministic(RuntimeError("KV cache capacity (32) must be at least local_window_size (512)"))
 
 
 def test_manifest_accuracies_are_what_a_separate_client_measures(fused, tmp_path):

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..errors import ExportError, ModelError
 from ..metrics import score
 from ..records import Record
 from .build import ExportVariant
@@ -281,6 +282,20 @@ class CandidateCheck:
     seconds: float  # opening the runner, answering and comparing
 
 
+def _deterministic(e: BaseException) -> bool:
+    """An error from opening or answering a built export that the same export raises every time
+    (no chat template, a config the runtime refuses: the job then fails once, with the reason,
+    instead of re-fusing and re-checking three times). Shortages are not: memory errors, and
+    runtime errors that speak of allocation, stay retryable (the daemon's transient_cause also
+    looks through the chain)."""
+    if isinstance(e, (MemoryError, OSError)):
+        return False
+    if isinstance(e, (ValueError, KeyError, TypeError, ModelError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and not any(w in text for w in ("alloc", "memory", "out of"))
+
+
 def check_candidate(
     source_dir: str | os.PathLike,
     folder: str | os.PathLike,
@@ -304,8 +319,8 @@ def check_candidate(
     are held to `generation` (GenerationRule), label tasks to identical answers.
 
     `folder` is written as it is (callers that publish it pass a temp folder). Raises
-    ExportError when the build fails and ModelError when the runtime cannot open the result;
-    a failed comparison is not an error here (`check.passed`), the caller decides.
+    ExportError when the build fails, and a permanent ExportError when the runtime cannot open
+    the result or answer with it for a reason that repeats (_deterministic); a failed comparison is not an error here (`check.passed`), the caller decides.
     """
     from ..infer import open_model
     from .build import build_variant
@@ -317,8 +332,17 @@ def check_candidate(
         build_variant(Path(source_dir), Path(folder), target, variant, execution_provider)
         build_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    runner = open_model(folder)
-    answers = runner_answers(runner, holdout, max_new_tokens, specs)
+    try:
+        runner = open_model(folder)
+        answers = runner_answers(runner, holdout, max_new_tokens, specs)
+    except Exception as e:
+        if _deterministic(e):
+            err = ExportError(f"{variant.name} export builds but cannot answer the holdout as a client would: {type(e).__name__}: {e}",
+                              permanent=True)
+            err.hint = ("a base without a chat template needs model.chat_template (chatml, gemma or a .jinja file); otherwise "
+                        "change export.target/precision or the base, then `edgekif retry JOB`")
+            raise err from e
+        raise
     del runner
     check = None
     if reference is not None:
