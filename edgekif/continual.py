@@ -10,8 +10,9 @@ evaluate stage does not: it scores the export), so the rules are written once:
     tasks the caller allows (the daemon: tasks of published versions);
   * a strategy that does not replay never gets a sampler;
   * a joint strategy (the multi-task upper bound) trains once on the union of all tasks, with
-    the step budget of all of them (train.max_steps x number of tasks when max_steps is set;
-    with epochs the union's size already scales it), and is scored after that one run.
+    at least the gradient steps the replay strategies take on the same stream (joint_steps:
+    each task's steps plus the replay rounds of Recurrent-KIF's schedule on every later task),
+    and is scored after that one run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ from .evaluate import AccuracyMatrix, EvalScores, evaluate_task
 from .records import Record
 from .replay import ReplayBuffer
 from .trainer import Learner, ProgressFn, ReplaySampler, TrainStats
+
+
+def joint_steps(cfg: Config, task_sizes: Sequence[int]) -> int:
+    """Gradient steps of joint training on a stream of tasks of these sizes: as many as the
+    replay strategies take on it, so the upper bound is not an upper bound for want of steps
+    (16 steps a task, Q=8, M=4, four tasks: 16 x 4 = 64 task steps, but replay and Recurrent-KIF
+    also take 8 replay steps on each later task, 88 in all)."""
+    from .schedule import task_steps
+    from .strategies.base import interleaved_schedule
+
+    t = cfg.train
+    per_task = [t.max_steps or task_steps(n, t.batch_size, t.epochs, t.min_steps, t.steps_cap) for n in task_sizes]
+    kif = getattr(cfg, "kif", None)  # the schedule the replay strategies are compared under
+    inner, outer = (kif.inner_steps, kif.outer_steps) if kif is not None else (1, 0)
+    return sum(len(interleaved_schedule(steps, inner, outer, j > 0)) for j, steps in enumerate(per_task))
 
 
 @dataclass
@@ -123,8 +139,7 @@ def run_stream(
     out = StreamResult(order=order, matrix=matrix)
     if learner.strategy.joint:
         union = StreamTask("+".join(order), [r for t in tasks for r in t.records])
-        fixed = learner.cfg.train.max_steps
-        res = learn_task(learner, buffer, union, remember=False, max_steps=fixed * len(tasks) if fixed else None,
+        res = learn_task(learner, buffer, union, remember=False, max_steps=joint_steps(learner.cfg, [len(t.records) for t in tasks]),
                          ckpt_dir=ckpt_root / union.name if ckpt_root else None, progress=progress(union.name) if progress else None)
         out.results.append(res)
         last = len(order) - 1

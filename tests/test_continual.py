@@ -96,10 +96,24 @@ def test_joint_strategy_trains_once_on_the_union_with_every_tasks_budget(buffer)
     learner = _learner("mtl", max_steps=3)
     res = run_stream(learner, buffer, [StreamTask(n, _records(n)) for n in ("a", "b")], evaluate=lambda lrn, name: 0.5)
     (only,) = res.results
-    assert only.task_id == "a+b" and only.task_steps == 6  # 3 steps x 2 tasks
-    assert only.examples == 6 * 4
+    # the replay strategies' steps on this stream (Q=2, M=1): 3 on a, then 2+1 and 1+1 on b
+    assert only.task_id == "a+b" and only.task_steps == 3 + (3 + 2)
+    assert only.examples == 8 * 4
     assert res.matrix.get(1, 0) == 0.5 and res.matrix.get(1, 1) == 0.5 and res.matrix.get(0, 0) is None
     assert buffer.tasks() == []  # the upper bound keeps no replay buffer
+
+
+def test_joint_steps_match_the_replay_strategies_on_the_standard_profile():
+    from edgekif.config import Config
+    from edgekif.continual import joint_steps
+
+    cfg = Config()
+    cfg.train.max_steps = 16
+    assert joint_steps(cfg, [128] * 4) == 16 * 4 + 8 * 3  # 2 rounds of Q=8 + M=4 on each later task
+    cfg.kif.outer_steps = 0
+    assert joint_steps(cfg, [128] * 4) == 64
+    cfg = Config()  # by epochs: 144 examples at batch 8 = 18 steps; 48 -> the 16-step floor
+    assert joint_steps(cfg, [144, 48]) == 18 + (16 + 2 * 4)
 
 
 def test_registry_ties_every_strategy_to_its_config():

@@ -92,9 +92,11 @@ def _pct(x) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["dbpedia", "agnews", "headlines"])
-    ap.add_argument("--examples", type=int, default=192, help="examples per dropped task file (a quarter is held out, at most 48)")
+    ap.add_argument("--examples", type=int, default=192, help="examples per dropped task file (a quarter is held out, at most 48: the default)")
     ap.add_argument("--data-dir", default=str(REPO / ".edgekif-demo"))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for every file to be published or held")
+    ap.add_argument("--base", default="", help="model.base (a name from `edgekif model list`, a .gguf or a folder); default: the config's")
+    ap.add_argument("--max-length", type=int, default=128, help="data.max_length (0: the config's default, 256)")
     args = ap.parse_args()
 
     data_dir = Path(args.data_dir)
@@ -104,8 +106,15 @@ def main() -> int:
     env.setdefault("EDGEKIF_CACHE_DIR", str(Path.home() / ".cache" / "edgekif"))  # convert the GGUF once, reuse
     env["TRANSFORMERS_VERBOSITY"] = "error"
     # Small, fast settings for a demo; everything else is the default config.
-    overrides = ["data.max_length=128", "service.quiet_seconds=1", "service.scan_interval=2", "service.holdout_max=48", "service.holdout_fraction=0.25"]
-    (data_dir / "edgekif.toml").write_text("\n".join(["[data]", "max_length = 128", "[service]", "quiet_seconds = 1.0", "scan_interval = 2.0", "holdout_max = 48", "holdout_fraction = 0.25"]) + "\n")
+    overrides = ["service.quiet_seconds=1", "service.scan_interval=2"]
+    toml = ["[service]", "quiet_seconds = 1.0", "scan_interval = 2.0"]
+    if args.max_length:
+        overrides.insert(0, f"data.max_length={args.max_length}")
+        toml += ["[data]", f"max_length = {args.max_length}"]
+    if args.base:
+        overrides.insert(0, f"model.base={args.base}")
+        toml += ["[model]", f"base = {json.dumps(args.base)}"]
+    (data_dir / "edgekif.toml").write_text("\n".join(toml) + "\n")
     print(f"data dir: {data_dir}\nconfig:   {data_dir / 'edgekif.toml'} ({', '.join(overrides)})")
 
     t0 = time.time()
