@@ -232,12 +232,15 @@ def _fit(tokenizer, record: Record, budget: int) -> tuple[list[int], bool]:
     return ids, True
 
 
-def encode_example(tokenizer, record: Record, max_length: int) -> Encoded:
+def encode_example(tokenizer, record: Record, max_length: int, answer_budget: int = 0) -> Encoded:
     """Prompt + target, at most `max_length` tokens; loss only on the target.
 
     A prompt that does not fit is fitted (fit_prompt: middle cut, instruction and answer
-    cue kept); the answer is never cut for the prompt's sake. Only an answer that alone
-    reaches max_length is cut at its end, after one prompt token (the assistant cue).
+    cue kept) into max_length minus the answer's length, or minus `answer_budget` when that
+    is larger: evaluation that fits prompts reserves the task's budget (fit_prompt's
+    answer_tokens), and the same reserve cuts a prompt in the same place. The answer is never
+    cut for the prompt's sake; only an answer that alone reaches max_length is cut at its end,
+    after one prompt token (the assistant cue).
     """
     if max_length < 2:
         raise ConfigError(f"data.max_length must be at least 2, got {max_length}")
@@ -247,7 +250,8 @@ def encode_example(tokenizer, record: Record, max_length: int) -> Encoded:
         target = target[: max_length - len(prompt)]
         truncated = True
     else:
-        prompt, truncated = _fit(tokenizer, record, max_length - len(target))
+        reserve = max(len(target), min(answer_budget, max_length - 1))
+        prompt, truncated = _fit(tokenizer, record, max_length - reserve)
     return Encoded(
         input_ids=prompt + target,
         labels=[IGNORE_INDEX] * len(prompt) + target,

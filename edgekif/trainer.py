@@ -207,6 +207,10 @@ class Learner:
             raise TrainingError("the model has no trainable LoRA parameters (call edgekif.model.add_lora first)")
         self.strategy.setup(self.params)
         self.tasks_seen: list[str] = list(tasks_seen or [])
+        # task -> the answer budget its evaluation reserves when it fits prompts (eval
+        # max_prompt_tokens); training then reserves the same, so a long prompt is cut in the
+        # same place in both (edgekif.inputs.encode_example). Empty: reserve the answer's length.
+        self.answer_budgets: dict[str, int] = {}
 
     @classmethod
     def create(cls, cfg: Config, model, tokenizer, strategy: str | None = None) -> "Learner":
@@ -233,7 +237,8 @@ class Learner:
             torch.use_deterministic_algorithms(True)
         task_index = len(self.tasks_seen)
         B = tcfg.batch_size
-        encoded = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in records]
+        budgets = self.answer_budgets  # a record's own task first: joint training's union mixes tasks
+        encoded = [encode_example(self.tokenizer, r, cfg.data.max_length, answer_budget=budgets.get(r.meta.get("task_id", task_id), 0)) for r in records]
         fixed = tcfg.max_steps if max_steps is None else max_steps
         # exact when fixed; else epochs with a floor and a cap (edgekif.schedule.task_steps)
         task_steps = fixed or policy_steps(len(encoded), B, tcfg.epochs, tcfg.min_steps, tcfg.steps_cap)
@@ -279,7 +284,8 @@ class Learner:
                 task_step += 1
             else:
                 recs = replay(self.strategy.config.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
-                batch_items = [encode_example(self.tokenizer, r, cfg.data.max_length) for r in recs]
+                batch_items = [encode_example(self.tokenizer, r, cfg.data.max_length, answer_budget=self.answer_budgets.get(r.meta.get("task_id", ""), 0))
+                               for r in recs]
             batch = collate(batch_items, pad_id)
 
             mult = lr_multiplier(step, len(kinds), tcfg.warmup_ratio, tcfg.min_lr_ratio, tcfg.lr_decay)

@@ -116,6 +116,28 @@ def test_joint_steps_match_the_replay_strategies_on_the_standard_profile():
     assert joint_steps(cfg, [144, 48]) == 18 + (16 + 2 * 4)
 
 
+@pytest.mark.parametrize("strategy", ["replay", "mtl"])
+def test_each_record_is_encoded_with_its_own_tasks_answer_budget(buffer, monkeypatch, strategy):
+    import edgekif.trainer as trainer
+
+    seen: list[tuple[str, int]] = []
+    real = trainer.encode_example
+
+    def spy(tok, record, max_length, answer_budget=0):
+        seen.append((record.id.split("_")[0], answer_budget))
+        return real(tok, record, max_length, answer_budget=answer_budget)
+
+    monkeypatch.setattr(trainer, "encode_example", spy)
+    learner = _learner(strategy)
+    learner.answer_budgets = {"a": 7, "b": 9}
+    tasks = [StreamTask(n, _records(n)) for n in ("a", "b")]
+    for t in tasks:
+        for r in t.records:
+            r.meta["task_id"] = t.name
+    run_stream(learner, buffer, tasks)
+    assert set(seen) == {("a", 7), ("b", 9)}  # task, replay (buffer rows name their task) and union records alike
+
+
 def test_registry_ties_every_strategy_to_its_config():
     assert strategy_names() == list(STRATEGIES)
     cfg = load_config(None, ["kif.inner_steps=5", "kif.mask_quantile=0.9", "experience_replay.inner_steps=5"])

@@ -524,6 +524,23 @@ def test_fitting_leaves_prompts_that_fit_alone(tok, tmp_path):
     assert fit_prompt(tok, r, 4096) == full
 
 
+def test_training_reserves_the_answer_budget_evaluation_reserves(tok, tmp_path):
+    """With an answer budget larger than the answer, training cuts a long prompt where
+    evaluation (fit_prompt with answer_tokens = the budget) cuts it: the model is trained on
+    the prompt it is scored on."""
+    r = _alpaca(tmp_path)
+    target = encode_target(tok, r)
+    max_length = len(encode_prompt(tok, r)) - 150
+    budget = len(target) + 20
+    enc = encode_example(tok, r, max_length, answer_budget=budget)
+    n_prompt = len(enc.input_ids) - len(target)
+    assert enc.input_ids[:n_prompt] == fit_prompt(tok, r, max_length, budget)  # evaluation's prompt
+    assert enc.input_ids[n_prompt:] == target and enc.labels[n_prompt:] == target
+    assert len(enc.input_ids) <= max_length - 20  # the budget's spare room stays free
+    # a budget smaller than the answer changes nothing: the answer is never cut for the prompt
+    assert encode_example(tok, r, max_length, answer_budget=1).input_ids == encode_example(tok, r, max_length).input_ids
+
+
 def test_alpaca_instruction_is_cut_only_when_nothing_else_is_left(tok, tmp_path):
     r = _alpaca(tmp_path)
     enc, text = _check_fitted(tok, r, 100)  # the instruction alone is longer than 100 bytes

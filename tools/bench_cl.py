@@ -168,6 +168,9 @@ def main(argv=None) -> int:
         train = {t: train_tasks[t].records for t in order}
         evalset = {f.name: read_task(f / "test.jsonl").records for f in folders}
     eval_split = f"validation slice of train ({args.validation} per task)" if args.validation else "test"
+    for t in order:  # each record names its task: joint training's union mixes them (answer budgets)
+        for r in train[t]:
+            r.meta["task_id"] = t
 
     base = resolve_base(ModelConfig(), cache_dir())
     # each task's spec from its own training answers, as the daemon decides it at buffer time
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
     # to ~1000 tokens) do not dominate the benchmark's wall time
     def prompt_tokens(task: str) -> int:
         return max(16, prof["max_length"] - specs[task].max_new_tokens)
+
+    budgets = {t: specs[t].max_new_tokens for t in order}
 
     def evaluate(learner, task, seed, label_scoring=None):
         """(the task's headline score, its label-scoring accuracy or None)."""
@@ -255,6 +260,7 @@ def main(argv=None) -> int:
             cfg = make_cfg(strategy, seed)
             torch.manual_seed(seed)
             learner, _ = open_learner(cfg, base=base)
+            learner.answer_budgets = budgets  # training reserves what evaluation reserves (prompt_tokens)
             stream = [StreamTask(t, _subset(train[t], prof["train_per_task"], seed)) for t in order]
 
             def progress(name, strategy=strategy, seed=seed):
