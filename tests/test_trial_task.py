@@ -23,7 +23,7 @@ def test_trial_reports_each_settings_paired_gain_over_the_base(tiny_dir, tmp_pat
     out = tmp_path / "trial.json"
     rc = main(["--train", str(tmp_path / "train.jsonl"), "--holdout", str(tmp_path / "t.jsonl"), "--out", str(out),
                "--set", f"model.base={tiny_dir}", "--set", "train.batch_size=4", "--set", "data.max_length=48",
-               "--setting", "one", "train.max_steps=1", "--setting", "two", "train.max_steps=2,train.lr=1e-2", "--seeds", "0", "1"])
+               "--setting", "one", "train.max_steps=1", "--setting", "two", "train.max_steps=2;train.lr=1e-2", "--seeds", "0", "1"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["metric"] == "normalized_exact_match" and res["max_new_tokens"] == 3 and (res["train"], res["holdout"]) == (8, 4)

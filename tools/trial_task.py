@@ -5,7 +5,7 @@ A trial, not the daemon: PyTorch fp32 answers (no export), one task, no replay. 
 setting (learning rate, LoRA targets, steps) with a measurement before changing a default.
 
     python tools/trial_task.py --train DATA/jobs/1/train.jsonl --holdout DATA/holdout/headlines.jsonl \
-        --setting qv "" --setting lr3e-3 "train.lr=3e-3,kif.outer_lr=3e-3" --seeds 0 1 2 --out trial.json
+        --setting qv "" --setting lr3e-3 "train.lr=3e-3;kif.outer_lr=3e-3" --seeds 0 1 2 --out trial.json
 
 DATA is a daemon's data dir after the task's file was buffered (jobs/N/train.jsonl is the
 training part of the split, holdout/TASK.jsonl the held-out part; holdout/TASK.spec.json gives
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--holdout", type=Path, required=True)
     ap.add_argument("--setting", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[],
-                    help="a name and comma-separated config overrides ('' = the config as it is)")
+                    help="a name and ;-separated config overrides ('' = the config as it is; lists are comma-separated: lora.target_modules=q_proj,v_proj)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--set", action="append", default=[], help="an override for every setting (e.g. data.max_length=128)")
     ap.add_argument("--metric", help="default: the holdout's spec (holdout/TASK.spec.json)")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     refs = [r.label for r in hold]
 
     def config(overrides: str, seed: int) -> Config:
-        cfg = apply_overrides(Config(), [*args.set, *[o for o in overrides.split(",") if o.strip()]])
+        cfg = apply_overrides(Config(), [*args.set, *[o for o in overrides.split(";") if o.strip()]])
         cfg.train.seed = seed
         return cfg
 
