@@ -253,8 +253,20 @@ def answer_all(runner: Any, prompts: Sequence[Prompt], max_new_tokens: int, batc
         return [runner.generate(p, max_new_tokens) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(json.dumps(_messages(prompts[i]), ensure_ascii=False)))
     answers: list[str] = [""] * len(prompts)
+    batched = True
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for i, text in zip(chunk, runner.generate_batch([prompts[i] for i in chunk], max_new_tokens)):
-            answers[i] = text
+        if batched and len(chunk) > 1:
+            try:
+                for i, text in zip(chunk, runner.generate_batch([prompts[i] for i in chunk], max_new_tokens)):
+                    answers[i] = text
+                continue
+            except RuntimeError as e:
+                # Some graphs refuse padded batches (Gemma 3's GroupQueryAttention in
+                # onnxruntime-genai 0.18: "seqlens_k[0] = 70 is too small for sequence_length
+                # 93"); one request at a time is what clients send anyway.
+                log.warning("batched answers refused by the runtime; answering one at a time", extra={"error": str(e)[:300]})
+                batched = False
+        for i in chunk:
+            answers[i] = runner.generate(prompts[i], max_new_tokens)
     return answers

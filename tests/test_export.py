@@ -209,6 +209,15 @@ def test_answer_all_batches_by_length_and_keeps_each_answer_in_its_place(genai_f
     runner = ClientOnly()
     assert answer_all(runner, ["b", "a"], 3) == ["b/3", "a/3"] and runner.calls == ["b", "a"]
 
+    class NoPaddedBatches(ClientOnly):  # a graph that refuses padded batches: one at a time
+        calls: list = []
+
+        def generate_batch(self, prompts, max_new_tokens):
+            raise RuntimeError("seqlens_k[0] = 70 is too small for sequence_length 93")
+
+    runner = NoPaddedBatches()
+    assert answer_all(runner, ["bb", "a", "ccc"], 2, batch_size=2) == ["bb/2", "a/2", "ccc/2"] and sorted(runner.calls) == ["a", "bb", "ccc"]
+
 
 def test_an_export_that_cannot_answer_fails_once_with_the_reason(genai_fp32, tmp_path, monkeypatch):
     """A built export the runtime opens but cannot answer with (here: no chat template, as a

@@ -339,7 +339,8 @@ def check_candidate(
         if _deterministic(e):
             err = ExportError(f"{variant.name} export builds but cannot answer the holdout as a client would: {type(e).__name__}: {e}",
                               permanent=True)
-            err.hint = ("a base without a chat template needs model.chat_template (chatml, gemma or a .jinja file); otherwise "
+            err.hint = ("set model.chat_template (chatml, gemma or a .jinja file): this base has no chat template, then `edgekif retry JOB`"
+                        if "chat_template" in str(e) or "chat template" in str(e) else
                         "change export.target/precision or the base, then `edgekif retry JOB`")
             raise err from e
         raise
