@@ -275,14 +275,20 @@ def cmd_export(args) -> int:
 
 
 def _version_line(r: dict) -> str:
-    """`* v0002  created  genai/int8  agnews 66.7, dbpedia 33.3` (accuracies in the learning order)."""
+    """`* v0002  published  genai/int8  agnews 66.7, dbpedia 33.3` (accuracies in the learning order;
+    the publish time is Manifest.published_at, the one `edgekif status` shows too)."""
     if "error" in r:
         return f"  {r['name']}  unreadable: {r['error']}"
     exp = r.get("export") or {}
     acc = r.get("accuracies") or {}
     order = [t.get("name") for t in r.get("tasks") or []] or list(acc)
     scores = ", ".join(f"{t} {100 * acc[t]:.1f}" for t in order if t in acc)
-    return f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('created') or ''}  {exp.get('target', '?')}/{exp.get('precision', '?')}  {scores}".rstrip()
+    return f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('published') or r.get('created') or ''}  {exp.get('target', '?')}/{exp.get('precision', '?')}  {scores}".rstrip()
+
+
+def _percent(x: Any) -> str:
+    """A 0..1 share as people read it: 0.7604166 -> `76.0%`; `?` when missing."""
+    return f"{100 * float(x):.1f}%" if isinstance(x, (int, float)) else "?"
 
 
 def _human_size(n: float) -> str:
@@ -298,9 +304,11 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
     lines = [
         f"version:     {name}{'  (current)' if is_current else ''}",
         f"path:        {folder}",
+        *([f"published:   {manifest.published}"] if manifest.published else []),
         f"created:     {manifest.created or '?'}",
         f"base model:  {manifest.base_model_id or '?'}  sha256 {manifest.base_model_sha256 or '?'}",
-        f"export:      {manifest.target or '?'}/{manifest.precision or '?'} on {manifest.execution_provider or '?'}",
+        f"export:      {manifest.target or '?'}/{manifest.precision or '?'} on {manifest.execution_provider or '?'}"
+        + (f", {manifest.threads} CPU threads (genai_config.json)" if manifest.threads else ""),
     ]
     adapter = manifest.adapter
     if adapter:
@@ -309,13 +317,13 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
         lines.append(f"adapter:     not included (sha256 {manifest.adapter_sha256})")
     par = manifest.parity or {}
     if par:  # answers checked against the fp32 model's (older versions: teacher-forced positions)
-        bits = ["passed" if par.get("passed") else "FAILED", f"agreement {par.get('agreement')}"]
+        bits = ["passed" if par.get("passed") else "FAILED", f"agreement {_percent(par.get('agreement'))}"]
         if par.get("n") is not None:
             bits[-1] += f" on {par['n']} answers"
         elif par.get("positions") is not None:
             bits[-1] += f" on {par['positions']} positions"
         if par.get("accuracy") is not None:
-            bits.append(f"exact match {par['accuracy']} (fp32 {par.get('reference_accuracy')})")
+            bits.append(f"exact match {_percent(par['accuracy'])} (fp32 {_percent(par.get('reference_accuracy'))})")
         if par.get("variant"):
             bits.append(f"variant {par['variant']}")
         lines.append("parity:      " + ", ".join(bits))
@@ -415,12 +423,26 @@ def _read_prompts(path: str) -> list[tuple[int, Any, list[dict[str, str]]]]:
     return prompts
 
 
-def cmd_infer(args) -> int:
+def _open_for_infer(model: str | None, data_path: Path):
+    """--model: a kept version's name (v0003, edgekif:v0003, as the API names them), else an export folder."""
     from .infer import open_model
-    from .publish import open_current
+    from .publish import VERSION_RE, open_current, open_version
+
+    if not model:
+        return open_current(data_path)
+    name = model.removeprefix("edgekif:")
+    if VERSION_RE.match(name) and not Path(model).is_dir():
+        return open_version(data_path, name)
+    if not Path(model).is_dir():
+        raise EdgekifError(f"--model {model}: neither a kept version (vNNNN: `edgekif models list`) nor an export folder")
+    return open_model(model)
+
+
+def cmd_infer(args) -> int:
+    from .taskfile import prompt_messages
 
     cfg = _config(args)
-    runner = open_model(args.model) if args.model else open_current(cfg.data_path)
+    runner = _open_for_infer(args.model, cfg.data_path)
     if args.file:
         prompts = _read_prompts(args.file)
         # In chunks (default: one prompt at a time): memory stays flat however long the file,
@@ -441,7 +463,8 @@ def cmd_infer(args) -> int:
     def stream(text: str) -> None:
         print(text, end="", flush=True)
 
-    runner.generate(args.prompt, max_new_tokens=args.max_new_tokens, stream_callback=stream)
+    # the prompt rule of --file, training and the API (edgekif.taskfile.prompt_messages)
+    runner.generate(prompt_messages(args.prompt), max_new_tokens=args.max_new_tokens, stream_callback=stream)
     print()
     return 0
 
@@ -502,16 +525,16 @@ def add_library_commands(add: CommandAdder) -> None:
                     help="task file to check and score the export on (repeatable; the manifest records its exact match)")
     sp.add_argument("--prompt", action="append", help="without --holdout: a prompt whose answer the export must reproduce (repeatable)")
     sp.add_argument("--publish", action="store_true", help="publish the export as a new version")
-    sp = add("models", cmd_models, "PUBLISHED versions under DATA_DIR/models (what clients serve): list, show [VERSION], "
+    sp = add("models", cmd_models, "PUBLISHED versions under DATA_DIR/models (what clients serve): list (the default), show [VERSION], "
              "rm VERSION, rollback VERSION, gc (the base model is `edgekif model`)")
-    sp.add_argument("action", choices=["list", "show", "rm", "rollback", "gc"])
+    sp.add_argument("action", nargs="?", choices=["list", "show", "rm", "rollback", "gc"], default="list")
     sp.add_argument("version", nargs="?", help="a version such as v0003 (show: default the current one)")
     sp.add_argument("--json", action="store_true")
     sp = add("infer", cmd_infer, "run the current published model (onnxruntime-genai or plain ONNX)")
     sp.add_argument("prompt", nargs="?")
     sp.add_argument("--file", help="JSONL of prompts: strings, or objects shaped like task records (Alpaca instruction/input, "
                     "prompt, or chat messages; answers are ignored). Prints one JSON line per prompt: line, id, messages, answer")
-    sp.add_argument("--model", help="an export folder instead of models/current")
+    sp.add_argument("--model", help="a kept version (v0003 or edgekif:v0003) or an export folder, instead of models/current")
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--batch-size", type=int, default=1, help="prompts per generate call with --file (default 1)")
 

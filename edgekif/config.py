@@ -189,6 +189,16 @@ class ExportConfig:
     skip_rejected_after: int = 2
     retry_skipped_after: int = 10
     parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)
+    # CPU threads a genai export's decoder runs on, written into its genai_config.json
+    # (model.decoder.session_options.intra_op_num_threads), so a client that only opens the
+    # folder gets them: onnxruntime-genai's own default used one core here (62-80 tok/s int8 vs
+    # 96-113 with 2 threads). 0 = the physical cores this process may run on
+    # (os.sched_getaffinity, one per core in /sys topology): a second hyperthread of a core
+    # adds little to matmul-bound decoding and contends with the first. Measured on 2 cores
+    # (demo int8, 64 tokens): idle, 2 threads 92-98 tok/s vs 58-59 unset, first token 61-69 ms
+    # vs 114-119; but while a training stage (nice 10) holds both cores, 27-31 vs 53-63: onnxruntime's
+    # spinning pool waits on a busy core. Set 1 where serving must stay fast during training.
+    threads: int = 0
 
 
 @dataclass
@@ -389,6 +399,7 @@ def validate_config(cfg: Config) -> None:
     check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")
     check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")
+    check(cfg.export.threads >= 0, "export.threads must be >= 0 (0 = the physical cores)")
     check(0 < cfg.service.gate_confidence < 1, "service.gate_confidence must be in (0, 1)")
     e = cfg.export
     check(e.parity_max_score_drop >= 0 and 0 <= e.parity_min_prefix_agreement <= 1 and e.parity_prefix_words >= 1,

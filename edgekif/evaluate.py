@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .atomic import atomic_write_bytes
+from .decoding import decode_answer
 from .inputs import encode_prompt, encode_target
 from .errors import EdgekifError
 from .records import Record
@@ -133,7 +134,9 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
             )
             new_tokens = out[:, ids.shape[1] :]
             for row, k in enumerate(idx):
-                answers[k] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+                # whole characters only, as the runners decode (a cut at the token limit drops a
+                # partial one): the export check compares these answers with theirs
+                answers[k] = decode_answer(lambda t: tokenizer.decode(t, skip_special_tokens=True), new_tokens[row].tolist()).strip()
     return answers
 
 

@@ -10,6 +10,10 @@ store knows its versions, the runners know only folders.
 
 Prompts are a user message (str) or a list of {"role","content"} messages; the folder's chat
 template is applied with add_generation_prompt, as at training time.
+
+  runner.complete(prompt, budget, sampling=..., stops=..., on_text=...)   one answer with
+      search options and stop strings, streamed as whole characters (edgekif.decoding): the API's path
+Answers are whole UTF-8 characters: a partial character cut by the token limit is dropped.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
+from .decoding import GREEDY, DecodingError, Sampling, TextStream, decode_answer
 from .errors import IntegrityError, ModelError
 from .export.files import EXPORT_INFO, GENAI_CONFIG, ONNX_MODEL_FILE
 from .export.manifest import Manifest, read_manifest
@@ -28,6 +34,26 @@ log = logging.getLogger(__name__)
 
 Prompt = Union[str, Sequence[dict[str, str]]]
 StreamCallback = Callable[[str], None]
+
+
+class ContextLengthError(ModelError):
+    """The prompt leaves no room for an answer in the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(f"the prompt takes {prompt_tokens} tokens; the model's context length is {context_length}")
+        self.prompt_tokens, self.context_length = prompt_tokens, context_length
+
+
+@dataclass
+class Completion:
+    """One generated answer: its text (whole characters, cut before a stop string), its token
+    ids, the prompt's length and why it ended: "stop" (EOS or a stop string), "length"
+    (max_new_tokens or the context) or "cancelled"."""
+
+    text: str
+    ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
 
 
 def _messages(prompt: Prompt) -> list[dict[str, str]]:
@@ -93,7 +119,7 @@ class GenaiRunner:
                 self._hf_tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
             return self._hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def _params(self, prompt_len: int, max_new_tokens: int, batch_size: int = 1) -> Any:
+    def _params(self, prompt_len: int, max_new_tokens: int, batch_size: int = 1, sampling: Sampling = GREEDY) -> Any:
         params = self._og.GeneratorParams(self.model)
         max_length = min(prompt_len + max_new_tokens, self.context_length)
         if prompt_len >= max_length:
@@ -102,33 +128,64 @@ class GenaiRunner:
         # the window ("KV cache capacity (32) must be at least local_window_size (512)"); the
         # answer's length is still bounded by the callers' own max_new_tokens loops
         max_length = min(max(max_length, self.window_size), self.context_length)
-        params.set_search_options(do_sample=False, max_length=max_length, batch_size=batch_size)
+        opts = sampling.search_options(self._vocab_size())
+        params.set_search_options(max_length=max_length, batch_size=batch_size, **opts)
         return params
 
-    def generate_ids(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> list[int]:
-        """Greedy answer as token ids (EOS not included)."""
+    def _vocab_size(self) -> int | None:
+        # read lazily (only a top_k needs it): onnxruntime-genai checks top_k against it with a RuntimeError
+        return _read_json(self.model_dir / GENAI_CONFIG).get("model", {}).get("vocab_size")
+
+    def answer_text(self, ids: Sequence[int]) -> str:
+        """An answer's text: whole characters only (edgekif.decoding)."""
+        return decode_answer(self.tokenizer.decode, ids)
+
+    def complete(self, prompt: Prompt, max_new_tokens: int = 64, *, sampling: Sampling = GREEDY, stops: Sequence[str] = (),
+                 on_text: StreamCallback | None = None, cancel: Callable[[], bool] | None = None) -> Completion:
+        """One answer, token by token: on_text(piece) gets its text as it grows (whole characters,
+        never past a stop string), cancel() is asked after each token (a client gone)."""
         ids = self.tokenizer.encode(self.chat_text(prompt))
-        gen = self._og.Generator(self.model, self._params(len(ids), max_new_tokens))
+        n_prompt = len(ids)
+        if n_prompt + 1 > self.context_length:
+            raise ContextLengthError(n_prompt, self.context_length)
+        gen = self._og.Generator(self.model, self._params(n_prompt, max_new_tokens, sampling=sampling))
         gen.append_tokens(ids)
-        stream = self.tokenizer.create_stream() if stream_callback else None
-        out: list[int] = []
-        while not gen.is_done() and len(out) < max_new_tokens:
+        text = TextStream(self.tokenizer.decode, stops)
+        finish = "length"
+        while len(text.ids) < max_new_tokens:
+            if gen.is_done():  # context length reached
+                break
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])
             if token in self.eos_ids:
+                finish = "stop"
                 break
-            out.append(token)
-            if stream is not None:
-                piece = stream.decode(token)
-                if piece:
-                    stream_callback(piece)  # type: ignore[misc]
-        return out
+            piece = text.push(token)
+            if piece and on_text is not None:
+                on_text(piece)
+            if text.stopped:
+                finish = "stop"
+                break
+            if cancel is not None and cancel():
+                finish = "cancelled"
+                break
+        piece = text.finish()
+        if piece and on_text is not None:
+            on_text(piece)
+        return Completion(text.text, text.ids, n_prompt, finish)
+
+    def generate_ids(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> list[int]:
+        """Greedy answer as token ids (EOS not included)."""
+        try:
+            return self.complete(prompt, max_new_tokens, on_text=stream_callback).ids
+        except ContextLengthError as e:  # the message callers of _params knew
+            raise ModelError(f"prompt of {e.prompt_tokens} tokens does not fit the context length {e.context_length}") from None
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> str:
-        return self.tokenizer.decode(self.generate_ids(prompt, max_new_tokens, stream_callback))
+        return self.answer_text(self.generate_ids(prompt, max_new_tokens, stream_callback))
 
     def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[str]:
-        return [self.tokenizer.decode(o) for o in self.generate_batch_ids(prompts, max_new_tokens)]
+        return [self.answer_text(o) for o in self.generate_batch_ids(prompts, max_new_tokens)]
 
     def generate_batch_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[list[int]]:
         """One padded batch through the generator (onnxruntime-genai handles the padding)."""
@@ -180,11 +237,49 @@ class OnnxRunner:
         text = self.tokenizer.apply_chat_template(_messages(prompt), add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def answer_text(self, ids: Sequence[int]) -> str:
+        """An answer's text: whole characters only (edgekif.decoding)."""
+        return decode_answer(self._decode, ids)
+
+    def complete(self, prompt: Prompt, max_new_tokens: int = 64, *, sampling: Sampling = GREEDY, stops: Sequence[str] = (),
+                 on_text: StreamCallback | None = None, cancel: Callable[[], bool] | None = None) -> Completion:
+        """As GenaiRunner.complete; greedy only (this target has no sampler: anything else is refused)."""
+        if not sampling.is_default:
+            param = "repetition_penalty" if sampling.greedy else "temperature"
+            raise DecodingError("this version is a plain ONNX export: it decodes greedily, without sampling or penalties", param=param)
+        prompt_ids = self.chat_ids(prompt)
+        text = TextStream(self._decode, stops)
+        state = {"finish": "length"}
+
+        def on_token(token: int, eos: bool) -> bool:
+            if eos:
+                state["finish"] = "stop"
+                return True
+            piece = text.push(token)
+            if piece and on_text is not None:
+                on_text(piece)
+            if text.stopped:
+                state["finish"] = "stop"
+                return True
+            if cancel is not None and cancel():
+                state["finish"] = "cancelled"
+                return True
+            return False
+
+        self._greedy([prompt_ids], max_new_tokens, on_token)
+        piece = text.finish()
+        if piece and on_text is not None:
+            on_text(piece)
+        return Completion(text.text, text.ids, len(prompt_ids), state["finish"])
+
     def generate_ids(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> list[int]:
-        return self._greedy([self.chat_ids(prompt)], max_new_tokens, stream_callback)[0]
+        return self.complete(prompt, max_new_tokens, on_text=stream_callback).ids
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> str:
-        return self.tokenizer.decode(self.generate_ids(prompt, max_new_tokens, stream_callback), skip_special_tokens=True)
+        return self.answer_text(self.generate_ids(prompt, max_new_tokens, stream_callback))
 
     def generate_batch_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[list[int]]:
         if not prompts:
@@ -192,9 +287,11 @@ class OnnxRunner:
         return self._greedy([self.chat_ids(p) for p in prompts], max_new_tokens, None)
 
     def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[str]:
-        return [self.tokenizer.decode(o, skip_special_tokens=True) for o in self.generate_batch_ids(prompts, max_new_tokens)]
+        return [self.answer_text(o) for o in self.generate_batch_ids(prompts, max_new_tokens)]
 
-    def _greedy(self, seqs: list[list[int]], max_new_tokens: int, stream_callback: StreamCallback | None) -> list[list[int]]:
+    def _greedy(self, seqs: list[list[int]], max_new_tokens: int, on_token: Callable[[int, bool], bool] | None) -> list[list[int]]:
+        """Greedy answers; with one sequence, on_token(token, is_eos) sees each token and
+        returns True to stop there."""
         import numpy as np
 
         outs: list[list[int]] = [[] for _ in seqs]
@@ -215,10 +312,12 @@ class OnnxRunner:
                 token = int(token)
                 if token in self.eos_ids:
                     finished[i] = True
+                    if on_token is not None and len(seqs) == 1:
+                        on_token(token, True)
                     continue
                 outs[i].append(token)
-                if stream_callback is not None and len(seqs) == 1:
-                    stream_callback(self.tokenizer.decode([token]))
+                if on_token is not None and len(seqs) == 1 and on_token(token, False):
+                    finished[i] = True
             if all(finished):
                 break
         return outs

@@ -33,7 +33,7 @@ from .atomic import apply_default_modes, atomic_write_text, fsync_dir, fsync_tre
 from .errors import IntegrityError, PublishError
 from .export.files import MANIFEST
 from .layout import CURRENT, DataLayout
-from .export.manifest import read_manifest, verify_manifest
+from .export.manifest import read_manifest, record_published, verify_manifest
 
 if TYPE_CHECKING:
     from .infer import Runner
@@ -56,9 +56,11 @@ class VersionInfo:
     summary: dict[str, Any] = field(default_factory=dict)  # tasks, accuracies, export settings
     is_current: bool = False
     path: Path | None = None
+    published: str | None = None  # Manifest.published_at: the time every listing shows
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "created": self.created, "is_current": self.is_current, "path": str(self.path), **self.summary}
+        return {"name": self.name, "created": self.created, "published": self.published, "is_current": self.is_current, "path": str(self.path),
+                **self.summary}
 
 
 class ModelStore:
@@ -105,10 +107,10 @@ class ModelStore:
         for name in self.versions():
             try:
                 manifest = read_manifest(self.models / name)
-                created, summary = manifest.created, manifest.summary()
+                created, published, summary = manifest.created, manifest.published_at, manifest.summary()
             except IntegrityError as e:
-                created, summary = None, {"error": str(e)}
-            out.append(VersionInfo(name=name, created=created, summary=summary, is_current=name == cur, path=self.models / name))
+                created, published, summary = None, None, {"error": str(e)}
+            out.append(VersionInfo(name=name, created=created, summary=summary, is_current=name == cur, path=self.models / name, published=published))
         return out
 
     # ----------------------------------------------------------------- changes
@@ -152,6 +154,9 @@ class ModelStore:
                     os.rename(export_dir, staging)  # same filesystem only; OSError otherwise
                 else:
                     shutil.copytree(export_dir, staging, symlinks=False)
+                # the publish time in the version's own manifest (not hashed: the files'
+                # hashes stay valid), so every listing shows this one time; before the modes below
+                record_published(staging)
                 # copytree/rename keep the export's modes (0700/0600 from mkdtemp/mkstemp in
                 # older exports); clients in the service's group must be able to read it.
                 apply_default_modes(staging)
@@ -205,20 +210,31 @@ class ModelStore:
         log.info("removed model version", extra={"version": version})
 
     def _holding(self, export_dir: Path) -> str | None:
-        """The newest version whose manifest.json is byte for byte the export's: the manifest
-        hashes every file and records the job and its creation time, so equal bytes mean this
-        very export was published already (publish copies it unchanged and verifies the copy)."""
-        try:
-            want = (export_dir / MANIFEST).read_bytes()
-        except OSError:
+        """The newest version whose manifest.json is the export's but for the publish time: the
+        manifest hashes every file and records the job and its creation time, so equal content
+        means this very export was published already (publish copies it unchanged, adds
+        `published` and verifies the copy)."""
+        want = self._manifest_json(export_dir)
+        if want is None:
             return None
+        want.pop("published", None)
         for name in reversed(self.versions()):
-            try:
-                if (self.models / name / MANIFEST).read_bytes() == want:
+            have = self._manifest_json(self.models / name)
+            if have is not None:
+                have.pop("published", None)
+                if have == want:
                     return name
-            except OSError:
-                continue
         return None
+
+    @staticmethod
+    def _manifest_json(folder: Path) -> dict[str, Any] | None:
+        import json
+
+        try:
+            d = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        return d if isinstance(d, dict) else None
 
     def _last_removed(self) -> int:
         try:
@@ -303,6 +319,19 @@ def open_current(root: str | os.PathLike, *, execution_provider: str | None = No
     try:
         runner = open_model(folder, execution_provider=execution_provider)
     except FileNotFoundError as e:  # removed by gc between resolve and load: caller may retry
+        raise PublishError(f"{folder}: version disappeared while opening it: {e}") from e
+    runner.version = folder.name
+    return runner
+
+
+def open_version(root: str | os.PathLike, version: str, *, execution_provider: str | None = None) -> "Runner":
+    """Open one kept version by name ("v0003"), live or not. PublishError if it is not kept."""
+    from .infer import open_model
+
+    folder = ModelStore(root).path(version)
+    try:
+        runner = open_model(folder, execution_provider=execution_provider)
+    except FileNotFoundError as e:  # removed meanwhile
         raise PublishError(f"{folder}: version disappeared while opening it: {e}") from e
     runner.version = folder.name
     return runner

@@ -133,6 +133,7 @@ def export_adapter(
         generation=GenerationRule(cfg.export.parity_max_score_drop, cfg.export.parity_min_prefix_agreement, cfg.export.parity_prefix_words),
         history_file=history_file if cfg.export.skip_rejected_after > 0 else None,
         skip_policy=SkipPolicy(max(1, cfg.export.skip_rejected_after), cfg.export.retry_skipped_after),
+        threads=cfg.export.threads,
     )
 
 
@@ -194,7 +195,7 @@ def base_export(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]
         if not (export_dir / EXPORT_INFO).is_file():
             source = _base_source(root, base, cfg.model.chat_template)
             with atomic_dir(export_dir, overwrite=True) as tmp:
-                build_variant(source, tmp, target, variant, ep)
+                build_variant(source, tmp, target, variant, ep, cfg.export.threads)
             log.info("base exported for zero-shot and general-ability figures", extra={"base": base.name, "variant": variant.name})
         return export_dir
 

@@ -1,17 +1,21 @@
-"""`edgekif api`: an OpenAI-compatible HTTP endpoint for the live version (DATA_DIR/models/current).
+"""`edgekif api`: an OpenAI-compatible HTTP endpoint for every kept model version.
 
     POST /v1/chat/completions   chat.completion, or chat.completion.chunk server-sent events with stream=true
-    GET  /v1/models             the live version as "edgekif:vNNNN", plus the alias "edgekif"
+    POST /v1/completions        text_completion (the prompt as one user message through the chat template)
+    GET  /v1/models             every kept version ("edgekif:vNNNN") plus "edgekif" / "edgekif:latest" for the live one
     GET  /v1/models/{id}
+    GET  /health                liveness and the live version
+    GET  /metrics               Prometheus text format (service/api_metrics.py)
 
-Decoding is greedy, always: temperature, top_p, seed, stop, ... are accepted (clients send them
-by default) and ignored, so an answer equals `edgekif infer` / GenaiRunner.generate on the same
-messages. n must be 1.
+Model names: "edgekif" and "edgekif:latest" follow `current`; "edgekif:vNNNN" (or "vNNNN") pins a
+kept version, opened on demand and unloaded after keep_alive idle seconds (service/api_pool.py).
+Each request holds a lease on its runner, so a request that started (a stream included)
+finishes on the version it started on.
 
-Version switch: each request reads the `current` link (one readlink) and, when it names a new
-version, opens it before serving; the request then holds a lease on that runner, so a request
-that started (a stream included) finishes on the version it started on. A runner that is no
-longer live is dropped when its last lease is released.
+Decoding is greedy unless temperature > 0; temperature, top_p, top_k, seed, stop and
+repetition_penalty are honoured, anything that cannot be is refused with a 400 naming the
+parameter (service/api_params.py). Text is whole UTF-8 characters, in pieces that join to the
+answer (edgekif.decoding).
 
 Bounds (ApiSettings): body size (413), max_tokens (400, param max_tokens), and concurrency:
 `concurrency` generations run at once in a thread pool of that size (onnxruntime-genai blocks, the
@@ -22,6 +26,7 @@ bounded). Errors use OpenAI's body: {"error": {"message", "type", "param", "code
 
 
 import asyncio
+import datetime as _dt
 import json
 import logging
 import os
@@ -30,20 +35,25 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from edgekif.decoding import DecodingError
 from edgekif.errors import EdgekifError
-from edgekif.layout import DataLayout
+from edgekif.infer import Completion, ContextLengthError
 from edgekif.publish import VERSION_RE
+
+from .api_params import MODEL_NAME, ApiError, ApiLimits, GenRequest, parse_request
+from .api_pool import RunnerPool, Slot
+
+__all__ = ["ApiError", "ApiSettings", "create_app", "remove_stale_socket", "server_config", "serve", "RunnerPool", "Slot"]
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "edgekif"
 # Ollama listens on 11434; the next port lets both run side by side on one machine.
 DEFAULT_PORT = 11435
-ROLES = ("system", "user", "assistant")
+LATEST = f"{MODEL_NAME}:latest"
 
 
 @dataclass
@@ -52,269 +62,45 @@ class ApiSettings:
     max_tokens: int = 1024  # upper bound for max_tokens, and its value when a request gives none
     concurrency: int = 2  # generations at once (each uses several onnxruntime threads)
     queue: int = 16  # requests that may wait for a free generation slot; beyond: 429
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# --------------------------------------------------------------------------- runners
-
-
-@dataclass(eq=False)
-class Slot:
-    """One opened version and the number of requests using it."""
-
-    version: str
-    runner: Any
-    refs: int = 0
-
-
-class RunnerPool:
-    """The live runner plus older ones still used by requests in flight.
-
-    acquire() blocks (it may open a new version): call it from a worker thread. release() only
-    takes a short lock, so the event loop may call it.
-    """
-
-    def __init__(self, data_dir: str | os.PathLike, opener: Callable[[Path], Any] | None = None) -> None:
-        from edgekif.publish import open_current
-
-        self.data_dir = Path(data_dir)
-        self.link = DataLayout(self.data_dir).current
-        self._open = opener or open_current
-        self._load_lock = threading.Lock()  # one version opens at a time
-        self._lock = threading.Lock()  # guards refs, _live and _slots; held only briefly
-        self._live: Slot | None = None
-        self._slots: set[Slot] = set()  # every slot not yet closed (live + draining)
-        self._failed: str | None = None  # failed to open: not retried while an older one serves, until the link changes
-
-    def live_name(self) -> str | None:
-        """The version `current` names now (one readlink), or None if nothing is published."""
-        try:
-            name = os.path.basename(os.readlink(self.link).rstrip("/"))
-        except OSError:
-            return None
-        return name if VERSION_RE.match(name) else None
-
-    def open_versions(self) -> list[str]:
-        with self._lock:
-            return sorted(s.version for s in self._slots)
-
-    def acquire(self) -> Slot:
-        target = self.live_name()
-        with self._load_lock:
-            live = self._live
-            if target is not None and (live is None or (live.version != target and target != self._failed)):
-                self._switch(target)
-            with self._lock:
-                if self._live is None:
-                    raise ApiError(503, f"{self.link}: no model version is published yet", type="server_error", code="model_not_available")
-                self._live.refs += 1
-                return self._live
-
-    def release(self, slot: Slot) -> None:
-        with self._lock:
-            slot.refs -= 1
-            if slot.refs == 0 and slot is not self._live:
-                self._close(slot)
-
-    def close(self) -> None:
-        with self._lock:
-            for slot in list(self._slots):
-                self._close(slot)
-            self._live = None
-
-    def _switch(self, target: str) -> None:
-        t0 = time.perf_counter()
-        try:
-            runner = self._open(self.data_dir)  # resolves the link again: may be newer than target
-        except (EdgekifError, OSError) as e:
-            self._failed = target
-            log.error("cannot open the published version; serving the previous one", extra={"version": target, "error": str(e),
-                      "serving": self._live.version if self._live else None})
-            return
-        self._failed = None
-        slot = Slot(version=str(runner.version), runner=runner)
-        with self._lock:
-            old, self._live = self._live, slot
-            self._slots.add(slot)
-            if old is not None and old.refs == 0:
-                self._close(old)
-        log.info("serving model version", extra={"version": slot.version, "previous": old.version if old else None,
-                                                   "open_s": round(time.perf_counter() - t0, 3)})
-
-    def _close(self, slot: Slot) -> None:
-        """Drop a runner no request uses (caller holds _lock); onnxruntime frees it with the last reference."""
-        if slot not in self._slots:
-            return
-        self._slots.discard(slot)
-        close = getattr(slot.runner, "close", None)
-        if callable(close):
-            close()
-        slot.runner = None
-        log.info("closed model version", extra={"version": slot.version})
+    keep_alive: float = 300.0  # seconds a pinned (not live) version stays loaded after its last request (Ollama's default 5 min)
+    max_loaded: int = 3  # versions held in memory at once, the live one included (~300 MB each for SmolLM2 int8)
+    warmup: bool = False  # open the live version and generate one token at start, before the first request waits for it
 
 
 # --------------------------------------------------------------------------- generation
 
 
-@dataclass
-class Result:
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-
-
-def generate(runner: Any, messages: list[dict[str, str]], max_tokens: int, on_delta: Callable[[str], None] | None = None,
-             stop: threading.Event | None = None) -> Result:
-    """Greedy answer to chat messages; on_delta(text) gets the answer in pieces as it grows.
-
-    For an onnxruntime-genai runner this is GenaiRunner.generate_ids's loop, with EOS/length told
-    apart for finish_reason and an early stop when the client has gone. Pieces are differences of
-    decodes of the whole answer so far (a trailing partial UTF-8 character is held back), so they
-    join to exactly the non-streamed text.
-    """
-    from edgekif.infer import GenaiRunner
-
-    if not isinstance(runner, GenaiRunner):  # plain ONNX target: no incremental path, one piece
-        n_prompt = len(runner.chat_ids(messages))
-        ids = runner.generate_ids(messages, max_tokens)
-        text = runner.tokenizer.decode(ids, skip_special_tokens=True)
-        if on_delta and text:
-            on_delta(text)
-        return Result(text, n_prompt, len(ids), "length" if len(ids) >= max_tokens else "stop")
-
-    og, tok = runner._og, runner.tokenizer
-    ids = tok.encode(runner.chat_text(messages))
-    n_prompt = len(ids)
-    if n_prompt + 1 > runner.context_length:
-        raise ApiError(400, f"the messages take {n_prompt} tokens; the model's context length is {runner.context_length}",
-                       param="messages", code="context_length_exceeded")
-    gen = og.Generator(runner.model, runner._params(n_prompt, max_tokens))
-    gen.append_tokens(ids)
-    out: list[int] = []
-    sent = ""
-    finish = "length"
-    while len(out) < max_tokens:
-        if gen.is_done():  # context length reached
-            break
-        gen.generate_next_token()
-        token = int(gen.get_next_tokens()[0])
-        if token in runner.eos_ids:
-            finish = "stop"
-            break
-        out.append(token)
-        if on_delta is not None:
-            text = tok.decode(out)
-            if not text.endswith("\ufffd") and text.startswith(sent) and len(text) > len(sent):
-                on_delta(text[len(sent):])
-                sent = text
-        if stop is not None and stop.is_set():  # the client disconnected: nobody reads the rest
-            finish = "cancelled"
-            break
-    text = tok.decode(out)
-    if on_delta is not None and text.startswith(sent) and len(text) > len(sent):
-        on_delta(text[len(sent):])
-    return Result(text, n_prompt, len(out), finish)
-
-
-# --------------------------------------------------------------------------- requests
-
-
-@dataclass
-class ChatRequest:
-    model: str
-    messages: list[dict[str, str]]
-    max_tokens: int
-    stream: bool = False
-    include_usage: bool = False
-    ignored: list[str] = field(default_factory=list)
-
-
-def _content(value: Any, i: int) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # [{"type": "text", "text": ...}, ...]: text parts only
-        parts = []
-        for j, part in enumerate(value):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError(400, "only text content parts are supported", param=f"messages[{i}].content[{j}]")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(400, "content must be a string or a list of text parts", param=f"messages[{i}].content")
-
-
-def parse_chat_request(body: bytes, settings: ApiSettings) -> ChatRequest:
+def generate(runner: Any, req: GenRequest, on_delta: Callable[[str], None] | None = None,
+             stop: threading.Event | None = None) -> Completion:
+    """The answer to a request; on_delta(text) gets it in pieces as it grows (whole characters,
+    nothing past a stop string), joining to exactly the returned text."""
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    model = obj.get("model", MODEL_NAME)
-    if not isinstance(model, str):
-        raise ApiError(400, "model must be a string", param="model")
-    raw = obj.get("messages")
-    if raw is None:
-        raise ApiError(400, "missing required parameter: messages", param="messages", code="missing_required_parameter")
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise ApiError(400, "each message must be an object with role and content", param=f"messages[{i}]")
-        role = m.get("role")
-        if role == "developer":  # OpenAI's newer name for the system role
-            role = "system"
-        if role not in ROLES:
-            raise ApiError(400, f"role must be one of {', '.join(ROLES)} (got {role!r})", param=f"messages[{i}].role")
-        if "content" not in m or m["content"] is None:
-            raise ApiError(400, "missing content", param=f"messages[{i}].content")
-        messages.append({"role": role, "content": _content(m["content"], i)})
-    # max_completion_tokens is the newer name of max_tokens; either bounds the answer
-    param = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = obj.get(param)
-    if max_tokens is None:
-        max_tokens = settings.max_tokens
-    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ApiError(400, f"{param} must be a positive integer", param=param)
-    elif max_tokens > settings.max_tokens:
-        raise ApiError(400, f"{param} is {max_tokens}; this server allows at most {settings.max_tokens}", param=param, code="max_tokens_exceeded")
-    n = obj.get("n", 1)
-    if n not in (1, None):
-        raise ApiError(400, "only n=1 is supported (decoding is greedy: every choice would be the same)", param="n")
-    stream = obj.get("stream") or False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be a boolean", param="stream")
-    opts = obj.get("stream_options") or {}
-    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    ignored = sorted(k for k in ("temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
-                                  "logit_bias", "repetition_penalty") if obj.get(k) is not None)
-    return ChatRequest(model=model, messages=messages, max_tokens=max_tokens, stream=stream, include_usage=include_usage, ignored=ignored)
+        return runner.complete(req.messages, req.max_tokens, sampling=req.sampling, stops=req.stops, on_text=on_delta,
+                               cancel=stop.is_set if stop is not None else None)
+    except ContextLengthError as e:
+        raise ApiError(400, f"the messages take {e.prompt_tokens} tokens; the model's context length is {e.context_length}",
+                       param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded") from None
+    except DecodingError as e:
+        raise ApiError(400, str(e), param=e.param, code="unsupported_parameter") from None
+
+
+# --------------------------------------------------------------------------- model names
 
 
 def model_id(version: str) -> str:
     return f"{MODEL_NAME}:{version}"
 
 
-def check_model(name: str, live: str | None) -> None:
-    """Accept "edgekif", "edgekif:vNNNN" or "vNNNN" for the live version; anything else is 404."""
-    if live is None:
-        raise ApiError(503, "no model version is published yet", type="server_error", code="model_not_available")
-    if name not in (MODEL_NAME, model_id(live), live):
-        raise ApiError(404, f"The model `{name}` does not exist (this server serves `{MODEL_NAME}`, now `{model_id(live)}`)",
-                       param="model", code="model_not_found")
+def pinned_version(name: str) -> str | None:
+    """The version a model name pins ("edgekif:v0003" or "v0003"), None for the live aliases;
+    anything else is 404."""
+    if name in (MODEL_NAME, LATEST):
+        return None
+    version = name.removeprefix(f"{MODEL_NAME}:")
+    if VERSION_RE.match(version):
+        return version
+    raise ApiError(404, f"The model `{name}` does not exist (this server serves `{MODEL_NAME}`, `{LATEST}` and `{MODEL_NAME}:vNNNN` "
+                   "for each kept version: GET /v1/models)", param="model", code="model_not_found")
 
 
 class Limiter:
@@ -324,6 +110,10 @@ class Limiter:
         self.concurrency, self.queue = concurrency, queue
         self._sem = asyncio.Semaphore(concurrency)
         self.pending = 0  # holding or waiting
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.pending - self.concurrency)
 
     async def acquire(self) -> None:
         if self.pending >= self.concurrency + self.queue:
@@ -357,96 +147,178 @@ async def _read_body(request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def _usage(r: Completion) -> dict[str, int]:
+    n = len(r.ids)
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": n, "total_tokens": r.prompt_tokens + n}
 
 
-def _usage(r: Result) -> dict[str, int]:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "total_tokens": r.prompt_tokens + r.completion_tokens}
+def _epoch(iso: str | None) -> int:
+    try:
+        return int(_dt.datetime.fromisoformat(iso).timestamp()) if iso else 0
+    except ValueError:
+        return 0
 
 
-def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None, *, opener: Callable[[Path], Any] | None = None):
-    """The FastAPI app serving DATA_DIR/models/current. `opener(data_dir)` opens the live version
-    (default edgekif.publish.open_current; tests wrap it)."""
+class VersionCatalog:
+    """Kept versions and their manifests' figures, for /v1/models. A version folder never
+    changes, so its row is read once (a manifest holds every holdout answer: not per request)."""
+
+    def __init__(self, pool: RunnerPool) -> None:
+        self.pool = pool
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def _describe(self, name: str) -> dict[str, Any]:
+        if name not in self._rows:
+            from edgekif.export.manifest import read_manifest
+            from edgekif.errors import IntegrityError
+
+            try:
+                m = read_manifest(self.pool.store.models / name)
+            except IntegrityError as e:
+                return {"created": 0, "edgekif": {"version": name, "error": str(e)}}
+            self._rows[name] = {"created": _epoch(m.created), "edgekif": {
+                "version": name, "created": m.created, "tasks": m.task_names, "scores": m.scores or {}, "accuracies": m.accuracies,
+                "metrics": {t: s.get("metric") for t, s in (m.task_specs or {}).items()}, "export": m.export, "job_id": m.job_id}}
+        return self._rows[name]
+
+    def rows(self) -> list[dict[str, Any]]:
+        kept = self.pool.store.versions()
+        self._rows = {k: v for k, v in self._rows.items() if k in kept}
+        live = self.pool.live_name()
+        loaded = set(self.pool.open_versions())
+
+        def row(name: str, version: str) -> dict[str, Any]:
+            d = self._describe(version)
+            return {"id": name, "object": "model", "created": d["created"], "owned_by": MODEL_NAME,
+                    "edgekif": {**d["edgekif"], "live": version == live, "loaded": version in loaded}}
+
+        aliases = [row(MODEL_NAME, live), row(LATEST, live)] if live in kept else []
+        return aliases + [row(model_id(v), v) for v in reversed(kept)]  # newest first, as `ollama list`
+
+
+def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None, *, opener: Callable[[Path], Any] | None = None,
+               version_opener: Callable[[Path, str], Any] | None = None):
+    """The FastAPI app serving DATA_DIR/models/. `opener(data_dir)` opens the live version
+    (default edgekif.publish.open_current), `version_opener(data_dir, "vNNNN")` a pinned one
+    (default edgekif.publish.open_version); tests wrap them."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    from .api_metrics import AccessLog, ApiMetrics
 
     settings = settings or ApiSettings()
-    pool = RunnerPool(data_dir, opener)
+    limits = ApiLimits(max_tokens=settings.max_tokens)
+    pool = RunnerPool(data_dir, opener, version_opener=version_opener, keep_alive=settings.keep_alive, max_loaded=settings.max_loaded)
+    catalog = VersionCatalog(pool)
     executor = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="edgekif-gen")
     limiter: Limiter | None = None  # made on the server's event loop
+    metrics = ApiMetrics(queue_depth=lambda: limiter.waiting if limiter else 0,
+                         in_progress=lambda: min(limiter.pending, limiter.concurrency) if limiter else 0, loaded=pool.loaded)
+
+    async def sweeper() -> None:
+        # unloads idle pinned versions; a pass every few seconds costs a few stat() calls
+        while True:
+            await asyncio.sleep(max(0.05, min(settings.keep_alive / 4, 5.0)))
+            pool.sweep()
+
+    def warm_up() -> None:
+        from edgekif.decoding import GREEDY
+
+        t0 = time.perf_counter()
+        slot = pool.acquire()
+        try:  # one token: onnxruntime allocates its buffers on the first run
+            slot.runner.complete([{"role": "user", "content": "Hello"}], 1, sampling=GREEDY)
+        finally:
+            pool.release(slot)
+        log.info("warmed up the live version", extra={"version": slot.version, "s": round(time.perf_counter() - t0, 3)})
 
     @asynccontextmanager
     async def lifespan(app):
         nonlocal limiter
         limiter = Limiter(settings.concurrency, settings.queue)
         app.state.limiter = limiter
+        task = asyncio.create_task(sweeper())
+        if settings.warmup:
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, warm_up)
+            except (ApiError, EdgekifError) as e:  # nothing published yet: requests get 503 until something is
+                log.warning("warm-up skipped", extra={"error": getattr(e, "message", str(e))})
         try:
             yield
         finally:
+            task.cancel()
             executor.shutdown(wait=True)
             pool.close()
 
     app = FastAPI(title="edgekif", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pool, app.state.settings = pool, settings
+    app.state.pool, app.state.settings, app.state.metrics = pool, settings, metrics
     _install_error_handlers(app)
+    app.add_middleware(AccessLog, metrics=metrics, endpoints={"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
 
-    def _model_row(name: str, live: str) -> dict[str, Any]:
-        try:
-            created = int(os.stat(DataLayout(pool.data_dir).version(live)).st_mtime)
-        except OSError:
-            created = 0
-        return {"id": name, "object": "model", "created": created, "owned_by": MODEL_NAME}
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "live": pool.live_name(), "serving": pool.serving(), "loaded": pool.open_versions()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def list_models():
-        live = pool.live_name()
-        rows = [] if live is None else [_model_row(model_id(live), live), _model_row(MODEL_NAME, live)]
-        return {"object": "list", "data": rows}
+        return {"object": "list", "data": catalog.rows()}
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str):
-        live = pool.live_name()
-        check_model(name, live)
-        return _model_row(name, live)  # type: ignore[arg-type]
+        pinned_version(name)  # 404 for names that are no model
+        for row in catalog.rows():
+            if row["id"] == name or row["id"] == model_id(name):
+                return {**row, "id": name}
+        raise ApiError(404, f"The model `{name}` does not exist (kept: {', '.join(pool.store.versions()) or 'none'})", param="model",
+                       code="model_not_found")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_chat_request(await _read_body(request, settings.max_body_bytes), settings)
-        check_model(req.model, pool.live_name())
+    async def completion(request: Request, kind: str):
+        state = request.state
+        req = parse_request(await _read_body(request, settings.max_body_bytes), limits, kind)
+        state.model, state.stream = req.model, req.stream
+        pinned = pinned_version(req.model)
         assert limiter is not None
         await limiter.acquire()
         loop = asyncio.get_running_loop()
         try:
-            slot = await loop.run_in_executor(None, pool.acquire)  # may open a new version: off the event loop
+            slot = await loop.run_in_executor(None, pool.acquire, pinned)  # may open a version: off the event loop
         except BaseException:
             limiter.release()
             raise
-        if req.model not in (MODEL_NAME, model_id(slot.version), slot.version):  # a pinned version switched meanwhile
+        if pinned is not None and slot.version != pinned:  # `current` named it, but it failed to open: another serves
             pool.release(slot)
             limiter.release()
-            check_model(req.model, slot.version)
-        cid, created = _completion_id(), int(time.time())
-        head = {"id": cid, "created": created, "model": model_id(slot.version), "system_fingerprint": slot.version}
+            raise ApiError(503, f"version {pinned} cannot be opened now (see the server's log)", type="server_error", code="model_not_available")
+        state.version = slot.version
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id(slot.version),
+                "system_fingerprint": slot.version}
         headers = {"X-Edgekif-Version": slot.version}
-        if req.ignored:
-            log.debug("ignored sampling options (greedy decoding)", extra={"options": req.ignored})
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
         def push(item: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        def work() -> Result:
+        def work() -> Completion:
             # The lease and the slot live exactly as long as the generation, whatever the client
             # does: released here, not in the response, which may never be iterated.
             try:
-                return generate(slot.runner, req.messages, req.max_tokens, push if req.stream else None, stop)
+                return generate(slot.runner, req, push if req.stream else None, stop)
             finally:
                 pool.release(slot)
                 loop.call_soon_threadsafe(limiter.release)
 
-        t0 = time.perf_counter()
+        def account(r: Completion) -> None:
+            state.prompt_tokens, state.completion_tokens, state.finish_reason = r.prompt_tokens, len(r.ids), r.finish_reason
+            metrics.tokens.labels(slot.version).inc(len(r.ids))
+            metrics.prompt_tokens.labels(slot.version).inc(r.prompt_tokens)
+
         future = loop.run_in_executor(executor, work)
         if not req.stream:
             try:
@@ -456,17 +328,26 @@ def create_app(data_dir: str | os.PathLike, settings: ApiSettings | None = None,
             except Exception as e:
                 log.exception("generation failed", extra={"version": slot.version})
                 raise ApiError(500, f"generation failed: {e}", type="server_error") from e
-            log.info("chat completion", extra={"version": slot.version, "prompt_tokens": r.prompt_tokens,
-                                               "completion_tokens": r.completion_tokens, "s": round(time.perf_counter() - t0, 3)})
-            return JSONResponse({
-                **head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason, "logprobs": None}],
-                "usage": _usage(r),
-            }, headers=headers)
+            account(r)
+            if kind == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason, "logprobs": None}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                obj = "text_completion"
+            return JSONResponse({**head, "object": obj, "choices": [choice], "usage": _usage(r)}, headers=headers)
 
         future.add_done_callback(lambda f: events.put_nowait(f))  # runs on the loop: the end marker
-        return StreamingResponse(_sse(events, head, slot.version, req.include_usage, stop, t0), media_type="text/event-stream",
+        return StreamingResponse(_sse(events, head, kind, slot.version, req.include_usage, stop, account), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await completion(request, "chat")
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request):
+        return await completion(request, "text")
 
     return app
 
@@ -480,6 +361,7 @@ def _install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
+        request.state.error_code, request.state.error_param = e.code, e.param  # for the access log line
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -492,20 +374,27 @@ def _install_error_handlers(app: Any) -> None:
         return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
 
 
-async def _sse(events: asyncio.Queue, head: dict[str, Any], version: str, include_usage: bool, stop: threading.Event, t0: float) -> AsyncIterator[str]:
-    """A streamed chat completion: the tokens the worker pushes into `events`, then its end
+async def _sse(events: asyncio.Queue, head: dict[str, Any], kind: str, version: str, include_usage: bool, stop: threading.Event,
+               account: Callable[[Completion], None]) -> AsyncIterator[str]:
+    """A streamed completion: the text pieces the worker pushes into `events`, then its end
     (the finished future), as server-sent events."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        body = {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    def chunk(text: str | None, finish: str | None = None, *, first: bool = False) -> str:
+        if kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]}, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        if kind == "chat":
+            yield chunk(None, first=True)
         while True:
             item = await events.get()
             if isinstance(item, str):
-                yield chunk({"content": item})
+                yield chunk(item)
                 continue
             try:  # the future: generation ended
                 r = item.result()
@@ -516,12 +405,11 @@ async def _sse(events: asyncio.Queue, head: dict[str, Any], version: str, includ
                 log.exception("generation failed", extra={"version": version})
                 yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}', type='server_error').body())}\n\n"
                 return
-            yield chunk({}, "length" if r.finish_reason == "cancelled" else r.finish_reason)
+            account(r)
+            yield chunk(None, "length" if r.finish_reason == "cancelled" else r.finish_reason)
             if include_usage:
-                yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(r)})}\n\n"
+                yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': _usage(r)})}\n\n"
             yield "data: [DONE]\n\n"
-            log.info("chat completion (stream)", extra={"version": version, "prompt_tokens": r.prompt_tokens,
-                                                        "completion_tokens": r.completion_tokens, "s": round(time.perf_counter() - t0, 3)})
             return
     finally:
         stop.set()  # the client went away (or we are done): the worker stops at the next token
@@ -555,7 +443,7 @@ def server_config(app, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, soc
     """uvicorn's config; own_logging=False leaves uvicorn's loggers to the root handlers (JSON)."""
     import uvicorn
 
-    kw: dict[str, Any] = {"log_level": log_level, "access_log": False}  # one "chat completion" line per request instead
+    kw: dict[str, Any] = {"log_level": log_level, "access_log": False}  # our own "request" line per request instead (api_metrics)
     if not own_logging:
         kw["log_config"] = None
     if socket_path:
@@ -569,6 +457,12 @@ def serve(data_dir: str | os.PathLike, settings: ApiSettings, *, host: str = "12
     """Run the API in the foreground until SIGINT/SIGTERM (uvicorn handles both)."""
     import uvicorn
 
+    models = Path(data_dir) / "models"
+    if not Path(data_dir).is_dir():  # a typo in --data-dir would otherwise serve 503s forever
+        log.warning("the data directory does not exist", extra={"data_dir": str(data_dir)})
+        raise EdgekifError(f"{data_dir}: no such data directory (give the daemon's --data-dir)")
+    if not models.is_dir():
+        log.warning("nothing published yet: requests get 503 until the daemon publishes a version", extra={"models": str(models)})
     config = server_config(create_app(data_dir, settings), host=host, port=port, socket_path=socket_path, own_logging=False)
     server = uvicorn.Server(config)
     server.run()

@@ -68,8 +68,11 @@ def cmd_api(args) -> int:
     logging.getLogger().handlers.clear()
     for handler in setup_logging(None, level=logging.DEBUG if args.verbose else logging.INFO):
         handler.addFilter(_drop_color_message)
-    settings = ApiSettings(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, concurrency=args.concurrency, queue=args.queue)
-    for name in ("max_body_bytes", "max_tokens", "concurrency"):
+    settings = ApiSettings(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, concurrency=args.concurrency, queue=args.queue,
+                           keep_alive=args.keep_alive, max_loaded=args.max_loaded, warmup=args.warmup)
+    if settings.keep_alive < 0:
+        raise EdgekifError("--keep-alive must be 0 or more seconds")
+    for name in ("max_body_bytes", "max_tokens", "concurrency", "max_loaded"):
         if getattr(settings, name) < 1:
             raise EdgekifError(f"--{name.replace('_', '-')} must be at least 1")
     if settings.queue < 0:
@@ -99,6 +102,10 @@ def add_daemon_commands(add: CommandAdder) -> None:
     sp.add_argument("--queue", type=int, default=d.queue, help=f"requests that may wait for a slot; beyond that 429 (default {d.queue})")
     sp.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"largest max_tokens a request may ask for, and the default (default {d.max_tokens})")
     sp.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help=f"largest request body; beyond that 413 (default {d.max_body_bytes})")
+    sp.add_argument("--keep-alive", type=float, default=d.keep_alive, metavar="SECONDS",
+                    help=f"how long a version a request pinned by name stays loaded after its last request (default {d.keep_alive:g})")
+    sp.add_argument("--max-loaded", type=int, default=d.max_loaded, help=f"versions held in memory at once, the live one included (default {d.max_loaded})")
+    sp.add_argument("--warmup", action="store_true", help="load the live version and run one token at start (default: on the first request)")
 
 
 def main(argv: list[str] | None = None) -> int:

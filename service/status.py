@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekif.config import Config
+from edgekif.errors import ConfigError, IntegrityError
+from edgekif.export.manifest import read_manifest
 from edgekif.layout import DataLayout
 
 from .jobs import Job, JobStore
@@ -88,9 +90,29 @@ def progress_view(prog: dict[str, Any] | None, stage: str | None, now: float) ->
     return out
 
 
+def require_data_dir(layout: DataLayout) -> None:
+    """A data dir that does not exist is a mistyped --data-dir or a daemon never started: say
+    so (ConfigError, exit 2) instead of showing it as an empty queue."""
+    if not layout.root.is_dir():
+        raise ConfigError(f"data dir {layout.root} does not exist (a typo in --data-dir / EDGEKIF_DATA_DIR, or `edgekif serve` never ran there)")
+
+
+def _published_at(layout: DataLayout, version: str | None) -> str | None:
+    """A version's publish time from its manifest (Manifest.published_at), the one source
+    `edgekif models list` reads too; None when the folder is gone or unreadable."""
+    if not version:
+        return None
+    try:
+        return read_manifest(layout.models / version).published_at
+    except IntegrityError:
+        return None
+
+
 def status(config: Config) -> dict[str, Any]:
-    """Everything `edgekif status` shows, as plain data (also fine for `--json`)."""
+    """Everything `edgekif status` shows, as plain data (also fine for `--json`).
+    ConfigError when the data dir does not exist."""
     layout = DataLayout(config.data_path)
+    require_data_dir(layout)
     runtime = read_json(layout.runtime_file)
     running = bool(runtime and runtime.get("state") in ("running", "stopping") and _pid_alive(int(runtime.get("pid", 0))))
     out: dict[str, Any] = {
@@ -136,7 +158,8 @@ def status(config: Config) -> dict[str, Any]:
                 "version": pub.version,
                 "job_id": pub.id,
                 "file": pub.file_name,
-                "published_at": pub.updated_at,
+                # the manifest's (as `models list`), not the job row's last change
+                "published_at": _published_at(layout, pub.version) or pub.updated_at,
                 "accuracies": pub.metrics.get("evaluate", {}).get("accuracies", {}),
             }
         out["counts"] = store.state_counts()
@@ -145,8 +168,11 @@ def status(config: Config) -> dict[str, Any]:
 
 
 def list_jobs(config: Config, limit: int | None = None) -> list[dict[str, Any]]:
-    """`edgekif jobs`: every job, newest first (a summary each)."""
+    """`edgekif jobs`: every job, newest first (a summary each). A job's version that is no
+    longer under models/ (`models rm`, gc) has `version_removed` True. ConfigError when the
+    data dir does not exist."""
     layout = DataLayout(config.data_path)
+    require_data_dir(layout)
     if not layout.state_db.exists():
         return []
     with JobStore(layout.state_db) as store:
@@ -154,6 +180,8 @@ def list_jobs(config: Config, limit: int | None = None) -> list[dict[str, Any]]:
         for j in store.jobs(limit=limit, newest_first=True):
             row = _job_summary(j)
             row["task"] = (store.task(j.task_id) or {}).get("name") if j.task_id is not None else None
+            if j.version:
+                row["version_removed"] = not (layout.models / j.version).is_dir()
             out.append(row)
         return out
 
@@ -161,10 +189,14 @@ def list_jobs(config: Config, limit: int | None = None) -> list[dict[str, Any]]:
 def format_jobs(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no jobs yet"
-    lines = [f"{'ID':>5}  {'FILE':<28} {'TASK':<20} {'STATE':<10} {'TRIES':>5} {'VERSION':<8} UPDATED / ERROR"]
+    def version(r: dict[str, Any]) -> str:
+        return (r.get("version") or "-") + (" (removed)" if r.get("version_removed") else "")
+
+    width = max([8] + [len(version(r)) for r in rows])
+    lines = [f"{'ID':>5}  {'FILE':<28} {'TASK':<20} {'STATE':<10} {'TRIES':>5} {'VERSION':<{width}} UPDATED / ERROR"]
     for r in rows:
         tail = r["updated_at"] + (f"  {_clip(r['error'], 60)}" if r.get("error") else "")
-        lines.append(f"{r['id']:>5}  {_clip(r['file'], 28):<28} {_clip(r.get('task') or '-', 20):<20} {r['state']:<10} {r['attempts']:>5} {r.get('version') or '-':<8} {tail}")
+        lines.append(f"{r['id']:>5}  {_clip(r['file'], 28):<28} {_clip(r.get('task') or '-', 20):<20} {r['state']:<10} {r['attempts']:>5} {version(r):<{width}} {tail}")
     return "\n".join(lines)
 
 

@@ -190,19 +190,19 @@ def test_chat_completions_equal_genai_runner(data_dir, reference):
     with running(create_app(data_dir)) as url:
         c = client(url)
         for messages in CHATS:
-            r = c.chat.completions.create(model="edgekif", messages=messages, max_tokens=MAX, temperature=0.7, top_p=0.9, seed=3)
+            r = c.chat.completions.create(model="edgekif", messages=messages, max_tokens=MAX, temperature=0, top_p=0.9, seed=3)
             ids = ref.generate_ids(messages, MAX)
             assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
             assert r.model == "edgekif:v0001" and r.system_fingerprint == "v0001"
             assert len(r.choices) == 1 and r.choices[0].message.role == "assistant"
-            assert r.choices[0].message.content == ref.generate(messages, MAX)  # greedy whatever the sampling options
+            assert r.choices[0].message.content == ref.generate(messages, MAX)  # temperature 0: greedy (top_p, seed change nothing)
             assert r.choices[0].finish_reason == ("length" if len(ids) == MAX else "stop")
             prompt = len(ref.tokenizer.encode(ref.chat_text(messages)))
             assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt, len(ids), prompt + len(ids))
         # the answers differ across prompts: equality above is not between constant strings
         assert len({ref.generate(m, MAX) for m in CHATS}) > 1
-        # the live version's own name and the pinned id are accepted too
-        for name in ("v0001", "edgekif:v0001"):
+        # the live version's own name, the pinned id and :latest are accepted too
+        for name in ("v0001", "edgekif:v0001", "edgekif:latest"):
             r = c.chat.completions.create(model=name, messages=CHATS[0], max_tokens=3)
             assert r.choices[0].message.content == ref.generate(CHATS[0], 3)
             assert r.usage.completion_tokens == len(ref.generate_ids(CHATS[0], 3))
@@ -241,7 +241,7 @@ def test_streaming_chunks_join_to_the_same_answer(data_dir, reference):
 def test_models_list_and_retrieve(data_dir):
     with running(create_app(data_dir)) as url:
         c = client(url)
-        assert [m.id for m in c.models.list().data] == ["edgekif:v0001", "edgekif"]
+        assert [m.id for m in c.models.list().data] == ["edgekif", "edgekif:latest", "edgekif:v0001"]
         assert c.models.retrieve("edgekif").owned_by == "edgekif"
         with pytest.raises(openai.NotFoundError):
             c.models.retrieve("gpt-4o")
@@ -266,7 +266,7 @@ def test_version_switch_during_a_stream(data_dir, exports, reference):
         assert ModelStore(data_dir).publish(exports["v2"]) == "v0002"
         r = c.chat.completions.create(model="edgekif", messages=messages, max_tokens=MAX)
         assert r.model == "edgekif:v0002" and r.choices[0].message.content == reference["v2"].generate(messages, MAX)
-        assert [m.id for m in c.models.list().data] == ["edgekif:v0002", "edgekif"]
+        assert [m.id for m in c.models.list().data] == ["edgekif", "edgekif:latest", "edgekif:v0002", "edgekif:v0001"]
         assert app.state.pool.open_versions() == ["v0001", "v0002"]  # v0001 still serves the stream
 
         gate.release.set()
@@ -279,9 +279,10 @@ def test_version_switch_during_a_stream(data_dir, exports, reference):
 
         r = c.chat.completions.create(model="edgekif", messages=messages, max_tokens=MAX)
         assert r.model == "edgekif:v0002"
-        # the old version's pinned name is no longer served
-        with pytest.raises(openai.NotFoundError):
-            c.chat.completions.create(model="v0001", messages=messages, max_tokens=2)
+        # the old version is kept: its pinned name still answers, from v0001, and the live one stays v0002
+        r = c.chat.completions.create(model="v0001", messages=messages, max_tokens=MAX)
+        assert r.model == "edgekif:v0001" and r.choices[0].message.content == reference["v1"].generate(messages, MAX)
+        assert c.chat.completions.create(model="edgekif", messages=messages, max_tokens=2).model == "edgekif:v0002"
 
 
 def test_a_version_that_fails_to_open_leaves_the_previous_one_serving(data_dir, exports, reference):
@@ -416,7 +417,7 @@ def test_unix_socket(data_dir, tmp_path):
             while chunk := s.recv(65536):
                 data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["data"][0]["id"] == "edgekif:v0001"
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["data"][-1]["id"] == "edgekif:v0001"
     # a socket file left behind by a dead server is removed; a live one or a regular file is refused
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(str(tmp_path / "stale.sock"))
@@ -436,3 +437,190 @@ def test_cli_api_parses_the_options():
     args = build_parser(add_daemon_commands).parse_args(["api", "--data-dir", "/d", "--port", "9000", "--socket", "/run/x.sock", "--queue", "0"])
     assert (args.port, args.host, args.socket, args.queue, args.concurrency, args.max_tokens) == (9000, "127.0.0.1", "/run/x.sock", 0, 2, 1024)
     assert build_parser(add_daemon_commands).parse_args(["api"]).port == 11435
+
+
+# --------------------------------------------------------------------------- issue 23: versions, parameters, operations
+
+
+def test_every_kept_version_is_addressable(data_dir, exports, reference):
+    ModelStore(data_dir).publish(exports["v2"])  # live: v0002; v0001 kept
+    app = create_app(data_dir, ApiSettings(keep_alive=0))
+    with running(app) as url:
+        c = client(url)
+        rows = {m.id: m for m in c.models.list().data}
+        assert list(rows) == ["edgekif", "edgekif:latest", "edgekif:v0002", "edgekif:v0001"]
+        assert rows["edgekif"].model_extra["edgekif"]["version"] == "v0002" and rows["edgekif:v0001"].created > 0
+        assert rows["edgekif:v0001"].model_extra["edgekif"]["live"] is False and "accuracies" in rows["edgekif:v0001"].model_extra["edgekif"]
+        assert c.models.retrieve("edgekif:v0001").id == "edgekif:v0001"
+        r = c.chat.completions.create(model="edgekif:v0001", messages=CHATS[2], max_tokens=MAX)
+        assert r.model == "edgekif:v0001" and r.choices[0].message.content == reference["v1"].generate(CHATS[2], MAX)
+        assert app.state.pool.open_versions() == []  # keep_alive 0: unloaded after the request; the live one loads on its first
+        assert c.chat.completions.create(model="edgekif", messages=CHATS[2], max_tokens=2).model == "edgekif:v0002"
+        assert app.state.pool.serving() == "v0002" and app.state.pool.open_versions() == ["v0002"]
+        ModelStore(data_dir).remove("v0001")
+        status, _, body = post_chat(url, {"model": "edgekif:v0001", "messages": CHATS[0]})
+        assert status == 404 and "v0001 was removed" in body["error"]["message"]
+        assert_error(body, param="model", code="model_not_found")
+
+
+def test_sampling_is_seeded_and_stop_strings_cut(data_dir, reference):
+    ref = reference["v1"]
+    greedy = ref.generate(CHATS[0], MAX)
+    with running(create_app(data_dir)) as url:
+        c = client(url)
+        a, b = (c.chat.completions.create(model="edgekif", messages=CHATS[1], max_tokens=MAX, temperature=0.7, seed=1).choices[0].message.content
+                for _ in range(2))
+        assert a == b
+        others = {c.chat.completions.create(model="edgekif", messages=CHATS[1], max_tokens=MAX, temperature=1.5, seed=s).choices[0].message.content
+                  for s in range(2, 6)}
+        assert len(others | {a}) > 1  # the seed matters: sampling is really on
+        assert c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX,
+                                         extra_body={"top_k": 5, "repetition_penalty": 1.0}).choices[0].message.content == greedy
+        stop = greedy[3:5]
+        assert stop and greedy.find(stop) >= 0
+        r = c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX, stop=[stop])
+        assert r.choices[0].message.content == greedy[: greedy.find(stop)] and r.choices[0].finish_reason == "stop"
+        chunks = list(c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=MAX, stop=stop, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == greedy[: greedy.find(stop)]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"n": 2}, "n"), ({"functions": [{"name": "f"}]}, "functions"), ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"presence_penalty": 1}, "presence_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"), ({"min_p": 0.1}, "min_p"),
+    ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"seed": -1}, "seed"), ({"stop": [""]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+])
+def test_unsupported_parameters_are_refused_by_name(data_dir, extra, param):
+    app = create_app(data_dir)
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as tc:
+        r = tc.post("/v1/chat/completions", json={"messages": CHATS[0], "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+        # their no-op values are accepted (clients send defaults)
+        ok = tc.post("/v1/chat/completions", json={"messages": CHATS[0], "max_tokens": 2, "n": 1, "frequency_penalty": 0, "presence_penalty": 0,
+                                                    "logprobs": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+                                                    "user": "u1", "logit_bias": {}})
+        assert ok.status_code == 200, ok.json()
+
+
+def test_text_completions_health_metrics_and_access_log(data_dir, reference, caplog):
+    import logging
+
+    ref = reference["v1"]
+    as_chat = [{"role": "user", "content": "Hello there"}]
+    caplog.set_level(logging.INFO, logger="edgekif.api.access")
+    with running(create_app(data_dir)) as url:
+        c = client(url)
+        r = c.completions.create(model="edgekif", prompt="Hello there", max_tokens=MAX)
+        assert r.object == "text_completion" and r.choices[0].text == ref.generate(as_chat, MAX) and r.model == "edgekif:v0001"
+        r = c.completions.create(model="edgekif", prompt=["Hello there"], max_tokens=MAX, stream=True)
+        assert "".join(ch.choices[0].text for ch in r if ch.choices) == ref.generate(as_chat, MAX)
+        status, _, body = raw(url, "POST", "/v1/completions", json.dumps({"prompt": "x", "echo": True}).encode())
+        assert status == 400 and body["error"]["param"] == "echo"
+        status, _, body = raw(url, "POST", "/v1/completions", json.dumps({"prompt": ["a", "b"]}).encode())
+        assert status == 400 and body["error"]["param"] == "prompt"
+        assert raw(url, "GET", "/health")[:3:2] == (200, {"status": "ok", "live": "v0001", "serving": "v0001", "loaded": ["v0001"]})
+        conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+    assert 'edgekif_api_requests_total{endpoint="/v1/completions",status="200"} 2.0' in text
+    assert 'edgekif_api_requests_total{endpoint="/v1/completions",status="400"} 2.0' in text
+    assert "edgekif_api_request_seconds_bucket" in text and 'edgekif_api_tokens_generated_total{version="v0001"}' in text
+    assert "edgekif_api_queue_depth 0.0" in text and "edgekif_api_loaded_versions 1.0" in text
+    lines = [r for r in caplog.records if r.name == "edgekif.api.access"]
+    assert any(r.status == 400 and r.error_param == "echo" for r in lines)
+    assert any(r.status == 200 and r.version == "v0001" and r.completion_tokens > 0 for r in lines)
+
+
+class _ScriptedOg:
+    """onnxruntime-genai with a generator that emits given tokens: answers with multi-byte characters."""
+
+    def __init__(self, og, tokens):
+        self._og, self._tokens = og, tokens
+
+    def __getattr__(self, name):
+        return getattr(self._og, name)
+
+    def Generator(self, model, params):  # noqa: N802
+        outer = self
+
+        class Gen:
+            def __init__(self):
+                self.i = -1
+
+            def append_tokens(self, ids):
+                pass
+
+            def is_done(self):
+                return False
+
+            def generate_next_token(self):
+                self.i += 1
+
+            def get_next_tokens(self):
+                return [outer._tokens[min(self.i, len(outer._tokens) - 1)]]
+
+        return Gen()
+
+
+def test_answers_are_whole_utf8_characters(data_dir):
+    text = "héllo 😀 中"
+    runner = open_current(data_dir)
+    eos = next(iter(runner.eos_ids))
+    tokens = [int(t) for t in runner.tokenizer.encode(text)] + [eos]
+    assert len(tokens) > len(text) + 1  # byte-level: the emoji and the CJK take several tokens each
+    runner._og = _ScriptedOg(runner._og, tokens)
+    emoji_end = text.index("😀") + 1
+    cut = len(text[:emoji_end].encode()) - 1  # max_tokens ending inside the emoji
+    with running(create_app(data_dir, opener=lambda _: runner)) as url:
+        c = client(url)
+        assert c.chat.completions.create(model="edgekif", messages=CHATS[0]).choices[0].message.content == text
+        chunks = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(model="edgekif", messages=CHATS[0], stream=True) if ch.choices]
+        assert "".join(chunks) == text and not any("\ufffd" in p for p in chunks)
+        r = c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=cut)
+        assert r.choices[0].message.content == text[: emoji_end - 1] and r.choices[0].finish_reason == "length"
+        chunks = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(model="edgekif", messages=CHATS[0], stream=True, max_tokens=cut)
+                  if ch.choices]
+        assert "".join(chunks) == text[: emoji_end - 1]
+    pieces: list[str] = []
+    assert runner.generate("x", cut, stream_callback=pieces.append) == text[: emoji_end - 1] == "".join(pieces)  # edgekif infer's path
+
+
+def test_one_prompt_rule_for_the_api_and_infer(data_dir, reference, tmp_path, capsys):
+    from edgekif.cli import _read_prompts
+    from edgekif.errors import ValidationError
+    from service.cli import main
+
+    shapes = [
+        ([{"role": "user", "content": "hi"}, {"role": "system", "content": "S"}], "messages[1].role", "a system message may only come first"),
+        ([{"role": "assistant", "content": "A"}], "messages[0].role", "the message before the answer must be the user's"),
+        ([{"role": "user", "content": "  "}], "messages[0].content", "is empty"),
+    ]
+    with running(create_app(data_dir)) as url:
+        for messages, param, message in shapes:
+            status, _, body = post_chat(url, {"messages": messages})
+            assert status == 400 and body["error"]["param"] == param and message in body["error"]["message"], body
+            f = tmp_path / "p.jsonl"
+            f.write_text(json.dumps({"messages": messages}) + "\n")
+            with pytest.raises(ValidationError) as e:
+                _read_prompts(str(f))
+            assert e.value.field == param and e.value.message == body["error"]["message"]
+        # a final assistant message is a task file's answer: not part of the prompt, in both
+        with_answer = CHATS[0] + [{"role": "assistant", "content": "an answer"}]
+        status, _, body = post_chat(url, {"messages": with_answer, "max_tokens": MAX})
+        assert status == 200 and body["choices"][0]["message"]["content"] == reference["v1"].generate(CHATS[0], MAX)
+    # edgekif infer: a kept version by name; a missing data dir for the API is an error
+    assert main(["infer", "--model", "v0001", "--max-new-tokens", str(MAX), "--data-dir", str(data_dir), "Hello there"]) == 0
+    assert capsys.readouterr().out == reference["v1"].generate("Hello there", MAX) + "\n"
+    assert main(["api", "--data-dir", str(tmp_path / "nonexistent")]) != 0
+    assert "no such data directory" in capsys.readouterr().err
+
+
+def test_warmup_opens_the_live_version_at_start(data_dir):
+    app = create_app(data_dir, ApiSettings(warmup=True))
+    with running(app):
+        assert app.state.pool.open_versions() == ["v0001"]

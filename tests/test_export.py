@@ -159,7 +159,7 @@ def test_genai_export_passes_the_answer_check_and_has_the_client_files(genai_fp3
     assert parity["accuracy"] is None  # prompts without labels: agreement only
     assert manifest["accuracies"] == {} and manifest["accuracies_measured_by"]["runtime"].startswith("onnxruntime-genai ")
     assert manifest["reference"]["runtime"].startswith("pytorch ")
-    assert manifest["export"] == {"target": "genai", "precision": "fp32", "execution_provider": "cpu"}
+    assert {k: v for k, v in manifest["export"].items() if k != "session_options"} == {"target": "genai", "precision": "fp32", "execution_provider": "cpu"}
     assert manifest["tasks"] == manifest_info["tasks"]
     assert manifest["base_model"] == {"id": "tiny-llama", "sha256": "ab" * 32}
     assert manifest["adapter_sha256"] == manifest_info["adapter_sha256"]
@@ -239,6 +239,45 @@ def test_an_export_that_cannot_answer_fails_once_with_the_reason(genai_fp32, tmp
     assert _deterministic(RuntimeError("KV cache capacity (32) must be at least local_window_size (512)"))
 
 
+def test_a_genai_export_carries_its_decoder_threads_and_the_manifest_records_them(genai_fp32, fused, tmp_path):
+    """onnxruntime-genai's own default ran the decoder on one core here: every genai export
+    writes its threads into genai_config.json (where `og.Model(folder)` reads them), before the
+    manifest hashes the folder; 0 (the default) is the physical cores, N is N."""
+    from edgekif.config import Config, validate_config
+    from edgekif.export.build import build_variant, physical_cores
+    from edgekif.infer import GenaiRunner
+
+    def decoder_options(folder):
+        return json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+
+    manifest = verify_manifest(genai_fp32)
+    cores = physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert decoder_options(genai_fp32)["intra_op_num_threads"] == cores
+    assert manifest.export["session_options"]["intra_op_num_threads"] == cores and manifest.threads == cores
+    assert manifest.export_settings.keys() == {"target", "precision", "execution_provider", "builder_options"}  # not a like-for-like key
+
+    out = tmp_path / "three"
+    build_variant(fused["fused"], out, "genai", ExportVariant("fp32"), "cpu", 3)
+    assert decoder_options(out)["intra_op_num_threads"] == 3 and decoder_options(out)["log_id"] == "onnxruntime-genai"  # merged, not replaced
+    write_manifest(out)
+    assert verify_manifest(out).threads == 3
+    assert GenaiRunner(out).generate([{"role": "user", "content": "Hi"}], 2) is not None  # the runtime accepts the options
+
+    cfg = Config()
+    assert cfg.export.threads == 0
+    cfg.export.threads = -1
+    with pytest.raises(ConfigError, match="export.threads"):
+        validate_config(cfg)
+
+
+def test_an_older_manifest_without_session_options_still_reads(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"model.onnx": "0" * 64}, "export": {"target": "genai", "precision": "int8"}}))
+    manifest = read_manifest(tmp_path)
+    assert manifest.session_options == {} and manifest.threads is None
+
+
 def test_manifest_accuracies_are_what_a_separate_client_measures(fused, tmp_path):
     """Labels chosen so the fp32 model gets 2 of 3 right: the manifest's exact match is the
     export's own, and a client running the published files (onnxruntime-genai, whole records
@@ -269,9 +308,9 @@ def _int8_answers_as_the_base(fused, monkeypatch) -> list[str]:
     real_build = export_mod.build_variant
     built: list[str] = []
 
-    def build(src, dest, target, variant, ep):
+    def build(src, dest, target, variant, ep, *rest):
         built.append(variant.name)
-        real_build(fused["base"] if variant.precision == "int8" else src, dest, target, variant, ep)
+        real_build(fused["base"] if variant.precision == "int8" else src, dest, target, variant, ep, *rest)
 
     monkeypatch.setattr(export_mod, "build_variant", build)
     return built
@@ -291,6 +330,32 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
     assert rejected["precision"] == "int8" and rejected["passed"] is False and rejected["agreement"] < 0.95
     assert rejected["n"] == len(PROMPTS) and "agree with the fp32 model" in rejected["reasons"][0]
     assert manifest["parity"]["agreement"] == 1.0
+
+
+def test_a_variant_that_cannot_build_or_answer_is_rejected_and_the_next_tried(fused, tmp_path, monkeypatch):
+    """A variant whose build (or answers) fail every time is rejected like one whose answers
+    differ: the next precision is built and published; the manifest names the failure. Only the
+    last variant's failure ends the export."""
+    from edgekif.export import build as export_mod
+
+    monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (ExportVariant("int8"), ExportVariant("fp32")))
+    real_build = export_mod.build_variant
+
+    def build(src, dest, target, variant, ep, *rest):
+        if variant.precision == "int8":
+            raise ExportError("onnxruntime-genai builder failed (exit 1): KeyError 'rope_type'", permanent=True)
+        real_build(src, dest, target, variant, ep, *rest)
+
+    monkeypatch.setattr(export_mod, "build_variant", build)
+    out = export_model(fused["fused"], tmp_path / "auto", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout())
+    manifest = verify_manifest(out).to_dict()
+    assert manifest["export"]["precision"] == "fp32"
+    (rejected,) = manifest["parity_rejected"]
+    assert rejected["variant"] == "int8" and "rope_type" in rejected["reasons"][0]
+    monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (ExportVariant("int8"),))
+    with pytest.raises(ExportError, match="rope_type") as e:
+        export_model(fused["fused"], tmp_path / "only", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout())
+    assert e.value.permanent and not (tmp_path / "only").exists()
 
 
 def test_a_variant_this_base_keeps_failing_is_skipped_and_the_manifest_says_so(fused, tmp_path, monkeypatch):

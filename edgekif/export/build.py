@@ -13,7 +13,9 @@ Two export targets:
          output logits, no KV cache (each step re-reads the whole sequence). For runtimes without
          onnxruntime-genai; optional int8 dynamic quantisation.
 
-Each builder writes export_info.json (edgekif.export.files) and the fused model's chat template.
+Each builder writes export_info.json (edgekif.export.files) and the fused model's chat template;
+the genai builder also the decoder's CPU threads into genai_config.json (session_options), so
+`onnxruntime_genai.Model(folder)` alone decodes as fast as the export was measured.
 """
 
 from __future__ import annotations
@@ -120,22 +122,24 @@ def export_genai(
     precision: str = "int4",
     execution_provider: str = "cpu",
     builder_options: dict[str, str] | None = None,
+    threads: int = 0,
 ) -> Path:
     """Build an onnxruntime-genai model folder from a fused HF folder (atomically into out_dir).
 
-    builder_options are the builder's `--extra_options` (key=value).
+    builder_options are the builder's `--extra_options` (key=value); threads: the decoder's
+    CPU threads (0 = physical_cores()).
     """
     _, precision, execution_provider = resolve_export_settings("genai", precision, execution_provider)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        _build_genai(Path(fused_dir), tmp, precision, execution_provider, builder_options)
+        _build_genai(Path(fused_dir), tmp, precision, execution_provider, builder_options, threads)
     return out_dir
 
 
 GENAI_CACHE_PREFIX = "edgekif-genai-cache-"  # + "<pid>-": start-up cleanup skips live pids
 
 
-def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_options: dict[str, str] | None = None) -> None:
+def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_options: dict[str, str] | None = None, threads: int = 0) -> None:
     if not (fused_dir / "config.json").is_file():
         raise ExportError(f"{fused_dir}: not a Hugging Face model folder (no config.json)")
     # The pid in the name lets the daemon's start-up cleanup remove caches of dead processes
@@ -161,7 +165,54 @@ def _build_genai(fused_dir: Path, dest: Path, precision: str, ep: str, builder_o
         if not (dest / required).is_file():
             raise ExportError(f"onnxruntime-genai builder wrote no {required} into {dest}:\n{output[-3000:]}")
     _ensure_chat_template(fused_dir, dest)
-    write_export_info(dest, "genai", precision, ep, builder_options=options)
+    # before export_info and long before the manifest hashes the folder (write_manifest)
+    session = write_session_options(dest, threads)
+    write_export_info(dest, "genai", precision, ep, builder_options=options, session_options=session)
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on: the CPUs of os.sched_getaffinity (what a
+    taskset or systemd CPUAffinity= leaves; os.cpu_count() counts the whole machine) counted
+    once per (package, core) in /sys topology, so hyperthread siblings count once. Falls back
+    to the affinity's CPU count where the topology is unreadable, then to os.cpu_count()."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def session_options(threads: int = 0) -> dict[str, int]:
+    """The decoder session options every genai export carries (threads 0 = physical_cores()).
+
+    Only the intra-op threads: onnxruntime-genai runs its sessions sequentially, where
+    onnxruntime uses no inter-op pool, so inter_op_num_threads changes nothing (measured within
+    noise); spinning cannot be turned off from genai_config.json (0.18 refuses config_entries)."""
+    if threads < 0:
+        raise ConfigError(f"export.threads: {threads} must be >= 0 (0 = the physical cores)")
+    return {"intra_op_num_threads": threads or physical_cores()}
+
+
+def write_session_options(folder: Path, threads: int = 0) -> dict[str, int]:
+    """Merge session_options(threads) into the folder's genai_config.json
+    (model.decoder.session_options, where onnxruntime-genai reads them); returns them."""
+    options = session_options(threads)
+    path = folder / GENAI_CONFIG
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        decoder = cfg["model"]["decoder"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{path}: cannot set the session options, not an onnxruntime-genai config: {e}", permanent=True) from e
+    decoder["session_options"] = {**(decoder.get("session_options") or {}), **options}
+    atomic_write_json(path, cfg)  # clients open this file
+    return options
 
 
 def _chat_template(folder: Path) -> str | None:
@@ -331,9 +382,10 @@ def export_candidates(target: str, precision: str, ep: str, requested: str, buil
     return [ExportVariant(precision, tuple(sorted((builder_options or {}).items())))]
 
 
-def build_variant(fused_dir: Path, dest: Path, target: str, variant: ExportVariant, ep: str) -> None:
-    """Build one export variant into `dest` (no check, no manifest; the caller makes it atomic)."""
+def build_variant(fused_dir: Path, dest: Path, target: str, variant: ExportVariant, ep: str, threads: int = 0) -> None:
+    """Build one export variant into `dest` (no check, no manifest; the caller makes it atomic).
+    threads: a genai export's decoder CPU threads (session_options; 0 = physical cores)."""
     if target == "genai":
-        _build_genai(fused_dir, dest, variant.precision, ep, variant.builder_options())
+        _build_genai(fused_dir, dest, variant.precision, ep, variant.builder_options(), threads)
     else:
         _build_onnx(fused_dir, dest, quantize_int8=variant.precision == "int8", ep=ep)

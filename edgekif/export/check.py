@@ -311,6 +311,7 @@ def check_candidate(
     build: bool = True,
     specs: Mapping[str, "TaskSpec"] | None = None,
     generation: GenerationRule | None = None,
+    threads: int = 0,
 ) -> CandidateCheck:
     """Build `variant` of the model in `source_dir` into `folder` (skipped with build=False: the
     folder holds it already), answer every holdout record through the folder's own runner as a
@@ -329,7 +330,7 @@ def check_candidate(
     if build:
         t0 = time.perf_counter()
         Path(folder).mkdir(parents=True, exist_ok=True)
-        build_variant(Path(source_dir), Path(folder), target, variant, execution_provider)
+        build_variant(Path(source_dir), Path(folder), target, variant, execution_provider, threads)
         build_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:

@@ -58,6 +58,7 @@ def export_model(
     generation: GenerationRule | None = None,
     history_file: str | os.PathLike | None = None,
     skip_policy: SkipPolicy | None = None,
+    threads: int = 0,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -84,6 +85,8 @@ def export_model(
     `history_file`: past check outcomes (edgekif.export.history): with several candidates, a
     variant rejected on the last checks of the same base and rules is skipped, and the
     manifest says so under `parity_skipped`.
+    `threads`: a genai export's decoder CPU threads, written into its genai_config.json and
+    recorded in the manifest's `export` (edgekif.export.build.session_options; 0 = physical cores).
     """
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
@@ -115,7 +118,7 @@ def export_model(
             with atomic_dir(out_dir, overwrite=True) as tmp:
                 result = check_candidate(fused_dir, tmp, target=target, variant=variant, execution_provider=ep, holdout=holdout, reference=reference,
                                          max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, specs=specs,
-                                         generation=generation)
+                                         generation=generation, threads=threads)
                 check = result.check
                 assert check is not None  # a reference was given
                 if history is not None:
@@ -136,6 +139,16 @@ def export_model(
                 raise ParityError(f"{out_dir.name}: no export passed the answer check ({len(candidates)} tried): {e}") from e
             log.warning("export rejected; trying the next one", extra={"variant": variant.name, "next": candidates[i + 1].name, "error": str(e)})
             rejected.append({**figures, "reasons": check.reasons, "per_task": check.per_task})
+        except ExportError as e:
+            # a variant that builds but cannot answer (or cannot build) every time is rejected
+            # like one whose answers differ: the next precision may work (the last one's error
+            # ends the export)
+            if not e.permanent or i + 1 == len(candidates):
+                raise
+            if history is not None:
+                history.record(variant.name, False)
+            log.warning("export variant failed; trying the next one", extra={"variant": variant.name, "next": candidates[i + 1].name, "error": str(e)[:500]})
+            rejected.append({"variant": variant.name, "precision": variant.precision, "builder_options": variant.builder_options(), "reasons": [str(e)[:500]]})
     log.info("export ready", extra={"path": str(out_dir), "target": target, "variant": variant.name, "ep": ep})
     return out_dir
 

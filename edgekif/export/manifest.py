@@ -31,7 +31,7 @@ MANIFEST_FORMAT = 1
 
 # Written only when set (older manifests and fake exports lack them).
 _OPTIONAL = ("adapter", "accuracies_measured_by", "evaluation", "reference", "parity", "parity_rejected", "parity_skipped", "job_id", "task_specs",
-             "scores", "general_ability", "gate")
+             "scores", "general_ability", "gate", "published")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ class Manifest:
     adapter_sha256: str | None = None
     tasks: list[dict[str, Any]] = field(default_factory=list)  # learned tasks, in learning order
     accuracies: dict[str, float] = field(default_factory=dict)  # the export's own exact match per task
-    export: dict[str, Any] = field(default_factory=dict)  # {"target", "precision", "execution_provider"}
+    # {"target", "precision", "execution_provider"}, and for genai exports "session_options"
+    # (the decoder's threads, as in its genai_config.json; absent in older manifests)
+    export: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)  # onnxruntime(-genai) versions at build time
     adapter: dict[str, Any] | None = None  # the published peft adapter (path, LoRA shape, base)
     accuracies_measured_by: dict[str, Any] | None = None
@@ -62,6 +64,9 @@ class Manifest:
     general_ability: dict[str, Any] | None = None
     # the daemon's gate: each decision's figures (paired test, interval, n) and its verdict
     gate: dict[str, Any] | None = None
+    # UTC ISO: when ModelStore.publish made the export a version (None: not published, or a
+    # version published before this was recorded)
+    published: str | None = None
     other: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -75,6 +80,23 @@ class Manifest:
     @property
     def execution_provider(self) -> str | None:
         return (self.export or {}).get("execution_provider")
+
+    @property
+    def published_at(self) -> str | None:
+        """A version's publish time, the one every listing shows (`models list`, `status`):
+        `published`, else `created` (the export's time) for versions published before it was recorded."""
+        return self.published or self.created
+
+    @property
+    def session_options(self) -> dict[str, Any]:
+        """The decoder session options its genai_config.json carries ({} for older manifests)."""
+        return dict((self.export or {}).get("session_options") or {})
+
+    @property
+    def threads(self) -> int | None:
+        """The decoder's intra-op CPU threads; None when not recorded (older manifests, onnx target)."""
+        n = self.session_options.get("intra_op_num_threads")
+        return int(n) if isinstance(n, int) else None
 
     @property
     def builder_options(self) -> dict[str, str]:
@@ -170,6 +192,7 @@ def write_manifest(
             "target": target or info.get("target"),
             "precision": precision or info.get("precision"),
             "execution_provider": execution_provider or info.get("execution_provider"),
+            **({"session_options": info["session_options"]} if info.get("session_options") else {}),
         },
         "runtime": runtime_versions(),
         **extra,
@@ -190,7 +213,12 @@ def record_general_ability(folder: str | os.PathLike, figures: dict[str, Any]) -
     return _record(folder, "general_ability", figures)
 
 
-def _record(folder: str | os.PathLike, key: str, value: dict[str, Any]) -> Manifest:
+def record_published(folder: str | os.PathLike, when: str | None = None) -> Manifest:
+    """Add the publish time (UTC ISO, default now) to a version's manifest (as record_gate)."""
+    return _record(folder, "published", when or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _record(folder: str | os.PathLike, key: str, value: Any) -> Manifest:
     manifest = read_manifest(folder)
     updated = Manifest.from_dict({**manifest.to_dict(), key: value})
     atomic_write_json(Path(folder) / MANIFEST, updated.to_dict())
