@@ -71,6 +71,18 @@ def configured_template(setting: str) -> str | None:
     return text
 
 
+def has_own_template(model_dir: str | os.PathLike) -> bool:
+    """Whether a model folder ships a chat template of its own (an instruction-tuned model),
+    before any template edgekif gives it."""
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def family_default(model_dir: str | os.PathLike) -> str:
     """The name of the default template for the model in `model_dir` (by config.json's model_type)."""
     try:

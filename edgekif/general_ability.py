@@ -293,10 +293,16 @@ class GeneralAbilityConfig:
             raise ValueError(f"{section}.max_loglik_drop must be >= 0 (0: not checked), got {self.max_loglik_drop}")
 
 
-def drifted(figures: DriftFigures, config: GeneralAbilityConfig) -> tuple[bool, str]:
-    """(whether to hold the candidate, a reason that carries the figures)."""
+def drifted(figures: DriftFigures, config: GeneralAbilityConfig, *, instruct_base: bool = True) -> tuple[bool, str]:
+    """(whether to hold the candidate, a reason that carries the figures). A base that is not an
+    instruction-following model (no chat template of its own: a pretrained checkpoint) has no
+    answers to protect: Gemma 3 270M "answers" the general prompts by echoing them ("What is 17
+    plus 26? mendatang\nWhat is 17 plus 26? ..."), so the figures are recorded, not gated."""
     if not config.enabled:
         return False, "general ability: not checked (disabled)"
+    if not instruct_base and figures.rouge_l is not None:
+        return False, (f"general ability: not gated, the base is not an instruction-following model (no chat template of its own); "
+                       f"answers ROUGE-L {figures.rouge_l:.2f} vs the base's own over {figures.n} prompts")
     if figures.rouge_l is None:
         return False, "general ability: not measured (no prompts)"
     over = f"over {figures.n} prompts"

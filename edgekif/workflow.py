@@ -260,6 +260,7 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     model gives the base's answers. Returns the figures, the bounds and the verdict
     (`held`, `reason`), as the manifest keeps them."""
     from .export.manifest import read_manifest
+    from .chat_templates import has_own_template
     from .general_ability import base_answer_loglik, base_answers, cached_base_answers, cached_base_loglik, drift, drifted, load_prompts
     from .infer import open_model
 
@@ -280,7 +281,7 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
                                      lambda: base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference))
         ll_cand = base_answer_loglik(load_model(fused_dir, "fp32"), tok, prompts, reference)
     figures = drift(answers, reference, prompts, loglik_base=ll_base, loglik_candidate=ll_cand)
-    held, reason = drifted(figures, gcfg)
+    held, reason = drifted(figures, gcfg, instruct_base=has_own_template(base.path))
     log.info("general ability measured", extra={"rouge_l": figures.rouge_l, "loglik_drop": figures.loglik_drop, "held": held})
     return {**figures.to_dict(), "max_new_tokens": gcfg.max_new_tokens, "min_rouge_l": gcfg.min_rouge_l,
             "max_loglik_drop": gcfg.max_loglik_drop, "prompts": len(prompts), "held": held, "reason": reason,

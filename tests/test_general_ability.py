@@ -160,6 +160,22 @@ def test_unrelated_answers_are_held_with_the_figure():
     held, reason = drifted(figures, GeneralAbilityConfig())
     assert held and f"ROUGE-L {figures.rouge_l:.2f} vs the base's own (needs >= 0.20) over {len(prompts)} prompts" in reason
     assert json.loads(json.dumps(figures.to_dict()))["rouge_l"] == pytest.approx(figures.rouge_l)
+    # a pretrained base (no chat template of its own) has no answers to protect: recorded, not gated
+    held, reason = drifted(figures, GeneralAbilityConfig(), instruct_base=False)
+    assert not held and reason.startswith("general ability: not gated, the base is not an instruction-following model")
+    assert f"ROUGE-L {figures.rouge_l:.2f}" in reason
+
+
+def test_a_base_has_its_own_template_only_when_its_folder_ships_one(tmp_path):
+    from edgekif.chat_templates import has_own_template
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert not has_own_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert has_own_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    assert has_own_template(tmp_path) and not has_own_template(tmp_path / "missing")
 
 
 def test_the_loglik_bound_holds_and_an_empty_set_is_not_measured():
