@@ -63,13 +63,10 @@ def main() -> None:
     from onnxruntime_genai.models import builder
 
     args = builder.get_args()
+    # the model, its folders, precision, provider and cache: the same six for both calls
+    common = (args.model_name, args.input, args.output, args.precision, args.execution_provider, args.cache_dir)
     extra_options = builder.parse_extra_options(
-        args.model_name,
-        args.input,
-        args.output,
-        args.precision,
-        args.execution_provider,
-        args.cache_dir,
+        *common,
         args.extra_options,
         builder_config_version=args.builder_config_version,
         target_options=args.target_options,
@@ -80,15 +77,7 @@ def main() -> None:
     )
     if changed := normalise_hf_config(extra_options["hf_details"]["hf_config"]):
         print(f"edgekif: config normalised for the builder: {', '.join(changed)}", flush=True)
-    builder.create_model(
-        args.model_name,
-        args.input,
-        args.output,
-        args.precision,
-        args.execution_provider,
-        args.cache_dir,
-        **extra_options,
-    )
+    builder.create_model(*common, **extra_options)
 
 
 if __name__ == "__main__":
