@@ -63,6 +63,9 @@ def cmd_api(args) -> int:
     from .api import ApiSettings, serve
     from .logs import setup_logging
 
+    data_path = _config(args).data_path
+    if not data_path.is_dir():  # before logging is taken over: a typo fails at once, plainly
+        raise EdgekifError(f"{data_path}: no such data directory (give the daemon's --data-dir)")
     # The daemon's JSON lines on stdout (journald priorities under systemd), uvicorn's own lines
     # included; no log file: the API's unit can write nowhere. Replaces the CLI's plain handler.
     logging.getLogger().handlers.clear()
@@ -77,7 +80,7 @@ def cmd_api(args) -> int:
             raise EdgekifError(f"--{name.replace('_', '-')} must be at least 1")
     if settings.queue < 0:
         raise EdgekifError("--queue must be 0 or more")
-    return serve(_config(args).data_path, settings, host=args.host, port=args.port, socket_path=args.socket)
+    return serve(data_path, settings, host=args.host, port=args.port, socket_path=args.socket)
 
 
 def add_daemon_commands(add: CommandAdder) -> None:

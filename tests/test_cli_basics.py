@@ -54,6 +54,7 @@ def test_package_version_falls_back_to_the_source_tree(monkeypatch):
 )
 def test_closed_pipe_ends_output_quietly(tmp_path, argv):
     """`edgekif status --json | head -1` where the reader is gone before edgekif writes."""
+    (tmp_path / "data").mkdir()  # status on a missing data dir is an error, not output
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `head` after its first line: every write now fails with EPIPE
     try:
