@@ -281,10 +281,11 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
                                      lambda: base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference))
         ll_cand = base_answer_loglik(load_model(fused_dir, "fp32"), tok, prompts, reference)
     figures = drift(answers, reference, prompts, loglik_base=ll_base, loglik_candidate=ll_cand)
-    held, reason = drifted(figures, gcfg, instruct_base=has_own_template(base.path))
+    instruct = has_own_template(base.path)
+    held, reason = drifted(figures, gcfg, instruct_base=instruct)
     log.info("general ability measured", extra={"rouge_l": figures.rouge_l, "loglik_drop": figures.loglik_drop, "held": held})
     return {**figures.to_dict(), "max_new_tokens": gcfg.max_new_tokens, "min_rouge_l": gcfg.min_rouge_l,
-            "max_loglik_drop": gcfg.max_loglik_drop, "prompts": len(prompts), "held": held, "reason": reason,
+            "max_loglik_drop": gcfg.max_loglik_drop, "prompts": len(prompts), "instruct_base": instruct, "held": held, "reason": reason,
             "answers": dict(list(zip([p.id for p in prompts], answers))[:10])}
 
 

@@ -185,7 +185,7 @@ def paired_publish_gate(result: EvalResult, published: Published | None, config:
         # the verdict the export stage measured (edgekif.workflow.general_ability), under this config's bounds
         figures = DriftFigures(n=int(general.get("n") or 0), rouge_l=general.get("rouge_l"), identical=general.get("identical"),
                                loglik_base=general.get("loglik_base"), loglik_candidate=general.get("loglik_candidate"))
-        held, reason = drifted(figures, config.general_ability)
+        held, reason = drifted(figures, config.general_ability, instruct_base=bool(general.get("instruct_base", True)))
         decisions["general ability"] = {"rouge_l": figures.rouge_l, "loglik_drop": figures.loglik_drop, "min_rouge_l": config.general_ability.min_rouge_l,
                                         "max_loglik_drop": config.general_ability.max_loglik_drop, "passed": not held, "reason": reason}
         reasons += [reason] if held else []

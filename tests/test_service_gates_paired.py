@@ -199,6 +199,10 @@ def test_the_gate_holds_a_version_whose_general_answers_drifted():
     assert paired_publish_gate(_no_tasks(), None, cfg, _candidate(drifted_far), None)[:2] == (True, [])
     # a manifest without the figures (older versions, fake stages): nothing to judge
     assert paired_publish_gate(_no_tasks(), None, Config(), _candidate(None), None)[:2] == (True, [])
+    # a pretrained base (the export stage found no chat template of its own): recorded, not gated
+    ok, reasons, decisions = paired_publish_gate(_no_tasks(), None, Config(), _candidate({**drifted_far, "instruct_base": False}), None)
+    assert ok and reasons == [] and decisions["general ability"]["passed"] is True
+    assert "not gated, the base is not an instruction-following model" in decisions["general ability"]["reason"]
 
 
 def test_general_ability_config_is_validated():
