@@ -71,16 +71,23 @@ def configured_template(setting: str) -> str | None:
     return text
 
 
+def folder_template(model_dir: str | os.PathLike) -> str | None:
+    """The chat template a model folder ships: chat_template.jinja, else tokenizer_config.json's."""
+    folder = Path(model_dir)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template else None
+
+
 def has_own_template(model_dir: str | os.PathLike) -> bool:
     """Whether a model folder ships a chat template of its own (an instruction-tuned model),
     before any template edgekif gives it."""
-    folder = Path(model_dir)
-    if (folder / "chat_template.jinja").is_file():
-        return True
-    try:
-        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
+    return folder_template(model_dir) is not None
 
 
 def family_default(model_dir: str | os.PathLike) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_dir, atomic_write_json
+from ..chat_templates import folder_template
 from ..children import run_child
 from ..errors import ConfigError, ExportError
 from .files import GENAI_CONFIG, ONNX_MODEL_FILE, write_export_info
@@ -215,18 +216,6 @@ def write_session_options(folder: Path, threads: int = 0) -> dict[str, int]:
     return options
 
 
-def _chat_template(folder: Path) -> str | None:
-    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    try:
-        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
-    except (FileNotFoundError, ValueError):
-        return None
-    return template if isinstance(template, str) and template else None
-
-
 def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
     """Publish the fused model's chat template, which is the format training used.
 
@@ -236,7 +225,7 @@ def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
     chat_template.jinja and in tokenizer_config.json, so a client that sends only a user
     message gets the very tokens the model was trained on.
     """
-    template = _chat_template(fused_dir)
+    template = folder_template(fused_dir)
     if template is None:
         log.warning("fused model has no chat template; the export has none either", extra={"path": str(fused_dir)})
         return
