@@ -176,8 +176,9 @@ class VersionCatalog:
                 m = read_manifest(self.pool.store.models / name)
             except IntegrityError as e:
                 return {"created": 0, "edgekif": {"version": name, "error": str(e)}}
-            self._rows[name] = {"created": _epoch(m.created), "edgekif": {
-                "version": name, "created": m.created, "tasks": m.task_names, "scores": m.scores or {}, "accuracies": m.accuracies,
+            # `created` is the publish time, the one `edgekif models` and `status` show
+            self._rows[name] = {"created": _epoch(m.published_at), "edgekif": {
+                "version": name, "created": m.created, "published": m.published_at, "tasks": m.task_names, "scores": m.scores or {}, "accuracies": m.accuracies,
                 "metrics": {t: s.get("metric") for t, s in (m.task_specs or {}).items()}, "export": m.export, "job_id": m.job_id}}
         return self._rows[name]
 

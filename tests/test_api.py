@@ -243,6 +243,14 @@ def test_models_list_and_retrieve(data_dir):
         c = client(url)
         assert [m.id for m in c.models.list().data] == ["edgekif", "edgekif:latest", "edgekif:v0001"]
         assert c.models.retrieve("edgekif").owned_by == "edgekif"
+        # one publish time per version: the API's `created` is the time `edgekif models` shows
+        from edgekif.export.manifest import read_manifest
+        import datetime as dt
+
+        published = read_manifest(Path(data_dir) / "models" / "v0001").published_at
+        row = c.models.retrieve("edgekif:v0001")
+        assert published and row.created == int(dt.datetime.fromisoformat(published).timestamp())
+        assert row.model_extra["edgekif"]["published"] == published
         with pytest.raises(openai.NotFoundError):
             c.models.retrieve("gpt-4o")
 
