@@ -97,7 +97,7 @@ def add_daemon_commands(add: CommandAdder) -> None:
     from .api import DEFAULT_PORT, ApiSettings
 
     d = ApiSettings()
-    sp = add("api", cmd_api, "OpenAI-compatible HTTP API for the live version (/v1/chat/completions, /v1/models)")
+    sp = add("api", cmd_api, "OpenAI-compatible HTTP API on every kept version (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}: next to Ollama's 11434)")
     sp.add_argument("--socket", metavar="PATH", help="listen on this Unix socket instead of TCP")
