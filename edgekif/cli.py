@@ -330,7 +330,9 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
     acc = manifest.accuracies or {}
     if manifest.tasks:
         by = manifest.accuracies_measured_by or {}
-        how = f"; accuracy: {by.get('metric', 'exact_match')} of {by.get('runtime')} {by.get('precision')}" if by.get("runtime") else ""
+        # versions with task specs score each task by its own metric (named per line below)
+        metric = "each task's own metric" if manifest.task_specs else by.get("metric", "exact_match")
+        how = f"; score: {metric}, measured on {by.get('runtime')} {by.get('precision')}" if by.get("runtime") else ""
         lines.append(f"tasks (in learning order{how}):")
         for t in manifest.tasks:
             tid = t.get("id") or t.get("name")
