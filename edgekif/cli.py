@@ -351,7 +351,7 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
                      + (f", log-likelihood drop {drop:.3f} nats/token" if drop is not None else "")
                      + f" (bounds: ROUGE-L >= {general.get('min_rouge_l')}, drop <= {general.get('max_loglik_drop')})")
     if manifest.parity_skipped:
-        lines.append("skipped:     " + ", ".join(str(x.get("variant")) for x in manifest.parity_skipped) + " (rejected on recent jobs of this base)")
+        lines.append("skipped:     " + "; ".join(f"{x.get('variant')} ({x.get('reason', 'rejected on recent jobs of this base')})" for x in manifest.parity_skipped))
     gate = manifest.gate or {}
     for name, d in (gate.get("decisions") or {}).items():
         lines.append(f"gate:        {d.get('reason') or name}")

@@ -188,6 +188,12 @@ class ExportConfig:
     # built again for `retry_after` jobs (edgekif.export.history); 0 = always try every one.
     skip_rejected_after: int = 2
     retry_skipped_after: int = 10
+    # `auto` does not try int4 on a base whose GGUF already stores its projections below 8
+    # bits per weight: re-quantising a 4-5 bit grid to another 4-bit grid changed too many
+    # answers on every such base measured (SmolLM2 Q4_1: 62%, 80%, 33% identical; Gemma 3
+    # Q4_K_M: 85%), about a minute of building and answering per job (docs/serving.md).
+    # true = try it anyway (the check still decides).
+    int4_on_low_bit_base: bool = False
     parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)
     # CPU threads a genai export's decoder runs on, written into its genai_config.json
     # (model.decoder.session_options.intra_op_num_threads), so a client that only opens the

@@ -151,6 +151,46 @@ def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
     return BaseModel(name=name, path=target, source=gguf, source_sha256=digest)
 
 
+QUANT_FILE = "edgekif_source_quant.json"  # memo of source_quantization, beside SOURCE_FILE
+
+
+def source_quantization(base: BaseModel) -> dict[str, Any] | None:
+    """How the base's GGUF stores its projections: {"type": "Q4_1", "bits_per_weight": 5.0,
+    "share": 0.99} for the most common type among its 2-D weight tensors (bits per weight include
+    the block scales: Q4_1 5.0, Q4_K 4.5, Q5_0 5.5, Q8_0 8.5, F16 16). None for a model folder or
+    a file the reader cannot parse. Read once from the GGUF header (seconds) and memoised in the
+    converted cache folder."""
+    if Path(base.source).suffix != ".gguf":
+        return None
+    memo = Path(base.path) / QUANT_FILE
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("sha256") == base.source_sha256:
+            return saved["quantization"]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        import collections
+
+        import gguf
+
+        reader = gguf.GGUFReader(str(base.source))
+        types = collections.Counter(t.tensor_type for t in reader.tensors if t.name.endswith(".weight") and len(t.shape) == 2)
+    except Exception as e:  # a reader bug must not stop an export: no prior, the check decides
+        log.warning("cannot read the GGUF's tensor types", extra={"gguf": str(base.source), "error": str(e)[:300]})
+        return None
+    if not types:
+        return None
+    qtype, count = types.most_common(1)[0]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    quant = {"type": qtype.name, "bits_per_weight": round(size * 8 / block, 2), "share": round(count / sum(types.values()), 3)}
+    try:
+        atomic_write_json(memo, {"sha256": base.source_sha256, "quantization": quant})
+    except OSError:  # a read-only cache: reading the header again next time is fine
+        pass
+    return quant
+
+
 # --------------------------------------------------------------------------- loading
 
 

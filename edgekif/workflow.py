@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from .atomic import atomic_write_text
 from .config import Config, xdg_dir
 from .layout import DataLayout
-from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision
+from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision, source_quantization
 from .trainer import Learner
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,21 @@ def export_adapter(
         generation=GenerationRule(cfg.export.parity_max_score_drop, cfg.export.parity_min_prefix_agreement, cfg.export.parity_prefix_words),
         history_file=history_file if cfg.export.skip_rejected_after > 0 else None,
         skip_policy=SkipPolicy(max(1, cfg.export.skip_rejected_after), cfg.export.retry_skipped_after),
+        skip_precisions=_known_failures(cfg, base),
         threads=cfg.export.threads,
     )
+
+
+def _known_failures(cfg: Config, base: BaseModel) -> dict[str, str]:
+    """Precisions `auto` does not try for this base, with the reason (export_model's
+    skip_precisions): int4 on a base whose GGUF projections are already below 8 bits."""
+    if cfg.export.int4_on_low_bit_base:
+        return {}
+    quant = source_quantization(base)
+    if quant is None or quant["bits_per_weight"] >= 8:
+        return {}
+    return {"int4": f"the base's GGUF stores its projections as {quant['type']} ({quant['bits_per_weight']} bits per weight): "
+                    "another 4-bit grid changes too many answers (export.int4_on_low_bit_base = true tries it)"}
 
 
 def _zero_shot_root(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]) -> tuple[Path, Any, str, str]:

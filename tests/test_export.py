@@ -358,6 +358,23 @@ def test_a_variant_that_cannot_build_or_answer_is_rejected_and_the_next_tried(fu
     assert e.value.permanent and not (tmp_path / "only").exists()
 
 
+def test_precisions_known_to_fail_are_not_built_under_auto_but_an_explicit_one_is(fused, tmp_path, monkeypatch):
+    """skip_precisions (the workflow's known failures for a base) removes those candidates from
+    `auto` before anything is built, with the reason in parity_skipped; a single requested
+    precision is built all the same."""
+    built = _int8_answers_as_the_base(fused, monkeypatch)
+    reason = "the base's GGUF stores its projections as Q4_1"
+    out = export_model(fused["fused"], tmp_path / "auto", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout(),
+                       skip_precisions={"int8": reason})
+    manifest = verify_manifest(out)
+    assert built == ["fp32"] and manifest.precision == "fp32" and manifest.parity_rejected is None
+    assert manifest.parity_skipped == [{"variant": "int8", "reason": reason}]
+    built.clear()
+    export_model(fused["fused"], tmp_path / "asked", target="genai", precision="fp32", execution_provider="cpu", holdout=_holdout(),
+                 skip_precisions={"fp32": reason})
+    assert built == ["fp32"]  # the only candidate: never skipped
+
+
 def test_a_variant_this_base_keeps_failing_is_skipped_and_the_manifest_says_so(fused, tmp_path, monkeypatch):
     """With a history file, int8 (built from the base, so its answers differ) is rejected on
     two exports and not built on the third; the manifest names it under parity_skipped."""

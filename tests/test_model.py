@@ -88,3 +88,57 @@ def test_auto_precision_is_fp32_on_cpu_and_nf4_on_cuda(monkeypatch):
     assert m.resolve_precision("bf16", "cpu") == "bf16"
     monkeypatch.setattr(m, "bitsandbytes_available", lambda: False)
     assert m.resolve_precision("auto", "cuda") == "fp32"
+
+
+def _write_gguf(path, projection_type, n_projections=3):
+    """A GGUF header with `n_projections` 2-D weights of `projection_type`, an F16 embedding and
+    an F32 norm: enough for edgekif.model.source_quantization (no model behind it)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    a = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    for i in range(n_projections):
+        if projection_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            w.add_tensor(f"blk.{i}.attn_q.weight", a.astype(np.float16 if projection_type == gguf.GGMLQuantizationType.F16 else np.float32))
+        else:
+            w.add_tensor(f"blk.{i}.attn_q.weight", gguf.quants.quantize(a, projection_type), raw_dtype=projection_type)
+    w.add_tensor("token_embd.weight", a.astype(np.float16))
+    w.add_tensor("norm.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_low_bit_gguf_base_skips_int4_in_auto_and_the_reason_names_its_type(tmp_path):
+    """source_quantization reads the projections' dominant type from the GGUF header (bits per
+    weight with the block scales), memoised beside the converted model; the export's known
+    failures skip int4 for a base below 8 bits, not for an F16 one, nor when the config says try."""
+    from gguf import GGMLQuantizationType as Q
+
+    from edgekif.config import Config
+    from edgekif.model import QUANT_FILE, BaseModel, source_quantization
+    from edgekif.workflow import _known_failures
+
+    def base(qtype, name):
+        (tmp_path / name).mkdir()
+        _write_gguf(tmp_path / f"{name}.gguf", qtype)
+        return BaseModel(name=name, path=tmp_path / name, source=tmp_path / f"{name}.gguf", source_sha256=name * 4)
+
+    low, high, q8 = base(Q.Q4_1, "low"), base(Q.F16, "high"), base(Q.Q8_0, "q8")
+    assert source_quantization(low) == {"type": "Q4_1", "bits_per_weight": 5.0, "share": 0.75}  # 3 of 4 2-D weights
+    assert source_quantization(high)["bits_per_weight"] == 16.0 and source_quantization(q8)["bits_per_weight"] == 8.5
+    cfg = Config()
+    reason = _known_failures(cfg, low)["int4"]
+    assert "Q4_1 (5.0 bits per weight)" in reason and "export.int4_on_low_bit_base" in reason
+    assert _known_failures(cfg, high) == {} and _known_failures(cfg, q8) == {}
+    cfg.export.int4_on_low_bit_base = True
+    assert _known_failures(cfg, low) == {}
+    # memoised for this GGUF's hash: the header is not read again (a changed file, a new hash, is)
+    (tmp_path / "low.gguf").write_bytes(b"not a gguf any more")
+    assert source_quantization(low)["type"] == "Q4_1"
+    assert (tmp_path / "low" / QUANT_FILE).is_file()
+    changed = BaseModel(name="low", path=low.path, source=low.source, source_sha256="other")
+    assert source_quantization(changed) is None  # unreadable now: no prior, the check decides
+    assert source_quantization(BaseModel(name="dir", path=tmp_path / "high", source=tmp_path / "high", source_sha256="x")) is None

@@ -317,12 +317,13 @@ def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_
         task_specs={"headlines": {"kind": "generation", "metric": "rouge_l", "max_new_tokens": 24, "source": "detected"}},
         scores={"headlines": 0.2468},
         general_ability={"n": 63, "rouge_l": 0.412, "loglik_drop": 0.087, "held": False, "min_rouge_l": 0.2, "max_loglik_drop": 0.5},
-        parity_skipped=[{"variant": "int4-k_quant_mixed", "reason": "..."}],
+        parity_skipped=[{"variant": "int4-k_quant_mixed", "reason": "rejected on the last 2 checks"}, {"variant": "int4-rtn"}],
         gate={"decisions": {"headlines vs base": {"reason": "headlines: rouge_l 0.247 vs base 0.121, +0.126 [...]"}}},
     )
     text = format_manifest("v0001", m, is_current=True, folder=tmp_path).splitlines()
     assert "  headlines                   0.0  (rouge_l 24.7, generation, 24 new tokens)" in text
     assert ("general:     ok: answers ROUGE-L 0.412 to the base's own on 63 prompts, log-likelihood drop 0.087 nats/token "
             "(bounds: ROUGE-L >= 0.2, drop <= 0.5)") in text
-    assert "skipped:     int4-k_quant_mixed (rejected on recent jobs of this base)" in text
+    # each skip with its own reason (older manifests have none: the history's)
+    assert "skipped:     int4-k_quant_mixed (rejected on the last 2 checks); int4-rtn (rejected on recent jobs of this base)" in text
     assert "gate:        headlines: rouge_l 0.247 vs base 0.121, +0.126 [...]" in text

@@ -58,6 +58,7 @@ def export_model(
     generation: GenerationRule | None = None,
     history_file: str | os.PathLike | None = None,
     skip_policy: SkipPolicy | None = None,
+    skip_precisions: Mapping[str, str] | None = None,
     threads: int = 0,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
@@ -85,6 +86,9 @@ def export_model(
     `history_file`: past check outcomes (edgekif.export.history): with several candidates, a
     variant rejected on the last checks of the same base and rules is skipped, and the
     manifest says so under `parity_skipped`.
+    `skip_precisions` ({precision: reason}): with several candidates, those of these precisions
+    are not tried at all (known to fail for this base: edgekif.workflow.export decides), and the
+    manifest says why under `parity_skipped`. A single requested precision is always built.
     `threads`: a genai export's decoder CPU threads, written into its genai_config.json and
     recorded in the manifest's `export` (edgekif.export.build.session_options; 0 = physical cores).
     """
@@ -98,6 +102,14 @@ def export_model(
     specs = {k: v for k, v in (specs or {}).items() if k in holdout}
     generation = generation or GenerationRule()
     history = None
+    skipped: list[dict[str, Any]] = []
+    if skip_precisions and len(candidates) > 1:
+        known_bad = [v for v in candidates if v.precision in skip_precisions]
+        if len(known_bad) < len(candidates):
+            for v in known_bad:
+                log.info("export variant skipped: known to fail for this base", extra={"variant": v.name, "reason": skip_precisions[v.precision]})
+            skipped = [{"variant": v.name, "reason": skip_precisions[v.precision]} for v in known_bad]
+            candidates = [v for v in candidates if v.precision not in skip_precisions]
     if history_file is not None and len(candidates) > 1:
         rules = {"min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop, "generation": asdict(generation)}
         history = VariantHistory(history_file, setting_key(str((manifest_info or {}).get("base_model_sha256")), target, ep, rules), skip_policy)
@@ -107,10 +119,8 @@ def export_model(
                 history.note_skipped(v.name)
                 log.info("export variant skipped: rejected on the last checks of this base", extra={"variant": v.name})
         candidates = [v for v in candidates if v.name not in skipped_names]
-        skipped = [{"variant": name, "reason": f"rejected on the last {history.policy.skip_after} checks with this base and rules; "
-                    f"tried again after {history.policy.retry_after} skips"} for name in sorted(skipped_names)]
-    else:
-        skipped = []
+        skipped += [{"variant": name, "reason": f"rejected on the last {history.policy.skip_after} checks with this base and rules; "
+                     f"tried again after {history.policy.retry_after} skips"} for name in sorted(skipped_names)]
     reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache, specs)
     rejected: list[dict[str, Any]] = []
     for i, variant in enumerate(candidates):
