@@ -158,10 +158,28 @@ def test_merge_refuses_runs_of_other_settings_or_a_seed_twice(tmp_path):
         main(["--merge", str(a), str(c), "--out", str(tmp_path / "m")])
     unfinished = json.loads((c / "result.json").read_text())
     del unfinished["wall_seconds"]
+    unfinished["strategies"] = {}
     (c / "result.json").write_text(json.dumps(unfinished))
-    with pytest.raises(SystemExit, match="did not finish"):
+    with pytest.raises(SystemExit, match="did not finish any strategy"):
         main(["--merge", str(a), str(c), "--out", str(tmp_path / "m")])
     (c / "result.json").write_text('{"profile": "standard", "settings": {')  # half-written (a killed run, another filesystem)
     with pytest.raises(SystemExit, match=r"cannot read .*c/result\.json"):
         main(["--merge", str(a), str(c), "--out", str(tmp_path / "m")])
     assert not (tmp_path / "m").exists()  # a refused merge writes nothing
+
+
+def test_merge_takes_the_finished_strategies_of_a_stopped_run(tmp_path):
+    """A run stopped between strategies (no wall_seconds) contributes the strategies it
+    finished, its wall time is theirs, and the report says it stopped."""
+    from tools.bench_cl import main
+
+    stopped = _run_dir(tmp_path, "s0", [0], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]})
+    res = json.loads((stopped / "result.json").read_text())
+    del res["wall_seconds"]
+    (stopped / "result.json").write_text(json.dumps(res))
+    rest = _run_dir(tmp_path, "s0-mtl", [0], {"mtl": [[[None, None], [0.7, 0.9]]]})
+    out = tmp_path / "m"
+    assert main(["--merge", str(stopped), str(rest), "--out", str(out)]) == 0
+    merged = json.loads((out / "result.json").read_text())
+    assert set(merged["strategies"]) == {"replay", "mtl"} and merged["wall_seconds"] == pytest.approx(30.0 + 60.0)
+    assert "(stopped; its finished strategies: replay)" in (out / "result.md").read_text()

@@ -384,7 +384,13 @@ def merge_runs(args, argv: list[str]) -> int:
         except (OSError, ValueError) as e:
             raise SystemExit(f"--merge: cannot read {path}: {e}")
         if "wall_seconds" not in part:
-            raise SystemExit(f"--merge: {path} is from a run that did not finish")
+            # a run stopped between strategies (result.json is rewritten after each one): its
+            # finished strategies' runs are whole and count; its wall time is theirs
+            finished = [r for st in part.get("strategies", {}).values() for r in st.get("runs", [])]
+            if not finished or part.get("settings", {}).get("zero_shot_only"):
+                raise SystemExit(f"--merge: {path} is from a run that did not finish any strategy")
+            part = {**part, "wall_seconds": sum(r.get("seconds", 0.0) for r in finished),
+                    "command": part["command"] + f" (stopped; its finished strategies: {', '.join(part['strategies'])})"}
         parts.append(part)
     runs_first = sorted(range(len(parts)), key=lambda i: bool(parts[i]["settings"].get("zero_shot_only")))
     parts, dirs = [parts[i] for i in runs_first], [args.merge[i] for i in runs_first]
