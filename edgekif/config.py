@@ -155,7 +155,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 8
-    batch_size: int = 16
+    batch_size: int = 32  # edgekif.evaluate.EVAL_BATCH_SIZE: measured, see there
     label_scoring: bool = True
     max_examples: int = 0  # 0 = all
     # 0 = whole prompts, as clients send them; > 0 fits them into that many tokens by the rule

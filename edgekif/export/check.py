@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import ExportError, ModelError
+from ..evaluate import EVAL_BATCH_SIZE
 from ..metrics import score
 from ..records import Record
 from .build import ExportVariant
@@ -113,7 +114,7 @@ def reference_answers(
     *,
     max_new_tokens: int = 8,
     labels: Mapping[str, Sequence[str] | None] | None = None,
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH_SIZE,
     specs: Mapping[str, "TaskSpec"] | None = None,
 ) -> dict[str, AnswerSet]:
     """Greedy answers of the fp32 PyTorch model in `model_dir` (the fused model) on whole
