@@ -14,6 +14,7 @@ Works on a plain transformers CausalLM, a peft PeftModel and an NF4 (bitsandbyte
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
@@ -112,6 +113,19 @@ def _prompts(tokenizer, records: Sequence[Record], max_prompt_tokens: int) -> li
     return [encode_prompt(tokenizer, r, max_prompt_tokens) for r in records]
 
 
+def _greedy(model, tokenizer, ids, mask, max_new_tokens: int, pad_id: int, eos_ids: list[int], cache=None) -> list[str]:
+    """Greedy answers of one left-padded batch, in row order; `cache` may hold the prompts'
+    first tokens already (generate() then runs only the rest)."""
+    # use_cache=True explicitly: training loads set config.use_cache=False, and
+    # generating without the KV cache re-runs the whole prefix for every new token.
+    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+                         do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id, eos_token_id=eos_ids)
+    # whole characters only, as the runners decode (a cut at the token limit drops a
+    # partial one): the export check compares these answers with theirs
+    return [decode_answer(lambda t: tokenizer.decode(t, skip_special_tokens=True), row.tolist()).strip()
+            for row in out[:, ids.shape[1] :]]
+
+
 def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> list[str]:
     """Greedy answers (special tokens skipped, stripped), one per record, in record order.
     `max_prompt_tokens` > 0 fits prompts into that many tokens as training does (0 = whole prompts)."""
@@ -125,27 +139,53 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
             ids, mask, _pos = _left_pad([prompts[k] for k in idx], pad_id, device)
-            # use_cache=True explicitly: training loads set config.use_cache=False, and
-            # generating without the KV cache re-runs the whole prefix for every new token.
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=pad_id,
-                eos_token_id=eos_ids,
-            )
-            new_tokens = out[:, ids.shape[1] :]
-            for row, k in enumerate(idx):
-                # whole characters only, as the runners decode (a cut at the token limit drops a
-                # partial one): the export check compares these answers with theirs
-                answers[k] = decode_answer(lambda t: tokenizer.decode(t, skip_special_tokens=True), new_tokens[row].tolist()).strip()
+            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, pad_id, eos_ids)):
+                answers[k] = answer
     return answers
 
 
 # --------------------------------------------------------------------------- label scoring
+
+
+def _target_grid(tokenizer, record: Record, labels: Sequence[str], pad_id: int, device):
+    """(tgt_ids, tgt_mask): each label's target tokens (label text + eos, as encode_target
+    builds them), one row a label, right padded; the mask marks real tokens."""
+    import torch
+
+    targets = [encode_target(tokenizer, dataclasses.replace(record, output=lab)) for lab in labels]
+    width = max(len(t) for t in targets)
+    tgt_ids = torch.full((len(labels), width), pad_id, dtype=torch.long)
+    tgt_mask = torch.zeros((len(labels), width), dtype=torch.long)
+    for row, t in enumerate(targets):
+        tgt_ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+        tgt_mask[row, : len(t)] = 1
+    return tgt_ids.to(device), tgt_mask.to(device)
+
+
+def _label_totals(model, last_logits, cache, mask, tgt_ids, tgt_mask):
+    """Summed log-probability of every label after each of b prompts: (b, n_labels).
+    `last_logits` (b, vocab) are the prompts' last logits, `cache` their KV cache (repeated
+    across the labels here, in place), `mask` their (left-padded) attention mask."""
+    import torch
+
+    b, n_labels, width = mask.shape[0], tgt_ids.shape[0], tgt_ids.shape[1]
+    device = mask.device
+    first_logp = torch.log_softmax(last_logits.float(), dim=-1)  # predicts label token 0
+    cache.batch_repeat_interleave(n_labels)  # row r*n_labels + l = (record r, label l)
+    rows_ids = tgt_ids.repeat(b, 1)
+    rows_tmask = tgt_mask.repeat(b, 1)
+    rows_mask = torch.cat([mask.repeat_interleave(n_labels, dim=0), rows_tmask], dim=1)
+    start = mask.sum(-1).repeat_interleave(n_labels)  # real prompt length per row
+    rows_pos = start[:, None] + torch.arange(width, device=device)[None, :]
+    out = model(input_ids=rows_ids, attention_mask=rows_mask, position_ids=rows_pos, past_key_values=cache, use_cache=True)
+    # log p(token t) comes from the logits at t-1; token 0 from the prompt's last logits
+    logp = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)
+    tok_logp = torch.empty(rows_ids.shape, dtype=torch.float32, device=device)
+    tok_logp[:, 0] = first_logp.repeat_interleave(n_labels, dim=0).gather(1, rows_ids[:, :1]).squeeze(1)
+    if width > 1:
+        tok_logp[:, 1:] = logp.gather(2, rows_ids[:, 1:, None]).squeeze(2)
+    # where(), not a multiply: a -inf log-prob on a padding slot times 0 would be NaN
+    return torch.where(rows_tmask.bool(), tok_logp, 0.0).sum(-1).view(b, n_labels)
 
 
 def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> list[list[float]]:
@@ -161,63 +201,95 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
     scoring every (record, label) sequence in full. `batch_size` bounds the rows of the label
     pass (records x labels), which is what costs memory: the repeated cache.
     """
-    import torch
-
     if not records:
         return []
     if not labels:
         raise ValueError("label_logprobs needs at least one label")
     prompts = _prompts(tokenizer, records, max_prompt_tokens)
-    targets = [encode_target(tokenizer, dataclasses.replace(records[0], output=lab)) for lab in labels]
-    n_labels = len(labels)
     pad_id = _pad_id(tokenizer)
     device = _device(model)
-
-    # label token grid (n_labels, width), right padded; tgt_mask marks real tokens
-    width = max(len(t) for t in targets)
-    tgt_ids = torch.full((n_labels, width), pad_id, dtype=torch.long)
-    tgt_mask = torch.zeros((n_labels, width), dtype=torch.long)
-    for row, t in enumerate(targets):
-        tgt_ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-        tgt_mask[row, : len(t)] = 1
-    tgt_ids, tgt_mask = tgt_ids.to(device), tgt_mask.to(device)
+    tgt_ids, tgt_mask = _target_grid(tokenizer, records[0], labels, pad_id, device)
 
     scores: list[list[float]] = [[] for _ in records]
-    records_per_batch = max(1, batch_size // n_labels)
     with _eval_mode(model):
-        for idx in _batches_by_length(prompts, records_per_batch):
+        for idx in _batches_by_length(prompts, max(1, batch_size // len(labels))):
             ids, mask, pos = _left_pad([prompts[k] for k in idx], pad_id, device)
-            b = len(idx)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # predicts label token 0
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n_labels)  # row r*n_labels + l = (record r, label l)
-
-            rows_ids = tgt_ids.repeat(b, 1)
-            rows_tmask = tgt_mask.repeat(b, 1)
-            rows_mask = torch.cat([mask.repeat_interleave(n_labels, dim=0), rows_tmask], dim=1)
-            start = mask.sum(-1).repeat_interleave(n_labels)  # real prompt length per row
-            rows_pos = start[:, None] + torch.arange(width, device=device)[None, :]
-            out2 = model(input_ids=rows_ids, attention_mask=rows_mask, position_ids=rows_pos, past_key_values=cache, use_cache=True)
-
-            # log p(token t) comes from the logits at t-1; token 0 from the prompt's last logits
-            logp = torch.log_softmax(out2.logits[:, :-1, :].float(), dim=-1)
-            tok_logp = torch.empty(rows_ids.shape, dtype=torch.float32, device=device)
-            tok_logp[:, 0] = first_logp.repeat_interleave(n_labels, dim=0).gather(1, rows_ids[:, :1]).squeeze(1)
-            if width > 1:
-                tok_logp[:, 1:] = logp.gather(2, rows_ids[:, 1:, None]).squeeze(2)
-            # where(), not a multiply: a -inf log-prob on a padding slot times 0 would be NaN
-            totals = torch.where(rows_tmask.bool(), tok_logp, 0.0).sum(-1).view(b, n_labels)
+            # logits_to_keep=1: only the last position's logits are used (the rest cost a
+            # vocabulary-wide matmul per prompt token)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            totals = _label_totals(model, out.logits[:, -1, :], out.past_key_values, mask, tgt_ids, tgt_mask)
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
     return scores
 
 
+def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, max_new_tokens: int = 8,
+                               batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> tuple[list[str], list[list[float]]]:
+    """generate_answers and label_logprobs of the same records in one pass over the prompts.
+
+    Why: on a label task both cost mostly the prompt's forward pass (hundreds of tokens, where
+    the answer and the labels are a few); run separately they pay it twice. Here each batch's
+    prompt, but its last token, runs once into a KV cache; label scoring continues copies of
+    that cache (the last prompt token, then the labels), and greedy generation continues the
+    cache itself. Same answers and scores as the two functions, up to float rounding."""
+    import torch
+
+    if not records:
+        return [], []
+    if not labels:
+        raise ValueError("answers_and_label_logprobs needs at least one label")
+    prompts = _prompts(tokenizer, records, max_prompt_tokens)
+    if min(len(p) for p in prompts) < 2:  # no prefix to share; never for a chat-templated prompt
+        return (generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens),
+                label_logprobs(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens))
+    pad_id = _pad_id(tokenizer)
+    eos_ids = _eos_ids(model, tokenizer)
+    device = _device(model)
+    tgt_ids, tgt_mask = _target_grid(tokenizer, records[0], labels, pad_id, device)
+    chunk = max(1, batch_size // len(labels))  # records per label pass: bounds its rows, as in label_logprobs
+
+    answers: list[str] = [""] * len(records)
+    scores: list[list[float]] = [[] for _ in records]
+    with _eval_mode(model):
+        for idx in _batches_by_length(prompts, max(1, batch_size)):
+            ids, mask, pos = _left_pad([prompts[k] for k in idx], pad_id, device)
+            prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+            for lo in range(0, len(idx), chunk):
+                rows = torch.arange(lo, min(lo + chunk, len(idx)), device=device)
+                cache = copy.deepcopy(prefix)
+                cache.batch_select_indices(rows)
+                last = model(input_ids=ids[rows, -1:], attention_mask=mask[rows], position_ids=pos[rows, -1:],
+                             past_key_values=cache, use_cache=True)
+                totals = _label_totals(model, last.logits[:, -1, :], cache, mask[rows], tgt_ids, tgt_mask)
+                for row, k in zip(rows.tolist(), idx[lo : lo + chunk]):
+                    scores[k] = totals[row - lo].tolist()
+            # generate() runs only the tokens the cache lacks: the last prompt token, then the answer
+            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, pad_id, eos_ids, cache=prefix)):
+                answers[k] = answer
+    return answers, scores
+
+
 def label_scores(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> list[str]:
     """For each record, the label with the highest summed log-probability (see label_logprobs)."""
     labels = list(labels)
-    all_scores = label_logprobs(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
-    return [labels[max(range(len(labels)), key=s.__getitem__)] for s in all_scores]
+    return _best(labels, label_logprobs(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens))
+
+
+def _best(labels: list[str], scores: list[list[float]]) -> list[str]:
+    """Each record's highest-scoring label (the first on a tie)."""
+    return [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
+
+
+def generate_and_pick(model, tokenizer, records: Sequence[Record], labels: Sequence[str] | None, *, max_new_tokens: int = 8,
+                      batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> tuple[list[str], list[str] | None]:
+    """Greedy answers and, when `labels` are given, each record's label by label scoring
+    (None without labels), in one pass over the prompts (answers_and_label_logprobs)."""
+    if not labels:
+        return generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens), None
+    labels = list(labels)
+    answers, scores = answers_and_label_logprobs(model, tokenizer, records, labels, max_new_tokens=max_new_tokens,
+                                                 batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+    return answers, _best(labels, scores)
 
 
 # --------------------------------------------------------------------------- one task
@@ -266,13 +338,10 @@ def evaluate_task(
         log.warning("evaluate_task called with no records")
         return EvalScores(n=0, exact_match=float("nan"), label_accuracy=None, predictions=[], seconds=0.0)
 
-    answers = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+    answers, picked = generate_and_pick(model, tokenizer, records, labels if label_scoring else None, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     exact = sum(a == r.label for a, r in zip(answers, records)) / len(records)
-
-    label_acc = None
-    if labels is not None and label_scoring:
-        picked = label_scores(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
-        label_acc = sum(p == r.label for p, r in zip(picked, records)) / len(records)
+    label_acc = None if picked is None else sum(p == r.label for p, r in zip(picked, records)) / len(records)
 
     seconds = time.perf_counter() - t0
     log.info("evaluated %d records: exact_match=%.3f label_accuracy=%s (%.1fs)", len(records), exact, label_acc, seconds)

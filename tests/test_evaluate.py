@@ -15,6 +15,7 @@ from edgekif.errors import EdgekifError
 from edgekif.evaluate import (
     AccuracyMatrix,
     EvalScores,
+    answers_and_label_logprobs,
     evaluate_task,
     generate_answers,
     label_logprobs,
@@ -163,6 +164,32 @@ def test_label_logprobs_equal_full_sequence_scoring(opinionated):
                 want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(target))
                 assert got == pytest.approx(want, abs=1e-3)
     assert len({round(s, 3) for row in fast for s in row}) > 3  # scores actually differ
+
+
+@pytest.mark.parametrize("batch_size", [3, 16])
+def test_one_pass_equals_generate_then_label_scores(opinionated, batch_size):
+    """The shared-prefix pass gives the answers of generate_answers and the scores of
+    label_logprobs, whatever the batching (3: one record a label chunk, several batches)."""
+    model, tok = opinionated
+    records = [Record.from_prompt("p" * n + " topic?", "x") for n in (2, 25, 7, 13, 40)]
+    labels = ["A", "Bravo", "Charlie delta"]
+    answers, scores = answers_and_label_logprobs(model, tok, records, labels, max_new_tokens=6, batch_size=batch_size)
+    assert answers == generate_answers(model, tok, records, max_new_tokens=6, batch_size=batch_size)
+    assert len(set(answers)) > 1 and all(answers)  # real, differing text
+    want = label_logprobs(model, tok, records, labels, batch_size=batch_size)
+    for got_row, want_row in zip(scores, want):
+        assert got_row == pytest.approx(want_row, abs=1e-3)
+    assert len({round(x, 3) for row in scores for x in row}) > 3
+
+
+def test_evaluate_task_label_accuracy_from_the_one_pass(trained):
+    model, tok = trained
+    ev = evaluate_task(model, tok, SAY * 3, labels=LABELS, max_new_tokens=4)
+    assert ev.predictions == ["A", "B"] * 3
+    assert ev.exact_match == 1.0 and ev.label_accuracy == 1.0
+    wrong = [dataclasses.replace(r, output="B" if r.output == "A" else "A") for r in SAY]
+    ev = evaluate_task(model, tok, wrong, labels=LABELS, max_new_tokens=4)
+    assert ev.exact_match == 0.0 and ev.label_accuracy == 0.0
 
 
 # --------------------------------------------------------------------------- peft / nf4

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from edgekif.config import Config, ModelConfig, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.taskfile import read_task
-    from edgekif.evaluate import AccuracyMatrix, generate_answers, label_scores, plot_heatmap
+    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, generate_and_pick, generate_answers, plot_heatmap
     from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
     from edgekif.metrics import CLASSIFICATION, score as metric_score
     from edgekif.model import load_tokenizer, resolve_base
@@ -211,12 +211,10 @@ def main(argv=None) -> int:
         """(the task's headline score, its label-scoring accuracy or None)."""
         spec = specs[task]
         recs = _subset(evalset[task], prof["test_per_task"], 1000 + seed)
-        answers = generate_answers(learner.model, learner.tokenizer, recs, max_new_tokens=spec.max_new_tokens, batch_size=16,
-                                   max_prompt_tokens=prompt_tokens(task))
-        label_acc = None
-        if spec.kind == CLASSIFICATION and labels[task] and (prof["label_scoring"] if label_scoring is None else label_scoring):
-            picked = label_scores(learner.model, learner.tokenizer, recs, labels[task], batch_size=16, max_prompt_tokens=prompt_tokens(task))
-            label_acc = sum(p == r.label for p, r in zip(picked, recs)) / len(recs)
+        want_labels = spec.kind == CLASSIFICATION and labels[task] and (prof["label_scoring"] if label_scoring is None else label_scoring)
+        answers, picked = generate_and_pick(learner.model, learner.tokenizer, recs, labels[task] if want_labels else None,
+                                            max_new_tokens=spec.max_new_tokens, batch_size=EVAL_BATCH_SIZE, max_prompt_tokens=prompt_tokens(task))
+        label_acc = None if picked is None else sum(p == r.label for p, r in zip(picked, recs)) / len(recs)
         return metric_score(spec.metric, answers, [r.label for r in recs]).mean, label_acc
 
     general = load_prompts() if args.drift else []
@@ -224,7 +222,7 @@ def main(argv=None) -> int:
 
     def general_answers(learner) -> list[str]:
         return generate_answers(learner.model, learner.tokenizer, [_general_record(p) for p in general],
-                                max_new_tokens=general_cfg.max_new_tokens, batch_size=16)
+                                max_new_tokens=general_cfg.max_new_tokens, batch_size=EVAL_BATCH_SIZE)
 
     ran = make_cfg("recurrent_kif", args.seeds[0])  # what every run is configured with (strategy and seed aside)
     result = {

@@ -5,7 +5,9 @@ The export check's fp32 reference, the daemon's zero-shot and the benchmark's ev
 `edgekif.evaluate.generate_answers` (greedy, KV cache, left-padded batches of similar prompt
 length) and, for label tasks, `label_scores`. This times both on a task file's first N records
 at each batch size, in interleaved rounds, and counts answers that differ from the first
-batch size's (padding changes the sums a little: a greedy tie can flip).
+batch size's (padding changes the sums a little: a greedy tie can flip). On a label task it
+also times both from one pass over the prompts (`generate_and_pick`, what evaluate_task and
+the export check run) and counts where that pass differs from the two separate calls.
 
     python tools/bench_eval.py ../shared/data/cl-benchmark/dbpedia \
         ../shared/data/gen-benchmark/headlines --records 100 --batch-sizes 16 32 64
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from edgekif.config import Config
-    from edgekif.evaluate import generate_answers, label_scores
+    from edgekif.evaluate import generate_and_pick, generate_answers, label_scores
     from edgekif.metrics import score
     from edgekif.taskfile import read_task
     from edgekif.tasks import CLASSIFICATION, read_task_spec
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = read_task_spec(folder / "train.jsonl", train, tok)
         recs = read_task(folder / "test.jsonl").records[: args.records]
         labels = sorted({r.label for r in train}) if spec.kind == CLASSIFICATION else None
-        times: dict[int, dict[str, list[float]]] = {b: {"generate": [], "label_scoring": []} for b in args.batch_sizes}
+        times: dict[int, dict[str, list[float]]] = {b: {"generate": [], "label_scoring": [], "one_pass": []} for b in args.batch_sizes}
         answers: dict[int, list[str]] = {}
         picks: dict[int, list[str]] = {}
+        one: dict[int, tuple[list[str], list[str] | None]] = {}
         for _ in tqdm(range(args.rounds), desc=folder.name):
             for b in args.batch_sizes:
                 t0 = time.perf_counter()
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     picks[b] = label_scores(model, tok, recs, labels, batch_size=b)
                     times[b]["label_scoring"].append(time.perf_counter() - t0)
+                    # both from one pass over the prompts, as evaluate_task and the export check run them
+                    t0 = time.perf_counter()
+                    one[b] = generate_and_pick(model, tok, recs, labels, max_new_tokens=spec.max_new_tokens, batch_size=b)
+                    times[b]["one_pass"].append(time.perf_counter() - t0)
         first = args.batch_sizes[0]
         refs = [r.label for r in recs]
         rows = {}
@@ -76,18 +83,23 @@ def main(argv: list[str] | None = None) -> int:
                 "label_scoring_s": statistics.median(times[b]["label_scoring"]) if times[b]["label_scoring"] else None,
                 "answers_differing": sum(x != y for x, y in zip(answers[b], answers[first])),
                 "labels_differing": sum(x != y for x, y in zip(picks[b], picks[first])) if b in picks else None,
+                "one_pass_s": statistics.median(times[b]["one_pass"]) if times[b]["one_pass"] else None,
+                # the one pass against the two separate calls at the same batch size
+                "one_pass_differing": (sum(x != y for x, y in zip(one[b][0], answers[b])) + sum(x != y for x, y in zip(one[b][1], picks[b]))
+                                       if b in one else None),
                 "score": score(spec.metric, answers[b], refs).mean,
             }
         name = folder.name
         out["tasks"][name] = {"records": len(recs), "kind": spec.kind, "metric": spec.metric,
                               "max_new_tokens": spec.max_new_tokens, "by_batch_size": rows}
         print(f"\n{name}: {len(recs)} records, {spec.kind}, {spec.max_new_tokens} new tokens ({spec.metric})")
-        print("| batch | generate (s) | label scoring (s) | answers differing from batch "
-              f"{first} | labels differing | score |\n|---|---|---|---|---|---|")
+        print("| batch | generate (s) | label scoring (s) | both in one pass (s) | answers differing from batch "
+              f"{first} | labels differing | one pass differing | score |\n|---|---|---|---|---|---|---|---|")
         for b, r in rows.items():
-            ls = "—" if r["label_scoring_s"] is None else f"{r['label_scoring_s']:.1f}"
-            ld = "—" if r["labels_differing"] is None else str(r["labels_differing"])
-            print(f"| {b} | {r['generate_s']:.1f} | {ls} | {r['answers_differing']} | {ld} | {100 * r['score']:.1f} |")
+            def cell(v, fmt="{:.1f}"):
+                return "—" if v is None else fmt.format(v)
+            print(f"| {b} | {r['generate_s']:.1f} | {cell(r['label_scoring_s'])} | {cell(r['one_pass_s'])} | {r['answers_differing']} | "
+                  f"{cell(r['labels_differing'], '{}')} | {cell(r['one_pass_differing'], '{}')} | {100 * r['score']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0

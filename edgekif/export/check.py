@@ -120,7 +120,7 @@ def reference_answers(
     """Greedy answers of the fp32 PyTorch model in `model_dir` (the fused model) on whole
     prompts, plus label-scoring accuracy for tasks with a label set: the reference an export
     is held to, and the figures the manifest keeps as `reference`."""
-    from ..evaluate import generate_answers, label_scores
+    from ..evaluate import generate_and_pick
     from ..model import load_model, load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -129,10 +129,11 @@ def reference_answers(
     for name, recs in holdout.items():
         recs = list(recs)
         budget = task_budget(name, max_new_tokens, specs)
-        res = score_answers(generate_answers(model, tok, recs, max_new_tokens=budget, batch_size=batch_size), recs, task_metric(name, specs))
         task_labels = (labels or {}).get(name)
-        if task_labels and scored(recs):
-            picked = label_scores(model, tok, recs, task_labels, batch_size=batch_size)
+        # one pass over the prompts gives both (the prompt is most of the cost)
+        answers, picked = generate_and_pick(model, tok, recs, task_labels if scored(recs) else None, max_new_tokens=budget, batch_size=batch_size)
+        res = score_answers(answers, recs, task_metric(name, specs))
+        if picked is not None:
             res.label_accuracy = sum(p == r.label for p, r in zip(picked, recs)) / len(recs)
         out[name] = res
     del model
