@@ -259,3 +259,33 @@ def test_one_template_from_training_to_the_export(exported):
 
     assert list(runner.tokenizer.encode(runner.chat_text("hi"))) == render_prompt(exported["train_tok"], USER)
 
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_one_pass_evaluation_equals_the_two_calls_in_each_family(family, monkeypatch):
+    """generate_and_pick copies and re-slices the prompt's KV cache: each family's cache
+    (Gemma 3's sliding-window layers among them, with prompts longer than the window) must give
+    the answers of generate_answers and the scores of label_logprobs."""
+    import edgekif.evaluate as ev
+    from edgekif.evaluate import answers_and_label_logprobs, generate_answers, label_logprobs
+    from edgekif.inputs import encode_prompt
+
+    # compare the answer token ids: a random model's bytes are mostly not valid UTF-8, which
+    # decoding drops, so the text alone could be equal (and empty) for different tokens
+    monkeypatch.setattr(ev, "decode_answer", lambda decode, ids: " ".join(map(str, ids)))
+
+    model, tok = tiny_family(family, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    scale = 0.02 if family == "gemma3" else 0.3  # (Gemma's scaled embeddings saturate at 0.3)
+    with torch.no_grad():  # re-drawn random weights: varied greedy tokens, so equality is not vacuous
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    records = [Record.from_prompt(p, "") for p in [*PROMPTS, "a long story " * 8]]
+    assert max(len(encode_prompt(tok, r)) for r in records) > 64  # past Gemma's sliding window
+    labels = ["yes", "no", "maybe not"]
+    answers, scores = answers_and_label_logprobs(model, tok, records, labels, max_new_tokens=6, batch_size=4)
+    assert answers == generate_answers(model, tok, records, max_new_tokens=6, batch_size=4)
+    assert len(set(answers)) > 1
+    for got, want in zip(scores, label_logprobs(model, tok, records, labels, batch_size=4)):
+        assert got == pytest.approx(want, abs=1e-3)
