@@ -118,8 +118,9 @@ def _greedy(model, tokenizer, ids, mask, max_new_tokens: int, pad_id: int, eos_i
     first tokens already (generate() then runs only the rest)."""
     # use_cache=True explicitly: training loads set config.use_cache=False, and
     # generating without the KV cache re-runs the whole prefix for every new token.
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id, eos_token_id=eos_ids)
+    given = {} if cache is None else {"past_key_values": cache}  # (passing None warns on transformers >= 5.25)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         use_cache=True, pad_token_id=pad_id, eos_token_id=eos_ids, **given)
     # whole characters only, as the runners decode (a cut at the token limit drops a
     # partial one): the export check compares these answers with theirs
     return [decode_answer(lambda t: tokenizer.decode(t, skip_special_tokens=True), row.tolist()).strip()
