@@ -260,7 +260,6 @@ def test_one_template_from_training_to_the_export(exported):
     assert list(runner.tokenizer.encode(runner.chat_text("hi"))) == render_prompt(exported["train_tok"], USER)
 
 
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_one_pass_evaluation_equals_the_two_calls_in_each_family(family, monkeypatch):
     """generate_and_pick copies and re-slices the prompt's KV cache: each family's cache
