@@ -108,6 +108,9 @@ def main(argv=None) -> int:
                     help="measure the general-ability drift of each run's final model (default: on)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--precision", default="fp32", help="base precision (fp32|nf4|bf16); fp32 is fastest on CPU")
+    ap.add_argument("--tf32", action="store_true",
+                    help="on CUDA, fp32 matrix products in TF32 (tensor cores; 10-bit mantissa inputs): the GPU runs of the large "
+                         "profile. No effect on CPU")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--task-steps", type=int)
     ap.add_argument("--train-per-task", type=int)
@@ -154,6 +157,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     # any task suite in the same layout (DIR/train.jsonl, DIR/test.jsonl), else a standard order
     folders = [Path(d) for d in args.tasks] if args.tasks else [Path(args.data) / t for t in ORDERS[args.order]]
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
     result = {
         "profile": profile_name, "name": args.name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "settings": {**prof, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, "lr": args.lr,
+        "settings": {**prof, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, **({"tf32": True} if args.tf32 else {}), "lr": args.lr,
                      "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},

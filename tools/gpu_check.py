@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps per task (Recurrent-KIF: 8 inner + 4 outer per round)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip what would start after this many seconds")
     ap.add_argument("--data", type=Path, default=DATA if DATA.is_dir() else None, help="cl-benchmark folder (default: synthetic tasks)")
+    ap.add_argument("--skip-export", metavar="WHY", help="do not export; WHY goes into the report (e.g. the GPU runtimes cannot be installed there)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -343,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                     result["train"][precision] = {"error": f"{type(e).__name__}: {e}"}
                     failed = True
             learner_dir = next((Path(r["learner_dir"]) for r in result["train"].values() if "learner_dir" in r), None)
-            if learner_dir is None:
+            if args.skip_export:
+                result["skipped"]["export"] = args.skip_export
+            elif learner_dir is None:
                 result["skipped"]["export"] = "no trained adapter"
             elif time.perf_counter() - start > args.budget_s:
                 result["skipped"]["export"] = "time budget spent"
