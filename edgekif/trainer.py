@@ -246,6 +246,7 @@ class Learner:
         kinds = self.strategy.schedule(task_steps, has_replay)
         order = _task_order(len(encoded), task_steps, B, _mix_seed(tcfg.seed, task_index))
         pad_id = self.tokenizer.pad_token_id
+        device = self.model.get_input_embeddings().weight.device  # batches go where the model is (CUDA)
 
         # Fresh optimizers per task; a resume then loads their state from the checkpoint.
         self.strategy.begin_task(task_index)
@@ -286,7 +287,7 @@ class Learner:
                 recs = replay(self.strategy.config.replay_batch_size, _mix_seed(tcfg.seed, task_index, step))
                 batch_items = [encode_example(self.tokenizer, r, cfg.data.max_length, answer_budget=self.answer_budgets.get(r.meta.get("task_id", ""), 0))
                                for r in recs]
-            batch = collate(batch_items, pad_id)
+            batch = {k: v.to(device) for k, v in collate(batch_items, pad_id).items()}
 
             mult = lr_multiplier(step, len(kinds), tcfg.warmup_ratio, tcfg.min_lr_ratio, tcfg.lr_decay)
             for name, opt in self.strategy.optimizers.items():

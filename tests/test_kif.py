@@ -83,6 +83,25 @@ def test_ema_updates_as_defined():
     assert torch.allclose(tr.score("p"), s2 * u2)
 
 
+def test_non_finite_gradient_leaves_that_tensor_untouched():
+    """A tensor whose gradient holds inf/nan keeps its EMAs (the others are updated): the
+    check runs on the device, without a host sync per tensor."""
+    p = torch.nn.Parameter(torch.tensor([2.0, -1.0]))
+    q = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    tr = ImportanceTracker({"p": p, "q": q}, beta1=0.5, beta2=0.25)
+    p.grad, q.grad = torch.tensor([3.0, 4.0]), torch.tensor([2.0, 2.0])
+    tr.update({"p": p, "q": q})
+    s_p, u_p = tr.sensitivity["p"].clone(), tr.uncertainty["p"].clone()
+    p.grad, q.grad = torch.tensor([float("nan"), 1.0]), torch.tensor([2.0, float("inf")])
+    tr.update({"p": p, "q": q})
+    assert torch.equal(tr.sensitivity["p"], s_p) and torch.equal(tr.uncertainty["p"], u_p)
+    assert torch.equal(tr.sensitivity["q"], torch.tensor([1.0, 1.0]))  # 0.5*0 + 0.5*2, unchanged by the inf step
+    assert torch.isfinite(tr.score("q")).all()
+    p.grad, q.grad = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])
+    tr.update({"p": p, "q": q})
+    assert torch.allclose(tr.sensitivity["p"], 0.5 * s_p + 0.5 * torch.tensor([0.0, 1.0]))
+
+
 # ----------------------------------------------------------------------------- schedule and loop
 
 WORDS = ["alpha", "beta", "gamma", "delta"]

@@ -19,7 +19,7 @@ CARRY=${CARRY:-$REPO/.gpu}            # what tools/device_pack.sh made
 KEEP=${KEEP:-/root/edgekif-keep}      # where an earlier call left the first part of the base wheel
 OUT=${OUT:-$REPO/bench_out/device}
 DEADLINE_S=${DEADLINE_S:-500}         # seconds from start after which no job may still run
-JOBS=${JOBS:-7}
+JOBS=${JOBS:-8}
 PROFILE=${PROFILE:-large}
 SEEDS=${SEEDS:-"0 1 2"}
 STRATEGIES=${STRATEGIES:-"recurrent_kif replay seq_lora mtl"}
@@ -75,8 +75,8 @@ say "gpu_check exit $?: $(grep -E '^\| (nf4|bf16) ' "$WORK/runs/gpu/gpu_check.md
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 10 >"$WORK/runs/nvidia-smi.csv" 2>/dev/null &
 SMI=$!
 {
-  echo "zero-shot --zero-shot-only --seeds $SEEDS"
   for seed in $SEEDS; do for s in $STRATEGIES; do echo "$s-s$seed --no-zero-shot --strategies $s --seeds $seed"; done; done
+  echo "zero-shot --zero-shot-only --seeds $SEEDS"  # FWT's baseline only: after the runs
   for seed in $SEEDS; do echo "kif_q2m1-s$seed --no-zero-shot --strategies recurrent_kif --seeds $seed --set kif.inner_steps=2 --set kif.outer_steps=1"; done
 } >"$WORK/jobs.txt"
 export PY DATA PROFILE EXTRA END WORK

@@ -89,17 +89,16 @@ class RecurrentKIF(Strategy):
         q = self.config.mask_quantile
         m_in = top_share_masks(self.inner.scores(), q)
         m_out = top_share_masks(self.outer.scores(), q)
-        both = only_in = only_out = total = 0
+        counts, total = [], 0  # mask overlap, summed on the device: one host sync a fusion
         for n, p in self.params.items():
             tb, ti = self.theta_b[n], self.theta_in[n]
             p.copy_(fuse(tb, ti - tb, p.detach() - ti, m_in[n], m_out[n], self.weights))
             mi, mo = m_in[n], m_out[n]
-            both += int((mi & mo).sum())
-            only_in += int((mi & ~mo).sum())
-            only_out += int((mo & ~mi).sum())
+            counts.append(torch.stack([(mi & mo).sum(), (mi & ~mo).sum(), (mo & ~mi).sum()]))
             total += mi.numel()
+        both, only_in, only_out = torch.stack(counts).sum(0).tolist() if counts else (0, 0, 0)
         self.fusions += 1
-        self.last_fusion = {"both": both / total, "only_in": only_in / total, "only_out": only_out / total}
+        self.last_fusion = {"both": both / max(1, total), "only_in": only_in / max(1, total), "only_out": only_out / max(1, total)}
         self.theta_b = None  # the next round snapshots the fused weights
         self.theta_in = None
 
