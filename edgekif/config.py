@@ -81,8 +81,9 @@ def find_config(overrides: list[str] | None = None) -> Path | None:
 class ModelConfig:
     # "smollm2-135m-instruct" (the bundled default), a local Hugging Face folder, or a .gguf file.
     base: str = "smollm2-135m-instruct"
-    # "auto" = fp32 on CPU (measured faster and smaller than nf4 there), nf4 on CUDA where
-    # bitsandbytes works (edgekif.model.resolve_precision). Or "nf4", "bf16", "fp32".
+    # "auto" = fp32 on CPU (measured faster and smaller than nf4 there); on CUDA fp32 too, nf4
+    # (where bitsandbytes works) only for a base whose fp32 weights exceed a quarter of the GPU's
+    # memory (edgekif.model.resolve_precision, measured on an H200). Or "nf4", "bf16", "fp32".
     precision: str = "auto"
     # "auto" = cuda if available, else cpu.
     device: str = "auto"

@@ -215,15 +215,42 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """`auto`: what measured best on the device. On CPU fp32: nf4 there was 6% slower per step
-    and took 1.3x the memory (peak anonymous memory 3.3 vs 2.5 GB at batch 8 x 128 tokens,
-    tools/bench_train.py), since bitsandbytes dequantises each weight for every matmul and keeps
-    both. On CUDA nf4 (where bitsandbytes works), because 4-bit weights are what let larger
-    bases fit a small GPU; not yet measured on a GPU here. bf16 on CPUs with native bf16 is
-    not chosen automatically: unmeasured (no such CPU here)."""
+# On CUDA, `auto` trains in fp32 unless the base's fp32 weights would take more than this share of
+# the GPU's memory (then nf4, where bitsandbytes works): activations, LoRA state and evaluation
+# need the rest.
+NF4_ABOVE_GPU_SHARE = 0.25
+
+
+def weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a model folder's safetensors files (a converted base holds fp32 weights)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _gpu_memory(device: str) -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+
+
+def resolve_precision(precision: str, device: str = "cpu", base_path: str | os.PathLike | None = None) -> str:
+    """`auto`: what measured best on the device.
+
+    CPU: fp32. nf4 there was 6% slower per step and took 1.3x the memory (peak anonymous memory
+    3.3 vs 2.5 GB at batch 8 x 128 tokens, tools/bench_train.py), since bitsandbytes dequantises
+    each weight for every matmul and keeps both. bf16 on CPUs with native bf16 is not chosen
+    automatically: unmeasured (no such CPU here).
+
+    CUDA: fp32 while the base's fp32 weights (`base_path`) take at most NF4_ABOVE_GPU_SHARE of
+    the GPU's memory, else nf4 where bitsandbytes works. Measured on an H200 (SmolLM2,
+    tools/gpu_check.py, docs/benchmarks/gpu): nf4 took 0.375 s a step against bf16's 0.186 and
+    saved 12% of the peak memory (1668 vs 1888 MiB); and the adapter is fused into the fp32
+    base, so training on fp32 trains on exactly the weights that ship ("train on what is
+    fused"), where nf4 trains against a re-quantised copy. 4-bit is for bases that would not fit.
+    """
     if precision == "auto":
-        if str(device).startswith("cuda") and bitsandbytes_available():
+        if not str(device).startswith("cuda"):
+            return "fp32"
+        if base_path is not None and bitsandbytes_available() and weight_bytes(base_path) > NF4_ABOVE_GPU_SHARE * _gpu_memory(device):
             return "nf4"
         return "fp32"
     if precision == "nf4" and not bitsandbytes_available():
@@ -267,7 +294,7 @@ def load_model(path: str | os.PathLike, precision: str = "fp32", device: str = "
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, path)
     kwargs: dict[str, Any] = {}
     if precision == "nf4":
         from transformers import BitsAndBytesConfig
@@ -318,6 +345,7 @@ def model_info(cfg: ModelConfig, cache_root: Path) -> dict[str, Any]:
     except ModelError as e:
         info["error"] = str(e)
         return info
+    info["precision"] = resolve_precision(cfg.precision, device, base.path)
     conf = json.loads((base.path / "config.json").read_text())
     info.update(
         name=base.name,

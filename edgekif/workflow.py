@@ -49,7 +49,7 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
     set_threads(cfg)
     base = base or resolve_base(cfg.model, cache_root(cfg))
     device = resolve_device(cfg.model.device)
-    precision = resolve_precision(cfg.model.precision, device)
+    precision = resolve_precision(cfg.model.precision, device, base.path)
     model = load_model(base.path, precision, device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

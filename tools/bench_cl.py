@@ -61,8 +61,8 @@ PROFILES = {
     "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True),
     "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True),
     # every training record the shared files hold (1000 a task: one epoch at batch 8) and 200
-    # test records a task, for a GPU (model.device auto picks CUDA). Not yet run: on 2 CPU cores
-    # the standard profile's 3-8 s a step puts one seed of one strategy at 0.5-1.5 h
+    # test records a task, for a GPU (model.device auto picks CUDA; add --tf32 there). On an H200
+    # shared by eight runs: 3-4 min a run (docs/benchmarks.md, "GPU: a lent H200")
     "large": dict(train_per_task=1000, task_steps=125, batch_size=8, test_per_task=200, max_length=128, label_scoring=True, zero_shot=True),
 }
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
