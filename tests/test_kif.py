@@ -153,6 +153,29 @@ def test_outer_loop_draws_only_replay_data_and_fuses_each_round():
     assert calls[1:] == [4, 4, 4, 4]  # (first call is the availability probe)
 
 
+def test_shared_optimizer_is_stepped_by_both_loops():
+    """kif.shared_optimizer: one optimizer whose moments both loops update (the authors' code);
+    the default keeps one per loop, the outer one at kif.outer_lr."""
+    past, new = _task("t0"), _task("t1")
+    learner = _learner("recurrent_kif")
+    learner.cfg.kif.outer_lr = 1e-3
+    learner.train_task("t0", past)
+    learner.train_task("t1", new, replay=lambda n, seed: past[:n])
+    opts = learner.strategy.optimizers
+    assert set(opts) == {"inner", "outer"} and opts["outer"].param_groups[0]["lr"] <= 1e-3
+    assert learner.strategy.optimizer(REPLAY) is opts["outer"] and learner.strategy.optimizer(TASK) is opts["inner"]
+
+    shared = _learner("recurrent_kif")
+    shared.cfg.kif.shared_optimizer = True
+    shared.train_task("t0", past)
+    res = shared.train_task("t1", new, replay=lambda n, seed: past[:n])
+    (only,) = shared.strategy.optimizers.values()
+    assert shared.strategy.optimizer(REPLAY) is only and shared.strategy.optimizer(TASK) is only
+    steps = {int(st["step"]) for st in only.state.values()}
+    assert steps == {res.task_steps + res.replay_steps} and res.replay_steps == 4  # every step of both loops
+    assert shared.strategy.fusions == 2
+
+
 def test_fusion_in_the_loop_equals_the_formula():
     """Run one round by hand through the strategy hooks and compare with fuse()."""
     learner = _learner("recurrent_kif")

@@ -46,6 +46,9 @@ class KIFConfig(ReplayScheduleConfig):
     w_neither_in: float = 0.5  # element set in neither mask: 0.5*tau_in + 0.5*tau_out
     w_neither_out: float = 0.5
     reset_importance: bool = False  # reset EMAs at each new task
+    # One optimizer (lr = train.lr) stepped by both loops, its moments shared, as the authors'
+    # code does; False: a fresh optimizer per loop (outer at outer_lr), as the paper describes.
+    shared_optimizer: bool = False
 
     def validate(self, section: str) -> None:
         super().validate(section)

@@ -8,7 +8,8 @@ Per round b (all tensors are LoRA tensors):
   theta_{b+1} = theta_b + w_in(m) * tau_in + w_out(m) * tau_out
 with (w_in, w_out) = (0.4, 0.6) where both masks are set, (1, 0) only inner, (0, 1) only
 outer, (0.5, 0.5) neither (the authors' code). The outer loop starts from the inner-updated
-weights and has its own optimizer (lr = kif.outer_lr). Without replay data (the first task)
+weights and has its own optimizer (lr = kif.outer_lr), or with kif.shared_optimizer steps the
+inner loop's one, as the authors' code does. Without replay data (the first task)
 training is plain LoRA; importance is still tracked.
 
 Memory: two snapshots (theta_b, theta_in), two trackers x 2 EMAs, masks built per tensor at
@@ -47,10 +48,13 @@ class RecurrentKIF(Strategy):
 
     def begin_task(self, task_index: int) -> None:
         plist = list(self.params.values())
-        self.optimizers = {
-            "inner": make_optimizer(plist, self.train_cfg.lr, self.train_cfg.weight_decay),
-            "outer": make_optimizer(plist, self.config.outer_lr, self.train_cfg.weight_decay),
-        }
+        if self.config.shared_optimizer:
+            self.optimizers = {"main": make_optimizer(plist, self.train_cfg.lr, self.train_cfg.weight_decay)}
+        else:
+            self.optimizers = {
+                "inner": make_optimizer(plist, self.train_cfg.lr, self.train_cfg.weight_decay),
+                "outer": make_optimizer(plist, self.config.outer_lr, self.train_cfg.weight_decay),
+            }
         self.fusions = 0
         self.theta_b = self.theta_in = None
         if self.config.reset_importance:
@@ -61,6 +65,8 @@ class RecurrentKIF(Strategy):
         return interleaved_schedule(task_steps, self.config.inner_steps, self.config.outer_steps, replay_available)
 
     def optimizer(self, kind: str) -> torch.optim.Optimizer:
+        if "main" in self.optimizers:  # kif.shared_optimizer
+            return self.optimizers["main"]
         return self.optimizers["outer" if kind == REPLAY else "inner"]
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
