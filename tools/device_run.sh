@@ -41,14 +41,7 @@ if [ -z "${DEVICE_TEST:-}" ]; then
   if ! (cd "$WORK/wheels" && sha256sum -c "$CARRY/base.sha256" >>"$LOG" 2>&1); then say "FATAL: base wheel checksum"; exit 3; fi
   pipi() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@" >>"$LOG" 2>&1; }
   pipi "$WORK/site" "$CARRY"/whl/*.whl "$WORK"/wheels/*.whl || { say "FATAL: wheel install failed"; tail -20 "$LOG"; exit 3; }
-  # this project's Hugging Face stack where it imports beside the image's packages, else the image's own
-  HF_OK=0
-  if pipi "$WORK/site-hf" "$CARRY"/hf/*.whl && PYTHONPATH=$WORK/site-hf:$WORK/site:$REPO $PY -c \
-       "import transformers, peft; from transformers import AutoModelForCausalLM; from peft import LoraConfig" >>"$LOG" 2>&1; then
-    HF_OK=1
-  fi
-  if [ "$HF_OK" = 1 ]; then export PYTHONPATH=$WORK/site-hf:$WORK/site:$REPO; else
-    say "the carried transformers/peft do not import here: using the image's"; export PYTHONPATH=$WORK/site:$REPO; fi
+  export PYTHONPATH=$WORK/site:$REPO  # the image's torch, transformers and peft (tools/device_pack.sh)
   mkdir -p "$WORK/data" && tar -xJf "$CARRY/data.tar.xz" -C "$WORK/data"
   DATA=$WORK/data/cl-benchmark
 else
