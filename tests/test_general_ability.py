@@ -274,8 +274,11 @@ class TorchRunner:
 TAUGHT = {"factual-02": "Mercury.", "factual-03": "366.", "factual-08": "Au.", "multi_turn-04": "24."}
 
 
-def _taught_tiny_llama(steps: int = 40):
-    """The tiny Llama after a few seeded full-batch steps on TAUGHT (a 'base' with answers)."""
+def _taught_tiny_llama(steps: int = 60):
+    """The tiny Llama after a few seeded full-batch steps on TAUGHT (a 'base' with answers).
+    lr 3e-3: it learns the four answers exactly for every seed tried (0-2, 60 or 100 steps); at
+    3e-2 (before 2026-12-04) what it learned in 40 steps changed with the installed packages'
+    numerics (base log-likelihood -0.37 one week, -1.38 the next)."""
     import torch
 
     from edgekif.inputs import collate, encode_example
@@ -286,7 +289,7 @@ def _taught_tiny_llama(steps: int = 40):
     prompts = [p for p in load_prompts() if p.id in TAUGHT]
     batch = collate([encode_example(tok, Record(messages=p.messages, output=TAUGHT[p.id]), 256) for p in prompts], tok.pad_token_id)
     torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
         opt.zero_grad()
@@ -303,7 +306,7 @@ def test_a_perturbed_tiny_llama_finds_the_base_answers_less_likely_and_is_held()
 
     base_model, tok, prompts = _taught_tiny_llama()
     answers = base_answers(TorchRunner(base_model, tok), prompts, 8)
-    assert all(answers) and len(set(answers)) >= 2, answers  # real answers, not one degenerate run
+    assert answers == [TAUGHT[p.id] for p in prompts], answers  # the 'base' knows its answers
     base_ll = base_answer_loglik(base_model, tok, prompts, answers)
 
     drifted_model = copy.deepcopy(base_model)
@@ -318,7 +321,7 @@ def test_a_perturbed_tiny_llama_finds_the_base_answers_less_likely_and_is_held()
     print(f"base {base_ll:.3f} perturbed {cand_ll:.3f} rouge {figures.rouge_l:.3f}", answers, cand_answers)
 
     assert same_ll == pytest.approx(base_ll, abs=1e-4)  # the same weights give the same figure, batched or not
-    # Observed (torch 2.x, CPU): base -0.37 nats per token, perturbed -4.05, answers ROUGE-L 0.17.
+    # Observed (torch 2.13, CPU): base -0.035 nats per token, perturbed -1.28, answers ROUGE-L 0.0.
     assert -1.0 < base_ll < 0 and cand_ll < base_ll - 0.5
     assert drifted(figures, GeneralAbilityConfig())[0]  # its answers moved too: held by ROUGE-L as well
     config = GeneralAbilityConfig(min_rouge_l=0.0, max_loglik_drop=0.25)  # the log-likelihood bound decides here
