@@ -161,9 +161,27 @@ def _zero_shot_root(cfg: Config, base: BaseModel, export_settings: Mapping[str, 
     target, ep = str(export_settings["target"]), str(export_settings.get("execution_provider") or "cpu")
     # "training-template": the base is exported with the chat template training uses (older
     # caches kept the base's own template, default system prompt and all: not like for like)
-    key = hashlib.sha256(json.dumps([target, ep, variant.name, "training-template", *_template_tag(cfg)]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([target, ep, variant.name, "training-template", *_template_tag(cfg), _code_tag()]).encode()).hexdigest()[:12]
     root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
     return root, variant, target, ep
+
+
+# The modules that decide what the base's cached export is and how its answers are prompted,
+# decoded and scored. A cache made by other code is not like for like: on 2026-12-04 a new
+# cache gave the base 27.1 on the demo's agnews holdout where an older one had kept 22.9.
+_CACHE_CODE = ("inputs.py", "chat_templates.py", "decoding.py", "infer.py", "metrics.py", "general_ability.py",
+               "export/build.py", "export/genai_builder.py", "export/check.py")
+
+
+def _code_tag() -> str:
+    """A hash of _CACHE_CODE's sources: an upgrade that changes them measures the base again."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in _CACHE_CODE:
+        h.update(name.encode())
+        h.update((Path(__file__).parent / name).read_bytes())
+    return "code-" + h.hexdigest()[:12]
 
 
 def _template_tag(cfg: Config) -> list[str]:
@@ -281,7 +299,7 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     prompts = load_prompts()
     settings = read_manifest(export_dir).export_settings
     _root, variant, target, _ep = _zero_shot_root(cfg, base, settings)
-    base_id = "/".join([f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}", f"{target}-{variant.name}", "training-template", *_template_tag(cfg)])
+    base_id = "/".join([f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}", f"{target}-{variant.name}", "training-template", *_template_tag(cfg), _code_tag()])
     reference = cached_base_answers(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
                                     lambda: open_model(base_export(cfg, base, settings)))
     runner = open_model(export_dir)

@@ -48,6 +48,13 @@ def test_zero_shot_is_built_once_cached_and_a_damaged_cache_is_remeasured(tiny_d
     other = {"u": [Record.from_prompt("Classify: a great movie", "zzz")]}
     assert zero_shot_accuracy(cfg, base, settings, other) == {"u": 0.0} and builds == ["fp32"]
 
+    # an upgrade that changes how prompts are built, decoded or scored measures the base again
+    from edgekif import workflow
+
+    monkeypatch.setattr(workflow, "_code_tag", lambda: "code-upgraded")
+    assert zero_shot_accuracy(cfg, base, settings, holdout) == first and builds == ["fp32", "fp32"]
+    assert len(list((tmp_path / "cache").glob("zero-shot/*/*/scores.json"))) == 2
+
 
 def _with_template(folder: Path, template: str) -> Path:
     from transformers import AutoTokenizer
