@@ -9,6 +9,7 @@ The run across tasks is edgekif.continual.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -173,6 +174,7 @@ _CACHE_CODE = ("inputs.py", "chat_templates.py", "decoding.py", "infer.py", "met
                "export/build.py", "export/genai_builder.py", "export/check.py")
 
 
+@functools.cache  # the sources do not change under a running process: read them once
 def _code_tag() -> str:
     """A hash of _CACHE_CODE's sources: an upgrade that changes them measures the base again."""
     import hashlib

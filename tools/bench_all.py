@@ -82,14 +82,6 @@ MAKE_TARGET = {"quick": "make bench-quick", "standard": "make bench-standard", "
 # --------------------------------------------------------------------------- running
 
 
-def _gpu_measured(path: Path) -> bool:
-    """True if a committed gpu_check.json holds figures measured on a GPU."""
-    try:
-        return json.loads(path.read_text()).get("status") == "measured"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def run_all(out: Path, profile: str, sections: list[str], resume: bool, run_started: str, commit: str) -> dict:
     # one converted base model for every tool and the daemon, shared with `make demo`
     env = {**os.environ, "EDGEKIF_CACHE_DIR": str(benchlib.cache_dir())}
@@ -333,7 +325,7 @@ def write_report(out: Path, runs: dict, profile: str, wall: float, docs: Path, r
     lines += ["## GPU", ""]
     if m["gpu"]:
         lines += [f"This run had a GPU ({m['gpu']}); the tools above used it where their device option selected it."]
-    elif _gpu_measured(docs / "benchmarks" / "gpu" / "gpu_check.json"):
+    elif benchlib.gpu_figures_measured(docs / "benchmarks" / "gpu" / "gpu_check.json"):
         lines += ["This run had no GPU. What was measured on a lent GPU machine (`tools/device_run.sh`: `tools/gpu_check.py` and the "
                   "`large` profile) is in \"GPU: a lent H200\" below, from docs/benchmarks/gpu and docs/benchmarks/cl-large-order1-gpu."]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib import metadata
@@ -15,6 +16,14 @@ def cache_dir() -> Path:
     """Where converted base models are cached: $EDGEKIF_CACHE_DIR (the library's variable,
     edgekif.workflow.cache_root), else ~/.cache/edgekif, shared by every tool and `make demo`."""
     return Path(os.environ.get("EDGEKIF_CACHE_DIR") or Path.home() / ".cache" / "edgekif")
+
+
+def gpu_figures_measured(path: Path) -> bool:
+    """True if a gpu_check.json (tools/gpu_check.py) holds figures measured on a GPU."""
+    try:
+        return json.loads(Path(path).read_text()).get("status") == "measured"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cpu_model() -> str:

@@ -290,13 +290,6 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _holds_measurements(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text()).get("status") == "measured"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "gpu", help="folder for gpu_check.json and gpu_check.md")
@@ -361,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     result["total_s"] = time.perf_counter() - start
     md = to_markdown(result)
     print(md)
-    if result["status"] != "measured" and _holds_measurements(args.out / "gpu_check.json"):
+    if result["status"] != "measured" and benchlib.gpu_figures_measured(args.out / "gpu_check.json"):
         # A CPU box must not overwrite figures measured on a GPU (docs/benchmarks/gpu is committed).
         print(f"{args.out} holds figures measured on a GPU: left as they are")
     else:
