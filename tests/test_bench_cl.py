@@ -183,3 +183,19 @@ def test_merge_takes_the_finished_strategies_of_a_stopped_run(tmp_path):
     merged = json.loads((out / "result.json").read_text())
     assert set(merged["strategies"]) == {"replay", "mtl"} and merged["wall_seconds"] == pytest.approx(30.0 + 60.0)
     assert "(stopped; its finished strategies: replay)" in (out / "result.md").read_text()
+
+
+def test_merge_keeps_bases_apart_and_reads_older_runs_as_the_default_base(tmp_path):
+    """A run recorded before the base was (settings without "base") ran on the default base:
+    it merges with an explicit SmolLM2 run, not with a Gemma 3 one, and the entry names the base."""
+    from tools.bench_cl import main
+
+    older = _run_dir(tmp_path, "old", [0], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]})
+    smol = _run_dir(tmp_path, "smol", [1], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}, base="smollm2-135m-instruct")
+    gemma = _run_dir(tmp_path, "gemma", [2], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}, base="gemma3-270m")
+    with pytest.raises(SystemExit, match="other settings than .*: base"):
+        main(["--merge", str(older), str(gemma), "--out", str(tmp_path / "m")])
+    rj = tmp_path / "results.json"
+    assert main(["--merge", str(older), str(smol), "--out", str(tmp_path / "m"), "--results-json", str(rj)]) == 0
+    assert json.loads(rj.read_text())["cl"]["standard-custom"]["base"] == "smollm2-135m-instruct"
+    assert "smollm2-135m-instruct (fp32)" in (tmp_path / "m" / "result.md").read_text()

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from edgekif.atomic import atomic_write_json
-    from edgekif.config import Config, ModelConfig, apply_overrides
+    from edgekif.config import Config, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.taskfile import read_task
     from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, generate_and_pick, generate_answers, plot_heatmap
@@ -181,12 +181,6 @@ def main(argv=None) -> int:
         for r in train[t]:
             r.meta["task_id"] = t
 
-    base = resolve_base(ModelConfig(), cache_dir())
-    # each task's spec from its own training answers, as the daemon decides it at buffer time
-    tokenizer = load_tokenizer(base.path)
-    specs = {f.name: read_task_spec(f / "train.jsonl", train_tasks[f.name].records, tokenizer) for f in folders}
-    del tokenizer
-
     def make_cfg(strategy: str, seed: int) -> Config:
         cfg = Config()
         cfg.model.precision = args.precision
@@ -203,6 +197,14 @@ def main(argv=None) -> int:
         cfg.replay.seed = seed
         cfg.eval.label_scoring = prof["label_scoring"]
         return apply_overrides(cfg, args.set)
+
+    # the base is the configured one (`--set model.base=gemma3-270m`), its template the one training uses
+    model_cfg = make_cfg("seq_lora", 0).model
+    base = resolve_base(model_cfg, cache_dir())
+    # each task's spec from its own training answers, as the daemon decides it at buffer time
+    tokenizer = load_tokenizer(base.path, chat_template=model_cfg.chat_template)
+    specs = {f.name: read_task_spec(f / "train.jsonl", train_tasks[f.name].records, tokenizer) for f in folders}
+    del tokenizer
 
     # test prompts are fitted like the training examples, leaving room for the task's answer
     # budget: the model is scored on what it was trained to see, and long prompts (yahoo: up
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
     result = {
         "profile": profile_name, "name": args.name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "settings": {**prof, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, **({"tf32": True} if args.tf32 else {}), "lr": args.lr,
+        "settings": {**prof, "base": base.name, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, **({"tf32": True} if args.tf32 else {}), "lr": args.lr,
                      "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
@@ -394,6 +396,8 @@ def merge_runs(args, argv: list[str]) -> int:
                 raise SystemExit(f"--merge: {path} is from a run that did not finish any strategy")
             part = {**part, "wall_seconds": sum(r.get("seconds", 0.0) for r in finished),
                     "command": part["command"] + f" (stopped; its finished strategies: {', '.join(part['strategies'])})"}
+        # runs from before the base was recorded all ran on the default base
+        part["settings"].setdefault("base", _EARLIER_BASE)
         parts.append(part)
     runs_first = sorted(range(len(parts)), key=lambda i: bool(parts[i]["settings"].get("zero_shot_only")))
     parts, dirs = [parts[i] for i in runs_first], [args.merge[i] for i in runs_first]
@@ -472,6 +476,10 @@ def _p(x):  # percent, rounded, for results.json
     return None if x is None else round(100 * x, 2)
 
 
+# what a result.json without settings["base"] ran on: the default base, before it was configurable here
+_EARLIER_BASE = "smollm2-135m-instruct"
+
+
 def summary(result: dict) -> dict:
     """One entry of docs/benchmarks/results.json (percent values)."""
     s = result["settings"]
@@ -487,7 +495,7 @@ def summary(result: dict) -> dict:
         strategies[name] = entry
     specs = s.get("task_specs")
     metric = {t: v["metric"] for t, v in specs.items()} if specs else "exact_match"
-    out = {"profile": result["profile"], "order": s["order"], "seeds": s["seeds"], "train_per_task": s["train_per_task"],
+    out = {"profile": result["profile"], "base": s.get("base", _EARLIER_BASE), "order": s["order"], "seeds": s["seeds"], "train_per_task": s["train_per_task"],
            "test_per_task": s["test_per_task"], "eval_split": s.get("eval_split", "test"), "metric": metric, "command": result["command"], "strategies": strategies}
     if specs:
         out["max_new_tokens"] = {t: v["max_new_tokens"] for t, v in specs.items()}
@@ -534,7 +542,7 @@ def to_markdown(result: dict) -> str:
         f"### Continual learning, {_order_name(s['order']).replace('order', 'order ')} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
         f"Command: `{result['command']}`  ",
-        f"SmolLM2-135M-Instruct ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
+        f"{s.get('base', _EARLIER_BASE)} ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), evaluated on {_eval_set(s)} "
         f"(prompts fitted as training fits them: the input's middle is cut), metric: {s['metric']}; "
         f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}); Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
