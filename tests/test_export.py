@@ -495,6 +495,7 @@ def test_the_manifest_records_each_tasks_kind_metric_budget_and_score(fused, tmp
     assert manifest.scores["news"] == pytest.approx(manifest.evaluation["news"]["score"])
     assert manifest.evaluation["news"]["metric"] == "rouge_l" and "metric" not in manifest.evaluation["sentiment"]
     assert manifest.accuracies == {"news": 0.0, "sentiment": 1.0}  # strict exact match, as without specs
+    assert manifest.accuracies_measured_by["max_new_tokens"] == {"news": 5, "sentiment": 8}  # what each was answered within
     assert manifest.summary()["task_specs"] == manifest.task_specs
     key = json.loads(cache.read_text())["key"]
     export_model(fused["fused"], tmp_path / "genai2", target="genai", precision="fp32", execution_provider="cpu",

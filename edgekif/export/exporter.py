@@ -140,7 +140,9 @@ def export_model(
                     raise ParityError(f"{variant.name} export: " + "; ".join(check.reasons))
                 for name, src in (extra_dirs or {}).items():  # e.g. the peft adapter: in before the manifest hashes the folder
                     shutil.copytree(src, tmp / name)
-                _write_checked_manifest(tmp, target, ep, result, figures, reference, reference_seconds, rejected, max_new_tokens,
+                # each task was answered within its own budget (task_specs), the default where it has none
+                budgets = {name: task_budget(name, max_new_tokens, specs) for name in result.answers} if specs else max_new_tokens
+                _write_checked_manifest(tmp, target, ep, result, figures, reference, reference_seconds, rejected, budgets,
                                         {**(manifest_info or {}), **_spec_info(specs, result.answers, max_new_tokens),
                                          **({"parity_skipped": skipped} if skipped else {})}, holdout)
             break
@@ -201,7 +203,7 @@ def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_to
 
 def _write_checked_manifest(
     folder: Path, target: str, ep: str, result: CandidateCheck, figures: dict[str, Any], reference: Mapping[str, AnswerSet],
-    reference_seconds: float, rejected: list[dict[str, Any]], max_new_tokens: int, manifest_info: dict[str, Any] | None,
+    reference_seconds: float, rejected: list[dict[str, Any]], max_new_tokens: int | dict[str, int], manifest_info: dict[str, Any] | None,
     holdout: Mapping[str, Sequence[Any]],
 ) -> None:
     """The manifest of a candidate that passed: its own accuracies, the reference's, the check's figures."""
