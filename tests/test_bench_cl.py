@@ -202,26 +202,29 @@ def test_merge_keeps_bases_apart_and_reads_older_runs_as_the_default_base(tmp_pa
 
 
 def test_a_run_on_a_configured_base_scores_labels_only_in_the_final_row(tiny_dir, tmp_path):
-    """End to end on the tiny random Llama given as `--set model.base`: the run records that
-    base, fills every cell of the headline matrix, and label-scores only the final row (the
-    label OP's row), not the earlier ones."""
+    """End to end on the tiny random Llama given as `--set model.base`, on a stream of a label
+    task and a free-text one: the run records that base, fills every cell of the headline
+    matrix, label-scores only the final row (the label OP's row) and only the label task, and
+    the label OP is that task's label score (not "none" because the free-text task has none)."""
     from tools.bench_cl import main
 
-    for t, labels in (("colours", ["red", "blue"]), ("sizes", ["big", "small"])):
+    colours = [json.dumps({"instruction": f"The colour of item {i}?", "input": "", "output": ["red", "blue"][i % 2]}) for i in range(12)]
+    names = [json.dumps({"instruction": f"Name item {i}.", "input": "", "output": f"item number {i} of the list"}) for i in range(12)]
+    for t, recs in (("colours", colours), ("names", names)):
         d = tmp_path / "tasks" / t
         d.mkdir(parents=True)
-        recs = [json.dumps({"instruction": f"The {t} of item {i}?", "input": "", "output": labels[i % 2]}) for i in range(12)]
         (d / "train.jsonl").write_text("\n".join(recs[:8]) + "\n")
         (d / "test.jsonl").write_text("\n".join(recs[8:]) + "\n")
     out = tmp_path / "run"
-    rc = main(["--quick", "--tasks", str(tmp_path / "tasks" / "colours"), str(tmp_path / "tasks" / "sizes"), "--strategies", "seq_lora",
+    rc = main(["--quick", "--tasks", str(tmp_path / "tasks" / "colours"), str(tmp_path / "tasks" / "names"), "--strategies", "seq_lora",
                "--seeds", "0", "--task-steps", "1", "--train-per-task", "8", "--test-per-task", "4", "--label-scoring", "--no-zero-shot",
                "--no-drift", "--set", f"model.base={tiny_dir}", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "result.json").read_text())
     assert res["settings"]["base"] == tiny_dir.name
+    assert [res["settings"]["task_specs"][t]["kind"] for t in ("colours", "names")] == ["classification", "generation"]
     run = res["strategies"]["seq_lora"]["runs"][0]
     a, labels = run["matrix"]["a"], run["label_matrix"]["a"]
     assert a[0][0] is not None and all(v is not None for v in a[1])
-    assert labels[0] == [None, None] and all(0.0 <= v <= 1.0 for v in labels[1])
-    assert run["label_op"] == sum(labels[1]) / 2
+    assert labels[0] == [None, None] and labels[1][1] is None and 0.0 <= labels[1][0] <= 1.0
+    assert run["label_op"] == labels[1][0] == res["strategies"]["seq_lora"]["label_op_mean"]
