@@ -145,6 +145,11 @@ class TrainConfig:
     # Wall-time budget of one task's training in minutes; 0 = no limit. Training stops at the
     # first clean point after it is spent (after a fusion for Recurrent-KIF) and says so.
     max_minutes: float = 0.0
+    # How a batch's answer tokens make its loss (edgekif.trainer.target_loss): "token" = their
+    # mean (an example weighs by its answer's length, as in transformers), "example" = the mean
+    # of each example's mean (a 2-token label weighs as much as a 15-token headline when the
+    # two share a batch: joint training and replay over label and free-text tasks).
+    loss_average: str = "token"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -396,6 +401,7 @@ def validate_config(cfg: Config) -> None:
     check(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
     check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
     check(t.lr_decay in ("cosine", "linear", "constant"), f"train.lr_decay: {t.lr_decay!r} not in cosine|linear|constant")
+    check(t.loss_average in ("token", "example"), f"train.loss_average: {t.loss_average!r} not in token|example")
     check(t.max_minutes >= 0 and math.isfinite(t.max_minutes), "train.max_minutes must be >= 0 (0 = no limit)")
     for section in SECTION_CONFIGS:
         options = getattr(cfg, section)

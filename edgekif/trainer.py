@@ -72,12 +72,17 @@ class TrainStats:
 # --------------------------------------------------------------------------- loss
 
 
-def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def target_loss(model, batch: dict[str, torch.Tensor], average: str = "token") -> torch.Tensor:
     """Cross-entropy at answer tokens only.
 
     Runs the decoder for hidden states, gathers the positions whose next token is a label,
     and applies the LM head to those rows only: on a 49k-token vocabulary this skips almost
     all of the logits work (and memory) that a full forward would do.
+
+    average (train.loss_average): "token" = the mean over the batch's answer tokens (as
+    transformers computes it), so an example weighs by its answer's length; "example" = each
+    example's own mean, then the mean over examples, so a 2-token label weighs as much as a
+    15-token headline in a batch that mixes them (joint or replay batches of mixed tasks).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
@@ -88,7 +93,14 @@ def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if not bool(sel.any()):
         raise TrainingError("batch has no answer tokens (all labels masked)")
     logits = head(hidden[:, :-1][sel])
-    return F.cross_entropy(logits.float(), targets[sel])
+    if average == "token":
+        return F.cross_entropy(logits.float(), targets[sel])
+    per_token = F.cross_entropy(logits.float(), targets[sel], reduction="none")
+    rows = sel.nonzero(as_tuple=True)[0]
+    counts = sel.sum(dim=1)
+    per_example = torch.zeros(sel.shape[0], dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
+    answered = counts > 0
+    return (per_example[answered] / counts[answered]).mean()
 
 
 # --------------------------------------------------------------------------- data order
@@ -328,7 +340,7 @@ class Learner:
         """One optimizer step, with the strategy's hooks around it; True at a boundary worth
         checkpointing (e.g. right after a fusion)."""
         self.strategy.before_step(kind, prev_kind)
-        loss = target_loss(self.model, batch)
+        loss = target_loss(self.model, batch, self.cfg.train.loss_average)
         loss.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.train.grad_clip)

@@ -284,3 +284,30 @@ def test_target_loss_equals_full_loss(tiny):
     batch = collate([encode_example(tok, r, 64) for r in recs], tok.pad_token_id)
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert torch.allclose(target_loss(model, batch), full, atol=1e-5)
+
+
+def test_target_loss_per_example_weighs_each_example_alike(tiny):
+    """average="example": each example's mean loss over its own answer tokens, then the mean
+    over examples, computed here from the full forward's logits; it differs from the token
+    mean when answers differ in length (a one-word label beside a long free-text answer)."""
+    import torch.nn.functional as F
+
+    from edgekif.inputs import collate, encode_example
+    from edgekif.trainer import target_loss
+
+    model, tok = tiny
+    recs = [Record.from_prompt("label?", "red"), Record.from_prompt("headline?", "a much longer answer of many words " * 3)]
+    batch = collate([encode_example(tok, r, 96) for r in recs], tok.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    per_row = []
+    for row in range(len(recs)):
+        keep = targets[row] != -100
+        per_row.append(F.cross_entropy(logits[row][keep], targets[row][keep]))
+    counts = (targets != -100).sum(dim=1).tolist()
+    assert counts[0] * 3 < counts[1]  # the two answers' lengths differ a lot
+    want = torch.stack(per_row).mean()
+    assert torch.allclose(target_loss(model, batch, "example"), want, atol=1e-5)
+    token_mean = (per_row[0] * counts[0] + per_row[1] * counts[1]) / sum(counts)
+    assert torch.allclose(target_loss(model, batch, "token"), token_mean, atol=1e-5)
+    assert not torch.allclose(want, token_mean, atol=1e-3)

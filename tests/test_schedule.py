@@ -158,6 +158,7 @@ def test_config_defaults_and_overrides():
         ("train.warmup_ratio=1.0", "train.warmup_ratio"),
         ("train.min_lr_ratio=2", "train.min_lr_ratio"),
         ("train.lr_decay=step", "train.lr_decay"),
+        ("train.loss_average=sum", "train.loss_average"),
         ("train.epochs=0", "train.epochs"),
     ],
 )
