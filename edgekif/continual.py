@@ -124,6 +124,7 @@ def run_stream(
     *,
     evaluate: EvaluateFn | None = None,
     score_before: bool = False,
+    cells: str = "all",
     ckpt_root: Path | None = None,
     progress: Callable[[str], ProgressFn | None] | None = None,
     on_task: Callable[[int, TrainStats, AccuracyMatrix], None] | None = None,
@@ -131,9 +132,14 @@ def run_stream(
     """Learn `tasks` in order and fill the accuracy matrix a[j][i] (after task j, on task i).
 
     evaluate: scores one task (None: no matrix entries). score_before: also score each task
-    just before it is learned (row j-1, column j: what FWT needs). progress(name) returns the
-    per-step callback for that task; on_task(j, result, matrix) runs after each task's row.
+    just before it is learned (row j-1, column j: what FWT needs). cells: "all" scores every
+    task seen so far after each task (the whole lower triangle); "metrics" only the cells OP,
+    BWT and plasticity read: the task just learned, and every task after the last one (2T-1
+    evaluations instead of T(T+1)/2). progress(name) returns the per-step callback for that
+    task; on_task(j, result, matrix) runs after each task's row.
     """
+    if cells not in ("all", "metrics"):
+        raise ValueError(f"cells must be 'all' or 'metrics', not {cells!r}")
     order = [t.name for t in tasks]
     matrix = AccuracyMatrix(order)
     out = StreamResult(order=order, matrix=matrix)
@@ -156,7 +162,8 @@ def run_stream(
                          progress=progress(task.name) if progress else None)
         out.results.append(res)
         if evaluate is not None:
-            for i in range(j + 1):
+            last = j == len(tasks) - 1
+            for i in range(j + 1) if cells == "all" or last else (j,):
                 matrix.set(j, i, evaluate(learner, order[i]))
         if on_task is not None:
             on_task(j, res, matrix)

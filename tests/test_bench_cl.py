@@ -218,10 +218,14 @@ def test_a_run_on_a_configured_base_scores_labels_only_in_the_final_row(tiny_dir
     out = tmp_path / "run"
     rc = main(["--quick", "--tasks", str(tmp_path / "tasks" / "colours"), str(tmp_path / "tasks" / "names"), "--strategies", "seq_lora",
                "--seeds", "0", "--task-steps", "1", "--train-per-task", "8", "--test-per-task", "4", "--label-scoring", "--no-zero-shot",
-               "--no-drift", "--set", f"model.base={tiny_dir}", "--out", str(out)])
+               "--no-drift", "--no-full-matrix", "--set", f"model.base={tiny_dir}", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "result.json").read_text())
     assert res["settings"]["base"] == tiny_dir.name
+    assert res["settings"]["full_matrix"] is False  # two tasks: the metrics' cells are all three
+    train_s = res["strategies"]["seq_lora"]["runs"][0]["train_seconds"]
+    share = 100 * (1 - train_s / res["wall_seconds"])
+    assert f"**{share:.0f}%** of the wall time (the cells the metrics read" in (out / "result.md").read_text()
     assert [res["settings"]["task_specs"][t]["kind"] for t in ("colours", "names")] == ["classification", "generation"]
     run = res["strategies"]["seq_lora"]["runs"][0]
     a, labels = run["matrix"]["a"], run["label_matrix"]["a"]

@@ -92,6 +92,26 @@ def test_run_stream_fills_the_accuracy_matrix_in_order(buffer):
     assert learner.tasks_seen == ["a", "b", "c"]
 
 
+def test_run_stream_can_score_only_the_cells_the_metrics_read(buffer):
+    """cells="metrics": each task just after learning it, and every task after the last one;
+    OP, BWT and plasticity are the same as from the whole triangle, the middle cells missing."""
+    learner = _learner("seq_lora")
+    scored: list[tuple[int, str]] = []
+    score_of = {"a": 0.5, "b": 0.25, "c": 1.0}
+
+    def evaluate(lrn, name):
+        scored.append((len(lrn.tasks_seen), name))
+        return score_of[name]
+
+    res = run_stream(learner, buffer, [StreamTask(n, _records(n)) for n in ("a", "b", "c")], evaluate=evaluate, cells="metrics")
+    assert scored == [(1, "a"), (2, "b"), (3, "a"), (3, "b"), (3, "c")]  # 2T-1 = 5 of T(T+1)/2 = 6
+    m = res.matrix
+    assert m.get(1, 0) is None and m.get(0, 0) == 0.5 and m.get(1, 1) == 0.25
+    assert m.op() == pytest.approx(1.75 / 3) and m.bwt() == 0.0 and m.plasticity() == pytest.approx(1.75 / 3)
+    with pytest.raises(ValueError, match="cells"):
+        run_stream(learner, buffer, [], cells="some")
+
+
 def test_joint_strategy_trains_once_on_the_union_with_every_tasks_budget(buffer):
     learner = _learner("mtl", max_steps=3)
     res = run_stream(learner, buffer, [StreamTask(n, _records(n)) for n in ("a", "b")], evaluate=lambda lrn, name: 0.5)

@@ -55,15 +55,18 @@ PROFILES = {
     # train examples offered per task, gradient steps on the task, test examples per task
     # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; long prompts are fitted by
     # edgekif.inputs.fit_prompt: the input's middle is cut, the options and answer cue kept)
-    "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False),
+    "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False, full_matrix=True),
     # enough steps for the tasks to be learned and forgotten, and >= 100 test examples a task
     # so that one example is 1 point (at 24 the strategies were not separable)
-    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True),
-    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True),
+    # full_matrix=False: after each task only that task is scored, and after the last every
+    # task: the cells OP, BWT and plasticity read (7 of 10 cells for 4 tasks). The middle cells
+    # (how a task fades along the way) cost a third of the evaluation; --full-matrix adds them
+    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False),
+    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False),
     # every training record the shared files hold (1000 a task: one epoch at batch 8) and 200
     # test records a task, for a GPU (model.device auto picks CUDA; add --tf32 there). On an H200
     # shared by eight runs: 3-4 min a run (docs/benchmarks.md, "GPU: a lent H200")
-    "large": dict(train_per_task=1000, task_steps=125, batch_size=8, test_per_task=200, max_length=128, label_scoring=True, zero_shot=True),
+    "large": dict(train_per_task=1000, task_steps=125, batch_size=8, test_per_task=200, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False),
 }
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
 
@@ -101,9 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="+", metavar="DIR", help="task folders (each with train.jsonl and test.jsonl), in learning order; overrides --order")
     ap.add_argument("--results-json", type=Path, help="also merge this run's summary into this file (docs/benchmarks/results.json)")
     ap.add_argument("--name", help="the results.json key of a --tasks suite (e.g. gen-order1); default PROFILE-orderN / PROFILE-custom")
-    ap.add_argument("--fwt", action=argparse.BooleanOptionalAction, default=True,
-                    help="score each task just before learning it, for FWT (default: on where zero-shot is measured; "
-                         "--no-fwt saves T-1 evaluations a run)")
+    ap.add_argument("--fwt", action=argparse.BooleanOptionalAction, default=None,
+                    help="score each task just before learning it, for FWT, where zero-shot is measured (T-1 evaluations a run; "
+                         "default: with the full matrix)")
     ap.add_argument("--drift", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the general-ability drift of each run's final model (default: on)")
     ap.add_argument("--out", default=None)
@@ -120,6 +123,9 @@ def main(argv=None) -> int:
                          "from the records before them); test.jsonl is not read. For tuning (issue 11)")
     ap.add_argument("--label-scoring", action=argparse.BooleanOptionalAction, default=None,
                     help="score by label likelihood beside exact match (default: the profile's setting)")
+    ap.add_argument("--full-matrix", action=argparse.BooleanOptionalAction, default=None,
+                    help="score every task seen so far after each task (the whole accuracy matrix), not only the cells OP, BWT "
+                         "and plasticity read (default: the profile's setting)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="any config option, applied last (e.g. train.deterministic=true, kif.mask_quantile=0.9)")
@@ -150,7 +156,9 @@ def main(argv=None) -> int:
     from edgekif.workflow import open_learner
 
     profile_name = "quick" if args.quick else args.profile
-    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task", "label_scoring", "zero_shot"))
+    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task", "label_scoring", "zero_shot", "full_matrix"))
+    if args.fwt is None:
+        args.fwt = prof["full_matrix"]
     if args.zero_shot_only:
         prof["zero_shot"] = True
     out = Path(args.out or f"bench_out/cl-{profile_name}-order{args.order}")
@@ -303,7 +311,7 @@ def main(argv=None) -> int:
 
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp, ReplayBuffer(Path(tmp) / "replay.db", cfg.replay) as buf:
-                stream_result = run_stream(learner, buf, stream, evaluate=score,
+                stream_result = run_stream(learner, buf, stream, evaluate=score, cells="all" if prof["full_matrix"] else "metrics",
                                            score_before="zero_shot" in result and args.fwt, progress=progress, on_task=on_task)
             wall = time.perf_counter() - t0
             general_drift = None
@@ -372,7 +380,8 @@ def _fwt(matrix, result: dict, seed: int, order: list[str]):
 
 
 # what may differ between runs that --merge combines into one report
-_MERGE_FREE = {"seeds", "command", "zero_shot", "zero_shot_only"}
+# (full_matrix: the metrics read the same cells either way)
+_MERGE_FREE = {"seeds", "command", "zero_shot", "zero_shot_only", "full_matrix"}
 # what a --zero-shot-only part must share with the runs: the examples and how they are scored
 _ZERO_SHOT_KEYS = ("order", "test_per_task", "eval_split", "validation", "eval_prompt_tokens", "precision")
 
@@ -502,9 +511,18 @@ def summary(result: dict) -> dict:
            "test_per_task": s["test_per_task"], "eval_split": s.get("eval_split", "test"), "metric": metric, "command": result["command"], "strategies": strategies}
     if specs:
         out["max_new_tokens"] = {t: v["max_new_tokens"] for t, v in specs.items()}
+    if (share := _eval_share(result)) is not None:
+        out["train_share_of_wall"] = round(share[0] / share[1], 3)
     if result.get("zero_shot"):
         out["zero_shot"] = {t: _p(v) for t, v in result["zero_shot"].items()}
     return out
+
+
+def _eval_share(result: dict) -> tuple[float, float] | None:
+    """(seconds of training steps, wall seconds) of the whole run, or None without a wall time."""
+    wall = result.get("wall_seconds")
+    train = sum(r.get("train_seconds", 0.0) for st in result["strategies"].values() for r in st["runs"])
+    return (train, wall) if wall and train else None
 
 
 def _label_op(label_matrix: dict) -> float | None:
@@ -579,6 +597,11 @@ def to_markdown(result: dict) -> str:
             f"| {_num(st.get('drift_rouge_l_mean'))} | {_num(st.get('drift_loglik_drop_mean'))} "
             f"| {st['runs'][0]['grad_steps']} | {st['sec_per_step']:.2f} | {statistics.mean(r['seconds'] for r in st['runs']):.0f} |"
         )
+    share = _eval_share(result)
+    if share is not None:
+        lines += ["", f"Training steps: {share[0] / 60:.1f} of the {share[1] / 60:.1f} min; evaluation and the rest (the cells, zero-shot, "
+                      f"the general prompts, loading models): **{100 * (1 - share[0] / share[1]):.0f}%** of the wall time"
+                      + ("" if s.get("full_matrix", True) else " (the cells the metrics read: each task after learning it, every task after the last)") + "."]
     seeds = s["seeds"]
     if len(seeds) > 1:  # the spread behind the ± (population std over seeds)
         lines += ["", "Per seed (OP / BWT):", "", "| strategy | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
