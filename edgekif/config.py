@@ -218,12 +218,16 @@ class ServiceConfig:
     quiet_seconds: float = 2.0  # a file is taken once size+mtime were stable this long
     scan_interval: float = 5.0
     max_file_bytes: int = 64 * 1024 * 1024
-    # Records of each file kept out of training to judge it (gates, export check). A quarter, at
-    # most 48: the paired gates need ~50 records to see a few points (one record of 48 is ~2
-    # points; headlines' ROUGE-L gain of +2.5..+4.4 over the base, 3 seeds, had p 0.01-0.2 at 48),
-    # and every job's export check re-answers every task's holdout, so it is capped.
+    # Records of each file kept out of training to judge it (gates, export check), capped since
+    # every job's export check re-answers every task's holdout. A label task: a quarter, at most
+    # 48 (0/1 scores; what a file teaches is tens of points, one record of 48 is ~2). A free-text
+    # task: half, at most 96. Its per-record ROUGE-L differences vary by ~12 points, so a gain of
+    # 3-4 points needs ~100 records to be seen (headlines, 3 seeds: p 0.011-0.20 at 48 held out
+    # of 192, 0.0002-0.14 at 96; docs/benchmarks.md, "Headlines").
     holdout_fraction: float = 0.25
     holdout_max: int = 48
+    generation_holdout_fraction: float = 0.5
+    generation_holdout_max: int = 96
     forgetting_threshold: float = 5.0  # accuracy points a past task may drop before a publish is held
     # The new task's exact match on its holdout must beat the untrained base's (same runtime and
     # precision) by at least this many points, or the job is held: a model that learned nothing
@@ -414,6 +418,9 @@ def validate_config(cfg: Config) -> None:
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")
     check(cfg.export.threads >= 0, "export.threads must be >= 0 (0 = the physical cores)")
     check(0 < cfg.service.gate_confidence < 1, "service.gate_confidence must be in (0, 1)")
+    for kind in ("", "generation_"):
+        check(0 <= getattr(cfg.service, f"{kind}holdout_fraction") < 1, f"service.{kind}holdout_fraction must be in [0, 1)")
+        check(getattr(cfg.service, f"{kind}holdout_max") >= 0, f"service.{kind}holdout_max must be >= 0")
     e = cfg.export
     check(e.parity_max_score_drop >= 0 and 0 <= e.parity_min_prefix_agreement <= 1 and e.parity_prefix_words >= 1,
           "export.parity_max_score_drop >= 0, export.parity_min_prefix_agreement in [0, 1], export.parity_prefix_words >= 1")

@@ -54,6 +54,19 @@ from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TrainResul
 log = logging.getLogger(__name__)
 
 
+def holdout_size(service_cfg, kind: str, n_records: int) -> int:
+    """How many of a file's n_records are kept out of training to judge it: the kind's share
+    (service.holdout_fraction, or generation_holdout_fraction for free text), at most its cap,
+    always leaving at least one record to train on."""
+    from edgekif.metrics import GENERATION
+
+    gen = kind == GENERATION
+    fraction = service_cfg.generation_holdout_fraction if gen else service_cfg.holdout_fraction
+    cap = service_cfg.generation_holdout_max if gen else service_cfg.holdout_max
+    n = min(cap, int(round(fraction * n_records)))
+    return min(n, n_records - 1) if n_records > 1 else 0
+
+
 def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
     """The manifest's record of the tasks a model has learned, in learning order."""
     from edgekif.replay import ReplayBuffer
@@ -116,11 +129,10 @@ class LibraryStages:
         data = read_task(ctx.file_path, cfg.data)
         records = list(data.records)
         random.Random(ctx.sha256).shuffle(records)  # deterministic in the file's content
-        n_hold = min(cfg.service.holdout_max, int(round(cfg.service.holdout_fraction * len(records))))
-        n_hold = min(n_hold, len(records) - 1) if len(records) > 1 else 0
+        spec = self._spec(ctx, data.records)  # as validate decided it (a pure function of the files)
+        n_hold = holdout_size(cfg.service, spec.kind, len(records))
         holdout, train = records[:n_hold], records[n_hold:]
         holdout_path = write_holdout(ctx.layout.root, ctx.task_name, holdout, data.labels)
-        spec = self._spec(ctx, data.records)  # as validate decided it (a pure function of the files)
         write_spec(ctx.layout.root, ctx.task_name, spec)
         write_records(ctx.job_files.train_file, train)
         with ReplayBuffer(ctx.layout.replay_db, cfg.replay) as buf:

@@ -223,6 +223,7 @@ def test_a_first_task_that_does_not_beat_the_base_is_held(tmp_path, wide_tiny_di
     assert reason.endswith("not a significant gain over the base (p >= 0.05 or no gain; nothing learned to publish)")
     assert gate["decisions"]["colors vs base"]["passed"] is False
     assert gate["measured_by"]["runtime"].startswith("onnxruntime ") and gate["measured_by"]["metric"] == "exact_match"
+    assert gate["measured_by"]["scores_metric"] == {"colors": "normalized_exact_match"}  # what the gate's scores are
     assert job.error["kind"] == "gate" and ModelStore(data).current() is None
     with JobStore(layout.state_db) as store:
         (held,) = store.events(job.id, ("held",))

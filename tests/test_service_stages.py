@@ -157,6 +157,8 @@ def test_a_generation_task_gets_its_spec_recorded_and_its_budget_from_its_answer
         "kind": "classification", "metric": "exact_match", "max_new_tokens": 3, "source": "detected", "stated": ["metric", "max_new_tokens"]}
     assert json.loads(layout.spec_file("heads").read_text()) == heads
     assert json.loads(layout.spec_file("yesno").read_text())["max_new_tokens"] == 3
+    # free text keeps half back (its per-record scores are noisier), labels a quarter
+    assert [layout.holdout_file(t).read_text().count("\n") for t in ("heads", "yesno")] == [15, 10]
     # the budget the sidecar left open is decided by train, from the training answers (in the child; here directly)
     job = jobs["heads.jsonl"]
     ctx = JobContext(job_id=job.id, file_name=job.file_name, file_path=Path(job.file_path), sha256=job.sha256,
@@ -190,3 +192,14 @@ def test_a_bad_sidecar_rejects_its_file_naming_file_line_and_field(tmp_path, sid
     assert (layout.rejected / "heads.task.toml").read_text() == sidecar and list(layout.accepted.iterdir()) == []
     report = json.loads((layout.rejected / "heads.jsonl.error.json").read_text())
     assert report["error"]["file"] == str(layout.rejected / "heads.task.toml") and report["error"]["line"] == line
+
+
+def test_holdout_size_is_the_kinds_share_capped_and_leaves_a_record_to_train_on():
+    from service.edgekif_stages import holdout_size
+
+    svc = load_config(None, []).service
+    assert (svc.holdout_fraction, svc.holdout_max, svc.generation_holdout_fraction, svc.generation_holdout_max) == (0.25, 48, 0.5, 96)
+    assert [holdout_size(svc, "classification", n) for n in (0, 1, 2, 10, 192, 1000)] == [0, 0, 0, 2, 48, 48]
+    assert [holdout_size(svc, "generation", n) for n in (1, 2, 10, 192, 1000)] == [0, 1, 5, 96, 96]
+    with pytest.raises(Exception, match="generation_holdout_fraction"):
+        load_config(None, ["service.generation_holdout_fraction=1.0"])

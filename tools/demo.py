@@ -92,7 +92,7 @@ def _pct(x) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["dbpedia", "agnews", "headlines"])
-    ap.add_argument("--examples", type=int, default=192, help="examples per dropped task file (a quarter is held out, at most 48: the default)")
+    ap.add_argument("--examples", type=int, default=192, help="examples per dropped task file (held out by default: a quarter, at most 48, of a label task; half, at most 96, of a free-text one)")
     ap.add_argument("--data-dir", default=str(REPO / ".edgekif-demo"))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for every file to be published or held")
     ap.add_argument("--base", default="", help="model.base (a name from `edgekif model list`, a .gguf or a folder); default: the config's")

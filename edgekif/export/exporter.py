@@ -215,7 +215,10 @@ def _write_checked_manifest(
         folder, target=target, precision=variant.precision, execution_provider=ep, accuracies=measured,
         accuracies_measured_by={
             "runtime": _runtime_name(target), "target": target, "precision": variant.precision, "execution_provider": ep,
-            "metric": "exact_match", "decoding": "greedy", "max_new_tokens": max_new_tokens,
+            # "accuracies" are strict exact match; "scores" each task's own metric (a free-text
+            # task has accuracy 0 and a ROUGE-L score): named per task so neither is misread
+            "metric": "exact_match", "scores_metric": {name: a.metric for name, a in answers.items() if a.metric is not None},
+            "decoding": "greedy", "max_new_tokens": max_new_tokens,
             "prompt": "each holdout record's chat messages, whole, through this folder's chat template",
         },
         evaluation={name: _evaluation(a, holdout[name]) for name, a in answers.items()},
