@@ -178,11 +178,15 @@ def test_merge_takes_the_finished_strategies_of_a_stopped_run(tmp_path):
     del res["wall_seconds"]
     (stopped / "result.json").write_text(json.dumps(res))
     rest = _run_dir(tmp_path, "s0-mtl", [0], {"mtl": [[[None, None], [0.7, 0.9]]]})
+    seed1 = _run_dir(tmp_path, "s1", [1], {"replay": [[[0.4, 0.2], [0.5, 0.6]]]})
     out = tmp_path / "m"
-    assert main(["--merge", str(stopped), str(rest), "--out", str(out)]) == 0
+    assert main(["--merge", str(stopped), str(rest), str(seed1), "--out", str(out)]) == 0
     merged = json.loads((out / "result.json").read_text())
-    assert set(merged["strategies"]) == {"replay", "mtl"} and merged["wall_seconds"] == pytest.approx(30.0 + 60.0)
-    assert "(stopped; its finished strategies: replay)" in (out / "result.md").read_text()
+    assert set(merged["strategies"]) == {"replay", "mtl"} and merged["wall_seconds"] == pytest.approx(30.0 + 60.0 + 60.0)
+    md = (out / "result.md").read_text()
+    assert "(stopped; its finished strategies: replay)" in md
+    # the per-seed table keeps its columns where a strategy lacks a seed
+    assert "| replay | 70.0 / 10.0 | 55.0 / 10.0 |" in md and "| mtl | 80.0 / — | not run |" in md
 
 
 def test_merge_keeps_bases_apart_and_reads_older_runs_as_the_default_base(tmp_path):

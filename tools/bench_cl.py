@@ -606,7 +606,8 @@ def to_markdown(result: dict) -> str:
     if len(seeds) > 1:  # the spread behind the ± (population std over seeds)
         lines += ["", "Per seed (OP / BWT):", "", "| strategy | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
         for name, st in result["strategies"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{_pct(r['op'])} / {_pct(r['bwt'])}" for r in st["runs"]) + " |")
+            by_seed = {r.get("seed"): f"{_pct(r['op'])} / {_pct(r['bwt'])}" for r in st["runs"]}
+            lines.append(f"| {name} | " + " | ".join(by_seed.get(x, "not run") for x in seeds) + " |")  # a strategy some seeds lack
     if "zero_shot" in result:
         lines += ["", "Zero-shot (base model): " + ", ".join(f"{t} {_pct(v)}" for t, v in result["zero_shot"].items())]
     drifts = {name: [r.get("general_drift") for r in st["runs"]] for name, st in result["strategies"].items()}
