@@ -511,14 +511,14 @@ def summary(result: dict) -> dict:
            "test_per_task": s["test_per_task"], "eval_split": s.get("eval_split", "test"), "metric": metric, "command": result["command"], "strategies": strategies}
     if specs:
         out["max_new_tokens"] = {t: v["max_new_tokens"] for t, v in specs.items()}
-    if (share := _eval_share(result)) is not None:
+    if (share := _train_and_wall_seconds(result)) is not None:
         out["train_share_of_wall"] = round(share[0] / share[1], 3)
     if result.get("zero_shot"):
         out["zero_shot"] = {t: _p(v) for t, v in result["zero_shot"].items()}
     return out
 
 
-def _eval_share(result: dict) -> tuple[float, float] | None:
+def _train_and_wall_seconds(result: dict) -> tuple[float, float] | None:
     """(seconds of training steps, wall seconds) of the whole run, or None without a wall time."""
     wall = result.get("wall_seconds")
     train = sum(r.get("train_seconds", 0.0) for st in result["strategies"].values() for r in st["runs"])
@@ -597,7 +597,7 @@ def to_markdown(result: dict) -> str:
             f"| {_num(st.get('drift_rouge_l_mean'))} | {_num(st.get('drift_loglik_drop_mean'))} "
             f"| {st['runs'][0]['grad_steps']} | {st['sec_per_step']:.2f} | {statistics.mean(r['seconds'] for r in st['runs']):.0f} |"
         )
-    share = _eval_share(result)
+    share = _train_and_wall_seconds(result)
     if share is not None:
         lines += ["", f"Training steps: {share[0] / 60:.1f} of the {share[1] / 60:.1f} min; evaluation and the rest (the cells, zero-shot, "
                       f"the general prompts, loading models): **{100 * (1 - share[0] / share[1]):.0f}%** of the wall time"
