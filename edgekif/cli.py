@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .config import Config, dump_default_toml, find_config, load_config
 from .errors import EdgekifError
 from .layout import DataLayout
+from .metrics import headline_figures
 
 if TYPE_CHECKING:
     from .export.manifest import Manifest
@@ -275,14 +276,15 @@ def cmd_export(args) -> int:
 
 
 def _version_line(r: dict) -> str:
-    """`* v0002  published  genai/int8  agnews 66.7, dbpedia 33.3` (accuracies in the learning order;
+    """`* v0002  published  genai/int8  agnews 66.7, headlines 20.6 rouge_l` (each task's headline
+    figure in the learning order, named where it is not exact match;
     the publish time is Manifest.published_at, the one `edgekif status` shows too)."""
     if "error" in r:
         return f"  {r['name']}  unreadable: {r['error']}"
     exp = r.get("export") or {}
-    acc = r.get("accuracies") or {}
-    order = [t.get("name") for t in r.get("tasks") or []] or list(acc)
-    scores = ", ".join(f"{t} {100 * acc[t]:.1f}" for t in order if t in acc)
+    figures = headline_figures(r.get("accuracies") or {}, r.get("scores"), r.get("task_specs"))
+    order = [t.get("name") for t in r.get("tasks") or []] or list(figures)
+    scores = ", ".join(f"{t} {100 * figures[t][0]:.1f}" + (f" {figures[t][1]}" if figures[t][1] else "") for t in order if t in figures)
     return f"{'*' if r.get('is_current') else ' '} {r['name']}  {r.get('published') or r.get('created') or ''}  {exp.get('target', '?')}/{exp.get('precision', '?')}  {scores}".rstrip()
 
 

@@ -21,7 +21,7 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 CLASSIFICATION = "classification"
 GENERATION = "generation"
@@ -158,3 +158,21 @@ def score_kind(kind: str, answers: Sequence[str], references: Sequence[str]) -> 
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r} (one of {', '.join(KINDS)})")
     return {m: score(m, answers, references) for m in (HEADLINE_METRIC[kind], COMPANION_METRIC[kind])}
+
+
+def headline_figures(accuracies: Mapping[str, float], scores: Mapping[str, float] | None = None,
+                     task_specs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, tuple[float, str | None]]:
+    """What a one-line listing shows per task: (value 0..1, the metric's name or None).
+
+    A version with task specs is shown by each task's headline metric (`scores`); the name is
+    given where it is not exact match, since a free-text task's strict exact match is ~0 and
+    says nothing of what it learned. Older versions (no specs) show `accuracies`, unnamed."""
+    out: dict[str, tuple[float, str | None]] = {t: (float(v), None) for t, v in accuracies.items()}
+    for task, spec in (task_specs or {}).items():
+        value = (scores or {}).get(task)
+        if value is None:
+            continue
+        metric = spec.get("metric")
+        out[task] = (float(value), None if metric in (EXACT_MATCH, NORMALIZED_EXACT_MATCH) else metric)
+    return out
+

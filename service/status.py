@@ -11,6 +11,7 @@ from typing import Any
 from edgekif.config import Config
 from edgekif.errors import ConfigError, IntegrityError
 from edgekif.export.manifest import read_manifest
+from edgekif.metrics import headline_figures
 from edgekif.layout import DataLayout
 
 from .jobs import Job, JobStore
@@ -161,6 +162,11 @@ def status(config: Config) -> dict[str, Any]:
                 # the manifest's (as `models list`), not the job row's last change
                 "published_at": _published_at(layout, pub.version) or pub.updated_at,
                 "accuracies": pub.metrics.get("evaluate", {}).get("accuracies", {}),
+                # each task's headline figure and its metric's name where not exact match (ROUGE-L for free text)
+                "headline": {t: {"value": v, "metric": m} for t, (v, m) in headline_figures(
+                    pub.metrics.get("evaluate", {}).get("accuracies", {}),
+                    pub.metrics.get("evaluate", {}).get("details", {}).get("scores"),
+                    pub.metrics.get("evaluate", {}).get("details", {}).get("task_specs")).items()},
             }
         out["counts"] = store.state_counts()
         out["problems"] = [_job_summary(j) for j in store.jobs(("failed", "held", "rejected", "duplicate"), limit=10, newest_first=True)]
@@ -208,8 +214,8 @@ def format_status(st: dict[str, Any]) -> str:
     pub = st.get("published")
     if pub:
         lines.append(f"live:     {pub['version']} (job {pub['job_id']}, {pub['file']}, {pub['published_at']})")
-        for task, acc in sorted(pub["accuracies"].items()):
-            lines.append(f"            {task:<24} {100 * float(acc):6.1f}")
+        for task, fig in sorted((pub.get("headline") or {t: {"value": a, "metric": None} for t, a in pub["accuracies"].items()}).items()):
+            lines.append(f"            {task:<24} {100 * float(fig['value']):6.1f}" + (f"  {fig['metric']}" if fig.get("metric") else ""))
     else:
         lines.append("live:     no model published yet")
     cur = st.get("current")

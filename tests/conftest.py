@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # A developer's own ~/.config/edgekif/config.toml must not reach the tests (edgekif.config.find_config).
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="edgekif-test-xdg-config-")
+# Removed when the test process exits, so that test runs do not pile empty folders up in /tmp.
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"

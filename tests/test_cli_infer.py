@@ -137,3 +137,40 @@ def test_models_list_line_shows_export_and_accuracies_in_learning_order():
            "tasks": [{"name": "dbpedia"}, {"name": "agnews"}], "accuracies": {"agnews": 0.6667, "dbpedia": 1 / 3}}
     assert _version_line(row) == "* v0002  2026-11-23T03:29:30+00:00  genai/int8  dbpedia 33.3, agnews 66.7"
     assert _version_line({"name": "v0001", "error": "bad manifest"}) == "  v0001  unreadable: bad manifest"
+
+
+def test_models_list_line_shows_a_free_text_task_by_its_own_metric():
+    """v0003 of the demo listed `headlines 0.0` (its strict exact match); its headline figure is ROUGE-L 20.6."""
+    from edgekif.cli import _version_line
+
+    specs = {"dbpedia": {"kind": "classification", "metric": "normalized_exact_match", "max_new_tokens": 5},
+             "headlines": {"kind": "generation", "metric": "rouge_l", "max_new_tokens": 23}}
+    row = {"name": "v0003", "published": "2026-12-04T19:20:09+00:00", "export": {"target": "genai", "precision": "fp32"},
+           "tasks": [{"name": "dbpedia"}, {"name": "headlines"}], "accuracies": {"dbpedia": 0.75, "headlines": 0.0},
+           "scores": {"dbpedia": 0.8333, "headlines": 0.20566}, "task_specs": specs}
+    assert _version_line(row) == "  v0003  2026-12-04T19:20:09+00:00  genai/fp32  dbpedia 83.3, headlines 20.6 rouge_l"
+
+
+def test_status_live_lines_show_each_tasks_headline_metric():
+    from service.status import format_status
+
+    st = {"data_dir": "/d", "daemon": {"running": False},
+          "published": {"version": "v0003", "job_id": 3, "file": "headlines.jsonl", "published_at": "t",
+                        "accuracies": {"agnews": 0.75, "headlines": 0.0},
+                        "headline": {"agnews": {"value": 0.7916, "metric": None}, "headlines": {"value": 0.2057, "metric": "rouge_l"}}}}
+    lines = format_status(st).splitlines()
+    assert "            " + f"{'agnews':<24}" + "   79.2" in lines
+    assert "            " + f"{'headlines':<24}" + "   20.6  rouge_l" in lines
+    # a status dict from before `headline` existed still prints its accuracies
+    del st["published"]["headline"]
+    assert "            " + f"{'headlines':<24}" + "    0.0" in format_status(st).splitlines()
+
+
+def test_headline_figures_use_scores_only_where_specs_name_the_metric():
+    from edgekif.metrics import headline_figures
+
+    assert headline_figures({"a": 0.5}) == {"a": (0.5, None)}
+    specs = {"a": {"metric": "normalized_exact_match"}, "b": {"metric": "rouge_l"}, "c": {"metric": "chrf"}}
+    got = headline_figures({"a": 0.5, "b": 0.0, "c": 0.0, "old": 0.25}, {"a": 0.6, "b": 0.21}, specs)
+    # c has a spec but no score (kept as measured); old has no spec (an older task: accuracies)
+    assert got == {"a": (0.6, None), "b": (0.21, "rouge_l"), "c": (0.0, None), "old": (0.25, None)}
