@@ -31,8 +31,10 @@ from .trainer import Learner, ProgressFn, ReplaySampler, TrainStats
 def joint_steps(cfg: Config, task_sizes: Sequence[int]) -> int:
     """Gradient steps of joint training on a stream of tasks of these sizes: as many as the
     replay strategies take on it, so the upper bound is not an upper bound for want of steps
-    (16 steps a task, Q=8, M=4, four tasks: 16 x 4 = 64 task steps, but replay and Recurrent-KIF
-    also take 8 replay steps on each later task, 88 in all)."""
+    (16 steps a task, four tasks: 16 x 4 = 64 task steps, but replay and Recurrent-KIF also take
+    8 replay steps on each later task, at Q=8/M=4 as at Q=2/M=1: 88 in all). Counted on [kif]'s
+    schedule, Recurrent-KIF's: where a task's steps are not a multiple of both schedules' Q, the
+    replay strategy's own Q/M can give it a few replay steps more or fewer."""
     from .schedule import task_steps
     from .strategies.base import interleaved_schedule
 

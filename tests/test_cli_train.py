@@ -29,8 +29,9 @@ def test_train_runs_the_stream_and_writes_results(tiny_dir, tmp_path, capsys, st
     assert rc == 0
     res = json.loads((out / "train_results.json").read_text())
     assert res["strategy"] == strategy and [r["task_id"] for r in res["tasks"]] == rows
-    # joint: the replay strategies' budget on both tasks (2, then 2 + M=4 replay steps)
-    assert res["tasks"][-1]["task_steps"] == (2 + (2 + 4) if strategy == "mtl" else 2)
+    # joint: the replay strategies' budget on both tasks (2, then 2 + M=1 replay step: one
+    # round of the default Q=2, M=1)
+    assert res["tasks"][-1]["task_steps"] == (2 + (2 + 1) if strategy == "mtl" else 2)
     matrix = res["accuracy_matrix"]
     assert matrix["tasks"] == ["a", "b"] and all(v is not None for v in matrix["a"][-1])
     assert (out / "learner" / "adapter" / "adapter_config.json").is_file()

@@ -9,7 +9,8 @@ from edgekif.errors import ConfigError
 def test_defaults_match_the_paper_and_code():
     c = Config()
     assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (8, 32, 0.05, ["q_proj", "v_proj"])
-    assert (c.kif.inner_steps, c.kif.outer_steps, c.kif.mask_quantile) == (8, 4, 0.8)
+    # Q=2, M=1 where the paper has 8 and 4: the three-seed comparison in docs/benchmarks.md
+    assert (c.kif.inner_steps, c.kif.outer_steps, c.kif.mask_quantile) == (2, 1, 0.8)
     assert (c.kif.w_both_in, c.kif.w_both_out, c.kif.w_neither_in, c.kif.w_neither_out) == (0.4, 0.6, 0.5, 0.5)
 
 
@@ -142,10 +143,10 @@ def test_serve_hands_the_found_file_to_the_daemon_for_sighup(tmp_path, xdg_env, 
     assert seen == {"lr": 0.5, "config_path": xdg}
 
 
-def test_replay_strategy_has_its_own_section_with_kifs_schedule(tmp_path):
+def test_replay_strategy_has_its_own_section_and_schedule(tmp_path):
     """[experience_replay] configures the replay strategy; [kif] (old files too) only Recurrent-KIF."""
     c = Config()
-    assert (c.experience_replay.inner_steps, c.experience_replay.outer_steps, c.experience_replay.replay_batch_size) == (c.kif.inner_steps, c.kif.outer_steps, c.kif.replay_batch_size)
+    assert (c.experience_replay.inner_steps, c.experience_replay.outer_steps, c.experience_replay.replay_batch_size) == (8, 4, c.kif.replay_batch_size)
     p = tmp_path / "edgekif.toml"
     p.write_text("[kif]\ninner_steps = 4\n[experience_replay]\nreplay_batch_size = 2\n")
     c = load_config(p)
