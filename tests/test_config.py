@@ -143,14 +143,14 @@ def test_serve_hands_the_found_file_to_the_daemon_for_sighup(tmp_path, xdg_env, 
     assert seen == {"lr": 0.5, "config_path": xdg}
 
 
-def test_replay_strategy_has_its_own_section_and_schedule(tmp_path):
+def test_replay_strategy_has_its_own_section_with_kifs_schedule(tmp_path):
     """[experience_replay] configures the replay strategy; [kif] (old files too) only Recurrent-KIF."""
     c = Config()
-    assert (c.experience_replay.inner_steps, c.experience_replay.outer_steps, c.experience_replay.replay_batch_size) == (8, 4, c.kif.replay_batch_size)
+    assert (c.experience_replay.inner_steps, c.experience_replay.outer_steps, c.experience_replay.replay_batch_size) == (c.kif.inner_steps, c.kif.outer_steps, c.kif.replay_batch_size)
     p = tmp_path / "edgekif.toml"
     p.write_text("[kif]\ninner_steps = 4\n[experience_replay]\nreplay_batch_size = 2\n")
     c = load_config(p)
-    assert c.kif.inner_steps == 4 and c.experience_replay.inner_steps == 8 and c.experience_replay.replay_batch_size == 2
+    assert c.kif.inner_steps == 4 and c.experience_replay.inner_steps == 2 and c.experience_replay.replay_batch_size == 2
     assert "[experience_replay]" in dump_default_toml()
     with pytest.raises(ConfigError, match="experience_replay.inner_steps"):
         load_config(None, ["experience_replay.inner_steps=0"])

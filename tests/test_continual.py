@@ -168,7 +168,7 @@ def test_registry_ties_every_strategy_to_its_config():
         cls = spec.load()
         assert cls.name == name and isinstance(strategy_config(name, cfg), spec.config_cls)
     # replay has its own section: KIF's options do not reach it
-    assert strategy_config("replay", load_config(None, ["kif.inner_steps=5"])).inner_steps == 8
+    assert strategy_config("replay", load_config(None, ["kif.inner_steps=5"])).inner_steps == 2
     from edgekif.config import ConfigError
 
     with pytest.raises(ConfigError, match="recurrent_kif"):
