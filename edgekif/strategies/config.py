@@ -52,6 +52,7 @@ class KIFConfig(ReplayScheduleConfig):
     reset_importance: bool = False  # reset EMAs at each new task
     # One optimizer (lr = train.lr) stepped by both loops, its moments shared, as the authors'
     # code does; False: a fresh optimizer per loop (outer at outer_lr), as the paper describes.
+    # Standard profile, 3 seeds at Q=8/M=4: shared 50.8 / BWT -0.4 vs two optimizers 51.4 / +1.6.
     shared_optimizer: bool = False
 
     def validate(self, section: str) -> None:
