@@ -321,7 +321,9 @@ def to_markdown(result: dict) -> str:
     if "error" not in fp32:
         sb = fp32["state_bytes"]
         lora = fp32["lora_bytes"]
-        q, m = 8, 4  # the default schedule: amortise one fusion over Q + M steps
+        from edgekif.config import Config
+
+        q, m = Config().kif.inner_steps, Config().kif.outer_steps  # the default schedule: one fusion per Q + M steps
         per_step = fp32["sec_per_step"]
         hook = fp32["importance_s_per_step"]
         fusion = fp32["fusion_s"] or 0.0
@@ -334,7 +336,7 @@ def to_markdown(result: dict) -> str:
             f"fusion snapshots at most {sb.get('snapshots_peak', 0) / 2**20:.2f} MiB ({sb.get('snapshots_peak', 0) / lora:.1f}×).",
             "",
             f"**Recurrent-KIF bookkeeping** (fp32, r=8, length 128): importance update {1000 * hook:.1f} ms per step, "
-            f"one fusion {_f(fusion * 1000, '{:.0f}')} ms, a step {per_step:.2f} s. At the default Q=8, M=4 that is "
+            f"one fusion {_f(fusion * 1000, '{:.0f}')} ms, a step {per_step:.2f} s. At the default Q={q}, M={m} that is "
             f"**{100 * overhead:.1f}% extra per gradient step** (goal ≤ 10%).",
             "",
             "**Scaling** (fp32; rank 8 when varying length, length 128 when varying rank):",
