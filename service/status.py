@@ -155,18 +155,18 @@ def status(config: Config) -> dict[str, Any]:
         out["current"] = cur
         pub = store.live()  # models/current, which a rollback moves
         if pub is not None:
+            evaluated = pub.metrics.get("evaluate", {})
+            details = evaluated.get("details", {})
             out["published"] = {
                 "version": pub.version,
                 "job_id": pub.id,
                 "file": pub.file_name,
                 # the manifest's (as `models list`), not the job row's last change
                 "published_at": _published_at(layout, pub.version) or pub.updated_at,
-                "accuracies": pub.metrics.get("evaluate", {}).get("accuracies", {}),
+                "accuracies": evaluated.get("accuracies", {}),
                 # each task's headline figure and its metric's name where not exact match (ROUGE-L for free text)
                 "headline": {t: {"value": v, "metric": m} for t, (v, m) in headline_figures(
-                    pub.metrics.get("evaluate", {}).get("accuracies", {}),
-                    pub.metrics.get("evaluate", {}).get("details", {}).get("scores"),
-                    pub.metrics.get("evaluate", {}).get("details", {}).get("task_specs")).items()},
+                    evaluated.get("accuracies", {}), details.get("scores"), details.get("task_specs")).items()},
             }
         out["counts"] = store.state_counts()
         out["problems"] = [_job_summary(j) for j in store.jobs(("failed", "held", "rejected", "duplicate"), limit=10, newest_first=True)]
