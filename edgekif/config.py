@@ -29,6 +29,8 @@ from .general_ability import GeneralAbilityConfig
 STRATEGY_SECTIONS: dict[str, str | None] = {}
 SECTION_CONFIGS: dict[str, type] = {}
 
+EVAL_DTYPES = ("fp32", "bf16")  # eval.compute_dtype
+
 
 def register_strategy_config(name: str, section: str | None, config_cls: type) -> None:
     """Make `train.strategy = name` valid and, with a section, add `[section]` to every Config."""
@@ -168,6 +170,11 @@ class EvalConfig:
     # training uses (edgekif.inputs.fit_prompt; faster on long prompts, e.g. benchmarks that
     # train at a short max_length). The daemon's gate and export check use whole prompts, as clients do.
     max_prompt_tokens: int = 0
+    # fp32, or bf16: PyTorch evaluation's matmuls in bfloat16 (torch.autocast), ~1.7x faster
+    # where the CPU has bf16 instructions (AVX512-BF16, AMX) or on CUDA; a few answers change
+    # (edgekif.evaluate.compute_dtype, docs/benchmarks.md). For benchmarks and `edgekif eval`:
+    # the daemon's gates score the ONNX export, and its fp32 reference stays fp32.
+    compute_dtype: str = "fp32"
 
 
 @dataclass
@@ -413,6 +420,7 @@ def validate_config(cfg: Config) -> None:
             options.validate(section)
     check(cfg.eval.max_new_tokens > 0 and cfg.eval.batch_size > 0, "eval.max_new_tokens and eval.batch_size must be positive")
     check(cfg.eval.max_examples >= 0 and cfg.eval.max_prompt_tokens >= 0, "eval.max_examples and eval.max_prompt_tokens must be >= 0 (0 = no limit)")
+    check(cfg.eval.compute_dtype in EVAL_DTYPES, f"eval.compute_dtype must be one of {', '.join(EVAL_DTYPES)}, not {cfg.eval.compute_dtype!r}")
     check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")
     check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .config import Config
-from .evaluate import AccuracyMatrix, EvalScores, evaluate_task
+from .evaluate import AccuracyMatrix, EvalScores, compute_dtype, evaluate_task
 from .records import Record
 from .replay import ReplayBuffer
 from .trainer import Learner, ProgressFn, ReplaySampler, TrainStats
@@ -95,17 +95,18 @@ def evaluate_tasks(cfg: Config, model, tokenizer, tasks: Mapping[str, Sequence[R
     """Score each task (in the given order) on its test or holdout records, with cfg.eval."""
     out = {}
     for name, recs in tasks.items():
-        out[name] = evaluate_task(
-            model,
-            tokenizer,
-            list(recs),
-            labels=(labels or {}).get(name),
-            max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            max_examples=cfg.eval.max_examples,
-            label_scoring=cfg.eval.label_scoring,
-            max_prompt_tokens=cfg.eval.max_prompt_tokens,
-        )
+        with compute_dtype(model, cfg.eval.compute_dtype):
+            out[name] = evaluate_task(
+                model,
+                tokenizer,
+                list(recs),
+                labels=(labels or {}).get(name),
+                max_new_tokens=cfg.eval.max_new_tokens,
+                batch_size=cfg.eval.batch_size,
+                max_examples=cfg.eval.max_examples,
+                label_scoring=cfg.eval.label_scoring,
+                max_prompt_tokens=cfg.eval.max_prompt_tokens,
+            )
     return out
 
 

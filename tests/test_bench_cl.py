@@ -222,10 +222,19 @@ def test_a_run_on_a_configured_base_scores_labels_only_in_the_final_row(tiny_dir
     out = tmp_path / "run"
     rc = main(["--quick", "--tasks", str(tmp_path / "tasks" / "colours"), str(tmp_path / "tasks" / "names"), "--strategies", "seq_lora",
                "--seeds", "0", "--task-steps", "1", "--train-per-task", "8", "--test-per-task", "4", "--label-scoring", "--no-zero-shot",
-               "--no-drift", "--no-full-matrix", "--set", f"model.base={tiny_dir}", "--out", str(out)])
+               "--no-drift", "--no-full-matrix", "--eval-dtype", "bf16", "--set", f"model.base={tiny_dir}", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "result.json").read_text())
     assert res["settings"]["base"] == tiny_dir.name
+    assert res["settings"]["eval_dtype"] == "bf16"
+    # the wall time by part: they add up to it, and the report says where it went
+    from tools.bench_cl import _time_breakdown
+
+    parts = _time_breakdown(res)
+    assert parts is not None and parts["training"] > 0 and parts["cells"] > 0 and parts["zero-shot"] == 0.0
+    assert abs(sum(parts.values()) - res["wall_seconds"]) < 1e-6 and parts["rest"] >= 0
+    assert "Where the wall time went (s): training " in (out / "result.md").read_text()
+    assert "evaluation (bf16) = cells + zero-shot + general prompts" in (out / "result.md").read_text()
     assert res["settings"]["full_matrix"] is False  # two tasks: the metrics' cells are all three
     train_s = res["strategies"]["seq_lora"]["runs"][0]["train_seconds"]
     share = 100 * (1 - train_s / res["wall_seconds"])

@@ -33,6 +33,7 @@ def test_toml_then_overrides(tmp_path):
         ("[train\n", "edgekif.toml"),
         ("[eval]\nmax_prompt_tokens = -1\n", "eval.max_prompt_tokens"),
         ("[eval]\nmax_new_tokens = 0\n", "eval.max_new_tokens"),
+        ("[eval]\ncompute_dtype = 'fp16'\n", "eval.compute_dtype must be one of fp32, bf16"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, match):

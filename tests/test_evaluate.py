@@ -16,6 +16,7 @@ from edgekif.evaluate import (
     AccuracyMatrix,
     EvalScores,
     answers_and_label_logprobs,
+    compute_dtype,
     evaluate_task,
     generate_answers,
     label_logprobs,
@@ -115,6 +116,48 @@ def test_left_padding_matches_one_by_one(opinionated):
     alone = [generate_answers(model, tok, [r], max_new_tokens=8)[0] for r in records]
     assert batched == alone
     assert len(set(batched)) > 1 and all(batched)  # real, differing text, not all blanks
+
+
+def _linear_dtypes(model, run) -> set:
+    """The dtypes the model's linear layers computed in while `run()` ran."""
+    seen: set = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_compute_dtype_bf16_runs_the_matmuls_in_bf16(trained):
+    model, tok = trained
+    assert _linear_dtypes(model, lambda: generate_answers(model, tok, SAY)) == {torch.float32}
+    with compute_dtype(model, "fp32"):
+        assert _linear_dtypes(model, lambda: generate_answers(model, tok, SAY)) == {torch.float32}
+    with compute_dtype(model, "bf16"):
+        answers: list = []
+        assert _linear_dtypes(model, lambda: answers.extend(generate_answers(model, tok, SAY))) == {torch.bfloat16}
+        ev = evaluate_task(model, tok, SAY, labels=LABELS)
+    assert answers == ["A", "B"]  # a confident model answers the same in bf16
+    assert ev.label_accuracy == 1.0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the weights are not cast
+    assert _linear_dtypes(model, lambda: generate_answers(model, tok, SAY)) == {torch.float32}  # and it ends with the block
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        with compute_dtype(model, "fp16"):
+            pass
+
+
+def test_evaluate_tasks_follows_eval_compute_dtype(trained):
+    from edgekif.config import Config
+    from edgekif.continual import evaluate_tasks
+
+    model, tok = trained
+    cfg = Config()
+    cfg.eval.compute_dtype = "bf16"
+    out: dict = {}
+    assert _linear_dtypes(model, lambda: out.update(evaluate_tasks(cfg, model, tok, {"say": SAY}, {"say": LABELS}))) == {torch.bfloat16}
+    assert out["say"].exact_match == 1.0
 
 
 def test_max_examples_and_label_scoring_off(trained):

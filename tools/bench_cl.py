@@ -55,18 +55,18 @@ PROFILES = {
     # train examples offered per task, gradient steps on the task, test examples per task
     # (a step at batch 8 x ~200 tokens costs ~20 s on 2 cores; long prompts are fitted by
     # edgekif.inputs.fit_prompt: the input's middle is cut, the options and answer cue kept)
-    "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False, full_matrix=True),
+    "quick": dict(train_per_task=32, task_steps=4, batch_size=4, test_per_task=12, max_length=96, label_scoring=False, zero_shot=False, full_matrix=True, eval_dtype="fp32"),
     # enough steps for the tasks to be learned and forgotten, and >= 100 test examples a task
     # so that one example is 1 point (at 24 the strategies were not separable)
     # full_matrix=False: after each task only that task is scored, and after the last every
     # task: the cells OP, BWT and plasticity read (7 of 10 cells for 4 tasks). The middle cells
     # (how a task fades along the way) cost a third of the evaluation; --full-matrix adds them
-    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False),
-    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False),
+    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="fp32"),
+    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="fp32"),
     # every training record the shared files hold (1000 a task: one epoch at batch 8) and 200
     # test records a task, for a GPU (model.device auto picks CUDA; add --tf32 there). On an H200
     # shared by eight runs: 3-4 min a run (docs/benchmarks.md, "GPU: a lent H200")
-    "large": dict(train_per_task=1000, task_steps=125, batch_size=8, test_per_task=200, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False),
+    "large": dict(train_per_task=1000, task_steps=125, batch_size=8, test_per_task=200, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="fp32"),
 }
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
 
@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-matrix", action=argparse.BooleanOptionalAction, default=None,
                     help="score every task seen so far after each task (the whole accuracy matrix), not only the cells OP, BWT "
                          "and plasticity read (default: the profile's setting)")
+    ap.add_argument("--eval-dtype", choices=["fp32", "bf16"],
+                    help="PyTorch evaluation's compute dtype (eval.compute_dtype): bf16 autocasts the matmuls, ~1.7x as fast on "
+                         "a CPU with AVX512-BF16, a few answers differ (default: the profile's setting)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="any config option, applied last (e.g. train.deterministic=true, kif.mask_quantile=0.9)")
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
     from edgekif.config import Config, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.taskfile import read_task
-    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, generate_and_pick, generate_answers, plot_heatmap
+    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, compute_dtype, generate_and_pick, generate_answers, plot_heatmap
     from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
     from edgekif.metrics import CLASSIFICATION, score as metric_score
     from edgekif.model import load_tokenizer, resolve_base
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     from edgekif.workflow import open_learner
 
     profile_name = "quick" if args.quick else args.profile
-    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task", "label_scoring", "zero_shot", "full_matrix"))
+    prof = profile_settings(PROFILES, profile_name, args, ("task_steps", "train_per_task", "test_per_task", "label_scoring", "zero_shot", "full_matrix", "eval_dtype"))
     if args.fwt is None:
         args.fwt = prof["full_matrix"]
     if args.zero_shot_only:
@@ -204,10 +207,12 @@ def main(argv=None) -> int:
         cfg.data.max_length = prof["max_length"]
         cfg.replay.seed = seed
         cfg.eval.label_scoring = prof["label_scoring"]
+        cfg.eval.compute_dtype = prof["eval_dtype"]
         return apply_overrides(cfg, args.set)
 
     # the base is the configured one (`--set model.base=gemma3-270m`), its template the one training uses
     model_cfg = make_cfg("seq_lora", 0).model
+    prof["eval_dtype"] = make_cfg("seq_lora", 0).eval.compute_dtype  # --set eval.compute_dtype=... too
     base = resolve_base(model_cfg, cache_dir())
     # each task's spec from its own training answers, as the daemon decides it at buffer time
     tokenizer = load_tokenizer(base.path, chat_template=model_cfg.chat_template)
@@ -227,8 +232,9 @@ def main(argv=None) -> int:
         spec = specs[task]
         recs = _subset(evalset[task], prof["test_per_task"], 1000 + seed)
         want_labels = spec.kind == CLASSIFICATION and labels[task] and (prof["label_scoring"] if label_scoring is None else label_scoring)
-        answers, picked = generate_and_pick(learner.model, learner.tokenizer, recs, labels[task] if want_labels else None,
-                                            max_new_tokens=spec.max_new_tokens, batch_size=EVAL_BATCH_SIZE, max_prompt_tokens=prompt_tokens(task))
+        with compute_dtype(learner.model, prof["eval_dtype"]):
+            answers, picked = generate_and_pick(learner.model, learner.tokenizer, recs, labels[task] if want_labels else None,
+                                                max_new_tokens=spec.max_new_tokens, batch_size=EVAL_BATCH_SIZE, max_prompt_tokens=prompt_tokens(task))
         label_acc = None if picked is None else sum(p == r.label for p, r in zip(picked, recs)) / len(recs)
         return metric_score(spec.metric, answers, [r.label for r in recs]).mean, label_acc
 
@@ -236,8 +242,13 @@ def main(argv=None) -> int:
     general_cfg = GeneralAbilityConfig()
 
     def general_answers(learner) -> list[str]:
-        return generate_answers(learner.model, learner.tokenizer, [_general_record(p) for p in general],
-                                max_new_tokens=general_cfg.max_new_tokens, batch_size=EVAL_BATCH_SIZE)
+        with compute_dtype(learner.model, prof["eval_dtype"]):
+            return generate_answers(learner.model, learner.tokenizer, [_general_record(p) for p in general],
+                                    max_new_tokens=general_cfg.max_new_tokens, batch_size=EVAL_BATCH_SIZE)
+
+    def general_loglik(learner, answers) -> list[float]:
+        with compute_dtype(learner.model, prof["eval_dtype"]):
+            return base_answer_loglik(learner.model, learner.tokenizer, general, answers)
 
     ran = make_cfg("recurrent_kif", args.seeds[0])  # what every run is configured with (strategy and seed aside)
     result = {
@@ -253,23 +264,29 @@ def main(argv=None) -> int:
     }
     t_all = time.perf_counter()
 
+    seconds: dict[str, float] = {}  # where the time outside the runs' training goes (the report's breakdown)
+    result["seconds"] = seconds
     if prof["zero_shot"]:
         # the untrained base on each seed's own test subset (the one that seed's runs are scored on)
+        t0 = time.perf_counter()
         learner, _ = open_learner(make_cfg("seq_lora", 0), base=base)
         # exact match only: FWT is on exact match, and label scoring would double the cost
         result["zero_shot_by_seed"] = {str(seed): {t: evaluate(learner, t, seed, label_scoring=False)[0] for t in order}
                                        for seed in tqdm(args.seeds, desc="zero-shot")}
         result["zero_shot"] = _zero_shot_mean(result["zero_shot_by_seed"], order)
         del learner
+        seconds["zero_shot"] = time.perf_counter() - t0
     base_general = None
     if general and not args.zero_shot_only:
         # the base's own answers to the general prompts and how likely it finds them: the
         # reference every run's final model is compared with
+        t0 = time.perf_counter()
         learner, _ = open_learner(make_cfg("seq_lora", 0), base=base)
         answers = general_answers(learner)
-        base_general = {"answers": answers, "loglik": base_answer_loglik(learner.model, learner.tokenizer, general, answers)}
+        base_general = {"answers": answers, "loglik": general_loglik(learner, answers)}
         result["general_base_answers"] = answers
         del learner
+        seconds["general_base"] = time.perf_counter() - t0
 
     for strategy in [] if args.zero_shot_only else args.strategies:
         runs = []
@@ -315,10 +332,11 @@ def main(argv=None) -> int:
                                            score_before="zero_shot" in result and args.fwt, progress=progress, on_task=on_task)
             wall = time.perf_counter() - t0
             general_drift = None
+            t0 = time.perf_counter()
             if base_general is not None:
                 final = general_answers(learner)
                 general_drift = drift(final, base_general["answers"], general, loglik_base=base_general["loglik"],
-                                      loglik_candidate=base_answer_loglik(learner.model, learner.tokenizer, general, base_general["answers"])).to_dict()
+                                      loglik_candidate=general_loglik(learner, base_general["answers"])).to_dict()
             matrix, done = stream_result.matrix, stream_result.results
             train_seconds = sum(r.seconds for r in done)
             examples_total = sum(r.examples for r in done)
@@ -329,7 +347,7 @@ def main(argv=None) -> int:
                 "fwt": _fwt(matrix, result, seed, order) if not learner.strategy.joint else None,
                 "seconds": wall, "grad_steps": sum(r.steps for r in done), "examples": examples_total,
                 "sec_per_step": statistics.mean(r.seconds / r.steps for r in done), "train_seconds": train_seconds, "examples_per_sec": examples_total / max(1e-9, train_seconds),
-                "state_bytes": done[-1].state_bytes, "general_drift": general_drift,
+                "state_bytes": done[-1].state_bytes, "general_drift": general_drift, "general_seconds": time.perf_counter() - t0,
             })
             plot_heatmap(matrix, out / f"heatmap_{strategy}{'' if seed == args.seeds[0] else f'_s{seed}'}.png", title=f"{strategy} (order {args.order}, seed {seed})")
             del learner
@@ -446,6 +464,7 @@ def merge_runs(args, argv: list[str]) -> int:
                 r["fwt"] = _fwt(AccuracyMatrix.from_dict(r["matrix"]), result, r["seed"], order)
         result["strategies"][name] = aggregate(rs)
     result["wall_seconds"] = sum(p["wall_seconds"] for p in parts)  # a sum of wall times, not the elapsed time
+    result["seconds"] = {k: sum(p.get("seconds", {}).get(k, 0.0) for p in parts) for k in ("zero_shot", "general_base")}
     out = Path(args.out or "bench_out/cl-merged")
     out.mkdir(parents=True, exist_ok=True)
     return write_report(result, out, args.results_json)
@@ -525,6 +544,22 @@ def _train_and_wall_seconds(result: dict) -> tuple[float, float] | None:
     return (train, wall) if wall and train else None
 
 
+def _time_breakdown(result: dict) -> dict[str, float] | None:
+    """Wall seconds by part (runs from this version on record them; None for older ones):
+    training steps, the runs' cells (their wall time less training), zero-shot, the general
+    prompts (the base's answers once, each run's final model), and the rest (loading models,
+    the replay buffer, reports)."""
+    runs = [r for st in result["strategies"].values() for r in st["runs"]]
+    wall = result.get("wall_seconds")
+    if not wall or not runs or any("general_seconds" not in r for r in runs):
+        return None
+    secs = result.get("seconds", {})
+    parts = {"training": sum(r["train_seconds"] for r in runs), "cells": sum(r["seconds"] - r["train_seconds"] for r in runs),
+             "zero-shot": secs.get("zero_shot", 0.0), "general prompts": secs.get("general_base", 0.0) + sum(r["general_seconds"] for r in runs)}
+    parts["rest"] = wall - sum(parts.values())
+    return parts
+
+
 def _label_op(label_matrix: dict) -> float | None:
     """OP by label scoring: the final row's mean over the tasks that have labels (a stream that
     mixes in free-text tasks has no label score for those; runs before this took the whole row
@@ -602,6 +637,9 @@ def to_markdown(result: dict) -> str:
         lines += ["", f"Training steps: {share[0] / 60:.1f} of the {share[1] / 60:.1f} min; evaluation and the rest (the cells, zero-shot, "
                       f"the general prompts, loading models): **{100 * (1 - share[0] / share[1]):.0f}%** of the wall time"
                       + ("" if s.get("full_matrix", True) else " (the cells the metrics read: each task after learning it, every task after the last)") + "."]
+        if (parts := _time_breakdown(result)) is not None:
+            lines += ["", "Where the wall time went (s): " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items())
+                      + f"; evaluation ({s.get('eval_dtype', 'fp32')}) = cells + zero-shot + general prompts."]
     seeds = s["seeds"]
     if len(seeds) > 1:  # the spread behind the ± (population std over seeds)
         lines += ["", "Per seed (OP / BWT):", "", "| strategy | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
