@@ -209,6 +209,22 @@ def test_label_logprobs_equal_full_sequence_scoring(opinionated):
     assert len({round(s, 3) for row in fast for s in row}) > 3  # scores actually differ
 
 
+def test_cache_rows_copies_the_rows_and_leaves_the_cache_as_it_was(tiny):
+    from edgekif.evaluate import _cache_rows
+
+    model, tok = tiny
+    ids = torch.randint(5, 100, (4, 7))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    rows = _cache_rows(cache, torch.tensor([1, 3]))
+    for layer, sub, (k, v) in zip(cache.layers, rows.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)  # untouched
+        assert torch.equal(sub.keys, k[[1, 3]]) and torch.equal(sub.values, v[[1, 3]])
+        sub.keys.zero_()  # a copy, not a view of the source
+        assert torch.equal(layer.keys, k)
+
+
 @pytest.mark.parametrize("batch_size", [3, 16])
 def test_one_pass_equals_generate_then_label_scores(opinionated, batch_size):
     """The shared-prefix pass gives the answers of generate_answers and the scores of
