@@ -80,6 +80,22 @@ def compute_dtype(model, dtype: str = "fp32") -> Iterator[None]:
         yield
 
 
+def fast_bf16(device_type: str = "cpu") -> bool:
+    """Whether this machine computes bf16 matmuls natively (so compute_dtype "bf16" pays):
+    a CUDA GPU that supports bf16, or a CPU with AVX512-BF16 / AMX-BF16 (x86) or BF16 (Arm)
+    in /proc/cpuinfo. Elsewhere autocast emulates bf16 and is no faster than fp32."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def _device(model):
     return next(model.parameters()).device
 

@@ -438,3 +438,17 @@ def test_max_prompt_tokens_fits_prompts_as_training_does(opinionated):
     finally:
         handle.remove()
     assert sorted(prompts_scored) == sorted(fitted)
+
+
+def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
+    import builtins
+    import io
+
+    from edgekif.evaluate import fast_bf16
+
+    real_open = builtins.open
+    for flags, want in (("fpu avx512f avx512_bf16 avx2", True), ("fpu avx512f avx2", False), ("fp asimd bf16 i8mm", True), ("amx_bf16 amx_tile", True)):
+        monkeypatch.setattr(builtins, "open", lambda path, *a, _f=flags, **k: io.StringIO(f"flags\t\t: {_f}\n") if path == "/proc/cpuinfo" else real_open(path, *a, **k))
+        assert fast_bf16("cpu") is want, flags
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError("no /proc")) if path == "/proc/cpuinfo" else real_open(path, *a, **k))
+    assert fast_bf16("cpu") is False

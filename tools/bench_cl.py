@@ -61,12 +61,12 @@ PROFILES = {
     # full_matrix=False: after each task only that task is scored, and after the last every
     # task: the cells OP, BWT and plasticity read (7 of 10 cells for 4 tasks). The middle cells
     # (how a task fades along the way) cost a third of the evaluation; --full-matrix adds them
-    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="fp32"),
-    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="fp32"),
+    "standard": dict(train_per_task=128, task_steps=16, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="auto"),
+    "default": dict(train_per_task=192, task_steps=24, batch_size=8, test_per_task=100, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="auto"),
     # every training record the shared files hold (1000 a task: one epoch at batch 8) and 200
     # test records a task, for a GPU (model.device auto picks CUDA; add --tf32 there). On an H200
     # shared by eight runs: 3-4 min a run (docs/benchmarks.md, "GPU: a lent H200")
-    "large": dict(train_per_task=1000, task_steps=125, batch_size=8, test_per_task=200, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="fp32"),
+    "large": dict(train_per_task=1000, task_steps=125, batch_size=8, test_per_task=200, max_length=128, label_scoring=True, zero_shot=True, full_matrix=False, eval_dtype="auto"),
 }
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
 
@@ -126,9 +126,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full-matrix", action=argparse.BooleanOptionalAction, default=None,
                     help="score every task seen so far after each task (the whole accuracy matrix), not only the cells OP, BWT "
                          "and plasticity read (default: the profile's setting)")
-    ap.add_argument("--eval-dtype", choices=["fp32", "bf16"],
-                    help="PyTorch evaluation's compute dtype (eval.compute_dtype): bf16 autocasts the matmuls, ~1.7x as fast on "
-                         "a CPU with AVX512-BF16, a few answers differ (default: the profile's setting)")
+    ap.add_argument("--eval-dtype", choices=["auto", "fp32", "bf16"],
+                    help="PyTorch evaluation's compute dtype (eval.compute_dtype): bf16 autocasts the matmuls, ~1.5x as fast on "
+                         "a CPU with AVX512-BF16, with 0-5 answers in 100 changed; auto = bf16 where the machine computes bf16 "
+                         "natively (edgekif.evaluate.fast_bf16), else fp32 (default: the profile's setting)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="any config option, applied last (e.g. train.deterministic=true, kif.mask_quantile=0.9)")
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     from edgekif.config import Config, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.taskfile import read_task
-    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, compute_dtype, generate_and_pick, generate_answers, plot_heatmap
+    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, compute_dtype, fast_bf16, generate_and_pick, generate_answers, plot_heatmap
     from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
     from edgekif.metrics import CLASSIFICATION, score as metric_score
     from edgekif.model import load_tokenizer, resolve_base
@@ -209,6 +210,11 @@ def main(argv=None) -> int:
         cfg.eval.label_scoring = prof["label_scoring"]
         cfg.eval.compute_dtype = prof["eval_dtype"]
         return apply_overrides(cfg, args.set)
+
+    if prof["eval_dtype"] == "auto":  # resolved here, so the figures record what ran
+        prof["eval_dtype"] = "fp32"  # (make_cfg validates the dtype)
+        device = "cpu" if make_cfg("seq_lora", 0).model.device == "cpu" or not torch.cuda.is_available() else "cuda"
+        prof["eval_dtype"] = "bf16" if fast_bf16(device) else "fp32"
 
     # the base is the configured one (`--set model.base=gemma3-270m`), its template the one training uses
     model_cfg = make_cfg("seq_lora", 0).model
