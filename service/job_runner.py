@@ -329,7 +329,10 @@ class JobRunner:
             log.info("approved by the gate", extra={"job_id": job.id})
             return
         store.advance(job.id, "evaluated", "held", metrics={"gate": info},
-                      error={"kind": "gate", "message": "; ".join(info["reasons"]), "reasons": info["reasons"]}, **decided_on)
+                      error={"kind": "gate", "message": "; ".join(info["reasons"]), "reasons": info["reasons"],
+                             # `edgekif status` prints it under the reasons ("what to do:")
+                             "hint": f"`edgekif publish --force {job.id}` publishes it anyway; a file with more records "
+                                     "gives the gate's paired test more to decide on"}, **decided_on)
         self.drop_scratch(job.id)  # the export stays: `publish --force` publishes it
         log.warning("held by the gate (edgekif publish --force %d overrides)", job.id,
                     extra={"job_id": job.id, "reasons": info["reasons"]})

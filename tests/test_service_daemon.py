@@ -299,6 +299,10 @@ def test_forgetting_gate_holds_and_force_publish_overrides(tmp_path):
     assert gate["ok"] is False and gate["published_version"] == "v0001"
     assert gate["accuracies"]["first"] == pytest.approx(0.8) and gate["published_accuracies"] == {"first": 0.9}
     assert second.error["kind"] == "gate" and "first: 90.0 -> 80.0 (-10.0 points > 5 allowed)" in second.error["message"]
+    # status says what to do about it
+    from service.status import format_status, status
+
+    assert f"what to do: `edgekif publish --force {second.id}` publishes it anyway" in format_status(status(d.config))
     assert "publish" not in [c["stage"] for c in calls(tmp_path) if c["job_id"] == second.id]
 
     with pytest.raises(PublishError, match="only a held job"):
