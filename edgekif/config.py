@@ -170,7 +170,7 @@ class EvalConfig:
     # training uses (edgekif.inputs.fit_prompt; faster on long prompts, e.g. benchmarks that
     # train at a short max_length). The daemon's gate and export check use whole prompts, as clients do.
     max_prompt_tokens: int = 0
-    # fp32, or bf16: PyTorch evaluation's matmuls in bfloat16 (torch.autocast), ~1.7x faster
+    # fp32, or bf16: PyTorch evaluation's matmuls in bfloat16 (torch.autocast), ~1.5x faster
     # where the CPU has bf16 instructions (AVX512-BF16, AMX) or on CUDA; a few answers change
     # (edgekif.evaluate.compute_dtype, docs/benchmarks.md). For benchmarks and `edgekif eval`:
     # the daemon's gates score the ONNX export, and its fp32 reference stays fp32.

@@ -65,7 +65,7 @@ def compute_dtype(model, dtype: str = "fp32") -> Iterator[None]:
 
     bf16 is torch.autocast: weights stay fp32, linear layers and attention compute in bfloat16,
     softmax and log-softmax stay fp32 (autocast's op lists), so label log-likelihoods are
-    still summed in fp32. On a CPU with AVX512-BF16 it runs a 100-record evaluation ~1.7x as
+    still summed in fp32. On a CPU with AVX512-BF16 it runs a 100-record evaluation ~1.5x as
     fast; it changes a few greedy answers, so it is for benchmarks that compare methods under
     one setting, never for the export check's fp32 reference (docs/benchmarks.md).
     """
