@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, compute_dtype, fast_bf16, generate_and_pick, generate_answers, plot_heatmap
     from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
     from edgekif.metrics import CLASSIFICATION, score as metric_score
-    from edgekif.model import load_tokenizer, resolve_base
+    from edgekif.model import load_tokenizer, resolve_base, resolve_device
     from edgekif.tasks import read_task_spec
     from edgekif.replay import ReplayBuffer
     from edgekif.workflow import open_learner
@@ -212,9 +212,8 @@ def main(argv=None) -> int:
         return apply_overrides(cfg, args.set)
 
     if prof["eval_dtype"] == "auto":  # resolved here, so the figures record what ran
-        prof["eval_dtype"] = "fp32"  # (make_cfg validates the dtype)
-        device = "cpu" if make_cfg("seq_lora", 0).model.device == "cpu" or not torch.cuda.is_available() else "cuda"
-        prof["eval_dtype"] = "bf16" if fast_bf16(device) else "fp32"
+        device = resolve_device(apply_overrides(Config(), args.set).model.device)
+        prof["eval_dtype"] = "bf16" if fast_bf16(device.split(":")[0]) else "fp32"
 
     # the base is the configured one (`--set model.base=gemma3-270m`), its template the one training uses
     model_cfg = make_cfg("seq_lora", 0).model

@@ -323,7 +323,8 @@ def to_markdown(result: dict) -> str:
         lora = fp32["lora_bytes"]
         from edgekif.config import Config
 
-        q, m = Config().kif.inner_steps, Config().kif.outer_steps  # the default schedule: one fusion per Q + M steps
+        kif = Config().kif
+        q, m = kif.inner_steps, kif.outer_steps  # the default schedule: one fusion per Q + M steps
         per_step = fp32["sec_per_step"]
         hook = fp32["importance_s_per_step"]
         fusion = fp32["fusion_s"] or 0.0
