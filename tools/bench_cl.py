@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "base": base.name, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, **({"tf32": True} if args.tf32 else {}), "lr": args.lr,
                      "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
-                     "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] else ""),
+                     "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] and any(specs[t].kind == CLASSIFICATION for t in order) else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
                      "general_prompts": len(general), "general_max_new_tokens": general_cfg.max_new_tokens},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
