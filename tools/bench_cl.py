@@ -404,7 +404,9 @@ def _fwt(matrix, result: dict, seed: int, order: list[str]):
 
 # what may differ between runs that --merge combines into one report
 # (full_matrix: the metrics read the same cells either way)
-_MERGE_FREE = {"seeds", "command", "zero_shot", "zero_shot_only", "full_matrix"}
+# "metric" is a sentence derived from task_specs and label_scoring, which are compared; its
+# wording changed (2026-12-05), and runs from before and after must still merge
+_MERGE_FREE = {"seeds", "command", "zero_shot", "zero_shot_only", "full_matrix", "metric"}
 # what a --zero-shot-only part must share with the runs: the examples and how they are scored
 _ZERO_SHOT_KEYS = ("order", "test_per_task", "eval_split", "validation", "eval_prompt_tokens", "precision")
 
