@@ -188,14 +188,6 @@ def _child(p: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def machine_info() -> dict:
     import torch
 
@@ -217,6 +209,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from edgekif.atomic import atomic_write_json, atomic_write_text
+    from edgekif.evaluate import fast_bf16
 
     out = Path(args.out or f"bench_out/train{'-quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
@@ -224,11 +217,11 @@ def main(argv=None) -> int:
     common = {"strategy": "recurrent_kif", "steps": steps, "threads": args.threads, "device": args.device}
     precisions = ["fp32", "bf16", "nf4"]
     skipped = {}
-    if args.device == "cpu" and not _cpu_has_bf16():
+    if args.device == "cpu" and not fast_bf16("cpu"):
         # emulated bf16 is not a configuration anyone should run: on this project's AVX2 box one
         # point (6 steps) had not finished after 9 minutes, fp32 takes seconds
         precisions.remove("bf16")
-        skipped["precision/bf16"] = "skipped: this CPU has no bf16 instructions (avx512_bf16/amx_bf16), torch emulates bf16 far slower than fp32"
+        skipped["precision/bf16"] = "skipped: this CPU has no bf16 instructions (avx512_bf16/amx_bf16, Arm bf16), torch emulates bf16 far slower than fp32"
     points = {f"precision/{pr}": {**common, "precision": pr, "max_length": 128, "rank": 8} for pr in precisions}
     for L in (64, 128, 256):
         points[f"length/{L}"] = {**common, "precision": "fp32", "max_length": L, "rank": 8}
