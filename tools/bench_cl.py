@@ -216,8 +216,9 @@ def main(argv=None) -> int:
         prof["eval_dtype"] = "bf16" if fast_bf16(device.split(":")[0]) else "fp32"
 
     # the base is the configured one (`--set model.base=gemma3-270m`), its template the one training uses
-    model_cfg = make_cfg("seq_lora", 0).model
-    prof["eval_dtype"] = make_cfg("seq_lora", 0).eval.compute_dtype  # --set eval.compute_dtype=... too
+    first = make_cfg("seq_lora", 0)
+    model_cfg = first.model
+    prof["eval_dtype"] = first.eval.compute_dtype  # --set eval.compute_dtype=... too
     base = resolve_base(model_cfg, cache_dir())
     # each task's spec from its own training answers, as the daemon decides it at buffer time
     tokenizer = load_tokenizer(base.path, chat_template=model_cfg.chat_template)
