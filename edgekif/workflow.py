@@ -197,10 +197,11 @@ def _template_tag(cfg: Config) -> list[str]:
     return [] if template is None else ["template-" + hashlib.sha256(template.encode()).hexdigest()[:12]]
 
 
-def _base_source(root: Path, base: BaseModel, chat_template: str = "") -> Path:
+def base_source(root: Path, base: BaseModel, chat_template: str = "") -> Path:
     """The base's folder as a trained model's is exported: its weights (linked, not copied) with
     the tokenizer training uses (edgekif.model.load_tokenizer: no default system prompt), so the
-    base's export renders a prompt exactly as a trained version's does. Called under the lock."""
+    base's export renders a prompt exactly as a trained version's does: ROOT/source. The daemon
+    calls it under base_export's cache lock; tools/bench_quant.py with a scratch root."""
     from .atomic import atomic_dir
 
     src = root / "source"
@@ -226,7 +227,7 @@ def base_export(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]
     with _cache_lock(root):
         export_dir = root / "export"
         if not (export_dir / EXPORT_INFO).is_file():
-            source = _base_source(root, base, cfg.model.chat_template)
+            source = base_source(root, base, cfg.model.chat_template)
             with atomic_dir(export_dir, overwrite=True) as tmp:
                 build_variant(source, tmp, target, variant, ep, cfg.export.threads)
             log.info("base exported for zero-shot and general-ability figures", extra={"base": base.name, "variant": variant.name})

@@ -6,14 +6,21 @@ the base) and the holdouts of the tasks it learned, then for each builder varian
 size, accuracy level, RTN / k-quant, int8 for the LM head and sensitive layers, int8, fp32):
 
   build      seconds and size on disk
-  accuracy   exact match on the holdouts through the export (one record at a time, the
-             folder's chat template, greedy, eval.max_new_tokens answer tokens), its share of
-             answers identical to the fp32 PyTorch model's, and whether the daemon's check
-             (export.parity_min_agreement, export.parity_max_accuracy_drop) passes it
+  accuracy   each task's own metric on its holdout through the export (one record at a time,
+             the folder's chat template, greedy, the task's answer budget: its spec in
+             DATA_DIR/holdout), the share of answers identical to the fp32 PyTorch model's, for
+             free text the share beginning with fp32's first words and the paired drop, and
+             whether the daemon's check (export.parity_*) passes it; result.json keeps the
+             per-record scores (paired comparisons between two runs)
   speed      batch 1, greedy, --new-tokens tokens forced (EOS masked), median decode tokens/s
              and first-token latency over --prompts prompts, variants interleaved prompt by prompt
 
     python tools/bench_quant.py --data-dir .edgekif-demo --out docs/benchmarks/quant
+    python tools/bench_quant.py --data-dir D --job 1 --tasks headlines   # a held job's adapter
+    python tools/bench_quant.py --data-dir D --job 1 --tasks headlines --no-adapter   # the base itself
+
+"int8" here is the builder's default (symmetric, blocks of 32); the daemon's int8 on the CPU is
+"int8-asym-bs16" (edgekif.export.build.INT8_CPU).
 
 Writes OUT/result.json and OUT/result.md (the table docs/serving.md quotes).
 """
@@ -40,6 +47,9 @@ VARIANTS = {
     "int4-kquant-mixed": ("int4", {"algo_config": "k_quant_mixed"}),
     "int8": ("int8", {}),
     "int8-acc1": ("int8", {"accuracy_level": "1"}),
+    "int8-bs16": ("int8", {"block_size": "16"}),
+    "int8-asym": ("int8", {"is_symmetric": "false"}),
+    "int8-asym-bs16": ("int8", {"is_symmetric": "false", "block_size": "16"}),
     "fp32": ("fp32", {}),
 }
 
@@ -61,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8, help="prompts timed per variant")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
     ap.add_argument("--max-examples", type=int, default=0, help="holdout records per task (0 = all)")
+    ap.add_argument("--job", type=int, help="take this job's adapter instead of the current version's (a held job has no version)")
+    ap.add_argument("--tasks", nargs="+", help="the holdouts to answer (default: the current version's tasks; needed with --job)")
+    ap.add_argument("--no-adapter", action="store_true", help="quantise the base itself (how far each variant moves the untrained base's answers)")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/quant"))
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: OUT/work, removed at the end)")
     args = ap.parse_args(argv)
@@ -71,32 +84,42 @@ def main(argv=None) -> int:
     from edgekif.config import load_config
     from edgekif.errors import ModelError
     from edgekif.export.build import ExportVariant
-    from edgekif.export.check import check_candidate, reference_answers
+    from edgekif.export.check import GenerationRule, check_candidate, reference_answers
     from edgekif.export.fuse import fuse_adapter
     from edgekif.export.manifest import read_manifest
-    from edgekif.holdouts import read_holdouts
+    from edgekif.holdouts import read_holdouts, read_specs
     from edgekif.layout import DataLayout
     from edgekif.model import resolve_base
     from edgekif.publish import resolve_current
     from edgekif.trainer import learner_adapter
-    from edgekif.workflow import cache_root
+    from edgekif.workflow import base_source, cache_root
 
     data = args.data_dir.resolve()
     cfg_file = data / "edgekif.toml"
     cfg = load_config(cfg_file if cfg_file.is_file() else None, [f"data_dir={data}"])
-    current = resolve_current(data)
-    manifest = read_manifest(current)
-    job = manifest.job_id
+    if args.job is None:
+        current = resolve_current(data)
+        manifest = read_manifest(current)
+        version, job, tasks = current.name, manifest.job_id, manifest.task_names
+    else:
+        if not args.tasks:
+            ap.error("--job needs --tasks")
+        version, job, tasks = f"job {args.job}", args.job, None
+    tasks = args.tasks or tasks
     adapter = learner_adapter(DataLayout(data).job(job).learner)
-    tasks = manifest.task_names
     holdout, labels = read_holdouts(data, tasks, max_examples=args.max_examples)
+    specs = read_specs(data, tasks)  # each task's kind, metric and answer budget, as the daemon checks them
+    rule = GenerationRule(cfg.export.parity_max_score_drop, cfg.export.parity_min_prefix_agreement, cfg.export.parity_prefix_words)
     work = (args.work or args.out / "work").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     base = resolve_base(cfg.model, cache_root(cfg))
-    fused = fuse_adapter(base.path, adapter, work / "fused")
+    # --no-adapter: the base with the training chat template, as the daemon exports it for zero-shot
+    fused = base_source(work, base, cfg.model.chat_template) if args.no_adapter else fuse_adapter(base.path, adapter, work / "fused")
+    if args.no_adapter:
+        version = "none (the base itself)"
     t0 = time.perf_counter()
-    reference = reference_answers(fused, holdout, max_new_tokens=cfg.eval.max_new_tokens, labels=labels)
+    reference = reference_answers(fused, holdout, max_new_tokens=cfg.eval.max_new_tokens, labels=labels, specs=specs)
     ref_s = time.perf_counter() - t0
     speed_prompts = [r.chat() for recs in holdout.values() for r in recs][: args.prompts]
 
@@ -110,7 +133,7 @@ def main(argv=None) -> int:
         try:
             result = check_candidate(fused, folder, target="genai", variant=variant, execution_provider="cpu", holdout=holdout, reference=reference,
                                      max_new_tokens=cfg.eval.max_new_tokens, min_agreement=cfg.export.parity_min_agreement,
-                                     max_accuracy_drop=cfg.export.parity_max_accuracy_drop)
+                                     max_accuracy_drop=cfg.export.parity_max_accuracy_drop, specs=specs, generation=rule)
         except ModelError as e:  # built, but the runtime refuses the graph
             rows[name] = {"precision": precision, "options": options, "error": f"does not load: {str(e)[-300:]}"}
             bar.update(2)
@@ -125,6 +148,8 @@ def main(argv=None) -> int:
             "holdout_s": round(result.seconds, 1), "exact_match": check.accuracy, "agreement": check.agreement,
             "accuracy_drop_points": check.accuracy_drop, "passes": check.passed, "reasons": check.reasons,
             "per_task": {k: v.exact_match for k, v in result.answers.items()},
+            "per_task_check": check.per_task,
+            "scores": {k: v.scores for k, v in result.answers.items() if v.scores is not None},  # per record: paired comparisons
         }
         bar.update(2)
     bar.close()
@@ -154,8 +179,9 @@ def main(argv=None) -> int:
         "command": "python tools/bench_quant.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine_info(),
-        "model": {"base": base.name, "version": current.name, "job": job, "tasks": tasks, "holdout": {k: len(v) for k, v in holdout.items()}},
+        "model": {"base": base.name, "version": version, "job": job, "tasks": tasks, "holdout": {k: len(v) for k, v in holdout.items()}},
         "reference": {"runtime": "pytorch fp32 (fused)", "exact_match": {k: v.exact_match for k, v in reference.items()},
+                      "score": {k: v.score for k, v in reference.items()}, "metric": {k: v.metric for k, v in reference.items()},
                       "label_accuracy": {k: v.label_accuracy for k, v in reference.items()}, "seconds": round(ref_s, 1)},
         "check": {"min_agreement": cfg.export.parity_min_agreement, "max_accuracy_drop": cfg.export.parity_max_accuracy_drop},
         "new_tokens": args.new_tokens, "prompts": len(speed_prompts), "threads": args.threads,
@@ -173,26 +199,37 @@ def to_markdown(r: dict) -> str:
     def f(x, spec=".1f"):
         return "—" if x is None else format(x, spec)
 
-    ref_em = r["reference"]["exact_match"]
+    ref = r["reference"]
+    metric = ref.get("metric") or {}
+    ref_score = {k: (ref.get("score") or {}).get(k) if metric.get(k) else ref["exact_match"][k] for k in ref["exact_match"]}
     n = sum(r["model"]["holdout"].values())
+    tasks = list(ref["exact_match"])
     lines = [
-        f"Model: {r['model']['base']} + the LoRA of {r['model']['version']} (tasks {', '.join(r['model']['tasks'])}; "
-        f"{n} holdout records). fp32 PyTorch exact match: " + ", ".join(f"{k} {f(100 * v) if v is not None else '—'}" for k, v in ref_em.items()) + ".",
-        f"Check: answers identical to fp32 on >= {100 * r['check']['min_agreement']:.0f}% of records and exact match at most "
-        f"{r['check']['max_accuracy_drop']:g} point below. Speed: batch 1, greedy, {r['new_tokens']} new tokens, median of {r['prompts']} prompts, "
-        f"threads {r['threads'] or 'default'}.",
+        f"Model: {r['model']['base']} + the LoRA of {r['model']['version']} (tasks {', '.join(tasks)}; {n} holdout records). "
+        "fp32 PyTorch: " + ", ".join(f"{k} {f(100 * v) if v is not None else '—'} {metric.get(k) or 'exact_match'}" for k, v in ref_score.items()) + ".",
+        f"Check: label tasks' answers identical to fp32 on >= {100 * r['check']['min_agreement']:.0f}% of records and exact match at most "
+        f"{r['check']['max_accuracy_drop']:g} point below; free-text tasks by the daemon's GenerationRule (mean paired drop, first words). "
+        f"Speed: batch 1, greedy, {r['new_tokens']} new tokens, median of {r['prompts']} prompts, threads {r['threads'] or 'default'}.",
         "",
-        "| variant | builder options | exact match | same answers as fp32 | passes | decode tok/s | first token ms | size MB | build s |",
-        "|---|---|---:|---:|:---:|---:|---:|---:|---:|",
+        "| variant | builder options | " + " | ".join(f"{t}: score / identical / first words / paired drop" for t in tasks)
+        + " | passes | decode tok/s | first token ms | size MB | build s |",
+        "|---|---|" + "---:|" * len(tasks) + ":---:|---:|---:|---:|---:|",
     ]
     for name, row in r["variants"].items():
         opts = ", ".join(f"{k}={v}" for k, v in row.get("options", {}).items()) or "defaults"
         if "error" in row:
-            lines.append(f"| {name} | {opts} | build failed: {row['error'][:120]} | | | | | | |")
+            lines.append(f"| {name} | {opts} | build failed: {row['error'][:120]} |" + " |" * (len(tasks) + 4))
             continue
+        cells = []
+        for t in tasks:
+            c = (row.get("per_task_check") or {}).get(t, {})
+            score = c.get("score") if c.get("metric") else c.get("exact_match", row["per_task"].get(t))
+            prefix = f"{100 * c['prefix_agreement']:.0f}%" if "prefix_agreement" in c else "—"
+            drop = f"{c['score_drop_points']:+.1f}" if "score_drop_points" in c else "—"
+            cells.append(f"{f(100 * score if score is not None else None)} / {f(100 * c.get('agreement', row['agreement']), '.0f')}% / {prefix} / {drop}")
         lines.append(
-            f"| {name} | {opts} | {f(100 * row['exact_match'] if row['exact_match'] is not None else None)} | {f(100 * row['agreement'])}% | "
-            f"{'yes' if row['passes'] else 'no'} | {f(row.get('decode_tokens_per_s'))} | {f(row.get('first_token_ms'), '.0f')} | {f(row['size_mb'], '.0f')} | {f(row['build_s'])} |"
+            f"| {name} | {opts} | " + " | ".join(cells) + f" | {'yes' if row['passes'] else 'no'} | {f(row.get('decode_tokens_per_s'))} | "
+            f"{f(row.get('first_token_ms'), '.0f')} | {f(row['size_mb'], '.0f')} | {f(row['build_s'])} |"
         )
     lines += ["", f"Command: `{r['command']}` ({r['finished']}; {r['machine'].get('cpu', '')})", ""]
     return "\n".join(lines)
