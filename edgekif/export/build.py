@@ -358,16 +358,38 @@ class ExportVariant:
 # fp32 answers (k-quant with int8 LM head and sensitive layers is the closest: 80% identical,
 # -3 points; builder-default int4 54%, -21 points), int8 does (97%, +3). One int4 try stays first
 # because a larger base may pass it; each failed try costs a build and one holdout pass.
+#
+# int8 is asymmetric in blocks of 16 (the builder's default: symmetric, blocks of 32). A fused
+# LoRA update is about as large as int8's rounding step: with the default, the update clients
+# get differs from the trained one by 91% of its norm, with blocks of 16 and a zero point by 70%
+# (tools/bench_quant_delta.py), and more answers stay the fp32 model's (headlines job, 96
+# records: 72% identical vs 66%, the base 64% vs 50%) for 9% more disk and 16% of the decode
+# speed; docs/serving.md, "int8: blocks of 16 with a zero point". export.int8_block_size and
+# export.int8_symmetric choose another (int8_variant).
+INT8_CPU = ExportVariant("int8", (("block_size", "16"), ("is_symmetric", "false")))
+
+
+def int8_variant(block_size: int = 16, symmetric: bool = False) -> ExportVariant:
+    """The CPU genai int8 export with these builder settings (INT8_CPU by default)."""
+    return ExportVariant("int8", (("block_size", str(block_size)), ("is_symmetric", str(symmetric).lower())))
 AUTO_VARIANTS_GENAI_CPU: tuple[ExportVariant, ...] = (
     ExportVariant("int4", (("algo_config", "k_quant_mixed"),)),
-    ExportVariant("int8"),
+    INT8_CPU,
     ExportVariant("fp32"),
 )
 
 
-def export_candidates(target: str, precision: str, ep: str, requested: str, builder_options: dict[str, str] | None = None) -> list[ExportVariant]:
-    if requested == "auto" and target == "genai" and ep == "cpu" and not builder_options:
-        return list(AUTO_VARIANTS_GENAI_CPU)
+def export_candidates(target: str, precision: str, ep: str, requested: str, builder_options: dict[str, str] | None = None,
+                      int8: ExportVariant = INT8_CPU) -> list[ExportVariant]:
+    """The variants to build and check, in order: `auto` on the CPU genai target tries
+    AUTO_VARIANTS_GENAI_CPU with its INT8_CPU replaced by `int8` (int8_variant: the config's
+    choice); otherwise the one precision asked for, with `builder_options` (int8 on the CPU
+    genai target without options is `int8`)."""
+    if target == "genai" and ep == "cpu" and not builder_options:
+        if requested == "auto":
+            return [int8 if v == INT8_CPU else v for v in AUTO_VARIANTS_GENAI_CPU]
+        if precision == "int8":
+            return [int8]
     return [ExportVariant(precision, tuple(sorted((builder_options or {}).items())))]
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
 from ..records import records_sha256
-from .build import export_candidates, resolve_export_settings
+from .build import ExportVariant, export_candidates, resolve_export_settings
 from .check import CandidateCheck, AnswerSet, GenerationRule, check_candidate, reference_answers, task_budget
 from .files import runtime_versions
 from .fuse import dist_version
@@ -60,6 +60,7 @@ def export_model(
     skip_policy: SkipPolicy | None = None,
     skip_precisions: Mapping[str, str] | None = None,
     threads: int = 0,
+    int8: ExportVariant | None = None,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -91,10 +92,11 @@ def export_model(
     manifest says why under `parity_skipped`. A single requested precision is always built.
     `threads`: a genai export's decoder CPU threads, written into its genai_config.json and
     recorded in the manifest's `export` (edgekif.export.build.session_options; 0 = physical cores).
+    `int8`: the CPU genai int8 variant (edgekif.export.build.int8_variant; default INT8_CPU).
     """
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
-    candidates = export_candidates(target, precision, ep, requested, builder_options)
+    candidates = export_candidates(target, precision, ep, requested, builder_options, **({"int8": int8} if int8 is not None else {}))
     fused_dir, out_dir = Path(fused_dir), Path(out_dir)
     holdout = {k: list(v) for k, v in holdout.items() if v}
     if not holdout:
