@@ -134,31 +134,26 @@ def test_setting_key_changes_with_base_target_and_rules():
                 setting_key("ab" * 32, "genai", "cpu", {**rules, "min_agreement": 0.9})}) == 4
 
 
-def test_int8_on_the_cpu_genai_target_is_asymmetric_in_blocks_of_16_unless_options_say_otherwise():
-    from edgekif.export.build import AUTO_VARIANTS_GENAI_CPU, INT8_CPU, export_candidates
-
-    assert INT8_CPU.builder_options() == {"block_size": "16", "is_symmetric": "false"}
-    assert [v.precision for v in AUTO_VARIANTS_GENAI_CPU] == ["int4", "int8", "fp32"] and AUTO_VARIANTS_GENAI_CPU[1] == INT8_CPU
-    assert export_candidates("genai", "int4", "cpu", "auto") == list(AUTO_VARIANTS_GENAI_CPU)
-    assert export_candidates("genai", "int8", "cpu", "int8") == [INT8_CPU]
-    # the user's builder options win, and only the CPU genai target gets the measured int8
-    assert export_candidates("genai", "int8", "cpu", "int8", {"block_size": "32"})[0].builder_options() == {"block_size": "32"}
-    assert export_candidates("genai", "int8", "cuda", "int8")[0].builder_options() == {}
-    assert export_candidates("onnx", "int8", "cpu", "int8")[0].builder_options() == {}
-    # the variant's name keys the export history and the base's zero-shot cache: it must differ from plain int8's
-    assert INT8_CPU.name == "int8/block_size=16/is_symmetric=false"
-
-
-def test_the_int8_settings_choose_the_variant_auto_and_int8_build():
+def test_int8_on_the_cpu_genai_target_is_the_builders_default_unless_the_settings_say_otherwise():
     from edgekif.config import Config, apply_overrides, validate_config
     from edgekif.errors import ConfigError
-    from edgekif.export.build import INT8_CPU, export_candidates, int8_variant
+    from edgekif.export.build import AUTO_VARIANTS_GENAI_CPU, INT8_CPU, export_candidates, int8_variant
 
     cfg = Config()
-    assert int8_variant(cfg.export.int8_block_size, cfg.export.int8_symmetric) == INT8_CPU
-    fast = int8_variant(32, False)
-    assert [v.name for v in export_candidates("genai", "int4", "cpu", "auto", int8=fast)] == [
-        "int4/algo_config=k_quant_mixed", "int8/block_size=32/is_symmetric=false", "fp32"]
-    assert export_candidates("genai", "int8", "cpu", "int8", int8=int8_variant(32, True))[0].builder_options() == {"block_size": "32", "is_symmetric": "true"}
+    # the default is named as before the settings existed: histories and zero-shot caches still apply
+    assert int8_variant(cfg.export.int8_block_size, cfg.export.int8_symmetric) == INT8_CPU == AUTO_VARIANTS_GENAI_CPU[1]
+    assert INT8_CPU.name == "int8" and INT8_CPU.builder_options() == {}
+    assert export_candidates("genai", "int4", "cpu", "auto") == list(AUTO_VARIANTS_GENAI_CPU)
+    assert export_candidates("genai", "int8", "cpu", "int8") == [INT8_CPU]
+    # the free-text setting: both auto and precision = int8 build it
+    faithful = int8_variant(16, False)
+    assert faithful.name == "int8/block_size=16/is_symmetric=false"
+    assert [v.name for v in export_candidates("genai", "int4", "cpu", "auto", int8=faithful)] == [
+        "int4/algo_config=k_quant_mixed", "int8/block_size=16/is_symmetric=false", "fp32"]
+    assert export_candidates("genai", "int8", "cpu", "int8", int8=faithful) == [faithful]
+    # the user's builder options win; only the CPU genai target takes the setting
+    assert export_candidates("genai", "int8", "cpu", "int8", {"block_size": "64"}, int8=faithful)[0].builder_options() == {"block_size": "64"}
+    assert export_candidates("genai", "int8", "cuda", "int8", int8=faithful)[0].builder_options() == {}
+    assert export_candidates("onnx", "int8", "cpu", "int8", int8=faithful)[0].builder_options() == {}
     with pytest.raises(ConfigError, match="int8_block_size: 24"):
         validate_config(apply_overrides(cfg, ["export.int8_block_size=24"]))
