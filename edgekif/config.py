@@ -211,7 +211,7 @@ class ExportConfig:
     # blocks of 16) serves a fused LoRA update more faithfully (error 70% of its norm vs 91%) and
     # keeps more of fp32's free-text answers (a headlines job: 72% vs 66% identical; the file alone
     # is then published, +2.9 p = 0.040), for 16% of the decode speed, but changed more label
-    # answers on the demo's jobs (7 of 192 vs 3): for free-text-only daemons.
+    # answers on the demo's jobs (10 of 240 vs 6): for free-text-only daemons.
     # docs/serving.md, "int8 in blocks of 16 with a zero point".
     int8_block_size: int = 32
     int8_symmetric: bool = True

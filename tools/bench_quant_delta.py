@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config)
     base = resolve_base(cfg.model, cache_root(cfg))
-    base_sd = {k: v.detach().numpy().copy() for k, v in load_model(base.path, "fp32").state_dict().items()}
-    merged = PeftModel.from_pretrained(load_model(base.path, "fp32"), str(args.adapter)).merge_and_unload()
-    changed = {k: v.detach().numpy() for k, v in merged.state_dict().items() if k in base_sd and v.ndim == 2 and not np.array_equal(v.detach().numpy(), base_sd[k])}
+    model = load_model(base.path, "fp32")
+    base_sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # copies: the merge writes in place
+    merged = {k: v.detach().numpy() for k, v in PeftModel.from_pretrained(model, str(args.adapter)).merge_and_unload().state_dict().items()}
+    changed = {k: v for k, v in merged.items() if k in base_sd and v.ndim == 2 and not np.array_equal(v, base_sd[k])}
     if not changed:
         raise SystemExit(f"{args.adapter}: the adapter changes no matrix of {base.path}")
 

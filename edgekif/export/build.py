@@ -363,7 +363,7 @@ class ExportVariant:
 # export.int8_symmetric say otherwise (int8_variant). Blocks of 16 with a zero point serve a
 # fused LoRA update more faithfully on the weights (error 70% of the update's norm vs 91%) and on
 # free text (a headlines job: 72% of fp32's answers vs 66%, the gate's gain +2.9 p = 0.040 vs
-# +1.7 p = 0.22), but changed more label answers on the demo's jobs (7 of 192 vs 3) and failed
+# +1.7 p = 0.22), but changed more label answers on the demo's jobs (10 of 240 vs 6) and failed
 # the label rule twice in one `make demo`, so it is a setting, not the default;
 # docs/serving.md, "int8 in blocks of 16 with a zero point".
 INT8_CPU = ExportVariant("int8")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
 from ..records import records_sha256
-from .build import ExportVariant, export_candidates, resolve_export_settings
+from .build import INT8_CPU, ExportVariant, export_candidates, resolve_export_settings
 from .check import CandidateCheck, AnswerSet, GenerationRule, check_candidate, reference_answers, task_budget
 from .files import runtime_versions
 from .fuse import dist_version
@@ -60,7 +60,7 @@ def export_model(
     skip_policy: SkipPolicy | None = None,
     skip_precisions: Mapping[str, str] | None = None,
     threads: int = 0,
-    int8: ExportVariant | None = None,
+    int8: ExportVariant = INT8_CPU,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -96,7 +96,7 @@ def export_model(
     """
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
-    candidates = export_candidates(target, precision, ep, requested, builder_options, **({"int8": int8} if int8 is not None else {}))
+    candidates = export_candidates(target, precision, ep, requested, builder_options, int8)
     fused_dir, out_dir = Path(fused_dir), Path(out_dir)
     holdout = {k: list(v) for k, v in holdout.items() if v}
     if not holdout:
