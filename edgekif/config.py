@@ -211,10 +211,12 @@ class ExportConfig:
     # blocks of 16) serves a fused LoRA update more faithfully (error 70% of its norm vs 91%) and
     # keeps more of fp32's free-text answers (a headlines job: 72% vs 66% identical; the file alone
     # is then published, +2.9 p = 0.040), for 16% of the decode speed, but changed more label
-    # answers on the demo's jobs (10 of 240 vs 6): for free-text-only daemons.
-    # docs/serving.md, "int8 in blocks of 16 with a zero point".
+    # answers on the demo's jobs (10 of 240 vs 6). int8_by_task_kind: a model whose every task is
+    # free text gets 16 + false whatever the two settings say (edgekif.export.build.int8_for_tasks);
+    # false = the two settings for every model. docs/serving.md, "int8 in blocks of 16 with a zero point".
     int8_block_size: int = 32
     int8_symmetric: bool = True
+    int8_by_task_kind: bool = True
     parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)
     # CPU threads a genai export's decoder runs on, written into its genai_config.json
     # (model.decoder.session_options.intra_op_num_threads), so a client that only opens the

@@ -121,3 +121,22 @@ def test_infer_file_answers_every_shape_from_its_chat_messages(published, tmp_pa
     runner = open_model(published["folder"])
     answers = [o["answer"] for o in out]
     assert answers == [runner.generate(o["messages"], max_new_tokens=3) for o in out]
+
+
+@pytest.mark.parametrize("kinds, expected", [
+    (["generation", "generation"], "int8/block_size=16/is_symmetric=false"),
+    (["generation", "classification"], "int8"),
+    (["generation", None], "int8"),  # a task without a spec is scored like a label
+])
+def test_export_adapter_picks_the_int8_variant_from_the_kinds_of_every_task_it_answers(published, tmp_path, monkeypatch, kinds, expected):
+    import edgekif.export.exporter as exporter
+    from edgekif.tasks import TaskSpec
+
+    seen = {}
+    monkeypatch.setattr(exporter, "export_model", lambda fused, out, **kw: seen.update(kw) or out)
+    tasks = [f"t{i}" for i in range(len(kinds))]
+    holdout = {t: [Record.from_prompt("Hello there", "hi")] for t in tasks}
+    specs = {t: TaskSpec(k, "rouge_l" if k == "generation" else "normalized_exact_match", 8, "detected") for t, k in zip(tasks, kinds) if k}
+    export_adapter(Config(), published["base"], published["learner_adapter"], tmp_path / "work", tmp_path / "export",
+                   holdout=holdout, specs=specs, manifest_info={"tasks": []})
+    assert seen["int8"].name == expected

@@ -157,3 +157,21 @@ def test_int8_on_the_cpu_genai_target_is_the_builders_default_unless_the_setting
     assert export_candidates("onnx", "int8", "cpu", "int8", int8=faithful)[0].builder_options() == {}
     with pytest.raises(ConfigError, match="int8_block_size: 24"):
         validate_config(apply_overrides(cfg, ["export.int8_block_size=24"]))
+
+
+def test_a_model_that_answers_only_free_text_gets_int8_with_a_zero_point_in_blocks_of_16():
+    from edgekif.config import Config, apply_overrides
+    from edgekif.export.build import FREE_TEXT_INT8, INT8_CPU, int8_for_tasks, int8_variant
+
+    cfg = Config()
+    assert cfg.export.int8_by_task_kind is True
+    assert FREE_TEXT_INT8 == int8_variant(16, False)
+    assert int8_for_tasks(["generation"]) == int8_for_tasks(["generation", "generation"]) == FREE_TEXT_INT8
+    # a label task anywhere, or a task without a spec (scored like a label), keeps the configured variant
+    assert int8_for_tasks(["generation", "classification"]) == INT8_CPU
+    assert int8_for_tasks(["generation", None]) == INT8_CPU
+    assert int8_for_tasks([]) == INT8_CPU
+    assert int8_for_tasks(["classification"], 64, False) == int8_variant(64, False)
+    # off: the two settings decide for every model
+    off = apply_overrides(cfg, ["export.int8_by_task_kind=false"]).export
+    assert int8_for_tasks(["generation"], off.int8_block_size, off.int8_symmetric, off.int8_by_task_kind) == INT8_CPU

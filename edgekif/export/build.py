@@ -29,7 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..atomic import atomic_dir, atomic_write_json
 from ..chat_templates import folder_template
@@ -364,7 +364,8 @@ class ExportVariant:
 # fused LoRA update more faithfully on the weights (error 70% of the update's norm vs 91%) and on
 # free text (a headlines job: 72% of fp32's answers vs 66%, the gate's gain +2.9 p = 0.040 vs
 # +1.7 p = 0.22), but changed more label answers on the demo's jobs (10 of 240 vs 6) and failed
-# the label rule twice in one `make demo`, so it is a setting, not the default;
+# the label rule twice in one `make demo`: so it is what a model that answers only free text gets
+# (int8_for_tasks), and label models keep the builder's default;
 # docs/serving.md, "int8 in blocks of 16 with a zero point".
 INT8_CPU = ExportVariant("int8")
 
@@ -374,6 +375,22 @@ def int8_variant(block_size: int = 32, symmetric: bool = True) -> ExportVariant:
     if (block_size, symmetric) == (32, True):
         return INT8_CPU  # named as before: export histories and the base's zero-shot caches still apply
     return ExportVariant("int8", (("block_size", str(block_size)), ("is_symmetric", str(symmetric).lower())))
+
+
+# The int8 a model gets when every task it answers is free text (int8_for_tasks).
+FREE_TEXT_INT8 = int8_variant(16, False)
+
+
+def int8_for_tasks(kinds: Iterable[str | None], block_size: int = 32, symmetric: bool = True, by_task_kind: bool = True) -> ExportVariant:
+    """The CPU genai int8 variant for a model whose tasks are of these kinds (one per task; None
+    for a task without a spec, judged by exact match like a label): FREE_TEXT_INT8 when
+    `by_task_kind` and every task is generation, else int8_variant(block_size, symmetric).
+    A label task anywhere keeps the configured variant: its near-tied first tokens flipped more
+    often with the free-text one (docs/serving.md)."""
+    kinds = list(kinds)
+    if by_task_kind and kinds and all(k == "generation" for k in kinds):
+        return FREE_TEXT_INT8
+    return int8_variant(block_size, symmetric)
 
 
 AUTO_VARIANTS_GENAI_CPU: tuple[ExportVariant, ...] = (
