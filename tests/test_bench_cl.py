@@ -205,6 +205,20 @@ def test_merge_keeps_bases_apart_and_reads_older_runs_as_the_default_base(tmp_pa
     assert "smollm2-135m-instruct (fp32)" in (tmp_path / "m" / "result.md").read_text()
 
 
+def test_merge_reads_runs_from_before_eval_dtype_as_fp32_evaluation(tmp_path):
+    """eval_dtype was recorded once bf16 evaluation existed: an older run evaluated in fp32 merges
+    with an `--eval-dtype fp32` run and not with a bf16 one."""
+    from tools.bench_cl import main
+
+    older = _run_dir(tmp_path, "old", [0], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]})
+    fp32 = _run_dir(tmp_path, "fp32", [1], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}, eval_dtype="fp32")
+    bf16 = _run_dir(tmp_path, "bf16", [2], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}, eval_dtype="bf16")
+    with pytest.raises(SystemExit, match="other settings than .*: eval_dtype"):
+        main(["--merge", str(older), str(bf16), "--out", str(tmp_path / "m")])
+    assert main(["--merge", str(older), str(fp32), "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "result.json").read_text())["settings"]["seeds"] == [0, 1]
+
+
 def test_a_run_on_a_configured_base_scores_labels_only_in_the_final_row(tiny_dir, tmp_path):
     """End to end on the tiny random Llama given as `--set model.base`, on a stream of a label
     task and a free-text one: the run records that base, fills every cell of the headline

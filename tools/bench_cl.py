@@ -436,6 +436,8 @@ def merge_runs(args, argv: list[str]) -> int:
                     "command": part["command"] + f" (stopped; its finished strategies: {', '.join(part['strategies'])})"}
         # runs from before the base was recorded all ran on the default base
         part["settings"].setdefault("base", _EARLIER_BASE)
+        # and evaluated in fp32: eval_dtype was recorded from 2026-12-05 on (bf16 became possible)
+        part["settings"].setdefault("eval_dtype", "fp32")
         parts.append(part)
     runs_first = sorted(range(len(parts)), key=lambda i: bool(parts[i]["settings"].get("zero_shot_only")))
     parts, dirs = [parts[i] for i in runs_first], [args.merge[i] for i in runs_first]
