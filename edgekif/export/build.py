@@ -35,6 +35,7 @@ from ..atomic import atomic_dir, atomic_write_json
 from ..chat_templates import folder_template
 from ..children import run_child
 from ..errors import ConfigError, ExportError
+from ..metrics import GENERATION
 from .files import GENAI_CONFIG, ONNX_MODEL_FILE, write_export_info
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,7 @@ def int8_for_tasks(kinds: Iterable[str | None], block_size: int = 32, symmetric:
     A label task anywhere keeps the configured variant: its near-tied first tokens flipped more
     often with the free-text one (docs/serving.md)."""
     kinds = list(kinds)
-    if by_task_kind and kinds and all(k == "generation" for k in kinds):
+    if by_task_kind and kinds and all(k == GENERATION for k in kinds):
         return FREE_TEXT_INT8
     return int8_variant(block_size, symmetric)
 
