@@ -88,12 +88,22 @@ def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
     return out
 
 
+# Deprecations transformers 5.25 announces for names the pinned range (>=5.0,<5.40) still needs:
+# peft reads `is_gradient_checkpointing`, and `past_key_values` is the only cache argument 5.0
+# knows. Each stage printed them (4 lines a stage) into the daemon's log; nothing to act on.
+_KNOWN_DEPRECATIONS = r"`(is_gradient_checkpointing|past_key_values)` is deprecated"
+
+
 def _quiet_transformers() -> None:
-    """No progress bars in the daemon's log (they are for terminals)."""
+    """No progress bars in the daemon's log (they are for terminals), and no known deprecation
+    notices that a user cannot act on; any other warning still reaches the log."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=_KNOWN_DEPRECATIONS, category=FutureWarning)
 
 
 class LibraryStages:

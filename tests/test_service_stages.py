@@ -203,3 +203,20 @@ def test_holdout_size_is_the_kinds_share_capped_and_leaves_a_record_to_train_on(
     assert [holdout_size(svc, "generation", n) for n in (1, 2, 10, 192, 1000)] == [0, 1, 5, 96, 96]
     with pytest.raises(Exception, match="generation_holdout_fraction"):
         load_config(None, ["service.generation_holdout_fraction=1.0"])
+
+
+def test_stage_processes_drop_only_the_known_transformers_deprecations():
+    """The daemon's log got four lines of FutureWarning a stage, about names the pinned
+    transformers range needs; those go, any other warning still reaches the log."""
+    import warnings
+
+    library_stages = pytest.importorskip("service.edgekif_stages")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        library_stages._quiet_transformers()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning)
+        warnings.warn("`max_length` is deprecated", FutureWarning)
+        warnings.warn("`past_key_values` is deprecated", UserWarning)
+    assert [(w.category, str(w.message)) for w in seen] == [
+        (FutureWarning, "`max_length` is deprecated"), (UserWarning, "`past_key_values` is deprecated")]
