@@ -217,6 +217,10 @@ class ExportConfig:
     int8_block_size: int = 32
     int8_symmetric: bool = True
     int8_by_task_kind: bool = True
+    # With precision auto: when that int8 fails the answer check, try the other one (the
+    # configured int8 or blocks of 16 with a zero point) before fp32. Each has failed where the
+    # other passed; false = straight to fp32 (edgekif.export.build.second_int8).
+    int8_second_try: bool = True
     parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)
     # CPU threads a genai export's decoder runs on, written into its genai_config.json
     # (model.decoder.session_options.intra_op_num_threads), so a client that only opens the

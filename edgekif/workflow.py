@@ -94,7 +94,7 @@ def export_adapter(
     from .export.exporter import export_model
     from .export.files import ADAPTER_DIR
     from .export.fuse import adapter_sha256, fuse_adapter, portable_adapter
-    from .export.build import int8_for_tasks
+    from .export.build import int8_for_tasks, int8_variant, second_int8
     from .export.history import SkipPolicy
 
     # A retry starts from what the last try finished in work_dir: the fused model (made from
@@ -117,6 +117,9 @@ def export_adapter(
         "adapter": adapter_info,
         **manifest_info,
     }
+    # every task the version answers, by kind (a task without a spec is scored like a label)
+    int8 = int8_for_tasks([getattr((specs or {}).get(t), "kind", None) for t in holdout],
+                          cfg.export.int8_block_size, cfg.export.int8_symmetric, cfg.export.int8_by_task_kind)
     return export_model(
         fused,
         out_dir,
@@ -137,9 +140,8 @@ def export_adapter(
         skip_policy=SkipPolicy(max(1, cfg.export.skip_rejected_after), cfg.export.retry_skipped_after),
         skip_precisions=_known_failures(cfg, base),
         threads=cfg.export.threads,
-        # every task the version answers, by kind (a task without a spec is scored like a label)
-        int8=int8_for_tasks([getattr((specs or {}).get(t), "kind", None) for t in holdout],
-                            cfg.export.int8_block_size, cfg.export.int8_symmetric, cfg.export.int8_by_task_kind),
+        int8=int8,
+        int8_second=second_int8(int8, int8_variant(cfg.export.int8_block_size, cfg.export.int8_symmetric)) if cfg.export.int8_second_try else None,
     )
 
 

@@ -123,12 +123,12 @@ def test_infer_file_answers_every_shape_from_its_chat_messages(published, tmp_pa
     assert answers == [runner.generate(o["messages"], max_new_tokens=3) for o in out]
 
 
-@pytest.mark.parametrize("kinds, expected", [
-    (["generation", "generation"], "int8/block_size=16/is_symmetric=false"),
-    (["generation", "classification"], "int8"),
-    (["generation", None], "int8"),  # a task without a spec is scored like a label
+@pytest.mark.parametrize("kinds, expected, second", [
+    (["generation", "generation"], "int8/block_size=16/is_symmetric=false", "int8"),
+    (["generation", "classification"], "int8", "int8/block_size=16/is_symmetric=false"),
+    (["generation", None], "int8", "int8/block_size=16/is_symmetric=false"),  # a task without a spec is scored like a label
 ])
-def test_export_adapter_picks_the_int8_variant_from_the_kinds_of_every_task_it_answers(published, tmp_path, monkeypatch, kinds, expected):
+def test_export_adapter_picks_the_int8_variant_from_the_kinds_of_every_task_it_answers(published, tmp_path, monkeypatch, kinds, expected, second):
     import edgekif.export.exporter as exporter
     from edgekif.tasks import TaskSpec
 
@@ -139,4 +139,10 @@ def test_export_adapter_picks_the_int8_variant_from_the_kinds_of_every_task_it_a
     specs = {t: TaskSpec(k, "rouge_l" if k == "generation" else "normalized_exact_match", 8, "detected") for t, k in zip(tasks, kinds) if k}
     export_adapter(Config(), published["base"], published["learner_adapter"], tmp_path / "work", tmp_path / "export",
                    holdout=holdout, specs=specs, manifest_info={"tasks": []})
-    assert seen["int8"].name == expected
+    # and the other int8 is tried before fp32, unless export.int8_second_try is off
+    assert seen["int8"].name == expected and seen["int8_second"].name == second
+    from edgekif.config import apply_overrides
+
+    export_adapter(apply_overrides(Config(), ["export.int8_second_try=false"]), published["base"], published["learner_adapter"],
+                   tmp_path / "work", tmp_path / "export", holdout=holdout, specs=specs, manifest_info={"tasks": []})
+    assert seen["int8"].name == expected and seen["int8_second"] is None

@@ -332,6 +332,30 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
     assert manifest["parity"]["agreement"] == 1.0
 
 
+def test_a_rejected_int8_is_followed_by_the_other_int8_before_fp32(fused, tmp_path, monkeypatch):
+    """With `int8_second`, the first int8 (built from the base, so its answers differ) is
+    rejected and the second int8, built from the fused model, is published: fp32 is not built."""
+    from edgekif.export import build as export_mod
+    from edgekif.export.build import FREE_TEXT_INT8, INT8_CPU
+
+    monkeypatch.setattr(export_mod, "AUTO_VARIANTS_GENAI_CPU", (INT8_CPU, ExportVariant("fp32")))
+    real_build = export_mod.build_variant
+    built: list[str] = []
+
+    def build(src, dest, target, variant, ep, *rest):
+        built.append(variant.name)
+        real_build(fused["base"] if variant == INT8_CPU else src, dest, target, variant, ep, *rest)
+
+    monkeypatch.setattr(export_mod, "build_variant", build)
+    out = export_model(fused["fused"], tmp_path / "auto", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout(),
+                       int8=INT8_CPU, int8_second=FREE_TEXT_INT8)
+    published = verify_manifest(out)
+    assert built == ["int8", FREE_TEXT_INT8.name]
+    assert published.precision == "int8" and published.builder_options == FREE_TEXT_INT8.builder_options() == {"block_size": "16", "is_symmetric": "false"}
+    (rejected,) = published.parity_rejected
+    assert rejected["variant"] == "int8" and rejected["agreement"] < 0.95
+
+
 def test_a_variant_that_cannot_build_or_answer_is_rejected_and_the_next_tried(fused, tmp_path, monkeypatch):
     """A variant whose build (or answers) fail every time is rejected like one whose answers
     differ: the next precision is built and published; the manifest names the failure. Only the

@@ -175,3 +175,22 @@ def test_a_model_that_answers_only_free_text_gets_int8_with_a_zero_point_in_bloc
     # off: the two settings decide for every model
     off = apply_overrides(cfg, ["export.int8_by_task_kind=false"]).export
     assert int8_for_tasks(["generation"], off.int8_block_size, off.int8_symmetric, off.int8_by_task_kind) == INT8_CPU
+
+
+def test_auto_tries_the_other_int8_before_fp32():
+    """Which label answers an int8 flips depends on how it rounds: when one int8 fails the
+    check, the other (the configured one or blocks of 16 with a zero point) goes next, then fp32."""
+    from edgekif.config import Config
+    from edgekif.export.build import FREE_TEXT_INT8, INT8_CPU, export_candidates, int8_variant, second_int8
+
+    assert Config().export.int8_second_try is True
+    assert second_int8(INT8_CPU, INT8_CPU) == FREE_TEXT_INT8  # a label version: the zero point next
+    assert second_int8(FREE_TEXT_INT8, INT8_CPU) == INT8_CPU  # a free-text version: the builder's next
+    assert second_int8(FREE_TEXT_INT8, int8_variant(64, False)) == int8_variant(64, False)  # the configured one
+    assert second_int8(FREE_TEXT_INT8, FREE_TEXT_INT8) is None  # configured as the zero point: nothing else to try
+    names = [v.name for v in export_candidates("genai", "int4", "cpu", "auto", int8=INT8_CPU, int8_second=FREE_TEXT_INT8)]
+    assert names == ["int4/algo_config=k_quant_mixed", "int8", "int8/block_size=16/is_symmetric=false", "fp32"]
+    assert export_candidates("genai", "int4", "cpu", "auto", int8=INT8_CPU, int8_second=INT8_CPU) == export_candidates("genai", "int4", "cpu", "auto")
+    # a precision asked for is built alone; other targets are not the CPU genai chain
+    assert export_candidates("genai", "int8", "cpu", "int8", int8=INT8_CPU, int8_second=FREE_TEXT_INT8) == [INT8_CPU]
+    assert FREE_TEXT_INT8 not in export_candidates("genai", "int4", "cuda", "auto", int8_second=FREE_TEXT_INT8)

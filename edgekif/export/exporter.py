@@ -61,6 +61,7 @@ def export_model(
     skip_precisions: Mapping[str, str] | None = None,
     threads: int = 0,
     int8: ExportVariant = INT8_CPU,
+    int8_second: ExportVariant | None = None,
 ) -> Path:
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
@@ -92,11 +93,12 @@ def export_model(
     manifest says why under `parity_skipped`. A single requested precision is always built.
     `threads`: a genai export's decoder CPU threads, written into its genai_config.json and
     recorded in the manifest's `export` (edgekif.export.build.session_options; 0 = physical cores).
-    `int8`: the CPU genai int8 variant (edgekif.export.build.int8_variant; default INT8_CPU).
+    `int8`: the CPU genai int8 variant (edgekif.export.build.int8_variant; default INT8_CPU);
+    `int8_second`: with `auto`, the int8 tried next when `int8` fails (edgekif.export.build.second_int8).
     """
     requested = precision
     target, precision, ep = resolve_export_settings(target, precision, execution_provider)
-    candidates = export_candidates(target, precision, ep, requested, builder_options, int8)
+    candidates = export_candidates(target, precision, ep, requested, builder_options, int8, int8_second)
     fused_dir, out_dir = Path(fused_dir), Path(out_dir)
     holdout = {k: list(v) for k, v in holdout.items() if v}
     if not holdout:
