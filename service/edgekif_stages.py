@@ -90,7 +90,7 @@ def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
 
 # Deprecations transformers 5.25 announces: peft reads `is_gradient_checkpointing` (removed in
 # v6), edgekif.evaluate passes `past_key_values` (removed in 5.40); the pinned range (>=5.0,<5.40)
-# removes neither. Each stage printed them (4 lines a stage) into the daemon's log; nothing to act on.
+# removes neither. Train and export stages printed them (2-4 lines each) into the daemon's log; nothing to act on.
 _KNOWN_DEPRECATIONS = r"`(is_gradient_checkpointing|past_key_values)` is deprecated"
 
 

@@ -206,7 +206,7 @@ def test_holdout_size_is_the_kinds_share_capped_and_leaves_a_record_to_train_on(
 
 
 def test_stage_processes_drop_only_the_known_transformers_deprecations():
-    """The daemon's log got four lines of FutureWarning a stage, about names the pinned
+    """The daemon's log got two to four lines of FutureWarning a stage, about names the pinned
     transformers range does not remove; those go, any other warning still reaches the log."""
     import warnings
 
