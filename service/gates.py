@@ -74,13 +74,14 @@ def _alpha(confidence: float) -> float:
 
 
 def _describe(task: str, metric: str, other: str, d: "PairedDifference") -> str:
-    """e.g. `headlines: ROUGE-L 0.198 vs base 0.121, +0.077 [95% CI +0.041, +0.113], paired bootstrap (sign-flip p=0.0004), n=48`"""
+    """e.g. `headlines: rouge_l 19.8 vs base 12.1, +7.7 points [95% CI +4.1, +11.3], paired bootstrap (sign-flip p=0.0004), n=48`.
+    In points (x 100), the unit of the tolerances it is read against, of `status` and of `models`."""
     if d.candidate_only is not None:  # McNemar: the discordant pairs are what it counted
         test = f"{d.method} ({d.candidate_only} vs {d.reference_only} discordant) p={d.p_value:.3g}"
     else:  # the interval is the bootstrap's, the p-value the sign-flip permutation test's
         test = f"{d.method} (sign-flip p={d.p_value:.3g})"
-    return (f"{task}: {metric} {d.candidate_mean:.3f} vs {other} {d.reference_mean:.3f}, {d.mean_diff:+.3f} "
-            f"[{100 * d.confidence:g}% CI {d.low:+.3f}, {d.high:+.3f}], {test}, n={d.n}")
+    return (f"{task}: {metric} {100 * d.candidate_mean:.1f} vs {other} {100 * d.reference_mean:.1f}, "
+            f"{100 * d.mean_diff:+.1f} points [{100 * d.confidence:g}% CI {100 * d.low:+.1f}, {100 * d.high:+.1f}], {test}, n={d.n}")
 
 
 def _figures(d: "PairedDifference", **extra: object) -> dict:

@@ -318,7 +318,7 @@ def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_
         scores={"headlines": 0.2468},
         general_ability={"n": 63, "rouge_l": 0.412, "loglik_drop": 0.087, "held": False, "min_rouge_l": 0.2, "max_loglik_drop": 0.5},
         parity_skipped=[{"variant": "int4-k_quant_mixed", "reason": "rejected on the last 2 checks"}, {"variant": "int4-rtn"}],
-        gate={"decisions": {"headlines vs base": {"reason": "headlines: rouge_l 0.247 vs base 0.121, +0.126 [...]"}}},
+        gate={"decisions": {"headlines vs base": {"reason": "headlines: rouge_l 24.7 vs base 12.1, +12.6 points [...]"}}},
     )
     text = format_manifest("v0001", m, is_current=True, folder=tmp_path).splitlines()
     assert "  headlines                   0.0  (rouge_l 24.7, generation, 24 new tokens)" in text
@@ -326,4 +326,4 @@ def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_
             "(bounds: ROUGE-L >= 0.2, drop <= 0.5)") in text
     # each skip with its own reason (older manifests have none: the history's)
     assert "skipped:     int4-k_quant_mixed (rejected on the last 2 checks); int4-rtn (rejected on recent jobs of this base)" in text
-    assert "gate:        headlines: rouge_l 0.247 vs base 0.121, +0.126 [...]" in text
+    assert "gate:        headlines: rouge_l 24.7 vs base 12.1, +12.6 points [...]" in text

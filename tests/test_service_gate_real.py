@@ -149,8 +149,8 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     # the paired test on the 12 colors records, its statistic in the reason (issue 21)
     n = a.metrics["buffer"]["holdout_examples"]
     lost = round(n * (acc_a["colors"] - acc_b["colors"]))
-    assert gate["reasons"] == [f"colors: normalized_exact_match {acc_b['colors']:.3f} vs live {acc_a['colors']:.3f}, "
-                               f"{acc_b['colors'] - acc_a['colors']:+.3f} [95% CI -1.000, -1.000], "
+    assert gate["reasons"] == [f"colors: normalized_exact_match {100 * acc_b['colors']:.1f} vs live {100 * acc_a['colors']:.1f}, "
+                               f"{100 * (acc_b['colors'] - acc_a['colors']):+.1f} points [95% CI -100.0, -100.0], "
                                f"exact McNemar (0 vs {lost} discordant) p={2 * 0.5 ** lost:.3g}, n={n}: "
                                f"a significant loss of {drop:.1f} points > {THRESHOLD:g} allowed"]
     decision = gate["decisions"]["colors vs live"]

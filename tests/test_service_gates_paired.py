@@ -59,7 +59,10 @@ def test_a_real_gain_passes_rouge():
     decision = beats_base(cand, base, confidence=CONF, task="headlines", metric="ROUGE-L")
     assert decision.passed, decision.reason
     assert decision.figures["method"] == "paired bootstrap" and decision.figures["interval"][0] > 0
-    assert decision.reason.startswith(f"headlines: ROUGE-L {np.mean(cand):.3f} vs base {np.mean(base):.3f}, +")
+    # in points, the tolerances' unit: e.g. "ROUGE-L 19.8 vs base 12.1, +7.7 points"
+    diff = 100 * decision.figures["mean_diff"]
+    assert decision.reason.startswith(f"headlines: ROUGE-L {100 * np.mean(cand):.1f} vs base {100 * np.mean(base):.1f}, {diff:+.1f} points [")
+    assert 5 < diff < 10  # a gain of 0.077 on the 0-1 scale is 7.7 points
     assert "[95% CI +" in decision.reason and "paired bootstrap (sign-flip p=" in decision.reason and "n=48" in decision.reason
 
 
