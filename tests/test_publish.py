@@ -326,9 +326,9 @@ def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_
     assert "  headlines                   0.0  (rouge_l 24.7, generation, 24 new tokens)" in text
     assert ("general:     ok: answers ROUGE-L 0.412 to the base's own on 63 prompts, log-likelihood drop 0.087 nats/token "
             "(bounds: ROUGE-L >= 0.2, drop <= 0.5)") in text
-    # each skip with its own reason (older manifests have none: the history's)
     # each variant built, checked and not shipped, with the check's reasons (why the version is the precision it is)
     assert "rejected:    int8 (exact match 69.8 vs fp32 70.8 (-1.0 points > 1 allowed))" in text
     assert "rejected:    int8 (failed the answer check)" in text
+    # each skip with its own reason (older manifests have none: the history's)
     assert "skipped:     int4-k_quant_mixed (rejected on the last 2 checks); int4-rtn (rejected on recent jobs of this base)" in text
     assert "gate:        headlines: rouge_l 24.7 vs base 12.1, +12.6 points [...]" in text
