@@ -352,10 +352,10 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
         lines.append(f"general:     {verdict}: answers ROUGE-L {general.get('rouge_l', 0):.3f} to the base's own on {general.get('n')} prompts"
                      + (f", log-likelihood drop {drop:.3f} nats/token" if drop is not None else "")
                      + f" (bounds: ROUGE-L >= {general.get('min_rouge_l')}, drop <= {general.get('max_loglik_drop')})")
-    for r in manifest.parity_rejected or []:  # built and checked, then not shipped: why this version is the precision it is
-        lines.append(f"rejected:    {r.get('variant') or r.get('precision')} ({'; '.join(r.get('reasons') or []) or 'failed the answer check'})")
+    # built and checked, then not shipped: why this version is the precision it is
+    lines += [f"rejected:    {r}" for r in manifest.rejected_variants]
     if manifest.parity_skipped:
-        lines.append("skipped:     " + "; ".join(f"{x.get('variant')} ({x.get('reason', 'rejected on recent jobs of this base')})" for x in manifest.parity_skipped))
+        lines.append("skipped:     " + "; ".join(manifest.skipped_variants))
     gate = manifest.gate or {}
     for name, d in (gate.get("decisions") or {}).items():
         lines.append(f"gate:        {d.get('reason') or name}")

@@ -78,8 +78,8 @@ def print_measured(data_dir: Path) -> None:
             print(f"  general ability: answers ROUGE-L {general.get('rouge_l', 0):.2f} to the base's own over {general.get('n')} prompts"
                   + (f", log-likelihood of the base's answers {-drop:+.2f} nats/token" if drop is not None else "")
                   + f" (holds below {general.get('min_rouge_l')} or beyond {general.get('max_loglik_drop')})")
-        skipped = ", ".join(f"{s.get('variant', '?')} ({s.get('reason', 'failed on recent jobs')})" for s in m.parity_skipped or [])
-        rejected = ", ".join(f"{r.get('variant')} ({'; '.join(r.get('reasons') or [])})" for r in m.parity_rejected or [])
+        skipped = ", ".join(m.skipped_variants)
+        rejected = ", ".join(m.rejected_variants)
         if rejected or skipped:
             print("  export: " + "; ".join(x for x in (f"rejected {rejected}" if rejected else "", f"skipped {skipped}" if skipped else "") if x))
     print()

@@ -127,6 +127,17 @@ class Manifest:
         return None
 
     @property
+    def rejected_variants(self) -> list[str]:
+        """Each variant built, checked and not shipped, in the order tried: `variant (the check's reasons)`."""
+        return [f"{r.get('variant') or r.get('precision')} ({'; '.join(r.get('reasons') or []) or 'failed the answer check'})"
+                for r in self.parity_rejected or []]
+
+    @property
+    def skipped_variants(self) -> list[str]:
+        """Each variant not built for this version: `variant (why)` (older manifests have no reason: the history's)."""
+        return [f"{x.get('variant')} ({x.get('reason', 'rejected on recent jobs of this base')})" for x in self.parity_skipped or []]
+
+    @property
     def task_names(self) -> list[str]:
         return [t.get("name") or t.get("id") for t in self.tasks or []]
 
