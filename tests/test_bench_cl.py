@@ -168,6 +168,38 @@ def test_merge_refuses_runs_of_other_settings_or_a_seed_twice(tmp_path):
     assert not (tmp_path / "m").exists()  # a refused merge writes nothing
 
 
+def test_merge_compares_a_strategys_own_section_only_where_that_strategy_ran(tmp_path):
+    """Recurrent-KIF run alone at Q=8/M=4 (its [experience_replay] left at the default) merges
+    with replay run alone at Q=8/M=4; the report states each section as the part that ran it;
+    two parts that both ran Recurrent-KIF at other schedules still do not merge."""
+    from dataclasses import asdict, replace
+
+    from tools.bench_cl import main
+
+    from edgekif.strategies import KIFConfig, ReplayScheduleConfig
+
+    q8m4_kif = asdict(replace(KIFConfig(), inner_steps=8, outer_steps=4))
+    q8m4, q2m1 = asdict(ReplayScheduleConfig(inner_steps=8, outer_steps=4)), asdict(ReplayScheduleConfig())
+    both = _run_dir(tmp_path, "s0", [0], {"recurrent_kif": [[[0.5, 0.2], [0.6, 0.8]]], "replay": [[[0.5, 0.2], [0.4, 0.7]]]},
+                    kif=q8m4_kif, experience_replay=q8m4)
+    kif1 = _run_dir(tmp_path, "s1-kif", [1], {"recurrent_kif": [[[0.6, 0.2], [0.6, 0.9]]]}, kif=q8m4_kif, experience_replay=q2m1)
+    replay1 = _run_dir(tmp_path, "s1-replay", [1], {"replay": [[[0.6, 0.2], [0.5, 0.9]]]}, experience_replay=q8m4)  # [kif] at Q=2/M=1
+    out = tmp_path / "m"
+    assert main(["--merge", str(kif1), str(both), str(replay1), "--out", str(out)]) == 0
+    merged = json.loads((out / "result.json").read_text())
+    assert [r["seed"] for r in merged["strategies"]["recurrent_kif"]["runs"]] == [0, 1]
+    assert [r["seed"] for r in merged["strategies"]["replay"]["runs"]] == [0, 1]
+    # kif1 comes first, but its [experience_replay] is not what replay ran with
+    assert merged["settings"]["experience_replay"]["inner_steps"] == 8 and merged["settings"]["kif"]["inner_steps"] == 8
+    assert "(min 16), the replay strategy at Q=8, M=4; Recurrent-KIF Q=8, M=4," in (out / "result.md").read_text()
+    replay_q2m1 = _run_dir(tmp_path, "s2-replay", [2], {"replay": [[[0.6, 0.2], [0.5, 0.9]]]}, experience_replay=q2m1)
+    with pytest.raises(SystemExit, match=r"s2-replay was run with other settings than .*s0: experience_replay$"):
+        main(["--merge", str(kif1), str(both), str(replay_q2m1), "--out", str(tmp_path / "m2")])
+    kif2 = _run_dir(tmp_path, "s2-kif", [2], {"recurrent_kif": [[[0.6, 0.2], [0.6, 0.9]]]}, experience_replay=q8m4)  # [kif] at Q=2/M=1
+    with pytest.raises(SystemExit, match=r"s2-kif was run with other settings than .*s1-kif: kif$"):
+        main(["--merge", str(kif1), str(both), str(kif2), "--out", str(tmp_path / "m3")])
+
+
 def test_merge_takes_the_finished_strategies_of_a_stopped_run(tmp_path):
     """A run stopped between strategies (no wall_seconds) contributes the strategies it
     finished, its wall time is theirs, and the report says it stopped."""

@@ -441,13 +441,28 @@ def merge_runs(args, argv: list[str]) -> int:
         parts.append(part)
     runs_first = sorted(range(len(parts)), key=lambda i: bool(parts[i]["settings"].get("zero_shot_only")))
     parts, dirs = [parts[i] for i in runs_first], [args.merge[i] for i in runs_first]
-    ref = {k: v for k, v in parts[0]["settings"].items() if k not in _MERGE_FREE}
+    # A strategy's own section ([kif], [experience_replay]) matters only in the parts that ran
+    # that strategy: Recurrent-KIF run alone merges with replay run alone at another schedule.
+    # Each section is compared among those parts, and the report states the first one's.
+    sections = {spec.section: {n for n, sp in STRATEGIES.items() if sp.section == spec.section}
+                for spec in STRATEGIES.values() if spec.section}
+    ref = {k: v for k, v in parts[0]["settings"].items() if k not in _MERGE_FREE and k not in sections}
+    ref_dir = {k: dirs[0] for k in ref}
+    for section, users in sections.items():
+        first = next((i for i, p in enumerate(parts) if users & set(p["strategies"])), 0)
+        if section in parts[first]["settings"]:
+            ref[section], ref_dir[section] = parts[first]["settings"][section], dirs[first]
     for d, part in zip(dirs, parts):
         mine = {k: v for k, v in part["settings"].items() if k not in _MERGE_FREE}
-        keys = _ZERO_SHOT_KEYS if part["settings"].get("zero_shot_only") else ref.keys() | mine.keys()
+        if part["settings"].get("zero_shot_only"):
+            keys = set(_ZERO_SHOT_KEYS)
+        else:
+            ran = set(part["strategies"])
+            keys = {k for k in ref.keys() | mine.keys() if k not in sections or sections[k] & ran}
         diff = sorted(k for k in keys if ref.get(k) != mine.get(k))
         if diff:
-            raise SystemExit(f"--merge: {d} was run with other settings than {dirs[0]}: {', '.join(diff)}")
+            than = sorted({str(ref_dir.get(k, dirs[0])) for k in diff})
+            raise SystemExit(f"--merge: {d} was run with other settings than {', '.join(than)}: {', '.join(diff)}")
     order = ref["order"]
     zero = {}
     for part in parts:
@@ -458,7 +473,8 @@ def merge_runs(args, argv: list[str]) -> int:
             runs.setdefault(name, []).extend(st["runs"])
     result = {"profile": parts[0]["profile"], "name": args.name or parts[0].get("name"), "command": "python tools/bench_cl.py " + shlex.join(argv),
               "merged": [{"dir": str(d), "command": p["command"], "wall_seconds": p["wall_seconds"]} for d, p in zip(dirs, parts)],
-              "settings": {**parts[0]["settings"], "seeds": sorted({r["seed"] for rs in runs.values() for r in rs})},
+              "settings": {**parts[0]["settings"], **{k: ref[k] for k in sections if k in ref},
+                           "seeds": sorted({r["seed"] for rs in runs.values() for r in rs})},
               "machine": parts[0].get("machine", {}), "strategies": {}}
     if zero:
         result["zero_shot_by_seed"] = zero
@@ -605,6 +621,12 @@ def _spec_lines(s: dict) -> list[str]:
                                   for t, v in specs.items()) + ".", ""]
 
 
+def _replay_schedule(result: dict) -> str:
+    """The replay strategy's own Q/M where it ran: it need not be Recurrent-KIF's."""
+    e = result["settings"].get("experience_replay")
+    return f", the replay strategy at Q={e['inner_steps']}, M={e['outer_steps']}" if e and "replay" in result["strategies"] else ""
+
+
 def to_markdown(result: dict) -> str:
     s = result["settings"]
     k = s["kif"]
@@ -619,7 +641,7 @@ def to_markdown(result: dict) -> str:
         f"{s.get('base', _EARLIER_BASE)} ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), evaluated on {_eval_set(s)} "
         f"(prompts fitted as training fits them: the input's middle is cut), metric: {s['metric']}; "
-        f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}); Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
+        f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}){_replay_schedule(result)}; Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
         f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
         "",
