@@ -151,6 +151,14 @@ def test_merge_refuses_runs_of_other_settings_or_a_seed_twice(tmp_path):
     c = _run_dir(tmp_path, "c", [1], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]})
     with pytest.raises(SystemExit, match="other settings than .*: lr"):
         main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")])
+    # a --set that no other setting holds (train.loss_average) is recorded, and compared
+    from tools.bench_cl import recorded_overrides
+
+    assert recorded_overrides(["kif.inner_steps=8", "train.loss_average = example", "model.base=gemma3-270m", "data.max_length=256"]) == \
+        ["data.max_length=256", "train.loss_average=example"]
+    e = _run_dir(tmp_path, "e", [2], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}, overrides=recorded_overrides(["train.loss_average=example"]))
+    with pytest.raises(SystemExit, match="other settings than .*: overrides"):
+        main(["--merge", str(a), str(e), "--out", str(tmp_path / "m")])
     z = _run_dir(tmp_path, "z", [1], {}, zero={"1": {"dbpedia": 0.1, "amazon": 0.1}}, zero_shot_only=True, test_per_task=50)
     with pytest.raises(SystemExit, match="other settings than .*: test_per_task"):
         main(["--merge", str(a), str(z), "--out", str(tmp_path / "m")])

@@ -264,7 +264,8 @@ def main(argv=None) -> int:
                      "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] and any(specs[t].kind == CLASSIFICATION for t in order) else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
-                     "general_prompts": len(general), "general_max_new_tokens": general_cfg.max_new_tokens},
+                     "general_prompts": len(general), "general_max_new_tokens": general_cfg.max_new_tokens,
+                     **({"overrides": ov} if (ov := recorded_overrides(args.set)) else {})},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "strategies": {},
     }
@@ -410,6 +411,14 @@ def _fwt(matrix, result: dict, seed: int, order: list[str]):
 _MERGE_FREE = {"seeds", "command", "zero_shot", "zero_shot_only", "full_matrix", "metric"}
 # what a --zero-shot-only part must share with the runs: the examples and how they are scored
 _ZERO_SHOT_KEYS = ("order", "test_per_task", "eval_split", "validation", "eval_prompt_tokens", "precision")
+
+
+def recorded_overrides(sets: list[str]) -> list[str]:
+    """The --set entries the settings do not already hold ([kif], [experience_replay], [lora] and
+    the base are recorded whole), e.g. train.loss_average=example: runs that differ in one must
+    not merge. Absent when empty, so runs from before this was recorded still merge."""
+    held = ("kif.", "experience_replay.", "lora.", "model.base=")
+    return sorted(o.replace(" ", "") for o in sets if not o.replace(" ", "").startswith(held))
 
 
 def merge_runs(args, argv: list[str]) -> int:
