@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from edgekif.strategies import strategy_names  # noqa: E402  (torch-free registry)
+from edgekif.strategies import STRATEGIES, strategy_names  # noqa: E402  (torch-free registry)
 from tools.benchlib import cache_dir, profile_settings  # noqa: E402
 
 ORDERS = {
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         "profile": profile_name, "name": args.name,
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "base": base.name, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, **({"tf32": True} if args.tf32 else {}), "lr": args.lr,
-                     "kif": asdict(ran.kif), "experience_replay": asdict(ran.experience_replay), "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
+                     **{section: asdict(getattr(ran, section)) for section in strategy_sections()}, "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] and any(specs[t].kind == CLASSIFICATION for t in order) else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
                      "general_prompts": len(general), "general_max_new_tokens": general_cfg.max_new_tokens,
@@ -413,12 +413,23 @@ _MERGE_FREE = {"seeds", "command", "zero_shot", "zero_shot_only", "full_matrix",
 _ZERO_SHOT_KEYS = ("order", "test_per_task", "eval_split", "validation", "eval_prompt_tokens", "precision")
 
 
+def strategy_sections() -> dict[str, set[str]]:
+    """Each strategy config section ([kif], [experience_replay]) and the strategies that read it,
+    from the registry: the settings record each section whole."""
+    sections: dict[str, set[str]] = {}
+    for name, spec in STRATEGIES.items():
+        if spec.section:
+            sections.setdefault(spec.section, set()).add(name)
+    return sections
+
+
 def recorded_overrides(sets: list[str]) -> list[str]:
-    """The --set entries the settings do not already hold ([kif], [experience_replay], [lora] and
-    the base are recorded whole), e.g. train.loss_average=example: runs that differ in one must
-    not merge. Absent when empty, so runs from before this was recorded still merge."""
-    held = ("kif.", "experience_replay.", "lora.", "model.base=")
-    return sorted(o.replace(" ", "") for o in sets if not o.replace(" ", "").startswith(held))
+    """The --set entries the settings do not already hold (the strategy sections, [lora] and the
+    base are recorded whole), e.g. train.loss_average=example: runs that differ in one must not
+    merge. Absent when empty, so runs from before this was recorded still merge."""
+    held = tuple(f"{section}." for section in strategy_sections()) + ("lora.", "model.base=")
+    entries = (o.replace(" ", "") for o in sets)
+    return sorted(o for o in entries if not o.startswith(held))
 
 
 def merge_runs(args, argv: list[str]) -> int:
@@ -426,7 +437,6 @@ def merge_runs(args, argv: list[str]) -> int:
     result: strategies' runs concatenated in seed order, FWT filled from the zero-shot of the
     run's own seed, aggregates recomputed. Refuses runs whose settings differ in anything else."""
     from edgekif.evaluate import AccuracyMatrix
-    from edgekif.strategies import STRATEGIES
 
     parts = []
     for d in args.merge:
@@ -453,8 +463,7 @@ def merge_runs(args, argv: list[str]) -> int:
     # A strategy's own section ([kif], [experience_replay]) matters only in the parts that ran
     # that strategy: Recurrent-KIF run alone merges with replay run alone at another schedule.
     # Each section is compared among those parts, and the report states the first one's.
-    sections = {spec.section: {n for n, sp in STRATEGIES.items() if sp.section == spec.section}
-                for spec in STRATEGIES.values() if spec.section}
+    sections = strategy_sections()
     ref = {k: v for k, v in parts[0]["settings"].items() if k not in _MERGE_FREE and k not in sections}
     ref_dir = {k: dirs[0] for k in ref}
     for section, users in sections.items():
@@ -507,8 +516,6 @@ def merge_runs(args, argv: list[str]) -> int:
 
 def _joint(name: str) -> bool:
     """Whether the named strategy trains on all tasks at once (no BWT, FWT or plasticity)."""
-    from edgekif.strategies import STRATEGIES
-
     return name in STRATEGIES and STRATEGIES[name].load().joint
 
 
