@@ -156,6 +156,7 @@ def test_merge_refuses_runs_of_other_settings_or_a_seed_twice(tmp_path):
 
     assert recorded_overrides(["kif.inner_steps=8", "train.loss_average = example", "model.base=gemma3-270m", "data.max_length=256"]) == \
         ["data.max_length=256", "train.loss_average=example"]
+    assert recorded_overrides(["model.chat_template = /my templates/t.jinja"]) == ["model.chat_template=/my templates/t.jinja"]
     e = _run_dir(tmp_path, "e", [2], {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}, overrides=recorded_overrides(["train.loss_average=example"]))
     with pytest.raises(SystemExit, match="other settings than .*: overrides"):
         main(["--merge", str(a), str(e), "--out", str(tmp_path / "m")])

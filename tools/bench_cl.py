@@ -428,7 +428,7 @@ def recorded_overrides(sets: list[str]) -> list[str]:
     base are recorded whole), e.g. train.loss_average=example: runs that differ in one must not
     merge. Absent when empty, so runs from before this was recorded still merge."""
     held = tuple(f"{section}." for section in strategy_sections()) + ("lora.", "model.base=")
-    entries = (o.replace(" ", "") for o in sets)
+    entries = ("=".join(part.strip() for part in o.split("=", 1)) for o in sets)  # as apply_overrides reads them
     return sorted(o for o in entries if not o.startswith(held))
 
 
