@@ -29,7 +29,7 @@ from .general_ability import GeneralAbilityConfig
 STRATEGY_SECTIONS: dict[str, str | None] = {}
 SECTION_CONFIGS: dict[str, type] = {}
 
-EVAL_DTYPES = ("fp32", "bf16")  # eval.compute_dtype
+COMPUTE_DTYPES = ("fp32", "bf16")  # eval.compute_dtype, train.compute_dtype (edgekif.compute)
 
 
 def register_strategy_config(name: str, section: str | None, config_cls: type) -> None:
@@ -158,6 +158,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50  # optimizer steps; 0 = only at fusion/task boundaries
     deterministic: bool = False
+    # fp32, or bf16: the training forward under torch.autocast (edgekif.compute.compute_dtype);
+    # LoRA weights, gradients and optimizer stay fp32. Pays only where bf16 is native (AMX,
+    # AVX512-BF16, CUDA; edgekif.compute.fast_bf16): docs/benchmarks.md, "LoRA dropout and bf16 autocast".
+    compute_dtype: str = "fp32"
 
 
 @dataclass
@@ -172,7 +176,7 @@ class EvalConfig:
     max_prompt_tokens: int = 0
     # fp32, or bf16: PyTorch evaluation's matmuls in bfloat16 (torch.autocast), ~1.5x faster
     # where the CPU has bf16 instructions (AVX512-BF16, AMX) or on CUDA; a few answers change
-    # (edgekif.evaluate.compute_dtype, docs/benchmarks.md). For benchmarks and `edgekif eval`:
+    # (edgekif.compute.compute_dtype, docs/benchmarks.md). For benchmarks and `edgekif eval`:
     # the daemon's gates score the ONNX export, and its fp32 reference stays fp32.
     compute_dtype: str = "fp32"
 
@@ -434,7 +438,9 @@ def validate_config(cfg: Config) -> None:
             options.validate(section)
     check(cfg.eval.max_new_tokens > 0 and cfg.eval.batch_size > 0, "eval.max_new_tokens and eval.batch_size must be positive")
     check(cfg.eval.max_examples >= 0 and cfg.eval.max_prompt_tokens >= 0, "eval.max_examples and eval.max_prompt_tokens must be >= 0 (0 = no limit)")
-    check(cfg.eval.compute_dtype in EVAL_DTYPES, f"eval.compute_dtype must be one of {', '.join(EVAL_DTYPES)}, not {cfg.eval.compute_dtype!r}")
+    for section in ("train", "eval"):
+        dtype = getattr(cfg, section).compute_dtype
+        check(dtype in COMPUTE_DTYPES, f"{section}.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {dtype!r}")
     check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")
     check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")

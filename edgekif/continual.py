@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .config import Config
-from .evaluate import AccuracyMatrix, EvalScores, compute_dtype, evaluate_task
+from .compute import compute_dtype
+from .evaluate import AccuracyMatrix, EvalScores, evaluate_task
 from .records import Record
 from .replay import ReplayBuffer
 from .trainer import Learner, ProgressFn, ReplaySampler, TrainStats

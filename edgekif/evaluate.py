@@ -1,7 +1,6 @@
 """Evaluation: greedy generation + exact match, label scoring, and continual-learning metrics.
 
   generate_answers(model, tok, records)          # greedy answers, batched with left padding
-  with compute_dtype(model, "bf16"): ...         # autocast for benchmarks (eval.compute_dtype)
   label_scores(model, tok, records, labels)      # pick the most likely label per record
   evaluate_task(model, tok, records, labels=...) # -> EvalScores(n, exact_match, label_accuracy, ...)
   AccuracyMatrix                                 # a[j][i]; OP / BWT / FWT; JSON + markdown
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .atomic import atomic_write_bytes
+from .compute import device_of
 from .decoding import decode_answer
 from .inputs import encode_prompt, encode_target
 from .errors import EdgekifError
@@ -57,47 +57,6 @@ def _eval_mode(model) -> Iterator[None]:
     finally:
         if was_training:
             model.train()
-
-
-@contextlib.contextmanager
-def compute_dtype(model, dtype: str = "fp32") -> Iterator[None]:
-    """Run the block's PyTorch evaluation with matmuls in `dtype` (eval.compute_dtype).
-
-    bf16 is torch.autocast: weights stay fp32, linear layers and attention compute in bfloat16,
-    softmax and log-softmax stay fp32 (autocast's op lists), so label log-likelihoods are
-    still summed in fp32. On a CPU with AVX512-BF16 it runs a 100-record evaluation ~1.5x as
-    fast; it changes a few greedy answers, so it is for benchmarks that compare methods under
-    one setting, never for the export check's fp32 reference (docs/benchmarks.md).
-    """
-    if dtype == "fp32":
-        yield
-        return
-    if dtype != "bf16":
-        raise ValueError(f"compute dtype must be fp32 or bf16, not {dtype!r}")
-    import torch
-
-    with torch.autocast(device_type=_device(model).type, dtype=torch.bfloat16):
-        yield
-
-
-def fast_bf16(device_type: str = "cpu") -> bool:
-    """Whether this machine computes bf16 matmuls natively (so compute_dtype "bf16" pays):
-    a CUDA GPU that supports bf16, or a CPU with AVX512-BF16 / AMX-BF16 (x86) or BF16 (Arm)
-    in /proc/cpuinfo. Elsewhere autocast emulates bf16 and is no faster than fp32."""
-    import torch
-
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            words = set(f.read().split())
-    except OSError:
-        return False
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def _device(model):
-    return next(model.parameters()).device
 
 
 def _pad_id(tokenizer) -> int:
@@ -173,7 +132,7 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
     prompts = _prompts(tokenizer, records, max_prompt_tokens)
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
-    device = _device(model)
+    device = device_of(model)
     answers: list[str] = [""] * len(records)
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
@@ -259,7 +218,7 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
         raise ValueError("label_logprobs needs at least one label")
     prompts = _prompts(tokenizer, records, max_prompt_tokens)
     pad_id = _pad_id(tokenizer)
-    device = _device(model)
+    device = device_of(model)
     tgt_ids, tgt_mask = _target_grid(tokenizer, records[0], labels, pad_id, device)
 
     scores: list[list[float]] = [[] for _ in records]
@@ -299,7 +258,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
                 label_logprobs(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens))
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
-    device = _device(model)
+    device = device_of(model)
     tgt_ids, tgt_mask = _target_grid(tokenizer, records[0], labels, pad_id, device)
     chunk = max(1, batch_size // len(labels))  # records per label pass: bounds its rows, as in label_logprobs
 

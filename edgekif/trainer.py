@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_dir, atomic_write_json
+from .compute import compute_dtype
 from .config import Config
 from .inputs import collate, encode_example
 from .errors import CheckpointError, Interrupted, TrainingError
@@ -340,7 +341,8 @@ class Learner:
         """One optimizer step, with the strategy's hooks around it; True at a boundary worth
         checkpointing (e.g. right after a fusion)."""
         self.strategy.before_step(kind, prev_kind)
-        loss = target_loss(self.model, batch, self.cfg.train.loss_average)
+        with compute_dtype(self.model, self.cfg.train.compute_dtype):
+            loss = target_loss(self.model, batch, self.cfg.train.loss_average)
         loss.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.train.grad_clip)

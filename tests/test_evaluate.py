@@ -12,11 +12,11 @@ import torch
 from edgekif.config import LoRAConfig
 from edgekif.inputs import collate, encode_example, encode_prompt, encode_target, fit_prompt
 from edgekif.errors import EdgekifError
+from edgekif.compute import compute_dtype
 from edgekif.evaluate import (
     AccuracyMatrix,
     EvalScores,
     answers_and_label_logprobs,
-    compute_dtype,
     evaluate_task,
     generate_answers,
     label_logprobs,
@@ -444,7 +444,7 @@ def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
     import builtins
     import io
 
-    from edgekif.evaluate import fast_bf16
+    from edgekif.compute import fast_bf16
 
     real_open = builtins.open
     for flags, want in (("fpu avx512f avx512_bf16 avx2", True), ("fpu avx512f avx2", False), ("fp asimd bf16 i8mm", True), ("amx_bf16 amx_tile", True)):

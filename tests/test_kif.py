@@ -311,3 +311,24 @@ def test_target_loss_per_example_weighs_each_example_alike(tiny):
     token_mean = (per_row[0] * counts[0] + per_row[1] * counts[1]) / sum(counts)
     assert torch.allclose(target_loss(model, batch, "token"), token_mean, atol=1e-5)
     assert not torch.allclose(want, token_mean, atol=1e-3)
+
+
+def test_bf16_compute_dtype_trains_under_autocast_and_keeps_fp32_state():
+    """train.compute_dtype = "bf16": the forward runs under autocast (the loss differs from
+    fp32's by bf16's rounding, not more), and the LoRA weights, their importance and the
+    optimizer's moments stay fp32."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        learner = _learner("recurrent_kif", compute_dtype=dtype)
+        losses: list[float] = []
+        learner.train_task("t0", _task("t0"), progress=lambda ev: losses.append(ev["loss"]))
+        runs[dtype] = (learner, losses)
+    bf16 = runs["bf16"][0]
+    first32, first16 = runs["fp32"][1][0], runs["bf16"][1][0]  # before any update: same weights
+    assert first16 != first32  # autocast changed the arithmetic
+    assert abs(first16 - first32) < 0.02 * abs(first32)  # by rounding only: same model, same batch
+    assert all(p.dtype == torch.float32 for p in bf16.params.values())
+    assert all(t.dtype == torch.float32 for t in bf16.strategy.inner.sensitivity.values())
+    opt = bf16.strategy.optimizer(TASK)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert all(torch.isfinite(p).all() for p in bf16.params.values())

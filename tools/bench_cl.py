@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-dtype", choices=["auto", "fp32", "bf16"],
                     help="PyTorch evaluation's compute dtype (eval.compute_dtype): bf16 autocasts the matmuls, ~1.5x as fast on "
                          "a CPU with AVX512-BF16, with 0-5 answers in 100 changed; auto = bf16 where the machine computes bf16 "
-                         "natively (edgekif.evaluate.fast_bf16), else fp32 (default: the profile's setting)")
+                         "natively (edgekif.compute.fast_bf16), else fp32 (default: the profile's setting)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="any config option, applied last (e.g. train.deterministic=true, kif.mask_quantile=0.9)")
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     from edgekif.config import Config, apply_overrides
     from edgekif.continual import StreamTask, run_stream
     from edgekif.taskfile import read_task
-    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, compute_dtype, fast_bf16, generate_and_pick, generate_answers, plot_heatmap
+    from edgekif.compute import compute_dtype, fast_bf16
+    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, generate_and_pick, generate_answers, plot_heatmap
     from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
     from edgekif.metrics import CLASSIFICATION, score as metric_score
     from edgekif.model import load_tokenizer, resolve_base, resolve_device

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training cost of one edgekif training job: peak memory per base precision, the cost of
-Recurrent-KIF's bookkeeping, and how step time and memory grow with sequence length and
-LoRA rank.
+Recurrent-KIF's bookkeeping, how step time and memory grow with sequence length and
+LoRA rank, and what LoRA on every linear layer and LoRA's dropout cost.
 
     python tools/bench_train.py --quick        # 1 warm-up + 2 timed steps per point
     python tools/bench_train.py                # 1 warm-up + 4 timed steps per point
@@ -32,6 +32,9 @@ from tools import benchlib  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
 BATCH = 8
+AUTOCAST = "fp32, bf16 autocast"  # the precision table's row for train.compute_dtype = "bf16"
+# the LoRA placements the "lora" points compare: the default and every linear layer
+LORA_TARGETS = {"q,v": ("q_proj", "v_proj"), "all linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
 def _rss_mb(field: str = "VmRSS") -> float:
@@ -99,6 +102,13 @@ def run_point(p: dict) -> dict:
     cfg.model.device = p.get("device", "cpu")
     cfg.lora.r = p["rank"]
     cfg.lora.alpha = 4 * p["rank"]
+    # the "lora" points vary these; every other point keeps the config's defaults
+    if "targets" in p:
+        cfg.lora.target_modules = tuple(p["targets"])
+    if "dropout" in p:
+        cfg.lora.dropout = p["dropout"]
+    if "train_dtype" in p:
+        cfg.train.compute_dtype = p["train_dtype"]
     cfg.data.max_length = p["max_length"]
     cfg.train.strategy = p["strategy"]
     cfg.train.batch_size = BATCH
@@ -194,6 +204,37 @@ def machine_info() -> dict:
     return {**benchlib.machine_info(), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def plan_points(quick: bool, device: str = "cpu", threads: int = 0) -> tuple[dict, dict]:
+    """The measured points by name, and the skipped ones with the reason."""
+    from edgekif.compute import fast_bf16
+
+    steps = 3 if quick else 5  # the first of these includes a fusion round's snapshot
+    common = {"strategy": "recurrent_kif", "steps": steps, "threads": threads, "device": device}
+    precisions = ["fp32", "bf16", "nf4"]
+    skipped = {}
+    if device == "cpu" and not fast_bf16("cpu"):
+        # emulated bf16 is not a configuration anyone should run: on this project's AVX2 box one
+        # point (6 steps) had not finished after 9 minutes, fp32 takes seconds
+        precisions.remove("bf16")
+        skipped["precision/bf16"] = "skipped: this CPU has no bf16 instructions (avx512_bf16/amx_bf16, Arm bf16), torch emulates bf16 far slower than fp32"
+    points = {f"precision/{pr}": {**common, "precision": pr, "max_length": 128, "rank": 8} for pr in precisions}
+    # fp32 weights with the forward autocast to bf16 (train.compute_dtype)
+    if "bf16" in precisions:
+        points[f"precision/{AUTOCAST}"] = {**common, "precision": "fp32", "max_length": 128, "rank": 8, "train_dtype": "bf16"}
+    else:
+        skipped[f"precision/{AUTOCAST}"] = skipped["precision/bf16"]
+    for L in (64, 128, 256):
+        points[f"length/{L}"] = {**common, "precision": "fp32", "max_length": L, "rank": 8}
+    for r in (4, 8, 16):
+        points[f"rank/{r}"] = {**common, "precision": "fp32", "max_length": 128, "rank": r}
+    # LoRA's layers and its dropout: dropout draws a mask and keeps a dropped copy of every
+    # adapted layer's input, which costs most where LoRA sits on every linear layer
+    for name, targets in LORA_TARGETS.items():
+        for d in (0.05, 0.0):
+            points[f"lora/{name}/{d:g}"] = {**common, "precision": "fp32", "max_length": 128, "rank": 8, "targets": list(targets), "dropout": d}
+    return points, skipped
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -209,24 +250,10 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from edgekif.atomic import atomic_write_json, atomic_write_text
-    from edgekif.evaluate import fast_bf16
 
     out = Path(args.out or f"bench_out/train{'-quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
-    steps = 3 if args.quick else 5  # the first of these includes a fusion round's snapshot
-    common = {"strategy": "recurrent_kif", "steps": steps, "threads": args.threads, "device": args.device}
-    precisions = ["fp32", "bf16", "nf4"]
-    skipped = {}
-    if args.device == "cpu" and not fast_bf16("cpu"):
-        # emulated bf16 is not a configuration anyone should run: on this project's AVX2 box one
-        # point (6 steps) had not finished after 9 minutes, fp32 takes seconds
-        precisions.remove("bf16")
-        skipped["precision/bf16"] = "skipped: this CPU has no bf16 instructions (avx512_bf16/amx_bf16, Arm bf16), torch emulates bf16 far slower than fp32"
-    points = {f"precision/{pr}": {**common, "precision": pr, "max_length": 128, "rank": 8} for pr in precisions}
-    for L in (64, 128, 256):
-        points[f"length/{L}"] = {**common, "precision": "fp32", "max_length": L, "rank": 8}
-    for r in (4, 8, 16):
-        points[f"rank/{r}"] = {**common, "precision": "fp32", "max_length": 128, "rank": r}
+    points, skipped = plan_points(args.quick, args.device, args.threads)
     # one run per distinct configuration (fp32/128/r8 appears three times)
     unique: dict[str, dict] = {}
     for p in points.values():
@@ -297,7 +324,9 @@ def to_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if any("peak_cuda_mb" in p for p in pts.values()) else ""),
     ]
     fp32 = pts.get("precision/fp32", {})
-    for pr in ("fp32", "bf16", "nf4"):
+    for pr in ("fp32", "bf16", "nf4", AUTOCAST):
+        if f"precision/{pr}" not in pts and f"precision/{pr}" not in result.get("skipped", {}):
+            continue  # results from before the row existed
         if f"precision/{pr}" in result.get("skipped", {}):
             lines.append(f"| {pr} | {result['skipped'][f'precision/{pr}']} |")
             continue
@@ -348,6 +377,24 @@ def to_markdown(result: dict) -> str:
                     continue
                 lines.append(f"| {kind} | {k.split('/')[1]} | {p['sec_per_step']:.2f} | {p['sec_per_step'] / first['sec_per_step']:.2f}× | {p['peak_rss_mb']:.0f} | {p['lora_params']:,} |")
         lines += ["", "![training step time and peak memory vs sequence length and LoRA rank](scaling.png)"]
+    lora_keys = [k for k in pts if k.startswith("lora/")]
+    if lora_keys:
+        ref = pts[lora_keys[0]]
+        lines += [
+            "",
+            "**LoRA's layers and dropout** (fp32, r=8, length 128; `lora.target_modules`, `lora.dropout`):",
+            "",
+            "| LoRA on | dropout | s / step | step vs first row | peak RSS (MB) | peak anon (MB) | LoRA params |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k in lora_keys:
+            _, name, d = k.split("/")
+            p = pts[k]
+            if "error" in p or "error" in ref:
+                lines.append(f"| {name} | {d} | failed: {p.get('error') or ref.get('error')} | | | | |")
+                continue
+            lines.append(f"| {name} | {d} | {p['sec_per_step']:.2f} | {p['sec_per_step'] / ref['sec_per_step']:.2f}× | {p['peak_rss_mb']:.0f} "
+                         f"| {_f(p.get('peak_anon_mb'), '{:.0f}')} | {p['lora_params']:,} |")
     return "\n".join(lines) + "\n"
 
 
