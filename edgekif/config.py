@@ -102,7 +102,7 @@ class LoRAConfig:
     r: int = 8
     alpha: int = 32
     # 0: no dropout mask to draw and no dropped copy of each adapted layer's input to keep,
-    # 11% less time a step and ~250 MB less at batch 8 x 128 for q,v (1.59x -> 1.19x q,v's
+    # 11-12% less time a step and 250-350 MB less at batch 8 x 128 for q,v (1.59x -> 1.19x q,v's
     # step on every linear layer), and the same learning as 0.05 on the benchmark (three seeds):
     # docs/benchmarks.md, "LoRA dropout and bf16 autocast".
     dropout: float = 0.0

@@ -1,25 +1,14 @@
-"""tools/bench_train.py's plan and report for the LoRA placement and dropout points. No training
-runs here: the result is written by hand in the shape `run_point` returns."""
+"""tools/bench_train.py's plan and report for the LoRA placement, dropout and bf16 autocast points. No
+training runs here: the result is written by hand in the shape `run_point` returns."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tools import bench_train
 
 
-@pytest.fixture(scope="module")
-def bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train_under_test", REPO / "tools" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_lora_points_vary_only_placement_and_dropout(bench_train):
+def test_lora_points_vary_only_placement_and_dropout():
     points, _ = bench_train.plan_points(quick=True)
     lora = {k: v for k, v in points.items() if k.startswith("lora/")}
     assert sorted(lora) == ["lora/all linear/0", "lora/all linear/0.05", "lora/q,v/0", "lora/q,v/0.05"]
@@ -33,7 +22,7 @@ def test_lora_points_vary_only_placement_and_dropout(bench_train):
     assert all("targets" not in p and "dropout" not in p for k, p in points.items() if not k.startswith("lora/"))
 
 
-def test_lora_table_compares_with_its_first_row(bench_train):
+def test_lora_table_compares_with_its_first_row():
     def pt(sec, params):
         return {"sec_per_step": sec, "peak_rss_mb": 3000.0, "peak_anon_mb": 2000.0, "lora_params": params}
 
@@ -52,7 +41,7 @@ def test_lora_table_compares_with_its_first_row(bench_train):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_autocast_point_only_where_bf16_is_native(bench_train, monkeypatch, native):
+def test_autocast_point_only_where_bf16_is_native(monkeypatch, native):
     import edgekif.compute
 
     monkeypatch.setattr(edgekif.compute, "fast_bf16", lambda device_type="cpu": native)

@@ -332,3 +332,15 @@ def test_bf16_compute_dtype_trains_under_autocast_and_keeps_fp32_state():
     opt = bf16.strategy.optimizer(TASK)
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     assert all(torch.isfinite(p).all() for p in bf16.params.values())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_warns_where_bf16_is_emulated(monkeypatch, caplog, native):
+    import edgekif.trainer
+
+    monkeypatch.setattr(edgekif.trainer, "fast_bf16", lambda device_type="cpu": native)
+    with caplog.at_level("WARNING", logger="edgekif.trainer"):
+        _learner("recurrent_kif", compute_dtype="bf16")
+        _learner("recurrent_kif")  # fp32 never warns
+    warned = [r for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
