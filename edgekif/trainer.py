@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_dir, atomic_write_json
-from .compute import compute_dtype, fast_bf16
+from .compute import compute_dtype, device_of, fast_bf16
 from .config import Config
 from .inputs import collate, encode_example
 from .errors import CheckpointError, Interrupted, TrainingError
@@ -219,7 +219,7 @@ class Learner:
         if not self.params:
             raise TrainingError("the model has no trainable LoRA parameters (call edgekif.model.add_lora first)")
         self.strategy.setup(self.params)
-        device = next(iter(self.params.values())).device.type
+        device = device_of(model).type
         if cfg.train.compute_dtype == "bf16" and not fast_bf16(device):
             # correct but slow: torch emulates bf16 matmuls where the hardware lacks them
             log.warning("train.compute_dtype = bf16 on a device without native bf16: training will be slower than fp32",

@@ -217,21 +217,22 @@ def plan_points(quick: bool, device: str = "cpu", threads: int = 0) -> tuple[dic
         # point (6 steps) had not finished after 9 minutes, fp32 takes seconds
         precisions.remove("bf16")
         skipped["precision/bf16"] = "skipped: this CPU has no bf16 instructions (avx512_bf16/amx_bf16, Arm bf16), torch emulates bf16 far slower than fp32"
-    points = {f"precision/{pr}": {**common, "precision": pr, "max_length": 128, "rank": 8} for pr in precisions}
+    fp32 = {**common, "precision": "fp32", "max_length": 128, "rank": 8}  # every other point varies this one
+    points = {f"precision/{pr}": {**fp32, "precision": pr} for pr in precisions}
     # fp32 weights with the forward autocast to bf16 (train.compute_dtype)
     if "bf16" in precisions:
-        points[f"precision/{AUTOCAST}"] = {**common, "precision": "fp32", "max_length": 128, "rank": 8, "train_dtype": "bf16"}
+        points[f"precision/{AUTOCAST}"] = {**fp32, "train_dtype": "bf16"}
     else:
         skipped[f"precision/{AUTOCAST}"] = skipped["precision/bf16"]
     for L in (64, 128, 256):
-        points[f"length/{L}"] = {**common, "precision": "fp32", "max_length": L, "rank": 8}
+        points[f"length/{L}"] = {**fp32, "max_length": L}
     for r in (4, 8, 16):
-        points[f"rank/{r}"] = {**common, "precision": "fp32", "max_length": 128, "rank": r}
+        points[f"rank/{r}"] = {**fp32, "rank": r}
     # LoRA's layers and its dropout: dropout draws a mask and keeps a dropped copy of every
     # adapted layer's input, which costs most where LoRA sits on every linear layer
     for name, targets in LORA_TARGETS.items():
         for d in (0.05, 0.0):
-            points[f"lora/{name}/{d:g}"] = {**common, "precision": "fp32", "max_length": 128, "rank": 8, "targets": list(targets), "dropout": d}
+            points[f"lora/{name}/{d:g}"] = {**fp32, "targets": list(targets), "dropout": d}
     return points, skipped
 
 
