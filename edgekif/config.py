@@ -479,6 +479,24 @@ def dump_default_toml() -> str:
     return "\n".join(lines) + "\n"
 
 
+def overrides_toml(overrides: list[str]) -> str:
+    """`section.key=value` overrides as the TOML a data dir's edgekif.toml holds: checked and
+    coerced as `--set` would be (ConfigError names a bad one), only the keys given, grouped by
+    section in file order; a key given twice keeps its last value."""
+    cfg = apply_overrides(Config(), overrides)
+    keys: dict[str, list[str]] = {}
+    for ov in overrides:
+        lhs = ov.split("=", 1)[0].strip()
+        section, key = lhs.split(".", 1) if "." in lhs else ("", lhs)
+        if key not in keys.setdefault(section, []):
+            keys[section].append(key)
+    lines = [f"data_dir = {_toml_value(cfg.data_dir)}"] if "data_dir" in keys.get("", []) else []
+    for section in (s for s in cfg.sections() if s in keys):
+        lines += ([""] if lines else []) + [f"[{section}]"]
+        lines += [f"{k} = {_toml_value(getattr(getattr(cfg, section), k))}" for k in keys[section]]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgekif.config import Config, dump_default_toml, load_config
+from edgekif.config import Config, apply_overrides, dump_default_toml, load_config, overrides_toml
 from edgekif.errors import ConfigError
 
 
@@ -48,6 +48,22 @@ def test_default_toml_roundtrips(tmp_path):
     p = tmp_path / "d.toml"
     p.write_text(dump_default_toml())
     assert load_config(p).to_dict() == Config().to_dict()
+
+
+def test_overrides_toml_holds_just_the_overrides_and_loads_back(tmp_path):
+    overrides = ["data.max_length=128", "lora.target_modules=q_proj, k_proj,o_proj", "kif.beta1=0.55",
+                 "service.quiet_seconds=1", "lora.dropout=0.1", "data.max_length=64", "data_dir=/srv/ek"]
+    text = overrides_toml(overrides)
+    # only what was given, by section in file order (the strategy's after [train]); the last
+    # value of a key given twice; data_dir before any table, as TOML needs
+    assert text == ('data_dir = "/srv/ek"\n\n[lora]\ntarget_modules = ["q_proj", "k_proj", "o_proj"]\ndropout = 0.1\n\n'
+                    "[data]\nmax_length = 64\n\n[kif]\nbeta1 = 0.55\n\n[service]\nquiet_seconds = 1.0\n")
+    p = tmp_path / "edgekif.toml"
+    p.write_text(text)
+    assert load_config(p).to_dict() == apply_overrides(Config(), overrides).to_dict()
+    assert overrides_toml([]) == ""
+    with pytest.raises(ConfigError, match="unknown option lora.rank"):
+        overrides_toml(["lora.rank=8"])
 
 
 # ------------------------------------------------------------------ where the files are (XDG)

@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from edgekif.config import overrides_toml  # noqa: E402
+from edgekif.errors import ConfigError  # noqa: E402
 from edgekif.layout import DataLayout  # noqa: E402  (import-free)
 
 # The benchmark data beside the checkout when it is there; otherwise the slices shipped in
@@ -97,7 +99,21 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for every file to be published or held")
     ap.add_argument("--base", default="", help="model.base (a name from `edgekif model list`, a .gguf or a folder); default: the config's")
     ap.add_argument("--max-length", type=int, default=128, help="data.max_length (0: the config's default, 256)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="any other option, written into the data dir's edgekif.toml (repeatable), e.g. --set lora.dropout=0.05")
     args = ap.parse_args()
+
+    # Small, fast settings for a demo; everything else is the default config.
+    overrides = ["service.quiet_seconds=1", "service.scan_interval=2"]
+    if args.max_length:
+        overrides.insert(0, f"data.max_length={args.max_length}")
+    if args.base:
+        overrides.insert(0, f"model.base={args.base}")
+    overrides += args.set
+    try:
+        config_text = overrides_toml(overrides)  # a bad --set stops here, before the data dir is wiped
+    except ConfigError as e:
+        ap.error(str(e))
 
     data_dir = Path(args.data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -105,16 +121,7 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("EDGEKIF_CACHE_DIR", str(Path.home() / ".cache" / "edgekif"))  # convert the GGUF once, reuse
     env["TRANSFORMERS_VERBOSITY"] = "error"
-    # Small, fast settings for a demo; everything else is the default config.
-    overrides = ["service.quiet_seconds=1", "service.scan_interval=2"]
-    toml = ["[service]", "quiet_seconds = 1.0", "scan_interval = 2.0"]
-    if args.max_length:
-        overrides.insert(0, f"data.max_length={args.max_length}")
-        toml += ["[data]", f"max_length = {args.max_length}"]
-    if args.base:
-        overrides.insert(0, f"model.base={args.base}")
-        toml += ["[model]", f"base = {json.dumps(args.base)}"]
-    (data_dir / "edgekif.toml").write_text("\n".join(toml) + "\n")
+    (data_dir / "edgekif.toml").write_text(config_text)
     print(f"data dir: {data_dir}\nconfig:   {data_dir / 'edgekif.toml'} ({', '.join(overrides)})")
 
     t0 = time.time()
