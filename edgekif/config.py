@@ -397,17 +397,20 @@ def _apply_tables(cfg: Config, raw: dict[str, Any], where: str) -> None:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.key=value` strings to cfg (in place) and validate the result."""
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r}: expected section.key=value")
-        lhs, value = ov.split("=", 1)
-        lhs = lhs.strip()
-        if "." in lhs:
-            section, key = lhs.split(".", 1)
-        else:
-            section, key = "", lhs
-        _apply(cfg, section, key, value.strip(), f"override {ov!r}")
+        section, key, value = _parse_override(ov)
+        _apply(cfg, section, key, value, f"override {ov!r}")
     validate_config(cfg)
     return cfg
+
+
+def _parse_override(ov: str) -> tuple[str, str, str]:
+    """`section.key=value` -> (section, key, value); a top-level key (data_dir) has section ""."""
+    if "=" not in ov:
+        raise ConfigError(f"override {ov!r}: expected section.key=value")
+    lhs, value = ov.split("=", 1)
+    lhs = lhs.strip()
+    section, key = lhs.split(".", 1) if "." in lhs else ("", lhs)
+    return section, key, value.strip()
 
 
 def validate_config(cfg: Config) -> None:
@@ -467,15 +470,10 @@ def validate_config(cfg: Config) -> None:
 def dump_default_toml() -> str:
     """The documented defaults as TOML text (used for edgekif.toml.example and `edgekif config`)."""
     lines = ["# edgekif configuration. Every option can also be set with --set section.key=value.", ""]
-    d = Config().to_dict()
+    cfg = Config()
+    d = cfg.to_dict()
     lines.append('data_dir = ""  # empty: $EDGEKIF_DATA_DIR or $XDG_DATA_HOME/edgekif')
-    for section, values in d.items():
-        if not isinstance(values, dict):
-            continue
-        lines.append("")
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            lines.append(f"{k} = {_toml_value(v)}")
+    lines += _toml_tables(cfg, {section: list(values) for section, values in d.items() if isinstance(values, dict)})
     return "\n".join(lines) + "\n"
 
 
@@ -485,16 +483,20 @@ def overrides_toml(overrides: list[str]) -> str:
     section in file order; a key given twice keeps its last value."""
     cfg = apply_overrides(Config(), overrides)
     keys: dict[str, list[str]] = {}
-    for ov in overrides:
-        lhs = ov.split("=", 1)[0].strip()
-        section, key = lhs.split(".", 1) if "." in lhs else ("", lhs)
+    for section, key, _ in map(_parse_override, overrides):
         if key not in keys.setdefault(section, []):
             keys[section].append(key)
     lines = [f"data_dir = {_toml_value(cfg.data_dir)}"] if "data_dir" in keys.get("", []) else []
-    for section in (s for s in cfg.sections() if s in keys):
-        lines += ([""] if lines else []) + [f"[{section}]"]
-        lines += [f"{k} = {_toml_value(getattr(getattr(cfg, section), k))}" for k in keys[section]]
+    lines += _toml_tables(cfg, keys)[0 if lines else 1 :]  # no blank line at the top of the file
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def _toml_tables(cfg: Config, keys: dict[str, list[str]]) -> list[str]:
+    """`[section]` tables of cfg's current values for these keys, in file order, each after a blank line."""
+    lines: list[str] = []
+    for section in (s for s in cfg.sections() if s in keys):
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(getattr(getattr(cfg, section), k))}" for k in keys[section]]
+    return lines
 
 
 def _toml_value(v: Any) -> str:
