@@ -30,6 +30,8 @@ STRATEGY_SECTIONS: dict[str, str | None] = {}
 SECTION_CONFIGS: dict[str, type] = {}
 
 COMPUTE_DTYPES = ("fp32", "bf16")  # eval.compute_dtype, train.compute_dtype (edgekif.compute)
+# every linear layer of a decoder block (lora.target_modules)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def register_strategy_config(name: str, section: str | None, config_cls: type) -> None:

@@ -18,8 +18,13 @@ def test_lora_points_vary_only_placement_and_dropout():
     ref = points["precision/fp32"]
     for p in lora.values():
         assert {k: v for k, v in p.items() if k not in ("targets", "dropout")} == ref
+    # the 256-token points: both placements without dropout, and every linear layer checkpointed
+    long = {k: v for k, v in points.items() if k.startswith("long/")}
+    assert sorted(long) == ["long/all linear", "long/all linear, checkpointing", "long/q,v"]
+    assert long["long/q,v"] == {**ref, "max_length": 256, "targets": ["q_proj", "v_proj"], "dropout": 0.0}
+    assert long["long/all linear, checkpointing"] == {**long["long/all linear"], "checkpointing": True}
     # the other points leave the config's LoRA alone
-    assert all("targets" not in p and "dropout" not in p for k, p in points.items() if not k.startswith("lora/"))
+    assert all("targets" not in p and "dropout" not in p for k, p in points.items() if not k.startswith(("lora/", "long/")))
 
 
 def test_lora_table_compares_with_its_first_row():
@@ -38,6 +43,15 @@ def test_lora_table_compares_with_its_first_row():
     assert rows[1].startswith("| q,v | 0 | 3.00 | 0.75× |")
     assert rows[2].startswith("| all linear | 0.05 | 6.00 | 1.50× | 3000 | 2000 | 2,442,240 |")
     assert rows[3] == "| all linear | 0 | failed: boom | | | | |"
+
+
+def test_long_table_lists_each_256_token_point():
+    pts = {"long/q,v": {"sec_per_step": 6.08, "peak_rss_mb": 4923.4, "peak_anon_mb": 4284.0},
+           "long/all linear, checkpointing": {"error": "oom"}}
+    failed = {f"precision/{p}": {"error": "not run"} for p in ("fp32", "bf16", "nf4")}
+    md = bench_train.to_markdown({"command": "x", "batch_size": 8, "points": {**failed, **pts}, "skipped": {}})
+    assert "| q,v | 6.08 | 4923 | 4284 |" in md.splitlines()
+    assert "| all linear, checkpointing | failed: oom | | |" in md.splitlines()
 
 
 @pytest.mark.parametrize("native", [True, False])

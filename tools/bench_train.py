@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from edgekif.config import ALL_LINEAR  # noqa: E402
 from tools import benchlib  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark"
 BATCH = 8
 AUTOCAST = "fp32, bf16 autocast"  # the precision table's row for train.compute_dtype = "bf16"
-# the LoRA placements the "lora" points compare: the default and every linear layer
-LORA_TARGETS = {"q,v": ("q_proj", "v_proj"), "all linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+# the LoRA placements the "lora" points compare: q,v and every linear layer (the default)
+LORA_TARGETS = {"q,v": ("q_proj", "v_proj"), "all linear": ALL_LINEAR}
 
 
 def _rss_mb(field: str = "VmRSS") -> float:
@@ -109,6 +110,8 @@ def run_point(p: dict) -> dict:
         cfg.lora.dropout = p["dropout"]
     if "train_dtype" in p:
         cfg.train.compute_dtype = p["train_dtype"]
+    if "checkpointing" in p:
+        cfg.train.gradient_checkpointing = p["checkpointing"]
     cfg.data.max_length = p["max_length"]
     cfg.train.strategy = p["strategy"]
     cfg.train.batch_size = BATCH
@@ -233,6 +236,11 @@ def plan_points(quick: bool, device: str = "cpu", threads: int = 0) -> tuple[dic
     for name, targets in LORA_TARGETS.items():
         for d in (0.05, 0.0):
             points[f"lora/{name}/{d:g}"] = {**fp32, "targets": list(targets), "dropout": d}
+    # the daemon's data.max_length (256): where the placement's memory matters, and what
+    # gradient checkpointing gives back (activations recomputed in the backward pass)
+    for name, targets in LORA_TARGETS.items():
+        points[f"long/{name}"] = {**fp32, "max_length": 256, "targets": list(targets), "dropout": 0.0}
+    points["long/all linear, checkpointing"] = {**points["long/all linear"], "checkpointing": True}
     return points, skipped
 
 
@@ -314,7 +322,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         "### Training cost",
         "",
-        f"Command: `{result['command']}`. Each row is its own process: SmolLM2-135M-Instruct, LoRA on q,v, "
+        f"Command: `{result['command']}`. Each row is its own process: SmolLM2-135M-Instruct, LoRA on `lora.target_modules`' default layers unless a table says otherwise, "
         f"Recurrent-KIF with a replay sampler, batch {result['batch_size']}, every example exactly `max_length` tokens; "
         "median of the timed steps after one warm-up task. Peak RSS is the process's high-water mark (loading included); "
         "it counts file pages too (mapped safetensors, libraries: clean, the kernel can drop them), so the anonymous memory "
@@ -396,6 +404,21 @@ def to_markdown(result: dict) -> str:
                 continue
             lines.append(f"| {name} | {d} | {p['sec_per_step']:.2f} | {p['sec_per_step'] / ref['sec_per_step']:.2f}× | {p['peak_rss_mb']:.0f} "
                          f"| {_f(p.get('peak_anon_mb'), '{:.0f}')} | {p['lora_params']:,} |")
+    long_keys = [k for k in pts if k.startswith("long/")]
+    if long_keys:
+        lines += [
+            "",
+            "**At 256 tokens** (the daemon's `data.max_length`; fp32, r=8, no dropout; `train.gradient_checkpointing`):",
+            "",
+            "| LoRA on | s / step | peak RSS (MB) | peak anon (MB) |",
+            "|---|---|---|---|",
+        ]
+        for k in long_keys:
+            p = pts[k]
+            if "error" in p:
+                lines.append(f"| {k[5:]} | failed: {p['error']} | | |")
+                continue
+            lines.append(f"| {k[5:]} | {p['sec_per_step']:.2f} | {p['peak_rss_mb']:.0f} | {_f(p.get('peak_anon_mb'), '{:.0f}')} |")
     return "\n".join(lines) + "\n"
 
 
