@@ -8,7 +8,7 @@ from edgekif.errors import ConfigError
 
 def test_defaults_match_the_paper_and_code():
     c = Config()
-    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (8, 32, 0.0, ["q_proj", "v_proj"])
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (8, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     # Q=2, M=1 where the paper has 8 and 4: the three-seed comparison in docs/benchmarks.md
     assert (c.kif.inner_steps, c.kif.outer_steps, c.kif.mask_quantile) == (2, 1, 0.8)
     assert (c.kif.w_both_in, c.kif.w_both_out, c.kif.w_neither_in, c.kif.w_neither_out) == (0.4, 0.6, 0.5, 0.5)

@@ -104,6 +104,10 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
             # and the paper's rounds, which they were measured with too: at the default Q=2/M=1
             # (chosen on the real benchmark) this toy's colors ends animals' job at 0.67, not 1.0
             "kif.inner_steps=8", "kif.outer_steps=4",
+            # and LoRA on q,v, the default they were measured with: on every linear layer (the
+            # default since 2026-12-06) 100 steps at this rate leave colors below significance
+            # on its 12 held-out records (p = 0.0625)
+            "lora.target_modules=q_proj,v_proj",
             "export.target=onnx", "export.precision=fp32",
             # a tiny random model's general answers are noise, so the general-ability bounds are
             # off here (test_zero_shot and test_service_gates_paired hold a drifted model); the

@@ -32,10 +32,10 @@ POLICY = ["replay", "recurrent_kif"]
 # has; --set overrides are applied after it) and the strategies to run
 CONFIGS: dict[str, dict] = {
     # (a) training policy, continual setting
-    "qv_lr1e-3": {"args": ["--lr", "1e-3"], "strategies": POLICY, "about": "baseline: LoRA q,v r=8, lr 1e-3 (the defaults)"},
+    "qv_lr1e-3": {"args": ["--lr", "1e-3", "--set", "lora.target_modules=q_proj,v_proj"], "strategies": POLICY, "about": "baseline: LoRA q,v r=8, lr 1e-3 (the defaults until 2026-12-06)"},
     "all_lr1e-3": {"args": ["--lr", "1e-3", "--set", f"lora.target_modules={ALL_LINEAR}"], "strategies": POLICY, "about": "LoRA on all linear layers, lr 1e-3"},
     "all_lr2e-3": {"args": ["--lr", "2e-3", "--set", f"lora.target_modules={ALL_LINEAR}"], "strategies": POLICY, "about": "LoRA on all linear layers, lr 2e-3"},
-    "qv_lr2e-3": {"args": ["--lr", "2e-3"], "strategies": POLICY, "about": "LoRA q,v, lr 2e-3"},
+    "qv_lr2e-3": {"args": ["--lr", "2e-3", "--set", "lora.target_modules=q_proj,v_proj"], "strategies": POLICY, "about": "LoRA q,v, lr 2e-3"},
     # (b) Recurrent-KIF ablation on the policy chosen from (a) (--kif-base names it); [kif]
     # configures recurrent_kif only (replay has [experience_replay]), so these run it alone
     "kif_q0.9": {"kif": ["--set", "kif.mask_quantile=0.9"], "strategies": ["recurrent_kif"], "about": "mask top 10%"},
