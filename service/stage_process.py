@@ -144,10 +144,25 @@ class ChildStages:
         return outcome["result"]
 
 
+# What lowers each stage's peak, for the hint of an OOM-killed stage. Training's peak is its
+# activations: SmolLM2 at batch 8 x 256 tokens, LoRA on every linear layer, 6.7 GB; checkpointed
+# 3.5 GB; q,v alone 4.9 GB (docs/benchmarks.md, "LoRA on every linear layer becomes the default").
+OOM_HINTS = {
+    "train": "train.gradient_checkpointing = true (about half the peak, 1.6x the step time), or "
+             "lora.target_modules = [\"q_proj\", \"v_proj\"], or a smaller data.max_length or train.batch_size",
+    "export": "free memory for the fused fp32 copy of the base and its reference answers (about 2 GB for SmolLM2), "
+              "or a smaller eval.batch_size",
+    "evaluate": "free memory for one exported model and its answers, or a smaller eval.batch_size",
+}
+
+
 def _no_result(stage: str, returncode: int, peak: float) -> EdgekifError:
     if returncode == -signal.SIGKILL:
-        return StageKilled(f"out of memory: the {stage} stage's process was killed by SIGKILL (the kernel's OOM killer, most likely) "
-                           f"at {peak:.0f} MB resident")
+        killed = StageKilled(f"out of memory: the {stage} stage's process was killed by SIGKILL (the kernel's OOM killer, most likely) "
+                             f"at {peak:.0f} MB resident")
+        if stage in OOM_HINTS:
+            killed.hint = f"{OOM_HINTS[stage]}; then `edgekif retry JOB`"
+        return killed
     if returncode < 0:
         return StageKilled(f"the {stage} stage's process was killed by signal {signal.Signals(-returncode).name}")
     return StageCrashed(f"the {stage} stage's process exited with {returncode} and no result")

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from edgekif.config import load_config
 from service.daemon import Daemon
 from service.jobs import JobStore
-from service.stage_process import ChildStages, error_from_dict, error_to_dict
+from service.stage_process import OOM_HINTS, ChildStages, _no_result, error_from_dict, error_to_dict
 from service.fake_stages import FAKE_CHILD_COMMAND, FakeStages
 
 
@@ -60,7 +61,17 @@ def test_an_oom_killed_stage_fails_its_job_and_the_next_job_is_published(tmp_pat
     d.close()
     a, b = sorted(jobs(tmp_path), key=lambda j: j.id)
     assert a.state == "failed" and a.error["message"].startswith("out of memory: the export stage's process was killed by SIGKILL")
+    assert a.error["hint"] == f"{OOM_HINTS['export']}; then `edgekif retry JOB`"
     assert b.state == "published"
+
+
+def test_an_oom_killed_stage_says_what_lowers_that_stage_s_memory():
+    train = _no_result("train", -signal.SIGKILL, 6681.0)
+    assert str(train).endswith("at 6681 MB resident")
+    assert "train.gradient_checkpointing = true" in train.hint and 'lora.target_modules = ["q_proj", "v_proj"]' in train.hint
+    assert _no_result("evaluate", -signal.SIGKILL, 300.0).hint != train.hint
+    # another signal is not taken for memory, and a crash has no hint
+    assert _no_result("train", -signal.SIGTERM, 900.0).hint == "" and _no_result("train", 1, 900.0).hint == ""
 
 
 def test_typed_errors_cross_the_boundary(tmp_path):
