@@ -62,6 +62,9 @@ def test_a_task_suite_reports_each_tasks_metric_budget_zero_shot_and_general_dri
     assert "Tasks: a: generation, rouge_l, 24 new tokens, prompt fitted into 104; b: classification, normalized_exact_match, 5 new tokens" in md
     assert "| recurrent_kif | 50.0 | -1.0 | 60.0 | — | 55.0 | 0.410 | 0.200 |" in md
     assert "- recurrent_kif: 0.410 / 0.200" in md
+    # the stream's order, not result.json's sorted keys
+    r["settings"]["order"] = ["b", "a"]
+    assert "Tasks: b: classification, normalized_exact_match, 5 new tokens, prompt fitted into 123; a: generation" in to_markdown(r)
 
 
 def test_merge_keeps_other_entries(tmp_path):

@@ -633,9 +633,11 @@ def _spec_lines(s: dict) -> list[str]:
     specs = s.get("task_specs")
     if not specs:
         return []
-    return ["Tasks: " + "; ".join(f"{t}: {v['kind']}, {v['metric']}, {v['max_new_tokens']} new tokens, prompt fitted into "
+    # in the stream's order: result.json is written with sorted keys
+    names = [t for t in s.get("order", []) if t in specs] + sorted(set(specs) - set(s.get("order", [])))
+    return ["Tasks: " + "; ".join(f"{t}: {specs[t]['kind']}, {specs[t]['metric']}, {specs[t]['max_new_tokens']} new tokens, prompt fitted into "
                                   f"{(s.get('eval_prompt_tokens') or {}).get(t, '—') if isinstance(s.get('eval_prompt_tokens'), dict) else s.get('eval_prompt_tokens')}"
-                                  for t, v in specs.items()) + ".", ""]
+                                  for t in names) + ".", ""]
 
 
 def _replay_schedule(result: dict) -> str:
