@@ -317,6 +317,13 @@ def _f(x, fmt="{:.2f}"):
     return "—" if x is None else fmt.format(x)
 
 
+def _row(labels: list[str], p: dict, width: int, cells) -> str:
+    """A table row of `width` cells: the labels, then cells(p), or the point's error and blanks."""
+    if "error" in p:
+        return "| " + " | ".join([*labels, f"failed: {p['error']}"]) + " |" + " |" * (width - len(labels) - 1)
+    return "| " + " | ".join([*labels, *cells(p)]) + " |"
+
+
 def to_markdown(result: dict) -> str:
     pts = result["points"]
     lines = [
@@ -380,11 +387,8 @@ def to_markdown(result: dict) -> str:
             keys = sorted((k for k in pts if k.startswith(kind + "/")), key=lambda k: int(k.split("/")[1]))
             first = next((pts[k] for k in keys if "error" not in pts[k]), None)
             for k in keys:
-                p = pts[k]
-                if "error" in p:
-                    lines.append(f"| {kind} | {k.split('/')[1]} | failed: {p['error']} | | | |")
-                    continue
-                lines.append(f"| {kind} | {k.split('/')[1]} | {p['sec_per_step']:.2f} | {p['sec_per_step'] / first['sec_per_step']:.2f}× | {p['peak_rss_mb']:.0f} | {p['lora_params']:,} |")
+                lines.append(_row([kind, k.split("/")[1]], pts[k], 6, lambda p: [
+                    f"{p['sec_per_step']:.2f}", f"{p['sec_per_step'] / first['sec_per_step']:.2f}×", f"{p['peak_rss_mb']:.0f}", f"{p['lora_params']:,}"]))
         lines += ["", "![training step time and peak memory vs sequence length and LoRA rank](scaling.png)"]
     lora_keys = [k for k in pts if k.startswith("lora/")]
     if lora_keys:
@@ -398,12 +402,10 @@ def to_markdown(result: dict) -> str:
         ]
         for k in lora_keys:
             _, name, d = k.split("/")
-            p = pts[k]
-            if "error" in p or "error" in ref:
-                lines.append(f"| {name} | {d} | failed: {p.get('error') or ref.get('error')} | | | | |")
-                continue
-            lines.append(f"| {name} | {d} | {p['sec_per_step']:.2f} | {p['sec_per_step'] / ref['sec_per_step']:.2f}× | {p['peak_rss_mb']:.0f} "
-                         f"| {_f(p.get('peak_anon_mb'), '{:.0f}')} | {p['lora_params']:,} |")
+            p = pts[k] if "error" not in ref else ref  # no ratio without the first row
+            lines.append(_row([name, d], p, 7, lambda p: [
+                f"{p['sec_per_step']:.2f}", f"{p['sec_per_step'] / ref['sec_per_step']:.2f}×", f"{p['peak_rss_mb']:.0f}",
+                _f(p.get("peak_anon_mb"), "{:.0f}"), f"{p['lora_params']:,}"]))
     long_keys = [k for k in pts if k.startswith("long/")]
     if long_keys:
         lines += [
@@ -414,11 +416,7 @@ def to_markdown(result: dict) -> str:
             "|---|---|---|---|",
         ]
         for k in long_keys:
-            p = pts[k]
-            if "error" in p:
-                lines.append(f"| {k[5:]} | failed: {p['error']} | | |")
-                continue
-            lines.append(f"| {k[5:]} | {p['sec_per_step']:.2f} | {p['peak_rss_mb']:.0f} | {_f(p.get('peak_anon_mb'), '{:.0f}')} |")
+            lines.append(_row([k[5:]], pts[k], 4, lambda p: [f"{p['sec_per_step']:.2f}", f"{p['peak_rss_mb']:.0f}", _f(p.get("peak_anon_mb"), "{:.0f}")]))
     return "\n".join(lines) + "\n"
 
 
