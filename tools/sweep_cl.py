@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+sys.path.insert(0, str(REPO))
+from edgekif.config import ALL_LINEAR as _ALL_LINEAR  # noqa: E402  (no torch: config only)
+
+ALL_LINEAR = ",".join(_ALL_LINEAR)  # as a --set value
 POLICY = ["replay", "recurrent_kif"]
 
 # name -> bench_cl arguments (--lr sets train.lr and kif.outer_lr together, as bench_cl always
