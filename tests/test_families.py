@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edgekif.chat_templates import CHATML_TEMPLATE, GEMMA_TEMPLATE, configured_template, family_default
-from edgekif.config import LoRAConfig, load_config
+from edgekif.config import ALL_LINEAR, LoRAConfig, load_config
 from edgekif.errors import ConfigError, ExportError
 from edgekif.export.genai_builder import flat_rope_config
 from edgekif.model import add_lora, load_model, load_tokenizer
@@ -24,7 +24,7 @@ from edgekif.records import Record
 
 PROMPTS = ["Hello there", "What is 2+2?", "Classify: a great movie", "Name a colour."]
 USER = [{"role": "user", "content": "hi"}]
-LORA = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+LORA = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=list(ALL_LINEAR))  # the default placement
 
 
 # --------------------------------------------------------------------------- builder config
