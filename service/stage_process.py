@@ -216,6 +216,10 @@ def error_to_dict(e: BaseException) -> dict[str, Any]:
 
     d: dict[str, Any] = {"type": type(e).__name__, "message": str(e), "transient": transient_cause(e),
                          "permanent": bool(getattr(e, "permanent", False)), "hint": getattr(e, "hint", "")}
+    if isinstance(e, ImportError):
+        # a package missing from the daemon's Python fails every try the same way
+        d["permanent"], d["hint"] = True, (f"the daemon's Python ({sys.executable}) lacks a package: run the daemon from the "
+                                           "environment `make setup` built, then `edgekif retry JOB`")
     if isinstance(e, errors.ValidationError):
         d["fields"] = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
     return d
@@ -233,7 +237,9 @@ def error_from_dict(d: dict[str, Any]) -> BaseException:
         return e
     if d.get("type") == "MemoryError":
         return MemoryError(d["message"])
-    return StageCrashed(f"{d.get('type')}: {d.get('message')}")
+    crashed = StageCrashed(f"{d.get('type')}: {d.get('message')}")
+    crashed.permanent, crashed.hint = bool(d.get("permanent")), d.get("hint") or ""
+    return crashed
 
 
 # ---------------------------------------------------------------- the child's side

@@ -96,7 +96,14 @@ def test_error_round_trip_keeps_the_fields():
 
     e = error_from_dict(json.loads(json.dumps(error_to_dict(DamagedFileError("bad", file="h.jsonl", line=3, field="messages", kind="damaged_holdout")))))
     assert isinstance(e, DamagedFileError) and (e.file, e.line, e.field, e.kind) == ("h.jsonl", 3, "messages", "damaged_holdout")
-    assert type(error_from_dict(error_to_dict(KeyError("rope_type")))).__name__ == "StageCrashed"
+    crash = error_from_dict(error_to_dict(KeyError("rope_type")))
+    assert type(crash).__name__ == "StageCrashed" and not crash.permanent and crash.hint == ""
+
+
+def test_a_package_missing_in_the_child_fails_the_job_once_with_a_hint():
+    missing = error_from_dict(json.loads(json.dumps(error_to_dict(ModuleNotFoundError("No module named 'torch'")))))
+    assert missing.permanent and "No module named 'torch'" in str(missing)
+    assert sys.executable in missing.hint and "`edgekif retry JOB`" in missing.hint
 
 
 def test_a_stop_reaches_the_training_child_which_checkpoints(tmp_path):
