@@ -342,8 +342,10 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
             counts = ", ".join(f"{k.replace('_examples', '').replace('_', ' ')} {t[k]}" for k in ("train_examples", "holdout_examples", "replay_stored") if t.get(k) is not None)
             spec = (manifest.task_specs or {}).get(tid)
             headline = (manifest.scores or {}).get(tid)
-            if spec and headline is not None:  # the task's own metric beside strict exact match
-                counts = f"{spec['metric']} {100 * float(headline):.1f}, {spec['kind']}, {spec['max_new_tokens']} new tokens" + (f"; {counts}" if counts else "")
+            if spec and headline is not None:  # the column is the task's own metric; strict exact match beside a label task's
+                score = f"{100 * float(headline):6.1f}"
+                strict = f"; strict exact match {100 * float(acc[tid]):.1f}" if spec["kind"] == "classification" and tid in acc else ""
+                counts = f"{spec['metric']}, {spec['kind']}, {spec['max_new_tokens']} new tokens{strict}" + (f"; {counts}" if counts else "")
             lines.append(f"  {str(t.get('name') or tid):<24} {score}" + (f"  ({counts})" if counts else ""))
     general = manifest.general_ability
     if general:

@@ -313,9 +313,11 @@ def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_
     from edgekif.export.manifest import Manifest
 
     m = Manifest(
-        files={}, tasks=[{"id": "headlines", "name": "headlines"}], accuracies={"headlines": 0.0},
-        task_specs={"headlines": {"kind": "generation", "metric": "rouge_l", "max_new_tokens": 24, "source": "detected"}},
-        scores={"headlines": 0.2468},
+        files={}, tasks=[{"id": "headlines", "name": "headlines"}, {"id": "agnews", "name": "agnews", "train_examples": 144}],
+        accuracies={"headlines": 0.0, "agnews": 0.75},
+        task_specs={"headlines": {"kind": "generation", "metric": "rouge_l", "max_new_tokens": 24, "source": "detected"},
+                    "agnews": {"kind": "classification", "metric": "normalized_exact_match", "max_new_tokens": 4, "source": "detected"}},
+        scores={"headlines": 0.2468, "agnews": 0.7917},
         general_ability={"n": 63, "rouge_l": 0.412, "loglik_drop": 0.087, "held": False, "min_rouge_l": 0.2, "max_loglik_drop": 0.5},
         parity_skipped=[{"variant": "int4-k_quant_mixed", "reason": "rejected on the last 2 checks"}, {"variant": "int4-rtn"}],
         parity_rejected=[{"variant": "int8", "precision": "int8", "reasons": ["exact match 69.8 vs fp32 70.8 (-1.0 points > 1 allowed)"]},
@@ -323,7 +325,9 @@ def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_
         gate={"decisions": {"headlines vs base": {"reason": "headlines: rouge_l 24.7 vs base 12.1, +12.6 points [...]"}}},
     )
     text = format_manifest("v0001", m, is_current=True, folder=tmp_path).splitlines()
-    assert "  headlines                   0.0  (rouge_l 24.7, generation, 24 new tokens)" in text
+    # the score column is each task's own metric (a free-text task's exact match, 0, is not shown)
+    assert "  headlines                  24.7  (rouge_l, generation, 24 new tokens)" in text
+    assert "  agnews                     79.2  (normalized_exact_match, classification, 4 new tokens; strict exact match 75.0; train 144)" in text
     assert ("general:     ok: answers ROUGE-L 0.412 to the base's own on 63 prompts, log-likelihood drop 0.087 nats/token "
             "(bounds: ROUGE-L >= 0.2, drop <= 0.5)") in text
     # each variant built, checked and not shipped, with the check's reasons (why the version is the precision it is)
