@@ -81,6 +81,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, ensure_ascii=False)
 
 
+# Libraries whose routine messages would read as the daemon's problems. bitsandbytes' CPU backend
+# warns in every model stage that it cannot fetch an optimised 4-bit kernel from the Hugging Face
+# hub ("Failed to load CPU gemm_4bit_forward from kernels-community"); the daemon is offline by
+# design and trains on CPU in fp32, where that kernel is never used. Its errors still come through.
+QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
+
+
 def setup_logging(
     log_file: str | Path | None,
     *,
@@ -117,4 +124,6 @@ def setup_logging(
         setattr(h, _HANDLER_TAG, True)
         root.addHandler(h)
     root.setLevel(level)
+    for name, quiet_level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet_level)
     return handlers

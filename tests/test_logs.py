@@ -92,3 +92,25 @@ def test_prefix_is_automatic_only_when_stdout_is_the_journal_stream(tmp_path, mo
     finally:
         f.close()
         other.close()
+
+
+def test_bitsandbytes_offline_kernel_warning_stays_out_of_the_daemon_log_but_its_errors_do_not():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bnb_level = bnb.level
+    try:
+        handlers = setup_logging(None, stream=stream, syslog_prefix=False)
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+        bnb.error("a real bitsandbytes error")
+        logging.getLogger("service.test").warning("the daemon's own warning")
+        for h in handlers:
+            h.flush()
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        bnb.setLevel(bnb_level)
+    assert [json.loads(line)["msg"] for line in _lines(stream.getvalue())] == ["a real bitsandbytes error", "the daemon's own warning"]
