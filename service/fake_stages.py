@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import sys
@@ -20,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from edgekif.errors import Interrupted, ParityError, ResourceError, ValidationError
 
@@ -166,6 +169,9 @@ class FakeStages:
 
     def train(self, ctx: JobContext, should_stop: ShouldStop) -> TrainResult:
         self._maybe_inject("train", "before")
+        for _ in tqdm(range(2), desc="a library's progress bar"):  # as transformers' GGUF conversion draws one
+            pass
+        logging.getLogger(__name__).info("fake training started", extra={"job_id": ctx.job_id})
         adapter = ctx.work_dir / "adapter.json"
         ckpt = ctx.work_dir / "checkpoint.json"
         if adapter.exists():  # finished before a crash: same result again, no training

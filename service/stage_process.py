@@ -109,7 +109,9 @@ class ChildStages:
         result.unlink(missing_ok=True)
         atomic_write_json(request, {"stage": stage, "config": self.config.to_dict(),
                                     "ctx": context_to_dict(ctx), "result": str(result)})
-        proc = start_child([*self.child_command, str(request)], stdout=subprocess.PIPE,
+        # tqdm reads TQDM_DISABLE when it is imported: libraries' own bars (transformers' GGUF
+        # conversion) stay out of the daemon's log, which relays every line the child writes
+        proc = start_child([*self.child_command, str(request)], stdout=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"},
                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
         relay = threading.Thread(target=_relay_logs, args=(proc.stdout, proc.pid, stage), name=f"edgekif-{stage}-log", daemon=True)
         relay.start()

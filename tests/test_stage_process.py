@@ -5,6 +5,7 @@ goes on, a stop reaches the child, and the daemon never imports what the child l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -49,6 +50,19 @@ def test_model_stages_run_in_children_and_the_job_publishes(tmp_path):
     for stage in ("validate", "buffer", "publish"):
         assert pids[stage] == os.getpid(), stage
     assert not (tmp_path / "jobs" / "1" / "stage-request.json").exists()  # nothing left behind
+
+
+def test_a_library_s_progress_bar_in_a_child_stays_out_of_the_daemon_log(tmp_path, caplog):
+    """The fake training draws a tqdm bar, as transformers' GGUF conversion does in the real one."""
+    d = make(tmp_path)
+    drop(tmp_path, "a.jsonl")
+    with caplog.at_level(logging.INFO):
+        d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    relayed = [r for r in caplog.records if r.getMessage() and getattr(r, "child_pid", None)]
+    assert job.state == "published" and relayed  # the children's records do reach the log
+    assert not [r.getMessage() for r in relayed if "progress bar" in r.getMessage() or "it/s]" in r.getMessage()]
 
 
 def test_an_oom_killed_stage_fails_its_job_and_the_next_job_is_published(tmp_path):

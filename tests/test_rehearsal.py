@@ -1,0 +1,133 @@
+"""General rehearsal (edgekif.rehearsal): the base's own answers to a second prompt set, mixed
+into replay batches; on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgekif.config import Config, LoRAConfig, TrainConfig, load_config
+from edgekif.continual import StreamTask, learn_task
+from edgekif.errors import ConfigError
+from edgekif.general_ability import GeneralPrompt, load_prompts
+from edgekif.model import add_lora
+from edgekif.records import Record
+from edgekif.rehearsal import GENERAL_TASK_ID, _last_sentence_end, base_rehearsal_records, load_rehearsal_prompts, mix_general
+from edgekif.replay import ReplayBuffer
+from edgekif.strategies import KIFConfig
+from edgekif.trainer import Learner
+from tiny_models import tiny_llama
+
+PROMPTS = [GeneralPrompt(f"p{i}", "factual", (("user", f"Tell me about thing number {i}."),)) for i in range(6)]
+
+
+def _general(n: int = 10) -> list[Record]:
+    return [Record.from_prompt(f"general {i}", f"answer {i}.", id=f"general/g{i}") for i in range(n)]
+
+
+def _tasks(n: int, seed: int) -> list[Record]:
+    return [Record.from_prompt(f"task {seed}-{i}", "x", id=f"t{seed}-{i}") for i in range(n)]
+
+
+def test_the_shipped_rehearsal_prompts_are_valid_and_share_nothing_with_the_gate_s():
+    rehearsal, gate = load_rehearsal_prompts(), load_prompts()
+    assert len(rehearsal) >= 100
+    assert {p.category for p in rehearsal} == {p.category for p in gate}  # every kind of request the gate asks
+    texts = lambda ps: {" ".join(c for _, c in p.messages).strip().lower() for p in ps}  # noqa: E731
+    assert not texts(rehearsal) & texts(gate)  # the gate measures on prompts training never saw
+    assert not {p.id for p in rehearsal} & {p.id for p in gate}
+
+
+def test_mix_general_puts_its_share_in_each_batch_and_is_seeded():
+    mixed = mix_general(_tasks, _general(), 0.25)
+    batch = mixed(8, 7)
+    general = [r for r in batch if r.id.startswith("general/")]
+    assert len(batch) == 8 and len(general) == 2  # ceil(0.25 * 8)
+    assert [r.id for r in mixed(8, 7)] == [r.id for r in batch]  # the same seed, the same batch
+    # no past task (a first task): the whole batch is rehearsal; fewer task records: rehearsal fills up
+    first = mix_general(None, _general(), 0.25)(8, 1)
+    assert len(first) == 8 and all(r.id.startswith("general/") for r in first)
+    short = mix_general(lambda n, seed: _tasks(min(n, 3), seed), _general(), 0.25)(8, 1)
+    assert len(short) == 8 and sum(r.id.startswith("general/") for r in short) == 5
+    # off, or nothing to mix: the sampler is returned as it was
+    assert mix_general(_tasks, _general(), 0.0) is _tasks and mix_general(_tasks, [], 0.5) is _tasks
+    assert mix_general(None, [], 0.5) is None
+
+
+def test_seeds_pick_different_rehearsal_records():
+    mixed = mix_general(None, _general(40), 0.25)
+    picks = {tuple(r.id for r in mixed(4, seed)) for seed in range(5)}
+    assert len(picks) > 1
+
+
+def test_a_budget_cut_answer_ends_at_its_last_full_sentence():
+    assert _last_sentence_end("Paris is the capital. It has the Eiffel") == "Paris is the capital."
+    assert _last_sentence_end("Dr. Smith arrived late!  Then the") == "Dr. Smith arrived late!"
+    assert _last_sentence_end("no sentence end here") == ""
+    assert _last_sentence_end("3.5 is a number") == ""  # a decimal point is not a sentence end
+
+
+def test_rehearsal_answers_come_from_the_base_with_the_adapter_off_and_are_cached(tmp_path, monkeypatch):
+    model, tok = tiny_llama(seed=0)
+    model = add_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
+    calls: list[bool] = []
+    # what the tiny random model would say is noise ("" mostly): the generator is stubbed; the
+    # adapter's state while it runs is what this test checks
+    answers = {0: "The first answer.", 1: "", 2: "A long answer that the budget cut. It went on and on and on and",
+               3: "cut with no sentence end " + "x " * 40, 4: "Five.", 5: "Six!"}
+
+    def fake_generate(m, t, records, *, max_new_tokens):
+        calls.append(all(layer.disable_adapters for layer in lora_layers))
+        return [answers[int(r.messages[-1][1].split()[-1].rstrip("."))] for r in records]
+
+    monkeypatch.setattr("edgekif.evaluate.generate_answers", fake_generate)
+    assert lora_layers and not any(layer.disable_adapters for layer in lora_layers)
+    got = base_rehearsal_records(model, tok, tmp_path, "tiny/torch-fp32", 24, prompts=PROMPTS)
+    assert calls and all(calls)  # generated with every LoRA layer switched off: the base's answers
+    assert not any(layer.disable_adapters for layer in lora_layers)  # and switched back on after
+    # the empty answer is left out; an answer cut by the 24-token budget ends at its last full
+    # sentence, or is left out without one
+    assert [(r.id, r.output) for r in got] == [("general/p0", "The first answer."), ("general/p2", "A long answer that the budget cut."),
+                                               ("general/p4", "Five."), ("general/p5", "Six!")]
+    by_id = {f"general/{p.id}": p for p in PROMPTS}
+    assert all(r.messages == by_id[r.id].messages and r.meta["task_id"] == GENERAL_TASK_ID for r in got)
+    # the second call reads the cache: the generator is not asked again
+    calls.clear()
+    again = base_rehearsal_records(model, tok, tmp_path, "tiny/torch-fp32", 24, prompts=PROMPTS)
+    assert calls == [] and [r.output for r in again] == [r.output for r in got] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_first_task_with_rehearsal_takes_replay_steps_on_the_base_s_answers(tmp_path, monkeypatch):
+    model, tok = tiny_llama(seed=0)
+    model = add_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    cfg = Config()
+    cfg.train = TrainConfig(strategy="recurrent_kif", lr=5e-3, batch_size=4, max_steps=4, checkpoint_every=0, seed=3)
+    cfg.kif = KIFConfig(inner_steps=2, outer_steps=1, outer_lr=5e-3, replay_batch_size=4)
+    cfg.data.max_length = 48
+    cfg.replay.general_share = 0.25
+    learner = Learner.create(cfg, model, tok)
+    task = StreamTask("a", [Record.from_prompt(f"a item {i}", "alpha", id=f"a{i}") for i in range(8)])
+    with ReplayBuffer(tmp_path / "replay.db", cfg.replay) as buf:
+        plain = learn_task(learner, buf, task, remember=False)
+        assert plain.replay_steps == 0  # no past task, no rehearsal set: plain LoRA
+        learner.rehearsal = _general()
+        seen: list[str] = []
+        real = mix_general
+
+        def spy(tasks, general, share):
+            sampler = real(tasks, general, share)
+            return lambda n, seed: [seen.append(r.id) or r for r in sampler(n, seed)]
+
+        monkeypatch.setattr("edgekif.continual.mix_general", spy)
+        stats = learn_task(learner, buf, StreamTask("b", task.records), remember=False)
+    assert stats.replay_steps == 2 and stats.task_steps == 4  # Q=2/M=1 over 4 task steps
+    assert seen and all(i.startswith("general/") for i in seen)
+
+
+def test_general_share_is_validated():
+    assert load_config(None, ["replay.general_share=0.25"]).replay.general_share == 0.25
+    with pytest.raises(ConfigError, match="replay.general_share"):
+        load_config(None, ["replay.general_share=1"])
+    with pytest.raises(ConfigError, match="general_max_new_tokens"):
+        load_config(None, ["replay.general_max_new_tokens=0"])
