@@ -135,6 +135,11 @@ class ReplayConfig:
     min_per_task: int = 16  # never keep fewer than this per task (small tasks)
     stratify_by_label: bool = True
     seed: int = 0
+    # Share of every replay batch drawn from the base's own answers to the shipped rehearsal
+    # prompts (edgekif.rehearsal; 0 = off): keeps the base's general answers while tasks are
+    # learned. Instruction-tuned bases only (a pretrained base has no answers to keep).
+    general_share: float = 0.0
+    general_max_new_tokens: int = 64  # the base's rehearsal answers are this long at most
 
 
 @dataclass
@@ -438,6 +443,8 @@ def validate_config(cfg: Config) -> None:
     check(cfg.data.max_length >= 8, "data.max_length must be >= 8")
     check(cfg.replay.capacity > 0, "replay.capacity must be positive")
     check(0 < cfg.replay.fraction <= 1, "replay.fraction must be in (0, 1]")
+    check(0 <= cfg.replay.general_share < 1, "replay.general_share must be in [0, 1) (0: no general rehearsal)")
+    check(cfg.replay.general_max_new_tokens >= 1, "replay.general_max_new_tokens must be at least 1")
     check(cfg.train.strategy in STRATEGY_SECTIONS, f"train.strategy: {cfg.train.strategy!r} not in {'|'.join(STRATEGY_SECTIONS)}")
     check(cfg.train.batch_size > 0 and cfg.train.lr > 0, "train.batch_size and train.lr must be positive")
     t = cfg.train

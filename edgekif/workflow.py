@@ -63,8 +63,26 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
     learner = Learner.create(cfg, model, tok, strategy)
     if state_dir is not None and (Path(state_dir) / "learner.json").is_file():
         learner.load_state(Path(state_dir))
+    if cfg.replay.general_share > 0 and learner.strategy.uses_replay:
+        learner.rehearsal = _rehearsal(cfg, base, precision, learner)
     log.info("learner ready", extra={"base": base.name, "precision": precision, "device": device, "strategy": learner.strategy.name})
     return learner, base
+
+
+def _rehearsal(cfg: Config, base: BaseModel, precision: str, learner: Learner) -> list:
+    """The base's answers to the rehearsal prompts (edgekif.rehearsal), cached per base,
+    training precision and chat template; none for a base without a chat template of its own
+    (a pretrained model echoes prompts: nothing general to keep, as the general gate says)."""
+    from .chat_templates import has_own_template
+    from .rehearsal import base_rehearsal_records
+
+    if not has_own_template(base.path):
+        log.info("general rehearsal off: the base is not an instruction-following model", extra={"base": base.name})
+        return []
+    base_id = "/".join([f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}", f"torch-{precision}", "training-template", *_template_tag(cfg)])
+    records = base_rehearsal_records(learner.model, learner.tokenizer, cache_root(cfg) / "rehearsal", base_id, cfg.replay.general_max_new_tokens)
+    log.info("general rehearsal ready", extra={"records": len(records), "share": cfg.replay.general_share})
+    return records
 
 
 def export_adapter(
