@@ -8,8 +8,8 @@ with the package (`rehearsal_prompts.jsonl`, disjoint from the gate's `general_p
 so the gate still measures on prompts training never saw) is answered once per base, greedily,
 by the untrained base in its training precision and chat template (an answer the budget cut
 ends at its last full sentence); with
-`replay.general_share` > 0 that share of every replay batch is drawn from those answers. On a
-first task, with no past task to replay, the replay batches are all rehearsal.
+`replay.general_share` > 0 that share of every replay batch is drawn from those answers (a
+first task, with no past task to replay, has no replay batches).
 
   load_rehearsal_prompts()                                   the shipped prompts, validated
   base_rehearsal_records(model, tokenizer, cache_dir, base_id, max_new_tokens)
@@ -87,15 +87,18 @@ def _last_sentence_end(text: str) -> str:
 
 def mix_general(tasks: ReplaySampler | None, general: Sequence[Record], share: float) -> ReplaySampler | None:
     """A replay sampler whose batches of n hold ceil(share * n) rehearsal records (seeded by the
-    batch's seed) and the rest from `tasks`; all n from the rehearsal set when there is no past
-    task (`tasks` None or empty). Returns `tasks` unchanged when there is nothing to mix."""
-    if not general or share <= 0:
+    batch's seed) and the rest from `tasks` (rehearsal fills up where the past tasks have fewer).
+    Returns `tasks` unchanged when there is nothing to mix, or no past task: a first task
+    trains without replay steps, as before. Rehearsing on it too (every replay batch general)
+    cost Recurrent-KIF its first task (dbpedia 63-72 just after learning it, against 80-87
+    without; docs/benchmarks.md, "general rehearsal")."""
+    if not general or share <= 0 or tasks is None:
         return tasks
     pool = list(general)
 
     def sample(n: int, seed: int) -> list[Record]:
-        from_tasks = tasks(n - math.ceil(share * n), seed) if tasks is not None else []
+        from_tasks = tasks(max(1, n - math.ceil(share * n)), seed)  # at least one: a probe of n=1 finds replay
         k = min(n - len(from_tasks), len(pool))
-        return [*from_tasks, *random.Random(seed).sample(pool, k)]
+        return [*from_tasks, *random.Random(seed).sample(pool, k)] if from_tasks else []
 
     return sample

@@ -15,6 +15,7 @@ from edgekif.records import Record
 from edgekif.rehearsal import GENERAL_TASK_ID, _last_sentence_end, base_rehearsal_records, load_rehearsal_prompts, mix_general
 from edgekif.replay import ReplayBuffer
 from edgekif.strategies import KIFConfig
+from edgekif import trainer as trainer_module
 from edgekif.trainer import Learner
 from tiny_models import tiny_llama
 
@@ -44,19 +45,20 @@ def test_mix_general_puts_its_share_in_each_batch_and_is_seeded():
     general = [r for r in batch if r.id.startswith("general/")]
     assert len(batch) == 8 and len(general) == 2  # ceil(0.25 * 8)
     assert [r.id for r in mixed(8, 7)] == [r.id for r in batch]  # the same seed, the same batch
-    # no past task (a first task): the whole batch is rehearsal; fewer task records: rehearsal fills up
-    first = mix_general(None, _general(), 0.25)(8, 1)
-    assert len(first) == 8 and all(r.id.startswith("general/") for r in first)
+    # fewer task records than asked: rehearsal fills up; none at all: no replay batch
     short = mix_general(lambda n, seed: _tasks(min(n, 3), seed), _general(), 0.25)(8, 1)
     assert len(short) == 8 and sum(r.id.startswith("general/") for r in short) == 5
-    # off, or nothing to mix: the sampler is returned as it was
+    assert mix_general(lambda n, seed: [], _general(), 0.25)(8, 1) == []
+    # the trainer probes with n=1 whether there is replay at all: a past task's record answers
+    assert [r.id[0] for r in mixed(1, 0)] == ["t"]
+    # off, nothing to mix, or no past task (a first task trains without replay steps): unchanged
     assert mix_general(_tasks, _general(), 0.0) is _tasks and mix_general(_tasks, [], 0.5) is _tasks
-    assert mix_general(None, [], 0.5) is None
+    assert mix_general(None, _general(), 0.5) is None
 
 
 def test_seeds_pick_different_rehearsal_records():
-    mixed = mix_general(None, _general(40), 0.25)
-    picks = {tuple(r.id for r in mixed(4, seed)) for seed in range(5)}
+    mixed = mix_general(_tasks, _general(40), 0.25)
+    picks = {tuple(r.id for r in mixed(8, seed) if r.id.startswith("general/")) for seed in range(5)}
     assert len(picks) > 1
 
 
@@ -98,7 +100,7 @@ def test_rehearsal_answers_come_from_the_base_with_the_adapter_off_and_are_cache
     assert calls == [] and [r.output for r in again] == [r.output for r in got] and len(list(tmp_path.iterdir())) == 1
 
 
-def test_a_first_task_with_rehearsal_takes_replay_steps_on_the_base_s_answers(tmp_path, monkeypatch):
+def test_rehearsal_joins_the_replay_batches_of_later_tasks_only(tmp_path):
     model, tok = tiny_llama(seed=0)
     model = add_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
     cfg = Config()
@@ -107,22 +109,25 @@ def test_a_first_task_with_rehearsal_takes_replay_steps_on_the_base_s_answers(tm
     cfg.data.max_length = 48
     cfg.replay.general_share = 0.25
     learner = Learner.create(cfg, model, tok)
-    task = StreamTask("a", [Record.from_prompt(f"a item {i}", "alpha", id=f"a{i}") for i in range(8)])
-    with ReplayBuffer(tmp_path / "replay.db", cfg.replay) as buf:
-        plain = learn_task(learner, buf, task, remember=False)
-        assert plain.replay_steps == 0  # no past task, no rehearsal set: plain LoRA
-        learner.rehearsal = _general()
-        seen: list[str] = []
-        real = mix_general
+    learner.rehearsal = _general()
+    replayed: list[list[str]] = []
+    real_encode = trainer_module.encode_example
 
-        def spy(tasks, general, share):
-            sampler = real(tasks, general, share)
-            return lambda n, seed: [seen.append(r.id) or r for r in sampler(n, seed)]
+    def spy(tokenizer, record, *a, **kw):  # the records each replay batch encodes
+        if record.id.startswith(("general/", "a")):
+            replayed.append(record.id)
+        return real_encode(tokenizer, record, *a, **kw)
 
-        monkeypatch.setattr("edgekif.continual.mix_general", spy)
-        stats = learn_task(learner, buf, StreamTask("b", task.records), remember=False)
-    assert stats.replay_steps == 2 and stats.task_steps == 4  # Q=2/M=1 over 4 task steps
-    assert seen and all(i.startswith("general/") for i in seen)
+    records = lambda name: [Record.from_prompt(f"{name} item {i}", "alpha", id=f"{name}{i}") for i in range(8)]  # noqa: E731
+    with ReplayBuffer(tmp_path / "replay.db", cfg.replay) as buf, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "encode_example", spy)
+        first = learn_task(learner, buf, StreamTask("a", records("a")))
+        assert first.replay_steps == 0  # a first task: no past task, no replay steps, rehearsal or not
+        replayed.clear()
+        second = learn_task(learner, buf, StreamTask("b", records("b")))
+    assert second.replay_steps == 2 and second.task_steps == 4  # Q=2/M=1 over 4 task steps
+    # each replay batch of 4: ceil(0.25 * 4) = 1 of the base's answers, 3 of task a's records
+    assert sum(i.startswith("general/") for i in replayed) == 2 and sum(i.startswith("a") for i in replayed) == 6
 
 
 def test_general_share_is_validated():
