@@ -73,8 +73,9 @@ def test_the_prompts_ship_in_the_wheel():
     """importlib.resources reads the file from the installed package: setuptools must put it
     there (package-data), or an installed daemon finds no prompts."""
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "general_prompts.jsonl" in data["edgekif"]
-    assert (REPO / "edgekif" / "general_prompts.jsonl").is_file()
+    for name in ("general_prompts.jsonl", "rehearsal_prompts.jsonl"):  # the gate's, and general rehearsal's
+        assert name in data["edgekif"]
+        assert (REPO / "edgekif" / name).is_file()
 
 
 def test_a_built_wheel_holds_the_prompts(tmp_path):
@@ -91,7 +92,8 @@ def test_a_built_wheel_holds_the_prompts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("edgekif-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        assert zf.read("edgekif/general_prompts.jsonl").decode() == (REPO / "edgekif" / "general_prompts.jsonl").read_text()
+        for name in ("general_prompts.jsonl", "rehearsal_prompts.jsonl"):
+            assert zf.read(f"edgekif/{name}").decode() == (REPO / "edgekif" / name).read_text()
 
 
 @pytest.mark.parametrize("line,error", [
