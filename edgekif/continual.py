@@ -87,8 +87,9 @@ def learn_task(
     allowed = set(stored if past_tasks is None else past_tasks)
     past = [t for t in stored if t != task.name and t in allowed]
     sampler = replay_sampler(buffer, past) if learner.strategy.uses_replay else None
-    if learner.strategy.uses_replay:  # the base's general answers beside the past tasks (edgekif.rehearsal)
-        sampler = mix_general(sampler, learner.rehearsal, learner.cfg.replay.general_share)
+    if sampler is not None and learner.rehearsal_source is not None and learner.cfg.replay.general_share > 0:
+        # the base's general answers beside the past tasks (edgekif.rehearsal)
+        sampler = mix_general(sampler, learner.rehearsal_source(), learner.cfg.replay.general_share)
     result = learner.train_task(task.name, task.records, replay=sampler, ckpt_dir=ckpt_dir, should_stop=should_stop, progress=progress, max_steps=max_steps)
     if remember:
         buffer.add_task(task.name, task.records, source_file=task.source_file, source_sha256=task.source_sha256)

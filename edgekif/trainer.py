@@ -229,9 +229,10 @@ class Learner:
         # max_prompt_tokens); training then reserves the same, so a long prompt is cut in the
         # same place in both (edgekif.inputs.encode_example). Empty: reserve the answer's length.
         self.answer_budgets: dict[str, int] = {}
-        # the base's own answers to general prompts, mixed into replay batches at
-        # replay.general_share (edgekif.rehearsal; set by workflow.open_learner)
-        self.rehearsal: list[Record] = []
+        # () -> the base's own answers to general prompts, mixed into replay batches at
+        # replay.general_share (edgekif.rehearsal; set by workflow.open_learner). Called only
+        # when a task has past tasks to replay: a first job never pays for answering them.
+        self.rehearsal_source: Callable[[], Sequence[Record]] | None = None
 
     @classmethod
     def create(cls, cfg: Config, model, tokenizer, strategy: str | None = None) -> "Learner":

@@ -64,7 +64,7 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
     if state_dir is not None and (Path(state_dir) / "learner.json").is_file():
         learner.load_state(Path(state_dir))
     if cfg.replay.general_share > 0 and learner.strategy.uses_replay:
-        learner.rehearsal = _rehearsal(cfg, base, precision, learner)
+        learner.rehearsal_source = functools.cache(lambda: _rehearsal(cfg, base, precision, learner))
     log.info("learner ready", extra={"base": base.name, "precision": precision, "device": device, "strategy": learner.strategy.name})
     return learner, base
 

@@ -109,7 +109,8 @@ def test_rehearsal_joins_the_replay_batches_of_later_tasks_only(tmp_path):
     cfg.data.max_length = 48
     cfg.replay.general_share = 0.25
     learner = Learner.create(cfg, model, tok)
-    learner.rehearsal = _general()
+    asked: list[int] = []
+    learner.rehearsal_source = lambda: asked.append(1) or _general()
     replayed: list[list[str]] = []
     real_encode = trainer_module.encode_example
 
@@ -123,6 +124,7 @@ def test_rehearsal_joins_the_replay_batches_of_later_tasks_only(tmp_path):
         mp.setattr(trainer_module, "encode_example", spy)
         first = learn_task(learner, buf, StreamTask("a", records("a")))
         assert first.replay_steps == 0  # a first task: no past task, no replay steps, rehearsal or not
+        assert asked == []  # ... and the base is not asked for its answers
         replayed.clear()
         second = learn_task(learner, buf, StreamTask("b", records("b")))
     assert second.replay_steps == 2 and second.task_steps == 4  # Q=2/M=1 over 4 task steps
