@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -10,7 +11,7 @@ import re
 
 import pytest
 
-from service.logs import JsonFormatter, setup_logging, stream_is_journal, syslog_priority
+from service.logs import QUIET_LOGGERS, JsonFormatter, setup_logging, stream_is_journal, syslog_priority
 
 LEVELS = [(logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6), (logging.DEBUG, 7)]
 
@@ -41,16 +42,16 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line]
 
 
-def test_forced_prefix_goes_to_the_stream_only_never_the_file(tmp_path):
-    stream = io.StringIO()
+@contextlib.contextmanager
+def installed(log_file, **kw):
+    """setup_logging(log_file, **kw) for the block: handlers flushed at its end, then the root
+    logger and the quietened loggers put back as they were."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    handlers = setup_logging(log_file, **kw)
     try:
-        handlers = setup_logging(tmp_path / "logs" / "edgekif.log", stream=stream, syslog_prefix=True)
-        log = logging.getLogger("service.test")
-        log.error("boom", extra={"job_id": 3})
-        log.warning("careful")
-        log.info("fine")
+        yield handlers
         for h in handlers:
             h.flush()
     finally:
@@ -58,6 +59,17 @@ def test_forced_prefix_goes_to_the_stream_only_never_the_file(tmp_path):
             root.removeHandler(h)
             h.close()
         root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_forced_prefix_goes_to_the_stream_only_never_the_file(tmp_path):
+    stream = io.StringIO()
+    with installed(tmp_path / "logs" / "edgekif.log", stream=stream, syslog_prefix=True):
+        log = logging.getLogger("service.test")
+        log.error("boom", extra={"job_id": 3})
+        log.warning("careful")
+        log.info("fine")
     out = _lines(stream.getvalue())
     assert [line[:3] for line in out] == ["<3>", "<4>", "<6>"]
     assert [json.loads(line[3:])["msg"] for line in out] == ["boom", "careful", "fine"]
@@ -96,21 +108,9 @@ def test_prefix_is_automatic_only_when_stdout_is_the_journal_stream(tmp_path, mo
 
 def test_bitsandbytes_offline_kernel_warning_stays_out_of_the_daemon_log_but_its_errors_do_not():
     stream = io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    bnb_level = bnb.level
-    try:
-        handlers = setup_logging(None, stream=stream, syslog_prefix=False)
+    with installed(None, stream=stream, syslog_prefix=False):
+        bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
         bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community")
         bnb.error("a real bitsandbytes error")
         logging.getLogger("service.test").warning("the daemon's own warning")
-        for h in handlers:
-            h.flush()
-    finally:
-        for h in handlers:
-            root.removeHandler(h)
-            h.close()
-        root.handlers[:], root.level = saved[0], saved[1]
-        bnb.setLevel(bnb_level)
     assert [json.loads(line)["msg"] for line in _lines(stream.getvalue())] == ["a real bitsandbytes error", "the daemon's own warning"]
