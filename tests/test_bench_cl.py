@@ -303,3 +303,12 @@ def test_a_run_on_a_configured_base_scores_labels_only_in_the_final_row(tiny_dir
     assert a[0][0] is not None and all(v is not None for v in a[1])
     assert labels[0] == [None, None] and labels[1][1] is None and 0.0 <= labels[1][0] <= 1.0
     assert run["label_op"] == labels[1][0] == res["strategies"]["seq_lora"]["label_op_mean"]
+
+
+def test_the_report_says_where_replay_batches_carried_general_rehearsal():
+    from tools.bench_cl import _general_rehearsal
+
+    assert _general_rehearsal({"replay_general_share": 0.0}) == "" and _general_rehearsal({}) == ""
+    assert _general_rehearsal({"replay_general_share": 0.125}).startswith(", 0.125 of each replay batch the base's own answers")
+    # a report written before the share was recorded: its --set overrides tell
+    assert "0.25 of each replay batch" in _general_rehearsal({"overrides": ["train.lr=1e-3", "replay.general_share=0.25"]})

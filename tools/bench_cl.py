@@ -263,6 +263,7 @@ def main(argv=None) -> int:
         "command": "python tools/bench_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "settings": {**prof, "base": base.name, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, **({"tf32": True} if args.tf32 else {}), "lr": args.lr,
                      **{section: asdict(getattr(ran, section)) for section in strategy_sections()}, "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
+                     "replay_general_share": ran.replay.general_share,
                      "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] and any(specs[t].kind == CLASSIFICATION for t in order) else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
                      "general_prompts": len(general), "general_max_new_tokens": general_cfg.max_new_tokens,
@@ -640,6 +641,14 @@ def _spec_lines(s: dict) -> list[str]:
                                   for t in names) + ".", ""]
 
 
+def _general_rehearsal(settings: dict) -> str:
+    """Where replay batches carried the base's general answers (edgekif.rehearsal)."""
+    share = settings.get("replay_general_share")
+    if share is None:  # reports written before the setting was recorded: their --set overrides
+        share = next((float(o.split("=", 1)[1]) for o in settings.get("overrides") or () if o.startswith("replay.general_share=")), 0)
+    return f", {share:g} of each replay batch the base's own answers to general prompts (general rehearsal)" if share else ""
+
+
 def _replay_schedule(result: dict) -> str:
     """The replay strategy's own Q/M where it ran: it need not be Recurrent-KIF's."""
     e = result["settings"].get("experience_replay")
@@ -660,7 +669,7 @@ def to_markdown(result: dict) -> str:
         f"{s.get('base', _EARLIER_BASE)} ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), evaluated on {_eval_set(s)} "
         f"(prompts fitted as training fits them: the input's middle is cut), metric: {s['metric']}; "
-        f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}){_replay_schedule(result)}; Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
+        f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}){_general_rehearsal(s)}{_replay_schedule(result)}; Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
         f"outer lr {k['outer_lr']}, β={k['beta1']}/{k['beta2']}, top {100 * (1 - k['mask_quantile']):.0f}%, fusion weights both {k['w_both_in']}/{k['w_both_out']}, "
         f"neither {k['w_neither_in']}/{k['w_neither_out']}, reset importance per task: {k['reset_importance']}. Wall time {result.get('wall_seconds', 0) / 60:.1f} min.",
         "",
