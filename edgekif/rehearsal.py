@@ -90,8 +90,8 @@ def mix_general(tasks: ReplaySampler | None, general: Sequence[Record], share: f
     batch's seed) and the rest from `tasks` (rehearsal fills up where the past tasks have fewer).
     Returns `tasks` unchanged when there is nothing to mix, or no past task: a first task
     trains without replay steps, as before. Rehearsing on it too (every replay batch general)
-    cost Recurrent-KIF its first task (dbpedia 63-72 just after learning it, against 80-87
-    without; docs/benchmarks.md, "general rehearsal")."""
+    cost Recurrent-KIF its first task (dbpedia 63 and 72 just after learning it, against 79 and
+    75 without; docs/benchmarks.md, "general rehearsal")."""
     if not general or share <= 0 or tasks is None:
         return tasks
     pool = list(general)
