@@ -471,6 +471,9 @@ def run_daemon(
     setup_logging(layout.log_file, max_bytes=svc.log_max_bytes, backups=svc.log_backups)
     apply_niceness(svc.nice)
     apply_thread_limits(config.model.threads)
+    # no progress bars in the daemon's log, from the stages it runs in this process or in
+    # children (tqdm reads this when first imported; the daemon itself never imports it)
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         daemon = Daemon(config, stages, config_path=config_path, overrides=overrides)
     except EdgekifError as e:

@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from edgekif.errors import Interrupted, ParityError, ResourceError, ValidationError
 
 from .metrics import replace_json
@@ -169,6 +167,8 @@ class FakeStages:
 
     def train(self, ctx: JobContext, should_stop: ShouldStop) -> TrainResult:
         self._maybe_inject("train", "before")
+        from tqdm import tqdm  # imported here, as a library the real stage loads would import it
+
         for _ in tqdm(range(2), desc="a library's progress bar"):  # as transformers' GGUF conversion draws one
             pass
         logging.getLogger(__name__).info("fake training started", extra={"job_id": ctx.job_id})
