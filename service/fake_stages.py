@@ -43,6 +43,8 @@ _INJECTED = {
     "validation": lambda stage: ValidationError(f"injected validation error in {stage}", kind="injected"),
     "enospc": lambda stage: OSError(errno.ENOSPC, "No space left on device", f"<injected in {stage}>"),
     "memory": lambda stage: MemoryError(f"injected in {stage}"),
+    # a package missing from the Python that runs the stage (permanent)
+    "import": lambda stage: ModuleNotFoundError(f"No module named 'torch' (injected in {stage})"),
     # the answer check measured the model: the same figures every try (permanent)
     "parity": lambda stage: ParityError(f"injected: answers agree with the fp32 model on 54.0% in {stage}"),
     # the kernel's OOM killer (only ever injected into a stage's child process)

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -95,13 +96,24 @@ class _Handled(Exception):
     """A stage ended without a result and the job's fate was already recorded."""
 
 
+def permanence(e: BaseException) -> tuple[bool, str]:
+    """(whether `e` fails the same way on every try, what to do about it). edgekif's errors say
+    so themselves; a package missing from the Python that runs the stage (ImportError) fails
+    every try too, in the daemon's process or a stage's child."""
+    if isinstance(e, ImportError):
+        return True, (f"the daemon's Python ({sys.executable}) lacks a package: run the daemon from the "
+                      "environment `make setup` built, then `edgekif retry JOB`")
+    return bool(getattr(e, "permanent", False)), getattr(e, "hint", "") or ""
+
+
 def error_dict(e: BaseException, stage: str) -> dict[str, Any]:
     d = e.to_dict() if isinstance(e, EdgekifError) else {"error": type(e).__name__, "message": str(e)}
     d.setdefault("kind", type(e).__name__)
     d["stage"] = stage
-    d["class"] = "permanent" if getattr(e, "permanent", False) else "unknown"  # unknown: a bounded number of tries
-    if getattr(e, "hint", ""):
-        d["hint"] = e.hint  # type: ignore[attr-defined]
+    permanent, hint = permanence(e)
+    d["class"] = "permanent" if permanent else "unknown"  # unknown: a bounded number of tries
+    if hint:
+        d["hint"] = hint
     d["traceback"] = traceback.format_exception(e)[-3:]
     return d
 
@@ -250,7 +262,7 @@ class JobRunner:
         elif isinstance(e, Interrupted):
             store.refund_attempt(job.id, job.state)
             log.info("stage stopped at a checkpoint", extra={"job_id": job.id, "stage": stage, "detail": str(e)})
-        elif getattr(e, "permanent", False) or attempts >= MAX_ATTEMPTS:
+        elif permanence(e)[0] or attempts >= MAX_ATTEMPTS:
             store.fail(job.id, job.state, error_dict(e, stage))
             self.drop_scratch(job.id)
             log.error("job failed", extra={"job_id": job.id, "stage": stage, "attempts": attempts, "error": str(e)}, exc_info=e)

@@ -214,14 +214,11 @@ def context_from_dict(d: dict[str, Any], config: Config) -> JobContext:
 def error_to_dict(e: BaseException) -> dict[str, Any]:
     """What the daemon needs to handle the error as if the stage had raised it in-process: its
     type (edgekif's errors by name), fields, and whether it is the disk's or memory's doing."""
-    from .job_runner import transient_cause  # the child has the whole cause chain; the daemon does not
+    from .job_runner import permanence, transient_cause  # the child has the whole cause chain; the daemon does not
 
+    permanent, hint = permanence(e)
     d: dict[str, Any] = {"type": type(e).__name__, "message": str(e), "transient": transient_cause(e),
-                         "permanent": bool(getattr(e, "permanent", False)), "hint": getattr(e, "hint", "")}
-    if isinstance(e, ImportError):
-        # a package missing from the daemon's Python fails every try the same way
-        d["permanent"], d["hint"] = True, (f"the daemon's Python ({sys.executable}) lacks a package: run the daemon from the "
-                                           "environment `make setup` built, then `edgekif retry JOB`")
+                         "permanent": permanent, "hint": hint}
     if isinstance(e, errors.ValidationError):
         d["fields"] = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
     return d

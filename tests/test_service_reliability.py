@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -384,6 +385,20 @@ def test_a_failed_or_held_job_leaves_no_scratch(tmp_path):
     assert not (tmp_path / "h" / "jobs" / str(b.id) / "export-work").exists()
     assert (tmp_path / "h" / "jobs" / str(b.id) / "export").is_dir()  # what publish --force needs
     assert _size(tmp_path / "h" / "jobs" / str(b.id)) < 64 * 1024
+
+
+def test_a_package_missing_in_the_daemon_s_own_process_fails_the_job_once_with_a_hint(tmp_path):
+    """Model stages in the daemon's process (service.model_stages_in_child off): an ImportError
+    is classed as in a stage's child (tests/test_stage_process.py), not retried."""
+    d = make(tmp_path, FakeStages(tmp_path, inject={"train": ["import", "before", 5]}))
+    drop(tmp_path, "a.jsonl", _recs("a", 2))
+    d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "failed" and job.error["error"] == "ModuleNotFoundError"
+    assert job.error["class"] == "permanent" and sys.executable in job.error["hint"] and "make setup" in job.error["hint"]
+    with JobStore(tmp_path / "state.db") as store:
+        assert [e.data["stage"] for e in store.events(job.id, ("attempt",))].count("train") == 1
 
 
 def test_a_permanent_failure_fails_at_once_with_what_to_do(tmp_path):
