@@ -111,7 +111,7 @@ def test_rehearsal_joins_the_replay_batches_of_later_tasks_only(tmp_path):
     learner = Learner.create(cfg, model, tok)
     asked: list[int] = []
     learner.rehearsal_source = lambda: asked.append(1) or _general()
-    replayed: list[list[str]] = []
+    replayed: list[str] = []
     real_encode = trainer_module.encode_example
 
     def spy(tokenizer, record, *a, **kw):  # the records each replay batch encodes
