@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ PROMPTS_RESOURCE = "general_prompts.jsonl"
 CATEGORIES = ("factual", "instruction", "arithmetic", "rewrite", "summarise", "list", "multi_turn")
 ROLES = ("system", "user", "assistant")
 CACHE_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,10 +129,12 @@ def cache_path(cache_dir: str | Path, base_id: str, prompts: Sequence[GeneralPro
     return Path(cache_dir) / f"{_slug(base_id)}-{digest}-{prompts_sha256(prompts)[:16]}-{max_new_tokens}.json"
 
 
-def _read_cache(path: Path, base_id: str, sha: str, max_new_tokens: int, ids: list[str]) -> list[str] | None:
+def _read_cache(path: Any, base_id: str, sha: str, max_new_tokens: int, ids: list[str]) -> list[str] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # missing or unreadable: computed again
+        return None
+    if not isinstance(data, dict):
         return None
     # The name is a digest prefix: the full key inside must match too, else recompute.
     if (data.get("format"), data.get("base_id"), data.get("prompts_sha256"), data.get("max_new_tokens")) != (CACHE_FORMAT, base_id, sha, max_new_tokens):
@@ -141,17 +146,26 @@ def _read_cache(path: Path, base_id: str, sha: str, max_new_tokens: int, ids: li
 
 
 def cached_base_answers(cache_dir: str | Path, base_id: str, prompts: Sequence[GeneralPrompt], max_new_tokens: int,
-                        open_runner: Callable[[], Any]) -> list[str]:
+                        open_runner: Callable[[], Any], shipped: Any = None) -> list[str]:
     """The base's answers from the cache, or computed with `open_runner()` and cached (written
-    atomically). `open_runner` is called only on a miss: opening a base is the slow part."""
+    atomically). `open_runner` is called only on a miss: opening a base is the slow part.
+    `shipped` (a folder: a Path or an importlib.resources Traversable) holds answers computed
+    beforehand in the same format and name; it is read when the cache misses, and its file is
+    used only when the whole key inside matches. A cache that cannot be written (read-only, disk
+    full) costs a recomputation next time, not the job."""
     path = cache_path(cache_dir, base_id, prompts, max_new_tokens)
     sha, ids = prompts_sha256(prompts), [p.id for p in prompts]
     cached = _read_cache(path, base_id, sha, max_new_tokens, ids)
+    if cached is None and shipped is not None:
+        cached = _read_cache(shipped.joinpath(path.name), base_id, sha, max_new_tokens, ids)
     if cached is not None:
         return cached
     answers = base_answers(open_runner(), prompts, max_new_tokens)
-    atomic_write_json(path, {"format": CACHE_FORMAT, "base_id": base_id, "prompts_sha256": sha, "max_new_tokens": max_new_tokens,
-                             "answers": dict(zip(ids, answers))})
+    try:
+        atomic_write_json(path, {"format": CACHE_FORMAT, "base_id": base_id, "prompts_sha256": sha, "max_new_tokens": max_new_tokens,
+                                 "answers": dict(zip(ids, answers))})
+    except OSError as e:
+        log.warning("base answers not cached", extra={"path": str(path), "error": str(e)})
     return answers
 
 

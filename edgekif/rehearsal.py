@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from .trainer import ReplaySampler
 
 REHEARSAL_RESOURCE = "rehearsal_prompts.jsonl"
+# The default base's answers, computed beforehand by tools/rehearsal_answers.py (same format
+# and names as the cache): a fresh install of the default base rehearses without first
+# generating 128 answers (~50 s on 2 cores). Any other base, precision or template misses the
+# key and is answered once on the machine.
+SHIPPED_ANSWERS = "rehearsal_answers"
 GENERAL_TASK_ID = "general"  # the records' meta task_id: training reserves each answer's own length
 
 
@@ -66,9 +71,11 @@ def base_rehearsal_records(model: Any, tokenizer: Any, cache_dir: str | Path, ba
                            prompts: Sequence[GeneralPrompt] | None = None) -> list[Record]:
     """The base's greedy answers to the rehearsal prompts as training records, computed once per
     `base_id` (which must name the base, its training precision and chat template) and kept in
-    `cache_dir`. An empty answer is left out: it would teach the model to stop at once."""
+    `cache_dir`; answers shipped in the package for the same key are used when `cache_dir` has
+    none. An empty answer is left out: it would teach the model to stop at once."""
     prompts = list(prompts) if prompts is not None else load_rehearsal_prompts()
-    answers = cached_base_answers(cache_dir, base_id, prompts, max_new_tokens, lambda: _BaseRunner(model, tokenizer))
+    answers = cached_base_answers(cache_dir, base_id, prompts, max_new_tokens, lambda: _BaseRunner(model, tokenizer),
+                                  shipped=resources.files(__package__).joinpath(SHIPPED_ANSWERS))
     records = []
     for p, a in zip(prompts, answers):
         if len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1:

@@ -64,15 +64,16 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
     if state_dir is not None and (Path(state_dir) / "learner.json").is_file():
         learner.load_state(Path(state_dir))
     if cfg.replay.general_share > 0 and learner.strategy.uses_replay:
-        learner.rehearsal_source = functools.cache(lambda: _rehearsal(cfg, base, precision, learner))
+        learner.rehearsal_source = functools.cache(lambda: rehearsal_records(cfg, base, precision, learner))
     log.info("learner ready", extra={"base": base.name, "precision": precision, "device": device, "strategy": learner.strategy.name})
     return learner, base
 
 
-def _rehearsal(cfg: Config, base: BaseModel, precision: str, learner: Learner) -> list:
+def rehearsal_records(cfg: Config, base: BaseModel, precision: str, learner: Learner, cache_dir: Path | None = None) -> list:
     """The base's answers to the rehearsal prompts (edgekif.rehearsal), cached per base,
-    training precision and chat template; none for a base without a chat template of its own
-    (a pretrained model echoes prompts: nothing general to keep, as the general gate says)."""
+    training precision and chat template in `cache_dir` (default: the cache root's
+    rehearsal/); none for a base without a chat template of its own (a pretrained model echoes
+    prompts: nothing general to keep, as the general gate says)."""
     from .chat_templates import has_own_template
     from .rehearsal import base_rehearsal_records
 
@@ -80,7 +81,8 @@ def _rehearsal(cfg: Config, base: BaseModel, precision: str, learner: Learner) -
         log.info("general rehearsal off: the base is not an instruction-following model", extra={"base": base.name})
         return []
     base_id = "/".join([f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}", f"torch-{precision}", "training-template", *_template_tag(cfg)])
-    records = base_rehearsal_records(learner.model, learner.tokenizer, cache_root(cfg) / "rehearsal", base_id, cfg.replay.general_max_new_tokens)
+    records = base_rehearsal_records(learner.model, learner.tokenizer, cache_dir or cache_root(cfg) / "rehearsal", base_id,
+                                     cfg.replay.general_max_new_tokens)
     log.info("general rehearsal ready", extra={"records": len(records), "share": cfg.replay.general_share})
     return records
 

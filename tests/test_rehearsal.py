@@ -3,6 +3,8 @@ into replay batches; on the tiny model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -138,3 +140,97 @@ def test_general_share_is_validated():
         load_config(None, ["replay.general_share=1"])
     with pytest.raises(ConfigError, match="general_max_new_tokens"):
         load_config(None, ["replay.general_max_new_tokens=0"])
+
+
+def _answers_file(folder, base_id: str, answers: dict[str, str], budget: int = 24):
+    from edgekif.general_ability import CACHE_FORMAT, cache_path, prompts_sha256
+
+    path = cache_path(folder, base_id, PROMPTS, budget)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": CACHE_FORMAT, "base_id": base_id, "prompts_sha256": prompts_sha256(PROMPTS),
+                                "max_new_tokens": budget, "answers": answers}))
+    return path
+
+
+def test_shipped_answers_serve_a_cache_miss_for_their_own_key_only(tmp_path):
+    from edgekif.general_ability import cached_base_answers
+
+    shipped = {p.id: f"shipped {p.id}." for p in PROMPTS}
+    _answers_file(tmp_path / "shipped", "tiny/torch-fp32", shipped)
+    opened: list[int] = []
+
+    class Runner:
+        def generate(self, chat, max_new_tokens=64):
+            return "computed."
+
+    def open_runner():
+        opened.append(1)
+        return Runner()
+
+    got = cached_base_answers(tmp_path / "cache", "tiny/torch-fp32", PROMPTS, 24, open_runner, shipped=tmp_path / "shipped")
+    assert got == [shipped[p.id] for p in PROMPTS] and opened == []  # the base was never opened
+    assert not (tmp_path / "cache").exists()  # and nothing copied: the shipped file is the cache
+    # another base, precision or budget misses the shipped key: answered on the machine
+    other = cached_base_answers(tmp_path / "cache", "tiny/torch-bf16", PROMPTS, 24, open_runner, shipped=tmp_path / "shipped")
+    assert other == ["computed."] * len(PROMPTS) and opened == [1]
+    # a shipped file whose inside names another key (renamed by hand) is not trusted
+    renamed = _answers_file(tmp_path / "odd", "tiny/torch-fp32", shipped)
+    data = json.loads(renamed.read_text())
+    renamed.write_text(json.dumps({**data, "base_id": "someone-else"}))
+    cached_base_answers(tmp_path / "cache2", "tiny/torch-fp32", PROMPTS, 24, open_runner, shipped=tmp_path / "odd")
+    assert opened == [1, 1]
+
+
+def test_a_cache_that_cannot_be_written_costs_a_recomputation_not_the_job(tmp_path, caplog):
+    from edgekif.general_ability import cached_base_answers
+
+    class Runner:
+        def generate(self, chat, max_new_tokens=64):
+            return "computed."
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING", logger="edgekif.general_ability"):
+        got = cached_base_answers(blocker / "rehearsal", "tiny/torch-fp32", PROMPTS, 24, Runner)
+    assert got == ["computed."] * len(PROMPTS)
+    assert any(r.getMessage() == "base answers not cached" for r in caplog.records)
+
+
+def test_the_shipped_default_base_answers_match_todays_prompts_and_budget():
+    """Editing rehearsal_prompts.jsonl or the budget without running tools/rehearsal_answers.py
+    would silently cost every install the answers' generation again: this fails first."""
+    from importlib import resources
+
+    from edgekif.config import ReplayConfig
+    from edgekif.general_ability import CACHE_FORMAT, prompts_sha256
+    from edgekif.rehearsal import SHIPPED_ANSWERS
+
+    folder = resources.files("edgekif").joinpath(SHIPPED_ANSWERS)
+    files = [f for f in folder.iterdir() if f.name.endswith(".json")]
+    assert files, "no shipped rehearsal answers"
+    prompts = load_rehearsal_prompts()
+    for f in files:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        assert data["format"] == CACHE_FORMAT and data["prompts_sha256"] == prompts_sha256(prompts)
+        assert data["max_new_tokens"] == ReplayConfig().general_max_new_tokens
+        assert sorted(data["answers"]) == sorted(p.id for p in prompts)
+        assert sum(bool(a.strip()) for a in data["answers"].values()) >= 120  # real answers, not a stub
+
+
+@pytest.mark.integration
+def test_the_default_base_rehearses_from_the_shipped_answers_without_generating(smollm2, tmp_path, monkeypatch):
+    """The key the daemon computes for the default base at the defaults is the shipped file's."""
+    from types import SimpleNamespace
+
+    from edgekif.model import load_tokenizer, resolve_device, resolve_precision
+    from edgekif.workflow import rehearsal_records
+
+    def no_generation(*a, **kw):
+        raise AssertionError("the base was asked for its answers: the shipped file's key does not match")
+
+    monkeypatch.setattr("edgekif.evaluate.generate_answers", no_generation)
+    cfg = Config()
+    precision = resolve_precision(cfg.model.precision, resolve_device(cfg.model.device), smollm2.path)
+    learner = SimpleNamespace(model=None, tokenizer=load_tokenizer(smollm2.path))
+    records = rehearsal_records(cfg, smollm2, precision, learner, cache_dir=tmp_path / "empty-cache")
+    assert len(records) >= 120 and all(r.meta["task_id"] == GENERAL_TASK_ID for r in records)
