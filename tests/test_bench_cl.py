@@ -263,6 +263,22 @@ def test_merge_reads_runs_from_before_eval_dtype_as_fp32_evaluation(tmp_path):
     assert json.loads((tmp_path / "m" / "result.json").read_text())["settings"]["seeds"] == [0, 1]
 
 
+def test_merge_reads_the_general_rehearsal_share_of_runs_from_before_it_was_recorded(tmp_path):
+    """replay_general_share was recorded from 2026-12-06 on: an older run that set it with --set
+    merges with a newer run at that share, and an older run without it (no rehearsal) does not."""
+    from tools.bench_cl import main
+
+    cells = {"replay": [[[0.5, 0.2], [0.6, 0.8]]]}
+    older_with = _run_dir(tmp_path, "old-with", [0], cells, overrides=["replay.general_share=0.125"])
+    older_without = _run_dir(tmp_path, "old-without", [1], cells)
+    newer = _run_dir(tmp_path, "new", [2], cells, replay_general_share=0.125, overrides=["replay.general_share=0.125"])
+    with pytest.raises(SystemExit, match="other settings than .*replay_general_share"):
+        main(["--merge", str(older_without), str(newer), "--out", str(tmp_path / "m")])
+    assert main(["--merge", str(older_with), str(newer), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "result.json").read_text())["settings"]
+    assert merged["seeds"] == [0, 2] and merged["replay_general_share"] == 0.125
+
+
 def test_a_run_on_a_configured_base_scores_labels_only_in_the_final_row(tiny_dir, tmp_path):
     """End to end on the tiny random Llama given as `--set model.base`, on a stream of a label
     task and a free-text one: the run records that base, fills every cell of the headline

@@ -459,6 +459,9 @@ def merge_runs(args, argv: list[str]) -> int:
         part["settings"].setdefault("base", _EARLIER_BASE)
         # and evaluated in fp32: eval_dtype was recorded from 2026-12-05 on (bf16 became possible)
         part["settings"].setdefault("eval_dtype", "fp32")
+        # and the general rehearsal share from 2026-12-06 (8a900d8) on: earlier runs had it in
+        # their --set overrides or not at all
+        part["settings"]["replay_general_share"] = _general_share(part["settings"])
         parts.append(part)
     runs_first = sorted(range(len(parts)), key=lambda i: bool(parts[i]["settings"].get("zero_shot_only")))
     parts, dirs = [parts[i] for i in runs_first], [args.merge[i] for i in runs_first]
@@ -641,11 +644,17 @@ def _spec_lines(s: dict) -> list[str]:
                                   for t in names) + ".", ""]
 
 
-def _general_rehearsal(settings: dict) -> str:
-    """Where replay batches carried the base's general answers (edgekif.rehearsal)."""
+def _general_share(settings: dict) -> float:
+    """The replay.general_share a run trained with (edgekif.rehearsal)."""
     share = settings.get("replay_general_share")
     if share is None:  # reports written before the setting was recorded: their --set overrides
-        share = next((float(o.split("=", 1)[1]) for o in settings.get("overrides") or () if o.startswith("replay.general_share=")), 0)
+        share = next((float(o.split("=", 1)[1]) for o in settings.get("overrides") or () if o.startswith("replay.general_share=")), 0.0)
+    return float(share)
+
+
+def _general_rehearsal(settings: dict) -> str:
+    """Where replay batches carried the base's general answers (edgekif.rehearsal)."""
+    share = _general_share(settings)
     return f", {share:g} of each replay batch the base's own answers to general prompts (general rehearsal)" if share else ""
 
 
