@@ -343,11 +343,20 @@ class JobRunner:
         store.advance(job.id, "evaluated", "held", metrics={"gate": info},
                       error={"kind": "gate", "message": "; ".join(info["reasons"]), "reasons": info["reasons"],
                              # `edgekif status` prints it under the reasons ("what to do:")
-                             "hint": f"`edgekif publish --force {job.id}` publishes it anyway; a file with more records "
-                                     "gives the gate's paired test more to decide on"}, **decided_on)
+                             "hint": self._held_hint(job.id, info["decisions"])}, **decided_on)
         self.drop_scratch(job.id)  # the export stays: `publish --force` publishes it
         log.warning("held by the gate (edgekif publish --force %d overrides)", job.id,
                     extra={"job_id": job.id, "reasons": info["reasons"]})
+
+    def _held_hint(self, job_id: int, decisions: dict) -> str:
+        hint = (f"`edgekif publish --force {job_id}` publishes it anyway; a file with more records "
+                "gives the gate's paired test more to decide on")
+        general = decisions.get("general ability") or {}
+        if general.get("passed") is False and self.config.replay.general_share == 0:
+            # the drift builds up over the jobs: without rehearsal every later job starts from it
+            hint += ("; the base's general answers drifted: `replay.general_share = 0.125` in the config makes later jobs rehearse "
+                     "them (general rehearsal, docs/daemon.md \"General ability\")")
+        return hint
 
     def _from_approved(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         path = Path(job.metrics["export"]["path"])

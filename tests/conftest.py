@@ -18,6 +18,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="edgekif-test-xdg-config-")
 # Removed when the test process exits, so that test runs do not pile empty folders up in /tmp.
 atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
+# Nor the developer's ~/.cache/edgekif: a tiny test base's cached answers or zero-shot scores
+# would otherwise land beside the real bases' (edgekif.workflow.cache_root).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edgekif-test-xdg-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK_DATA = REPO.parent / "shared" / "data" / "cl-benchmark"

@@ -286,6 +286,23 @@ def test_low_memory_keeps_the_job_queued(tmp_path, caplog):
     assert jobs(tmp_path)[0].state == "published"
 
 
+@pytest.mark.parametrize("share", [0.0, 0.125])
+def test_a_version_held_for_general_drift_says_how_to_keep_the_base_s_answers(tmp_path, share):
+    """Drift builds up over jobs; without general rehearsal the hint names the setting that
+    rehearses the base's answers, and says nothing of it where rehearsal is already on."""
+    drop(tmp_path, "first.jsonl")
+    d = make_daemon(tmp_path)
+    d.config.replay.general_share = share
+    reason = "general ability: answers ROUGE-L 0.08 vs the base's own (needs >= 0.20) over 63 prompts"
+    d.stages.gate = lambda ctx, result: (False, [reason], {"general ability": {"rouge_l": 0.08, "passed": False, "reason": reason}})
+    d.run_until_idle()
+    d.close()
+    (job,) = jobs(tmp_path)
+    assert job.state == "held" and job.error["reasons"] == [reason]
+    assert job.error["hint"].startswith(f"`edgekif publish --force {job.id}` publishes it anyway")
+    assert ("`replay.general_share = 0.125` in the config makes later jobs rehearse" in job.error["hint"]) is (share == 0)
+
+
 def test_forgetting_gate_holds_and_force_publish_overrides(tmp_path):
     drop(tmp_path, "first.jsonl")
     d = make_daemon(tmp_path)
