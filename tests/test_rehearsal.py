@@ -181,6 +181,26 @@ def test_shipped_answers_serve_a_cache_miss_for_their_own_key_only(tmp_path):
     assert opened == [1, 1]
 
 
+@pytest.mark.parametrize("text", ["{\"format\": 1, \"answers\": {\"p0\": \"cut off", "[1, 2]", ""])
+def test_a_half_written_or_malformed_answers_file_is_answered_again_and_replaced(tmp_path, text):
+    """A cache or shipped file that is cut short, not an object, or empty is never used: the base
+    answers again and the cache gets a whole file (written atomically)."""
+    from edgekif.general_ability import cache_path, cached_base_answers
+
+    class Runner:
+        def generate(self, chat, max_new_tokens=64):
+            return "computed."
+
+    for folder in (tmp_path / "cache", tmp_path / "shipped"):
+        path = cache_path(folder, "tiny/torch-fp32", PROMPTS, 24)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    got = cached_base_answers(tmp_path / "cache", "tiny/torch-fp32", PROMPTS, 24, Runner, shipped=tmp_path / "shipped")
+    assert got == ["computed."] * len(PROMPTS)
+    saved = json.loads(cache_path(tmp_path / "cache", "tiny/torch-fp32", PROMPTS, 24).read_text())
+    assert saved["answers"] == {p.id: "computed." for p in PROMPTS}
+
+
 def test_a_cache_that_cannot_be_written_costs_a_recomputation_not_the_job(tmp_path, caplog):
     from edgekif.general_ability import cached_base_answers
 
