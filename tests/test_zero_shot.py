@@ -131,3 +131,66 @@ def _talkative_tiny(folder: Path, seed: int) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+def test_prepare_settings_are_what_a_first_job_ships_with(tmp_path, monkeypatch):
+    """`edgekif model prepare` exports the base with the settings a first job's version is
+    built with when its first candidate passes, in the manifest's form, so the job's cache keys
+    find them: on a low-bit GGUF base the label int8 and the free-text int8 (int4 skipped)."""
+    from edgekif import workflow
+    from edgekif.config import load_config
+    from edgekif.export.build import FREE_TEXT_INT8, INT8_CPU
+    from edgekif.model import BaseModel
+
+    base = BaseModel(name="tiny", path=tmp_path, source=tmp_path, source_sha256="ab" * 32)
+    cfg = load_config(None, [f"data_dir={tmp_path / 'data'}", "export.target=genai", "export.precision=auto", "export.execution_provider=cpu"])
+    monkeypatch.setattr(workflow, "source_quantization", lambda b: {"type": "Q4_1", "bits_per_weight": 5.0})
+    cpu = {"target": "genai", "execution_provider": "cpu"}
+    assert workflow.prepare_settings(cfg, base) == [{**cpu, "precision": "int8", "builder_options": INT8_CPU.builder_options()},
+                                                    {**cpu, "precision": "int8", "builder_options": FREE_TEXT_INT8.builder_options()}]
+    assert FREE_TEXT_INT8.builder_options() == {"block_size": "16", "is_symmetric": "false"}
+    cfg.export.int8_by_task_kind = False  # one int8 for every model: one export
+    assert [s["builder_options"] for s in workflow.prepare_settings(cfg, base)] == [{}]
+    monkeypatch.setattr(workflow, "source_quantization", lambda b: None)  # a full-precision base: int4 is tried first
+    assert [(s["precision"], s["builder_options"]) for s in workflow.prepare_settings(cfg, base)] == [("int4", {"algo_config": "k_quant_mixed"})]
+    cfg.export.precision = "fp32"  # one precision asked for: that one
+    assert [(s["precision"], s["builder_options"]) for s in workflow.prepare_settings(cfg, base)] == [("fp32", {})]
+
+
+def test_a_prepared_base_costs_its_first_job_no_export_and_no_general_answers(tmp_path, monkeypatch, smollm2_template):
+    """prepare_base does the base's one-time work into the caches a job reads: afterwards the
+    job's general-ability figures neither build the base nor answer with it, and a second
+    prepare only checks."""
+    from edgekif import general_ability as ga
+    from edgekif import workflow
+    from edgekif.config import load_config
+    from edgekif.export import build as export_mod
+    from edgekif.export.exporter import export_model
+    from edgekif.model import BaseModel, load_tokenizer
+    from edgekif.records import Record
+
+    monkeypatch.setenv("EDGEKIF_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, [f"data_dir={tmp_path / 'data'}", "general_ability.max_new_tokens=4", "export.target=onnx",
+                             "export.precision=fp32", "export.execution_provider=cpu"])
+    base_dir = _with_template(_talkative_tiny(tmp_path / "base", 1), smollm2_template)
+    base = BaseModel(name="tiny", path=base_dir, source=base_dir, source_sha256="ef" * 32)
+    monkeypatch.setattr(workflow, "resolve_base", lambda model_cfg, root: base)
+    builds, answered, logliks = [], [], []
+    real_build, real_answers, real_loglik = export_mod.build_variant, ga.base_answers, ga.base_answer_loglik
+    monkeypatch.setattr(export_mod, "build_variant", lambda *a, **k: (builds.append(a[3].name), real_build(*a, **k))[1])
+    monkeypatch.setattr(ga, "base_answers", lambda *a, **k: (answered.append(1), real_answers(*a, **k))[1])
+    monkeypatch.setattr(ga, "base_answer_loglik", lambda *a, **k: (logliks.append(1), real_loglik(*a, **k))[1])
+
+    steps = []
+    done = workflow.prepare_base(cfg, progress=steps.append)
+    assert [d["variant"] for d in done] == ["fp32"] and builds == ["fp32"] and answered == [1] and logliks == [1]
+    assert steps[0] == "base tiny ready (0 s)" and steps[1].startswith("exported as fp32 and answered the general prompts")
+    assert workflow.prepare_base(cfg) and builds == ["fp32"] and answered == [1] and logliks == [1]  # only checks
+
+    load_tokenizer(base_dir).save_pretrained(base_dir)  # the candidate: the base's own weights, saved as a trained model is
+    candidate = export_model(base_dir, tmp_path / "v1", target="onnx", precision="fp32", execution_provider="cpu",
+                             holdout={"t": [Record.from_prompt("Hello there", "zzz")]})
+    figures = workflow.general_ability(cfg, base, candidate, base_dir)
+    assert builds == ["fp32", "fp32"]  # the candidate's own export only: the base's was prepared
+    assert answered == [1, 1] and logliks == [1, 1]  # the candidate's answers and log-likelihood only
+    assert figures["identical"] == 1.0 and figures["loglik_drop"] == pytest.approx(0.0, abs=1e-5)
