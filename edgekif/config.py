@@ -287,6 +287,9 @@ class ServiceConfig:
     # train/export/evaluate in a child process each (service.stage_process): the daemon never
     # loads torch, stays small when idle, and survives a stage the OOM killer takes
     model_stages_in_child: bool = True
+    # Do the base's one-time work (conversion, its export, its general answers: ~80 s for
+    # SmolLM2) in a child while no job is queued, instead of in the first job (service.preparer)
+    prepare_base_when_idle: bool = True
     stop_timeout: float = 30.0
     metrics_file: str = "metrics.prom"
     log_max_bytes: int = 10 * 1024 * 1024

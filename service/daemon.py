@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgekif.config import Config, load_config
 from edgekif.errors import ConfigError, EdgekifError
@@ -38,6 +38,9 @@ from .job_runner import TRANSIENT_ERRNOS, JobRunner, transient_cause
 from .sdnotify import Notifier
 from .stages import Stages
 from .watcher import InboxWatcher, reconcile_takes
+
+if TYPE_CHECKING:
+    from .preparer import BasePreparer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,15 @@ def default_stages(config: Config) -> Stages:
     from .edgekif_stages import LibraryStages
 
     return LibraryStages(config)
+
+
+def default_preparer(config: Config, layout: DataLayout) -> BasePreparer | None:
+    """service.preparer.BasePreparer unless service.prepare_base_when_idle is off."""
+    if not config.service.prepare_base_when_idle:
+        return None
+    from .preparer import BasePreparer
+
+    return BasePreparer(config, layout)
 
 
 def health_problem(watcher: threading.Thread, worker: threading.Thread, last_scan: float | None, scan_interval: float) -> str | None:
@@ -158,10 +170,13 @@ class Daemon:
         retry_base_seconds: float = 5.0,
         resource_retry_seconds: float = 60.0,
         install_signals: bool = True,
+        preparer: BasePreparer | None = None,
     ) -> None:
         self.config = config
         self.layout = DataLayout(config.data_path)
         self.stages: Stages = stages if stages is not None else default_stages(config)
+        # the base's one-time work while idle: with the real stages (tests inject their own)
+        self.preparer = preparer if preparer is not None or stages is not None else default_preparer(config, self.layout)
         self.config_path = config_path
         self.overrides = overrides or []
         self.notifier = notifier if notifier is not None else Notifier()
@@ -290,6 +305,8 @@ class Daemon:
         if hasattr(self.stages, "config"):
             self.stages.config = new  # type: ignore[attr-defined]
         self.metrics = MetricsWriter(self._metrics_path(new))
+        if self.preparer is not None:
+            self.preparer.reconfigure(new)
         for hook in self.reload_hooks:
             hook(new)
         log.info("config reloaded", extra={"config": str(self.config_path)})
@@ -396,8 +413,12 @@ class Daemon:
                 self._work.clear()
                 job = store.next_job()
                 if job is None:
+                    if self.preparer is not None:
+                        self.preparer.when_idle()
                     self._work.wait(self.config.service.scan_interval)
                     continue
+                if self.preparer is not None:
+                    self.preparer.before_job()
                 wait = self.runner.not_before.get(job.id, 0.0) - time.monotonic()
                 if wait > 0:
                     self._work.wait(min(wait, self.config.service.scan_interval))
@@ -408,6 +429,8 @@ class Daemon:
             log.critical("worker died", exc_info=True)
             self._stop.set()
         finally:
+            if self.preparer is not None:
+                self.preparer.stop("the daemon stops")
             self.current = None
             store.close()
 

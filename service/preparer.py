@@ -1,0 +1,145 @@
+"""The base's one-time work while the daemon has nothing else to do.
+
+A base's first job pays for work that is the same for every job: the GGUF conversion, the
+base's own export (the gates' like-for-like baseline) and its answers to the general prompts
+(edgekif.workflow.prepare_base, `edgekif model prepare`): about 80 s on 2 cores for SmolLM2.
+A daemon usually starts long before the first file arrives, so it does that work then, in a
+child process of its own (the daemon never imports torch):
+
+    BasePreparer(config, layout)   started by the worker when no job is queued; stopped
+                                   (SIGKILL to its group) when one arrives or the daemon
+                                   stops: everything it writes goes through atomic folders
+                                   and a cache lock (edgekif.workflow), so the job finds
+                                   either finished work or none, and does what is left
+    main([REQUEST])                the child: prepare_base with the daemon's config
+
+Off with `service.prepare_base_when_idle = false`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from edgekif.atomic import atomic_write_json
+from edgekif.children import kill_group, start_child
+from edgekif.config import Config, config_from_dict
+from edgekif.layout import DataLayout
+
+from .logs import JsonFormatter
+from .stage_process import _relay_logs
+
+log = logging.getLogger(__name__)
+
+PREPARE_COMMAND = (sys.executable, "-m", "service.preparer")  # + REQUEST
+MAX_STARTS = 3  # a preparation stopped by jobs is started again when idle, this many times a run
+
+
+class BasePreparer:
+    """Runs `command REQUEST` once per daemon run while idle (module docstring). `state`:
+    idle (not started yet, or stopped by a job and to be started again), running, done,
+    failed (exited non-zero: the jobs do the work, as without it), given-up (stopped by jobs
+    MAX_STARTS times)."""
+
+    def __init__(self, config: Config, layout: DataLayout, command: Sequence[str] = PREPARE_COMMAND) -> None:
+        self.config, self.layout, self.command = config, layout, tuple(command)
+        self.state = "idle"
+        self.starts = 0
+        self._proc: subprocess.Popen | None = None
+        self._relay: threading.Thread | None = None
+        self._reloaded: Config | None = None
+
+    @property
+    def request_path(self) -> Path:
+        return self.layout.root / "prepare-request.json"
+
+    def when_idle(self) -> None:
+        """Called by the worker when no job is queued: start the child once, or notice its end."""
+        if self._reloaded is not None and self.state != "running":
+            self.config, self._reloaded = self._reloaded, None
+            self.state, self.starts = "idle", 0
+        if self.state == "running":
+            self._poll()
+        elif self.state == "idle":
+            if self.starts >= MAX_STARTS:
+                self.state = "given-up"
+                log.info("base preparation left to the jobs: stopped by jobs too often", extra={"starts": self.starts})
+                return
+            self._start()
+
+    def before_job(self) -> None:
+        """Called by the worker before a job's stage: the job must have the cores."""
+        if self.state == "running" and not self._poll():
+            self.stop("a job is ready: it does what is left of the preparation")
+            self.state = "idle"
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (SIGHUP, the main thread) may name another base or export: the
+        worker prepares again with it when idle (a base already prepared costs a check)."""
+        self._reloaded = config
+
+    def stop(self, reason: str) -> None:
+        """Stop a running child (the daemon stops, or a job comes)."""
+        if self._proc is None:
+            return
+        kill_group(self._proc)
+        if self._relay is not None:
+            self._relay.join(5)
+        self._proc = self._relay = None
+        self.state = "idle"
+        log.info("base preparation stopped", extra={"reason": reason})
+
+    def _start(self) -> None:
+        atomic_write_json(self.request_path, {"config": self.config.to_dict()})
+        self._proc = start_child([*self.command, str(self.request_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, text=True, errors="replace", env={**os.environ, "TQDM_DISABLE": "1"})
+        self._relay = threading.Thread(target=_relay_logs, args=(self._proc.stdout, self._proc.pid, "prepare"),
+                                       name="edgekif-prepare-log", daemon=True)
+        self._relay.start()
+        self.starts += 1
+        self.state = "running"
+        log.info("base preparation started while idle", extra={"child_pid": self._proc.pid, "base": self.config.model.base or "default"})
+
+    def _poll(self) -> bool:
+        """True when the child has ended (its outcome logged)."""
+        assert self._proc is not None
+        rc = self._proc.poll()
+        if rc is None:
+            return False
+        if self._relay is not None:
+            self._relay.join(5)
+        self._proc = self._relay = None
+        self.state = "done" if rc == 0 else "failed"
+        (log.info if rc == 0 else log.warning)("base preparation ended", extra={"returncode": rc, "state": self.state})
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child: prepare the base with the daemon's config; 0 when done, 2 on an edgekif error
+    (logged: the jobs will meet it again and report it against a file)."""
+    from edgekif.errors import EdgekifError
+
+    argv = sys.argv[1:] if argv is None else argv
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    config = config_from_dict(json.loads(Path(argv[0]).read_text())["config"])
+    try:
+        from edgekif.workflow import prepare_base
+
+        done = prepare_base(config)
+    except EdgekifError as e:
+        log.warning("base preparation failed", extra={"error": f"{type(e).__name__}: {e}"})
+        return 2
+    log.info("base prepared", extra={"settings": [d["variant"] for d in done], "seconds": sum(d["seconds"] for d in done)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The base's one-time work while the daemon is idle (service/preparer.py): started when no job
+is queued, killed (its whole process group) when a job comes or the daemon stops, started
+again when idle, given up after MAX_STARTS, its outcome logged; the child gets the daemon's
+own config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from edgekif.config import load_config
+from edgekif.layout import DataLayout
+from service import preparer as preparer_mod
+from service.daemon import Daemon
+from service.fake_stages import FakeStages
+from service.preparer import MAX_STARTS, BasePreparer
+
+from test_service_daemon import drop, jobs, running, wait_for
+
+# The child: writes its pid and the config it was given beside the request, then waits (or exits).
+CHILD = ("import json, os, sys, time; req = json.load(open(sys.argv[1])); "
+         "open(sys.argv[1] + '.pid-' + str(os.getpid()), 'w').write(json.dumps(req['config']['model'])); "
+         "time.sleep(float(os.environ.get('PREP_SLEEP', '60'))); sys.exit(int(os.environ.get('PREP_RC', '0')))")
+
+
+def _pids(tmp_path: Path) -> list[int]:
+    return sorted(int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("prepare-request.json.pid-*"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too: its state letter in /proc is Z
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def _preparer(tmp_path: Path, monkeypatch, sleep: str = "60", rc: str = "0") -> BasePreparer:
+    monkeypatch.setenv("PREP_SLEEP", sleep)
+    monkeypatch.setenv("PREP_RC", rc)
+    cfg = load_config(None, [f"data_dir={tmp_path}", "model.base=/some/base.gguf"])
+    layout = DataLayout(tmp_path)
+    layout.create()
+    return BasePreparer(cfg, layout, command=(sys.executable, "-c", CHILD))
+
+
+def test_started_when_idle_killed_for_a_job_started_again_then_given_up(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="service.preparer")
+    p = _preparer(tmp_path, monkeypatch)
+    seen: set[int] = set()
+    for start in range(1, MAX_STARTS + 1):
+        p.when_idle()
+        assert p.state == "running" and p.starts == start
+        assert wait_for(lambda: len(_pids(tmp_path)) == start, timeout=30)
+        (pid,) = set(_pids(tmp_path)) - seen
+        seen.add(pid)
+        assert json.loads((tmp_path / f"prepare-request.json.pid-{pid}").read_text())["base"] == "/some/base.gguf"  # the daemon's config
+        p.when_idle()  # still running: nothing new
+        assert p.starts == start and _alive(pid)
+        p.before_job()
+        assert p.state == "idle" and wait_for(lambda: not _alive(pid), timeout=10)
+    p.when_idle()
+    assert p.state == "given-up" and p.starts == MAX_STARTS
+    assert len(_pids(tmp_path)) == MAX_STARTS
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs.count("base preparation stopped") == MAX_STARTS and msgs[-1].startswith("base preparation left to the jobs")
+
+
+def test_its_end_is_noticed_and_logged_with_the_exit_code(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="service.preparer")
+    for rc, state in ((0, "done"), (2, "failed")):
+        p = _preparer(tmp_path, monkeypatch, sleep="0", rc=str(rc))
+        p.when_idle()
+        assert wait_for(lambda: (p.when_idle(), p.state)[1] != "running", timeout=30)
+        assert p.state == state and p.starts == 1
+        p.when_idle()
+        p.before_job()
+        assert p.state == state and p.starts == 1  # not started again in this run
+        ended = [r for r in caplog.records if r.getMessage() == "base preparation ended"]
+        assert ended[-1].returncode == rc
+    monkeypatch.setenv("PREP_SLEEP", "60")
+    p.reconfigure(load_config(None, [f"data_dir={tmp_path}", "model.base=/another.gguf"]))
+    p.when_idle()  # a reloaded config is prepared again, with the new config
+    assert p.state == "running" and p.starts == 1
+    assert wait_for(lambda: any("/another.gguf" in f.read_text() for f in tmp_path.glob("prepare-request.json.pid-*")), timeout=30)
+    p.stop("test")
+
+
+def test_the_daemon_prepares_while_idle_and_stops_it_for_the_first_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREP_SLEEP", "120")
+    cfg = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0", "service.scan_interval=0.2"])
+    prep = BasePreparer(cfg, DataLayout(tmp_path), command=(sys.executable, "-c", CHILD))
+    d = Daemon(cfg, FakeStages(tmp_path), retry_base_seconds=0, preparer=prep)
+    with running(d):
+        assert wait_for(lambda: len(_pids(tmp_path)) == 1, timeout=30)
+        (pid,) = _pids(tmp_path)
+        time.sleep(0.5)
+        assert _alive(pid) and prep.state == "running"  # nothing to do but prepare
+        drop(tmp_path, "t.jsonl")
+        assert wait_for(lambda: [j.state for j in jobs(tmp_path)] == ["published"], timeout=60)
+        assert not _alive(pid)  # stopped for the job
+        assert wait_for(lambda: len(_pids(tmp_path)) == 2, timeout=30)  # idle again: started again
+        (second,) = set(_pids(tmp_path)) - {pid}
+    assert not _alive(second)  # the daemon's stop took it down
+
+
+def test_the_daemon_uses_a_preparer_only_with_the_real_stages_and_when_configured(tmp_path):
+    cfg = load_config(None, [f"data_dir={tmp_path}"])
+    assert Daemon(cfg, FakeStages(tmp_path)).preparer is None  # tests' fakes: no torch child
+    assert isinstance(Daemon(cfg).preparer, BasePreparer)
+    off = load_config(None, [f"data_dir={tmp_path}", "service.prepare_base_when_idle=false"])
+    assert Daemon(off).preparer is None
+    assert preparer_mod.PREPARE_COMMAND[1:] == ("-m", "service.preparer")
+
+
+def test_the_child_reports_a_base_it_cannot_prepare_and_exits_2(tmp_path):
+    """The daemon's own command, in a process of its own as the daemon runs it."""
+    import subprocess
+
+    from edgekif.atomic import atomic_write_json
+
+    cfg = load_config(None, [f"data_dir={tmp_path}", f"model.base={tmp_path / 'missing.gguf'}"])
+    request = tmp_path / "prepare-request.json"
+    atomic_write_json(request, {"config": cfg.to_dict()})
+    out = subprocess.run([*preparer_mod.PREPARE_COMMAND, str(request)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    (line,) = [json.loads(x) for x in out.stdout.splitlines() if "base preparation failed" in x]
+    assert "missing.gguf" in line["error"]  # one JSON line: the daemon relays it into its log
