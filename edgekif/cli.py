@@ -114,6 +114,8 @@ def cmd_model(args) -> int:
         _print_json(info)
     else:
         for k, v in info.items():
+            if k == "prepared":  # the exports made (or found) for the gates' baselines
+                v = ", ".join(f"{d['variant']} ({d['seconds']:.0f} s)" for d in v)
             print(f"{k:>14}: {v}")
     return 1 if "error" in info else 0
 
