@@ -83,7 +83,8 @@ def health_problem(watcher: threading.Thread, worker: threading.Thread, last_sca
     return None
 
 
-def status_line(store: JobStore, layout: DataLayout, current: dict[str, Any] | None, waiting: dict[int, dict[str, Any]] | None = None) -> str:
+def status_line(store: JobStore, layout: DataLayout, current: dict[str, Any] | None, waiting: dict[int, dict[str, Any]] | None = None,
+                preparing: bool = False) -> str:
     """The one line systemd shows (sd_notify STATUS)."""
     queued = len(store.queue())
     if not current and waiting:
@@ -95,7 +96,7 @@ def status_line(store: JobStore, layout: DataLayout, current: dict[str, Any] | N
         step = f" step {progress['step']}/{total}" if current["stage"] == "train" and "step" in progress else ""
         return f"job {current['job_id']} ({current['file']}): {current['stage']}{step}; {queued} unfinished"
     pub = store.live()
-    return f"idle; {queued} unfinished; live {pub.version if pub else 'none'}"
+    return f"idle; {queued} unfinished; live {pub.version if pub else 'none'}" + ("; preparing the base" if preparing else "")
 
 
 class RuntimeFile:
@@ -110,7 +111,7 @@ class RuntimeFile:
         self._lock = threading.Lock()
 
     def publish(self, current: dict[str, Any] | None, state: str | None = None, *, write: bool = True,
-                waiting: dict[int, dict[str, Any]] | None = None) -> None:
+                waiting: dict[int, dict[str, Any]] | None = None, preparing: dict[str, Any] | None = None) -> None:
         with self._lock:
             if state is not None:
                 self.state = state
@@ -123,6 +124,7 @@ class RuntimeFile:
                 "data_dir": str(self.layout.root),
                 "current": current,
                 "waiting": {str(k): v for k, v in (waiting or {}).items()},  # jobs held back by disk/memory
+                "preparing_base": preparing,  # the idle-time base preparation's child, while it runs
                 # `status` shows it; the idle daemon must not have paid for importing torch.
                 "torch_loaded": "torch" in sys.modules,
             }
@@ -388,11 +390,13 @@ class Daemon:
 
     def _status_line(self) -> str:
         assert self._store is not None
-        return status_line(self._store, self.layout, self.current, self.runner.waiting)
+        return status_line(self._store, self.layout, self.current, self.runner.waiting,
+                           preparing=self.preparer is not None and self.preparer.running is not None)
 
     def _publish_runtime(self, state: str | None = None) -> None:
         # not running (run_until_idle without run()): no daemon.json
-        self.runtime.publish(self.current, state, write=self._lock_fd is not None, waiting=self.runner.waiting)
+        self.runtime.publish(self.current, state, write=self._lock_fd is not None, waiting=self.runner.waiting,
+                             preparing=self.preparer.running if self.preparer is not None else None)
 
     def _on_child(self, pid: int | None) -> None:
         """A model stage's process started (pid) or ended (None): status shows its memory."""

@@ -32,6 +32,7 @@ from edgekif.children import kill_group, start_child
 from edgekif.config import Config, config_from_dict
 from edgekif.layout import DataLayout
 
+from .jobs import utc_now
 from .logs import JsonFormatter
 from .stage_process import _relay_logs
 
@@ -54,6 +55,15 @@ class BasePreparer:
         self._proc: subprocess.Popen | None = None
         self._relay: threading.Thread | None = None
         self._reloaded: Config | None = None
+        self._started_at = ""
+
+    @property
+    def running(self) -> dict[str, Any] | None:
+        """{pid, base, started_at} while the child runs (daemon.json, `edgekif status`), else None."""
+        proc = self._proc
+        if proc is None:
+            return None
+        return {"pid": proc.pid, "base": self.config.model.base or "default", "started_at": self._started_at}
 
     @property
     def request_path(self) -> Path:
@@ -103,6 +113,7 @@ class BasePreparer:
                                        name="edgekif-prepare-log", daemon=True)
         self._relay.start()
         self.starts += 1
+        self._started_at = utc_now()
         self.state = "running"
         log.info("base preparation started while idle", extra={"child_pid": self._proc.pid, "base": self.config.model.base or "default"})
 

@@ -124,6 +124,7 @@ def status(config: Config) -> dict[str, Any]:
             "state": runtime.get("state") if runtime else None,
             "started_at": runtime.get("started_at") if running else None,
             "torch_loaded": runtime.get("torch_loaded") if running else None,
+            "preparing_base": runtime.get("preparing_base") if running else None,  # service.preparer, while idle
         },
         "waiting": (runtime or {}).get("waiting") or {} if running else {},  # job id -> why (disk, memory)
         "initialized": layout.state_db.exists(),
@@ -211,6 +212,10 @@ def format_status(st: dict[str, Any]) -> str:
     lines = [f"edgekif  data dir: {st['data_dir']}"]
     d = st["daemon"]
     lines.append(f"daemon:   {'running (pid %s)' % d['pid'] if d['running'] else 'not running'}")
+    prep = d.get("preparing_base")
+    if prep:
+        lines.append(f"          preparing the base while idle (pid {prep['pid']}, since {prep['started_at']}): "
+                     "its conversion, export and general answers, so the first job does not pay them")
     pub = st.get("published")
     if pub:
         lines.append(f"live:     {pub['version']} (job {pub['job_id']}, {pub['file']}, {pub['published_at']})")

@@ -15,7 +15,8 @@ from pathlib import Path
 from edgekif.config import load_config
 from edgekif.layout import DataLayout
 from service import preparer as preparer_mod
-from service.daemon import Daemon
+from service.daemon import Daemon, status_line
+from service.jobs import JobStore
 from service.fake_stages import FakeStages
 from service.preparer import MAX_STARTS, BasePreparer
 
@@ -133,3 +134,21 @@ def test_the_child_reports_a_base_it_cannot_prepare_and_exits_2(tmp_path):
     assert out.returncode == 2
     (line,) = [json.loads(x) for x in out.stdout.splitlines() if "base preparation failed" in x]
     assert "missing.gguf" in line["error"]  # one JSON line: the daemon relays it into its log
+
+
+def test_status_shows_the_preparation_while_it_runs(tmp_path, monkeypatch):
+    from service.status import format_status, status
+
+    monkeypatch.setenv("PREP_SLEEP", "120")
+    cfg = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0", "service.scan_interval=0.2"])
+    prep = BasePreparer(cfg, DataLayout(tmp_path), command=(sys.executable, "-c", CHILD))
+    d = Daemon(cfg, FakeStages(tmp_path), retry_base_seconds=0, preparer=prep)
+    with running(d):
+        assert wait_for(lambda: (status(cfg)["daemon"]["preparing_base"] or {}).get("pid") is not None, timeout=30)
+        st = status(cfg)
+        assert st["daemon"]["preparing_base"]["pid"] == prep.running["pid"]
+        assert "preparing the base while idle (pid" in format_status(st)
+        with JobStore(tmp_path / "state.db") as store:  # systemd's STATUS line
+            assert status_line(store, DataLayout(tmp_path), None, preparing=True) == "idle; 0 unfinished; live none; preparing the base"
+    st = status(cfg)
+    assert st["daemon"]["preparing_base"] is None and "preparing the base" not in format_status(st)  # stopped: not shown
