@@ -79,8 +79,8 @@ def print_measured(data_dir: Path) -> None:
         if general:
             drop = general.get("loglik_drop")
             print(f"  general ability: answers ROUGE-L {general.get('rouge_l', 0):.2f} to the base's own over {general.get('n')} prompts"
-                  + (f", log-likelihood of the base's answers {-drop:+.2f} nats/token" if drop is not None else "")
-                  + f" (holds below {general.get('min_rouge_l')} or beyond {general.get('max_loglik_drop')})")
+                  + (f", log-likelihood drop of the base's answers {drop:.2f} nats/token" if drop is not None else "")
+                  + f" (held if ROUGE-L < {general.get('min_rouge_l')} or the drop > {general.get('max_loglik_drop')})")
         skipped = ", ".join(m.skipped_variants)
         rejected = ", ".join(m.rejected_variants)
         if rejected or skipped:
