@@ -81,7 +81,12 @@ class BasePreparer:
                 self.state = "given-up"
                 log.info("base preparation left to the jobs: stopped by jobs too often", extra={"starts": self.starts})
                 return
-            self._start()
+            try:
+                self._start()
+            except (OSError, ValueError, subprocess.SubprocessError) as e:  # a full disk, a missing interpreter: the jobs do the work, as without it
+                self._proc = self._relay = None
+                self.state = "failed"
+                log.warning("base preparation could not start", extra={"error": f"{type(e).__name__}: {e}"})
 
     def before_job(self) -> None:
         """Called by the worker before a job's stage: the job must have the cores."""

@@ -152,3 +152,16 @@ def test_status_shows_the_preparation_while_it_runs(tmp_path, monkeypatch):
             assert status_line(store, DataLayout(tmp_path), None, preparing=True) == "idle; 0 unfinished; live none; preparing the base"
     st = status(cfg)
     assert st["daemon"]["preparing_base"] is None and "preparing the base" not in format_status(st)  # stopped: not shown
+
+
+def test_a_preparation_that_cannot_start_is_logged_and_never_stops_the_worker(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="service.preparer")
+    layout = DataLayout(tmp_path)
+    layout.create()
+    p = BasePreparer(load_config(None, [f"data_dir={tmp_path}"]), layout, command=(str(tmp_path / "no-such-python"),))
+    p.when_idle()  # FileNotFoundError from the exec: caught
+    assert p.state == "failed" and p.running is None
+    p.when_idle()
+    p.before_job()
+    assert p.state == "failed"
+    assert [r.getMessage() for r in caplog.records] == ["base preparation could not start"]
