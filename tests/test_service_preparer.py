@@ -93,11 +93,16 @@ def test_its_end_is_noticed_and_logged_with_the_exit_code(tmp_path, monkeypatch,
     p.stop("test")
 
 
-def test_the_daemon_prepares_while_idle_and_stops_it_for_the_first_file(tmp_path, monkeypatch):
+def _daemon_preparing(tmp_path: Path, monkeypatch) -> tuple:
+    """(config, preparer, daemon): a daemon with fake stages and a stand-in preparation of 120 s."""
     monkeypatch.setenv("PREP_SLEEP", "120")
     cfg = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0", "service.scan_interval=0.2"])
     prep = BasePreparer(cfg, DataLayout(tmp_path), command=(sys.executable, "-c", CHILD))
-    d = Daemon(cfg, FakeStages(tmp_path), retry_base_seconds=0, preparer=prep)
+    return cfg, prep, Daemon(cfg, FakeStages(tmp_path), retry_base_seconds=0, preparer=prep)
+
+
+def test_the_daemon_prepares_while_idle_and_stops_it_for_the_first_file(tmp_path, monkeypatch):
+    cfg, prep, d = _daemon_preparing(tmp_path, monkeypatch)
     with running(d):
         assert wait_for(lambda: len(_pids(tmp_path)) == 1, timeout=30)
         (pid,) = _pids(tmp_path)
@@ -139,10 +144,7 @@ def test_the_child_reports_a_base_it_cannot_prepare_and_exits_2(tmp_path):
 def test_status_shows_the_preparation_while_it_runs(tmp_path, monkeypatch):
     from service.status import format_status, status
 
-    monkeypatch.setenv("PREP_SLEEP", "120")
-    cfg = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0", "service.scan_interval=0.2"])
-    prep = BasePreparer(cfg, DataLayout(tmp_path), command=(sys.executable, "-c", CHILD))
-    d = Daemon(cfg, FakeStages(tmp_path), retry_base_seconds=0, preparer=prep)
+    cfg, prep, d = _daemon_preparing(tmp_path, monkeypatch)
     with running(d):
         assert wait_for(lambda: (status(cfg)["daemon"]["preparing_base"] or {}).get("pid") is not None, timeout=30)
         st = status(cfg)
