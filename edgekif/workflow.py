@@ -114,7 +114,7 @@ def export_adapter(
     from .export.exporter import export_model
     from .export.files import ADAPTER_DIR
     from .export.fuse import adapter_sha256, fuse_adapter, portable_adapter
-    from .export.build import int8_for_tasks, int8_variant, second_int8
+    from .export.build import int8_variant, second_int8
     from .export.history import SkipPolicy
 
     # A retry starts from what the last try finished in work_dir: the fused model (made from
@@ -138,8 +138,7 @@ def export_adapter(
         **manifest_info,
     }
     # every task the version answers, by kind (a task without a spec is scored like a label)
-    int8 = int8_for_tasks([getattr((specs or {}).get(t), "kind", None) for t in holdout],
-                          cfg.export.int8_block_size, cfg.export.int8_symmetric, cfg.export.int8_by_task_kind)
+    int8 = _int8_for(cfg, [getattr((specs or {}).get(t), "kind", None) for t in holdout])
     return export_model(
         fused,
         out_dir,
@@ -163,6 +162,14 @@ def export_adapter(
         int8=int8,
         int8_second=second_int8(int8, int8_variant(cfg.export.int8_block_size, cfg.export.int8_symmetric)) if cfg.export.int8_second_try else None,
     )
+
+
+def _int8_for(cfg: Config, kinds: Sequence[str | None]) -> Any:
+    """The CPU genai int8 variant (edgekif.export.build.int8_for_tasks) of a model whose tasks
+    are of these kinds, with the config's int8 settings."""
+    from .export.build import int8_for_tasks
+
+    return int8_for_tasks(kinds, cfg.export.int8_block_size, cfg.export.int8_symmetric, cfg.export.int8_by_task_kind)
 
 
 def _known_failures(cfg: Config, base: BaseModel) -> dict[str, str]:
@@ -358,9 +365,9 @@ def _base_general_reference(cfg: Config, base: BaseModel, settings: Mapping[str,
                                     lambda: open_model(base_export(cfg, base, settings)))
     if not loglik or gcfg.max_loglik_drop <= 0:
         return reference, None
-    tok = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
     ll_base = cached_base_loglik(cache_root(cfg) / "general-ability", base_id, prompts, gcfg.max_new_tokens,
-                                 lambda: base_answer_loglik(load_model(base.path, "fp32"), tok, prompts, reference))
+                                 lambda: base_answer_loglik(load_model(base.path, "fp32"),
+                                                            load_tokenizer(base.path, chat_template=cfg.model.chat_template), prompts, reference))
     return reference, ll_base
 
 
@@ -369,15 +376,14 @@ def prepare_settings(cfg: Config, base: BaseModel) -> list[dict[str, Any]]:
     (export_adapter): with `auto` on the CPU genai target, the int8 of a model with label tasks
     and, when it differs, the int8 of a free-text-only model (int4 is skipped on a low-bit base);
     otherwise the one precision asked for. In manifest form (Manifest.export_settings)."""
-    from .export.build import export_candidates, int8_for_tasks, resolve_export_settings
+    from .export.build import export_candidates, resolve_export_settings
     from .metrics import CLASSIFICATION, GENERATION
 
     target, precision, ep = resolve_export_settings(cfg.export.target, cfg.export.precision, cfg.export.execution_provider)
     skip = _known_failures(cfg, base)
     variants = []
     for kind in (CLASSIFICATION, GENERATION):
-        int8 = int8_for_tasks([kind], cfg.export.int8_block_size, cfg.export.int8_symmetric, cfg.export.int8_by_task_kind)
-        candidates = export_candidates(target, precision, ep, cfg.export.precision, None, int8)
+        candidates = export_candidates(target, precision, ep, cfg.export.precision, None, _int8_for(cfg, [kind]))
         first = next((v for v in candidates if v.precision not in skip), candidates[0])
         if first not in variants:
             variants.append(first)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -28,13 +27,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgekif.atomic import atomic_write_json
-from edgekif.children import kill_group, start_child
+from edgekif.children import kill_group
 from edgekif.config import Config, config_from_dict
 from edgekif.layout import DataLayout
 
 from .jobs import utc_now
-from .logs import JsonFormatter
-from .stage_process import _relay_logs
+from .stage_process import log_json_to_stdout, start_logged_child
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +89,7 @@ class BasePreparer:
     def before_job(self) -> None:
         """Called by the worker before a job's stage: the job must have the cores."""
         if self.state == "running" and not self._poll():
-            self.stop("a job is ready: it does what is left of the preparation")
-            self.state = "idle"
+            self.stop("a job is ready: it does what is left of the preparation")  # back to idle
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config (SIGHUP, the main thread) may name another base or export: the
@@ -112,11 +109,7 @@ class BasePreparer:
 
     def _start(self) -> None:
         atomic_write_json(self.request_path, {"config": self.config.to_dict()})
-        self._proc = start_child([*self.command, str(self.request_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, text=True, errors="replace", env={**os.environ, "TQDM_DISABLE": "1"})
-        self._relay = threading.Thread(target=_relay_logs, args=(self._proc.stdout, self._proc.pid, "prepare"),
-                                       name="edgekif-prepare-log", daemon=True)
-        self._relay.start()
+        self._proc, self._relay = start_logged_child([*self.command, str(self.request_path)], "prepare")
         self.starts += 1
         self._started_at = utc_now()
         self.state = "running"
@@ -142,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekif.errors import EdgekifError
 
     argv = sys.argv[1:] if argv is None else argv
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    log_json_to_stdout()
     config = config_from_dict(json.loads(Path(argv[0]).read_text())["config"])
     try:
         from edgekif.workflow import prepare_base

@@ -109,12 +109,7 @@ class ChildStages:
         result.unlink(missing_ok=True)
         atomic_write_json(request, {"stage": stage, "config": self.config.to_dict(),
                                     "ctx": context_to_dict(ctx), "result": str(result)})
-        # tqdm reads TQDM_DISABLE when it is imported: libraries' own bars (transformers' GGUF
-        # conversion) stay out of the daemon's log, which relays every line the child writes
-        proc = start_child([*self.child_command, str(request)], stdout=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"},
-                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
-        relay = threading.Thread(target=_relay_logs, args=(proc.stdout, proc.pid, stage), name=f"edgekif-{stage}-log", daemon=True)
-        relay.start()
+        proc, relay = start_logged_child([*self.child_command, str(request)], stage)
         self.on_child(proc.pid)
         peak, stopping = 0.0, False
         try:
@@ -168,6 +163,25 @@ def _no_result(stage: str, returncode: int, peak: float) -> EdgekifError:
     if returncode < 0:
         return StageKilled(f"the {stage} stage's process was killed by signal {signal.Signals(-returncode).name}")
     return StageCrashed(f"the {stage} stage's process exited with {returncode} and no result")
+
+
+def start_logged_child(cmd: list[str], stage: str) -> tuple[subprocess.Popen, threading.Thread]:
+    """A child (edgekif.children.start_child) whose output is relayed into the daemon's log by
+    the returned, started thread (the child logs with log_json_to_stdout). tqdm reads
+    TQDM_DISABLE when it is imported: libraries' own bars (transformers' GGUF conversion) stay
+    out of the daemon's log, which relays every line the child writes."""
+    proc = start_child(cmd, stdout=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"},
+                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
+    relay = threading.Thread(target=_relay_logs, args=(proc.stdout, proc.pid, stage), name=f"edgekif-{stage}-log", daemon=True)
+    relay.start()
+    return proc, relay
+
+
+def log_json_to_stdout() -> None:
+    """The child's side of start_logged_child: its log records as JSON lines on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 def _relay_logs(stream: Any, pid: int, stage: str) -> None:
@@ -247,9 +261,7 @@ def error_from_dict(d: dict[str, Any]) -> BaseException:
 def main(argv: list[str] | None = None, *, stages_factory: Callable[[Config], Any] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(argv[0]).read_text())
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    log_json_to_stdout()
     stage, result_path = request["stage"], Path(request["result"])
     config = config_from_dict(request["config"])
     ctx = context_from_dict(request["ctx"], config)
