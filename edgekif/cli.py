@@ -171,6 +171,7 @@ def cmd_train(args) -> int:
 
     from .continual import StreamTask, evaluate_tasks, run_stream
     from .replay import ReplayBuffer
+    from .tasks import read_task_spec
     from .trainer import Learner
     from .workflow import open_learner
 
@@ -216,7 +217,9 @@ def cmd_train(args) -> int:
         rows.append(row)
         print(f"{res.task_id}: {res.steps} steps ({res.task_steps} task + {res.replay_steps} replay), {res.seconds:.1f}s, loss {res.mean_loss:.3f} -> {res.last_loss:.3f}")
 
-    stream = [StreamTask(t.name, t.records, source_file=str(t.path), source_sha256=t.sha256) for t in tasks]
+    # each file's kind as the daemon decides it (its sidecar, else its answers): it picks the rates
+    stream = [StreamTask(t.name, t.records, source_file=str(t.path), source_sha256=t.sha256,
+                         kind=read_task_spec(t.path, t.records).kind) for t in tasks]
     with ReplayBuffer(out / "replay.db", cfg.replay) as buf:
         result = run_stream(learner, buf, stream, evaluate=evaluate if tests else None, ckpt_root=out / "work", progress=progress, on_task=on_task)
     learner.save(out / "learner")

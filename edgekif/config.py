@@ -146,6 +146,11 @@ class ReplayConfig:
 class TrainConfig:
     strategy: str = "recurrent_kif"  # a name in edgekif.strategies.STRATEGIES
     lr: float = 1e-3
+    # A free-text (generation) task's job trains at lr and kif.outer_lr times this: with LoRA
+    # on every linear layer, 1e-3 suits labels, while free text learned more at half the rate
+    # and moved the base's general answers less (docs/benchmarks.md, "A lower learning rate
+    # for free text"). 1.0 = one rate for every kind.
+    generation_lr_scale: float = 0.5
     batch_size: int = 8
     # Steps per task (edgekif.schedule.task_steps): ceil(epochs * examples / batch_size),
     # raised to min_steps (small files: 48 examples are 6 steps an epoch) and lowered to
@@ -450,6 +455,7 @@ def validate_config(cfg: Config) -> None:
     check(cfg.replay.general_max_new_tokens >= 1, "replay.general_max_new_tokens must be at least 1")
     check(cfg.train.strategy in STRATEGY_SECTIONS, f"train.strategy: {cfg.train.strategy!r} not in {'|'.join(STRATEGY_SECTIONS)}")
     check(cfg.train.batch_size > 0 and cfg.train.lr > 0, "train.batch_size and train.lr must be positive")
+    check(cfg.train.generation_lr_scale > 0, "train.generation_lr_scale must be positive")
     t = cfg.train
     check(t.epochs > 0 and math.isfinite(t.epochs), "train.epochs must be a positive number")
     check(t.min_steps >= 0 and t.steps_cap >= 0 and t.max_steps >= 0, "train.min_steps, train.steps_cap and train.max_steps must be >= 0 (0 = none)")

@@ -49,12 +49,15 @@ def joint_steps(cfg: Config, task_sizes: Sequence[int]) -> int:
 
 @dataclass
 class StreamTask:
-    """One task of a stream: its name, its training records and where they came from."""
+    """One task of a stream: its name, its training records, where they came from, and its
+    kind (edgekif.tasks: "classification" or "generation"; None = not known), which picks
+    the rates it trains at (edgekif.trainer.lr_scale_for)."""
 
     name: str
     records: Sequence[Record]
     source_file: str = ""
     source_sha256: str = ""
+    kind: str | None = None
 
 
 def replay_sampler(buffer: ReplayBuffer, task_ids: Sequence[str]) -> ReplaySampler | None:
@@ -90,7 +93,8 @@ def learn_task(
     if sampler is not None and learner.rehearsal_source is not None and learner.cfg.replay.general_share > 0:
         # the base's general answers beside the past tasks (edgekif.rehearsal)
         sampler = mix_general(sampler, learner.rehearsal_source(), learner.cfg.replay.general_share)
-    result = learner.train_task(task.name, task.records, replay=sampler, ckpt_dir=ckpt_dir, should_stop=should_stop, progress=progress, max_steps=max_steps)
+    result = learner.train_task(task.name, task.records, replay=sampler, ckpt_dir=ckpt_dir, should_stop=should_stop, progress=progress, max_steps=max_steps,
+                                 task_kind=task.kind)
     if remember:
         buffer.add_task(task.name, task.records, source_file=task.source_file, source_sha256=task.source_sha256)
     return result
@@ -152,7 +156,8 @@ def run_stream(
     matrix = AccuracyMatrix(order)
     out = StreamResult(order=order, matrix=matrix)
     if learner.strategy.joint:
-        union = StreamTask("+".join(order), [r for t in tasks for r in t.records])
+        kinds = {t.kind for t in tasks}
+        union = StreamTask("+".join(order), [r for t in tasks for r in t.records], kind=kinds.pop() if len(kinds) == 1 else None)
         res = learn_task(learner, buffer, union, remember=False, max_steps=joint_steps(learner.cfg, [len(t.records) for t in tasks]),
                          ckpt_dir=ckpt_root / union.name if ckpt_root else None, progress=progress(union.name) if progress else None)
         out.results.append(res)

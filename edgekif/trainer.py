@@ -29,6 +29,7 @@ from .atomic import atomic_dir, atomic_write_json
 from .compute import compute_dtype, device_of, fast_bf16
 from .config import Config
 from .inputs import collate, encode_example
+from .metrics import GENERATION
 from .errors import CheckpointError, Interrupted, TrainingError
 from .model import lora_parameters
 from .records import Record
@@ -65,9 +66,16 @@ class TrainStats:
     state_bytes: dict = field(default_factory=dict)
     planned_steps: int = 0  # the schedule's length; > steps when training stopped early
     stopped: str = ""  # why training ended before the schedule did: "" or "time_budget"
+    lr_scale: float = 1.0  # the task kind's factor on the configured rates (lr_scale_for)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def lr_scale_for(cfg: Config, kind: str | None) -> float:
+    """The factor on train.lr and kif.outer_lr for a task of this kind (None: unknown, or a
+    union of kinds): train.generation_lr_scale for free text, 1 otherwise."""
+    return cfg.train.generation_lr_scale if kind == GENERATION else 1.0
 
 
 # --------------------------------------------------------------------------- loss
@@ -249,9 +257,11 @@ class Learner:
         should_stop: Callable[[], bool] | None = None,
         progress: ProgressFn | None = None,
         max_steps: int | None = None,
+        task_kind: str | None = None,
     ) -> TrainStats:
         """Train the learner on one task. `max_steps` overrides train.max_steps (the
-        continual loop gives joint training the budget of all its tasks)."""
+        continual loop gives joint training the budget of all its tasks); `task_kind`
+        (edgekif.tasks' kind of the task) scales the rates (lr_scale_for)."""
         cfg, tcfg = self.cfg, self.cfg.train
         if not records:
             raise TrainingError(f"task {task_id!r} has no records")
@@ -272,8 +282,10 @@ class Learner:
 
         # Fresh optimizers per task; a resume then loads their state from the checkpoint.
         self.strategy.begin_task(task_index)
-        # Base rates of the fresh optimizers, before a checkpoint loads scheduled ones.
-        base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.strategy.optimizers.items()}
+        # Base rates of the fresh optimizers (times the kind's factor), before a checkpoint
+        # loads scheduled ones.
+        scale = lr_scale_for(cfg, task_kind)
+        base_lrs = {name: [g["lr"] * scale for g in opt.param_groups] for name, opt in self.strategy.optimizers.items()}
         deadline = Deadline(tcfg.max_minutes)  # this call's budget: a resumed job gets a fresh one
         ckpt = Path(ckpt_dir) if ckpt_dir else None
         start, losses = self._resume(ckpt, task_id, len(kinds))
@@ -344,6 +356,7 @@ class Learner:
             state_bytes=self.strategy.state_nbytes(),
             planned_steps=len(kinds),
             stopped=stopped,
+            lr_scale=scale,
         )
 
     def _step(self, kind: str, prev_kind: str | None, next_kind: str | None, batch: dict) -> tuple[torch.Tensor, bool]:

@@ -169,7 +169,8 @@ class LibraryStages:
         start = ctx.layout.job(ctx.published.job_id).learner if ctx.published else None
         learner, base = open_learner(ctx.config, state_dir=start)
         spec = self._decide_budget(ctx, learner.tokenizer)
-        task = StreamTask(ctx.task_name, read_holdout(ctx.job_files.train_file), source_file=ctx.file_name, source_sha256=ctx.sha256)
+        task = StreamTask(ctx.task_name, read_holdout(ctx.job_files.train_file), source_file=ctx.file_name, source_sha256=ctx.sha256,
+                          kind=spec.get("spec", {}).get("kind"))
         started = time.time()
         ctx.write_progress(stage="train", started=started, step=0, steps=None)
         first: dict = {}  # step and time of this run's first report: status's rate and ETA start there (after loading)

@@ -200,3 +200,26 @@ def test_learner_folder_keeps_persistent_state_only(tmp_path, buffer):
     keys = load_file(str(tmp_path / "learner" / "strategy_state.safetensors")).keys()
     assert keys and all(k.startswith(("inner.", "outer.")) for k in keys)
     assert set(learner.strategy.checkpoint_state()) >= set(keys) | {"fusions"}
+
+
+@pytest.mark.parametrize("kind,scale", [("generation", 0.5), ("classification", 1.0), (None, 1.0)])
+def test_a_free_text_task_trains_both_loops_at_the_kinds_rate(buffer, kind, scale):
+    # train.generation_lr_scale (0.5 by default) scales the inner and the outer rate of a
+    # free-text task's job; labels and tasks of unknown kind keep the configured rates
+    learner = _learner("recurrent_kif")
+    assert learner.cfg.train.generation_lr_scale == 0.5
+    learn_task(learner, buffer, StreamTask("a", _records("a")))
+    res = learn_task(learner, buffer, StreamTask("b", _records("b"), kind=kind))  # b replays a: both loops run
+    assert res.replay_steps > 0 and res.lr_scale == scale
+    s = learner.strategy
+    assert [g["lr"] for g in s.optimizers["inner"].param_groups] == [pytest.approx(5e-3 * scale)]
+    assert [g["lr"] for g in s.optimizers["outer"].param_groups] == [pytest.approx(5e-3 * scale)]
+
+
+@pytest.mark.parametrize("kinds,scale", [(("generation", "generation"), 0.5), (("classification", "generation"), 1.0)])
+def test_joint_training_takes_the_streams_kind_only_when_every_task_shares_it(buffer, kinds, scale):
+    learner = _learner("mtl")
+    learner.cfg.train.generation_lr_scale = 0.25
+    res = run_stream(learner, buffer, [StreamTask(n, _records(n), kind=k) for n, k in zip("ab", kinds)])
+    assert [r.lr_scale for r in res.results] == [scale if scale == 1.0 else 0.25]
+    assert [g["lr"] for g in learner.strategy.optimizers["main"].param_groups] == [pytest.approx(5e-3 * res.results[0].lr_scale)]

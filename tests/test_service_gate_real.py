@@ -133,6 +133,8 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     assert a.metrics["buffer"]["holdout_examples"] == 12 and a.metrics["buffer"]["details"]["train_examples"] == 36
     assert not (data / "jobs" / str(a.id) / "checkpoint").exists()  # only a resume needs it; the learner holds the result
     assert a.metrics["validate"]["details"]["labels"] == ["ant", "bee", "cow", "dog"]
+    trained = a.metrics["train"]["metrics"]
+    assert trained["spec"]["kind"] == "classification" and trained["lr_scale"] == 1.0  # the task's kind reached training
     acc_a = a.metrics["evaluate"]["accuracies"]
     assert acc_a["colors"] >= 0.9, acc_a  # chance is 0.25; measured 1.0
     assert store.current() == "v0001"

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tf32", action="store_true",
                     help="on CUDA, fp32 matrix products in TF32 (tensor cores; 10-bit mantissa inputs): the GPU runs of the large "
                          "profile. No effect on CPU")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="train.lr and kif.outer_lr (free-text tasks train at this times train.generation_lr_scale)")
     ap.add_argument("--task-steps", type=int)
     ap.add_argument("--train-per-task", type=int)
     ap.add_argument("--test-per-task", type=int)
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     from edgekif.compute import compute_dtype, fast_bf16
     from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, generate_and_pick, generate_answers, plot_heatmap
     from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
-    from edgekif.metrics import CLASSIFICATION, score as metric_score
+    from edgekif.metrics import CLASSIFICATION, GENERATION, score as metric_score
     from edgekif.model import load_tokenizer, resolve_base, resolve_device
     from edgekif.tasks import read_task_spec
     from edgekif.replay import ReplayBuffer
@@ -264,6 +264,8 @@ def main(argv=None) -> int:
         "settings": {**prof, "base": base.name, "fwt": args.fwt, "zero_shot_only": args.zero_shot_only, "eval_split": eval_split, "validation": args.validation, "order": order, "seeds": args.seeds, "precision": args.precision, **({"tf32": True} if args.tf32 else {}), "lr": args.lr,
                      **{section: asdict(getattr(ran, section)) for section in strategy_sections()}, "lora": asdict(ran.lora), "replay_fraction": ran.replay.fraction, "replay_min_per_task": ran.replay.min_per_task,
                      "replay_general_share": ran.replay.general_share,
+                     # free-text tasks train at lr times this (edgekif.trainer.lr_scale_for); recorded where it applies
+                     **({"generation_lr_scale": ran.train.generation_lr_scale} if any(specs[t].kind == GENERATION for t in order) else {}),
                      "metric": "each task's headline metric (normalized exact match for labels, ROUGE-L F1 for free text)" + (" (label scoring beside it)" if prof["label_scoring"] and any(specs[t].kind == CLASSIFICATION for t in order) else ""),
                      "eval_prompt_tokens": {t: prompt_tokens(t) for t in order}, "task_specs": {t: specs[t].to_dict() for t in order},
                      "general_prompts": len(general), "general_max_new_tokens": general_cfg.max_new_tokens,
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
             torch.manual_seed(seed)
             learner, _ = open_learner(cfg, base=base)
             learner.answer_budgets = budgets  # training reserves what evaluation reserves (prompt_tokens)
-            stream = [StreamTask(t, _subset(train[t], prof["train_per_task"], seed)) for t in order]
+            stream = [StreamTask(t, _subset(train[t], prof["train_per_task"], seed), kind=specs[t].kind) for t in order]
 
             def progress(name, strategy=strategy, seed=seed):
                 bar = tqdm(total=None, desc=f"{strategy} s{seed} {name}", unit="step", leave=False)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config(overrides, seed)
             learner, _ = open_learner(cfg, base=base)
             with tempfile.TemporaryDirectory() as tmp, ReplayBuffer(Path(tmp) / "replay.db", cfg.replay) as buf:
-                res = run_stream(learner, buf, [StreamTask("task", train)])
+                res = run_stream(learner, buf, [StreamTask("task", train, kind=spec.get("kind"))])
             s = scores(learner)
             del learner
             d = paired_difference(s, base_scores, confidence=0.95, seed=0)
