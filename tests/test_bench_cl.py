@@ -328,3 +328,11 @@ def test_the_report_says_where_replay_batches_carried_general_rehearsal():
     assert _general_rehearsal({"replay_general_share": 0.125}).startswith(", 0.125 of each replay batch the base's own answers")
     # a report written before the share was recorded: its --set overrides tell
     assert "0.25 of each replay batch" in _general_rehearsal({"overrides": ["train.lr=1e-3", "replay.general_share=0.25"]})
+
+
+def test_the_report_says_at_what_rate_free_text_trained():
+    from tools.bench_cl import _free_text_rate
+
+    # recorded only for streams with free text; a factor of 1 is one rate for every kind
+    assert _free_text_rate({}) == "" and _free_text_rate({"generation_lr_scale": 1.0}) == ""
+    assert _free_text_rate({"generation_lr_scale": 0.5}) == " (free-text tasks × 0.5, also the outer lr)"

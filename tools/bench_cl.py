@@ -408,6 +408,12 @@ def _fwt(matrix, result: dict, seed: int, order: list[str]):
     return matrix.fwt([z[t] for t in order]) if z else None
 
 
+def _free_text_rate(settings: dict) -> str:
+    """The report's note on the rate free-text tasks trained at (recorded where it applies)."""
+    scale = settings.get("generation_lr_scale")
+    return f" (free-text tasks × {scale:g}, also the outer lr)" if scale not in (None, 1, 1.0) else ""
+
+
 # what may differ between runs that --merge combines into one report
 # (full_matrix: the metrics read the same cells either way)
 # "metric" is a sentence derived from task_specs and label_scoring, which are compared; its
@@ -677,7 +683,7 @@ def to_markdown(result: dict) -> str:
         f"### Continual learning, {_order_name(s['order']).replace('order', 'order ')} ({' → '.join(s['order'])}), profile `{result['profile']}`",
         "",
         f"Command: `{result['command']}`  ",
-        f"{s.get('base', _EARLIER_BASE)} ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
+        f"{s.get('base', _EARLIER_BASE)} ({s['precision']}), LoRA r={s['lora']['r']}/α={s['lora']['alpha']} on {','.join(s['lora']['target_modules'])}, lr {s['lr']}{_free_text_rate(s)}, batch {s['batch_size']}, {s['task_steps']} task steps per task "
         f"on {s['train_per_task']} train examples (max_length {s['max_length']}), evaluated on {_eval_set(s)} "
         f"(prompts fitted as training fits them: the input's middle is cut), metric: {s['metric']}; "
         f"replay {100 * s['replay_fraction']:g}% of each task (min {s['replay_min_per_task']}){_general_rehearsal(s)}{_replay_schedule(result)}; Recurrent-KIF Q={k['inner_steps']}, M={k['outer_steps']}, "
