@@ -182,6 +182,9 @@ def cmd_train(args) -> int:
     tests = _read_tasks(args.test, cfg) if args.test else []
     if tests and len(tests) != len(tasks):
         raise EdgekifError(f"--test given {len(tests)} files for {len(tasks)} tasks; give one per task or none")
+    # each file's kind as the daemon decides it (its sidecar, else its answers): it picks the
+    # rates. Read before the base loads, so a bad sidecar fails in a second, not after a minute.
+    kinds = [read_task_spec(t.path, t.records).kind for t in tasks]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     learner, base = open_learner(cfg, state_dir=Path(args.resume_state) if args.resume_state else None)
@@ -217,9 +220,7 @@ def cmd_train(args) -> int:
         rows.append(row)
         print(f"{res.task_id}: {res.steps} steps ({res.task_steps} task + {res.replay_steps} replay), {res.seconds:.1f}s, loss {res.mean_loss:.3f} -> {res.last_loss:.3f}")
 
-    # each file's kind as the daemon decides it (its sidecar, else its answers): it picks the rates
-    stream = [StreamTask(t.name, t.records, source_file=str(t.path), source_sha256=t.sha256,
-                         kind=read_task_spec(t.path, t.records).kind) for t in tasks]
+    stream = [StreamTask(t.name, t.records, source_file=str(t.path), source_sha256=t.sha256, kind=kind) for t, kind in zip(tasks, kinds)]
     with ReplayBuffer(out / "replay.db", cfg.replay) as buf:
         result = run_stream(learner, buf, stream, evaluate=evaluate if tests else None, ckpt_root=out / "work", progress=progress, on_task=on_task)
     learner.save(out / "learner")

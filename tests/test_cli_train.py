@@ -36,3 +36,19 @@ def test_train_runs_the_stream_and_writes_results(tiny_dir, tmp_path, capsys, st
     assert matrix["tasks"] == ["a", "b"] and all(v is not None for v in matrix["a"][-1])
     assert (out / "learner" / "adapter" / "adapter_config.json").is_file()
     assert "adapter:" in capsys.readouterr().out
+
+
+def test_train_rejects_a_bad_sidecar_before_loading_the_base(tmp_path, capsys):
+    """A sidecar stating an unknown kind fails the command at once, naming the sidecar, its
+    line and key, before the base is looked for (here it does not exist: had the base loaded
+    first, the error would be about the base)."""
+    (tmp_path / "a").mkdir()
+    task = _task(tmp_path / "a" / "a.jsonl", "a")
+    (tmp_path / "a" / "a.task.toml").write_text('# what judges a\nkind = "poem"\n')
+    out = tmp_path / "out"
+    rc = main(["train", task, "--out", str(out), "--quiet", "--data-dir", str(tmp_path / "data"),
+               "--set", f"model.base={tmp_path / 'no-such-base'}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "a.task.toml:line 2 (field 'kind')" in err and "'poem'" in err
+    assert "no-such-base" not in err and not out.exists()

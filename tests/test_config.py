@@ -35,6 +35,8 @@ def test_toml_then_overrides(tmp_path):
         ("[eval]\nmax_new_tokens = 0\n", "eval.max_new_tokens"),
         ("[eval]\ncompute_dtype = 'fp16'\n", "eval.compute_dtype must be one of fp32, bf16"),
         ("[train]\ncompute_dtype = 'int8'\n", "train.compute_dtype must be one of fp32, bf16"),
+        ("[train]\ngeneration_lr_scale = 0\n", "train.generation_lr_scale must be positive"),
+        ("[train]\ngeneration_lr_scale = -0.5\n", "train.generation_lr_scale must be positive"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, text, match):

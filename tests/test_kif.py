@@ -219,14 +219,16 @@ def test_every_strategy_runs_through_the_same_loop_and_learns(name):
     assert math.isfinite(res.mean_loss)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    """A run stopped mid-task and resumed from its checkpoint ends with identical weights."""
+@pytest.mark.parametrize("kind", [None, "generation"])
+def test_resume_equals_uninterrupted(tmp_path, kind):
+    """A run stopped mid-task and resumed from its checkpoint ends with identical weights; for
+    a free-text task too, whose rates are scaled (a resume that lost the factor would differ)."""
     from edgekif.errors import Interrupted
 
     past = _task("t0")
     new = _task("t1")
 
-    def run(stop_at: int | None, ckpt):
+    def run(stop_at: int | None, ckpt, kind=kind):
         learner = _learner("recurrent_kif", deterministic=True)
         learner.cfg.train.checkpoint_every = 2
         learner.train_task("t0", past)
@@ -237,7 +239,7 @@ def test_resume_equals_uninterrupted(tmp_path):
             return stop_at is not None and counter["n"] > stop_at
 
         try:
-            learner.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt, should_stop=should_stop)
+            learner.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt, should_stop=should_stop, task_kind=kind)
             return learner
         except Interrupted:
             pass
@@ -245,7 +247,8 @@ def test_resume_equals_uninterrupted(tmp_path):
         fresh = _learner("recurrent_kif", deterministic=True)
         fresh.cfg.train.checkpoint_every = 2
         fresh.train_task("t0", past)
-        fresh.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt)
+        res = fresh.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt, task_kind=kind)
+        assert res.resumed_from > 0 and res.lr_scale == (0.5 if kind == "generation" else 1.0)
         return fresh
 
     a = run(None, tmp_path / "a")
@@ -254,6 +257,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     for n in a.params:
         assert torch.equal(a.params[n], b.params[n]), n
         assert torch.equal(a.params[n], c.params[n]), n
+    if kind is not None:  # the factor took effect: the same run at the label rate ends elsewhere
+        labels = run(None, tmp_path / "d", kind=None)
+        assert any(not torch.equal(a.params[n], labels.params[n]) for n in a.params)
 
 
 def test_learner_state_roundtrip(tmp_path):
