@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -143,13 +144,17 @@ def fsync_tree(root: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory in a temp sibling, then fsync it and rename it to `final`.
+    """Build a directory in a temp sibling `.NAME.PID.RAND.tmp`, then fsync it and rename it
+    to `final`.
 
-    On error the temp directory is removed and `final` is untouched.
+    On error the temp directory is removed and `final` is untouched. A process killed inside
+    (SIGKILL, power cut) leaves the temp behind: remove_dead_temps clears it.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    # The pid in the name lets a later process tell a crashed build from one running now
+    # (remove_dead_temps): caches are shared by processes that hold no common lock.
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         os.chmod(tmp, dir_mode())  # mkdtemp's 0700 would survive the rename
         yield tmp
@@ -176,3 +181,53 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+
+# atomic_dir's temps: ".NAME.PID.RAND.tmp" (RAND: mkdtemp's 8 of [a-z0-9_]); before the pid
+# was added ".NAME.RAND.tmp". The old folder parked while swapping: ".NAME.old-PID".
+_DIR_TMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
+_LEGACY_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_PARKED = re.compile(r"^\..+\.old-(\d+)$")
+STALE_AFTER = 24 * 3600.0  # no build here takes a day: a temp this old is stale whatever its pid says
+
+
+def remove_dead_temps(folder: str | os.PathLike, *, now: float | None = None) -> list[Path]:
+    """Remove the temp folders and files atomic_dir left in `folder` when its process died
+    mid-build (a conversion killed with the preparation, a power cut): those whose pid is not
+    running, or is this process's own (the caller is not building here: it is about to), or
+    that are older than STALE_AFTER; temps named before the pid was added only by age. A temp
+    of a live process is left alone, so a shared cache can be cleaned while another process
+    builds in it. Returns what was removed."""
+    import time
+
+    from .children import pid_alive
+
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _DIR_TMP.match(entry.name) or _PARKED.match(entry.name)
+        if m is None and not _LEGACY_TMP.match(entry.name):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        pid = int(m.group(1)) if m is not None else None
+        if age < STALE_AFTER and (pid is None or (pid != os.getpid() and pid_alive(pid))):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            continue  # not ours to remove (another user's): left for its owner
+        removed.append(path)
+    return removed

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bases
-from .atomic import atomic_dir, atomic_write_json, sha256_file
+from .atomic import atomic_dir, atomic_write_json, remove_dead_temps, sha256_file
 from .bases import DEFAULT_BASE, KNOWN_BASES, LOCAL_LICENSE
 from .config import LoRAConfig, ModelConfig
 from .errors import ModelError
@@ -127,6 +127,10 @@ def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
     target = models / digest[:16]
     if (target / SOURCE_FILE).is_file():
         return BaseModel(name=name, path=target, source=gguf, source_sha256=digest)
+    # A conversion killed on the way (the idle preparation is stopped with SIGKILL when a job
+    # comes) leaves a half-written folder of the model's full size: cleared before this one.
+    if stale := remove_dead_temps(models):
+        log.info("removed half-built conversions left by stopped processes", extra={"paths": [str(p) for p in stale]})
     log.info("converting GGUF to a cached safetensors folder (once)", extra={"gguf": str(gguf), "target": str(target)})
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -252,7 +252,7 @@ def base_export(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]
     """The untrained base exported exactly as a job's export was (`export_settings`: target,
     precision, execution_provider, builder_options, as in its manifest), with the training
     chat template; built once per setting into the cache (cache_root/zero-shot)."""
-    from .atomic import atomic_dir
+    from .atomic import atomic_dir, remove_dead_temps
     from .export.build import build_variant
     from .export.files import EXPORT_INFO
 
@@ -260,6 +260,9 @@ def base_export(cfg: Config, base: BaseModel, export_settings: Mapping[str, Any]
     with _cache_lock(root):
         export_dir = root / "export"
         if not (export_dir / EXPORT_INFO).is_file():
+            # what a build killed on the way left (the preparation is stopped with SIGKILL)
+            if stale := remove_dead_temps(root):
+                log.info("removed half-built base exports left by stopped processes", extra={"paths": [str(p) for p in stale]})
             source = base_source(root, base, cfg.model.chat_template)
             with atomic_dir(export_dir, overwrite=True) as tmp:
                 build_variant(source, tmp, target, variant, ep, cfg.export.threads)

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekif.children import pid_alive
 from edgekif.export.build import GENAI_CACHE_PREFIX
 from edgekif.layout import DataLayout
 
@@ -39,18 +40,6 @@ _ATOMIC_OLD = re.compile(r"^\..+\.old-(\d+)$")
 _GENAI_CACHE = re.compile(re.escape(GENAI_CACHE_PREFIX) + r"(?:(\d+)-)?[a-z0-9_]{8}$")
 # Caches named before the pid was added cannot be matched to a process: removed once this old.
 LEGACY_CACHE_MAX_AGE = 24 * 3600.0
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
 
 
 def _remove(path: Path) -> bool:
@@ -96,7 +85,22 @@ def cleanup_stale_temp(layout: DataLayout, *, tmp_dir: str | os.PathLike | None 
     doomed += _stale_in(layout.rejected, recursive=False)  # reports; never inside rejected dirs
     doomed += _stale_in(layout.logs, recursive=False)
     doomed += _stale_in(layout.jobs, recursive=True)  # exports, checkpoints, fused, holdouts
+    doomed += _dead_genai_caches(tmp_dir, now)
 
+    removed = [p for p in doomed if _remove(p)]
+    if removed:
+        log.info("removed %d stale temp file(s) left by an earlier run", len(removed), extra={"paths": [str(p) for p in removed]})
+    return removed
+
+
+def remove_dead_genai_caches(tmp_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the genai builder caches of processes that are gone (a killed base preparation's
+    export) from the system temp dir (tmp_dir); those of running processes stay."""
+    return [p for p in _dead_genai_caches(tmp_dir, None) if _remove(p)]
+
+
+def _dead_genai_caches(tmp_dir: str | os.PathLike | None, now: float | None) -> list[Path]:
+    doomed: list[Path] = []
     tmp_root = Path(tmp_dir if tmp_dir is not None else tempfile.gettempdir())
     now = time.time() if now is None else now
     try:
@@ -117,8 +121,4 @@ def cleanup_stale_temp(layout: DataLayout, *, tmp_dir: str | os.PathLike | None 
             except FileNotFoundError:
                 continue
         doomed.append(Path(entry.path))
-
-    removed = [p for p in doomed if _remove(p)]
-    if removed:
-        log.info("removed %d stale temp file(s) left by an earlier run", len(removed), extra={"paths": [str(p) for p in removed]})
-    return removed
+    return doomed

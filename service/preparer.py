@@ -31,6 +31,7 @@ from edgekif.children import kill_group
 from edgekif.config import Config, config_from_dict
 from edgekif.layout import DataLayout
 
+from .housekeeping import remove_dead_genai_caches
 from .jobs import utc_now
 from .stage_process import log_json_to_stdout, start_logged_child
 
@@ -105,7 +106,11 @@ class BasePreparer:
             self._relay.join(5)
         self._proc = self._relay = None
         self.state = "idle"
-        log.info("base preparation stopped", extra={"reason": reason})
+        # The child's half-built folders in the cache go when the next build there starts
+        # (edgekif.atomic.remove_dead_temps); the genai builder's scratch in the system temp
+        # dir would wait for the next daemon start.
+        scratch = remove_dead_genai_caches()
+        log.info("base preparation stopped", extra={"reason": reason, "removed": [str(p) for p in scratch]})
 
     def _start(self) -> None:
         atomic_write_json(self.request_path, {"config": self.config.to_dict()})
@@ -136,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     log_json_to_stdout()
-    config = config_from_dict(json.loads(Path(argv[0]).read_text())["config"])
+    try:
+        config = config_from_dict(json.loads(Path(argv[0]).read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError, EdgekifError) as e:  # the daemon writes it atomically: a damaged disk, a hand edit
+        log.warning("base preparation not started: its request cannot be read", extra={"request": argv[0], "error": f"{type(e).__name__}: {e}"})
+        return 2
     try:
         from edgekif.workflow import prepare_base
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgekif.children import pid_alive
 from edgekif.config import Config
 from edgekif.errors import ConfigError, IntegrityError
 from edgekif.export.manifest import read_manifest
@@ -18,16 +19,6 @@ from .jobs import Job, JobStore
 from .metrics import read_json
 from .resources import rss_mb
 from .watcher import ignored_inbox_entries, is_ignored
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _buffer_stats(path: Path) -> dict[str, Any] | None:
@@ -115,7 +106,7 @@ def status(config: Config) -> dict[str, Any]:
     layout = DataLayout(config.data_path)
     require_data_dir(layout)
     runtime = read_json(layout.runtime_file)
-    running = bool(runtime and runtime.get("state") in ("running", "stopping") and _pid_alive(int(runtime.get("pid", 0))))
+    running = bool(runtime and runtime.get("state") in ("running", "stopping") and pid_alive(int(runtime.get("pid", 0))))
     out: dict[str, Any] = {
         "data_dir": str(layout.root),
         "daemon": {

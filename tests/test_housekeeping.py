@@ -192,3 +192,46 @@ def test_cleanup_finds_what_a_crashed_atomic_write_leaves(tmp_path, monkeypatch)
     assert len(left) == 2 and all(n.startswith((".progress.json.", ".export.")) and n.endswith(".tmp") for n in left)
     assert len(cleanup_stale_temp(layout, tmp_dir=tmp_path / "none")) == 2
     assert list(job.iterdir()) == []
+
+
+def test_a_build_killed_inside_atomic_dir_is_cleared_from_a_shared_cache(tmp_path):
+    """A process SIGKILLed while building a folder (the idle preparation, stopped when a job
+    comes, converting the base into the user's shared cache) leaves its temp named with its
+    pid; remove_dead_temps clears it before the next build, and leaves a live process's."""
+    from edgekif.atomic import STALE_AFTER, remove_dead_temps
+
+    cache = tmp_path / "models"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from edgekif.atomic import atomic_dir
+        with atomic_dir({str(cache / 'abc123')!r}) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+            print(tmp.name, flush=True)
+            time.sleep(60)
+    """)
+    killed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", script.replace("abc123", "def456")], stdout=subprocess.PIPE, text=True)
+    try:
+        half_built = killed.stdout.readline().strip()
+        building = live.stdout.readline().strip()
+        assert half_built == f".abc123.{killed.pid}.{half_built.split('.')[3]}.tmp"  # the pid in the name
+        killed.kill()
+        killed.wait(30)
+        now = time.time()
+        ours = cache / f".ghi789.{os.getpid()}.abcdefgh.tmp"  # this process is not building: stale
+        parked = cache / f".abc123.old-{_dead_pid()}"  # a swap interrupted between its renames
+        legacy_new, legacy_old = cache / ".jkl.k2j4h_9a.tmp", cache / ".mno.q1w2e3r4.tmp"  # named before the pid
+        for p in (ours, parked, legacy_new, legacy_old):
+            p.mkdir()
+        os.utime(legacy_old, (now - STALE_AFTER - 60,) * 2)
+        (cache / "abc999").mkdir()  # a finished folder
+        removed = remove_dead_temps(cache, now=now)
+        assert sorted(p.name for p in removed) == sorted([half_built, ours.name, parked.name, legacy_old.name])
+        assert sorted(p.name for p in cache.iterdir()) == sorted([building, legacy_new.name, "abc999"])
+        assert remove_dead_temps(tmp_path / "no-such-folder") == []
+    finally:
+        for p in (killed, live):
+            if p.poll() is None:
+                p.kill()
+            p.wait()

@@ -141,6 +141,23 @@ def test_the_child_reports_a_base_it_cannot_prepare_and_exits_2(tmp_path):
     assert "missing.gguf" in line["error"]  # one JSON line: the daemon relays it into its log
 
 
+def test_the_child_reports_a_request_it_cannot_read_and_exits_2(tmp_path):
+    """A damaged prepare-request.json (not JSON, no config, a bad setting) is one logged line
+    naming the file and exit code 2, not a traceback: the jobs then do the work. (In a process
+    of its own: the child takes over the root logger.)"""
+    import subprocess
+
+    request = tmp_path / "prepare-request.json"
+    for text, says in (("{not json", "JSONDecodeError"), ('{"other": 1}', "KeyError"),
+                       ('{"config": {"train": {"lr": "fast"}}}', "ConfigError")):
+        request.write_text(text)
+        out = subprocess.run([*preparer_mod.PREPARE_COMMAND, str(request)], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        (line,) = [json.loads(x) for x in out.stdout.splitlines() if "cannot be read" in x]
+        assert line["request"] == str(request) and line["error"].startswith(says)
+
+
 def test_status_shows_the_preparation_while_it_runs(tmp_path, monkeypatch):
     from service.status import format_status, status
 
@@ -167,3 +184,30 @@ def test_a_preparation_that_cannot_start_is_logged_and_never_stops_the_worker(tm
     p.before_job()
     assert p.state == "failed"
     assert [r.getMessage() for r in caplog.records] == ["base preparation could not start"]
+
+
+def test_stopping_it_removes_its_builder_scratch_and_only_its(tmp_path, monkeypatch):
+    """A preparation killed in its base export leaves the genai builder's scratch folder in the
+    system temp dir (named with its pid); stopping it removes that folder at once, not at the
+    next daemon start, and leaves a live process's."""
+    import tempfile
+
+    from edgekif.export.build import GENAI_CACHE_PREFIX
+
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(systmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    child = ("import os, sys, tempfile, time; "
+             f"d = tempfile.mkdtemp(prefix='{GENAI_CACHE_PREFIX}' + str(os.getpid()) + '-'); "
+             "open(os.path.join(d, 'model.onnx.data'), 'wb').write(b'x' * 1000); time.sleep(60)")
+    cfg = load_config(None, [f"data_dir={tmp_path}", "model.base=/some/base.gguf"])
+    layout = DataLayout(tmp_path)
+    layout.create()
+    p = BasePreparer(cfg, layout, command=(sys.executable, "-c", child))
+    live = systmp / f"{GENAI_CACHE_PREFIX}{os.getpid()}-abcdefgh"  # an export running in this process
+    live.mkdir()
+    p.when_idle()
+    assert wait_for(lambda: len(list(systmp.iterdir())) == 2)
+    p.before_job()
+    assert p.state == "idle" and list(systmp.iterdir()) == [live]
