@@ -182,7 +182,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-
 # atomic_dir's temps: ".NAME.PID.RAND.tmp" (RAND: mkdtemp's 8 of [a-z0-9_]); before the pid
 # was added ".NAME.RAND.tmp". The old folder parked while swapping: ".NAME.old-PID".
 _DIR_TMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
@@ -197,7 +196,8 @@ def remove_dead_temps(folder: str | os.PathLike, *, now: float | None = None) ->
     running, or is this process's own (the caller is not building here: it is about to), or
     that are older than STALE_AFTER; temps named before the pid was added only by age. A temp
     of a live process is left alone, so a shared cache can be cleaned while another process
-    builds in it. Returns what was removed."""
+    builds in it (pids are this machine's: containers with pid namespaces of their own must not
+    share a cache). Returns what was removed."""
     import time
 
     from .children import pid_alive

@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 _PR_SET_PDEATHSIG = 1
+_prctl: Any = None
 
 
 def pid_alive(pid: int) -> bool:
@@ -28,9 +29,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, another user's
     return True
-
-
-_prctl: Any = None
 
 
 def _resolve_prctl() -> Any:
