@@ -370,11 +370,12 @@ def format_manifest(name: str, manifest: "Manifest", *, is_current: bool, folder
             lines.append(f"  {str(t.get('name') or tid):<24} {score}" + (f"  ({counts})" if counts else ""))
     general = manifest.general_ability
     if general:
-        verdict = "HELD" if general.get("held") else "ok"
+        from .general_ability import gate_note
+
+        verdict, bounds = gate_note(general)
         drop = general.get("loglik_drop")
         lines.append(f"general:     {verdict}: answers ROUGE-L {general.get('rouge_l', 0):.3f} to the base's own on {general.get('n')} prompts"
-                     + (f", log-likelihood drop {drop:.3f} nats/token" if drop is not None else "")
-                     + f" (bounds: ROUGE-L >= {general.get('min_rouge_l')}, drop <= {general.get('max_loglik_drop')})")
+                     + (f", log-likelihood drop {drop:.3f} nats/token" if drop is not None else "") + f" ({bounds})")
     # built and checked, then not shipped: why this version is the precision it is
     lines += [f"rejected:    {r}" for r in manifest.rejected_variants]
     if manifest.parity_skipped:

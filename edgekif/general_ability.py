@@ -307,6 +307,16 @@ class GeneralAbilityConfig:
             raise ValueError(f"{section}.max_loglik_drop must be >= 0 (0: not checked), got {self.max_loglik_drop}")
 
 
+def gate_note(recorded: Mapping[str, Any]) -> tuple[str, str]:
+    """(verdict, bounds) for a person, from a manifest's `general_ability` figures: "HELD" / "ok"
+    with the bounds judged against, or "not gated" with why (a base that does not follow
+    instructions: its figures, far outside the bounds, decided nothing)."""
+    if recorded.get("instruct_base") is False:
+        return "not gated", "the base does not follow instructions: recorded, not judged"
+    bounds = f"held if ROUGE-L < {recorded.get('min_rouge_l')} or the drop > {recorded.get('max_loglik_drop')}"
+    return ("HELD" if recorded.get("held") else "ok"), bounds
+
+
 def drifted(figures: DriftFigures, config: GeneralAbilityConfig, *, instruct_base: bool = True) -> tuple[bool, str]:
     """(whether to hold the candidate, a reason that carries the figures). A base that is not an
     instruction-following model (no chat template of its own: a pretrained checkpoint) has no

@@ -331,3 +331,14 @@ def test_a_perturbed_tiny_llama_finds_the_base_answers_less_likely_and_is_held()
     assert held and f"{cand_ll:.2f} per token vs the base's {base_ll:.2f}" in reason
     itself = drift(answers, answers, prompts, loglik_base=base_ll, loglik_candidate=same_ll)
     assert drifted(itself, config)[0] is False
+
+
+def test_gate_note_says_how_a_versions_drift_was_judged():
+    """What `models show` and the demo print beside the figures: the bounds a held or passed
+    version was judged against, or that a pretrained base's drift was not judged at all."""
+    from edgekif.general_ability import gate_note
+
+    bounds = {"min_rouge_l": 0.2, "max_loglik_drop": 0.5}
+    assert gate_note({**bounds, "held": True, "instruct_base": True}) == ("HELD", "held if ROUGE-L < 0.2 or the drop > 0.5")
+    assert gate_note({**bounds, "held": False}) == ("ok", "held if ROUGE-L < 0.2 or the drop > 0.5")  # manifests before instruct_base
+    assert gate_note({**bounds, "held": False, "instruct_base": False})[0] == "not gated"

@@ -309,6 +309,8 @@ def test_cleanup_removes_a_crashed_switch_link(store, exports):
 
 
 def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_path):
+    import dataclasses
+
     from edgekif.cli import format_manifest
     from edgekif.export.manifest import Manifest
 
@@ -329,10 +331,16 @@ def test_models_show_names_each_tasks_metric_the_general_drift_and_the_gate(tmp_
     assert "  headlines                  24.7  (rouge_l, generation, 24 new tokens)" in text
     assert "  agnews                     79.2  (normalized_exact_match, classification, 4 new tokens; strict exact match 75.0; train 144)" in text
     assert ("general:     ok: answers ROUGE-L 0.412 to the base's own on 63 prompts, log-likelihood drop 0.087 nats/token "
-            "(bounds: ROUGE-L >= 0.2, drop <= 0.5)") in text
+            "(held if ROUGE-L < 0.2 or the drop > 0.5)") in text
     # each variant built, checked and not shipped, with the check's reasons (why the version is the precision it is)
     assert "rejected:    int8 (exact match 69.8 vs fp32 70.8 (-1.0 points > 1 allowed))" in text
     assert "rejected:    int8 (failed the answer check)" in text
     # each skip with its own reason (older manifests have none: the history's)
     assert "skipped:     int4-k_quant_mixed (rejected on the last 2 checks); int4-rtn (rejected on recent jobs of this base)" in text
     assert "gate:        headlines: rouge_l 24.7 vs base 12.1, +12.6 points [...]" in text
+    # a base that does not follow instructions (pretrained Gemma): its drift is far outside the
+    # bounds and decided nothing, so it is not shown as judged against them
+    m = dataclasses.replace(m, general_ability={**m.general_ability, "rouge_l": 0.001, "loglik_drop": 6.608, "instruct_base": False})
+    text = format_manifest("v0001", m, is_current=True, folder=tmp_path).splitlines()
+    assert ("general:     not gated: answers ROUGE-L 0.001 to the base's own on 63 prompts, log-likelihood drop 6.608 nats/token "
+            "(the base does not follow instructions: recorded, not judged)") in text

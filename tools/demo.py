@@ -56,6 +56,7 @@ def print_measured(data_dir: Path) -> None:
     paired test beside it (manifest.json), and its general-ability drift."""
     from edgekif.errors import IntegrityError
     from edgekif.export.manifest import read_manifest
+    from edgekif.general_ability import gate_note
 
     for folder in sorted(DataLayout(data_dir).models.glob("v*")):
         try:
@@ -78,9 +79,10 @@ def print_measured(data_dir: Path) -> None:
         general = m.general_ability or {}
         if general:
             drop = general.get("loglik_drop")
+            verdict, bounds = gate_note(general)
             print(f"  general ability: answers ROUGE-L {general.get('rouge_l', 0):.2f} to the base's own over {general.get('n')} prompts"
                   + (f", log-likelihood drop of the base's answers {drop:.2f} nats/token" if drop is not None else "")
-                  + f" (held if ROUGE-L < {general.get('min_rouge_l')} or the drop > {general.get('max_loglik_drop')})")
+                  + (f" ({bounds})" if verdict != "not gated" else f" (not gated: {bounds})"))
         skipped = ", ".join(m.skipped_variants)
         rejected = ", ".join(m.rejected_variants)
         if rejected or skipped:
