@@ -364,6 +364,26 @@ class JobRunner:
         version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path), ctx))
         store.advance(job.id, "approved", "published", version=version, metrics={"publish": {"version": version}})
         log.info("published", extra={"job_id": job.id, "version": version, "forced": forced})
+        self.drop_unforceable_exports(store)
+
+    def drop_unforceable_exports(self, store: JobStore) -> list[int]:
+        """Remove the exports of held jobs that a later published job made impossible to force
+        (service.control.force_publish refuses them: publishing one would replace a newer
+        model). Each is 0.2-1 GB; an unattended daemon that holds a file now and then would
+        otherwise fill its disk with them. The jobs keep their figures and reasons in state.db.
+        Returns the ids whose export was removed."""
+        published = [j.id for j in store.jobs(("published",))]
+        if not published:
+            return []
+        dropped = []
+        for job in store.jobs(("held",)):
+            export = self.layout.job(job.id).export
+            if job.id < max(published) and export.exists():
+                shutil.rmtree(export, ignore_errors=True)
+                dropped.append(job.id)
+                log.info("removed a held job's export: a later job was published, so it can no longer be forced",
+                         extra={"job_id": job.id, "path": str(export)})
+        return dropped
 
     # ---- rejections of accepted files -------------------------------------------------------
 

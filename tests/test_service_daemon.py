@@ -383,6 +383,39 @@ def test_force_publish_refuses_to_replace_a_newer_model(tmp_path):
         force_publish(d.config, 2)
 
 
+def test_a_held_jobs_export_goes_once_a_later_job_is_published(tmp_path):
+    """A held job's export (0.2-1 GB) is kept for `publish --force` until a later job is
+    published; from then on forcing is refused, so the export is removed (its figures stay in
+    state.db). A held job newer than the last publish keeps its export; a daemon start removes
+    what older daemons kept."""
+    export = lambda job_id: tmp_path / "jobs" / str(job_id) / "export"  # noqa: E731
+    drop(tmp_path, "a.jsonl")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.stages.drop = 50.0
+    drop(tmp_path, "b.jsonl", '{"b": 1}\n')
+    d.run_until_idle()
+    assert [j.state for j in jobs(tmp_path)] == ["published", "held"] and (export(2) / "manifest.json").is_file()  # forceable
+    d.stages.drop = 0.0
+    drop(tmp_path, "c.jsonl", '{"c": 1}\n')
+    d.run_until_idle()
+    d.stages.drop = 50.0
+    drop(tmp_path, "d.jsonl", '{"d": 1}\n')
+    d.run_until_idle()
+    d.close()
+    held_b = jobs(tmp_path)[1]
+    assert [j.state for j in jobs(tmp_path)] == ["published", "held", "published", "held"]
+    assert not export(2).exists() and held_b.error["kind"] == "gate" and held_b.metrics["gate"]["ok"] is False
+    assert (export(4) / "manifest.json").is_file()  # held after the last publish: still forceable
+    # an export an older daemon kept for job 2: removed at the next start
+    export(2).mkdir()
+    (export(2) / "model.onnx.data").write_bytes(b"x" * 100)
+    d = make_daemon(tmp_path)
+    d.run_until_idle()  # opens the data dir as `serve` does
+    d.close()
+    assert not export(2).exists() and export(4).is_dir()
+
+
 def test_stop_during_training_checkpoints_and_resumes(tmp_path):
     d = make_daemon(tmp_path, FakeStages(tmp_path, train_steps=60, step_seconds=0.05), scan_interval=0.5)
     progress = tmp_path / "jobs" / "1" / "progress.json"
