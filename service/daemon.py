@@ -237,7 +237,7 @@ class Daemon:
         self._store = self._until_space("open state.db", lambda: JobStore(self.layout.state_db))
         self._until_space("finish interrupted file moves", lambda: (reconcile_takes(self.layout, self._store),
                                                                     self.runner.reconcile_rejections(self._store)))
-        self.runner.drop_unforceable_exports(self._store)  # what daemons before this rule kept
+        self.runner.drop_dead_job_files(self._store)  # what daemons before this rule kept
 
     def _until_space(self, what: str, fn: Callable[[], Any]) -> Any:
         """Start-up on a full disk starts and waits: retry `fn` while its failure is the disk's."""

@@ -239,7 +239,7 @@ class FakeStages:
                     store.rollback(v)
                 self._record("publish", ctx, version=v, made=False)
                 return v
-        version = store.publish(export_path)
+        version = store.publish(export_path, keep=ctx.config.export.keep_versions)  # as the real stage
         self._record("publish", ctx, version=version, made=True)
         self._maybe_inject("publish", "after")
         return version

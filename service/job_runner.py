@@ -364,26 +364,45 @@ class JobRunner:
         version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path), ctx))
         store.advance(job.id, "approved", "published", version=version, metrics={"publish": {"version": version}})
         log.info("published", extra={"job_id": job.id, "version": version, "forced": forced})
-        self.drop_unforceable_exports(store)
+        self.drop_dead_job_files(store)
 
-    def drop_unforceable_exports(self, store: JobStore) -> list[int]:
-        """Remove the exports of held jobs that a later published job made impossible to force
-        (service.control.force_publish refuses them: publishing one would replace a newer
-        model). Each is 0.2-1 GB; an unattended daemon that holds a file now and then would
-        otherwise fill its disk with them. The jobs keep their figures and reasons in state.db.
-        Returns the ids whose export was removed."""
-        published = [j.id for j in store.jobs(("published",))]
+    def drop_dead_job_files(self, store: JobStore) -> dict[int, list[str]]:
+        """Remove what no command can use any more, which an unattended daemon would otherwise
+        pile up job after job ({job id: the folders removed}):
+          - a held job's export (0.2-1 GB) and learner (~47 MB) once a later job is published:
+            service.control.force_publish refuses it from then on (publishing it would
+            replace a newer model), and only a forced job's learner is trained on further;
+          - a published job's learner once its version is gone from models/ (export.keep_versions):
+            a job trains on from the live version's learner, and only a kept version can be
+            rolled back to.
+        Figures, reasons and events stay in state.db; the published adapter stays in each kept
+        version (models/vNNNN/adapter)."""
+        from edgekif.publish import ModelStore  # torch-free
+
+        published = store.jobs(("published",))
         if not published:
-            return []
-        dropped = []
+            return {}
+        kept = set(ModelStore(self.layout.root).versions())
+        live = store.live()
+        last = max(j.id for j in published)
+        doomed: dict[int, list[Path]] = {}
         for job in store.jobs(("held",)):
-            export = self.layout.job(job.id).export
-            if job.id < max(published) and export.exists():
-                shutil.rmtree(export, ignore_errors=True)
-                dropped.append(job.id)
-                log.info("removed a held job's export: a later job was published, so it can no longer be forced",
-                         extra={"job_id": job.id, "path": str(export)})
-        return dropped
+            if job.id < last:
+                doomed[job.id] = [self.layout.job(job.id).export, self.layout.job(job.id).learner]
+        for job in published:
+            # no versions at all is not "all gone": a models/ folder moved away by hand, say
+            if kept and job.version and job.version not in kept and (live is None or job.id != live.id):
+                doomed[job.id] = [self.layout.job(job.id).learner]
+        removed: dict[int, list[str]] = {}
+        for job_id, paths in sorted(doomed.items()):
+            for path in paths:
+                if path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.setdefault(job_id, []).append(path.name)
+        if removed:
+            log.info("removed job files no command can use any more (held jobs published over, versions gone)",
+                     extra={"removed": {str(k): v for k, v in removed.items()}})
+        return removed
 
     # ---- rejections of accepted files -------------------------------------------------------
 

@@ -383,37 +383,48 @@ def test_force_publish_refuses_to_replace_a_newer_model(tmp_path):
         force_publish(d.config, 2)
 
 
-def test_a_held_jobs_export_goes_once_a_later_job_is_published(tmp_path):
-    """A held job's export (0.2-1 GB) is kept for `publish --force` until a later job is
-    published; from then on forcing is refused, so the export is removed (its figures stay in
-    state.db). A held job newer than the last publish keeps its export; a daemon start removes
-    what older daemons kept."""
-    export = lambda job_id: tmp_path / "jobs" / str(job_id) / "export"  # noqa: E731
-    drop(tmp_path, "a.jsonl")
-    d = make_daemon(tmp_path)
-    d.run_until_idle()
-    d.stages.drop = 50.0
-    drop(tmp_path, "b.jsonl", '{"b": 1}\n')
-    d.run_until_idle()
-    assert [j.state for j in jobs(tmp_path)] == ["published", "held"] and (export(2) / "manifest.json").is_file()  # forceable
-    d.stages.drop = 0.0
-    drop(tmp_path, "c.jsonl", '{"c": 1}\n')
-    d.run_until_idle()
-    d.stages.drop = 50.0
-    drop(tmp_path, "d.jsonl", '{"d": 1}\n')
-    d.run_until_idle()
+def test_job_files_no_command_can_use_are_removed(tmp_path):
+    """A held job's export (0.2-1 GB) and learner are kept for `publish --force` until a later
+    job is published; from then on forcing is refused, so both go (the figures stay in
+    state.db). A published job's learner goes once its version is gone from models/. A held
+    job newer than the last publish keeps both, the live version's job its learner; a daemon
+    start removes what older daemons kept."""
+    job = lambda job_id: tmp_path / "jobs" / str(job_id)  # noqa: E731
+    cfg = load_config(None, [f"data_dir={tmp_path}", "service.quiet_seconds=0", "export.keep_versions=1"])
+
+    def run(name: str, drop_points: float) -> None:
+        d.stages.drop = drop_points
+        drop(tmp_path, name, json.dumps({name: 1}) + "\n")
+        d.run_until_idle()
+        (job(len(jobs(tmp_path))) / "learner").mkdir()  # what the real train stage leaves (~47 MB)
+
+    d = Daemon(cfg, FakeStages(tmp_path), retry_base_seconds=0)
+    run("a.jsonl", 0.0)
+    run("b.jsonl", 50.0)
+    assert [j.state for j in jobs(tmp_path)] == ["published", "held"] and (job(2) / "export" / "manifest.json").is_file()  # forceable
+    run("c.jsonl", 0.0)
+    assert not (job(2) / "export").exists()  # removed at c's publish
+    run("d.jsonl", 50.0)
     d.close()
     held_b = jobs(tmp_path)[1]
     assert [j.state for j in jobs(tmp_path)] == ["published", "held", "published", "held"]
-    assert not export(2).exists() and held_b.error["kind"] == "gate" and held_b.metrics["gate"]["ok"] is False
-    assert (export(4) / "manifest.json").is_file()  # held after the last publish: still forceable
-    # an export an older daemon kept for job 2: removed at the next start
-    export(2).mkdir()
-    (export(2) / "model.onnx.data").write_bytes(b"x" * 100)
-    d = make_daemon(tmp_path)
+    assert held_b.error["kind"] == "gate" and held_b.metrics["gate"]["ok"] is False  # what it was, still told
+    # a start removes what is left (here: learners the fake train stage does not remove itself,
+    # an export an older daemon kept)
+    (job(2) / "export").mkdir()
+    d = Daemon(cfg, FakeStages(tmp_path), retry_base_seconds=0)
     d.run_until_idle()  # opens the data dir as `serve` does
     d.close()
-    assert not export(2).exists() and export(4).is_dir()
+    assert sorted(p.name for p in (tmp_path / "models").glob("v0*")) == ["v0002"]  # keep_versions = 1
+    assert not (job(1) / "learner").exists()  # v0001 is gone: nothing trains on from it, no rollback to it
+    assert not (job(2) / "learner").exists() and not (job(2) / "export").exists()  # held, then published over
+    assert (job(3) / "learner").is_dir()  # the live version's: the next job trains on from it
+    assert (job(4) / "learner").is_dir() and (job(4) / "export" / "manifest.json").is_file()  # still forceable
+    # without models/ (moved away by hand) no version counts as gone, the live one's learner least
+    os.rename(tmp_path / "models", tmp_path / "models.moved")
+    with JobStore(tmp_path / "state.db") as store:
+        assert d.runner.drop_dead_job_files(store) == {}
+    assert (job(3) / "learner").is_dir()
 
 
 def test_stop_during_training_checkpoints_and_resumes(tmp_path):
