@@ -376,17 +376,25 @@ class JobRunner:
             a job trains on from the live version's learner, and only a kept version can be
             rolled back to.
         Figures, reasons and events stay in state.db; the published adapter stays in each kept
-        version (models/vNNNN/adapter)."""
+        version (models/vNNNN/adapter). Never raises: housekeeping must not fail a published job
+        or a daemon's start (what it could not read is left for the next time)."""
+        import sqlite3
+
         from edgekif.publish import ModelStore  # torch-free
 
-        published = store.jobs(("published",))
+        try:
+            published = store.jobs(("published",))
+            kept = set(ModelStore(self.layout.root).versions())
+            live = store.live()
+            held = store.jobs(("held",))
+        except (OSError, sqlite3.Error) as e:
+            log.warning("could not look for job files to remove", extra={"error": f"{type(e).__name__}: {e}"})
+            return {}
         if not published:
             return {}
-        kept = set(ModelStore(self.layout.root).versions())
-        live = store.live()
         last = max(j.id for j in published)
         doomed: dict[int, list[Path]] = {}
-        for job in store.jobs(("held",)):
+        for job in held:
             if job.id < last:
                 doomed[job.id] = [self.layout.job(job.id).export, self.layout.job(job.id).learner]
         for job in published:

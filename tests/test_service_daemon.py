@@ -544,3 +544,25 @@ def test_start_up_removes_a_crashed_publish_switch(tmp_path):
         assert sorted(p.name for p in models.iterdir() if p.name != ".publish.lock") == ["current", "v0001"]
     finally:
         d.close()
+
+
+def test_removing_dead_job_files_never_fails_a_job(tmp_path, monkeypatch, caplog):
+    """The cleanup after a publish cannot fail the published job (nor a start): a state.db it
+    cannot read is logged and left for the next time."""
+    import sqlite3
+
+    drop(tmp_path, "a.jsonl")
+    d = make_daemon(tmp_path)
+    d.run_until_idle()
+    d.close()
+
+    def locked(*a, **k):
+        raise sqlite3.OperationalError("database is locked")
+
+    with JobStore(tmp_path / "state.db") as store:
+        monkeypatch.setattr(store, "jobs", locked)
+        with caplog.at_level(logging.WARNING, logger="service.job_runner"):
+            assert d.runner.drop_dead_job_files(store) == {}
+    (rec,) = [r for r in caplog.records if r.getMessage() == "could not look for job files to remove"]
+    assert "database is locked" in rec.error
+    assert [j.state for j in jobs(tmp_path)] == ["published"]
