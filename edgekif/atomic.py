@@ -182,11 +182,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# atomic_dir's temps: ".NAME.PID.RAND.tmp" (RAND: mkdtemp's 8 of [a-z0-9_]); before the pid
-# was added ".NAME.RAND.tmp". The old folder parked while swapping: ".NAME.old-PID".
-_DIR_TMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
-_LEGACY_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-_PARKED = re.compile(r"^\..+\.old-(\d+)$")
+# The names this module's temps take, for whoever cleans up after a crash (remove_dead_temps
+# here, service.housekeeping for the data dir). RAND is tempfile's 8 of [a-z0-9_].
+# Any temp: ".NAME.RAND.tmp" (atomic_write_*, and any mkstemp(prefix=".NAME.", suffix=".tmp")),
+# or atomic_dir's ".NAME.PID.RAND.tmp" (".NAME.RAND.tmp" before the pid was added).
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_DIR_TMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")  # atomic_dir's, with its pid
+# The old folder atomic_dir(overwrite=True) parks while swapping: ".NAME.old-PID".
+PARKED_NAME = re.compile(r"^\..+\.old-(\d+)$")
 STALE_AFTER = 24 * 3600.0  # no build here takes a day: a temp this old is stale whatever its pid says
 
 
@@ -209,8 +212,8 @@ def remove_dead_temps(folder: str | os.PathLike, *, now: float | None = None) ->
     except OSError:
         return removed
     for entry in entries:
-        m = _DIR_TMP.match(entry.name) or _PARKED.match(entry.name)
-        if m is None and not _LEGACY_TMP.match(entry.name):
+        m = _DIR_TMP.match(entry.name) or PARKED_NAME.match(entry.name)
+        if m is None and not TEMP_NAME.match(entry.name):
             continue
         try:
             age = now - entry.stat(follow_symlinks=False).st_mtime

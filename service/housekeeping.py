@@ -24,19 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekif.atomic import PARKED_NAME, TEMP_NAME
 from edgekif.children import pid_alive
 from edgekif.export.build import GENAI_CACHE_PREFIX
 from edgekif.layout import DataLayout
 
-
-
 log = logging.getLogger(__name__)
 
-# tempfile's random part: 8 of [a-z0-9_]. ".NAME.<rand>.tmp" is mkstemp/mkdtemp(prefix=".NAME.",
-# suffix=".tmp") as edgekif.atomic, service.metrics and the inbox take name their temps.
-_ATOMIC_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-# atomic_dir(overwrite=True) parks the old folder as ".NAME.old-<pid>" while swapping.
-_ATOMIC_OLD = re.compile(r"^\..+\.old-(\d+)$")
+# Temp names (edgekif.atomic.TEMP_NAME): ".NAME.<rand>.tmp" as edgekif.atomic, service.metrics
+# and the inbox name theirs; atomic_dir's also carry its pid. PARKED_NAME: ".NAME.old-<pid>".
 _GENAI_CACHE = re.compile(re.escape(GENAI_CACHE_PREFIX) + r"(?:(\d+)-)?[a-z0-9_]{8}$")
 # Caches named before the pid was added cannot be matched to a process: removed once this old.
 LEGACY_CACHE_MAX_AGE = 24 * 3600.0
@@ -65,8 +61,8 @@ def _stale_in(folder: Path, *, recursive: bool) -> list[Path]:
         return found
     for entry in entries:
         name = entry.name
-        old = _ATOMIC_OLD.match(name)
-        if _ATOMIC_TMP.match(name) or (old and int(old.group(1)) != os.getpid()):
+        old = PARKED_NAME.match(name)
+        if TEMP_NAME.match(name) or (old and int(old.group(1)) != os.getpid()):
             found.append(Path(entry.path))
         elif recursive and entry.is_dir(follow_symlinks=False):
             found.extend(_stale_in(Path(entry.path), recursive=True))
