@@ -32,7 +32,7 @@ from edgekif.layout import DataLayout  # noqa: E402  (import-free)
 
 # The benchmark data beside the checkout when it is there; otherwise the slices shipped in
 # tools/demo_data (the 192 train + 3 test examples of each task the demo uses: the first 192
-# of the same seeded shuffle, so both sources give the same files).
+# of the same seeded shuffle, in its order, so both sources give the same files: task_lines).
 SHARED_DATA = [REPO.parent / "shared" / "data" / "cl-benchmark", REPO.parent / "shared" / "data" / "gen-benchmark"]
 SHIPPED_DATA = REPO / "tools" / "demo_data"
 PY = sys.executable
@@ -44,6 +44,18 @@ def task_dir(name: str) -> Path:
     if os.environ.get("EDGEKIF_DEMO_DATA"):
         return Path(os.environ["EDGEKIF_DEMO_DATA"]) / name
     return next((d / name for d in SHARED_DATA if (d / name / "train.jsonl").is_file()), SHIPPED_DATA / name)
+
+
+def task_lines(name: str, examples: int) -> list[str]:
+    """The lines of the file the demo drops for task `name`: the first `examples` of its
+    train.jsonl after a shuffle seeded 0. The shipped slices are that shuffle's first 192 lines
+    of the shared file already, in that order: shuffling them again would drop other bytes, so
+    another train/holdout split and other figures than a checkout beside ../shared gets."""
+    source = task_dir(name)
+    lines = (source / "train.jsonl").read_text().splitlines()
+    if source.parent != SHIPPED_DATA:
+        random.Random(0).shuffle(lines)
+    return lines[:examples]
 
 
 def edgekif(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
@@ -149,10 +161,8 @@ def main() -> int:
             time.sleep(0.2)
         tests = {}
         for name in args.tasks:
-            lines = (task_dir(name) / "train.jsonl").read_text().splitlines()
-            random.Random(0).shuffle(lines)
             part = inbox / f"{name}.jsonl.part"  # write under a temp name, then rename: the daemon never sees half a file
-            part.write_text("\n".join(lines[: args.examples]) + "\n")
+            part.write_text("\n".join(task_lines(name, args.examples)) + "\n")
             os.rename(part, inbox / f"{name}.jsonl")
             tests[name] = [json.loads(l) for l in (task_dir(name) / "test.jsonl").read_text().splitlines()[:3]]
             print(f"dropped {name}.jsonl ({args.examples} examples)")
