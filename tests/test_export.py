@@ -219,6 +219,56 @@ def test_answer_all_batches_by_length_and_keeps_each_answer_in_its_place(genai_f
     assert answer_all(runner, ["bb", "a", "ccc"], 2, batch_size=2) == ["bb/2", "a/2", "ccc/2"] and sorted(runner.calls) == ["a", "bb", "ccc"]
 
 
+def _graph_logits(folder: Path, ids: list[list[int]], mask: list[list[int]], past: dict | None = None):
+    """A genai export's model.onnx run directly: (logits, present) for one call."""
+    import numpy as np
+    import onnxruntime as ort
+
+    config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array(ids, dtype=np.int64), "attention_mask": np.array(mask, dtype=np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            empty = np.zeros((len(ids), config["num_key_value_heads"], 0, config["head_size"]), np.float32)
+            feeds[i.name] = past[i.name.replace("past_key_values", "present")] if past else empty
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def test_a_cpu_genai_export_computes_logits_on_each_rows_last_real_position(fused, genai_fp32):
+    """The LM head runs on one position a row (edgekif.export.lm_head): the prompt's last real
+    token whatever the padding on its right, and the new token in a decoding step; each equals
+    the fused PyTorch model's logits there. The builder's own prune took the batch's last
+    position, a pad for every shorter row."""
+    model = load_model(fused["fused"], "fp32").eval()
+    info = json.loads((genai_fp32 / "export_info.json").read_text())
+    assert info["logits"] == "each row's last real position" and info["builder_options"] == {}  # not a variant option
+    short, long = [5, 9, 13], [7, 11, 2, 30, 41, 8]
+    out = _graph_logits(genai_fp32, [short + [0] * 3, long], [[1] * 3 + [0] * 3, [1] * 6])  # right padded, as genai pads
+    assert out["logits"].shape == (2, 1, model.config.vocab_size)
+    for row, seq in enumerate((short, long)):
+        expected = _logits(model, torch.tensor([seq]))[0, -1]
+        assert torch.allclose(torch.from_numpy(out["logits"][row, 0]), expected, atol=1e-3), row
+    # a decoding step after the long prompt: position 0 of a one-token input
+    first = _graph_logits(genai_fp32, [long], [[1] * 6])
+    step = _graph_logits(genai_fp32, [[17]], [[1] * 7], past=first)
+    assert torch.allclose(torch.from_numpy(step["logits"][0, 0]), _logits(model, torch.tensor([long + [17]]))[0, -1], atol=1e-3)
+
+
+def test_a_graph_the_rewrite_does_not_know_is_refused_and_a_variant_may_keep_every_position(fused, genai_fp32, tmp_path):
+    from edgekif.export.build import build_variant
+    from edgekif.export.lm_head import last_position_head
+
+    with pytest.raises(ExportError, match="/lm_head/prune/Gather"):
+        last_position_head(genai_fp32)  # already rewritten: nothing of the builder's to replace
+    out = tmp_path / "every"
+    build_variant(fused["fused"], out, "genai", ExportVariant("fp32", (("prune_lm_head", "false"),)), "cpu")
+    assert json.loads((out / "export_info.json").read_text())["logits"] == "every position"
+    assert _graph_logits(out, [[5, 9, 13]], [[1, 1, 1]])["logits"].shape[1] == 3
+    with pytest.raises(ExportError, match="without prune_lm_head"):
+        last_position_head(out)
+
+
 def test_an_export_that_cannot_answer_fails_once_with_the_reason(genai_fp32, tmp_path, monkeypatch):
     """A built export the runtime opens but cannot answer with (here: no chat template, as a
     template-less base once gave) is a permanent ExportError naming the cause, not a retry."""

@@ -9,6 +9,10 @@ with a top-level "rope_type", rope_theta, and rope_local_base_freq; given the ne
 fails with KeyError 'rope_type'. So the wrapper loads the config as the builder does
 (parse_extra_options), flattens it (flat_rope_config) and then calls the builder's create_model.
 The installed package is not modified; configs already flat (Llama, Qwen2, SmolLM2) pass as they are.
+
+A build with `prune_lm_head=true` gets its LM head rewritten after the builder is done
+(edgekif.export.lm_head): the builder's own prune reads the batch's last position, a pad for
+every right-padded row, so the wrapper never leaves it as the builder made it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ def normalise_hf_config(hf_config: Any) -> list[str]:
     return changed
 
 
+def prunes_lm_head(extra_options: list[str] | None) -> bool:
+    """Whether the builder's --extra_options ask for prune_lm_head (the builder's own truth values)."""
+    values = [kv.split("=", 1)[1].strip() for kv in extra_options or [] if kv.split("=", 1)[0].strip() == "prune_lm_head" and "=" in kv]
+    return bool(values) and values[-1] in {"true", "True", "1"}
+
+
 def main() -> None:
     # The builder's own __main__, with normalise_hf_config between loading the config and building.
     from onnxruntime_genai.models import builder
@@ -78,6 +88,11 @@ def main() -> None:
     if changed := normalise_hf_config(extra_options["hf_details"]["hf_config"]):
         print(f"edgekif: config normalised for the builder: {', '.join(changed)}", flush=True)
     builder.create_model(*common, **extra_options)
+    if prunes_lm_head(args.extra_options):
+        from .lm_head import last_position_head
+
+        last_position_head(args.output)
+        print("edgekif: LM head rewritten to read each row's last real position", flush=True)
 
 
 if __name__ == "__main__":
