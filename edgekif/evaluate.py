@@ -145,58 +145,92 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
 # --------------------------------------------------------------------------- label scoring
 
 
-def _target_grid(tokenizer, record: Record, labels: Sequence[str], pad_id: int, device):
-    """(tgt_ids, tgt_mask): each label's target tokens (label text + eos, as encode_target
-    builds them), one row a label, right padded; the mask marks real tokens."""
+@dataclass
+class _PackedLabels:
+    """Every label's target tokens (label text + eos, as encode_target builds them) packed into
+    one row: each label's tokens but its last, label after label (its last token is predicted,
+    never fed). One row a record then scores every label, on that record's own KV cache."""
+
+    first: Any  # (n_labels,) each label's first token: predicted by the prompt's last logits
+    fed: Any  # (P,) the fed tokens
+    offset: Any  # (P,) each fed token's position within its label (0 = the label's first)
+    predicts: Any  # (P,) the token each fed token's logits predict: the next of its label
+    label: Any  # (P,) the label each fed token belongs to
+    sees: Any  # (P, P) bool: fed token i attends fed token j (same label, j <= i)
+
+
+def _pack_labels(tokenizer, record: Record, labels: Sequence[str], device) -> _PackedLabels:
     import torch
 
     targets = [encode_target(tokenizer, dataclasses.replace(record, output=lab)) for lab in labels]
-    width = max(len(t) for t in targets)
-    tgt_ids = torch.full((len(labels), width), pad_id, dtype=torch.long)
-    tgt_mask = torch.zeros((len(labels), width), dtype=torch.long)
-    for row, t in enumerate(targets):
-        tgt_ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-        tgt_mask[row, : len(t)] = 1
-    return tgt_ids.to(device), tgt_mask.to(device)
+    fed, offset, predicts, label = [], [], [], []
+    for n, t in enumerate(targets):
+        fed += t[:-1]
+        offset += range(len(t) - 1)
+        predicts += t[1:]
+        label += [n] * (len(t) - 1)
+    label_t = torch.tensor(label, dtype=torch.long)
+    offset_t = torch.tensor(offset, dtype=torch.long)
+    # same label, and j's position within it <= i's: a causal mask per label
+    sees = (label_t[:, None] == label_t[None, :]) & (offset_t[None, :] <= offset_t[:, None])
+    as_long = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in (("first", [t[0] for t in targets]), ("fed", fed), ("predicts", predicts))}
+    return _PackedLabels(first=as_long["first"], fed=as_long["fed"], offset=offset_t.to(device), predicts=as_long["predicts"],
+                         label=label_t.to(device), sees=sees.to(device))
 
 
-def _cache_rows(cache, rows):
-    """A new KV cache holding copies of `rows` of `cache` (which is left as it was): the
-    layers are copied shallowly and each keeps only those rows, so a chunk costs its own rows
-    and not a deep copy of the whole batch's cache."""
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    out.batch_select_indices(rows)  # indexing makes new tensors: `cache`'s stay untouched
-    return out
-
-
-def _label_totals(model, last_logits, cache, mask, tgt_ids, tgt_mask):
-    """Summed log-probability of every label after each of b prompts: (b, n_labels).
-    `last_logits` (b, vocab) are the prompts' last logits, `cache` their KV cache (repeated
-    across the labels here, in place), `mask` their (left-padded) attention mask."""
+def _as_attention_mask(model, sees):
+    """A (b, q, k) boolean "query sees key" as the 4-D mask `model`'s attention takes as it
+    is: booleans for sdpa; for eager attention, which adds the mask to the scores, 0 where seen
+    and the dtype's minimum elsewhere."""
     import torch
 
-    b, n_labels, width = mask.shape[0], tgt_ids.shape[0], tgt_ids.shape[1]
-    device = mask.device
-    first_logp = torch.log_softmax(last_logits.float(), dim=-1)  # predicts label token 0
-    rows_ids = tgt_ids.repeat(b, 1)
-    rows_tmask = tgt_mask.repeat(b, 1)
-    tok_logp = torch.empty(rows_ids.shape, dtype=torch.float32, device=device)
-    tok_logp[:, 0] = first_logp.repeat_interleave(n_labels, dim=0).gather(1, rows_ids[:, :1]).squeeze(1)
-    if width > 1:
-        # log p(token t) comes from the logits at t-1, so the last token is never fed: the
-        # pass runs width-1 tokens a row (a quarter to a third of the label pass on the
-        # benchmark's tasks, whose labels are 2-5 tokens with the eos)
-        cache.batch_repeat_interleave(n_labels)  # row r*n_labels + l = (record r, label l)
-        fed = width - 1
-        rows_mask = torch.cat([mask.repeat_interleave(n_labels, dim=0), rows_tmask[:, :fed]], dim=1)
-        start = mask.sum(-1).repeat_interleave(n_labels)  # real prompt length per row
-        rows_pos = start[:, None] + torch.arange(fed, device=device)[None, :]
-        out = model(input_ids=rows_ids[:, :fed], attention_mask=rows_mask, position_ids=rows_pos, past_key_values=cache, use_cache=True)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        tok_logp[:, 1:] = logp.gather(2, rows_ids[:, 1:, None]).squeeze(2)
-    # where(), not a multiply: a -inf log-prob on a padding slot times 0 would be NaN
-    return torch.where(rows_tmask.bool(), tok_logp, 0.0).sum(-1).view(b, n_labels)
+    sees = sees[:, None]
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return sees
+    dtype = getattr(model, "dtype", torch.float32)
+    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+
+
+def _label_totals(model, last_logits, cache, mask, packed: _PackedLabels):
+    """Summed log-probability of every label after each of b prompts: (b, n_labels).
+    `last_logits` (b, vocab) are the prompts' last logits, `cache` their KV cache (extended
+    here: pass a copy), `mask` their (left-padded) attention mask.
+
+    One forward pass of the packed labels, a row a prompt, with a 4-D attention mask: each fed
+    token sees its prompt's real tokens and its own label's earlier tokens. Repeating each
+    prompt's cache once per label, as this did before, cost ~4x the time (48 dbpedia holdout
+    records, 14 labels, SmolLM2 on 2 cores: docs/benchmarks.md, "Label scoring in one pass")."""
+    import torch
+
+    first_logp = torch.log_softmax(last_logits.float(), dim=-1)  # predicts each label's token 0
+    totals = first_logp[:, packed.first]
+    width = packed.fed.shape[0]
+    if width == 0:  # every label one token long (its eos only)
+        return totals
+    b, prompt_len = mask.shape
+    labels_part = packed.sees[None].expand(b, width, width)
+    sees = torch.cat([mask.bool()[:, None, :].expand(b, width, prompt_len), labels_part], dim=2)
+    attention: Any = _as_attention_mask(model, sees)
+    sliding = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "is_sliding", False)]
+    if sliding:
+        # a sliding-window layer's cache keeps the prompt's last window-1 positions only, and a
+        # fed token at position prompt_len + offset sees keys after it minus the window, as
+        # transformers' own sliding masks count them (cache positions)
+        window = int(sliding[0].sliding_window)
+        kept = min(prompt_len, window - 1)
+        if "sliding_attention" not in (getattr(model.config, "layer_types", None) or []):
+            raise EdgekifError(f"label scoring: {type(model).__name__} has sliding-window cache layers but no config.layer_types to give them their own mask")
+        key_at = torch.arange(prompt_len - kept, prompt_len, device=mask.device)
+        near = key_at[None, :] > (prompt_len + packed.offset[:, None] - window)  # (P, kept)
+        kept_part = mask.bool()[:, None, prompt_len - kept :] & near[None]
+        attention = {"full_attention": attention,
+                     "sliding_attention": _as_attention_mask(model, torch.cat([kept_part, labels_part], dim=2))}
+    pos = mask.sum(-1)[:, None] + packed.offset[None, :]  # positions count real prompt tokens (_left_pad)
+    out = model(input_ids=packed.fed.expand(b, width), attention_mask=attention, position_ids=pos, past_key_values=cache, use_cache=True)
+    logits = out.logits.float()
+    # log-softmax at the predicted token only: no second (b, P, vocab) tensor
+    logp = logits.gather(2, packed.predicts.expand(b, width)[..., None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
+    return totals.index_add(1, packed.label, logp)
 
 
 def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> list[list[float]]:
@@ -206,11 +240,10 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
     Returns scores[record][label]. Summing includes the eos, so a label that is only a
     prefix of the answer ("Art" vs "Artist") is penalised for stopping early.
 
-    How: the prompt runs once per record with the KV cache on; the cache is then repeated
-    across labels and all label continuations (right-padded) are scored in one more pass.
-    Labels are a few tokens and prompts hundreds, so this is ~len(labels)x cheaper than
-    scoring every (record, label) sequence in full. `batch_size` bounds the rows of the label
-    pass (records x labels), which is what costs memory: the repeated cache.
+    How: the prompt runs once per record with the KV cache on; every label's continuation
+    is then scored in one more pass, a row a record, on that cache (_label_totals). Labels are
+    a few tokens and prompts hundreds, so this costs little more than the prompt pass.
+    `batch_size` bounds the records a pass.
     """
     if not records:
         return []
@@ -219,16 +252,16 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
     prompts = _prompts(tokenizer, records, max_prompt_tokens)
     pad_id = _pad_id(tokenizer)
     device = device_of(model)
-    tgt_ids, tgt_mask = _target_grid(tokenizer, records[0], labels, pad_id, device)
+    packed = _pack_labels(tokenizer, records[0], labels, device)
 
     scores: list[list[float]] = [[] for _ in records]
     with _eval_mode(model):
-        for idx in _batches_by_length(prompts, max(1, batch_size // len(labels))):
+        for idx in _batches_by_length(prompts, max(1, batch_size)):
             ids, mask, pos = _left_pad([prompts[k] for k in idx], pad_id, device)
             # logits_to_keep=1: only the last position's logits are used (the rest cost a
             # vocabulary-wide matmul per prompt token)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-            totals = _label_totals(model, out.logits[:, -1, :], out.past_key_values, mask, tgt_ids, tgt_mask)
+            totals = _label_totals(model, out.logits[:, -1, :], out.past_key_values, mask, packed)
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
     return scores
@@ -241,13 +274,8 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
     Why: on a label task both cost mostly the prompt's forward pass (hundreds of tokens, where
     the answer and the labels are a few); run separately they pay it twice. Here each batch's
     prompt, but its last token, runs once into a KV cache; label scoring runs the last prompt
-    token on one copy of it (once a batch) and each chunk of records continues a copy of its
-    own rows with the labels; greedy generation continues the cache itself. Same answers and
-    scores as the two functions, up to float rounding. (100 dbpedia test records, 14 labels,
-    SmolLM2 on 2 cores: 41.2 s when every chunk deep-copied the batch's cache, re-ran the last
-    prompt token and fed each label's final token too; 35.8 s now, the same picks.)"""
-    import torch
-
+    token and then every label (_label_totals) on one copy of it; greedy generation continues
+    the cache itself. Same answers and scores as the two functions, up to float rounding."""
     if not records:
         return [], []
     if not labels:
@@ -259,8 +287,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
     device = device_of(model)
-    tgt_ids, tgt_mask = _target_grid(tokenizer, records[0], labels, pad_id, device)
-    chunk = max(1, batch_size // len(labels))  # records per label pass: bounds its rows, as in label_logprobs
+    packed = _pack_labels(tokenizer, records[0], labels, device)
 
     answers: list[str] = [""] * len(records)
     scores: list[list[float]] = [[] for _ in records]
@@ -268,15 +295,12 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
         for idx in _batches_by_length(prompts, max(1, batch_size)):
             ids, mask, pos = _left_pad([prompts[k] for k in idx], pad_id, device)
             prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
-            # the last prompt token once for the whole batch, on a copy (generation continues `prefix`)
+            # the last prompt token and the labels on a copy (generation continues `prefix`)
             whole = copy.deepcopy(prefix)
             last_logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=whole, use_cache=True).logits[:, -1, :]
-            for lo in range(0, len(idx), chunk):
-                rows = torch.arange(lo, min(lo + chunk, len(idx)), device=device)
-                cache = _cache_rows(whole, rows)
-                totals = _label_totals(model, last_logits[rows], cache, mask[rows], tgt_ids, tgt_mask)
-                for row, k in zip(rows.tolist(), idx[lo : lo + chunk]):
-                    scores[k] = totals[row - lo].tolist()
+            totals = _label_totals(model, last_logits, whole, mask, packed)
+            for row, k in enumerate(idx):
+                scores[k] = totals[row].tolist()
             # generate() runs only the tokens the cache lacks: the last prompt token, then the answer
             for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, pad_id, eos_ids, cache=prefix)):
                 answers[k] = answer

@@ -191,12 +191,16 @@ def test_label_scores_pick_trained_label(trained):
     assert label_scores(model, tok, SAY[::-1], ["C", "B", "A"], batch_size=3) == ["B", "A"]
 
 
-def test_label_logprobs_equal_full_sequence_scoring(opinionated):
-    """Cache-expanded scoring must give the same numbers as scoring prompt+label in one pass."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_label_logprobs_equal_full_sequence_scoring(opinionated, attention):
+    """The packed label pass (every label in one row a record, a 4-D mask; sdpa takes it as
+    booleans, eager as additive floats) gives the numbers of scoring prompt+label in full."""
     model, tok = opinionated
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
     records = [Record.from_prompt("p" * n + " topic?", "x") for n in (2, 25, 7)]
-    labels = ["A", "Bravo", "Charlie delta"]  # different token lengths -> right padding
-    fast = label_logprobs(model, tok, records, labels, batch_size=6)  # 2 records per batch
+    labels = ["A", "Bravo", "Charlie delta"]  # different token lengths
+    fast = label_logprobs(model, tok, records, labels, batch_size=2)  # two batches, the first left padded
     with torch.no_grad():
         for r, row in zip(records, fast):
             prompt = encode_prompt(tok, r)
@@ -209,26 +213,10 @@ def test_label_logprobs_equal_full_sequence_scoring(opinionated):
     assert len({round(s, 3) for row in fast for s in row}) > 3  # scores actually differ
 
 
-def test_cache_rows_copies_the_rows_and_leaves_the_cache_as_it_was(tiny):
-    from edgekif.evaluate import _cache_rows
-
-    model, tok = tiny
-    ids = torch.randint(5, 100, (4, 7))
-    with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-    rows = _cache_rows(cache, torch.tensor([1, 3]))
-    for layer, sub, (k, v) in zip(cache.layers, rows.layers, before):
-        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)  # untouched
-        assert torch.equal(sub.keys, k[[1, 3]]) and torch.equal(sub.values, v[[1, 3]])
-        sub.keys.zero_()  # a copy, not a view of the source
-        assert torch.equal(layer.keys, k)
-
-
 @pytest.mark.parametrize("batch_size", [3, 16])
 def test_one_pass_equals_generate_then_label_scores(opinionated, batch_size):
     """The shared-prefix pass gives the answers of generate_answers and the scores of
-    label_logprobs, whatever the batching (3: one record a label chunk, several batches)."""
+    label_logprobs, whatever the batching (3: several batches; 16: one)."""
     model, tok = opinionated
     records = [Record.from_prompt("p" * n + " topic?", "x") for n in (2, 25, 7, 13, 40)]
     labels = ["A", "Bravo", "Charlie delta"]

@@ -288,3 +288,34 @@ def test_one_pass_evaluation_equals_the_two_calls_in_each_family(family, monkeyp
     assert len(set(answers)) > 1
     for got, want in zip(scores, label_logprobs(model, tok, records, labels, batch_size=4)):
         assert got == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_label_scores_equal_scoring_the_whole_sequence_in_each_family(family):
+    """The packed label pass hands the model its own 4-D mask (edgekif.evaluate._label_totals):
+    in each family, Gemma 3's sliding-window layers among them with prompts past the window,
+    each label's log-likelihood equals the one of prompt + label scored in one forward pass."""
+    from edgekif.evaluate import label_logprobs
+    from edgekif.inputs import encode_prompt, encode_target
+
+    model, tok = tiny_family(family, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    scale = 0.02 if family == "gemma3" else 0.3
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    records = [Record.from_prompt(p, "") for p in ["a long story " * 8, "short", "a longer story " * 7]]
+    assert max(len(encode_prompt(tok, r)) for r in records) > 64  # past Gemma's sliding window
+    labels = ["yes", "no", "maybe not"]
+    for attention in ("sdpa", "eager"):
+        model.set_attn_implementation(attention)
+        fast = label_logprobs(model, tok, records, labels, batch_size=2)
+        with torch.no_grad():
+            for r, row in zip(records, fast):
+                prompt = encode_prompt(tok, r)
+                for lab, got in zip(labels, row):
+                    target = encode_target(tok, Record.from_prompt("", lab))
+                    logp = torch.log_softmax(model(torch.tensor([prompt + target])).logits[0].float(), -1)
+                    want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(target))
+                    assert got == pytest.approx(want, abs=2e-3), (attention, lab)
