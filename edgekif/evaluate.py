@@ -198,8 +198,9 @@ def _label_totals(model, last_logits, cache, mask, packed: _PackedLabels):
 
     One forward pass of the packed labels, a row a prompt, with a 4-D attention mask: each fed
     token sees its prompt's real tokens and its own label's earlier tokens. Repeating each
-    prompt's cache once per label, as this did before, cost ~4x the time (48 dbpedia holdout
-    records, 14 labels, SmolLM2 on 2 cores: docs/benchmarks.md, "Label scoring in one pass")."""
+    prompt's cache once per label, as this did before, made the label part about 3x as long
+    (100 dbpedia test records, 14 labels, SmolLM2 on 2 cores: docs/benchmarks.md, "Label
+    scoring in one pass")."""
     import torch
 
     first_logp = torch.log_softmax(last_logits.float(), dim=-1)  # predicts each label's token 0

@@ -11,7 +11,7 @@ right (docs/benchmarks.md, "Session 33"). This swaps that Gather for a per-row G
 last position whose attention mask is 1, less the past length: the prompt's last real token in
 the prompt pass (left or right padding alike), position 0 in a decoding step. Measured on the
 base's int8 export, 96 records each: every batched answer as the unpruned export's, the prompts
-read 15-18% faster (docs/benchmarks.md, "The LM head on each row's last position").
+read 14-18% faster (docs/benchmarks.md, "The LM head on each row's last position").
 
 Only logits change: [batch, 1, vocab] instead of [batch, sequence, vocab]. Generation through
 onnxruntime-genai reads nothing else; a client that wants every position's logits uses the
