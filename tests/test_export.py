@@ -243,6 +243,7 @@ def test_a_cpu_genai_export_computes_logits_on_each_rows_last_real_position(fuse
     model = load_model(fused["fused"], "fp32").eval()
     info = json.loads((genai_fp32 / "export_info.json").read_text())
     assert info["logits"] == "each row's last real position" and info["builder_options"] == {}  # not a variant option
+    assert verify_manifest(genai_fp32).export["logits"] == info["logits"]  # what a client reading the manifest sees
     short, long = [5, 9, 13], [7, 11, 2, 30, 41, 8]
     out = _graph_logits(genai_fp32, [short + [0] * 3, long], [[1] * 3 + [0] * 3, [1] * 6])  # right padded, as genai pads
     assert out["logits"].shape == (2, 1, model.config.vocab_size)

@@ -44,7 +44,8 @@ class Manifest:
     tasks: list[dict[str, Any]] = field(default_factory=list)  # learned tasks, in learning order
     accuracies: dict[str, float] = field(default_factory=dict)  # the export's own exact match per task
     # {"target", "precision", "execution_provider"}, and for genai exports "session_options"
-    # (the decoder's threads, as in its genai_config.json; absent in older manifests)
+    # (the decoder's threads, as in its genai_config.json) and "logits" (which positions the
+    # graph returns: edgekif.export.lm_head); both absent in older manifests
     export: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)  # onnxruntime(-genai) versions at build time
     adapter: dict[str, Any] | None = None  # the published peft adapter (path, LoRA shape, base)
@@ -204,6 +205,7 @@ def write_manifest(
             "precision": precision or info.get("precision"),
             "execution_provider": execution_provider or info.get("execution_provider"),
             **({"session_options": info["session_options"]} if info.get("session_options") else {}),
+            **({"logits": info["logits"]} if info.get("logits") else {}),
         },
         "runtime": runtime_versions(),
         **extra,
