@@ -191,16 +191,46 @@ def _as_attention_mask(model, sees):
     return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
 
 
+# Fed label positions a label pass may hold (records x packed label tokens): its logits are
+# this many vocabulary rows (SmolLM2: 50 MB; Gemma 3, 262 k words: 270 MB). A task may have 50
+# labels, a few tokens each, so a batch's rows are scored in chunks when they would hold more.
+LABEL_PASS_POSITIONS = 256
+
+
+def _cache_rows(cache, rows):
+    """A new KV cache holding copies of `rows` of `cache` (which is left as it was): the
+    layers are copied shallowly and each keeps only those rows."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_select_indices(rows)  # indexing makes new tensors: `cache`'s stay untouched
+    return out
+
+
 def _label_totals(model, last_logits, cache, mask, packed: _PackedLabels):
     """Summed log-probability of every label after each of b prompts: (b, n_labels).
     `last_logits` (b, vocab) are the prompts' last logits, `cache` their KV cache (extended
     here: pass a copy), `mask` their (left-padded) attention mask.
 
     One forward pass of the packed labels, a row a prompt, with a 4-D attention mask: each fed
-    token sees its prompt's real tokens and its own label's earlier tokens. Repeating each
-    prompt's cache once per label, as this did before, made the label part about 3x as long
-    (100 dbpedia test records, 14 labels, SmolLM2 on 2 cores: docs/benchmarks.md, "Label
-    scoring in one pass")."""
+    token sees its prompt's real tokens and its own label's earlier tokens; rows in chunks of
+    at most LABEL_PASS_POSITIONS fed tokens. Repeating each prompt's cache once per label, as
+    this did before, made the label part about 3x as long (100 dbpedia test records, 14
+    labels, SmolLM2 on 2 cores: docs/benchmarks.md, "Label scoring in one pass")."""
+    import torch
+
+    b, width = mask.shape[0], packed.fed.shape[0]
+    chunk = max(1, LABEL_PASS_POSITIONS // max(1, width))
+    if b <= chunk:
+        return _label_totals_rows(model, last_logits, cache, mask, packed)
+    parts = []
+    for lo in range(0, b, chunk):
+        rows = torch.arange(lo, min(lo + chunk, b), device=mask.device)
+        parts.append(_label_totals_rows(model, last_logits[rows], _cache_rows(cache, rows), mask[rows], packed))
+    return torch.cat(parts)
+
+
+def _label_totals_rows(model, last_logits, cache, mask, packed: _PackedLabels):
+    """_label_totals on rows whose label pass fits LABEL_PASS_POSITIONS; `cache` is extended."""
     import torch
 
     first_logp = torch.log_softmax(last_logits.float(), dim=-1)  # predicts each label's token 0

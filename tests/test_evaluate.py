@@ -213,6 +213,44 @@ def test_label_logprobs_equal_full_sequence_scoring(opinionated, attention):
     assert len({round(s, 3) for row in fast for s in row}) > 3  # scores actually differ
 
 
+def test_cache_rows_copies_the_rows_and_leaves_the_cache_as_it_was(tiny):
+    from edgekif.evaluate import _cache_rows
+
+    model, tok = tiny
+    ids = torch.randint(5, 100, (4, 7))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    rows = _cache_rows(cache, torch.tensor([1, 3]))
+    for layer, sub, (k, v) in zip(cache.layers, rows.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)  # untouched
+        assert torch.equal(sub.keys, k[[1, 3]]) and torch.equal(sub.values, v[[1, 3]])
+        sub.keys.zero_()  # a copy, not a view of the source
+        assert torch.equal(layer.keys, k)
+
+
+def test_a_label_pass_over_its_position_budget_is_scored_in_chunks_with_the_same_scores(opinionated, monkeypatch):
+    """Many labels (a task may have 50) would make one pass's logits records x label tokens
+    vocabulary rows: past LABEL_PASS_POSITIONS the rows go in chunks, each on a copy of its
+    rows' cache, with the scores of one pass."""
+    import edgekif.evaluate as ev
+
+    model, tok = opinionated
+    records = [Record.from_prompt("p" * n + " topic?", "x") for n in (2, 25, 7, 13, 40)]
+    labels = ["A", "Bravo", "Charlie delta"]
+    whole = answers_and_label_logprobs(model, tok, records, labels, max_new_tokens=4, batch_size=8)
+    calls = []
+    rows_pass = ev._label_totals_rows
+    monkeypatch.setattr(ev, "_label_totals_rows", lambda model, logits, *a: calls.append(len(logits)) or rows_pass(model, logits, *a))
+    width = len(ev._pack_labels(tok, records[0], labels, "cpu").fed)
+    monkeypatch.setattr(ev, "LABEL_PASS_POSITIONS", 2 * width)  # two records a pass
+    chunked = answers_and_label_logprobs(model, tok, records, labels, max_new_tokens=4, batch_size=8)
+    assert calls == [2, 2, 1]
+    assert chunked[0] == whole[0]
+    for got, want in zip(chunked[1], whole[1]):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 @pytest.mark.parametrize("batch_size", [3, 16])
 def test_one_pass_equals_generate_then_label_scores(opinionated, batch_size):
     """The shared-prefix pass gives the answers of generate_answers and the scores of

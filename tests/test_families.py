@@ -291,11 +291,16 @@ def test_one_pass_evaluation_equals_the_two_calls_in_each_family(family, monkeyp
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_label_scores_equal_scoring_the_whole_sequence_in_each_family(family):
+@pytest.mark.parametrize("positions", [256, 1])
+def test_label_scores_equal_scoring_the_whole_sequence_in_each_family(family, positions, monkeypatch):
     """The packed label pass hands the model its own 4-D mask (edgekif.evaluate._label_totals):
     in each family, Gemma 3's sliding-window layers among them with prompts past the window,
-    each label's log-likelihood equals the one of prompt + label scored in one forward pass."""
+    each label's log-likelihood equals the one of prompt + label scored in one forward pass,
+    in one pass a batch or a record at a time (positions=1: each on a copy of its cache rows)."""
+    import edgekif.evaluate as ev
     from edgekif.evaluate import label_logprobs
+
+    monkeypatch.setattr(ev, "LABEL_PASS_POSITIONS", positions)
     from edgekif.inputs import encode_prompt, encode_target
 
     model, tok = tiny_family(family, seed=1)
