@@ -159,7 +159,8 @@ def test_genai_export_passes_the_answer_check_and_has_the_client_files(genai_fp3
     assert parity["accuracy"] is None  # prompts without labels: agreement only
     assert manifest["accuracies"] == {} and manifest["accuracies_measured_by"]["runtime"].startswith("onnxruntime-genai ")
     assert manifest["reference"]["runtime"].startswith("pytorch ")
-    assert {k: v for k, v in manifest["export"].items() if k != "session_options"} == {"target": "genai", "precision": "fp32", "execution_provider": "cpu"}
+    assert {k: v for k, v in manifest["export"].items() if k != "session_options"} == {"target": "genai", "precision": "fp32", "execution_provider": "cpu",
+                                                                                   "logits": "each row's last real position"}
     assert manifest["tasks"] == manifest_info["tasks"]
     assert manifest["base_model"] == {"id": "tiny-llama", "sha256": "ab" * 32}
     assert manifest["adapter_sha256"] == manifest_info["adapter_sha256"]
