@@ -38,7 +38,9 @@ _GENAI_CACHE = re.compile(re.escape(GENAI_CACHE_PREFIX) + r"(?:(\d+)-)?[a-z0-9_]
 LEGACY_CACHE_MAX_AGE = 24 * 3600.0
 
 
-def _remove(path: Path) -> bool:
+def remove_path(path: Path) -> bool:
+    """Remove a file or folder (a link itself, never what it points to); False, with a logged
+    warning, when it cannot be removed (already gone: False, quietly). Never raises."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -83,7 +85,7 @@ def cleanup_stale_temp(layout: DataLayout, *, tmp_dir: str | os.PathLike | None 
     doomed += _stale_in(layout.jobs, recursive=True)  # exports, checkpoints, fused, holdouts
     doomed += _dead_genai_caches(tmp_dir, now)
 
-    removed = [p for p in doomed if _remove(p)]
+    removed = [p for p in doomed if remove_path(p)]
     if removed:
         log.info("removed %d stale temp file(s) left by an earlier run", len(removed), extra={"paths": [str(p) for p in removed]})
     return removed
@@ -92,7 +94,7 @@ def cleanup_stale_temp(layout: DataLayout, *, tmp_dir: str | os.PathLike | None 
 def remove_dead_genai_caches(tmp_dir: str | os.PathLike | None = None) -> list[Path]:
     """Remove the genai builder caches of processes that are gone (a killed base preparation's
     export) from the system temp dir (tmp_dir); those of running processes stay."""
-    return [p for p in _dead_genai_caches(tmp_dir, None) if _remove(p)]
+    return [p for p in _dead_genai_caches(tmp_dir, None) if remove_path(p)]
 
 
 def _dead_genai_caches(tmp_dir: str | os.PathLike | None, now: float | None) -> list[Path]:

@@ -34,6 +34,7 @@ from edgekif.errors import DamagedFileError, EdgekifError, Interrupted, Resource
 from edgekif.atomic import fsync_dir
 from edgekif.layout import DataLayout, sidecar_of
 
+from .housekeeping import remove_path
 from .jobs import TRANSITIONS, Job, JobStore, utc_now
 from .resources import check_memory
 from .stages import EvalResult, JobContext, Published, Stages, ValidatedTask
@@ -404,8 +405,7 @@ class JobRunner:
         removed: dict[int, list[str]] = {}
         for job_id, paths in sorted(doomed.items()):
             for path in paths:
-                if path.exists():
-                    shutil.rmtree(path, ignore_errors=True)
+                if remove_path(path):  # what it cannot remove is logged and left, not counted
                     removed.setdefault(job_id, []).append(path.name)
         if removed:
             log.info("removed job files no command can use any more (held jobs published over, versions gone)",

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -566,3 +567,31 @@ def test_removing_dead_job_files_never_fails_a_job(tmp_path, monkeypatch, caplog
     (rec,) = [r for r in caplog.records if r.getMessage() == "could not look for job files to remove"]
     assert "database is locked" in rec.error
     assert [j.state for j in jobs(tmp_path)] == ["published"]
+
+    # a folder it cannot remove (another user's files, a read-only mount) is logged, left and
+    # not reported as removed; the rest still goes
+    learner = d.runner.layout.job(1).learner
+    learner.mkdir(parents=True)
+    (learner / "adapter.safetensors").write_bytes(b"x")
+    stuck = d.runner.layout.job(9).export  # a held job's, published over: due to go
+    stuck.mkdir(parents=True)
+    import service.housekeeping as housekeeping
+
+    real_rmtree = housekeeping.shutil.rmtree
+
+    def refuse(path, *a, **k):
+        if Path(path) == stuck:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(housekeeping.shutil, "rmtree", refuse)
+    with JobStore(tmp_path / "state.db") as store:
+        # held job 9 published over by job 10; job 1's version no longer kept
+        monkeypatch.setattr(store, "jobs", lambda states: [SimpleNamespace(id=9, version=None)] if states == ("held",)
+                            else [SimpleNamespace(id=10, version="v0001"), SimpleNamespace(id=1, version="v0000")])
+        monkeypatch.setattr(store, "live", lambda: None)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.housekeeping"):
+            assert d.runner.drop_dead_job_files(store) == {1: ["learner"]}
+    assert stuck.is_dir() and not learner.exists()
+    assert any("Permission denied" in r.getMessage() for r in caplog.records)
