@@ -271,6 +271,25 @@ def test_a_graph_the_rewrite_does_not_know_is_refused_and_a_variant_may_keep_eve
         last_position_head(out)
 
 
+def test_a_damaged_or_missing_graph_is_a_typed_error_naming_the_file_and_is_left_as_it_was(genai_fp32, tmp_path):
+    from edgekif.export.lm_head import last_position_head
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(genai_fp32, damaged)
+    graph = damaged / "model.onnx"
+    cut = graph.read_bytes()[:-7]  # truncated: a half-copied file
+    graph.write_bytes(cut)
+    with pytest.raises(ExportError, match=r"damaged/model.onnx: cannot read the builder's graph"):
+        last_position_head(damaged)
+    assert graph.read_bytes() == cut
+    graph.write_bytes(b"not a protobuf at all \xff\xfe")
+    with pytest.raises(ExportError, match="cannot read the builder's graph"):
+        last_position_head(damaged)
+    graph.unlink()
+    with pytest.raises(ExportError, match="cannot read the builder's graph"):
+        last_position_head(damaged)
+
+
 def test_an_export_that_cannot_answer_fails_once_with_the_reason(genai_fp32, tmp_path, monkeypatch):
     """A built export the runtime opens but cannot answer with (here: no chat template, as a
     template-less base once gave) is a permanent ExportError naming the cause, not a retry."""

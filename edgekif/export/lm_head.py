@@ -34,12 +34,16 @@ PREFIX = "/lm_head/last_position/"
 def last_position_head(folder: str | os.PathLike) -> None:
     """Rewrite `folder`'s model.onnx (built with prune_lm_head=true) so the LM head reads each
     row's last real position; the weights (model.onnx.data) are not touched. Raises ExportError
-    when the graph has no builder prune node (or has it already rewritten)."""
+    when the graph cannot be read (missing, truncated) or has no builder prune node (or has it
+    already rewritten); the file is then left as it was."""
     import onnx
     from onnx import TensorProto, helper
 
     path = Path(folder) / ONNX_MODEL_FILE
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises protobuf's DecodeError, OSError, ...: one typed error naming the file
+        raise ExportError(f"{path}: cannot read the builder's graph to rewrite its LM head ({type(e).__name__}: {e})") from e
     graph = model.graph
     found = [n for n in graph.node if n.name == BUILDER_GATHER]
     if len(found) != 1 or "attention_mask" not in {i.name for i in graph.input}:
