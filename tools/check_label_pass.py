@@ -35,12 +35,7 @@ WORDS = "river mountain castle engine violin satellite glacier harbour lantern o
 
 def made_up_labels(own: list[str], n: int) -> list[str]:
     """`own` padded to n labels with distinct two-word-and-number ones (several tokens each)."""
-    labels = list(own)
-    i = 0
-    while len(labels) < n:
-        labels.append(f"{WORDS[i % 10].title()} {WORDS[(3 * i + 1) % 10]} {i}")
-        i += 1
-    return labels[:n]
+    return list(own) + [f"{WORDS[i % 10].title()} {WORDS[(3 * i + 1) % 10]} {i}" for i in range(n - len(own))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("task", type=Path, help="a task folder with train.jsonl (its labels) and test.jsonl (the records)")
     ap.add_argument("--base", default="", help="model.base (default: the configured default base)")
     ap.add_argument("--records", type=int, default=12, help="the first N test records")
-    ap.add_argument("--labels", type=int, default=0, help="pad the task's labels with made-up ones up to N")
+    ap.add_argument("--labels", type=int, default=0, help="pad the task's labels with made-up ones up to N (never fewer than its own)")
     ap.add_argument("--long", type=int, default=2, choices=range(3), help="records stretched past 512 tokens (0-2)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -71,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(base.path, "fp32").eval()
     train = read_task(args.task / "train.jsonl").records
     test = read_task(args.task / "test.jsonl").records
-    labels = made_up_labels(sorted({r.label for r in train}), max(args.labels, 1)) if args.labels else sorted({r.label for r in train})
+    own = sorted({r.label for r in train})
+    labels = made_up_labels(own, args.labels) if args.labels > len(own) else own
     records = list(test[: args.records])
     if args.long:
         # the first record's instruction with many records' texts after it: ~600 and ~1000 tokens

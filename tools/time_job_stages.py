@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Time one daemon job's model stages alone: train, export and evaluate, each in its own
-`python -m service.stage_process` child exactly as the daemon runs them, one after the other,
+"""Time one daemon job's model stages alone: train, export and evaluate, each run by the daemon's
+own service.stage_process.ChildStages (a `python -m service.stage_process` child per stage), one after the other,
 with nothing else in the way (no watcher, no status polling, no other job).
 
 Why: `make demo` times the same stages inside a running daemon, where run-to-run timing moved
@@ -15,16 +15,16 @@ The data directory is copied to --work (what a job reads: config, holdouts, repl
 state; the job's train.jsonl; the published job's learner to start from), so the demo's own
 files stay as they are. The base's zero-shot scores are measured again: the cache is a scratch
 folder that links the real one's converted base, general answers and base exports, with empty
-zero-shot scores. Each stage's child log lands in --work as STAGE.log.
+zero-shot scores. The children's log records land in --work/stages.log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,36 +72,43 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from edgekif.config import load_config
+    from edgekif.layout import DataLayout
     from edgekif.workflow import cache_root
+    from service.logs import JsonFormatter
+    from service.stage_process import ChildStages
+    from service.stages import JobContext, Published, ValidatedTask
 
     src, work = args.data_dir.resolve(), args.work.resolve()
     published = None
     if args.published:
         version, job = args.published.split(":")
-        published = {"version": version, "job_id": int(job), "accuracies": {}}
-    copy_job(src, work / "data", args.job, published and published["job_id"])
+        published = Published(version=version, job_id=int(job), accuracies={})
+    copy_job(src, work / "data", args.job, published and published.job_id)
     cfg = load_config(src / "edgekif.toml")
     cfg.data_dir = str(work / "data")
     scratch_cache(cache_root(cfg), work / "cache")
-    jobs = work / "data" / "jobs" / str(args.job)
-    ctx = {"job_id": args.job, "file_name": f"{args.task}.jsonl", "file_path": str(jobs / "train.jsonl"), "sha256": "-",
-           "work_dir": str(jobs), "data_dir": str(work / "data"), "metrics": {"export": {"path": str(jobs / "export")}},
-           "past_tasks": list(args.past), "task": {"name": args.task, "examples": 0, "details": {}}, "published": published}
-    env = {**os.environ, "TQDM_DISABLE": "1", "EDGEKIF_CACHE_DIR": str(work / "cache")}
+    os.environ["EDGEKIF_CACHE_DIR"] = str(work / "cache")  # the children inherit it
+    # the children's log records, relayed by ChildStages as the daemon relays them
+    handler = logging.FileHandler(work / "stages.log")
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    layout = DataLayout(work / "data")
+    jobs = layout.job(args.job).root
+    ctx = JobContext(job_id=args.job, file_name=f"{args.task}.jsonl", file_path=jobs / "train.jsonl", sha256="-", work_dir=jobs,
+                     layout=layout, config=cfg, task=ValidatedTask(name=args.task, examples=0), published=published,
+                     past_tasks=list(args.past))
+    stages = ChildStages(cfg)  # the daemon's own: a `python -m service.stage_process` child per stage
     seconds: dict[str, float] = {}
-    for stage in ("train", "export", "evaluate"):
-        request, result = work / f"{stage}.request.json", work / f"{stage}.result.json"
-        request.write_text(json.dumps({"stage": stage, "config": cfg.to_dict(), "ctx": ctx, "result": str(result)}))
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "service.stage_process", str(request)], env=env, capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
-        seconds[stage] = round(time.perf_counter() - t0, 1)
-        (work / f"{stage}.log").write_text(proc.stdout)
-        outcome = json.loads(result.read_text()) if result.is_file() else {"ok": False, "error": proc.stdout[-2000:]}
-        if not outcome.get("ok"):
-            print(f"{stage} failed: {json.dumps(outcome.get('error'))[:2000]}", file=sys.stderr)
-            return 1
-        print(f"{stage}: {seconds[stage]} s", flush=True)
+    t0 = time.perf_counter()
+    stages.train(ctx, lambda: False)
+    seconds["train"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    ctx.metrics["export"] = {"path": str(stages.export(ctx))}  # what the daemon commits for evaluate
+    seconds["export"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    stages.evaluate(ctx)
+    seconds["evaluate"] = round(time.perf_counter() - t0, 1)
+    print(f"train {seconds['train']} s, export {seconds['export']} s, evaluate {seconds['evaluate']} s", flush=True)
     ratio = (seconds["export"] + seconds["evaluate"]) / seconds["train"]
     manifest = json.loads((jobs / "export" / "manifest.json").read_text())
     out = {"command": "python tools/time_job_stages.py " + " ".join(sys.argv[1:] if argv is None else argv), "seconds": seconds,
