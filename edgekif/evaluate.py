@@ -1,6 +1,7 @@
 """Evaluation: greedy generation + exact match, label scoring, and continual-learning metrics.
 
   generate_answers(model, tok, records)          # greedy answers, batched with left padding
+                                                 # after the prompts' shared prefix, read once
   label_scores(model, tok, records, labels)      # pick the most likely label per record
   evaluate_task(model, tok, records, labels=...) # -> EvalScores(n, exact_match, label_accuracy, ...)
   AccuracyMatrix                                 # a[j][i]; OP / BWT / FWT; JSON + markdown
@@ -94,6 +95,64 @@ def _left_pad(seqs: Sequence[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+# A prompt prefix every prompt of a batch shares (the chat template's start and the task's
+# instruction: 34-61 of the ~65-170 tokens of make demo's prompts) runs once, at batch 1, and
+# every row continues its KV cache: the prompt pass, which is most of an evaluation's cost on a
+# CPU, shrinks by that share. Shorter prefixes are not worth the extra forward call.
+MIN_SHARED_PREFIX = 8
+
+
+@dataclass
+class _PromptBatch:
+    """A batch of prompts laid out as the shared prefix, then each row's own tokens left padded.
+
+    ids, mask, pos: (b, shared + width); positions count real tokens, so each row sees the
+    positions it would alone. cache: the shared prefix's KV cache, one copy per row (None when
+    nothing is shared; then the layout is plain left padding)."""
+
+    ids: Any
+    mask: Any
+    pos: Any
+    shared: int
+    cache: Any
+
+    def past(self) -> dict[str, Any]:
+        """`past_key_values` for a call on ids[:, shared:] (nothing when no prefix is cached:
+        passing None warns on transformers >= 5.25)."""
+        return {} if self.cache is None else {"past_key_values": self.cache}
+
+
+def _sliding_window(model) -> int:
+    """The attention window of a model with sliding-window layers (Gemma 2/3), else 0."""
+    return int(getattr(model.config, "sliding_window", None) or 0)
+
+
+def _prompt_batch(model, seqs: Sequence[list[int]], pad_id: int, device, *, extra: int) -> _PromptBatch:
+    """The batch of `seqs` with their shared prefix computed once (MIN_SHARED_PREFIX).
+
+    Each row keeps at least one token of its own (the prompt's last logits come from it).
+    `extra`: tokens the caller appends after the prompts (answers or labels). A sliding window
+    counts cache positions, padding included: when the padded batch plus `extra` could exceed
+    the window, the plain left-padded layout keeps the padding before every real token."""
+    import torch
+
+    shared = len(os.path.commonprefix([list(s) for s in seqs]))
+    shared = min(shared, min(len(s) for s in seqs) - 1)
+    window = _sliding_window(model)
+    if shared < MIN_SHARED_PREFIX or (window and max(len(s) for s in seqs) + extra >= window):
+        ids, mask, pos = _left_pad(seqs, pad_id, device)
+        return _PromptBatch(ids, mask, pos, 0, None)
+    own_ids, own_mask, _ = _left_pad([s[shared:] for s in seqs], pad_id, device)
+    b = len(seqs)
+    prefix = torch.tensor([list(seqs[0][:shared])], dtype=torch.long, device=device)
+    ids = torch.cat([prefix.expand(b, shared), own_ids], dim=1)
+    mask = torch.cat([torch.ones((b, shared), dtype=own_mask.dtype, device=device), own_mask], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(b)
+    return _PromptBatch(ids, mask, pos, shared, cache)
+
+
 def _batches_by_length(prompts: list[list[int]], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of similar prompt length (less padding); callers restore order."""
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
@@ -136,8 +195,8 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
     answers: list[str] = [""] * len(records)
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
-            ids, mask, _pos = _left_pad([prompts[k] for k in idx], pad_id, device)
-            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, pad_id, eos_ids)):
+            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max_new_tokens)
+            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, max_new_tokens, pad_id, eos_ids, cache=batch.cache)):
                 answers[k] = answer
     return answers
 
@@ -288,11 +347,12 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
     scores: list[list[float]] = [[] for _ in records]
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
-            ids, mask, pos = _left_pad([prompts[k] for k in idx], pad_id, device)
+            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=len(packed.fed) + 1)
             # logits_to_keep=1: only the last position's logits are used (the rest cost a
             # vocabulary-wide matmul per prompt token)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-            totals = _label_totals(model, out.logits[:, -1, :], out.past_key_values, mask, packed)
+            out = model(input_ids=batch.ids[:, batch.shared :], attention_mask=batch.mask, position_ids=batch.pos[:, batch.shared :],
+                        use_cache=True, logits_to_keep=1, **batch.past())
+            totals = _label_totals(model, out.logits[:, -1, :], out.past_key_values, batch.mask, packed)
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
     return scores
@@ -324,8 +384,13 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
     scores: list[list[float]] = [[] for _ in records]
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
-            ids, mask, pos = _left_pad([prompts[k] for k in idx], pad_id, device)
-            prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max(max_new_tokens, len(packed.fed) + 1))
+            ids, mask, pos = batch.ids, batch.mask, batch.pos
+            if ids.shape[1] - 1 > batch.shared:  # the rows' own tokens but the last, after the shared prefix
+                prefix = model(input_ids=ids[:, batch.shared : -1], attention_mask=mask[:, :-1], position_ids=pos[:, batch.shared : -1],
+                               use_cache=True, logits_to_keep=1, **batch.past()).past_key_values
+            else:  # every row's own part is its last token
+                prefix = batch.cache
             # the last prompt token and the labels on a copy (generation continues `prefix`)
             whole = copy.deepcopy(prefix)
             last_logits = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=whole, use_cache=True).logits[:, -1, :]

@@ -267,6 +267,64 @@ def test_one_pass_equals_generate_then_label_scores(opinionated, batch_size):
     assert len({round(x, 3) for row in scores for x in row}) > 3
 
 
+def _tokens_read(model, run) -> int:
+    """How many input tokens the model's embedding looked up while `run()` ran."""
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].numel()))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return sum(seen)
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_a_shared_instruction_is_read_once_with_the_same_answers_and_scores(opinionated, monkeypatch, batch_size):
+    """Prompts that start alike (a task's instruction) read that prefix once per batch and
+    continue its KV cache, each row left padded after it: the answers and label scores of the
+    plain left-padded batches, which read every prompt whole."""
+    import edgekif.evaluate as ev
+
+    model, tok = opinionated
+    instruction = "Which topic is this? Options: sport, business, science or world.\n"
+    records = [Record(id=f"r{n}", messages=(("user", instruction + "w" * n + " news"),), output="x") for n in (1, 12, 5, 30, 8)]
+    labels = ["A", "Bravo", "Charlie delta"]
+
+    def run():
+        return (generate_answers(model, tok, records, max_new_tokens=6, batch_size=batch_size),
+                label_logprobs(model, tok, records, labels, batch_size=batch_size),
+                answers_and_label_logprobs(model, tok, records, labels, max_new_tokens=6, batch_size=batch_size))
+
+    shared_read = _tokens_read(model, run)
+    (answers, scores, (one_answers, one_scores)) = run()
+    monkeypatch.setattr(ev, "MIN_SHARED_PREFIX", 10**6)
+    plain_read = _tokens_read(model, run)
+    (plain_answers, plain_scores, _) = run()
+    assert shared_read < plain_read  # the prefix was read once a batch, not once a row
+    assert answers == plain_answers == one_answers
+    assert len(set(answers)) > 1 and all(answers)
+    for got, alt, want in zip(scores, one_scores, plain_scores):
+        assert got == pytest.approx(want, abs=1e-4) and alt == pytest.approx(want, abs=1e-4)
+    assert len({round(x, 3) for row in scores for x in row}) > 3
+
+
+def test_a_sliding_window_the_batch_could_outgrow_keeps_plain_left_padding(opinionated):
+    """A sliding window counts cache positions, padding included: a batch that could reach it
+    is left padded whole, with no prefix cached."""
+    from edgekif.evaluate import _prompt_batch
+
+    model, tok = opinionated
+    seqs = [[5] * 20 + [6, 7], [5] * 20 + [8]]
+    assert _prompt_batch(model, seqs, 0, "cpu", extra=4).shared == 20
+    model.config.sliding_window = 24
+    try:
+        batch = _prompt_batch(model, seqs, 0, "cpu", extra=4)
+        assert batch.shared == 0 and batch.cache is None and batch.mask[1].tolist() == [0] + [1] * 21
+        assert _prompt_batch(model, seqs, 0, "cpu", extra=1).shared == 20  # 22 + 1 stays inside 24
+    finally:
+        model.config.sliding_window = None
+
+
 def test_evaluate_task_label_accuracy_from_the_one_pass(trained):
     model, tok = trained
     ev = evaluate_task(model, tok, SAY * 3, labels=LABELS, max_new_tokens=4)

@@ -220,6 +220,69 @@ def test_answer_all_batches_by_length_and_keeps_each_answer_in_its_place(genai_f
     assert answer_all(runner, ["bb", "a", "ccc"], 2, batch_size=2) == ["bb/2", "a/2", "ccc/2"] and sorted(runner.calls) == ["a", "bb", "ccc"]
 
 
+@pytest.fixture(scope="module")
+def opinionated_genai(tmp_path_factory):
+    """A genai fp32 export of a tiny Llama with large random weights, whose greedy answers
+    differ from prompt to prompt (the small LoRA of `fused` answers every prompt alike)."""
+    from edgekif.export.build import export_genai
+    from tiny_models import tiny_llama
+
+    root = tmp_path_factory.mktemp("opinionated")
+    model, tok = tiny_llama()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    tok.save_pretrained(root / "hf")
+    return export_genai(root / "hf", root / "genai", precision="fp32", execution_provider="cpu")
+
+
+def test_answer_all_reads_a_shared_prefix_once_with_the_answers_of_one_at_a_time(opinionated_genai, monkeypatch):
+    """Prompts that share a long instruction for their answer budget are answered one at a time
+    on one generator that reads the prefix once and is rewound to it after each answer: the
+    answers of one request at a time, fewer tokens read. A budget too long for the prefix keeps
+    the padded batches."""
+    import types
+
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from edgekif.infer import SHARED_PREFIX_PER_ANSWER_TOKEN, GenaiRunner, answer_all
+
+    genai = GenaiRunner(opinionated_genai)
+    instruction = "Classify the sentiment of this movie review as positive or negative, in one word.\n"
+    prompts = [instruction + t for t in ("a great movie", "dull and far too long", "x", "I loved every minute of it", "a great movie")]
+    one_by_one = [genai.generate(p, 4) for p in prompts]
+    assert len(set(one_by_one)) > 1  # answers that differ, or equality proves little
+
+    appended: list[int] = []
+
+    class Spy:  # counts the tokens each append_tokens call reads
+        def __init__(self, model, params):
+            self._gen = og.Generator(model, params)
+
+        def append_tokens(self, tokens):  # a numpy array, or a batch as a genai Tensor
+            appended.append(int(np.prod(tokens.shape() if callable(tokens.shape) else tokens.shape)))
+            self._gen.append_tokens(tokens)
+
+        def __getattr__(self, name):
+            return getattr(self._gen, name)
+
+    monkeypatch.setattr(genai, "_og", types.SimpleNamespace(Generator=Spy, GeneratorParams=og.GeneratorParams))
+    assert answer_all(genai, prompts, 4, batch_size=2) == one_by_one
+    lengths = [len(genai.tokenizer.encode(genai.chat_text(p))) for p in prompts]
+    shared = appended[0]
+    assert shared >= SHARED_PREFIX_PER_ANSWER_TOKEN * 4 and len(appended) == 1 + len(prompts)
+    assert appended[1:] == [n - shared for n in lengths]  # each prompt's own tokens only
+    appended.clear()
+    long_budget = shared // SHARED_PREFIX_PER_ANSWER_TOKEN + 1
+    assert genai.answers_after_shared_prefix(prompts, long_budget) is None
+    assert answer_all(genai, prompts, long_budget, batch_size=2) == [genai.generate(p, long_budget) for p in prompts]
+    assert appended and all(n >= shared for n in appended)  # whole prompts, batched or alone
+
+
 def _graph_logits(folder: Path, ids: list[list[int]], mask: list[list[int]], past: dict | None = None):
     """A genai export's model.onnx run directly: (logits, present) for one call."""
     import numpy as np
