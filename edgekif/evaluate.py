@@ -217,6 +217,11 @@ class _PackedLabels:
     label: Any  # (P,) the label each fed token belongs to
     sees: Any  # (P, P) bool: fed token i attends fed token j (same label, j <= i)
 
+    @property
+    def longest(self) -> int:
+        """The longest label's target tokens: how far past its prompt a label reaches."""
+        return int(self.offset.max()) + 2 if len(self.offset) else 1
+
 
 def _pack_labels(tokenizer, record: Record, labels: Sequence[str], device) -> _PackedLabels:
     import torch
@@ -347,7 +352,7 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
     scores: list[list[float]] = [[] for _ in records]
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
-            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=len(packed.fed) + 1)
+            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=packed.longest)
             # logits_to_keep=1: only the last position's logits are used (the rest cost a
             # vocabulary-wide matmul per prompt token)
             out = model(input_ids=batch.ids[:, batch.shared :], attention_mask=batch.mask, position_ids=batch.pos[:, batch.shared :],
@@ -384,7 +389,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
     scores: list[list[float]] = [[] for _ in records]
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
-            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max(max_new_tokens, len(packed.fed) + 1))
+            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max(max_new_tokens, packed.longest))
             ids, mask, pos = batch.ids, batch.mask, batch.pos
             if ids.shape[1] - 1 > batch.shared:  # the rows' own tokens but the last, after the shared prefix
                 prefix = model(input_ids=ids[:, batch.shared : -1], attention_mask=mask[:, :-1], position_ids=pos[:, batch.shared : -1],

@@ -308,6 +308,18 @@ def test_a_shared_instruction_is_read_once_with_the_same_answers_and_scores(opin
     assert len({round(x, 3) for row in scores for x in row}) > 3
 
 
+def test_packed_labels_know_how_far_the_longest_label_reaches(tiny):
+    """A label pass reaches as far past the prompt as its longest label (text + eos), not as
+    far as all labels together: that is what a sliding window has to hold."""
+    from edgekif.evaluate import _pack_labels
+
+    _model, tok = tiny
+    labels = ["A", "Bravo", "Charlie delta"]
+    lengths = [len(encode_target(tok, Record.from_prompt("", lab))) for lab in labels]
+    packed = _pack_labels(tok, Record.from_prompt("q", "x"), labels, "cpu")
+    assert packed.longest == max(lengths) < len(packed.fed)
+
+
 def test_a_sliding_window_the_batch_could_outgrow_keeps_plain_left_padding(opinionated):
     """A sliding window counts cache positions, padding included: a batch that could reach it
     is left padded whole, with no prefix cached."""
