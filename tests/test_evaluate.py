@@ -25,7 +25,7 @@ from edgekif.evaluate import (
 )
 from edgekif.model import add_lora, bitsandbytes_available, load_model
 from edgekif.records import Record
-from tiny_models import tiny_llama
+from tiny_models import opinionated_llama, tiny_llama
 
 SAY = [Record.from_prompt("say A", "A", id="a"), Record.from_prompt("say B", "B", id="b")]
 LABELS = ["A", "B", "C"]
@@ -61,13 +61,7 @@ def trained():
 def opinionated():
     """A random tiny Llama with large weights, so greedy output is varied text rather than
     the same whitespace token over and over (which would make invariance checks vacuous)."""
-    model, tok = tiny_llama()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, tok
+    return opinionated_llama()
 
 
 # --------------------------------------------------------------------------- generation

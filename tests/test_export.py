@@ -225,15 +225,10 @@ def opinionated_genai(tmp_path_factory):
     """A genai fp32 export of a tiny Llama with large random weights, whose greedy answers
     differ from prompt to prompt (the small LoRA of `fused` answers every prompt alike)."""
     from edgekif.export.build import export_genai
-    from tiny_models import tiny_llama
+    from tiny_models import opinionated_llama
 
     root = tmp_path_factory.mktemp("opinionated")
-    model, tok = tiny_llama()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model, tok = opinionated_llama()
     model.save_pretrained(root / "hf", safe_serialization=True)
     tok.save_pretrained(root / "hf")
     return export_genai(root / "hf", root / "genai", precision="fp32", execution_provider="cpu")

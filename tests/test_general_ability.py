@@ -352,14 +352,9 @@ def test_the_loglik_is_the_mean_over_every_answer_token_scored_in_full():
 
     from edgekif.inputs import encode_example
     from edgekif.records import Record
-    from tiny_models import tiny_llama
+    from tiny_models import opinionated_llama
 
-    model, tok = tiny_llama()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model, tok = opinionated_llama(seed=3)
     prompts = [GeneralPrompt(f"p{n}", "test", (("user", "q" * n + "?"),)) for n in (30, 2, 11, 5, 19)]
     answers = ["a", "a longer answer here", "", "mid answer", "xyz"]
     logps = []

@@ -62,6 +62,20 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
     return model, tok
 
 
+def opinionated_llama(seed: int = 1, scale: float = 0.3):
+    """A tiny Llama whose matrices are large random values (seeded), so greedy output is varied
+    text rather than the same token over and over (which makes invariance checks vacuous)."""
+    import torch
+
+    model, tok = tiny_llama()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model, tok
+
+
 def save_tiny_llama(folder: str | os.PathLike, seed: int = 0, **kw) -> Path:
     """Write a tiny Llama as an HF folder (for tests that need a base on disk)."""
     folder = Path(folder)
