@@ -212,19 +212,23 @@ class GenaiRunner:
         gen = self._og.Generator(self.model, self._params(longest - max_new_tokens, max_new_tokens))
         if not hasattr(gen, "rewind_to"):  # onnxruntime-genai before 0.6
             return None
-        gen.append_tokens(np.asarray(seqs[0][:shared], dtype=np.int32))
         answers = []
-        for seq in seqs:
-            gen.append_tokens(np.asarray(seq[shared:], dtype=np.int32))
-            ids: list[int] = []
-            while len(ids) < max_new_tokens and not gen.is_done():
-                gen.generate_next_token()
-                token = int(gen.get_next_tokens()[0])
-                if token in self.eos_ids:
-                    break
-                ids.append(token)
-            answers.append(self.answer_text(ids))
-            gen.rewind_to(shared)
+        try:
+            gen.append_tokens(np.asarray(seqs[0][:shared], dtype=np.int32))
+            for seq in seqs:
+                gen.append_tokens(np.asarray(seq[shared:], dtype=np.int32))
+                ids: list[int] = []
+                while len(ids) < max_new_tokens and not gen.is_done():
+                    gen.generate_next_token()
+                    token = int(gen.get_next_tokens()[0])
+                    if token in self.eos_ids:
+                        break
+                    ids.append(token)
+                answers.append(self.answer_text(ids))
+                gen.rewind_to(shared)
+        except RuntimeError as e:  # a graph or runtime that cannot rewind: the callers' other paths
+            log.warning("answering after a shared prefix refused by the runtime; answering whole prompts", extra={"error": str(e)[:300]})
+            return None
         return answers
 
     def generate_batch_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[list[int]]:

@@ -277,6 +277,13 @@ def test_answer_all_reads_a_shared_prefix_once_with_the_answers_of_one_at_a_time
     assert answer_all(genai, prompts, long_budget, batch_size=2) == [genai.generate(p, long_budget) for p in prompts]
     assert appended and all(n >= shared for n in appended)  # whole prompts, batched or alone
 
+    def refuse(self, length):
+        raise RuntimeError("rewind_to is not supported for this model")
+
+    monkeypatch.setattr(Spy, "rewind_to", refuse, raising=False)
+    assert genai.answers_after_shared_prefix(prompts, 4) is None
+    assert answer_all(genai, prompts, 4, batch_size=2) == one_by_one  # padded batches instead
+
 
 def _graph_logits(folder: Path, ids: list[list[int]], mask: list[list[int]], past: dict | None = None):
     """A genai export's model.onnx run directly: (logits, present) for one call."""
