@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 from .atomic import atomic_write_bytes
 from .compute import device_of
 from .decoding import decode_answer
-from .inputs import encode_prompt, encode_target
+from .inputs import encode_prompt, encode_target, shared_prefix_length
 from .errors import EdgekifError
 from .records import Record
 
@@ -136,8 +136,7 @@ def _prompt_batch(model, seqs: Sequence[list[int]], pad_id: int, device, *, extr
     the window, the plain left-padded layout keeps the padding before every real token."""
     import torch
 
-    shared = len(os.path.commonprefix([list(s) for s in seqs]))
-    shared = min(shared, min(len(s) for s in seqs) - 1)
+    shared = shared_prefix_length(seqs)
     window = _sliding_window(model)
     if shared < MIN_SHARED_PREFIX or (window and max(len(s) for s in seqs) + extra >= window):
         ids, mask, pos = _left_pad(seqs, pad_id, device)

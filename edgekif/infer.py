@@ -30,6 +30,7 @@ from .decoding import GREEDY, DecodingError, Sampling, TextStream, decode_answer
 from .errors import IntegrityError, ModelError
 from .export.files import EXPORT_INFO, GENAI_CONFIG, ONNX_MODEL_FILE
 from .export.manifest import Manifest, read_manifest
+from .inputs import shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class GenaiRunner:
         seqs = [[int(t) for t in self.tokenizer.encode(self.chat_text(p))] for p in prompts]
         if len(seqs) < 2:
             return None
-        shared = min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 1)
+        shared = shared_prefix_length(seqs)
         longest = max(len(s) for s in seqs) + max_new_tokens
         if shared < SHARED_PREFIX_PER_ANSWER_TOKEN * max_new_tokens or longest > self.context_length:
             return None

@@ -7,6 +7,7 @@ export check all tokenise through here, so the model sees one rule everywhere.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,13 @@ _PROBES = (
     [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}],
     [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u2"}],
 )
+
+
+def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many tokens every sequence starts with, leaving each at least one of its own (the
+    token whose logits start its answer): what evaluation can read once for all of them."""
+    common = os.path.commonprefix([list(s) for s in seqs])
+    return max(0, min(len(common), min(len(s) for s in seqs) - 1))
 
 
 def without_default_system(tokenizer) -> str | None:

@@ -302,6 +302,14 @@ def test_a_shared_instruction_is_read_once_with_the_same_answers_and_scores(opin
     assert len({round(x, 3) for row in scores for x in row}) > 3
 
 
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    from edgekif.inputs import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 7]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter one keeps its last token
+    assert shared_prefix_length([[5, 6], [5, 6]]) == 1 and shared_prefix_length([[1], [2]]) == 0
+
+
 def test_packed_labels_know_how_far_the_longest_label_reaches(tiny):
     """A label pass reaches as far past the prompt as its longest label (text + eos), not as
     far as all labels together: that is what a sliding window has to hold."""
