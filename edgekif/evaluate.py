@@ -168,18 +168,43 @@ def _prompts(tokenizer, records: Sequence[Record], max_prompt_tokens: int) -> li
     return [encode_prompt(tokenizer, r, max_prompt_tokens) for r in records]
 
 
-def _greedy(model, tokenizer, ids, mask, max_new_tokens: int, pad_id: int, eos_ids: list[int], cache=None) -> list[str]:
+def _greedy(model, tokenizer, ids, mask, max_new_tokens: int, eos_ids: list[int], cache=None) -> list[str]:
     """Greedy answers of one left-padded batch, in row order; `cache` may hold the prompts'
-    first tokens already (generate() then runs only the rest)."""
-    # use_cache=True explicitly: training loads set config.use_cache=False, and
-    # generating without the KV cache re-runs the whole prefix for every new token.
+    first tokens already (only the rest is run).
+
+    A plain argmax loop, as the exports' runtime decodes (no logits processors), rather than
+    generate(): a row that has ended leaves the batch, its KV-cache rows dropped, so a batch
+    costs the tokens of its answers instead of its longest answer times its rows (free-text
+    answers end anywhere between a few tokens and the budget)."""
+    import torch
+
+    done = 0 if cache is None else cache.get_seq_length()
     given = {} if cache is None else {"past_key_values": cache}  # (passing None warns on transformers >= 5.25)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         use_cache=True, pad_token_id=pad_id, eos_token_id=eos_ids, **given)
+    # use_cache=True explicitly: training loads set config.use_cache=False
+    out = model(input_ids=ids[:, done:], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, done:],
+                use_cache=True, logits_to_keep=1, **given)
+    cache, rows = out.past_key_values, torch.arange(ids.shape[0], device=ids.device)
+    position = mask.sum(-1)  # each row's next position: its real tokens so far (as _left_pad counts)
+    stop = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
+    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1, :].argmax(-1)
+        going = ~torch.isin(token, stop)
+        for row, t in zip(rows[going].tolist(), token[going].tolist()):
+            answers[row].append(t)
+        if step + 1 == max_new_tokens or not bool(going.any()):
+            break
+        if not bool(going.all()):  # ended rows leave the batch
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        position = position + 1
     # whole characters only, as the runners decode (a cut at the token limit drops a
     # partial one): the export check compares these answers with theirs
-    return [decode_answer(lambda t: tokenizer.decode(t, skip_special_tokens=True), row.tolist()).strip()
-            for row in out[:, ids.shape[1] :]]
+    return [decode_answer(lambda t: tokenizer.decode(t, skip_special_tokens=True), a).strip() for a in answers]
 
 
 def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> list[str]:
@@ -195,7 +220,7 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
             batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max_new_tokens)
-            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, max_new_tokens, pad_id, eos_ids, cache=batch.cache)):
+            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, max_new_tokens, eos_ids, cache=batch.cache)):
                 answers[k] = answer
     return answers
 
@@ -402,7 +427,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
             # generate() runs only the tokens the cache lacks: the last prompt token, then the answer
-            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, pad_id, eos_ids, cache=prefix)):
+            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, eos_ids, cache=prefix)):
                 answers[k] = answer
     return answers, scores
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from edgekif.config import LoRAConfig
+from edgekif import evaluate as evaluate_module
+from edgekif.decoding import decode_answer
 from edgekif.inputs import collate, encode_example, encode_prompt, encode_target, fit_prompt
 from edgekif.errors import EdgekifError
 from edgekif.compute import compute_dtype
@@ -110,6 +112,68 @@ def test_left_padding_matches_one_by_one(opinionated):
     alone = [generate_answers(model, tok, [r], max_new_tokens=8)[0] for r in records]
     assert batched == alone
     assert len(set(batched)) > 1 and all(batched)  # real, differing text, not all blanks
+
+
+def test_greedy_answers_equal_generate_and_ended_rows_leave_the_batch(opinionated):
+    """The plain greedy loop answers as transformers' generate() does, row by row, with rows
+    that stop at different steps; once a row has ended, later steps run without it."""
+    model, tok = opinionated
+    records = [Record.from_prompt("q" * n + " what?", "x") for n in (1, 9, 40, 3, 17, 25)]
+    budget = 10
+
+    def greedy_ids(r, eos):
+        ids = torch.tensor([encode_prompt(tok, r)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
+                             num_beams=1, eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        return out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+
+    # an end token that the rows reach at different steps (and some never): a token the
+    # model says mid-answer in some rows
+    free = [greedy_ids(r, [tok.eos_token_id]) for r in records]
+    firsts = {}
+    for row in free:
+        for i, t in enumerate(row):
+            firsts.setdefault(t, set()).add(i)
+    stop = max(firsts, key=lambda t: (len(firsts[t]), -min(firsts[t])))
+    eos = [tok.eos_token_id, stop]
+    expected_ids = [greedy_ids(r, eos) for r in records]
+    assert len({len(e) for e in expected_ids}) >= 3 and max(len(e) for e in expected_ids) == budget  # rows end apart
+    model.generation_config.eos_token_id = eos
+    rows_run: list[int] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda _m, inp, _out: rows_run.append(inp[0].shape[0]))
+    try:
+        got = generate_answers(model, tok, records, max_new_tokens=budget, batch_size=16)
+    finally:
+        hook.remove()
+        model.generation_config.eos_token_id = tok.eos_token_id
+    assert got == [decode_answer(lambda t: tok.decode(t, skip_special_tokens=True), e).strip() for e in expected_ids]
+    assert rows_run[-1] == sum(len(e) == budget for e in expected_ids) < len(records)  # the ended rows left
+    after_prompt = rows_run[rows_run.index(len(records)):]  # (a shared prefix may run first, at batch 1)
+    assert after_prompt == sorted(after_prompt, reverse=True) and len(after_prompt) == budget
+
+
+def test_greedy_answers_ignore_the_generation_config_as_the_runtime_does(opinionated):
+    """A base's generation_config may carry a repetition penalty; the exports' runtime decodes
+    with plain argmax (edgekif.decoding.GREEDY sets the penalty to 1), so must the reference."""
+    model, tok = opinionated
+    records = [Record.from_prompt("q" * n + " what?", "x") for n in (1, 9, 40)]
+    ids = [torch.tensor([encode_prompt(tok, r)]) for r in records]
+
+    def generated(**kw):
+        outs = [model.generate(input_ids=i, attention_mask=torch.ones_like(i), max_new_tokens=12, do_sample=False, num_beams=1,
+                               pad_token_id=tok.pad_token_id, **kw)[0, i.shape[1]:].tolist() for i in ids]
+        return [decode_answer(lambda t: tok.decode(t, skip_special_tokens=True), o[: o.index(tok.eos_token_id) if tok.eos_token_id in o else len(o)]).strip()
+                for o in outs]
+
+    model.generation_config.repetition_penalty = 5.0
+    try:
+        penalised = generated()
+        got = generate_answers(model, tok, records, max_new_tokens=12)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    plain = generated(repetition_penalty=1.0)
+    assert penalised != plain  # the config's penalty changes these answers
+    assert got == plain
 
 
 def _linear_dtypes(model, run) -> set:
@@ -492,7 +556,7 @@ def test_heatmap_writes_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["heat.png"]  # no temp file left behind
 
 
-def test_max_prompt_tokens_fits_prompts_as_training_does(opinionated):
+def test_max_prompt_tokens_fits_prompts_as_training_does(opinionated, monkeypatch):
     """Evaluation can fit prompts as training does (bench_cl uses the training max_length).
     Issue 11 changed the rule from a left cut to inputs.fit_prompt (middle cut); so did this test."""
     model, tok = opinionated
@@ -505,22 +569,20 @@ def test_max_prompt_tokens_fits_prompts_as_training_does(opinionated):
         assert encode_example(tok, dataclasses.replace(r, output=""), 33).input_ids[:-1] == p
 
     seen: list[list[int]] = []
-    real_generate = model.generate
+    real_greedy = evaluate_module._greedy
 
-    def spy(input_ids, attention_mask, **kw):
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            seen.append([t for t, m in zip(ids, mask) if m])
-        return real_generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    def spy(model, tokenizer, ids, mask, *args, **kw):  # the prompts a batch answers, as laid out
+        for row, keep in zip(ids.tolist(), mask.tolist()):
+            seen.append([t for t, m in zip(row, keep) if m])
+        return real_greedy(model, tokenizer, ids, mask, *args, **kw)
 
-    model.generate = spy
-    try:
-        cut = generate_answers(model, tok, records, max_prompt_tokens=32)
-        assert sorted(seen) == sorted(fitted)
-        seen.clear()
-        whole = generate_answers(model, tok, records)
-        assert sorted(seen) == sorted(full)  # 0 = whole prompts
-    finally:
-        del model.generate
+    monkeypatch.setattr(evaluate_module, "_greedy", spy)
+    cut = generate_answers(model, tok, records, max_prompt_tokens=32)
+    assert sorted(seen) == sorted(fitted)
+    seen.clear()
+    whole = generate_answers(model, tok, records)
+    assert sorted(seen) == sorted(full)  # 0 = whole prompts
+    monkeypatch.undo()
     assert cut != whole  # the cut prompts really change what the model sees
 
     prompts_scored: list[list[int]] = []
