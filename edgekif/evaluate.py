@@ -426,7 +426,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
             totals = _label_totals(model, last_logits, whole, mask, packed)
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
-            # generate() runs only the tokens the cache lacks: the last prompt token, then the answer
+            # _greedy runs only the tokens the cache lacks: the last prompt token, then the answer
             for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, eos_ids, cache=prefix)):
                 answers[k] = answer
     return answers, scores
