@@ -13,13 +13,15 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .atomic import atomic_write_text
 from .config import Config, xdg_dir
 from .layout import DataLayout
 from .model import BaseModel, add_lora, load_model, load_tokenizer, resolve_base, resolve_device, resolve_precision, source_quantization
-from .trainer import Learner
+
+if TYPE_CHECKING:  # the trainer imports torch, which a stage that only answers through an export never needs
+    from .trainer import Learner
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ def open_learner(cfg: Config, *, strategy: str | None = None, state_dir: Path | 
     torch.manual_seed(cfg.train.seed)  # LoRA's initial weights: the same run gives the same adapter
     model = add_lora(model, cfg.lora)
     tok = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
+    from .trainer import Learner
+
     learner = Learner.create(cfg, model, tok, strategy)
     if state_dir is not None and (Path(state_dir) / "learner.json").is_file():
         learner.load_state(Path(state_dir))

@@ -194,3 +194,18 @@ def test_a_prepared_base_costs_its_first_job_no_export_and_no_general_answers(tm
     assert builds == ["fp32", "fp32"]  # the candidate's own export only: the base's was prepared
     assert answered == [1, 1] and logliks == [1, 1]  # the candidate's answers and log-likelihood only
     assert figures["identical"] == 1.0 and figures["loglik_drop"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_zero_shot_path_imports_no_torch():
+    """The evaluate stage measures the base's zero-shot through its export only: importing what
+    it runs (edgekif.workflow, the export check, the runners) must not load torch, whose import
+    is a second or two of every evaluate stage on a small CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "import edgekif.workflow, edgekif.export.check, edgekif.infer, edgekif.holdouts, edgekif.export.manifest\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
