@@ -168,9 +168,10 @@ def _prompts(tokenizer, records: Sequence[Record], max_prompt_tokens: int) -> li
     return [encode_prompt(tokenizer, r, max_prompt_tokens) for r in records]
 
 
-def _greedy(model, tokenizer, ids, mask, max_new_tokens: int, eos_ids: list[int], cache=None) -> list[str]:
-    """Greedy answers of one left-padded batch, in row order; `cache` may hold the prompts'
-    first tokens already (only the rest is run).
+def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list[int], cache=None) -> list[str]:
+    """Greedy answers of one left-padded batch (ids, mask, pos as _left_pad and _prompt_batch
+    lay them out), in row order; `cache` may hold the prompts' first tokens already (only the
+    rest is run).
 
     A plain argmax loop, as the exports' runtime decodes (no logits processors), rather than
     generate(): a row that has ended leaves the batch, its KV-cache rows dropped, so a batch
@@ -181,10 +182,9 @@ def _greedy(model, tokenizer, ids, mask, max_new_tokens: int, eos_ids: list[int]
     done = 0 if cache is None else cache.get_seq_length()
     given = {} if cache is None else {"past_key_values": cache}  # (passing None warns on transformers >= 5.25)
     # use_cache=True explicitly: training loads set config.use_cache=False
-    out = model(input_ids=ids[:, done:], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, done:],
-                use_cache=True, logits_to_keep=1, **given)
+    out = model(input_ids=ids[:, done:], attention_mask=mask, position_ids=pos[:, done:], use_cache=True, logits_to_keep=1, **given)
     cache, rows = out.past_key_values, torch.arange(ids.shape[0], device=ids.device)
-    position = mask.sum(-1)  # each row's next position: its real tokens so far (as _left_pad counts)
+    position = pos[:, -1] + 1  # each row's next position
     stop = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
     answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
     for step in range(max_new_tokens):
@@ -220,7 +220,7 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
             batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max_new_tokens)
-            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, max_new_tokens, eos_ids, cache=batch.cache)):
+            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, batch.pos, max_new_tokens, eos_ids, cache=batch.cache)):
                 answers[k] = answer
     return answers
 
@@ -427,7 +427,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
             # _greedy runs only the tokens the cache lacks: the last prompt token, then the answer
-            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, max_new_tokens, eos_ids, cache=prefix)):
+            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, pos, max_new_tokens, eos_ids, cache=prefix)):
                 answers[k] = answer
     return answers, scores
 
