@@ -168,7 +168,13 @@ def _prompts(tokenizer, records: Sequence[Record], max_prompt_tokens: int) -> li
     return [encode_prompt(tokenizer, r, max_prompt_tokens) for r in records]
 
 
-def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list[int], cache=None) -> list[str]:
+# 256 MB of fp32 logits: SmolLM2's 49k-token vocabulary, 32 rows, 41 draft tokens; Gemma 3's
+# 262k, 7 tokens
+DRAFT_LOGITS = 1 << 26
+
+
+def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list[int], cache=None,
+            drafts: Sequence[list[int]] | None = None) -> list[str]:
     """Greedy answers of one left-padded batch (ids, mask, pos as _left_pad and _prompt_batch
     lay them out), in row order; `cache` may hold the prompts' first tokens already (only the
     rest is run).
@@ -176,53 +182,128 @@ def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list
     A plain argmax loop, as the exports' runtime decodes (no logits processors), rather than
     generate(): a row that has ended leaves the batch, its KV-cache rows dropped, so a batch
     costs the tokens of its answers instead of its longest answer times its rows (free-text
-    answers end anywhere between a few tokens and the budget)."""
+    answers end anywhere between a few tokens and the budget).
+
+    `drafts` (per row, token ids, eos included where the draft ended): answers proposed by
+    another model (the export being checked), verified as speculative decoding verifies a
+    draft: they are fed with the prompt in one pass, each row keeps its own greedy tokens as
+    long as they equal the draft's, and only rows that part from their draft decode on, one
+    token a step. The answers are this model's own greedy answers either way (up to float
+    rounding: a longer pass sums in another order); a draft that agrees saves its tokens' steps."""
     import torch
 
     done = 0 if cache is None else cache.get_seq_length()
     given = {} if cache is None else {"past_key_values": cache}  # (passing None warns on transformers >= 5.25)
+    b, device = ids.shape[0], ids.device
+    # the verifying pass keeps logits for every draft position: at most DRAFT_LOGITS floats
+    # (a draft longer than that is verified that far; the row decodes on after it)
+    fits = max(0, DRAFT_LOGITS // (b * model.get_output_embeddings().weight.shape[0]) - 1) if drafts is not None else 0
+    drafts = [list(d[: min(max_new_tokens, fits)]) for d in drafts] if drafts is not None else [[] for _ in range(b)]
+    width = max((len(d) for d in drafts), default=0)
+    run_ids, run_pos = ids[:, done:], pos[:, done:]
+    if width:
+        fed = torch.zeros((b, width), dtype=ids.dtype)
+        for row, d in enumerate(drafts):
+            fed[row, : len(d)] = torch.tensor(d, dtype=ids.dtype)
+        run_ids = torch.cat([run_ids, fed.to(device)], dim=1)
+        run_pos = torch.cat([run_pos, pos[:, -1:] + 1 + torch.arange(width, device=device)], dim=1)
+        mask = torch.cat([mask, mask.new_ones((b, width))], dim=1)  # a row's padding after its draft is never attended to
     # use_cache=True explicitly: training loads set config.use_cache=False
-    out = model(input_ids=ids[:, done:], attention_mask=mask, position_ids=pos[:, done:], use_cache=True, logits_to_keep=1, **given)
-    cache, rows = out.past_key_values, torch.arange(ids.shape[0], device=ids.device)
-    position = pos[:, -1] + 1  # each row's next position
-    stop = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
-    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    for step in range(max_new_tokens):
-        token = out.logits[:, -1, :].argmax(-1)
-        going = ~torch.isin(token, stop)
-        for row, t in zip(rows[going].tolist(), token[going].tolist()):
-            answers[row].append(t)
-        if step + 1 == max_new_tokens or not bool(going.any()):
-            break
-        if not bool(going.all()):  # ended rows leave the batch
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
+    out = model(input_ids=run_ids, attention_mask=mask, position_ids=run_pos, use_cache=True, logits_to_keep=width + 1, **given)
+    cache, picks = out.past_key_values, out.logits.argmax(-1).tolist()  # picks[row][k]: its token after the prompt and draft[:k]
+    stop = set(eos_ids)
+    answers: list[list[int]] = [[] for _ in range(b)]
+    going: list[int] = []  # rows that decode on, each from its last answer token
+    for row in range(b):
+        for k, token in enumerate(picks[row]):
+            if token in stop or len(answers[row]) >= max_new_tokens:
+                break
+            answers[row].append(token)
+            if len(answers[row]) == max_new_tokens:
+                break
+            if k >= len(drafts[row]) or token != drafts[row][k]:
+                going.append(row)  # its own token: the draft's cache columns from k on are not its answer
+                break
+    if not going:
+        return _decoded(tokenizer, answers)
+    keep = torch.tensor(going, device=device)
+    if len(going) < b:
+        cache.batch_select_indices(keep)
+    mask = mask[keep].clone()
+    if width:
+        prompt_width = mask.shape[1] - width
+        for i, row in enumerate(going):
+            mask[i, prompt_width + len(answers[row]) - 1 :] = 0  # draft tokens past the agreed ones
+    rows = going
+    token = torch.tensor([answers[r][-1] for r in rows], dtype=torch.long, device=device)
+    position = pos[keep, -1] + torch.tensor([len(answers[r]) for r in rows], device=device)
+    while True:
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
+        token = out.logits[:, -1, :].argmax(-1)
+        alive = []
+        for i, (row, t) in enumerate(zip(rows, token.tolist())):
+            if t in stop:
+                continue
+            answers[row].append(t)
+            if len(answers[row]) < max_new_tokens:
+                alive.append(i)
+        if not alive:
+            return _decoded(tokenizer, answers)
+        if len(alive) < len(rows):  # ended rows leave the batch
+            sel = torch.tensor(alive, device=device)
+            cache.batch_select_indices(sel)
+            rows, token, mask, position = [rows[i] for i in alive], token[sel], mask[sel], position[sel]
         position = position + 1
+
+
+def _decoded(tokenizer, answers: list[list[int]]) -> list[str]:
     # whole characters only, as the runners decode (a cut at the token limit drops a
     # partial one): the export check compares these answers with theirs
     return [decode_answer(lambda t: tokenizer.decode(t, skip_special_tokens=True), a).strip() for a in answers]
 
 
-def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> list[str]:
+def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int = 8, batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0,
+                     drafts: Sequence[str] | None = None) -> list[str]:
     """Greedy answers (special tokens skipped, stripped), one per record, in record order.
-    `max_prompt_tokens` > 0 fits prompts into that many tokens as training does (0 = whole prompts)."""
+    `max_prompt_tokens` > 0 fits prompts into that many tokens as training does (0 = whole prompts).
+    `drafts` (one answer a record, e.g. another model's): verified rather than decoded where
+    this model would answer the same (_greedy); the answers are this model's either way."""
     if not records:
         return []
     prompts = _prompts(tokenizer, records, max_prompt_tokens)
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
     device = device_of(model)
+    drafted = _draft_ids(tokenizer, drafts, len(records), max_new_tokens)
     answers: list[str] = [""] * len(records)
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
-            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max_new_tokens)
-            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, batch.pos, max_new_tokens, eos_ids, cache=batch.cache)):
+            rows = [drafted[k] for k in idx] if drafted is not None else None
+            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max_new_tokens + _draft_width(rows))
+            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, batch.pos, max_new_tokens, eos_ids, cache=batch.cache, drafts=rows)):
                 answers[k] = answer
     return answers
+
+
+def _draft_ids(tokenizer, drafts: Sequence[str] | None, n: int, max_new_tokens: int) -> list[list[int]] | None:
+    """Each draft answer's tokens followed by eos (as an answer that ended there was
+    generated), at most `max_new_tokens` of them: what _greedy verifies."""
+    if drafts is None:
+        return None
+    if len(drafts) != n:
+        raise ValueError(f"{len(drafts)} drafts for {n} records")
+    eos = tokenizer.eos_token_id
+    out = []
+    for d in drafts:
+        ids = [int(t) for t in tokenizer(d, add_special_tokens=False)["input_ids"]] if d else []
+        out.append((ids + ([int(eos)] if eos is not None else []))[:max_new_tokens])
+    return out
+
+
+def _draft_width(drafts: Sequence[list[int]] | None) -> int:
+    return max((len(d) for d in drafts), default=0) if drafts else 0
 
 
 # --------------------------------------------------------------------------- label scoring
@@ -388,32 +469,37 @@ def label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence
 
 
 def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labels: Sequence[str], *, max_new_tokens: int = 8,
-                               batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> tuple[list[str], list[list[float]]]:
+                               batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0,
+                               drafts: Sequence[str] | None = None) -> tuple[list[str], list[list[float]]]:
     """generate_answers and label_logprobs of the same records in one pass over the prompts.
 
     Why: on a label task both cost mostly the prompt's forward pass (hundreds of tokens, where
     the answer and the labels are a few); run separately they pay it twice. Here each batch's
     prompt, but its last token, runs once into a KV cache; label scoring runs the last prompt
     token and then every label (_label_totals) on one copy of it; greedy generation continues
-    the cache itself. Same answers and scores as the two functions, up to float rounding."""
+    the cache itself. Same answers and scores as the two functions, up to float rounding.
+    `drafts`: as generate_answers."""
     if not records:
         return [], []
     if not labels:
         raise ValueError("answers_and_label_logprobs needs at least one label")
     prompts = _prompts(tokenizer, records, max_prompt_tokens)
     if min(len(p) for p in prompts) < 2:  # no prefix to share; never for a chat-templated prompt
-        return (generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens),
+        return (generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                                 drafts=drafts),
                 label_logprobs(model, tokenizer, records, labels, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens))
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
     device = device_of(model)
     packed = _pack_labels(tokenizer, records[0], labels, device)
+    drafted = _draft_ids(tokenizer, drafts, len(records), max_new_tokens)
 
     answers: list[str] = [""] * len(records)
     scores: list[list[float]] = [[] for _ in records]
     with _eval_mode(model):
         for idx in _batches_by_length(prompts, max(1, batch_size)):
-            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max(max_new_tokens, packed.longest))
+            rows = [drafted[k] for k in idx] if drafted is not None else None
+            batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max(max_new_tokens + _draft_width(rows), packed.longest))
             ids, mask, pos = batch.ids, batch.mask, batch.pos
             if ids.shape[1] - 1 > batch.shared:  # the rows' own tokens but the last, after the shared prefix
                 prefix = model(input_ids=ids[:, batch.shared : -1], attention_mask=mask[:, :-1], position_ids=pos[:, batch.shared : -1],
@@ -427,7 +513,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
             # _greedy runs only the tokens the cache lacks: the last prompt token, then the answer
-            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, pos, max_new_tokens, eos_ids, cache=prefix)):
+            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, pos, max_new_tokens, eos_ids, cache=prefix, drafts=rows)):
                 answers[k] = answer
     return answers, scores
 
@@ -444,14 +530,17 @@ def _best(labels: list[str], scores: list[list[float]]) -> list[str]:
 
 
 def generate_and_pick(model, tokenizer, records: Sequence[Record], labels: Sequence[str] | None, *, max_new_tokens: int = 8,
-                      batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0) -> tuple[list[str], list[str] | None]:
+                      batch_size: int = EVAL_BATCH_SIZE, max_prompt_tokens: int = 0,
+                      drafts: Sequence[str] | None = None) -> tuple[list[str], list[str] | None]:
     """Greedy answers and, when `labels` are given, each record's label by label scoring
-    (None without labels), in one pass over the prompts (answers_and_label_logprobs)."""
+    (None without labels), in one pass over the prompts (answers_and_label_logprobs).
+    `drafts`: as generate_answers."""
     if not labels:
-        return generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens), None
+        return generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                                drafts=drafts), None
     labels = list(labels)
     answers, scores = answers_and_label_logprobs(model, tokenizer, records, labels, max_new_tokens=max_new_tokens,
-                                                 batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+                                                 batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, drafts=drafts)
     return answers, _best(labels, scores)
 
 

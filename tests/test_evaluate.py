@@ -152,6 +152,71 @@ def test_greedy_answers_equal_generate_and_ended_rows_leave_the_batch(opinionate
     assert after_prompt == sorted(after_prompt, reverse=True) and len(after_prompt) == budget
 
 
+def _drafts_of(answers: list[str]) -> list[str]:
+    """Drafts of every sort: the answer itself, cut short, changed at its start and in its
+    middle, run on past its end, and empty."""
+    out = []
+    for i, a in enumerate(answers):
+        words = a.split(" ")
+        out.append([a, a[: len(a) // 2], "zz" + a, " ".join(words[:1] + ["qq"] + words[2:]), a + " and more", ""][i % 6])
+    return out
+
+
+def test_drafted_answers_are_the_models_own(opinionated):
+    """Drafts (another model's answers) change how many steps greedy decoding takes, never the
+    answers: right, wrong, short, long or empty, each row ends with this model's own answer,
+    within the budget, whether or not labels are scored in the same pass."""
+    model, tok = opinionated
+    records = [Record.from_prompt("q" * n + " what?", "x") for n in (1, 9, 40, 3, 17, 25, 6, 31, 12, 2, 22, 15)]
+    for budget in (1, 5, 12):
+        own = generate_answers(model, tok, records, max_new_tokens=budget, batch_size=4)
+        assert budget == 1 or len(set(own)) > 3  # varied text, so a wrong draft is really wrong
+        drafts = _drafts_of(own)
+        assert sum(d != a for d, a in zip(drafts, own)) >= len(records) // 2
+        assert generate_answers(model, tok, records, max_new_tokens=budget, batch_size=4, drafts=drafts) == own
+        plain, plain_scores = answers_and_label_logprobs(model, tok, records, LABELS, max_new_tokens=budget, batch_size=4)
+        drafted, drafted_scores = answers_and_label_logprobs(model, tok, records, LABELS, max_new_tokens=budget, batch_size=4, drafts=drafts)
+        assert drafted == plain == own
+        assert torch.allclose(torch.tensor(drafted_scores), torch.tensor(plain_scores), atol=1e-5)
+
+
+SPELL = [Record.from_prompt("spell one", "one two three", id="one"), Record.from_prompt("spell four", "four five", id="four"),
+         Record.from_prompt("spell six", "six", id="six")]
+
+
+def test_agreeing_drafts_are_verified_in_one_pass(monkeypatch):
+    """Where every row's draft is its own answer, the batch runs once after its prompt (prompt
+    and drafts together) instead of once per answer token; a wrong draft brings the step loop
+    back, for its row alone. Drafts are verified only as far as DRAFT_LOGITS allows."""
+    torch.manual_seed(0)
+    model, tok = tiny_llama()
+    loss = train_to_answer(model, tok, SPELL, lr=3e-3, max_steps=400)
+    assert loss < 0.01, f"did not learn the answers (loss {loss:.3f})"
+    model.eval()
+    budget = 16
+
+    def calls(drafts):
+        rows: list[int] = []
+        hook = model.model.embed_tokens.register_forward_hook(lambda _m, inp, _out: rows.append(inp[0].shape[0]))
+        try:
+            got = generate_answers(model, tok, SPELL, max_new_tokens=budget, batch_size=16, drafts=drafts)
+        finally:
+            hook.remove()
+        assert got == [r.label for r in SPELL]
+        return rows[rows.index(len(SPELL)):]  # (a shared prefix may run first, at batch 1)
+
+    plain = calls(None)
+    assert len(plain) == len("one two three") + 1  # a step a token, and the one that says it ended
+    assert calls([r.label for r in SPELL]) == [len(SPELL)]
+    wrong = calls(["one two four", "four five", "six"])
+    # the pass gives that row's own "t" where its draft said "f"; then "hree" and its end, a step each, that row alone
+    assert wrong[0] == len(SPELL) and set(wrong[1:]) == {1} and len(wrong) == 1 + len("three")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(evaluate_module, "DRAFT_LOGITS", len(SPELL) * vocab * 3)  # logits for 3 positions: 2 draft tokens
+    # the pass gives each row its first 3 tokens (2 drafted, 1 its own); every row then steps on
+    assert len(calls([r.label for r in SPELL])) == 1 + len("one two three") - 3 + 1
+
+
 def test_greedy_answers_ignore_the_generation_config_as_the_runtime_does(opinionated):
     """A base's generation_config may carry a repetition penalty; the exports' runtime decodes
     with plain argmax (edgekif.decoding.GREEDY sets the penalty to 1), so must the reference."""

@@ -457,11 +457,26 @@ def test_an_export_whose_answers_differ_is_rejected_and_the_next_precision_tried
     model's beyond the margin is rejected with its figures, and the next one is published.
     The rejected candidate is made to answer differently on purpose: it is built from the
     base without the adapter (whose greedy answers differ from the fused model's)."""
+    from edgekif.export import exporter
+
     assert [_torch_greedy(fused["base"], p, 8) for p in PROMPTS] != [_torch_greedy(fused["fused"], p, 8) for p in PROMPTS]
     built = _int8_answers_as_the_base(fused, monkeypatch)
+    references = []  # (drafts, answers) of each fp32 reference measured
+    real = exporter.reference_answers
+
+    def reference(*a, **k):
+        out = real(*a, **k)
+        references.append((k["drafts"]["sentiment"].answers, out["sentiment"].answers))
+        return out
+
+    monkeypatch.setattr(exporter, "reference_answers", reference)
     out = export_model(fused["fused"], tmp_path / "auto", target="genai", precision="auto", execution_provider="cpu", holdout=_holdout())
     manifest = verify_manifest(out).to_dict()
     assert built == ["int8", "fp32"] and manifest["export"]["precision"] == "fp32"
+    # measured once, after the first candidate answered, with its (wrong) answers as drafts:
+    # the reference is still the fused fp32 model's own
+    ((drafts, answers),) = references
+    assert drafts != answers and answers == real(fused["fused"], _holdout())["sentiment"].answers
     (rejected,) = manifest["parity_rejected"]
     assert rejected["precision"] == "int8" and rejected["passed"] is False and rejected["agreement"] < 0.95
     assert rejected["n"] == len(PROMPTS) and "agree with the fp32 model" in rejected["reasons"][0]

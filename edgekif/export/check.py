@@ -116,10 +116,16 @@ def reference_answers(
     labels: Mapping[str, Sequence[str] | None] | None = None,
     batch_size: int = EVAL_BATCH_SIZE,
     specs: Mapping[str, "TaskSpec"] | None = None,
+    drafts: Mapping[str, AnswerSet] | None = None,
 ) -> dict[str, AnswerSet]:
     """Greedy answers of the fp32 PyTorch model in `model_dir` (the fused model) on whole
     prompts, plus label-scoring accuracy for tasks with a label set: the reference an export
-    is held to, and the figures the manifest keeps as `reference`."""
+    is held to, and the figures the manifest keeps as `reference`.
+
+    `drafts` (a candidate export's answers, runner_answers): the fp32 model verifies them as
+    speculative decoding verifies a draft (edgekif.evaluate._greedy) and decodes only where it
+    parts from them; its answers are its own either way. Most of an export's answers equal
+    fp32's, so most of the reference's decoding steps become one pass."""
     from ..evaluate import generate_and_pick
     from ..model import load_model, load_tokenizer
 
@@ -131,7 +137,9 @@ def reference_answers(
         budget = task_budget(name, max_new_tokens, specs)
         task_labels = (labels or {}).get(name)
         # one pass over the prompts gives both (the prompt is most of the cost)
-        answers, picked = generate_and_pick(model, tok, recs, task_labels if scored(recs) else None, max_new_tokens=budget, batch_size=batch_size)
+        draft = drafts[name].answers if drafts is not None and name in drafts else None
+        answers, picked = generate_and_pick(model, tok, recs, task_labels if scored(recs) else None, max_new_tokens=budget, batch_size=batch_size,
+                                            drafts=draft)
         res = score_answers(answers, recs, task_metric(name, specs))
         if picked is not None:
             res.label_accuracy = sum(p == r.label for p, r in zip(picked, recs)) / len(recs)
@@ -350,7 +358,13 @@ def check_candidate(
     del runner
     check = None
     if reference is not None:
-        check = compare_answers(reference, answers, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
-                                kinds={name: spec.kind for name, spec in (specs or {}).items()}, generation=generation)
+        check = check_answers(reference, answers, specs=specs, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, generation=generation)
         check.seconds = time.perf_counter() - t0
     return CandidateCheck(variant, answers, check, build_seconds, time.perf_counter() - t0)
+
+
+def check_answers(reference: Mapping[str, AnswerSet], answers: Mapping[str, AnswerSet], *, specs: Mapping[str, "TaskSpec"] | None,
+                  min_agreement: float, max_accuracy_drop: float, generation: GenerationRule | None) -> AnswerCheck:
+    """compare_answers with each task judged by its spec's kind (a task without one as a label task)."""
+    return compare_answers(reference, answers, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+                           kinds={name: spec.kind for name, spec in (specs or {}).items()}, generation=generation)

@@ -1,8 +1,9 @@
 """export_model: a fused model folder -> a checked export folder with its manifest.
 
-  reference_answers (fp32 PyTorch, edgekif.export.check)
-  -> for each candidate variant (edgekif.export.build.export_candidates), fastest first:
+  for each candidate variant (edgekif.export.build.export_candidates), fastest first:
        check_candidate (build, answer the holdout as a client, compare with the reference)
+       the first to answer: reference_answers (fp32 PyTorch, edgekif.export.check) verifies
+       its answers as drafts, then they are compared
   -> the first that passes gets its manifest (edgekif.export.manifest) and appears at out_dir
 
 Each candidate is built in a temp sibling of out_dir and renamed into place only when it passes.
@@ -24,7 +25,7 @@ from ..atomic import atomic_dir, atomic_write_json
 from ..errors import ExportError, ParityError
 from ..records import records_sha256
 from .build import INT8_CPU, ExportVariant, export_candidates, resolve_export_settings
-from .check import CandidateCheck, AnswerSet, GenerationRule, check_candidate, reference_answers, task_budget
+from .check import CandidateCheck, AnswerSet, GenerationRule, check_answers, check_candidate, reference_answers, task_budget
 from .files import runtime_versions
 from .fuse import dist_version
 from .history import SkipPolicy, VariantHistory, setting_key
@@ -66,10 +67,12 @@ def export_model(
     """Export, score it on `holdout` as a client would, write the manifest; out_dir appears
     only when an export passes.
 
-    The fp32 PyTorch model in `fused_dir` answers every holdout record first (the reference).
-    Each candidate export then answers the same records through its own runtime (one request at
-    a time, its chat template, greedy, `max_new_tokens`). A candidate passes when it answers
-    exactly as the reference on >= `min_agreement` of the records and its pooled exact match is
+    Each candidate export answers every holdout record through its own runtime (one request at
+    a time, its chat template, greedy, `max_new_tokens`); the fp32 PyTorch model in `fused_dir`
+    answers the same records (the reference), once, after the first candidate has answered: it
+    verifies that candidate's answers as drafts and decodes only where it parts from them
+    (edgekif.export.check.reference_answers; its answers are its own either way). A candidate
+    passes when it answers exactly as the reference on >= `min_agreement` of the records and its pooled exact match is
     at most `max_accuracy_drop` points below the reference's (edgekif.export.check.compare_answers).
     With precision "auto" on the CPU genai target the candidates are AUTO_VARIANTS_GENAI_CPU,
     fastest first; rejected ones are recorded in the manifest with their figures.
@@ -125,7 +128,8 @@ def export_model(
         candidates = [v for v in candidates if v.name not in skipped_names]
         skipped += [{"variant": name, "reason": f"rejected on the last {history.policy.skip_after} checks with this base and rules; "
                      f"tried again after {history.policy.retry_after} skips"} for name in sorted(skipped_names)]
-    reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache, specs)
+    key = _reference_key(holdout, max_new_tokens, labels, specs)
+    reference, reference_seconds = _cached_reference(reference_cache, key)
     rejected: list[dict[str, Any]] = []
     for i, variant in enumerate(candidates):
         try:
@@ -133,6 +137,11 @@ def export_model(
                 result = check_candidate(fused_dir, tmp, target=target, variant=variant, execution_provider=ep, holdout=holdout, reference=reference,
                                          max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, specs=specs,
                                          generation=generation, threads=threads)
+                if reference is None:  # the first export to answer: its answers are the fp32 model's drafts
+                    reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache, specs, key, result.answers)
+                    result.check = check_answers(reference, result.answers, specs=specs, min_agreement=min_agreement,
+                                                 max_accuracy_drop=max_accuracy_drop, generation=generation)
+                    result.check.seconds = result.seconds
                 check = result.check
                 assert check is not None  # a reference was given
                 if history is not None:
@@ -180,15 +189,17 @@ def _spec_info(specs: Mapping[str, "TaskSpec"], answers: Mapping[str, AnswerSet]
     return {"task_specs": task_specs, "scores": scores}
 
 
-def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_tokens: int,
-               labels: Mapping[str, Sequence[str] | None] | None, cache: str | os.PathLike | None,
-               specs: Mapping[str, "TaskSpec"] | None = None) -> tuple[dict[str, AnswerSet], float]:
-    """The fp32 reference answers (and how long they took), from `cache` when it was written
-    for these very records, budgets, metrics and label sets (a retry after a failed try), else
-    measured."""
+def _reference_key(holdout: Mapping[str, Sequence[Any]], max_new_tokens: int, labels: Mapping[str, Sequence[str] | None] | None,
+                   specs: Mapping[str, "TaskSpec"] | None) -> str:
+    """What the reference answers depend on: the records, budgets, metrics and label sets."""
     key_of = {"records": {k: [r.to_json() for r in v] for k, v in holdout.items()}, "max_new_tokens": max_new_tokens, "labels": labels or {},
               "specs": {k: {**s.to_dict(), "max_new_tokens": task_budget(k, max_new_tokens, specs)} for k, s in (specs or {}).items()}}
-    key = hashlib.sha256(json.dumps(key_of, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(key_of, sort_keys=True).encode()).hexdigest()
+
+
+def _cached_reference(cache: str | os.PathLike | None, key: str) -> tuple[dict[str, AnswerSet] | None, float]:
+    """The reference answers (and how long they took) from `cache` when it was written for
+    `key` (a retry after a failed try), else (None, 0.0)."""
     if cache is not None:
         try:
             saved = json.loads(Path(cache).read_text())
@@ -197,8 +208,16 @@ def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_to
                 return {k: AnswerSet(**v) for k, v in saved["tasks"].items()}, float(saved["seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    return None, 0.0
+
+
+def _reference(fused_dir: Path, holdout: Mapping[str, Sequence[Any]], max_new_tokens: int,
+               labels: Mapping[str, Sequence[str] | None] | None, cache: str | os.PathLike | None,
+               specs: Mapping[str, "TaskSpec"] | None, key: str, drafts: Mapping[str, AnswerSet]) -> tuple[dict[str, AnswerSet], float]:
+    """The fp32 reference answers, measured with a candidate's answers as drafts, and how long
+    they took; kept in `cache` under `key` for a retry."""
     t0 = time.perf_counter()
-    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels, specs=specs)
+    reference = reference_answers(fused_dir, holdout, max_new_tokens=max_new_tokens, labels=labels, specs=specs, drafts=drafts)
     seconds = time.perf_counter() - t0
     if cache is not None:
         atomic_write_json(cache, {"key": key, "seconds": seconds, "tasks": {k: asdict(v) for k, v in reference.items()}})
