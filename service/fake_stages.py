@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--stage-child"]:
-        from .stage_process import main as stage_child
+        from .stage_process import exit_now, main as stage_child
 
-        sys.exit(stage_child(sys.argv[2:], stages_factory=fake_stages_for))
+        exit_now(stage_child(sys.argv[2:], stages_factory=fake_stages_for))  # as the real child ends
     sys.exit(main())
