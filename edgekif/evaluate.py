@@ -174,7 +174,7 @@ DRAFT_LOGITS = 1 << 26
 
 
 def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list[int], cache=None,
-            drafts: Sequence[list[int]] | None = None) -> list[str]:
+            draft_ids: Sequence[list[int]] | None = None) -> list[str]:
     """Greedy answers of one left-padded batch (ids, mask, pos as _left_pad and _prompt_batch
     lay them out), in row order; `cache` may hold the prompts' first tokens already (only the
     rest is run).
@@ -184,7 +184,7 @@ def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list
     costs the tokens of its answers instead of its longest answer times its rows (free-text
     answers end anywhere between a few tokens and the budget).
 
-    `drafts` (per row, token ids, eos included where the draft ended): answers proposed by
+    `draft_ids` (per row, token ids, eos included where the draft ended): answers proposed by
     another model (the export being checked), verified as speculative decoding verifies a
     draft: they are fed with the prompt in one pass, each row keeps its own greedy tokens as
     long as they equal the draft's, and only rows that part from their draft decode on, one
@@ -197,8 +197,8 @@ def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list
     b, device = ids.shape[0], ids.device
     # the verifying pass keeps logits for every draft position: at most DRAFT_LOGITS floats
     # (a draft longer than that is verified that far; the row decodes on after it)
-    fits = max(0, DRAFT_LOGITS // (b * model.get_output_embeddings().weight.shape[0]) - 1) if drafts is not None else 0
-    drafts = [list(d[: min(max_new_tokens, fits)]) for d in drafts] if drafts is not None else [[] for _ in range(b)]
+    fits = max(0, DRAFT_LOGITS // (b * model.get_output_embeddings().weight.shape[0]) - 1) if draft_ids is not None else 0
+    drafts = [list(d[: min(max_new_tokens, fits)]) for d in draft_ids] if draft_ids is not None else [[] for _ in range(b)]
     width = max((len(d) for d in drafts), default=0)
     run_ids, run_pos = ids[:, done:], pos[:, done:]
     if width:
@@ -282,7 +282,7 @@ def generate_answers(model, tokenizer, records: Sequence[Record], *, max_new_tok
         for idx in _batches_by_length(prompts, max(1, batch_size)):
             rows = [drafted[k] for k in idx] if drafted is not None else None
             batch = _prompt_batch(model, [prompts[k] for k in idx], pad_id, device, extra=max_new_tokens + _draft_width(rows))
-            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, batch.pos, max_new_tokens, eos_ids, cache=batch.cache, drafts=rows)):
+            for k, answer in zip(idx, _greedy(model, tokenizer, batch.ids, batch.mask, batch.pos, max_new_tokens, eos_ids, cache=batch.cache, draft_ids=rows)):
                 answers[k] = answer
     return answers
 
@@ -513,7 +513,7 @@ def answers_and_label_logprobs(model, tokenizer, records: Sequence[Record], labe
             for row, k in enumerate(idx):
                 scores[k] = totals[row].tolist()
             # _greedy runs only the tokens the cache lacks: the last prompt token, then the answer
-            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, pos, max_new_tokens, eos_ids, cache=prefix, drafts=rows)):
+            for k, answer in zip(idx, _greedy(model, tokenizer, ids, mask, pos, max_new_tokens, eos_ids, cache=prefix, draft_ids=rows)):
                 answers[k] = answer
     return answers, scores
 
