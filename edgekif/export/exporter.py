@@ -1,9 +1,10 @@
 """export_model: a fused model folder -> a checked export folder with its manifest.
 
   for each candidate variant (edgekif.export.build.export_candidates), fastest first:
-       check_candidate (build, answer the holdout as a client, compare with the reference)
+       check_candidate (build, answer the holdout as a client)
        the first to answer: reference_answers (fp32 PyTorch, edgekif.export.check) verifies
-       its answers as drafts, then they are compared
+       its answers as drafts
+       check_answers (compare with the reference)
   -> the first that passes gets its manifest (edgekif.export.manifest) and appears at out_dir
 
 Each candidate is built in a temp sibling of out_dir and renamed into place only when it passes.
@@ -134,16 +135,13 @@ def export_model(
     for i, variant in enumerate(candidates):
         try:
             with atomic_dir(out_dir, overwrite=True) as tmp:
-                result = check_candidate(fused_dir, tmp, target=target, variant=variant, execution_provider=ep, holdout=holdout, reference=reference,
-                                         max_new_tokens=max_new_tokens, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, specs=specs,
-                                         generation=generation, threads=threads)
+                result = check_candidate(fused_dir, tmp, target=target, variant=variant, execution_provider=ep, holdout=holdout,
+                                         max_new_tokens=max_new_tokens, specs=specs, threads=threads)
                 if reference is None:  # the first export to answer: its answers are the fp32 model's drafts
                     reference, reference_seconds = _reference(fused_dir, holdout, max_new_tokens, labels, reference_cache, specs, key, result.answers)
-                    result.check = check_answers(reference, result.answers, specs=specs, min_agreement=min_agreement,
-                                                 max_accuracy_drop=max_accuracy_drop, generation=generation)
-                    result.check.seconds = result.seconds
-                check = result.check
-                assert check is not None  # a reference was given
+                check = result.check = check_answers(reference, result.answers, specs=specs, min_agreement=min_agreement,
+                                                     max_accuracy_drop=max_accuracy_drop, generation=generation)
+                check.seconds = result.seconds
                 if history is not None:
                     history.record(variant.name, check.passed)
                 figures = {"variant": variant.name, "precision": variant.precision, "builder_options": variant.builder_options(),
