@@ -114,6 +114,16 @@ def test_left_padding_matches_one_by_one(opinionated):
     assert len(set(batched)) > 1 and all(batched)  # real, differing text, not all blanks
 
 
+def _rows_per_call(model, run):
+    """(run(), the rows of each forward call the model made while it ran)."""
+    rows: list[int] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda _m, inp, _out: rows.append(inp[0].shape[0]))
+    try:
+        return run(), rows
+    finally:
+        hook.remove()
+
+
 def test_greedy_answers_equal_generate_and_ended_rows_leave_the_batch(opinionated):
     """The plain greedy loop answers as transformers' generate() does, row by row, with rows
     that stop at different steps; once a row has ended, later steps run without it."""
@@ -139,12 +149,9 @@ def test_greedy_answers_equal_generate_and_ended_rows_leave_the_batch(opinionate
     expected_ids = [greedy_ids(r, eos) for r in records]
     assert len({len(e) for e in expected_ids}) >= 3 and max(len(e) for e in expected_ids) == budget  # rows end apart
     model.generation_config.eos_token_id = eos
-    rows_run: list[int] = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda _m, inp, _out: rows_run.append(inp[0].shape[0]))
     try:
-        got = generate_answers(model, tok, records, max_new_tokens=budget, batch_size=16)
+        got, rows_run = _rows_per_call(model, lambda: generate_answers(model, tok, records, max_new_tokens=budget, batch_size=16))
     finally:
-        hook.remove()
         model.generation_config.eos_token_id = tok.eos_token_id
     assert got == [decode_answer(lambda t: tok.decode(t, skip_special_tokens=True), e).strip() for e in expected_ids]
     assert rows_run[-1] == sum(len(e) == budget for e in expected_ids) < len(records)  # the ended rows left
@@ -196,12 +203,7 @@ def test_agreeing_drafts_are_verified_in_one_pass(monkeypatch):
     budget = 16
 
     def calls(drafts):
-        rows: list[int] = []
-        hook = model.model.embed_tokens.register_forward_hook(lambda _m, inp, _out: rows.append(inp[0].shape[0]))
-        try:
-            got = generate_answers(model, tok, SPELL, max_new_tokens=budget, batch_size=16, drafts=drafts)
-        finally:
-            hook.remove()
+        got, rows = _rows_per_call(model, lambda: generate_answers(model, tok, SPELL, max_new_tokens=budget, batch_size=16, drafts=drafts))
         assert got == [r.label for r in SPELL]
         return rows[rows.index(len(SPELL)):]  # (a shared prefix may run first, at batch 1)
 
