@@ -229,7 +229,7 @@ def _greedy(model, tokenizer, ids, mask, pos, max_new_tokens: int, eos_ids: list
     keep = torch.tensor(going, device=device)
     if len(going) < b:
         cache.batch_select_indices(keep)
-    mask = mask[keep].clone()
+    mask = mask[keep]  # (a copy: indexing with a tensor)
     if width:
         prompt_width = mask.shape[1] - width
         for i, row in enumerate(going):
