@@ -191,3 +191,83 @@ def test_only_the_continual_loop_builds_replay_samplers(path):
     tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "sample"]
     assert calls == []
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _top_level_names(path: Path) -> set[str] | None:
+    """The names a module defines when it runs (defs, classes, assignments, imports), also
+    under top-level `if`/`try`; None when it has a module `__getattr__` (any name may exist)."""
+    out: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                out.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    out.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                out.update((a.asname or a.name).split(".")[0] for a in node.names)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    visit(getattr(node, field, []) or [])
+
+    visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body)
+    return None if "__getattr__" in out else out
+
+
+def _missing_imported_names(root: Path, folders: tuple[str, ...]) -> list[str]:
+    """`from ours import name` (anywhere in a file, lazy imports too) where `ours` is one of
+    PACKAGES and neither `ours.name` is a module nor `ours` defines `name`."""
+    out = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            module = ".".join(path.relative_to(root).with_suffix("").parts)
+            package = module.rpartition(".")[0] if path.name != "__init__.py" else module.removesuffix(".__init__")
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    target = ".".join(parts + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if target.split(".")[0] not in PACKAGES:
+                    continue
+                source = _module_file(target, root)
+                if source is None:
+                    out.append(f"{path.relative_to(root)}:{node.lineno}: no module {target}")
+                    continue
+                defined = _top_level_names(source)
+                for a in node.names:
+                    if a.name != "*" and defined is not None and a.name not in defined and _module_file(f"{target}.{a.name}", root) is None:
+                        out.append(f"{path.relative_to(root)}:{node.lineno}: {target} has no {a.name}")
+    return out
+
+
+def test_every_imported_name_exists():
+    """A name imported from the library or the daemon exists there, in tools and tests too,
+    whose lazy imports no other test may run (bench_eval_dtype imported compute_dtype from
+    edgekif.evaluate for weeks after it had moved to edgekif.compute)."""
+    assert _missing_imported_names(REPO, (*PACKAGES, "tools", "tests")) == []
+
+
+def test_a_moved_name_is_found(tmp_path):
+    (tmp_path / "edgekif").mkdir()
+    (tmp_path / "edgekif" / "__init__.py").write_text("")
+    (tmp_path / "edgekif" / "a.py").write_text("import os\nif os.sep:\n    X = 1\nelse:\n    from .b import Y\ndef f():\n    Z = 2\n")
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "t.py").write_text("def main():\n    from edgekif.a import X, Y, os, Z\n    from edgekif import a, c\n    from edgekif.nope import W\n")
+    assert _missing_imported_names(tmp_path, ("edgekif", "tools")) == [
+        "edgekif/a.py:5: no module edgekif.b",
+        "tools/t.py:2: edgekif.a has no Z",
+        "tools/t.py:3: edgekif has no c",
+        "tools/t.py:4: no module edgekif.nope",
+    ]

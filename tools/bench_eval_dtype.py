@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from edgekif.config import Config
-    from edgekif.evaluate import EVAL_BATCH_SIZE, compute_dtype, generate_and_pick
+    from edgekif.compute import compute_dtype
+    from edgekif.evaluate import EVAL_BATCH_SIZE, generate_and_pick
     from edgekif.metrics import CLASSIFICATION, score
     from edgekif.taskfile import read_task
     from edgekif.tasks import read_task_spec
