@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from .accuracy_matrix import AccuracyMatrix
 from .config import Config
 from .compute import compute_dtype
-from .evaluate import AccuracyMatrix, EvalScores, evaluate_task
+from .evaluate import EvalScores, evaluate_task
 from .records import Record
 from .rehearsal import mix_general
 from .replay import ReplayBuffer

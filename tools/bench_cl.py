@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     from edgekif.continual import StreamTask, run_stream
     from edgekif.taskfile import read_task
     from edgekif.compute import compute_dtype, fast_bf16
-    from edgekif.evaluate import EVAL_BATCH_SIZE, AccuracyMatrix, generate_and_pick, generate_answers, plot_heatmap
+    from edgekif.accuracy_matrix import AccuracyMatrix, plot_heatmap
+    from edgekif.evaluate import EVAL_BATCH_SIZE, generate_and_pick, generate_answers
     from edgekif.general_ability import GeneralAbilityConfig, base_answer_loglik, drift, load_prompts
     from edgekif.metrics import CLASSIFICATION, GENERATION, score as metric_score
     from edgekif.model import load_tokenizer, resolve_base, resolve_device
@@ -446,7 +447,7 @@ def merge_runs(args, argv: list[str]) -> int:
     """Combine runs of the same settings (one process per seed, a --zero-shot-only run) into one
     result: strategies' runs concatenated in seed order, FWT filled from the zero-shot of the
     run's own seed, aggregates recomputed. Refuses runs whose settings differ in anything else."""
-    from edgekif.evaluate import AccuracyMatrix
+    from edgekif.accuracy_matrix import AccuracyMatrix
 
     parts = []
     for d in args.merge:
