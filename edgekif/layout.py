@@ -132,9 +132,6 @@ class DataLayout:
     def version(self, name: str) -> Path:
         return self.models / name
 
-    def has_published(self) -> bool:
-        return os.path.lexists(self.current)
-
     @property
     def jobs(self) -> Path:
         return self.root / "jobs"

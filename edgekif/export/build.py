@@ -255,14 +255,6 @@ def _ensure_chat_template(fused_dir: Path, dest: Path) -> None:
 # --------------------------------------------------------------------------- export: plain onnx
 
 
-def export_onnx(fused_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quantize_int8: bool = False) -> Path:
-    """Export a plain ONNX causal-LM graph (input_ids, attention_mask -> logits; no KV cache)."""
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        _build_onnx(Path(fused_dir), tmp, quantize_int8)
-    return out_dir
-
-
 class _LogitsOnly:
     """Wraps a causal LM so the traced graph has exactly (input_ids, attention_mask) -> logits.
 
