@@ -22,20 +22,30 @@ if TYPE_CHECKING:
     from .export.manifest import Manifest
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML config file (default: $DATA_DIR/edgekif.toml, else $XDG_CONFIG_HOME/edgekif/config.toml, if present)")
-    p.add_argument("--data-dir", help="data directory (default: $EDGEKIF_DATA_DIR or $XDG_DATA_HOME/edgekif)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config option (repeatable)")
-    p.add_argument("--verbose", "-v", action="store_true")
+def _add_common(p: argparse.ArgumentParser, *, before_command: bool = False) -> None:
+    """The options every command takes, before the command name (`edgekif --data-dir D status`,
+    as git and docker take theirs) or after it. After it they override, and `--set`s add up."""
+    unset = {} if before_command else {"default": argparse.SUPPRESS}  # a command's parser sets only what it was given
+    p.add_argument("--config", "-c", **unset, help="TOML config file (default: $DATA_DIR/edgekif.toml, else $XDG_CONFIG_HOME/edgekif/config.toml, if present)")
+    p.add_argument("--data-dir", **unset, help="data directory (default: $EDGEKIF_DATA_DIR or $XDG_DATA_HOME/edgekif)")
+    # Two lists: a command's parser fills a fresh namespace, so one list would lose the first ones.
+    p.add_argument("--set", "-s", action="append", dest="set_before" if before_command else "set", **({"default": []} if before_command else unset),
+                   metavar="SECTION.KEY=VALUE", help="override a config option (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true", **unset)
+    if before_command:
+        p.set_defaults(set=[])
+
+
+def config_source(args) -> tuple[str | None, list[str]]:
+    """(the config file, the overrides) the command line gives: --config, else
+    DATA_DIR/edgekif.toml, else $XDG_CONFIG_HOME/edgekif/config.toml (find_config); overrides
+    --data-dir, then each --set in order (so a --set data_dir=... wins)."""
+    overrides = ([f"data_dir={args.data_dir}"] if args.data_dir else []) + [*getattr(args, "set_before", []), *args.set]
+    return (args.config if args.config is not None else find_config(overrides)), overrides
 
 
 def _config(args) -> Config:
-    overrides = list(args.set)
-    if args.data_dir:
-        overrides.insert(0, f"data_dir={args.data_dir}")
-    # --config, else DATA_DIR/edgekif.toml, else $XDG_CONFIG_HOME/edgekif/config.toml (find_config)
-    path = args.config if args.config is not None else find_config(overrides)
-    return load_config(path, overrides)
+    return load_config(*config_source(args))
 
 
 def _print_json(obj) -> None:
@@ -587,6 +597,7 @@ def build_parser(extra: Callable[[CommandAdder], None] | None = None) -> argpars
     """The parser of the library's commands; `extra(add)` registers more (the daemon's)."""
     p = argparse.ArgumentParser(prog="edgekif", description="On-device continual adaptation of small language models (Recurrent-KIF + LoRA, ONNX serving).")
     p.add_argument("--version", action="version", version=f"edgekif {package_version()}")
+    _add_common(p, before_command=True)
     add = command_adder(p.add_subparsers(dest="command", required=True))
     if extra is not None:
         extra(add)

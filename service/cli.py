@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from edgekif.cli import CommandAdder, _config, _print_json, build_parser, run
-from edgekif.config import find_config
+from edgekif.cli import CommandAdder, _config, _print_json, build_parser, config_source, run
 from edgekif.errors import EdgekifError
 
 
 def cmd_serve(args) -> int:
     from .daemon import run_daemon
 
-    overrides = list(args.set) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     # SIGHUP re-reads the file _config found, named or not (find_config: data dir, then XDG).
-    path = args.config if args.config is not None else find_config(overrides)
+    path, overrides = config_source(args)
     return run_daemon(_config(args), config_path=path, overrides=overrides)
 
 

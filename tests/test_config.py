@@ -163,6 +163,37 @@ def test_serve_hands_the_found_file_to_the_daemon_for_sighup(tmp_path, xdg_env, 
     assert seen == {"lr": 0.5, "config_path": xdg}
 
 
+def test_common_options_go_before_or_after_the_command(tmp_path, xdg_env, monkeypatch):
+    """`edgekif --data-dir D status` as git and docker take theirs; after the command they
+    override; --set before and after add up; serve hands the daemon the same overrides."""
+    import service.daemon
+    from edgekif.cli import _config, build_parser
+    from service.cli import add_daemon_commands, main
+
+    parse = build_parser(add_daemon_commands).parse_args
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _config(parse(["--data-dir", str(a), "status"])).data_path == a
+    assert _config(parse(["--data-dir", str(a), "status", "--data-dir", str(b)])).data_path == b
+    c = _config(parse(["-s", "train.lr=0.5", "--set", "train.batch_size=3", "config", "-s", "train.lr=0.25"]))
+    assert (c.train.lr, c.train.batch_size) == (0.25, 3)
+    args = parse(["-v", "status"])
+    assert args.verbose is True and parse(["status"]).verbose is False
+    assert (args.config, args.data_dir, args.set) == (None, None, [])
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text("[train]\nlr = 0.0625\n")
+    assert _config(parse(["-c", str(explicit), "status"])).train.lr == 0.0625
+
+    seen = {}
+
+    def fake_run_daemon(cfg, *, config_path=None, overrides=None):
+        seen.update(data=cfg.data_path, lr=cfg.train.lr, config_path=config_path, overrides=overrides)
+        return 0
+
+    monkeypatch.setattr(service.daemon, "run_daemon", fake_run_daemon)
+    assert main(["--data-dir", str(a), "-s", "train.lr=0.5", "serve", "-s", "train.lr=0.25"]) == 0
+    assert seen == {"data": a, "lr": 0.25, "config_path": None, "overrides": [f"data_dir={a}", "train.lr=0.5", "train.lr=0.25"]}
+
+
 def test_replay_strategy_has_its_own_section_with_kifs_schedule(tmp_path):
     """[experience_replay] configures the replay strategy; [kif] (old files too) only Recurrent-KIF."""
     c = Config()
