@@ -42,23 +42,46 @@ class ValidationError(EdgekifError):
     field: str | None = None
     kind: str = "invalid"  # machine-readable: bad_json, missing_field, empty, binary, too_large, encoding, ...
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Further problems in the same file (its other bad records), so one report lists what to
+    # fix; `more` counts them all, `also` holds the first few.
+    also: tuple["ValidationError", ...] = ()
+    more: int = 0
 
     def __post_init__(self) -> None:
         super().__init__(self.__str__())
 
-    def __str__(self) -> str:
-        where = []
-        if self.file is not None:
-            where.append(str(self.file))
+    def _where(self, *, with_file: bool = True) -> str:
+        where = [str(self.file)] if with_file and self.file is not None else []
         if self.line is not None:
             where.append(f"line {self.line}")
+        head = ":".join(where)
         if self.field is not None:
-            where.append(f"field {self.field!r}")
-        prefix = ":".join(where[:2]) + (f" ({where[2]})" if len(where) > 2 else "")
-        return f"{prefix}: {self.message}" if prefix else self.message
+            head += f" (field {self.field!r})" if head else f"field {self.field!r}"
+        return head
+
+    def __str__(self) -> str:
+        prefix = self._where()
+        text = f"{prefix}: {self.message}" if prefix else self.message
+        if self.more:
+            text += f"\n{self.more} more problem{'s' if self.more > 1 else ''} in this file:"
+            text += "".join(f"\n  {e._where(with_file=False)}: {e.message}" for e in self.also)
+            if self.more > len(self.also):
+                text += f"\n  ... and {self.more - len(self.also)} more"
+        return text
+
+    def to_fields(self) -> dict[str, Any]:
+        """The constructor's arguments, JSON-safe (`also` as their own fields): what
+        from_fields rebuilds the error from in another process."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["also"] = [e.to_fields() for e in self.also]
+        return d
+
+    @classmethod
+    def from_fields(cls, d: dict[str, Any]) -> "ValidationError":
+        return cls(**{**d, "also": tuple(ValidationError.from_fields(a) for a in d.get("also", ()))})
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "error": type(self).__name__,
             "kind": self.kind,
             "message": self.message,
@@ -67,6 +90,10 @@ class ValidationError(EdgekifError):
             "field": self.field,
             **({"details": self.details} if self.details else {}),
         }
+        if self.more:  # the same file: its name is not repeated
+            d["more"] = self.more
+            d["also"] = [{k: v for k, v in e.to_dict().items() if k not in ("error", "file")} for e in self.also]
+        return d
 
 
 class DamagedFileError(ValidationError):

@@ -1,8 +1,12 @@
 """Task files: reading and validation (turning records into model inputs is edgekif.inputs).
 
-A task is one file. It is read and validated as a whole and trained all-or-nothing:
-the first problem found rejects the file with a `ValidationError` naming the file, the
-line (or record) and the field, plus a machine-readable `kind`.
+A task is one file. It is read and validated as a whole and trained all-or-nothing: a
+problem rejects the file with a `ValidationError` naming the file, the line (or record) and
+the field, plus a machine-readable `kind`. A problem with the whole file (its size, encoding,
+JSON syntax of a `.json` document, CSV header, too many records) stops reading at once; bad
+records (a JSONL line that is not JSON, a missing or mistyped field, a duplicate id, a CSV row
+of the wrong width) are all found in one read: the error is the first, and its `more` / `also`
+count and list (the first MAX_LISTED_PROBLEMS) the others, so one report says what to fix.
 
 File formats (chosen by extension; other extensions such as `.txt` are sniffed: a
 document starting with `[` is a JSON array, one starting with `{` is JSONL):
@@ -49,7 +53,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,7 @@ from .config import DataConfig
 from .errors import ValidationError
 from .records import Record
 
+MAX_LISTED_PROBLEMS = 20  # further bad records named in one error (all are counted)
 _SNIFF_BYTES = 8192
 _BINARY_FRACTION = 0.30  # share of control/undecodable characters above which a file is "binary"
 _WRAPPER_KEYS = ("data", "records", "examples")
@@ -97,7 +102,7 @@ def infer_labels(records: list[Record]) -> list[str] | None:
 
 
 def read_task(path: str | os.PathLike, cfg: DataConfig | None = None) -> TaskFile:
-    """Read and validate one task file; raises ValidationError at the first problem."""
+    """Read and validate one task file; raises ValidationError naming its problems."""
     cfg = cfg or DataConfig()
     path = Path(path)
     file = str(path)
@@ -149,6 +154,7 @@ def _parse(raw: bytes, path: Path, cfg: DataConfig) -> tuple[str, list[Record]]:
         fmt = _parse_json(text, builder)
     else:
         _parse_csv(text, builder)
+    builder.raise_problems()
     if not builder.records:
         raise ValidationError("file holds no records", file=file, kind="empty")
     return fmt, builder.records
@@ -239,7 +245,8 @@ def _parse_jsonl(text: str, builder: "_RecordBuilder") -> None:
         try:
             obj = json.loads(line)
         except (ValueError, RecursionError) as e:
-            raise ValidationError(f"invalid JSON: {_json_reason(e)}", file=builder.file, line=lineno, kind="bad_json") from None
+            builder.note(ValidationError(f"invalid JSON: {_json_reason(e)}", file=builder.file, line=lineno, kind="bad_json"))
+            continue
         builder.add(obj, lineno, "line")
 
 
@@ -289,23 +296,15 @@ def _parse_json_array(text: str, start: int, builder: "_RecordBuilder") -> None:
     """A top-level array, element by element (peak memory: the records kept, not the tree).
 
     Reports the same error as parsing the whole document first: a syntax error anywhere wins
-    over a bad record, so after the first bad record the rest is still read (and dropped) to
-    look for one."""
-    pending: ValidationError | None = None
+    over bad records (the file is not JSON at all), so it is raised alone."""
     try:
         for index, obj in enumerate(_iter_json_array(text, start), start=1):
-            if pending is None:
-                try:
-                    builder.check_count(index, "record")
-                    builder.add(obj, index, "record")
-                except ValidationError as e:
-                    pending = e
+            builder.check_count(index, "record")
+            builder.add(obj, index, "record")
     except json.JSONDecodeError as e:
         raise _bad_json(e, builder) from None
     except RecursionError:
         raise ValidationError("invalid JSON: nested too deeply", file=builder.file, line=1, kind="bad_json") from None
-    if pending is not None:
-        raise pending
 
 
 def _parse_json(text: str, builder: "_RecordBuilder") -> str:
@@ -403,12 +402,9 @@ def _parse_csv(text: str, builder: "_RecordBuilder") -> None:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(columns):
-                raise ValidationError(
-                    f"row has {len(row)} cells but the header has {len(columns)}",
-                    file=file,
-                    line=start_line,
-                    kind="bad_csv",
-                )
+                builder.note(ValidationError(f"row has {len(row)} cells but the header has {len(columns)}", file=file,
+                                             line=start_line, kind="bad_csv"))
+                continue
             builder.check_count(start_line, "line")
             # CSV has no null: an empty optional cell means "absent".
             obj = {c: v for c, v in zip(columns, row) if c in _CSV_COLUMNS and not (c in ("id", "system") and v == "")}
@@ -444,13 +440,26 @@ def _type_name(v: Any) -> str:
 
 @dataclass
 class _RecordBuilder:
-    """Turns raw objects into Records, raising at the first invalid one."""
+    """Turns raw objects into Records; an invalid one is noted (raise_problems raises them
+    together once the file is read) and skipped."""
 
     file: str
     stem: str
     cfg: DataConfig
     records: list[Record] = field(default_factory=list)
-    _ids: dict[str, int] = field(default_factory=dict)
+    _ids: dict[str, str] = field(default_factory=dict)  # id -> where it was first used ("line 3")
+    _problems: list[ValidationError] = field(default_factory=list)
+    _problem_count: int = 0
+
+    def note(self, e: ValidationError) -> None:
+        self._problem_count += 1
+        if len(self._problems) <= MAX_LISTED_PROBLEMS:  # the first, plus the ones listed with it
+            self._problems.append(e)
+
+    def raise_problems(self) -> None:
+        if self._problems:
+            first, *rest = self._problems
+            raise replace(first, also=tuple(rest), more=self._problem_count - 1)
 
     def error(self, message: str, loc: int, unit: str, kind: str, field: str | None = None) -> ValidationError:
         if unit == "record":
@@ -464,15 +473,19 @@ class _RecordBuilder:
             )
 
     def add(self, obj: Any, loc: int, unit: str) -> None:
-        if not isinstance(obj, dict):
-            raise self.error(f"expected a JSON object, got {_type_name(obj)}", loc, unit, "not_object")
-        index = len(self.records)
-        record = self._normalise(obj, loc, unit, index)
-        if record.id in self._ids:
-            raise self.error(
-                f"id {record.id!r} already used by record {self._ids[record.id] + 1}", loc, unit, "duplicate_id", "id"
-            )
-        self._ids[record.id] = index
+        try:
+            if not isinstance(obj, dict):
+                raise self.error(f"expected a JSON object, got {_type_name(obj)}", loc, unit, "not_object")
+            index = len(self.records)
+            record = self._normalise(obj, loc, unit, index)
+            if record.id in self._ids:
+                raise self.error(
+                    f"id {record.id!r} already used by {self._ids[record.id]}", loc, unit, "duplicate_id", "id"
+                )
+        except ValidationError as e:
+            self.note(e)
+            return
+        self._ids[record.id] = f"{unit} {loc}"
         self.records.append(record)
 
     # -- field helpers

@@ -234,7 +234,7 @@ def error_to_dict(e: BaseException) -> dict[str, Any]:
     d: dict[str, Any] = {"type": type(e).__name__, "message": str(e), "transient": transient_cause(e),
                          "permanent": permanent, "hint": hint}
     if isinstance(e, errors.ValidationError):
-        d["fields"] = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+        d["fields"] = e.to_fields()
     return d
 
 
@@ -243,7 +243,7 @@ def error_from_dict(d: dict[str, Any]) -> BaseException:
         return ResourceError(d["transient"])
     cls = getattr(errors, d.get("type", ""), None)
     if isinstance(cls, type) and issubclass(cls, errors.ValidationError):
-        return cls(**d["fields"])
+        return cls.from_fields(d["fields"])
     if isinstance(cls, type) and issubclass(cls, EdgekifError):
         e = cls(d["message"])
         e.permanent, e.hint = bool(d.get("permanent")), d.get("hint") or ""

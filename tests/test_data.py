@@ -357,6 +357,49 @@ def test_duplicate_ids(tmp_path):
     assert (err.kind, err.line, err.field) == ("duplicate_id", 3, "id")
 
 
+def test_every_bad_record_is_named_in_one_error(tmp_path):
+    """One read finds every bad record: the error is the first, `more` counts the others and
+    `also` lists them (line, field, kind), so a user fixes the file once."""
+    p = write(tmp_path, "t.jsonl", jsonl(ALPACA | {"id": "a"}, {"instruction": "x"}) + "not json\n"
+              + jsonl(ALPACA | {"id": "a"}, ALPACA | {"instruction": 5}, ALPACA))
+    err = reject(p)
+    assert (err.kind, err.line, err.field, err.more) == ("missing_field", 2, "output", 3)
+    assert [(e.kind, e.line, e.field) for e in err.also] == [("bad_json", 3, None), ("duplicate_id", 4, "id"), ("bad_type", 5, "instruction")]
+    assert "already used by line 1" in err.also[1].message
+    text = str(err)
+    assert text.splitlines()[0] == f"{p}:line 2 (field 'output'): missing required field 'output'"
+    assert text.splitlines()[1:] == ["3 more problems in this file:", "  line 3: invalid JSON: Expecting value (column 1)",
+                                     "  line 4 (field 'id'): id 'a' already used by line 1", "  line 5 (field 'instruction'): 'instruction' must be a string, not a number"]
+    d = json.loads(json.dumps(err.to_dict()))  # what rejected/NAME.error.json holds
+    assert d["more"] == 3 and [(a["line"], a["kind"]) for a in d["also"]] == [(3, "bad_json"), (4, "duplicate_id"), (5, "bad_type")]
+    assert "file" not in d["also"][0]  # the report's own file name (moved to rejected/) is not repeated
+    # A rebuilt error (how a stage's child hands it to the daemon) is the same.
+    again = ValidationError.from_fields(json.loads(json.dumps(err.to_fields())))
+    assert str(again) == text and again.to_dict() == err.to_dict()
+
+
+def test_many_bad_records_are_counted_and_the_first_listed(tmp_path):
+    from edgekif.taskfile import MAX_LISTED_PROBLEMS
+
+    p = write(tmp_path, "t.jsonl", jsonl(ALPACA, *[{"instruction": f"q{i}"} for i in range(50)]))
+    err = reject(p)
+    assert (err.line, err.more, len(err.also)) == (2, 49, MAX_LISTED_PROBLEMS)
+    assert [e.line for e in err.also] == list(range(3, 3 + MAX_LISTED_PROBLEMS))
+    assert str(err).endswith(f"... and {49 - MAX_LISTED_PROBLEMS} more")
+    # A single problem reads as before.
+    one = reject(write(tmp_path, "one.jsonl", jsonl(ALPACA, {"instruction": "q"})))
+    assert (one.more, one.also) == (0, ()) and "\n" not in str(one) and "more" not in one.to_dict()
+
+
+def test_bad_records_in_json_arrays_and_csv_are_collected_but_a_syntax_error_wins(tmp_path):
+    err = reject(write(tmp_path, "t.json", json.dumps([ALPACA, "text", {"instruction": "q"}, ALPACA])))
+    assert (err.kind, err.line, err.more, [(e.kind, e.line) for e in err.also]) == ("not_object", 2, 1, [("missing_field", 3)])
+    err = reject(write(tmp_path, "s.json", json.dumps([ALPACA, "text", {"instruction": "q"}])[:-1] + ",]"))
+    assert (err.kind, err.more) == ("bad_json", 0)  # not JSON at all: its records are not judged
+    err = reject(write(tmp_path, "r.csv", "instruction,output\nq,a\nq,a,extra\nq2,\n"))
+    assert [(e.kind, e.line) for e in (err, *err.also)] == [("bad_csv", 3), ("empty_field", 4)]
+
+
 def test_csv_errors(tmp_path):
     err = reject(write(tmp_path, "m.csv", "messages,id\n[],1\n"))
     assert (err.kind, err.field) == ("unknown_shape", "messages") and "JSONL" in err.message

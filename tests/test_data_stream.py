@@ -33,6 +33,7 @@ def whole_document(path: Path, cfg: DataConfig | None = None):
     for index, obj in enumerate(doc, start=1):
         builder.check_count(index, "record")
         builder.add(obj, index, "record")
+    builder.raise_problems()
     if not builder.records:
         raise ValidationError("file holds no records", file=str(path), kind="empty")
     return builder.records

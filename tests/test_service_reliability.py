@@ -341,13 +341,14 @@ def test_a_rejection_report_names_the_file_where_it_is_now(tmp_path):
     d = make(tmp_path, LibraryInput(tmp_path))
     inbox = tmp_path / "inbox"
     inbox.mkdir(parents=True, exist_ok=True)
-    (inbox / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n')
+    (inbox / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n{"output": "y"}\n')
     d.run_until_idle()
     d.close()
     report = json.loads((tmp_path / "rejected" / "bad.jsonl.error.json").read_text())
     assert report["file"] == "bad.jsonl" and report["path"] == str(tmp_path / "rejected" / "bad.jsonl")
     assert report["error"]["file"] == report["path"] and Path(report["error"]["file"]).is_file()
     assert report["error"]["line"] == 2 and report["error"]["field"] == "output"
+    assert report["error"]["more"] == 1 and [(a["line"], a["field"]) for a in report["error"]["also"]] == [(3, "instruction")]
 
 
 class ScratchStages(FakeStages):
