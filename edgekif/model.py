@@ -84,14 +84,15 @@ def _folder_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_base(cfg: ModelConfig, cache_root: Path) -> BaseModel:
-    """Locate the configured base and make sure a fast-loading HF folder exists for it."""
+def resolve_base(cfg: ModelConfig, cache_root: Path, *, convert: bool = True) -> BaseModel:
+    """Locate the configured base and make sure a fast-loading HF folder exists for it
+    (convert=False: a ModelError instead of converting a GGUF that is not converted yet)."""
     base = cfg.base
     if (known := known_base_of(base)) is not None:  # a name wins over a file of that name
-        return convert_gguf(bases.locate(known, cache_root), cache_root, name=known.name)
+        return convert_gguf(bases.locate(known, cache_root), cache_root, name=known.name, convert=convert)
     p = Path(base).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return convert_gguf(p, cache_root, name=p.stem)
+        return convert_gguf(p, cache_root, name=p.stem, convert=convert)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p}: not a Hugging Face model folder (no config.json)")
@@ -104,7 +105,7 @@ def _license(name: str) -> str:
     return known.license if (known := KNOWN_BASES.get(name)) else LOCAL_LICENSE
 
 
-def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
+def convert_gguf(gguf: Path, cache_root: Path, name: str, *, convert: bool = True) -> BaseModel:
     """Convert a GGUF file once into cache_root/models/<sha>/ (safetensors + tokenizer).
 
     The GGUF is dequantised to fp32 on load; saving that as safetensors lets later loads skip
@@ -117,6 +118,8 @@ def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
     target = models / digest[:16]
     if (target / SOURCE_FILE).is_file():
         return BaseModel(name=name, path=target, source=gguf, source_sha256=digest)
+    if not convert:
+        raise ModelError(f"the base {name} is not converted yet (`edgekif model prepare` does it; so does its first job)")
     # A conversion killed on the way (the idle preparation is stopped with SIGKILL when a job
     # comes) leaves a half-written folder of the model's full size: cleared before this one.
     if stale := remove_dead_temps(models):

@@ -4,6 +4,7 @@ which live here so that the library knows nothing of the daemon."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from edgekif.cli import CommandAdder, _config, _print_json, build_parser, config_source, run
 from edgekif.errors import EdgekifError
@@ -81,8 +82,36 @@ def cmd_api(args) -> int:
     return serve(data_path, settings, host=args.host, port=args.port, socket_path=args.socket)
 
 
+def cmd_check(args) -> int:
+    from edgekif.errors import ValidationError
+
+    from .preflight import describe_task_file, format_description
+
+    cfg = _config(args)
+    results, rejected = [], 0
+    for name in args.files:
+        try:
+            d = describe_task_file(cfg, Path(name))
+        except ValidationError as e:
+            rejected += 1
+            d = {"file": name, "rejected": e.to_dict()}
+            if not args.json:
+                print(f"{name}: would be rejected\n  " + str(e).replace("\n", "\n  "))
+        else:
+            if not args.json:
+                print(format_description(d))
+        results.append(d)
+    if args.json:
+        _print_json(results)
+    return 2 if rejected else 0
+
+
 def add_daemon_commands(add: CommandAdder) -> None:
     add("serve", cmd_serve, "run the daemon on the data dir (watch inbox/, train, export, publish)")
+    sp = add("check", cmd_check, "what the daemon would do with task files, changing nothing: every problem that would reject "
+             "one, or its kind, metric, answer budget and holdout/train split")
+    sp.add_argument("files", nargs="+", metavar="TASK_FILE")
+    sp.add_argument("--json", action="store_true")
     sp = add("status", cmd_status, "queue, current job, published version and buffer stats")
     sp.add_argument("--json", action="store_true")
     sp = add("publish", cmd_publish, "publish a job held by the forgetting gate")

@@ -67,6 +67,14 @@ def holdout_size(service_cfg, kind: str, n_records: int) -> int:
     return min(n, n_records - 1) if n_records > 1 else 0
 
 
+def split_holdout(records, sha256: str, n_holdout: int) -> tuple[list, list]:
+    """(holdout, train) of a file's records: shuffled by the file's SHA-256, so the same file
+    is always split the same way (the buffer stage may run again after a crash)."""
+    records = list(records)
+    random.Random(sha256).shuffle(records)
+    return records[:n_holdout], records[n_holdout:]
+
+
 def manifest_tasks(layout, config, names: list[str]) -> list[dict]:
     """The manifest's record of the tasks a model has learned, in learning order."""
     from edgekif.replay import ReplayBuffer
@@ -137,11 +145,8 @@ class LibraryStages:
 
         cfg = ctx.config
         data = read_task(ctx.file_path, cfg.data)
-        records = list(data.records)
-        random.Random(ctx.sha256).shuffle(records)  # deterministic in the file's content
         spec = self._spec(ctx, data.records)  # as validate decided it (a pure function of the files)
-        n_hold = holdout_size(cfg.service, spec.kind, len(records))
-        holdout, train = records[:n_hold], records[n_hold:]
+        holdout, train = split_holdout(data.records, ctx.sha256, holdout_size(cfg.service, spec.kind, len(data.records)))
         holdout_path = write_holdout(ctx.layout.root, ctx.task_name, holdout, data.labels)
         write_spec(ctx.layout.root, ctx.task_name, spec)
         write_records(ctx.job_files.train_file, train)

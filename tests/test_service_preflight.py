@@ -1,0 +1,97 @@
+"""`edgekif check`: what the daemon would do with a task file, changing nothing, and the same
+as the daemon then does: its spec, holdout/train split and answer budget, or every problem that
+would reject it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgekif.config import load_config
+from edgekif.layout import DataLayout
+from service.jobs import JobStore
+
+from test_service_stages import _alpaca, _headlines, _library_with_fake_training
+from tiny_models import save_tiny_llama
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = save_tiny_llama(tmp_path / "base")
+    data = tmp_path / "data"
+    config = load_config(None, [f"data_dir={data}", f"model.base={base}", "service.quiet_seconds=0"])
+    files = tmp_path / "mine"
+    files.mkdir()
+    (files / "heads.jsonl").write_text(_headlines(30))
+    (files / "yesno.jsonl").write_text(_alpaca(40))
+    (files / "yesno.task.toml").write_text('metric = "exact_match"\n')
+    return config, files
+
+
+def test_check_says_what_the_daemon_then_does(setup):
+    from service.preflight import describe_task_file
+    from service.stages import JobContext
+
+    config, files = setup
+    checked = {name: describe_task_file(config, files / name) for name in ("heads.jsonl", "yesno.jsonl")}
+    layout = DataLayout(config.data_path)
+    assert not config.data_path.exists()  # a check changes nothing, not even the data dir
+    heads, yesno = checked["heads.jsonl"], checked["yesno.jsonl"]
+    assert (heads["records"], heads["holdout"], heads["train"], heads["labels"], heads["sidecar"]) == (30, 15, 15, None, None)
+    assert (yesno["holdout"], yesno["train"], yesno["labels"]) == (10, 30, {"no": 20, "yes": 20})
+    assert yesno["spec"]["metric"] == "exact_match" and yesno["sidecar"] == str(files / "yesno.task.toml")
+    assert heads["warnings"] and "15 records are held out" in heads["warnings"][0]
+
+    # The daemon, given the same files: the same spec, split and budget.
+    layout.create()
+    for p in files.iterdir():
+        (layout.inbox / p.name).write_bytes(p.read_bytes())
+    stages = _library_with_fake_training(config)
+    from service.daemon import Daemon
+
+    d = Daemon(config, stages)
+    d.run_until_idle()
+    d.close()
+    with JobStore(layout.state_db) as store:
+        jobs = {j.file_name: j for j in store.jobs()}
+    for name, c in checked.items():
+        job = jobs[name]
+        ctx = JobContext(job_id=job.id, file_name=job.file_name, file_path=Path(job.file_path), sha256=job.sha256,
+                         work_dir=layout.job_dir(job.id), layout=layout, config=config)
+        spec = stages._decide_budget(ctx, None)["spec"]  # the train stage's budget, with the base's tokenizer
+        assert spec == c["spec"], name
+        held = layout.holdout_file(Path(name).stem).read_text().splitlines()
+        assert len(held) == c["holdout"] and job.sha256 == c["sha256"]
+    assert isinstance(heads["spec"]["max_new_tokens"], int) and heads["budget_from"].endswith("base tokens")
+
+
+def test_check_without_a_converted_base_leaves_the_budget_to_training(tmp_path):
+    from service.preflight import describe_task_file, format_description
+
+    gguf = tmp_path / "never.gguf"
+    gguf.write_bytes(b"GGUF not converted")
+    config = load_config(None, [f"data_dir={tmp_path / 'data'}", f"model.base={gguf}"])
+    (tmp_path / "heads.jsonl").write_text(_headlines(4))
+    d = describe_task_file(config, tmp_path / "heads.jsonl")
+    assert d["spec"]["max_new_tokens"] is None and "not converted yet" in d["budget_from"]
+    assert not (tmp_path / "data").exists()
+    assert "budget:  not decided yet (decided when its job trains" in format_description(d)
+
+
+def test_check_command_lists_every_problem_and_exits_2(setup, capsys):
+    from service.cli import main
+
+    config, files = setup
+    (files / "bad.jsonl").write_text(_alpaca(2) + '{"instruction": "q"}\nnot json\n')
+    rc = main(["--data-dir", str(config.data_path), "-s", f"model.base={config.model.base}", "check", str(files / "yesno.jsonl"), str(files / "bad.jsonl")])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert f"{files / 'yesno.jsonl'}: valid, 40 records (jsonl), task 'yesno'" in out
+    assert "kind:    classification (detected from the answers); judged by exact_match" in out
+    assert f"{files / 'bad.jsonl'}: would be rejected" in out
+    assert "line 3 (field 'output'): missing required field 'output'" in out and "    line 4: invalid JSON" in out
+    assert main(["--data-dir", str(config.data_path), "-s", f"model.base={config.model.base}", "check", "--json", str(files / "bad.jsonl")]) == 2
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["rejected"]["line"] == 3 and report["rejected"]["more"] == 1
