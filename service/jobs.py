@@ -209,6 +209,14 @@ def _unique_task_name(c: sqlite3.Connection, name: str) -> str:
     return f"{name}~{n}"
 
 
+def _known_file(c: sqlite3.Connection, sha256: str) -> DuplicateFile | None:
+    row = c.execute("SELECT id, name FROM files WHERE sha256 = ?", (sha256,)).fetchone()
+    if row is None:
+        return None
+    job = c.execute(_JOB_SELECT + " WHERE jobs.file_id = ? ORDER BY jobs.id DESC LIMIT 1", (row["id"],)).fetchone()
+    return DuplicateFile(row["id"], row["name"], Job.from_row(job) if job else None)
+
+
 def _migrate_v1(c: sqlite3.Connection) -> None:
     """Schema 1 had one `training` state for train + evaluate and gated inside export. Rebuild
     the jobs table with the new CHECK (SQLite cannot alter one) and map each job to the state
@@ -354,10 +362,8 @@ class JobStore:
     def begin_take(self, name: str, sha256: str, size: int, received_at: str, dest: str) -> int:
         """Record a file about to be moved to `dest`. Raises DuplicateFile if the bytes are known."""
         with self.transaction() as c:
-            row = c.execute("SELECT id, name FROM files WHERE sha256 = ?", (sha256,)).fetchone()
-            if row is not None:
-                job = c.execute(_JOB_SELECT + " WHERE jobs.file_id = ? ORDER BY jobs.id DESC LIMIT 1", (row["id"],)).fetchone()
-                raise DuplicateFile(row["id"], row["name"], Job.from_row(job) if job else None)
+            if (known := _known_file(c, sha256)) is not None:
+                raise known
             cur = c.execute(
                 "INSERT INTO files(name, sha256, size, received_at, status, path) VALUES (?, ?, ?, ?, 'taking', ?)",
                 (name, sha256, size, received_at, dest),
@@ -379,6 +385,14 @@ class JobStore:
             job_id = int(cur.lastrowid)
             self._event(c, job_id, "received", {"file": f["name"], "sha256": f["sha256"], "size": f["size"]})
             return job_id
+
+    def known_file(self, sha256: str) -> DuplicateFile | None:
+        """The earlier file with these bytes (what begin_take would refuse), or None."""
+        return _known_file(self.conn, sha256)
+
+    def task_name_for(self, name: str) -> str:
+        """The task a new file of this name would become (NAME, or NAME~2 if NAME is taken)."""
+        return _unique_task_name(self.conn, name)
 
     def forget_take(self, file_id: int) -> None:
         """A 'taking' row whose file never reached accepted/ (crash before the rename)."""

@@ -5,7 +5,8 @@ edgekif.tasks.read_task_spec with the sidecar beside the file, split_holdout on 
 SHA-256), and the answer budget the train stage would decide from the training split, with the
 base's tokenizer when the base is converted (a check never converts it). So a user learns
 before dropping a file whether it is valid (every bad record at once), which kind, metric and
-budget judge it, and how many records train and judge it.
+budget judge it, and how many records train and judge it, and, against the data dir's state.db
+when there is one, which task name the file would get and whether its bytes were dropped before.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekif.config import Config
+from edgekif.layout import DataLayout
+
+from .jobs import JobStore
 
 
 def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
@@ -40,9 +44,21 @@ def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
         warnings.append(f"only {n_hold} records are held out to judge it ({cap} from a file of {round(cap / fraction)} or more): "
                         "the gate's paired test has less to decide on"
                         + (" (free text: a gain of a few ROUGE-L points needs ~100)" if generation else ""))
+    task, duplicate_of = path.stem, None
+    layout = DataLayout(cfg.data_path)
+    if layout.state_db.is_file():
+        with JobStore(layout.state_db) as store:
+            task = store.task_name_for(path.stem)
+            if (known := store.known_file(data.sha256)) is not None:
+                task = None  # set aside, not a task
+                duplicate_of = {"file": known.name, "job": known.job.id if known.job else None, "state": known.job.state if known.job else None}
+                warnings.insert(0, f"the same bytes were dropped before as {known.name!r}"
+                                + (f" (job {known.job.id}, {known.job.state})" if known.job else "")
+                                + ": the daemon would set this file aside as a duplicate")
     return {
         "file": str(path),
-        "task": path.stem,
+        "task": task,
+        "duplicate_of": duplicate_of,
         "format": data.format,
         "records": len(data.records),
         "sha256": data.sha256,
@@ -76,7 +92,7 @@ def format_description(d: dict[str, Any]) -> str:
     source = f"stated in {Path(d['sidecar']).name}" if spec["source"] == "sidecar" else "detected from the answers"
     budget = f"{spec['max_new_tokens']} new tokens" if spec["max_new_tokens"] is not None else "not decided yet"
     lines = [
-        f"{d['file']}: valid, {d['records']} records ({d['format']}), task {d['task']!r}",
+        f"{d['file']}: valid, {d['records']} records ({d['format']}), " + (f"task {d['task']!r}" if d["task"] else "a duplicate"),
         f"  kind:    {spec['kind']} ({source}); judged by {spec['metric']}",
         f"  budget:  {budget} ({d['budget_from']})",
         f"  split:   {d['holdout']} held out to judge it, {d['train']} to train on",

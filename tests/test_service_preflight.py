@@ -65,6 +65,15 @@ def test_check_says_what_the_daemon_then_does(setup):
         held = layout.holdout_file(Path(name).stem).read_text().splitlines()
         assert len(held) == c["holdout"] and job.sha256 == c["sha256"]
     assert isinstance(heads["spec"]["max_new_tokens"], int) and heads["budget_from"].endswith("base tokens")
+    assert (heads["task"], heads["duplicate_of"]) == ("heads", None)
+
+    # Against the data dir the daemon has filled: the same bytes are a duplicate, other bytes
+    # under a taken name a new task NAME~2, as the daemon names them.
+    again = describe_task_file(config, files / "heads.jsonl")
+    assert again["task"] is None and again["duplicate_of"] == {"file": "heads.jsonl", "job": jobs["heads.jsonl"].id, "state": "published"}
+    assert "dropped before as 'heads.jsonl'" in again["warnings"][0]
+    (files / "heads.jsonl").write_text(_headlines(31))
+    assert describe_task_file(config, files / "heads.jsonl")["task"] == "heads~2"
 
 
 def test_check_without_a_converted_base_leaves_the_budget_to_training(tmp_path):
