@@ -54,9 +54,22 @@ def _job_summary(job: Job) -> dict[str, Any]:
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "version": job.version,
-        "error": (job.error or {}).get("message"),
+        "error": error_text(job.error),
         "hint": (job.error or {}).get("hint"),  # what to do about a permanent failure
     }
+
+
+def error_text(error: dict[str, Any] | None) -> str | None:
+    """A job's error in one line: a rejected file's with its line and field, and how many more
+    problems its report (rejected/NAME.error.json) lists."""
+    if not error:
+        return None
+    text = error.get("message")
+    if error.get("line") is not None:
+        text = f"line {error['line']}" + (f" (field {error['field']!r})" if error.get("field") else "") + f": {text}"
+    if error.get("more"):
+        text += f" (+{error['more']} more)"
+    return text
 
 
 def progress_view(prog: dict[str, Any] | None, stage: str | None, now: float) -> dict[str, Any] | None:

@@ -86,3 +86,15 @@ def test_pipeline_writes_a_fresh_progress_record_at_each_stage(tmp_path):
         assert rec["ts"] - rec["started"] < 5
     st = status(config)  # idle again: the job is published, nothing current
     assert st["current"] is None and st["published"]["version"] == "v0001"
+
+
+def test_a_jobs_error_in_one_line_names_line_field_and_the_other_problems():
+    from edgekif.errors import ValidationError
+    from service.status import error_text
+
+    assert error_text(None) is None
+    assert error_text({"kind": "held", "message": "headlines: not a significant gain"}) == "headlines: not a significant gain"
+    one = ValidationError("missing required field 'output'", file="f.jsonl", line=2, field="output", kind="missing_field")
+    assert error_text(one.to_dict()) == "line 2 (field 'output'): missing required field 'output'"
+    three = ValidationError("invalid JSON", file="f.jsonl", line=4, kind="bad_json", also=(one, one), more=2)
+    assert error_text(three.to_dict()) == "line 4: invalid JSON (+2 more)"
