@@ -249,6 +249,11 @@ class ExportConfig:
     # configured int8 or blocks of 16 with a zero point) before fp32. Each has failed where the
     # other passed; false = straight to fp32 (edgekif.export.build.second_int8).
     int8_second_try: bool = True
+    # The base's cached exports (cache_root/zero-shot: ~0.3 GB each for SmolLM2) are keyed by the
+    # code that made them, so each upgrade builds new ones. Those made by other edgekif code and
+    # unused this many days are removed when the base is prepared (edgekif.workflow.prune_base_exports);
+    # 0 = never.
+    stale_base_export_days: float = 7.0
     parity_prompts: int = 4  # prompts checked when there is no holdout (edgekif export --prompt)
     # CPU threads a genai export's decoder runs on, written into its genai_config.json
     # (model.decoder.session_options.intra_op_num_threads), so a client that only opens the
@@ -477,6 +482,7 @@ def validate_config(cfg: Config) -> None:
     check(cfg.export.target in ("genai", "onnx"), f"export.target: {cfg.export.target!r} not in genai|onnx")
     check(cfg.export.precision in ("auto", "int4", "fp16", "fp32", "int8"), f"export.precision: {cfg.export.precision!r}")
     check(cfg.export.keep_versions >= 1, "export.keep_versions must be >= 1")
+    check(cfg.export.stale_base_export_days >= 0, "export.stale_base_export_days must be >= 0 (0 = never remove)")
     check(cfg.export.threads >= 0, "export.threads must be >= 0 (0 = the physical cores)")
     check(cfg.export.int8_block_size in (16, 32, 64, 128, 256), f"export.int8_block_size: {cfg.export.int8_block_size} not in 16|32|64|128|256")
     check(0 < cfg.service.gate_confidence < 1, "service.gate_confidence must be in (0, 1)")

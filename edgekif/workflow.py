@@ -419,7 +419,65 @@ def prepare_base(cfg: Config, progress: Any = None) -> list[dict[str, Any]]:
         _base_general_reference(cfg, base, settings, loglik=True)
         done.append({"variant": variant.name, "seconds": round(time.perf_counter() - t1, 1), **settings})
         say(f"exported as {variant.name} and answered the general prompts ({done[-1]['seconds']:.0f} s)")
+    if removed := prune_base_exports(cfg, base):
+        say(f"removed {len(removed)} cached base exports made by other edgekif code and unused for "
+            f"{cfg.export.stale_base_export_days:g} days (export.stale_base_export_days)")
     return done
+
+
+USED_FILE = "used.json"  # in each zero-shot cache folder: the code that last used it, and when (its mtime)
+
+
+def prune_base_exports(cfg: Config, base: BaseModel, *, now: float | None = None) -> list[Path]:
+    """Remove the cache folders of `base`'s exports (cache_root/zero-shot) that this code cannot
+    use, made or last used by other edgekif code (an earlier version; folders from before
+    USED_FILE count as such), once unused for export.stale_base_export_days. A folder in use
+    (its lock held) is left. Removed by renaming it away first, so a crash never leaves half a
+    folder under its name. Returns the folders removed."""
+    import fcntl
+    import json
+    import shutil
+    import time
+
+    days = cfg.export.stale_base_export_days
+    parent = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}"
+    if days <= 0 or not parent.is_dir():
+        return []
+    for left in parent.glob(".removing-*"):  # a removal a crash cut short
+        shutil.rmtree(left, ignore_errors=True)
+    cutoff = (time.time() if now is None else now) - days * 86400
+    removed = []
+    for root in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            code = json.loads((root / USED_FILE).read_text()).get("code")
+        except (OSError, ValueError, AttributeError):
+            code = None
+        if code == _code_tag():
+            continue
+        last_used = max((f.stat().st_mtime for f in (root, root / USED_FILE, root / "scores.json", root / "export") if f.exists()), default=0.0)
+        if last_used > cutoff:
+            continue
+        try:
+            fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process is using it
+            os.close(fd)
+            continue
+        try:
+            away = parent / f".removing-{root.name}"
+            os.rename(root, away)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(away, ignore_errors=True)
+        removed.append(root)
+    if removed:
+        log.info("removed cached base exports of other edgekif code", extra={"base": base.name, "paths": [str(p) for p in removed], "unused_days": days})
+    return removed
 
 
 @contextlib.contextmanager
@@ -430,13 +488,21 @@ def _cache_lock(root: Path) -> Iterator[None]:
     import fcntl
     import shutil
 
+    from .atomic import atomic_write_json
+
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another process's build (minutes at most)
+        if not (root / ".lock").exists():  # pruned (renamed away) while this waited: use a new folder
+            os.close(fd)
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         for stale in [*root.glob(".export.*.tmp"), *root.glob(".export.old-*")]:  # atomic_dir's temp and parked old folder
             log.warning("removing a crashed zero-shot build", extra={"path": str(stale)})
             shutil.rmtree(stale, ignore_errors=True)
+        atomic_write_json(root / USED_FILE, {"code": _code_tag()})  # for prune_base_exports: its mtime is the last use
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -5,6 +5,7 @@ trusted, and a crashed build's temp folder is removed."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,31 @@ def test_zero_shot_is_built_once_cached_and_a_damaged_cache_is_remeasured(tiny_d
     # an upgrade that changes how prompts are built, decoded or scored measures the base again
     from edgekif import workflow
 
+    old_root, old_tag = scores.parent, workflow._code_tag
     monkeypatch.setattr(workflow, "_code_tag", lambda: "code-upgraded")
     assert zero_shot_accuracy(cfg, base, settings, holdout) == first and builds == ["fp32", "fp32"]
     assert len(list((tmp_path / "cache").glob("zero-shot/*/*/scores.json"))) == 2
+
+    # the old code's folder is removed once unused for export.stale_base_export_days; the
+    # upgraded code's stays, however old; a folder whose lock is held is left
+    import fcntl
+    import time
+
+    week = time.time() + 8 * 86400
+    assert workflow.prune_base_exports(cfg, base) == []  # used a moment ago
+    fd = os.open(old_root / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert workflow.prune_base_exports(cfg, base, now=week) == []  # in use by another process
+    os.close(fd)
+    never = load_config(None, [f"data_dir={tmp_path / 'data'}", "export.stale_base_export_days=0"])
+    assert workflow.prune_base_exports(never, base, now=week) == []
+    (old_root.parent / ".removing-crashed").mkdir()  # a removal cut short
+    assert workflow.prune_base_exports(cfg, base, now=week) == [old_root]
+    assert [p.name for p in old_root.parent.iterdir()] == [n.parent.name for n in (tmp_path / "cache").glob("zero-shot/*/*/scores.json")]
+    assert json.loads((old_root.parent.joinpath(*[p.name for p in old_root.parent.iterdir()]) / "used.json").read_text()) == {"code": "code-upgraded"}
+    # the old code, if it runs again, builds its folder anew
+    monkeypatch.setattr(workflow, "_code_tag", old_tag)
+    assert zero_shot_accuracy(cfg, base, settings, holdout) == first and builds == ["fp32", "fp32", "fp32"]
 
 
 def _with_template(folder: Path, template: str) -> Path:
