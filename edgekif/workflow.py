@@ -490,15 +490,18 @@ def _cache_lock(root: Path) -> Iterator[None]:
 
     from .atomic import atomic_write_json
 
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another process's build (minutes at most)
-        if not (root / ".lock").exists():  # pruned (renamed away) while this waited: use a new folder
+    while True:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another process's build (minutes at most)
+        except BaseException:
             os.close(fd)
-            root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            raise
+        if (root / ".lock").exists():
+            break
+        os.close(fd)  # pruned (renamed away, prune_base_exports) while this waited: a new folder
+    try:
         for stale in [*root.glob(".export.*.tmp"), *root.glob(".export.old-*")]:  # atomic_dir's temp and parked old folder
             log.warning("removing a crashed zero-shot build", extra={"path": str(stale)})
             shutil.rmtree(stale, ignore_errors=True)

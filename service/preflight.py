@@ -93,7 +93,8 @@ def format_description(d: dict[str, Any]) -> str:
     budget = f"{spec['max_new_tokens']} new tokens" if spec["max_new_tokens"] is not None else "not decided yet"
     lines = [
         f"{d['file']}: valid, {d['records']} records ({d['format']}), " + (f"task {d['task']!r}" if d["task"] else "a duplicate"),
-        f"  kind:    {spec['kind']} ({source}); judged by {spec['metric']}",
+        f"  kind:    {spec['kind']} ({source}); judged by {spec['metric']}"
+        + (f" (stated in {Path(d['sidecar']).name})" if "metric" in spec["stated"] and d["sidecar"] else ""),
         f"  budget:  {budget} ({d['budget_from']})",
         f"  split:   {d['holdout']} held out to judge it, {d['train']} to train on",
     ]

@@ -232,3 +232,33 @@ def test_the_zero_shot_path_imports_no_torch():
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_folder_pruned_while_a_user_waits_for_its_lock_is_made_anew(tmp_path):
+    """_cache_lock waiting on a folder that prune_base_exports renames away gets a new folder
+    under the same name (and marks it used), not the renamed one on its way out."""
+    import fcntl
+    import threading
+
+    from edgekif.workflow import USED_FILE, _cache_lock
+
+    root = tmp_path / "zero-shot" / "base-x" / "genai-int8-abc"
+    root.mkdir(parents=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the pruner holds it
+    seen = {}
+
+    def user():
+        with _cache_lock(root):
+            seen["lock"] = (root / ".lock").is_file()
+            (root / "scores.json").write_text("{}")
+
+    t = threading.Thread(target=user)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # waiting for the lock
+    os.rename(root, root.parent / ".removing-genai-int8-abc")
+    os.close(fd)
+    t.join(10)
+    assert seen == {"lock": True} and (root / "scores.json").is_file() and (root / USED_FILE).is_file()
+    assert not (root.parent / ".removing-genai-int8-abc" / "scores.json").exists()
