@@ -6,7 +6,9 @@ base's own export (the gates' like-for-like baseline) and its answers to the gen
 A daemon usually starts long before the first file arrives, so it does that work then, in a
 child process of its own (the daemon never imports torch):
 
-    BasePreparer(config, layout)   started by the worker when no job is queued; stopped
+    BasePreparer(config, layout)   started by the worker when no job is queued (again a day
+                                   after it ended: a check, and the cache's stale base
+                                   exports removed); stopped
                                    (SIGKILL to its group) when one arrives or the daemon
                                    stops: everything it writes goes through atomic folders
                                    and a cache lock (edgekif.workflow), so the job finds
@@ -23,6 +25,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,13 +42,17 @@ log = logging.getLogger(__name__)
 
 PREPARE_COMMAND = (sys.executable, "-m", "service.preparer")  # + REQUEST
 MAX_STARTS = 3  # a preparation stopped by jobs is started again when idle, this many times a run
+# An ended preparation runs again when idle after this long: on a prepared base it only checks
+# (seconds), and it removes the cache's stale base exports (edgekif.workflow.prune_base_exports)
+# on a daemon that runs for weeks without a restart.
+RECHECK_SECONDS = 24 * 3600
 
 
 class BasePreparer:
-    """Runs `command REQUEST` once per daemon run while idle (module docstring). `state`:
-    idle (not started yet, or stopped by a job and to be started again), running, done,
-    failed (exited non-zero: the jobs do the work, as without it), given-up (stopped by jobs
-    MAX_STARTS times)."""
+    """Runs `command REQUEST` while idle (module docstring), once, and again RECHECK_SECONDS
+    after it ended. `state`: idle (not started yet, or stopped by a job and to be started
+    again), running, done, failed (exited non-zero: the jobs do the work, as without it),
+    given-up (stopped by jobs MAX_STARTS times)."""
 
     def __init__(self, config: Config, layout: DataLayout, command: Sequence[str] = PREPARE_COMMAND) -> None:
         self.config, self.layout, self.command = config, layout, tuple(command)
@@ -55,6 +62,8 @@ class BasePreparer:
         self._relay: threading.Thread | None = None
         self._reloaded: Config | None = None
         self._started_at = ""
+        self._clock = time.monotonic
+        self._ended_at = 0.0
 
     @property
     def running(self) -> dict[str, Any] | None:
@@ -73,18 +82,20 @@ class BasePreparer:
         if self._reloaded is not None and self.state != "running":
             self.config, self._reloaded = self._reloaded, None
             self.state, self.starts = "idle", 0
+        if self.state in ("done", "failed", "given-up") and self._clock() - self._ended_at >= RECHECK_SECONDS:
+            self.state, self.starts = "idle", 0
         if self.state == "running":
             self._poll()
         elif self.state == "idle":
             if self.starts >= MAX_STARTS:
-                self.state = "given-up"
+                self.state, self._ended_at = "given-up", self._clock()
                 log.info("base preparation left to the jobs: stopped by jobs too often", extra={"starts": self.starts})
                 return
             try:
                 self._start()
             except (OSError, ValueError, subprocess.SubprocessError) as e:  # a full disk, a missing interpreter: the jobs do the work, as without it
                 self._proc = self._relay = None
-                self.state = "failed"
+                self.state, self._ended_at = "failed", self._clock()
                 log.warning("base preparation could not start", extra={"error": f"{type(e).__name__}: {e}"})
 
     def before_job(self) -> None:
@@ -130,6 +141,7 @@ class BasePreparer:
             self._relay.join(5)
         self._proc = self._relay = None
         self.state = "done" if rc == 0 else "failed"
+        self._ended_at = self._clock()
         (log.info if rc == 0 else log.warning)("base preparation ended", extra={"returncode": rc, "state": self.state})
         return True
 

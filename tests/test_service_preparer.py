@@ -18,7 +18,7 @@ from service import preparer as preparer_mod
 from service.daemon import Daemon, status_line
 from service.jobs import JobStore
 from service.fake_stages import FakeStages
-from service.preparer import MAX_STARTS, BasePreparer
+from service.preparer import MAX_STARTS, RECHECK_SECONDS, BasePreparer
 
 from test_service_daemon import drop, jobs, running, wait_for
 
@@ -82,9 +82,19 @@ def test_its_end_is_noticed_and_logged_with_the_exit_code(tmp_path, monkeypatch,
         assert p.state == state and p.starts == 1
         p.when_idle()
         p.before_job()
-        assert p.state == state and p.starts == 1  # not started again in this run
+        assert p.state == state and p.starts == 1  # not started again for a day
         ended = [r for r in caplog.records if r.getMessage() == "base preparation ended"]
         assert ended[-1].returncode == rc
+        later = p._ended_at + RECHECK_SECONDS
+        p._clock = lambda: later - 1
+        p.when_idle()
+        assert p.state == state
+        p._clock = lambda: later  # a day on: checked again (and the cache pruned), once more
+        p.when_idle()
+        assert p.state == "running" and p.starts == 1
+        assert wait_for(lambda: (p.when_idle(), p.state)[1] == state, timeout=30) and len(_pids(tmp_path)) == 2
+        for f in tmp_path.glob("prepare-request.json.pid-*"):
+            f.unlink()
     monkeypatch.setenv("PREP_SLEEP", "60")
     p.reconfigure(load_config(None, [f"data_dir={tmp_path}", "model.base=/another.gguf"]))
     p.when_idle()  # a reloaded config is prepared again, with the new config
