@@ -84,15 +84,14 @@ def _folder_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_base(cfg: ModelConfig, cache_root: Path, *, convert: bool = True) -> BaseModel:
-    """Locate the configured base and make sure a fast-loading HF folder exists for it
-    (convert=False: a ModelError instead of converting a GGUF that is not converted yet)."""
+def resolve_base(cfg: ModelConfig, cache_root: Path) -> BaseModel:
+    """Locate the configured base and make sure a fast-loading HF folder exists for it."""
     base = cfg.base
     if (known := known_base_of(base)) is not None:  # a name wins over a file of that name
-        return convert_gguf(bases.locate(known, cache_root), cache_root, name=known.name, convert=convert)
+        return convert_gguf(bases.locate(known, cache_root), cache_root, name=known.name)
     p = Path(base).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return convert_gguf(p, cache_root, name=p.stem, convert=convert)
+        return convert_gguf(p, cache_root, name=p.stem)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p}: not a Hugging Face model folder (no config.json)")
@@ -105,7 +104,27 @@ def _license(name: str) -> str:
     return known.license if (known := KNOWN_BASES.get(name)) else LOCAL_LICENSE
 
 
-def convert_gguf(gguf: Path, cache_root: Path, name: str, *, convert: bool = True) -> BaseModel:
+def converted_base(cfg: ModelConfig, cache_root: Path) -> Path | None:
+    """The configured base's fast-loading folder if it exists, found without hashing,
+    assembling or writing anything (for `edgekif check`, which changes nothing): a model folder
+    is itself; for a GGUF, the newest cache folder converted from a known base of that name or
+    from that file; None when it is not converted yet."""
+    known = known_base_of(cfg.base)
+    p = Path(cfg.base).expanduser()
+    if known is None and p.is_dir():
+        return p if (p / "config.json").is_file() else None
+    found = []
+    for info_file in (Path(cache_root) / "models").glob(f"*/{SOURCE_FILE}"):
+        try:
+            info = json.loads(info_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("name") == known.name if known is not None else info.get("source") == str(p):
+            found.append(info_file)
+    return max(found, key=lambda f: f.stat().st_mtime).parent if found else None
+
+
+def convert_gguf(gguf: Path, cache_root: Path, name: str) -> BaseModel:
     """Convert a GGUF file once into cache_root/models/<sha>/ (safetensors + tokenizer).
 
     The GGUF is dequantised to fp32 on load; saving that as safetensors lets later loads skip
@@ -118,8 +137,6 @@ def convert_gguf(gguf: Path, cache_root: Path, name: str, *, convert: bool = Tru
     target = models / digest[:16]
     if (target / SOURCE_FILE).is_file():
         return BaseModel(name=name, path=target, source=gguf, source_sha256=digest)
-    if not convert:
-        raise ModelError(f"the base {name} is not converted yet (`edgekif model prepare` does it; so does its first job)")
     # A conversion killed on the way (the idle preparation is stopped with SIGKILL when a job
     # comes) leaves a half-written folder of the model's full size: cleared before this one.
     if stale := remove_dead_temps(models):

@@ -2,11 +2,12 @@
 
 A task is one file. It is read and validated as a whole and trained all-or-nothing: a
 problem rejects the file with a `ValidationError` naming the file, the line (or record) and
-the field, plus a machine-readable `kind`. A problem with the whole file (its size, encoding,
-JSON syntax of a `.json` document, CSV header, too many records) stops reading at once; bad
-records (a JSONL line that is not JSON, a missing or mistyped field, a duplicate id, a CSV row
-of the wrong width) are all found in one read: the error is the first, and its `more` / `also`
-count and list (the first MAX_LISTED_PROBLEMS) the others, so one report says what to fix.
+the field, plus a machine-readable `kind`. Bad records (a JSONL line that is not JSON, a
+missing or mistyped field, a duplicate id, a CSV row of the wrong width) are all found in one
+read: the error is the first, and its `more` / `also` count and list (the first
+MAX_LISTED_PROBLEMS) the others, so one report says what to fix. A problem that stops the
+reading (size, encoding, a CSV header or quote, a line too long, too many records) is listed
+after the bad records read before it; a `.json` document that is not JSON is reported alone.
 
 File formats (chosen by extension; other extensions such as `.txt` are sniffed: a
 document starting with `[` is a JSON array, one starting with `{` is JSONL):
@@ -148,12 +149,17 @@ def _parse(raw: bytes, path: Path, cfg: DataConfig) -> tuple[str, list[Record]]:
 
     builder = _RecordBuilder(file=file, stem=path.stem, cfg=cfg)
     fmt = _detect_format(path, text)
-    if fmt == "jsonl":
-        _parse_jsonl(text, builder)
-    elif fmt == "json":
-        fmt = _parse_json(text, builder)
-    else:
-        _parse_csv(text, builder)
+    try:
+        if fmt == "jsonl":
+            _parse_jsonl(text, builder)
+        elif fmt == "json":
+            fmt = _parse_json(text, builder)
+        else:
+            _parse_csv(text, builder)
+    except ValidationError as e:
+        if e.kind == "bad_json":  # a JSON document that is not JSON: its records are not judged
+            raise
+        builder.note(e)  # what stopped the reading comes after the bad records read before it
     builder.raise_problems()
     if not builder.records:
         raise ValidationError("file holds no records", file=file, kind="empty")
@@ -296,15 +302,24 @@ def _parse_json_array(text: str, start: int, builder: "_RecordBuilder") -> None:
     """A top-level array, element by element (peak memory: the records kept, not the tree).
 
     Reports the same error as parsing the whole document first: a syntax error anywhere wins
-    over bad records (the file is not JSON at all), so it is raised alone."""
+    over bad records and too many of them (the file is not JSON at all), so it is raised alone,
+    and the rest of the array is read (and dropped) after too many records to look for one."""
+    too_many: ValidationError | None = None
     try:
         for index, obj in enumerate(_iter_json_array(text, start), start=1):
-            builder.check_count(index, "record")
-            builder.add(obj, index, "record")
+            if too_many is None:
+                try:
+                    builder.check_count(index, "record")
+                except ValidationError as e:
+                    too_many = e
+                    continue
+                builder.add(obj, index, "record")
     except json.JSONDecodeError as e:
         raise _bad_json(e, builder) from None
     except RecursionError:
         raise ValidationError("invalid JSON: nested too deeply", file=builder.file, line=1, kind="bad_json") from None
+    if too_many is not None:
+        raise too_many
 
 
 def _parse_json(text: str, builder: "_RecordBuilder") -> str:

@@ -429,13 +429,14 @@ USED_FILE = "used.json"  # in each zero-shot cache folder: the code that last us
 
 
 def prune_base_exports(cfg: Config, base: BaseModel, *, now: float | None = None) -> list[Path]:
-    """Remove the cache folders of `base`'s exports (cache_root/zero-shot) that this code cannot
-    use, made or last used by other edgekif code (an earlier version; folders from before
-    USED_FILE count as such), once unused for export.stale_base_export_days. A folder in use
-    (its lock held) is left. Removed by renaming it away first, so a crash never leaves half a
-    folder under its name. Returns the folders removed."""
+    """Remove the cache folders of `base`'s exports (cache_root/zero-shot/<base>-<sha12>) that
+    this code cannot use: last used by other edgekif code (USED_FILE names it; its mtime is the
+    last use) and not for export.stale_base_export_days. A folder from before USED_FILE is
+    marked on first sight and judged from then on (it may be this code's own, or in use by an
+    older edgekif that does not mark it). Decided under the folder's lock (a folder in use is
+    left); removed by renaming it away first, so a crash never leaves half a folder under its
+    name. Returns the folders removed."""
     import fcntl
-    import json
     import shutil
     import time
 
@@ -448,14 +449,7 @@ def prune_base_exports(cfg: Config, base: BaseModel, *, now: float | None = None
     cutoff = (time.time() if now is None else now) - days * 86400
     removed = []
     for root in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            code = json.loads((root / USED_FILE).read_text()).get("code")
-        except (OSError, ValueError, AttributeError):
-            code = None
-        if code == _code_tag():
-            continue
-        last_used = max((f.stat().st_mtime for f in (root, root / USED_FILE, root / "scores.json", root / "export") if f.exists()), default=0.0)
-        if last_used > cutoff:
+        if not _stale(root, cutoff):
             continue
         try:
             fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -463,13 +457,11 @@ def prune_base_exports(cfg: Config, base: BaseModel, *, now: float | None = None
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another process is using it
-            os.close(fd)
-            continue
-        try:
+            if not _stale(root, cutoff):  # used between the look and the lock
+                continue
             away = parent / f".removing-{root.name}"
             os.rename(root, away)
-        except OSError:
+        except OSError:  # BlockingIOError: another process is using it
             continue
         finally:
             os.close(fd)
@@ -478,6 +470,31 @@ def prune_base_exports(cfg: Config, base: BaseModel, *, now: float | None = None
     if removed:
         log.info("removed cached base exports of other edgekif code", extra={"base": base.name, "paths": [str(p) for p in removed], "unused_days": days})
     return removed
+
+
+def _stale(root: Path, cutoff: float) -> bool:
+    """Whether a zero-shot cache folder was last used by other code before `cutoff`. A folder
+    without USED_FILE gets one (code unknown, used now): it is judged from its first sighting."""
+    import json
+
+    from .atomic import atomic_write_json
+
+    try:
+        code = json.loads((root / USED_FILE).read_text()).get("code")
+    except FileNotFoundError:
+        try:
+            atomic_write_json(root / USED_FILE, {"code": None})
+        except OSError:
+            pass
+        return False
+    except (OSError, ValueError, AttributeError):
+        code = None
+    if code == _code_tag():
+        return False
+    try:
+        return (root / USED_FILE).stat().st_mtime <= cutoff
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -498,14 +515,21 @@ def _cache_lock(root: Path) -> Iterator[None]:
         except BaseException:
             os.close(fd)
             raise
-        if (root / ".lock").exists():
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(root / ".lock"))
+        except OSError:
+            same = False
+        if same:
             break
-        os.close(fd)  # pruned (renamed away, prune_base_exports) while this waited: a new folder
+        os.close(fd)  # pruned (renamed away, prune_base_exports) while this waited: lock the new folder
     try:
         for stale in [*root.glob(".export.*.tmp"), *root.glob(".export.old-*")]:  # atomic_dir's temp and parked old folder
             log.warning("removing a crashed zero-shot build", extra={"path": str(stale)})
             shutil.rmtree(stale, ignore_errors=True)
-        atomic_write_json(root / USED_FILE, {"code": _code_tag()})  # for prune_base_exports: its mtime is the last use
+        try:
+            atomic_write_json(root / USED_FILE, {"code": _code_tag()})  # for prune_base_exports: its mtime is the last use
+        except OSError as e:  # a full disk: the folder still works; it only looks older to a pruner
+            log.warning("cannot mark a zero-shot cache folder used", extra={"path": str(root), "error": str(e)})
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -88,22 +88,22 @@ def cmd_check(args) -> int:
     from .preflight import describe_task_file, format_description
 
     cfg = _config(args)
-    results, rejected = [], 0
+    results, refused = [], 0
     for name in args.files:
         try:
             d = describe_task_file(cfg, Path(name))
         except ValidationError as e:
-            rejected += 1
             d = {"file": name, "rejected": e.to_dict()}
-            if not args.json:
-                print(f"{name}: would be rejected\n  " + str(e).replace("\n", "\n  "))
+            text = f"{name}: would be rejected\n  " + str(e).replace("\n", "\n  ")
         else:
-            if not args.json:
-                print(format_description(d))
+            text = format_description(d)
+        refused += "rejected" in d or d["duplicate_of"] is not None
+        if not args.json:
+            print(text)
         results.append(d)
     if args.json:
         _print_json(results)
-    return 2 if rejected else 0
+    return 1 if refused else 0  # 2 is the CLI's own errors (usage, config)
 
 
 def add_daemon_commands(add: CommandAdder) -> None:

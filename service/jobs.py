@@ -196,7 +196,7 @@ FROM jobs JOIN files ON files.id = jobs.file_id
 """
 
 
-def _unique_task_name(c: sqlite3.Connection, name: str) -> str:
+def unique_task_name(c: sqlite3.Connection, name: str) -> str:
     """Each file is its own task: a file named like an earlier task (other bytes; the same
     bytes are a duplicate) becomes `NAME~2`, `NAME~3`, ... so that its holdout and its share
     of the replay buffer never overwrite or merge with the earlier task's."""
@@ -209,7 +209,9 @@ def _unique_task_name(c: sqlite3.Connection, name: str) -> str:
     return f"{name}~{n}"
 
 
-def _known_file(c: sqlite3.Connection, sha256: str) -> DuplicateFile | None:
+def known_file(c: sqlite3.Connection, sha256: str) -> DuplicateFile | None:
+    """The earlier file with these bytes (what begin_take refuses), or None. A read: `c` may be
+    a read-only connection (edgekif check) with rows as sqlite3.Row."""
     row = c.execute("SELECT id, name FROM files WHERE sha256 = ?", (sha256,)).fetchone()
     if row is None:
         return None
@@ -362,7 +364,7 @@ class JobStore:
     def begin_take(self, name: str, sha256: str, size: int, received_at: str, dest: str) -> int:
         """Record a file about to be moved to `dest`. Raises DuplicateFile if the bytes are known."""
         with self.transaction() as c:
-            if (known := _known_file(c, sha256)) is not None:
+            if (known := known_file(c, sha256)) is not None:
                 raise known
             cur = c.execute(
                 "INSERT INTO files(name, sha256, size, received_at, status, path) VALUES (?, ?, ?, ?, 'taking', ?)",
@@ -385,14 +387,6 @@ class JobStore:
             job_id = int(cur.lastrowid)
             self._event(c, job_id, "received", {"file": f["name"], "sha256": f["sha256"], "size": f["size"]})
             return job_id
-
-    def known_file(self, sha256: str) -> DuplicateFile | None:
-        """The earlier file with these bytes (what begin_take would refuse), or None."""
-        return _known_file(self.conn, sha256)
-
-    def task_name_for(self, name: str) -> str:
-        """The task a new file of this name would become (NAME, or NAME~2 if NAME is taken)."""
-        return _unique_task_name(self.conn, name)
 
     def forget_take(self, file_id: int) -> None:
         """A 'taking' row whose file never reached accepted/ (crash before the rename)."""
@@ -550,7 +544,7 @@ class JobStore:
                 file_id = c.execute("SELECT file_id FROM jobs WHERE id = ?", (job_id,)).fetchone()["file_id"]
                 cur = c.execute(
                     "INSERT INTO tasks(name, file_id, examples, holdout, created_at) VALUES (?, ?, ?, NULL, ?)",
-                    (_unique_task_name(c, task["name"]), file_id, int(task["examples"]), now),
+                    (unique_task_name(c, task["name"]), file_id, int(task["examples"]), now),
                 )
                 sets.append("task_id = ?")
                 args.append(int(cur.lastrowid))

@@ -6,11 +6,13 @@ SHA-256), and the answer budget the train stage would decide from the training s
 base's tokenizer when the base is converted (a check never converts it). So a user learns
 before dropping a file whether it is valid (every bad record at once), which kind, metric and
 budget judge it, and how many records train and judge it, and, against the data dir's state.db
-when there is one, which task name the file would get and whether its bytes were dropped before.
+when there is one (read-only), whether its bytes were dropped before (the daemon sets such a
+file aside before reading it) and which task name it would get.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,17 +20,47 @@ from typing import Any
 from edgekif.config import Config
 from edgekif.layout import DataLayout
 
-from .jobs import JobStore
+from .jobs import known_file, unique_task_name
+
+log = logging.getLogger(__name__)
+
+
+def _state(cfg: Config, sha256: str, stem: str) -> tuple[dict[str, Any] | None, str]:
+    """(the earlier file with these bytes, or None; the task name a new file NAME would get),
+    read from state.db without writing (a data dir the user may only read, a running daemon)."""
+    import sqlite3
+
+    path = DataLayout(cfg.data_path).state_db
+    if not path.is_file():
+        return None, stem
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            conn.row_factory = sqlite3.Row
+            known = known_file(conn, sha256)
+            duplicate_of = None if known is None else {"file": known.name, "job": known.job.id if known.job else None,
+                                                       "state": known.job.state if known.job else None}
+            return duplicate_of, unique_task_name(conn, stem)
+        finally:
+            conn.close()
+    except sqlite3.Error as e:  # e.g. a WAL database in a folder this user cannot write
+        log.warning("cannot read %s: duplicates and task names not checked (%s)", path, e)
+        return None, stem
 
 
 def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
-    """The daemon's view of one task file (ValidationError, as the daemon would reject it)."""
+    """The daemon's view of one task file: a duplicate (set aside before it is read), else its
+    spec, budget and split (ValidationError, as the daemon would reject it)."""
+    from edgekif.atomic import sha256_file
     from edgekif.metrics import GENERATION
     from edgekif.tasks import read_task_spec, sidecar_path
     from edgekif.taskfile import read_task
 
     from .edgekif_stages import holdout_size, split_holdout
 
+    duplicate_of, task = _state(cfg, sha256_file(path), path.stem)
+    if duplicate_of is not None:
+        return {"file": str(path), "task": None, "duplicate_of": duplicate_of}
     data = read_task(path, cfg.data)
     spec = read_task_spec(path, data.records)
     n_hold = holdout_size(cfg.service, spec.kind, len(data.records))
@@ -44,21 +76,10 @@ def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
         warnings.append(f"only {n_hold} records are held out to judge it ({cap} from a file of {round(cap / fraction)} or more): "
                         "the gate's paired test has less to decide on"
                         + (" (free text: a gain of a few ROUGE-L points needs ~100)" if generation else ""))
-    task, duplicate_of = path.stem, None
-    layout = DataLayout(cfg.data_path)
-    if layout.state_db.is_file():
-        with JobStore(layout.state_db) as store:
-            task = store.task_name_for(path.stem)
-            if (known := store.known_file(data.sha256)) is not None:
-                task = None  # set aside, not a task
-                duplicate_of = {"file": known.name, "job": known.job.id if known.job else None, "state": known.job.state if known.job else None}
-                warnings.insert(0, f"the same bytes were dropped before as {known.name!r}"
-                                + (f" (job {known.job.id}, {known.job.state})" if known.job else "")
-                                + ": the daemon would set this file aside as a duplicate")
     return {
         "file": str(path),
         "task": task,
-        "duplicate_of": duplicate_of,
+        "duplicate_of": None,
         "format": data.format,
         "records": len(data.records),
         "sha256": data.sha256,
@@ -74,25 +95,28 @@ def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
 
 def _budget(cfg: Config, train, kind: str) -> tuple[int | None, str]:
     """(the answer budget the train stage would decide, where it comes from)."""
-    from edgekif.errors import ModelError
-    from edgekif.model import load_tokenizer, resolve_base
+    from edgekif.model import converted_base, known_base_of, load_tokenizer
     from edgekif.tasks import answer_budget
     from edgekif.workflow import cache_root
 
-    try:
-        base = resolve_base(cfg.model, cache_root(cfg), convert=False)
-    except ModelError as e:
-        return None, f"decided when its job trains ({e})"
-    tokenizer = load_tokenizer(base.path, chat_template=cfg.model.chat_template)
-    return answer_budget(tokenizer, train, kind), f"from the training split's answers, {base.name} tokens"
+    folder = converted_base(cfg.model, cache_root(cfg))
+    if folder is None:
+        return None, "decided when its job trains: the base is not converted yet (`edgekif model prepare`)"
+    tokenizer = load_tokenizer(folder, chat_template=cfg.model.chat_template)
+    known = known_base_of(cfg.model.base)
+    name = known.name if known is not None else Path(cfg.model.base).expanduser().name
+    return answer_budget(tokenizer, train, kind), f"from the training split's answers, in {name}'s tokens"
 
 
 def format_description(d: dict[str, Any]) -> str:
+    if (dup := d.get("duplicate_of")) is not None:
+        return (f"{d['file']}: would be set aside as a duplicate: the same bytes were dropped before as {dup['file']!r}"
+                + (f" (job {dup['job']}, {dup['state']})" if dup["job"] is not None else ""))
     spec = d["spec"]
     source = f"stated in {Path(d['sidecar']).name}" if spec["source"] == "sidecar" else "detected from the answers"
     budget = f"{spec['max_new_tokens']} new tokens" if spec["max_new_tokens"] is not None else "not decided yet"
     lines = [
-        f"{d['file']}: valid, {d['records']} records ({d['format']}), " + (f"task {d['task']!r}" if d["task"] else "a duplicate"),
+        f"{d['file']}: valid, {d['records']} records ({d['format']}), task {d['task']!r}",
         f"  kind:    {spec['kind']} ({source}); judged by {spec['metric']}"
         + (f" (stated in {Path(d['sidecar']).name})" if "metric" in spec["stated"] and d["sidecar"] else ""),
         f"  budget:  {budget} ({d['budget_from']})",

@@ -62,7 +62,7 @@ class BasePreparer:
         self._relay: threading.Thread | None = None
         self._reloaded: Config | None = None
         self._started_at = ""
-        self._clock = time.monotonic
+        self._clock = time.time  # wall time: a device that sleeps still rechecks a calendar day on
         self._ended_at = 0.0
 
     @property

@@ -13,7 +13,7 @@ from edgekif.config import Config
 from edgekif.errors import ConfigError, IntegrityError
 from edgekif.export.manifest import read_manifest
 from edgekif.metrics import headline_figures
-from edgekif.layout import DataLayout
+from edgekif.layout import SIDECAR_SUFFIX, DataLayout
 
 from .jobs import Job, JobStore
 from .metrics import read_json
@@ -60,13 +60,19 @@ def _job_summary(job: Job) -> dict[str, Any]:
 
 
 def error_text(error: dict[str, Any] | None) -> str | None:
-    """A job's error in one line: a rejected file's with its line and field, and how many more
-    problems its report (rejected/NAME.error.json) lists."""
+    """A job's error in one line: a rejected file's with its line (the sidecar's name when the
+    line is in it; a JSON array's record number is in the message already) and field, and how
+    many more problems its report (rejected/NAME.error.json) lists."""
     if not error:
         return None
     text = error.get("message")
-    if error.get("line") is not None:
-        text = f"line {error['line']}" + (f" (field {error['field']!r})" if error.get("field") else "") + f": {text}"
+    where = []
+    if str(error.get("file") or "").endswith(SIDECAR_SUFFIX):
+        where.append(Path(error["file"]).name)
+    if error.get("line") is not None and "record" not in (error.get("details") or {}):
+        where.append(f"line {error['line']}")
+    if where:
+        text = ":".join(where) + (f" (field {error['field']!r})" if error.get("field") else "") + f": {text}"
     if error.get("more"):
         text += f" (+{error['more']} more)"
     return text

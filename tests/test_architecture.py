@@ -203,11 +203,15 @@ def _module_file(module: str, root: Path) -> Path | None:
 
 def _top_level_names(path: Path) -> set[str] | None:
     """The names a module defines when it runs (defs, classes, assignments, imports), also
-    under top-level `if`/`try`; None when it has a module `__getattr__` (any name may exist)."""
+    under top-level `if`/`try`, not under `if TYPE_CHECKING:` (never run); None when it has a
+    module `__getattr__` (any name may exist)."""
     out: set[str] = set()
 
     def visit(body: list[ast.stmt]) -> None:
         for node in body:
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                visit(node.orelse)
+                continue
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 out.add(node.name)
             elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
@@ -262,12 +266,14 @@ def test_every_imported_name_exists():
 def test_a_moved_name_is_found(tmp_path):
     (tmp_path / "edgekif").mkdir()
     (tmp_path / "edgekif" / "__init__.py").write_text("")
-    (tmp_path / "edgekif" / "a.py").write_text("import os\nif os.sep:\n    X = 1\nelse:\n    from .b import Y\ndef f():\n    Z = 2\n")
+    (tmp_path / "edgekif" / "a.py").write_text("import os\nif os.sep:\n    X = 1\nelse:\n    from .b import Y\ndef f():\n    Z = 2\n"
+                                              "if TYPE_CHECKING:\n    from os import T\n")
     (tmp_path / "tools").mkdir()
-    (tmp_path / "tools" / "t.py").write_text("def main():\n    from edgekif.a import X, Y, os, Z\n    from edgekif import a, c\n    from edgekif.nope import W\n")
+    (tmp_path / "tools" / "t.py").write_text("def main():\n    from edgekif.a import X, Y, os, Z, T\n    from edgekif import a, c\n    from edgekif.nope import W\n")
     assert _missing_imported_names(tmp_path, ("edgekif", "tools")) == [
         "edgekif/a.py:5: no module edgekif.b",
         "tools/t.py:2: edgekif.a has no Z",
+        "tools/t.py:2: edgekif.a has no T",
         "tools/t.py:3: edgekif has no c",
         "tools/t.py:4: no module edgekif.nope",
     ]

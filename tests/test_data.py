@@ -400,6 +400,21 @@ def test_bad_records_in_json_arrays_and_csv_are_collected_but_a_syntax_error_win
     assert [(e.kind, e.line) for e in (err, *err.also)] == [("bad_csv", 3), ("empty_field", 4)]
 
 
+def test_what_stops_the_reading_is_listed_after_the_bad_records_before_it(tmp_path):
+    cfg = DataConfig(max_line_bytes=200)
+    p = write(tmp_path, "l.jsonl", jsonl({"instruction": "q"}, ALPACA, {"instruction": "q" * 300, "output": "a"}, {"instruction": "q"}))
+    err = reject(p, cfg)
+    assert [(e.kind, e.line) for e in (err, *err.also)] == [("missing_field", 1), ("line_too_long", 3)]  # line 4 is not read
+    err = reject(write(tmp_path, "c.csv", 'instruction,output\nq,\nq,a\nq,"unterminated\n'))
+    assert [(e.kind, e.line) for e in (err, *err.also)] == [("empty_field", 2), ("bad_csv", 4)]
+    # a JSON array: too many records waits for the rest of the array, where a syntax error wins alone
+    many = [ALPACA | {"id": i} for i in range(3)]
+    err = reject(write(tmp_path, "m.json", json.dumps(many)[:-1] + ",]"), DataConfig(max_records=2))
+    assert (err.kind, err.more) == ("bad_json", 0)
+    err = reject(write(tmp_path, "n.json", json.dumps([{"instruction": "q"}, *many])), DataConfig(max_records=2))
+    assert [(e.kind, e.line) for e in (err, *err.also)] == [("missing_field", 1), ("too_many_records", 4)]
+
+
 def test_csv_errors(tmp_path):
     err = reject(write(tmp_path, "m.csv", "messages,id\n[],1\n"))
     assert (err.kind, err.field) == ("unknown_shape", "messages") and "JSONL" in err.message

@@ -151,3 +151,30 @@ def test_a_low_bit_gguf_base_skips_int4_in_auto_and_the_reason_names_its_type(tm
     changed = BaseModel(name="low", path=low.path, source=low.source, source_sha256="other")
     assert source_quantization(changed) is None  # unreadable now: no prior, the check decides
     assert source_quantization(BaseModel(name="dir", path=tmp_path / "high", source=tmp_path / "high", source_sha256="x")) is None
+
+
+def test_converted_base_is_found_without_hashing_or_writing(tmp_path):
+    """edgekif check's look at the cache: a known base by name, a GGUF file by its path, a
+    model folder as itself; None before a conversion; nothing is written."""
+    import json
+
+    from edgekif.config import ModelConfig
+    from edgekif.model import SOURCE_FILE, converted_base
+
+    cache = tmp_path / "cache"
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert converted_base(ModelConfig(base="smollm2-135m-instruct"), cache) is None and not cache.exists()
+    for digest, info in (("a" * 16, {"name": "smollm2-135m-instruct", "source": "/x.gguf"}), ("b" * 16, {"name": "mine", "source": str(gguf)})):
+        (cache / "models" / digest).mkdir(parents=True)
+        (cache / "models" / digest / SOURCE_FILE).write_text(json.dumps(info))
+    assert converted_base(ModelConfig(base="smollm2-135m-instruct"), cache) == cache / "models" / ("a" * 16)
+    assert converted_base(ModelConfig(base=""), cache) == cache / "models" / ("a" * 16)  # the default base
+    assert converted_base(ModelConfig(base=str(gguf)), cache) == cache / "models" / ("b" * 16)
+    assert converted_base(ModelConfig(base="gemma3-270m"), cache) is None
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    assert converted_base(ModelConfig(base=str(folder)), cache) is None  # no config.json
+    (folder / "config.json").write_text("{}")
+    assert converted_base(ModelConfig(base=str(folder)), cache) == folder
+    assert sorted(p.name for p in (cache / "models").iterdir()) == ["a" * 16, "b" * 16]  # nothing added

@@ -31,7 +31,7 @@ def setup(tmp_path):
 
 
 def test_check_says_what_the_daemon_then_does(setup):
-    from service.preflight import describe_task_file
+    from service.preflight import describe_task_file, format_description
     from service.stages import JobContext
 
     config, files = setup
@@ -64,16 +64,19 @@ def test_check_says_what_the_daemon_then_does(setup):
         assert spec == c["spec"], name
         held = layout.holdout_file(Path(name).stem).read_text().splitlines()
         assert len(held) == c["holdout"] and job.sha256 == c["sha256"]
-    assert isinstance(heads["spec"]["max_new_tokens"], int) and heads["budget_from"].endswith("base tokens")
+    assert isinstance(heads["spec"]["max_new_tokens"], int) and heads["budget_from"] == "from the training split's answers, in base's tokens"
     assert (heads["task"], heads["duplicate_of"]) == ("heads", None)
 
     # Against the data dir the daemon has filled: the same bytes are a duplicate, other bytes
     # under a taken name a new task NAME~2, as the daemon names them.
+    db = layout.state_db.read_bytes()
     again = describe_task_file(config, files / "heads.jsonl")
-    assert again["task"] is None and again["duplicate_of"] == {"file": "heads.jsonl", "job": jobs["heads.jsonl"].id, "state": "published"}
-    assert "dropped before as 'heads.jsonl'" in again["warnings"][0]
+    assert again == {"file": str(files / "heads.jsonl"), "task": None,
+                     "duplicate_of": {"file": "heads.jsonl", "job": jobs["heads.jsonl"].id, "state": "published"}}
+    assert "would be set aside as a duplicate: the same bytes were dropped before as 'heads.jsonl'" in format_description(again)
     (files / "heads.jsonl").write_text(_headlines(31))
     assert describe_task_file(config, files / "heads.jsonl")["task"] == "heads~2"
+    assert layout.state_db.read_bytes() == db  # read-only
 
 
 def test_check_without_a_converted_base_leaves_the_budget_to_training(tmp_path):
@@ -96,11 +99,11 @@ def test_check_command_lists_every_problem_and_exits_2(setup, capsys):
     (files / "bad.jsonl").write_text(_alpaca(2) + '{"instruction": "q"}\nnot json\n')
     rc = main(["--data-dir", str(config.data_path), "-s", f"model.base={config.model.base}", "check", str(files / "yesno.jsonl"), str(files / "bad.jsonl")])
     out = capsys.readouterr().out
-    assert rc == 2
+    assert rc == 1  # a file would be refused (2 is for the command's own errors)
     assert f"{files / 'yesno.jsonl'}: valid, 40 records (jsonl), task 'yesno'" in out
     assert "kind:    classification (detected from the answers); judged by exact_match" in out
     assert f"{files / 'bad.jsonl'}: would be rejected" in out
     assert "line 3 (field 'output'): missing required field 'output'" in out and "    line 4: invalid JSON" in out
-    assert main(["--data-dir", str(config.data_path), "-s", f"model.base={config.model.base}", "check", "--json", str(files / "bad.jsonl")]) == 2
+    assert main(["--data-dir", str(config.data_path), "-s", f"model.base={config.model.base}", "check", "--json", str(files / "bad.jsonl")]) == 1
     (report,) = json.loads(capsys.readouterr().out)
     assert report["rejected"]["line"] == 3 and report["rejected"]["more"] == 1

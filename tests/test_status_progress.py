@@ -98,3 +98,7 @@ def test_a_jobs_error_in_one_line_names_line_field_and_the_other_problems():
     assert error_text(one.to_dict()) == "line 2 (field 'output'): missing required field 'output'"
     three = ValidationError("invalid JSON", file="f.jsonl", line=4, kind="bad_json", also=(one, one), more=2)
     assert error_text(three.to_dict()) == "line 4: invalid JSON (+2 more)"
+    side = ValidationError("unknown key 'metrik'", file="/d/accepted/ab12_heads.task.toml", line=2, field="metrik")
+    assert error_text(side.to_dict()) == "ab12_heads.task.toml:line 2 (field 'metrik'): unknown key 'metrik'"
+    record = ValidationError("record 3: missing required field 'output'", file="t.json", line=3, field="output", details={"record": 3})
+    assert error_text(record.to_dict()) == "record 3: missing required field 'output'"

@@ -234,9 +234,10 @@ def test_the_zero_shot_path_imports_no_torch():
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_a_folder_pruned_while_a_user_waits_for_its_lock_is_made_anew(tmp_path):
-    """_cache_lock waiting on a folder that prune_base_exports renames away gets a new folder
-    under the same name (and marks it used), not the renamed one on its way out."""
+def test_a_folder_pruned_while_a_user_waits_for_its_lock_is_made_anew(tmp_path, monkeypatch):
+    """_cache_lock waiting on a folder that prune_base_exports renames away does not go in on
+    the old lock file: it locks the folder's new one, so two users never hold the same folder
+    (here B made and holds the new folder when A gets the old file's lock)."""
     import fcntl
     import threading
 
@@ -246,19 +247,63 @@ def test_a_folder_pruned_while_a_user_waits_for_its_lock_is_made_anew(tmp_path):
     root.mkdir(parents=True)
     fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the pruner holds it
-    seen = {}
+    real_flock = fcntl.flock
+    a_locks: list[int] = []
+    a_waiting, a_relocking, b_inside, release_b = (threading.Event() for _ in range(4))
+
+    def flock(f, op):
+        if threading.current_thread().name == "a":
+            a_locks.append(os.fstat(f).st_ino)
+            (a_waiting if len(a_locks) == 1 else a_relocking).set()
+        return real_flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    inside: list[str] = []
 
     def user():
+        name = threading.current_thread().name
         with _cache_lock(root):
-            seen["lock"] = (root / ".lock").is_file()
-            (root / "scores.json").write_text("{}")
+            inside.append(name)
+            if len(inside) == 1:  # alone in the folder: only then does it leave its mark
+                (root / f"{name}.json").write_text("{}")
+            if name == "b":
+                b_inside.set()
+                release_b.wait(10)
+            inside.remove(name)
 
-    t = threading.Thread(target=user)
-    t.start()
-    t.join(0.3)
-    assert t.is_alive()  # waiting for the lock
+    a = threading.Thread(target=user, name="a")
+    a.start()
+    assert a_waiting.wait(10)  # A opened the old lock file and is locking it
     os.rename(root, root.parent / ".removing-genai-int8-abc")
-    os.close(fd)
-    t.join(10)
-    assert seen == {"lock": True} and (root / "scores.json").is_file() and (root / USED_FILE).is_file()
-    assert not (root.parent / ".removing-genai-int8-abc" / "scores.json").exists()
+    b = threading.Thread(target=user, name="b")  # B finds no folder: makes and locks a new one
+    b.start()
+    assert b_inside.wait(10)
+    os.close(fd)  # the pruner lets go: A gets the old file's lock
+    assert a_relocking.wait(10)  # ... sees it is not the folder's, and waits for the new one
+    release_b.set()
+    a.join(10)
+    b.join(10)
+    assert (root / "a.json").is_file() and (root / "b.json").is_file() and (root / USED_FILE).is_file()
+    assert len(set(a_locks)) == 2 and sorted(p.name for p in (root.parent / ".removing-genai-int8-abc").iterdir()) == [".lock"]
+
+
+def test_a_folder_from_before_used_json_is_judged_from_its_first_sighting(tmp_path, monkeypatch):
+    import time
+
+    from edgekif.config import load_config
+    from edgekif.model import BaseModel
+    from edgekif.workflow import USED_FILE, prune_base_exports
+
+    monkeypatch.setenv("EDGEKIF_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, [f"data_dir={tmp_path / 'data'}"])
+    base = BaseModel(name="tiny", path=tmp_path, source=tmp_path, source_sha256="ab" * 32)
+    old = tmp_path / "cache" / "zero-shot" / f"tiny-{'ab' * 6}" / "genai-int8-0123456789ab"
+    (old / "export").mkdir(parents=True)
+    long_ago = time.time() - 100 * 86400
+    os.utime(old / "export", (long_ago, long_ago))
+    os.utime(old, (long_ago, long_ago))
+    week = time.time() + 8 * 86400
+    assert prune_base_exports(cfg, base, now=week) == []  # first seen now: marked, not judged by its old mtimes
+    assert json.loads((old / USED_FILE).read_text()) == {"code": None}
+    assert prune_base_exports(cfg, base, now=time.time() + 6 * 86400) == []
+    assert prune_base_exports(cfg, base, now=week) == [old] and not old.exists()
