@@ -85,11 +85,11 @@ def test_its_end_is_noticed_and_logged_with_the_exit_code(tmp_path, monkeypatch,
         assert p.state == state and p.starts == 1  # not started again for a day
         ended = [r for r in caplog.records if r.getMessage() == "base preparation ended"]
         assert ended[-1].returncode == rc
-        later = p._ended_at + RECHECK_SECONDS
-        p._clock = lambda: later - 1
+        ended_at = p._ended_at
+        p._clock = lambda: ended_at + RECHECK_SECONDS - 1  # (whole seconds: float sums round)
         p.when_idle()
         assert p.state == state
-        p._clock = lambda: later  # a day on: checked again (and the cache pruned), once more
+        p._clock = lambda: ended_at + RECHECK_SECONDS + 1  # a day on: checked again (and the cache pruned), once more
         p.when_idle()
         assert p.state == "running" and p.starts == 1
         assert wait_for(lambda: (p.when_idle(), p.state)[1] == state, timeout=30) and len(_pids(tmp_path)) == 2
