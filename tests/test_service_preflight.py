@@ -11,9 +11,8 @@ import pytest
 
 from edgekif.config import load_config
 from edgekif.layout import DataLayout
-from service.jobs import JobStore
 
-from test_service_stages import _alpaca, _headlines, _library_with_fake_training
+from test_service_stages import _alpaca, _headlines, _run_library_daemon
 from tiny_models import save_tiny_llama
 
 
@@ -48,14 +47,7 @@ def test_check_says_what_the_daemon_then_does(setup):
     layout.create()
     for p in files.iterdir():
         (layout.inbox / p.name).write_bytes(p.read_bytes())
-    stages = _library_with_fake_training(config)
-    from service.daemon import Daemon
-
-    d = Daemon(config, stages)
-    d.run_until_idle()
-    d.close()
-    with JobStore(layout.state_db) as store:
-        jobs = {j.file_name: j for j in store.jobs()}
+    stages, jobs = _run_library_daemon(config)
     for name, c in checked.items():
         job = jobs[name]
         ctx = JobContext(job_id=job.id, file_name=job.file_name, file_path=Path(job.file_path), sha256=job.sha256,

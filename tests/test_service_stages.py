@@ -31,6 +31,17 @@ def _alpaca(n: int) -> str:
     return "".join(json.dumps({"instruction": f"question {i}?", "input": "", "output": "yes" if i % 2 else "no"}) + "\n" for i in range(n))
 
 
+def _run_library_daemon(config) -> tuple:
+    """(the stages, {file name: job}) after a daemon with _library_with_fake_training's stages
+    has taken everything in the inbox."""
+    stages = _library_with_fake_training(config)
+    d = Daemon(config, stages)
+    d.run_until_idle()
+    d.close()
+    with JobStore(DataLayout(config.data_path).state_db) as store:
+        return stages, {j.file_name: j for j in store.jobs()}
+
+
 def _export(folder: Path, content: str, job_id: int | None = None) -> Path:
     import hashlib
 
@@ -113,12 +124,8 @@ def test_published_jobs_leave_no_export_copy_and_a_rerun_publish_needs_none(tmp_
     layout = DataLayout(tmp_path)
     layout.create()
     (layout.inbox / "first.jsonl").write_text(_alpaca(20))
-    stages = _library_with_fake_training(config)
-    d = Daemon(config, stages)
-    d.run_until_idle()
-    d.close()
-    with JobStore(layout.state_db) as store:
-        (job,) = store.jobs()
+    stages, jobs = _run_library_daemon(config)
+    (job,) = jobs.values()
     assert job.state == "published" and job.version == "v0001"
     work = layout.jobs / str(job.id)
     assert not (work / "export").exists() and not (work / "export-work").exists()
@@ -144,12 +151,7 @@ def test_a_generation_task_gets_its_spec_recorded_and_its_budget_from_its_answer
     (layout.inbox / "heads.jsonl").write_text(_headlines(30))
     (layout.inbox / "yesno.jsonl").write_text(_alpaca(40))
     (layout.inbox / "yesno.task.toml").write_text('metric = "exact_match"\nmax_new_tokens = 3\n')
-    stages = _library_with_fake_training(config)
-    d = Daemon(config, stages)
-    d.run_until_idle()
-    d.close()
-    with JobStore(layout.state_db) as store:
-        jobs = {j.file_name: j for j in store.jobs()}
+    stages, jobs = _run_library_daemon(config)
     assert {n: j.state for n, j in jobs.items()} == {"heads.jsonl": "published", "yesno.jsonl": "published"}
     heads = jobs["heads.jsonl"].metrics["validate"]["details"]["spec"]
     assert heads == {"kind": "generation", "metric": "rouge_l", "max_new_tokens": None, "source": "detected", "stated": []}
