@@ -58,7 +58,10 @@ def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
 
     from .edgekif_stages import holdout_size, split_holdout
 
-    duplicate_of, task = _state(cfg, sha256_file(path), path.stem)
+    try:
+        duplicate_of, task = _state(cfg, sha256_file(path), path.stem)
+    except OSError:  # unreadable: read_task says so, as the daemon would (ValidationError)
+        duplicate_of, task = None, path.stem
     if duplicate_of is not None:
         return {"file": str(path), "task": None, "duplicate_of": duplicate_of}
     data = read_task(path, cfg.data)

@@ -99,3 +99,5 @@ def test_check_command_lists_every_problem_and_exits_2(setup, capsys):
     assert main(["--data-dir", str(config.data_path), "-s", f"model.base={config.model.base}", "check", "--json", str(files / "bad.jsonl")]) == 1
     (report,) = json.loads(capsys.readouterr().out)
     assert report["rejected"]["line"] == 3 and report["rejected"]["more"] == 1
+    assert main(["--data-dir", str(config.data_path), "check", str(files / "missing.jsonl")]) == 1
+    assert "missing.jsonl: would be rejected" in capsys.readouterr().out
