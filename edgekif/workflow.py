@@ -200,8 +200,12 @@ def _zero_shot_root(cfg: Config, base: BaseModel, export_settings: Mapping[str, 
     # "training-template": the base is exported with the chat template training uses (older
     # caches kept the base's own template, default system prompt and all: not like for like)
     key = hashlib.sha256(json.dumps([target, ep, variant.name, "training-template", *_template_tag(cfg), _code_tag()]).encode()).hexdigest()[:12]
-    root = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}" / f"{target}-{variant.precision}-{key}"
-    return root, variant, target, ep
+    return _zero_shot_base_dir(cfg, base) / f"{target}-{variant.precision}-{key}", variant, target, ep
+
+
+def _zero_shot_base_dir(cfg: Config, base: BaseModel) -> Path:
+    """Where `base`'s exports are cached, one folder per setting and code (_zero_shot_root)."""
+    return cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}"
 
 
 # The modules that decide what the base's cached export is and how its answers are prompted,
@@ -441,7 +445,7 @@ def prune_base_exports(cfg: Config, base: BaseModel, *, now: float | None = None
     import time
 
     days = cfg.export.stale_base_export_days
-    parent = cache_root(cfg) / "zero-shot" / f"{base.name}-{(base.source_sha256 or 'unknown')[:12]}"
+    parent = _zero_shot_base_dir(cfg, base)
     if days <= 0 or not parent.is_dir():
         return []
     for left in parent.glob(".removing-*"):  # a removal a crash cut short

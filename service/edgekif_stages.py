@@ -54,15 +54,20 @@ from .stages import BufferResult, EvalResult, JobContext, ShouldStop, TrainResul
 log = logging.getLogger(__name__)
 
 
-def holdout_size(service_cfg, kind: str, n_records: int) -> int:
-    """How many of a file's n_records are kept out of training to judge it: the kind's share
-    (service.holdout_fraction, or generation_holdout_fraction for free text), at most its cap,
-    always leaving at least one record to train on."""
+def holdout_share(service_cfg, kind: str) -> tuple[float, int]:
+    """(fraction, cap) of a file's records kept out of training to judge a task of `kind`:
+    service.holdout_fraction / holdout_max, or the generation_ ones for free text."""
     from edgekif.metrics import GENERATION
 
-    gen = kind == GENERATION
-    fraction = service_cfg.generation_holdout_fraction if gen else service_cfg.holdout_fraction
-    cap = service_cfg.generation_holdout_max if gen else service_cfg.holdout_max
+    if kind == GENERATION:
+        return service_cfg.generation_holdout_fraction, service_cfg.generation_holdout_max
+    return service_cfg.holdout_fraction, service_cfg.holdout_max
+
+
+def holdout_size(service_cfg, kind: str, n_records: int) -> int:
+    """How many of a file's n_records are kept out of training to judge it: the kind's share
+    (holdout_share), at most its cap, always leaving at least one record to train on."""
+    fraction, cap = holdout_share(service_cfg, kind)
     n = min(cap, int(round(fraction * n_records)))
     return min(n, n_records - 1) if n_records > 1 else 0
 

@@ -56,7 +56,7 @@ def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
     from edgekif.tasks import read_task_spec, sidecar_path
     from edgekif.taskfile import read_task
 
-    from .edgekif_stages import holdout_size, split_holdout
+    from .edgekif_stages import holdout_share, holdout_size, split_holdout
 
     try:
         duplicate_of, task = _state(cfg, sha256_file(path), path.stem)
@@ -71,14 +71,12 @@ def describe_task_file(cfg: Config, path: Path) -> dict[str, Any]:
     budget, budget_from = spec.max_new_tokens, "stated in the sidecar"
     if budget is None:
         budget, budget_from = _budget(cfg, train, spec.kind)
-    generation = spec.kind == GENERATION
-    cap = cfg.service.generation_holdout_max if generation else cfg.service.holdout_max
-    fraction = cfg.service.generation_holdout_fraction if generation else cfg.service.holdout_fraction
+    fraction, cap = holdout_share(cfg.service, spec.kind)
     warnings = []
     if n_hold < cap and fraction > 0:
         warnings.append(f"only {n_hold} records are held out to judge it ({cap} from a file of {round(cap / fraction)} or more): "
                         "the gate's paired test has less to decide on"
-                        + (" (free text: a gain of a few ROUGE-L points needs ~100)" if generation else ""))
+                        + (" (free text: a gain of a few ROUGE-L points needs ~100)" if spec.kind == GENERATION else ""))
     return {
         "file": str(path),
         "task": task,
