@@ -266,8 +266,10 @@ def main(argv: list[str] | None = None, *, stages_factory: Callable[[Config], An
     config = config_from_dict(request["config"])
     ctx = context_from_dict(request["ctx"], config)
     stop = threading.Event()
+    terminated = threading.Event()
 
     def on_term(_sig: int, _frame: Any) -> None:
+        terminated.set()
         if stage == "train":
             stop.set()  # the trainer checkpoints at its next step and raises Interrupted
         else:
@@ -290,6 +292,11 @@ def main(argv: list[str] | None = None, *, stages_factory: Callable[[Config], An
         return 0
     except (Exception, MemoryError) as e:
         logging.getLogger(__name__).info("stage raised", extra={"stage": stage, "error": f"{type(e).__name__}: {e}"})
+        if terminated.is_set() and not isinstance(e, Interrupted):
+            # The Interrupted raised by on_term can come out rewrapped by whatever caught it
+            # (a runner that failed to open is a permanent ExportError): a stop is still a stop,
+            # which gives the attempt back and reruns the stage at the next start.
+            e = Interrupted(f"{stage} stopped by the daemon ({type(e).__name__}: {e})")
         atomic_write_json(result_path, {"ok": False, "error": error_to_dict(e)})
         return 3
 

@@ -157,3 +157,42 @@ def test_the_daemon_does_not_import_torch_for_model_stages(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"state": "published", "torch": False, "transformers": False}
+
+
+def test_a_stop_that_a_stage_rewraps_still_reads_as_a_stop(tmp_path, monkeypatch):
+    """SIGTERM raises Interrupted wherever the export or evaluate child is; a broad `except`
+    there (a runner that fails to open is a permanent ExportError) must not turn a daemon
+    restart into a failed job: the child reports a stop, which gives the attempt back."""
+    import time
+
+    import service.stage_process as sp
+    from edgekif.errors import ExportError, Interrupted
+
+    monkeypatch.setattr(sp, "context_from_dict", lambda d, config: None)
+    monkeypatch.setattr(sp, "log_json_to_stdout", lambda: None)
+
+    class Stages:
+        def __init__(self, config):
+            pass
+
+        def export(self, ctx):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except Exception as e:  # as edgekif.infer's runner open does
+                err = ExportError(f"the export cannot be opened: {e}")
+                err.permanent = True
+                raise err from e
+            raise AssertionError("SIGTERM did not reach the stage")
+
+    request, result = tmp_path / "request.json", tmp_path / "result.json"
+    config = load_config(None, [f"data_dir={tmp_path}"])
+    request.write_text(json.dumps({"stage": "export", "config": config.to_dict(), "ctx": {}, "result": str(result)}))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert sp.main([str(request)], stages_factory=Stages) == 3
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    error = error_from_dict(json.loads(result.read_text())["error"])
+    assert isinstance(error, Interrupted) and not error.permanent
+    assert "ExportError: the export cannot be opened" in str(error)
