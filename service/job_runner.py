@@ -362,10 +362,33 @@ class JobRunner:
     def _from_approved(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         path = Path(job.metrics["export"]["path"])
         forced = bool((job.metrics.get("gate") or {}).get("forced"))
+        newer = self._published_since_training(store, job)
+        if newer is not None:
+            # `publish --force` or `retry` brought back a job that trained before `newer` was
+            # published: its model never learned that job's task, so publishing it would drop
+            # it from what clients serve, with no gate to notice. The CLI refuses this too, but
+            # its check races with the daemon's publish; this one is in the only writer.
+            reason = (f"job {newer.id} ({newer.file_name}) was published as {newer.version} after this job started training; "
+                      "publishing this one would replace that newer model with one that never learned its task")
+            store.advance(job.id, "approved", "held", error={
+                "kind": "superseded", "message": reason, "reasons": [reason], "superseded_by": newer.id,
+                "hint": f"drop {job.file_name} again (with a change: the same bytes are a duplicate) to train it on top of the live model"})
+            log.warning("held: a newer model was published meanwhile", extra={"job_id": job.id, "superseded_by": newer.id})
+            self.drop_dead_job_files(store)
+            return
         version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path), ctx))
         store.advance(job.id, "approved", "published", version=version, metrics={"publish": {"version": version}})
         log.info("published", extra={"job_id": job.id, "version": version, "forced": forced})
         self.drop_dead_job_files(store)
+
+    @staticmethod
+    def _published_since_training(store: JobStore, job: Job) -> Job | None:
+        """The newest job published after `job`'s model was trained on top of the live one
+        (metrics.train.started_from; a job from before that record: after `job` itself)."""
+        train = job.metrics.get("train") or {}
+        since = (train["started_from"] or 0) if "started_from" in train else job.id
+        newer = [j for j in store.jobs(("published",)) if j.id > since and j.id != job.id]
+        return newer[-1] if newer else None
 
     def drop_dead_job_files(self, store: JobStore) -> dict[int, list[str]]:
         """Remove what no command can use any more, which an unattended daemon would otherwise

@@ -16,6 +16,7 @@ import pytest
 
 from edgekif.config import load_config
 from edgekif.errors import PublishError
+from edgekif.publish import ModelStore
 from service.control import force_publish, retry_job
 from service.daemon import Daemon, DaemonError
 from service.status import format_status, status
@@ -382,6 +383,81 @@ def test_force_publish_refuses_to_replace_a_newer_model(tmp_path):
     assert [j.state for j in jobs(tmp_path)] == ["published", "held", "published"]
     with pytest.raises(PublishError, match="replace that newer model"):
         force_publish(d.config, 2)
+
+
+class _ForceDuringPublish(FakeStages):
+    """The operator forces held job 2 while the daemon copies job 3's export into models/:
+    the CLI's check runs before job 3 is recorded as published, so it passes."""
+
+    def gate(self, ctx, result):
+        return (ctx.job_id != 2), ([] if ctx.job_id != 2 else ["held for the test"])
+
+    def publish(self, ctx, export_path):
+        if ctx.job_id == 3:
+            self.forced = force_publish(self.config, 2)
+        return super().publish(ctx, export_path)
+
+
+def test_a_job_forced_while_a_newer_one_publishes_is_held_not_published_over_it(tmp_path):
+    stages = _ForceDuringPublish(tmp_path)
+    d = make_daemon(tmp_path, stages)
+    stages.config = d.config
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        drop(tmp_path, name, json.dumps({"name": name}) + "\n")
+        d.run_until_idle()
+    d.close()
+    assert "will be published by the daemon" in stages.forced  # the CLI's check passed
+    one, two, three = jobs(tmp_path)
+    assert (one.state, two.state, three.state) == ("published", "held", "published")
+    assert two.error["kind"] == "superseded" and two.error["superseded_by"] == 3
+    assert "job 3 (c.jsonl) was published as v0002" in two.error["message"]
+    assert ModelStore(tmp_path).current() == three.version == "v0002"
+    assert not (tmp_path / "jobs" / "2" / "export").exists()  # nothing can publish it now
+
+
+class _PublishFailsForJob2(FakeStages):
+    broken = True
+
+    def publish(self, ctx, export_path):
+        if ctx.job_id == 2 and self.broken:
+            raise OSError(5, "Input/output error")
+        return super().publish(ctx, export_path)
+
+
+def test_retrying_a_job_that_failed_to_publish_never_replaces_a_newer_model(tmp_path):
+    stages = _PublishFailsForJob2(tmp_path)
+    d = make_daemon(tmp_path, stages)
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        drop(tmp_path, name, json.dumps({"name": name}) + "\n")
+        d.run_until_idle()
+    assert [(j.state, (j.error or {}).get("failed_from")) for j in jobs(tmp_path)] == [
+        ("published", None), ("failed", "approved"), ("published", None)]
+    stages.broken = False
+    retry_job(d.config, 2)
+    d.run_until_idle()
+    d.close()
+    two = jobs(tmp_path)[1]
+    assert two.state == "held" and two.error["superseded_by"] == 3
+    assert ModelStore(tmp_path).current() == "v0002"  # job 3's
+
+
+def test_a_job_retried_from_training_publishes_on_top_of_the_newer_model(tmp_path):
+    """Its model is trained anew from the live one, so the check lets it through."""
+    stages = FakeStages(tmp_path)
+    d = make_daemon(tmp_path, stages)
+    drop(tmp_path, "a.jsonl", '{"a": 1}\n')
+    d.run_until_idle()
+    stages.inject = {"train": ["parity", "before", 1]}  # a permanent error: failed at once
+    drop(tmp_path, "b.jsonl", '{"b": 1}\n')
+    d.run_until_idle()
+    drop(tmp_path, "c.jsonl", '{"c": 1}\n')
+    d.run_until_idle()
+    assert [j.state for j in jobs(tmp_path)] == ["published", "failed", "published"]
+    retry_job(d.config, 2)
+    d.run_until_idle()
+    d.close()
+    two = jobs(tmp_path)[1]
+    assert two.state == "published" and two.metrics["train"]["started_from"] == 3
 
 
 def test_job_files_no_command_can_use_are_removed(tmp_path):
