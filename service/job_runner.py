@@ -204,6 +204,7 @@ class JobRunner:
         handler = getattr(self, f"_from_{job.state}", None)
         if handler is None:
             raise EdgekifError(f"job {job.id}: no step from state {job.state!r}")
+        self._finish_rejections(store)
         try:
             handler(store, job, self.context(store, job))
             self.waiting.pop(job.id, None)  # the stage went through: the resource is back
@@ -383,11 +384,13 @@ class JobRunner:
 
     @staticmethod
     def _published_since_training(store: JobStore, job: Job) -> Job | None:
-        """The newest job published after `job`'s model was trained on top of the live one
-        (metrics.train.started_from; a job from before that record: after `job` itself)."""
-        train = job.metrics.get("train") or {}
-        since = (train["started_from"] or 0) if "started_from" in train else job.id
-        newer = [j for j in store.jobs(("published",)) if j.id > since and j.id != job.id]
+        """The newest published job that came after `job` and after the live job its model was
+        trained on top of (metrics.train.started_from: a job retried from training trained on
+        the newer model). Jobs run in arrival order, so only `publish --force` and `retry` can
+        bring one back after a later job published; a job published before it but rolled back
+        since (`models rollback`) is not newer."""
+        started_from = (job.metrics.get("train") or {}).get("started_from") or 0
+        newer = [j for j in store.jobs(("published",)) if j.id > max(job.id, started_from)]
         return newer[-1] if newer else None
 
     def drop_dead_job_files(self, store: JobStore) -> dict[int, list[str]]:
@@ -463,6 +466,16 @@ class JobRunner:
             os.rename(side, sidecar_of(dest))
             fsync_dir(self.layout.rejected)
         store.set_file(file_id, status="rejected", path=str(dest))
+
+    def _finish_rejections(self, store: JobStore) -> None:
+        """Before each step: a rejection whose move failed after its commit (a full disk) is
+        finished now, not only at the next start (only a step writes 'rejecting' rows, so any
+        found between steps are left over)."""
+        try:
+            self.reconcile_rejections(store)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("could not finish moving a rejected file; trying again before the next step",
+                        extra={"error": f"{type(e).__name__}: {e}"})
 
     def reconcile_rejections(self, store: JobStore) -> None:
         for f in store.files("rejecting"):

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (b".tmp", b".part", b".partial", b".swp", b"~")
 NAME_MAX = 255  # bytes, ext4/xfs/btrfs
+FAILED_ENTRY_RETRY_SECONDS = 60
 _ERROR_SUFFIX = ".error.json"
 
 
@@ -71,6 +72,17 @@ def ignored_inbox_entries(layout: DataLayout) -> list[str]:
             return sorted(display_name(e.name) for e in it if is_ignored(e.name))
     except FileNotFoundError:
         return []
+
+
+def _user() -> str:
+    """The daemon's user, for messages: name and uid."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name}, uid {uid}"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def name_problem(name: bytes) -> str | None:
@@ -179,27 +191,44 @@ def move_to_rejected(
     return dest
 
 
-def reconcile_takes(layout: DataLayout, store: JobStore) -> None:
-    """Finish or forget takes a crash interrupted (files rows still 'taking')."""
+def reconcile_takes(layout: DataLayout, store: JobStore) -> list[int]:
+    """Finish or forget takes that a crash, or an error after the row was written (a full
+    disk, an inbox file that could not be removed), interrupted: files rows still 'taking'.
+    Run at start-up and before each scan (only the scan writes such rows, so any it finds
+    then are left over). Returns the ids of the jobs it queued."""
+    queued: list[int] = []
     for f in store.files("taking"):
         if os.path.lexists(f.path):
             job_id = store.finish_take(f.id)
+            queued.append(job_id)
             log.info("finished an interrupted take", extra={"file": f.name, "job_id": job_id})
             # The copy was renamed into accepted/ but the crash came before the inbox file was
             # removed: remove it now if it holds the same bytes (else it would come back as a
             # duplicate). Different bytes (written after the copy) stay and are taken anew.
+            # Its sidecar too, if it is the one copied: left there, it would be applied to the
+            # next file dropped under that name.
             left = layout.inbox / f.name
-            try:
-                st = os.lstat(left)
-                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == f.size and sha256_file(left) == f.sha256:
-                    os.unlink(left)
+            for inbox_path, copied, sha in ((left, None, f.sha256), (Path(sidecar_of(left)), Path(sidecar_of(f.path)), None)):
+                try:
+                    st = os.lstat(inbox_path)
+                    if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+                        continue
+                    if sha is not None and (st.st_size != f.size or sha256_file(inbox_path) != sha):
+                        continue
+                    if copied is not None and inbox_path.read_bytes() != copied.read_bytes():
+                        continue
+                    os.unlink(inbox_path)
                     fsync_dir(layout.inbox)
-            except (FileNotFoundError, ValueError):
-                pass
+                except (FileNotFoundError, ValueError):
+                    pass
+                except OSError as e:  # a sticky inbox: another user's file can only be read
+                    log.warning("could not remove %s from the inbox after taking it: %s", inbox_path.name, e.strerror,
+                                extra={"file": inbox_path.name, "job_id": job_id})
         else:
             # Never renamed: the file is still in inbox/ (the next scan takes it) or gone.
             store.forget_take(f.id)
             log.info("forgot an interrupted take", extra={"file": f.name, "still_in_inbox": (layout.inbox / f.name).exists()})
+    return queued
 
 
 def open_writers(st: os.stat_result, name: bytes, *, proc: str = "/proc") -> list[int] | None:
@@ -304,6 +333,7 @@ class InboxWatcher:
         self._wake = threading.Event()
         self._ignored: set[bytes] = set()  # ignored names already logged
         self._busy_logged: set[bytes] = set()  # names logged as open for writing
+        self._failing: dict[bytes, float] = {}  # entries whose take raised: monotonic time of the next try
         self.last_scan: float | None = None  # monotonic; the daemon's health check reads it
         self.observer_running = False
 
@@ -334,6 +364,9 @@ class InboxWatcher:
         quiet = svc.quiet_seconds
         inbox = os.fsencode(self.layout.inbox)
         self.layout.inbox.mkdir(parents=True, exist_ok=True)
+        for job_id in reconcile_takes(self.layout, self.store):  # a take an error cut short
+            if self.on_new_job is not None:
+                self.on_new_job(job_id)
         entries: list[tuple[int, bytes, os.stat_result]] = []
         ignored: set[bytes] = set()
         with os.scandir(inbox) as it:
@@ -359,49 +392,68 @@ class InboxWatcher:
         present: set[bytes] = set()
         for _mtime, name, st in entries:
             present.add(name)
-            path = os.path.join(inbox, name)
-            kind = _kind_of(st.st_mode)
-            if kind is not None:
-                self._reject(path, name, {"kind": kind, "message": f"not a regular file ({kind}); not followed"})
+            if now < self._failing.get(name, now):
+                continue  # failed a moment ago: tried again after FAILED_ENTRY_RETRY_SECONDS
+            try:
+                wait = self._consider(os.path.join(inbox, name), name, st, now, quiet)
+            except Exception as e:
+                # One entry that cannot be taken or moved (EIO, a file another user owns in a
+                # sticky inbox) must not stop the scan: the files after it go on being taken.
+                if name not in self._failing:
+                    log.warning("could not take or reject %s; trying again every %d s", display_name(name), FAILED_ENTRY_RETRY_SECONDS,
+                                extra={"file": display_name(name), "error": f"{type(e).__name__}: {e}"}, exc_info=e)
+                self._failing[name] = now + FAILED_ENTRY_RETRY_SECONDS
+                self._seen.pop(name, None)
                 continue
-            if st.st_nlink > 1:
-                # Another name for the same inode, maybe outside the data dir (a file the
-                # writer could read but should not hand over): never read through it.
-                self._reject(
-                    path, name,
-                    {"kind": "hard_link", "message": f"{display_name(name)} is a hard link ({st.st_nlink} links to one file); not read"},
-                )
-                continue
-            problem = name_problem(name)
-            if problem is not None:
-                self._reject(path, name, {"kind": "bad_name", "message": problem})
-                continue
-            if st.st_size > svc.max_file_bytes:
-                self._reject(
-                    path, name,
-                    {"kind": "too_large", "message": f"{st.st_size} bytes > service.max_file_bytes = {svc.max_file_bytes}"},
-                )
-                continue
-            key = (st.st_size, st.st_mtime_ns, st.st_ino)
-            seen = self._seen.get(name)
-            if seen is None or seen.key != key:
-                self._seen[name] = seen = _Seen(key, now)
-                if quiet > 0:
-                    due = quiet if due is None else min(due, quiet)
-                    continue
-            waited = now - seen.since
-            if waited < quiet:
-                left = quiet - waited
-                due = left if due is None else min(due, left)
-                continue
-            self._seen.pop(name, None)
-            self._take(path, name, st)
+            self._failing.pop(name, None)
+            if wait is not None:
+                due = wait if due is None else min(due, wait)
         for name in list(self._seen):
             if name not in present:
                 del self._seen[name]
+        self._failing = {n: t for n, t in self._failing.items() if n in present}
         self._busy_logged &= present
         self.last_scan = time.monotonic()
         return due
+
+    def _consider(self, path: bytes, name: bytes, st: os.stat_result, now: float, quiet: float) -> float | None:
+        """Reject, wait for or take one inbox entry. Returns seconds until it may be quiet,
+        or None if it is not waiting."""
+        svc = self.config.service
+        kind = _kind_of(st.st_mode)
+        if kind is not None:
+            self._reject(path, name, {"kind": kind, "message": f"not a regular file ({kind}); not followed"})
+            return None
+        if st.st_nlink > 1:
+            # Another name for the same inode, maybe outside the data dir (a file the
+            # writer could read but should not hand over): never read through it.
+            self._reject(
+                path, name,
+                {"kind": "hard_link", "message": f"{display_name(name)} is a hard link ({st.st_nlink} links to one file); not read"},
+            )
+            return None
+        problem = name_problem(name)
+        if problem is not None:
+            self._reject(path, name, {"kind": "bad_name", "message": problem})
+            return None
+        if st.st_size > svc.max_file_bytes:
+            self._reject(
+                path, name,
+                {"kind": "too_large", "message": f"{st.st_size} bytes > service.max_file_bytes = {svc.max_file_bytes}"},
+            )
+            return None
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        seen = self._seen.get(name)
+        if seen is None or seen.key != key:
+            self._seen[name] = seen = _Seen(key, now)
+            if quiet > 0:
+                return quiet
+        waited = now - seen.since
+        if waited < quiet:
+            return quiet - waited
+        self._seen.pop(name, None)
+        self._take(path, name, st)
+        return None
 
     def _reject(self, path: bytes, name: bytes, error: dict[str, Any], sha256: str | None = None) -> None:
         self._seen.pop(name, None)
@@ -426,6 +478,13 @@ class InboxWatcher:
         except OSError as e:
             if e.errno == errno.ELOOP:
                 return None  # became a symlink: the next scan rejects it
+            if e.errno in (errno.EACCES, errno.EPERM):
+                # A file the daemon's user may not read (dropped with mode 600 into a shared
+                # inbox): it can never be taken as it is, so it goes aside with a report.
+                self._reject(path, name, {"kind": "unreadable", "message": (
+                    f"the daemon ({_user()}) may not read {display_name(name)}: {e.strerror}; "
+                    "make it readable (chmod a+r, or give it the daemon's group) and drop it again")})
+                return None
             raise
         tmp: str | None = None
         try:

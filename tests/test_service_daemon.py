@@ -231,6 +231,36 @@ def test_interrupted_rejection_is_finished_on_restart(tmp_path):
     assert dest.read_text() == "INVALID\n" and (tmp_path / "rejected" / "bad.jsonl.error.json").exists()
 
 
+def test_a_rejection_whose_move_failed_is_finished_before_the_next_step(tmp_path, monkeypatch):
+    """The move into rejected/ hit a full disk after the job was committed as rejected: the
+    file is moved, with its report, before the next job's step, without a restart."""
+    import errno
+
+    import service.job_runner as job_runner
+
+    real_move, failures = job_runner.move_to_rejected, []
+
+    def full_once(*a, **k):
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_move(*a, **k)
+
+    monkeypatch.setattr(job_runner, "move_to_rejected", full_once)
+    drop(tmp_path, "bad.jsonl", "INVALID\n")
+    d = Daemon(config_for(tmp_path), FakeStages(tmp_path), retry_base_seconds=0, resource_retry_seconds=0)
+    d.run_until_idle()
+    (job,) = jobs(tmp_path)
+    assert (job.state, job.file_status) == ("rejected", "rejecting") and failures
+    drop(tmp_path, "good.jsonl")
+    d.run_until_idle()
+    d.close()
+    bad, good = jobs(tmp_path)
+    assert (bad.file_status, good.state) == ("rejected", "published")
+    assert (tmp_path / "rejected" / "bad.jsonl").read_text() == "INVALID\n"
+    assert (tmp_path / "rejected" / "bad.jsonl.error.json").exists()
+
+
 def test_unexpected_errors_are_retried_then_fail(tmp_path):
     drop(tmp_path, "flaky.jsonl")
     drop(tmp_path, "broken.jsonl", '{"y": 2}\n')

@@ -446,3 +446,90 @@ def test_sidecar_alone_is_ignored_until_its_file_comes_and_after_it_was_taken(tm
     with JobStore(layout.state_db) as store:
         assert sorted(f.name for f in store.files()) == ["alone.jsonl", "late.jsonl"] and len(store.jobs()) == 2
     watcher.close()
+
+
+def _open_failing_for(monkeypatch, name: bytes, err: int):
+    """os.open raising `err` for one inbox name: root reads any file, so a permission error
+    cannot be made with chmod here."""
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if os.fsencode(path).endswith(b"/" + name):
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_a_file_the_daemon_may_not_read_is_rejected_and_the_files_after_it_are_taken(tmp_path, monkeypatch):
+    import errno
+
+    config, layout = make(tmp_path, quiet_seconds=0)
+    (layout.inbox / "a-private.jsonl").write_text('{"a": 1}\n')
+    (layout.inbox / "b-later.jsonl").write_text('{"b": 1}\n')
+    _open_failing_for(monkeypatch, b"a-private.jsonl", errno.EACCES)
+    watcher = InboxWatcher(layout, config)
+    watcher.scan_once()
+    watcher.close()
+    report = reports(layout)["a-private.jsonl"]
+    assert report["error"]["kind"] == "unreadable" and "may not read a-private.jsonl" in report["error"]["message"]
+    assert "chmod a+r" in report["error"]["message"]
+    with JobStore(layout.state_db) as store:
+        assert [j.file_name for j in store.jobs()] == ["b-later.jsonl"]
+    assert not any(layout.inbox.iterdir())
+
+
+def test_an_entry_whose_take_fails_does_not_stop_the_scan_and_is_tried_again(tmp_path, monkeypatch, caplog):
+    import errno
+
+    config, layout = make(tmp_path, quiet_seconds=0)
+    (layout.inbox / "a-bad-disk.jsonl").write_text('{"a": 1}\n')
+    (layout.inbox / "b-fine.jsonl").write_text('{"b": 1}\n')
+    with monkeypatch.context() as m:
+        _open_failing_for(m, b"a-bad-disk.jsonl", errno.EIO)
+        watcher = InboxWatcher(layout, config)
+        watcher.scan_once()
+        watcher.scan_once()  # within the retry delay: not tried, not logged again
+    with JobStore(layout.state_db) as store:
+        assert [j.file_name for j in store.jobs()] == ["b-fine.jsonl"]
+    warnings = [r for r in caplog.records if "could not take or reject a-bad-disk.jsonl" in r.getMessage()]
+    assert len(warnings) == 1
+    monkeypatch.setattr(watcher_mod, "FAILED_ENTRY_RETRY_SECONDS", 0)
+    watcher._failing = {n: 0.0 for n in watcher._failing}  # the delay has passed
+    watcher.scan_once()
+    watcher.close()
+    with JobStore(layout.state_db) as store:
+        assert [j.file_name for j in store.jobs()] == ["b-fine.jsonl", "a-bad-disk.jsonl"]
+
+
+def test_a_take_cut_short_after_its_row_is_finished_by_the_next_scan_with_its_sidecar(tmp_path, monkeypatch):
+    """finish_take failing (state.db on a full disk) or a crash before the inbox file went:
+    the next scan queues the job and removes the file and its sidecar, without a restart; a
+    sidecar left behind would be applied to the next file dropped under that name."""
+    import sqlite3
+
+    config, layout = make(tmp_path, quiet_seconds=0)
+    (layout.inbox / "colors.task.toml").write_text('kind = "generation"\n')
+    (layout.inbox / "colors.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    queued: list[int] = []
+    watcher = InboxWatcher(layout, config, on_new_job=queued.append)
+    real_unlink = os.unlink
+
+    def crash_before_removing(path, *a, **k):  # the take is recorded, the copy renamed in
+        if os.fsencode(path).endswith(b"/inbox/colors.jsonl"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_unlink(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "unlink", crash_before_removing)
+        watcher.scan_once()
+    with JobStore(layout.state_db) as store:
+        assert [(f.name, f.status) for f in store.files()] == [("colors.jsonl", "taking")] and queued == []
+    watcher._failing.clear()
+    watcher.scan_once()
+    watcher.close()
+    with JobStore(layout.state_db) as store:
+        assert [(f.name, f.status) for f in store.files()] == [("colors.jsonl", "taken")]
+        assert [j.id for j in store.jobs()] == queued == [1]
+    assert sorted(p.name for p in layout.inbox.iterdir()) == []  # task file and sidecar gone
+    assert not any(layout.rejected.iterdir())
