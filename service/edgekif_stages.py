@@ -74,10 +74,25 @@ def holdout_size(service_cfg, kind: str, n_records: int) -> int:
 
 def split_holdout(records, sha256: str, n_holdout: int) -> tuple[list, list]:
     """(holdout, train) of a file's records: shuffled by the file's SHA-256, so the same file
-    is always split the same way (the buffer stage may run again after a crash)."""
+    is always split the same way (the buffer stage may run again after a crash).
+
+    Records that ask the same thing (the same messages, whitespace aside: a file made of two
+    exports, a record repeated) stay on one side, so the gate never scores an answer to a
+    prompt the model was trained on. Taken in shuffled order, a group goes to the holdout while
+    it fits in `n_holdout`; without repeats this is the plain shuffled split. A file whose
+    repeats leave nothing to hold out is split plainly."""
     records = list(records)
     random.Random(sha256).shuffle(records)
-    return records[:n_holdout], records[n_holdout:]
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault(tuple((role, " ".join(text.split())) for role, text in r.messages), []).append(r)
+    holdout: list = []
+    train: list = []
+    for group in groups.values():
+        (holdout if len(holdout) + len(group) <= n_holdout else train).extend(group)
+    if n_holdout and not holdout:
+        return records[:n_holdout], records[n_holdout:]
+    return holdout, train
 
 
 def manifest_tasks(layout, config, names: list[str]) -> list[dict]:

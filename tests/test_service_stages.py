@@ -222,3 +222,29 @@ def test_stage_processes_drop_only_the_known_transformers_deprecations():
         warnings.warn("`past_key_values` is deprecated", UserWarning)
     assert [(w.category, str(w.message)) for w in seen] == [
         (FutureWarning, "`max_length` is deprecated"), (UserWarning, "`past_key_values` is deprecated")]
+
+
+def test_a_repeated_prompt_stays_on_one_side_of_the_holdout_split():
+    """A file made of two copies of the same records: no held-out prompt is also trained on
+    (the gate would score answers the model learned by heart). Without repeats the split is
+    the plain shuffle it always was, so files split before keep their split."""
+    import random
+
+    from edgekif.records import Record
+    from service.edgekif_stages import split_holdout
+
+    unique = [Record.from_prompt(f"Classify text number {i}.", "yes" if i % 2 else "no") for i in range(100)]
+    plain = list(unique)
+    random.Random("sha").shuffle(plain)
+    assert split_holdout(unique, "sha", 24) == (plain[:24], plain[24:])
+
+    twice = unique + [Record.from_prompt(f"Classify  text number {i}. ", r.output) for i, r in enumerate(unique)]
+    holdout, train = split_holdout(twice, "sha", 48)
+    key = lambda r: " ".join(r.messages[-1][1].split())  # noqa: E731
+    assert len(holdout) == 48 and len(train) == 152
+    assert not {key(r) for r in holdout} & {key(r) for r in train}
+    assert split_holdout(twice, "sha", 48) == (holdout, train)  # the same file, the same split
+
+    same = [Record.from_prompt("Say something.", f"answer {i}") for i in range(10)]  # one prompt only
+    holdout, train = split_holdout(same, "sha", 3)
+    assert (len(holdout), len(train)) == (3, 7)  # nothing else to hold out: split plainly
