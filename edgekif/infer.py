@@ -277,6 +277,9 @@ class OnnxRunner:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+        # the bound GenaiRunner reads as genai_config.json's context_length (the genai builder
+        # writes max_position_embeddings there); past it the graph answers garbage, not an error
+        self.context_length = int(_read_json(self.model_dir / "config.json").get("max_position_embeddings") or 2048)
 
     def chat_ids(self, prompt: Prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(_messages(prompt), add_generation_prompt=True, tokenize=False)
@@ -296,6 +299,8 @@ class OnnxRunner:
             param = "repetition_penalty" if sampling.greedy else "temperature"
             raise DecodingError("this version is a plain ONNX export: it decodes greedily, without sampling or penalties", param=param)
         prompt_ids = self.chat_ids(prompt)
+        if len(prompt_ids) + 1 > self.context_length:
+            raise ContextLengthError(len(prompt_ids), self.context_length)
         text = TextStream(self._decode, stops)
         state = {"finish": "length"}
 
@@ -321,7 +326,10 @@ class OnnxRunner:
         return Completion(text.text, text.ids, len(prompt_ids), state["finish"])
 
     def generate_ids(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> list[int]:
-        return self.complete(prompt, max_new_tokens, on_text=stream_callback).ids
+        try:
+            return self.complete(prompt, max_new_tokens, on_text=stream_callback).ids
+        except ContextLengthError as e:  # as GenaiRunner.generate_ids
+            raise ModelError(f"prompt of {e.prompt_tokens} tokens does not fit the context length {e.context_length}") from None
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> str:
         return self.answer_text(self.generate_ids(prompt, max_new_tokens, stream_callback))
@@ -329,19 +337,24 @@ class OnnxRunner:
     def generate_batch_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[list[int]]:
         if not prompts:
             return []
-        return self._greedy([self.chat_ids(p) for p in prompts], max_new_tokens, None)
+        seqs = [self.chat_ids(p) for p in prompts]
+        for seq in seqs:
+            if len(seq) + 1 > self.context_length:  # GenaiRunner's message for a batch that does not fit
+                raise ModelError(f"prompt of {len(seq)} tokens does not fit the context length {self.context_length}")
+        return self._greedy(seqs, max_new_tokens, None)
 
     def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[str]:
         return [self.answer_text(o) for o in self.generate_batch_ids(prompts, max_new_tokens)]
 
     def _greedy(self, seqs: list[list[int]], max_new_tokens: int, on_token: Callable[[int, bool], bool] | None) -> list[list[int]]:
-        """Greedy answers; with one sequence, on_token(token, is_eos) sees each token and
-        returns True to stop there."""
+        """Greedy answers, each at most max_new_tokens and ending at the context length; with one
+        sequence, on_token(token, is_eos) sees each token and returns True to stop there."""
         import numpy as np
 
+        budgets = [min(max_new_tokens, self.context_length - len(s)) for s in seqs]
         outs: list[list[int]] = [[] for _ in seqs]
-        finished = [False] * len(seqs)
-        for _ in range(max_new_tokens):
+        finished = [b <= 0 for b in budgets]
+        for _ in range(max(budgets, default=0)):
             # Left padding: the graph derives positions from the mask, so padded rows match unpadded ones.
             rows = [s + o for s, o in zip(seqs, outs)]
             width = max(len(r) for r in rows)
@@ -362,6 +375,8 @@ class OnnxRunner:
                     continue
                 outs[i].append(token)
                 if on_token is not None and len(seqs) == 1 and on_token(token, False):
+                    finished[i] = True
+                elif len(outs[i]) >= budgets[i]:
                     finished[i] = True
             if all(finished):
                 break

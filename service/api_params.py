@@ -8,6 +8,7 @@ evaluation and `edgekif infer` use, so the same shapes fail with the same messag
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,8 @@ def _number(obj: dict, key: str, lo: float, hi: float, *, lo_open: bool = False)
     v = obj.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or v > hi or (lo_open and v == lo):
+    # json.loads reads NaN, which every comparison lets through
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
         raise ApiError(400, f"{key} must be a number {'>' if lo_open else '>='} {lo} and <= {hi} (got {v!r})", param=key)
     return float(v)
 
@@ -146,6 +148,8 @@ def _load(body: bytes) -> dict:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # valid JSON nested deeper than the parser's recursion limit
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return obj
@@ -176,6 +180,20 @@ def _content(value: Any, i: int) -> Any:
     return value  # anything else: prompt_messages names what is wrong with it
 
 
+def _check_unicode(texts: list[tuple[str, Any]]) -> None:
+    """Each (param, text) is valid Unicode: JSON's "\\ud800" escape gives a lone surrogate, which
+    no UTF-8 tokenizer accepts (a 500 from deep inside the runtime otherwise). Checked after the
+    one rule, so that where the rule refuses it too, its message is the one clients see."""
+    for param, value in texts:
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"{param} is not valid Unicode: it holds a lone surrogate U+{ord(value[e.start]):04X} at character {e.start}",
+                           param=param) from None
+
+
 def _prompt_rule(obj: Any) -> list[dict[str, str]]:
     """edgekif.taskfile.prompt_messages (the one rule), its ValidationError as a 400 naming the field."""
     from edgekif.taskfile import prompt_messages
@@ -191,7 +209,7 @@ def chat_messages(raw: Any) -> list[dict[str, str]]:
         raise ApiError(400, "missing required parameter: messages", param="messages", code="missing_required_parameter")
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    messages = []
+    messages, texts = [], []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise ApiError(400, "each message must be an object with role and content", param=f"messages[{i}]")
@@ -199,9 +217,14 @@ def chat_messages(raw: Any) -> list[dict[str, str]]:
             if key not in ("role", "content"):  # name, tool_calls, ...: the chat template has no place for them
                 raise unsupported(f"messages[{i}].{key}", "a message has a role and a text content only")
         role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for the system role
-        messages.append({"role": role, "content": _content(m.get("content"), i)} if "content" in m and m["content"] is not None
-                        else {"role": role})
-    return _prompt_rule({"messages": messages})
+        if "content" in m and m["content"] is not None:
+            messages.append({"role": role, "content": _content(m["content"], i)})
+            texts.append((f"messages[{i}].content", messages[-1]["content"]))
+        else:
+            messages.append({"role": role})
+    prompt = _prompt_rule({"messages": messages})
+    _check_unicode(texts)
+    return prompt
 
 
 def text_prompt(raw: Any) -> list[dict[str, str]]:
@@ -215,7 +238,9 @@ def text_prompt(raw: Any) -> list[dict[str, str]]:
         raw = raw[0]
     if not isinstance(raw, str):
         raise ApiError(400, "prompt must be a string", param="prompt")
-    return _prompt_rule({"prompt": raw})
+    prompt = _prompt_rule({"prompt": raw})
+    _check_unicode([("prompt", raw)])
+    return prompt
 
 
 def parse_request(body: bytes, limits: ApiLimits, kind: str) -> GenRequest:

@@ -58,7 +58,9 @@ class RunnerPool:
         self._lock = threading.Lock()  # guards the slots, refs and _live; held only briefly
         self._slots: dict[str, Slot] = {}  # every loaded version (live, pinned, draining)
         self._live: str | None = None  # the version "edgekif" is served from
-        self._failed: str | None = None  # failed to open: not retried while an older one serves, until the link changes
+        # (version, link identity) that failed to open: not retried while an older one serves, until
+        # the link changes (a rollback away and back is a change: every switch makes a new link)
+        self._failed: tuple[str, tuple[int, int] | None] | None = None
 
     # ----------------------------------------------------------------- names
 
@@ -69,6 +71,19 @@ class RunnerPool:
         except OSError:
             return None
         return name if VERSION_RE.match(name) else None
+
+    def _link_id(self) -> tuple[int, int] | None:
+        """The `current` link's identity: publish and rollback replace the link with a new one."""
+        try:
+            st = os.lstat(self.link)
+        except OSError:
+            return None
+        return st.st_ino, st.st_ctime_ns
+
+    def _still_failed(self, live: str | None) -> bool:
+        """`live` failed to open and the link is the one it failed from (an lstat only then)."""
+        failed = self._failed
+        return failed is not None and live == failed[0] and self._link_id() == failed[1]
 
     def serving(self) -> str | None:
         """The version "edgekif" answers from now (None before the first request)."""
@@ -100,12 +115,17 @@ class RunnerPool:
         live = self.live_name()
         if version is not None and version != live:
             return self._acquire_pinned(version)
+        if self._failed is not None and live != self._failed[0]:
+            # the link moved off the failed version: moving back to it is a new publish, retried
+            # even if its new link happened to reuse the old one's inode and timestamp
+            self._failed = None
+        failed = self._still_failed(live)
         with self._lock:  # fast path: the live version is loaded and still live
             slot = self._slots.get(self._live) if self._live else None
-            if slot is not None and (live is None or live == self._live or live == self._failed):
+            if slot is not None and (live is None or live == self._live or failed):
                 return self._lease(slot, pinned=version is not None)
         with self._load_lock:
-            if live is not None and live != self._failed and live != self.serving():
+            if live is not None and not self._still_failed(live) and live != self.serving():
                 self._switch(live)
             with self._lock:
                 slot = self._slots.get(self._live) if self._live else None
@@ -194,10 +214,11 @@ class RunnerPool:
                 return
             self._make_room(for_live=True)
         t0 = time.perf_counter()
+        link_id = self._link_id()  # before the open: a link replaced meanwhile is tried again
         try:
             runner = self._open(self.data_dir)  # resolves the link again: may be newer than target
         except (EdgekifError, OSError) as e:
-            self._failed = target
+            self._failed = (target, link_id)
             log.error("cannot open the published version; serving the previous one", extra={"version": target, "error": str(e),
                       "serving": self.serving()})
             return

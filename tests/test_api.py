@@ -33,9 +33,10 @@ CHATS = [
 ]
 
 
-def _tiny_export(root: Path, seed: int) -> Path:
-    """A genai fp32 export of a tiny Llama whose weights are large enough (std 0.3) that greedy
-    answers vary with the prompt and the seed (the default init answers "\\n" to everything)."""
+def _tiny_export(root: Path, seed: int, target: str = "genai") -> Path:
+    """An fp32 export (genai unless `target` says) of a tiny Llama whose weights are large enough
+    (std 0.3) that greedy answers vary with the prompt and the seed (the default init answers
+    "\\n" to everything)."""
     import torch
 
     from edgekif.export.exporter import export_model
@@ -55,10 +56,10 @@ def _tiny_export(root: Path, seed: int) -> Path:
             piece = tok.decode([i])
             if i != tok.eos_token_id and not (piece.isascii() and piece.isprintable() and piece):
                 emb[i] = 0.0
-    base = root / f"base{seed}"
+    base = root / f"base{seed}-{target}"
     model.save_pretrained(base, safe_serialization=True)
     tok.save_pretrained(base)
-    return export_model(base, root / f"export{seed}", target="genai", precision="fp32", execution_provider="cpu",
+    return export_model(base, root / f"export{seed}-{target}", target=target, precision="fp32", execution_provider="cpu",
                         holdout={"hello": [Record.from_prompt("Hello there", "")]})
 
 
@@ -377,6 +378,68 @@ def test_bad_requests_get_openai_error_bodies(data_dir):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="edgekif", messages=CHATS[0], max_tokens=100)
         assert e.value.body["param"] == "max_tokens"
+
+
+def test_nan_sampling_parameters_are_refused_by_name(data_dir):
+    """json.loads reads NaN, which passes every range comparison: it was sampled with (or read as greedy)."""
+    with running(create_app(data_dir)) as url:
+        for key in ("temperature", "top_p", "repetition_penalty"):
+            status, _, body = raw(url, "POST", "/v1/chat/completions",
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "seed": 7, "%s": NaN}' % key.encode())
+            assert status == 400, body
+            assert_error(body, param=key)
+            assert "nan" in body["error"]["message"]
+
+
+def test_lone_surrogates_and_deep_nesting_are_400_not_500(data_dir):
+    with running(create_app(data_dir)) as url:
+        # valid JSON, not valid Unicode: the tokenizer must not see it
+        for path, obj, param in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi\ud800"}]}, "messages[0].content"),
+            ("/v1/chat/completions", {"messages": CHATS[1][:1] + [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]},
+             "messages[1].content"),
+            ("/v1/completions", {"prompt": "hi\ud800"}, "prompt"),
+            ("/v1/completions", {"prompt": ["hi\ud800"]}, "prompt"),
+        ):
+            status, _, body = raw(url, "POST", path, json.dumps(obj).encode())
+            assert status == 400, body
+            assert_error(body, param=param)
+            assert "lone" in body["error"]["message"] and "surrogate" in body["error"]["message"]
+        # nested past the parser's recursion limit: a JSON 400, not a plain-text 500
+        deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        status, headers, body = raw(url, "POST", "/v1/chat/completions", deep)
+        assert status == 400 and headers["content-type"] == "application/json", body
+        assert_error(body, code="invalid_json")
+        assert post_chat(url, {"messages": CHATS[0], "max_tokens": 2})[0] == 200  # and the server still answers
+
+
+def test_plain_onnx_target_keeps_to_the_context_length(tmp_path_factory, tmp_path):
+    """The onnx target re-runs the whole sequence: past max_position_embeddings it answered garbage with 200."""
+    from edgekif.errors import ModelError
+
+    export = _tiny_export(tmp_path_factory.mktemp("api-onnx"), 0, target="onnx")
+    ModelStore(tmp_path / "data").publish(export)
+    runner = open_current(tmp_path / "data")
+    assert type(runner).__name__ == "OnnxRunner" and runner.context_length == 512
+    runner.eos_ids = set()  # never stops early: the answer runs to its bound
+    fits = [{"role": "user", "content": "a" * 486}]  # 505 prompt tokens with the byte-level tokenizer's template
+    with running(create_app(tmp_path / "data", opener=lambda _: runner)) as url:
+        status, _, body = post_chat(url, {"messages": [{"role": "user", "content": "a" * 700}], "max_tokens": 4})
+        assert status == 400
+        assert_error(body, param="messages", code="context_length_exceeded")
+        assert "719 tokens" in body["error"]["message"] and "512" in body["error"]["message"]
+        status, _, body = raw(url, "POST", "/v1/completions", json.dumps({"prompt": "a" * 700, "max_tokens": 4}).encode())
+        assert status == 400
+        assert_error(body, param="prompt", code="context_length_exceeded")
+        status, _, body = post_chat(url, {"messages": fits, "max_tokens": 50})
+        assert status == 200, body
+        assert body["usage"] == {"prompt_tokens": 505, "completion_tokens": 7, "total_tokens": 512}
+        assert body["choices"][0]["finish_reason"] == "length"
+    # edgekif infer's and evaluation's paths: each row ends at the context too, a prompt past it is refused
+    assert [len(ids) for ids in runner.generate_batch_ids([fits, CHATS[0]], 50)] == [7, 50]
+    assert len(runner.generate_ids(fits, 50)) == 7
+    with pytest.raises(ModelError, match="prompt of 719 tokens does not fit the context length 512"):
+        runner.generate_batch_ids([[{"role": "user", "content": "a" * 700}], CHATS[0]], 4)
 
 
 def test_no_published_version_is_503(tmp_path):

@@ -105,3 +105,52 @@ def test_a_removed_version_is_404_and_a_replaced_live_one_unloads_when_idle(root
     os.symlink("v0003", root / "models" / "current")
     assert pool.acquire().version == "v0003"
     assert pool.open_versions() == ["v0003"]  # v0004 was live, never pinned, unused: closed at once
+
+
+def _point(root, name: str) -> None:
+    """Re-point `current` as publish and rollback do: a new link renamed over the old one."""
+    tmp = root / "models" / "current.tmp"
+    os.symlink(name, tmp)
+    os.replace(tmp, root / "models" / "current")
+
+
+def test_a_version_that_failed_to_open_is_retried_once_current_changes_again(root):
+    import time
+
+    from edgekif.errors import ModelError
+
+    opened: list[str] = []
+    failing = {"v0003", "v0002"}  # each fails its first open only (a transient error)
+
+    def live(data_dir):
+        name = os.readlink(data_dir / "models" / "current")
+        opened.append(name)
+        if name in failing:
+            failing.discard(name)
+            raise ModelError(f"{name}: cannot allocate memory (simulated)")
+        return FakeRunner(name)
+
+    pool = RunnerPool(root, live, clock=Clock())
+    pool.release(pool.acquire())
+    _point(root, "v0003")
+    for _ in range(2):  # v0004 keeps serving; v0003 is tried once, not on every request
+        pool.release(pool.acquire())
+        assert pool.serving() == "v0004"
+    assert opened == ["v0004", "v0003"]
+    # rolled back to v0004 (a request sees it), then v0003 is made current again: retried
+    _point(root, "v0004")
+    pool.release(pool.acquire())
+    _point(root, "v0003")
+    slot = pool.acquire()
+    assert slot.version == "v0003" and opened == ["v0004", "v0003", "v0003"]
+    pool.release(slot)
+    # away and back with no request in between: the link is a new one all the same
+    _point(root, "v0002")
+    pool.release(pool.acquire())
+    assert pool.serving() == "v0003" and opened[-1] == "v0002"
+    _point(root, "v0003")
+    time.sleep(0.05)  # the kernel's coarse clock: the new link's ctime differs from the failed one's
+    _point(root, "v0002")
+    slot = pool.acquire()
+    assert slot.version == "v0002" and opened == ["v0004", "v0003", "v0003", "v0002", "v0002"]
+    pool.release(slot)
