@@ -395,7 +395,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         p = Path(path)
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a leading BOM, as sidecars and task files accept
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

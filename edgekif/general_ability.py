@@ -79,7 +79,7 @@ def _parse_line(obj: Any, where: str) -> GeneralPrompt:
 def parse_prompts(text: str, source: str = PROMPTS_RESOURCE) -> list[GeneralPrompt]:
     """Prompts from JSON lines, validated: known categories and roles, unique ids."""
     prompts = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # JSON lines: a prompt may hold U+2028 raw
         if line.strip():
             try:
                 obj = json.loads(line)

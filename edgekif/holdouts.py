@@ -19,6 +19,7 @@ from .atomic import atomic_write_json, atomic_write_text
 from .errors import DamagedFileError
 from .layout import DataLayout
 from .records import Record
+from .taskfile import physical_lines
 
 if TYPE_CHECKING:
     from .tasks import TaskSpec
@@ -87,7 +88,7 @@ def read_holdout(path: str | os.PathLike) -> list[Record]:
     except UnicodeDecodeError as e:
         raise DamagedFileError(f"not UTF-8 text ({e.reason})", file=str(path), kind="damaged_holdout") from e
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in physical_lines(text):  # not splitlines(): records hold U+2028, U+0085 etc. raw
         if not line.strip():
             continue
         try:

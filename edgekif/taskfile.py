@@ -3,7 +3,8 @@
 A task is one file. It is read and validated as a whole and trained all-or-nothing: a
 problem rejects the file with a `ValidationError` naming the file, the line (or record) and
 the field, plus a machine-readable `kind`. Bad records (a JSONL line that is not JSON, a
-missing or mistyped field, a duplicate id, a CSV row of the wrong width) are all found in one
+missing or mistyped field, a duplicate id, a CSV row of the wrong width, a key or string
+holding a lone UTF-16 surrogate such as JSON's "\\ud800" (`encoding`)) are all found in one
 read: the error is the first, and its `more` / `also` count and list (the first
 MAX_LISTED_PROBLEMS) the others, so one report says what to fix. A problem that stops the
 reading (size, encoding, a CSV header or quote, a line too long, too many records) is listed
@@ -53,6 +54,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,6 +76,10 @@ ACCEPTED_SHAPES = (
     'each optionally with "system" and "id"'
 )
 _MAX_LABELS = 50
+# A lone UTF-16 surrogate: JSON's "\ud800" escape decodes to one. It is not text: every UTF-8
+# or SQLite write of it (the records, the rejection report) raises UnicodeEncodeError.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how one gets into decoded UTF-8 text
 
 
 # --------------------------------------------------------------------------- task files
@@ -147,7 +154,7 @@ def _parse(raw: bytes, path: Path, cfg: DataConfig) -> tuple[str, list[Record]]:
     if not text.strip():
         raise ValidationError("file is empty", file=file, kind="empty")
 
-    builder = _RecordBuilder(file=file, stem=path.stem, cfg=cfg)
+    builder = _RecordBuilder(file=file, stem=path.stem, cfg=cfg, surrogates=_SURROGATE_ESCAPE.search(text) is not None)
     fmt = _detect_format(path, text)
     try:
         if fmt == "jsonl":
@@ -223,7 +230,7 @@ def _detect_format(path: Path, text: str) -> str:
     )
 
 
-def _physical_lines(text: str) -> Iterator[tuple[int, str]]:
+def physical_lines(text: str) -> Iterator[tuple[int, str]]:
     # Split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON strings may hold.
     for lineno, line in enumerate(text.split("\n"), start=1):
         yield lineno, line.removesuffix("\r")
@@ -243,7 +250,7 @@ def _check_line_length(builder: "_RecordBuilder", lineno: int, line: str) -> Non
 
 
 def _parse_jsonl(text: str, builder: "_RecordBuilder") -> None:
-    for lineno, line in _physical_lines(text):
+    for lineno, line in physical_lines(text):
         _check_line_length(builder, lineno, line)
         if not line.strip():
             continue
@@ -274,7 +281,12 @@ def _iter_json_array(text: str, start: int) -> Iterator[Any]:
         idx += 1
     else:
         while True:
-            obj, idx = _DECODER.raw_decode(text, idx)  # "Expecting value" etc. as json.loads
+            try:
+                obj, idx = _DECODER.raw_decode(text, idx)  # "Expecting value" etc. as json.loads
+            except json.JSONDecodeError:
+                raise
+            except ValueError as e:  # an integer too long for int(): not a JSONDecodeError
+                raise _long_number(e, text, idx) from None
             yield obj
             idx = _JSON_WS(text, idx).end()
             if idx < n and text[idx] == "]":
@@ -296,6 +308,15 @@ def _bad_json(e: json.JSONDecodeError, builder: "_RecordBuilder") -> ValidationE
         kind="bad_json",
         details={"column": e.colno},
     )
+
+
+def _long_number(e: ValueError, text: str, start: int) -> json.JSONDecodeError:
+    """The plain ValueError (not a JSONDecodeError) json raises for an integer of more than
+    sys.get_int_max_str_digits() digits, as a syntax error (bad_json, as JSONL reports it) at the
+    first such run of digits from `start`."""
+    limit = sys.get_int_max_str_digits()
+    m = re.compile("[0-9]{%d,}" % (limit + 1)).search(text, start) if limit else None
+    return json.JSONDecodeError(_json_reason(e), text, m.start() if m else start)
 
 
 def _parse_json_array(text: str, start: int, builder: "_RecordBuilder") -> None:
@@ -336,6 +357,8 @@ def _parse_json(text: str, builder: "_RecordBuilder") -> str:
             _parse_jsonl(text, builder)
             return "jsonl"
         raise _bad_json(e, builder) from None
+    except ValueError as e:
+        raise _bad_json(_long_number(e, text, start), builder) from None
     except RecursionError:
         raise ValidationError("invalid JSON: nested too deeply", file=builder.file, line=1, kind="bad_json") from None
 
@@ -373,7 +396,7 @@ _CSV_COLUMNS = ("instruction", "input", "output", "prompt", "completion", "syste
 
 def _parse_csv(text: str, builder: "_RecordBuilder") -> None:
     file = builder.file
-    for lineno, line in _physical_lines(text):
+    for lineno, line in physical_lines(text):
         _check_line_length(builder, lineno, line)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -441,7 +464,50 @@ def _json_reason(e: BaseException) -> str:
         return f"{e.msg} (column {e.colno})"
     if isinstance(e, RecursionError):
         return "nested too deeply"
-    return str(e)
+    # A too-long integer: json's message ends with advice for programmers, not for the file's author.
+    return str(e).partition("; use sys.set_int_max_str_digits()")[0]
+
+
+def _is_bad_str(v: Any) -> bool:
+    return isinstance(v, str) and not v.isascii() and _SURROGATE.search(v) is not None
+
+
+def _has_surrogate(obj: Any) -> bool:
+    """Whether a key or string in `obj`, at any depth, holds a lone surrogate. A stack, not
+    recursion: json nests deeper than Python recursion allows."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if any(map(_is_bad_str, v)):
+                return True
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif _is_bad_str(v):
+            return True
+    return False
+
+
+def _find_surrogate(obj: Any) -> tuple[str, str, bool]:
+    """(field, the key or string, whether it is a key) of the first (in document order) key or
+    string in `obj` that holds a lone surrogate; only called once _has_surrogate(obj) said so."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, dict):
+            children = []
+            for k, child in v.items():
+                name = f"{where}.{k}" if where else str(k)
+                if _is_bad_str(k):
+                    return name, k, True
+                children.append((name, child))
+            stack.extend(reversed(children))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", v[i]) for i in reversed(range(len(v))))
+        elif _is_bad_str(v):
+            return where, v, False
+    raise AssertionError("no lone surrogate")
 
 
 def _type_name(v: Any) -> str:
@@ -465,6 +531,9 @@ class _RecordBuilder:
     _ids: dict[str, str] = field(default_factory=dict)  # id -> where it was first used ("line 3")
     _problems: list[ValidationError] = field(default_factory=list)
     _problem_count: int = 0
+    # False when the file's text has no JSON escape of a surrogate (_SURROGATE_ESCAPE): then no
+    # object can hold one and the records are not walked for them.
+    surrogates: bool = True
 
     def note(self, e: ValidationError) -> None:
         self._problem_count += 1
@@ -524,6 +593,23 @@ class _RecordBuilder:
             )
         return value
 
+    def _check_text(self, obj: dict, loc: int, unit: str) -> None:
+        """No key or string in `obj`, at any depth, holds a lone surrogate (see _SURROGATE):
+        checked before anything quotes a key."""
+        if not self.surrogates or not _has_surrogate(obj):
+            return
+        where, text, is_key = _find_surrogate(obj)
+        char = _SURROGATE.search(text).group()  # type: ignore[union-attr]  # _find_surrogate found one
+        raise self.error(
+            f"{f'key {text!r}' if is_key else repr(where)} holds a lone UTF-16 surrogate {char!r}, which is not text "
+            "(a \\uXXXX escape of D800-DFFF must pair a high with a low one)",
+            loc,
+            unit,
+            "encoding",
+            # a key's surrogate escaped: the field is stored (UTF-8, SQLite) and printed
+            where.encode("utf-8", "backslashreplace").decode("utf-8"),
+        )
+
     def _non_empty(self, value: str, name: str, loc: int, unit: str) -> str:
         if not value.strip():
             raise self.error(f"{name!r} is empty", loc, unit, "empty_field", name)
@@ -540,6 +626,7 @@ class _RecordBuilder:
         training and evaluation records (answer=True: the answer is required) and prompts
         (answer=False: `output`/`completion` are ignored, a final assistant message is dropped).
         """
+        self._check_text(obj, loc, unit)
         system = self._string(obj, "system", loc, unit, required=False)
         instruction_chars = 0
         output: str | None = None

@@ -222,7 +222,7 @@ def _key_line(text: str, key: str) -> int | None:
     """The 1-based line where `key` is set at the top of a TOML document (bare or quoted), or
     where the table of that name starts: tomllib keeps no positions of valid documents."""
     pattern = re.compile(r"""^\s*(?:\[\s*)?(?:{k}|"{k}"|'{k}')\s*(?:=|\])""".format(k=re.escape(key)))
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # TOML's lines: not splitlines()'s U+2028 etc.
         if pattern.match(line):
             return n
     return None

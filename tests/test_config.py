@@ -46,6 +46,14 @@ def test_bad_config_names_the_problem(tmp_path, text, match):
         load_config(p)
 
 
+def test_config_with_a_utf8_bom_loads(tmp_path):
+    """Editors on Windows save a byte-order mark; sidecars and task files accept one, so does the config."""
+    p = tmp_path / "edgekif.toml"
+    p.write_bytes(b"\xef\xbb\xbf" + b'[replay]\ncapacity = 10\n[train]\nlr = 0.01\n')
+    c = load_config(p)
+    assert c.replay.capacity == 10 and c.train.lr == 0.01
+
+
 def test_default_toml_roundtrips(tmp_path):
     p = tmp_path / "d.toml"
     p.write_text(dump_default_toml())

@@ -232,6 +232,55 @@ def test_utf16_is_an_encoding_error(tmp_path):
     assert err.kind == "encoding" and "UTF-8" in err.message
 
 
+def test_lone_surrogates_are_bad_records(tmp_path):
+    """JSON's "\ud800" escape decodes to a lone surrogate, which no UTF-8 or SQLite write can store
+    (the records, the rejection report): each such record is an `encoding` problem naming its line
+    and field, collected with the others, and nothing quotes the raw surrogate. A pair is text."""
+    lines = [
+        jsonl(ALPACA),
+        r'{"prompt": "x\ud800", "completion": "c"}' + "\n",
+        r'{"qu\ud800estion": "q", "answer": "a"}' + "\n",  # a key: no shape, but named as a key
+        r'{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a\udfff"}]}' + "\n",
+        r'{"prompt": "p", "completion": "c", "id": "i\udc00"}' + "\n",
+        r'{"prompt": "p", "completion": "c", "extra": {"n\ude00": 1}}' + "\n",  # ignored keys too
+        r'{"prompt": "p \ud83d\ude00", "completion": "c"}' + "\n",  # a pair: an emoji, accepted
+        jsonl({"instruction": "q"}),
+    ]
+    err = reject(write(tmp_path, "s.jsonl", "".join(lines)))
+    got = [(e.kind, e.line, e.field) for e in (err, *err.also)]
+    assert got == [("encoding", 2, "prompt"), ("encoding", 3, "qu\\ud800estion"), ("encoding", 4, "messages[1].content"),
+                   ("encoding", 5, "id"), ("encoding", 6, "extra.n\\ude00"), ("missing_field", 8, "output")]
+    assert "'prompt' holds a lone UTF-16 surrogate '\\ud800'" in err.message
+    assert "key 'qu\\ud800estion' holds a lone UTF-16 surrogate" in err.also[0].message
+    report = str(err) + json.dumps(err.to_dict(), ensure_ascii=False) + json.dumps(err.to_fields(), ensure_ascii=False)
+    report.encode("utf-8")  # what the daemon stores and prints: no raw surrogate
+    # JSON arrays and wrapper objects name the record; the same rule for prompts.
+    for name, doc in [("a.json", "[%s, %s]"), ("w.json", '{"data": [%s, %s]}')]:
+        err = reject(write(tmp_path, name, doc % (json.dumps(ALPACA), r'{"prompt": "p", "completion": "c\ud800"}')))
+        assert (err.kind, err.line, err.field, err.details["record"], err.more) == ("encoding", 2, "completion", 2, 0)
+    from edgekif.taskfile import prompt_messages
+
+    with pytest.raises(ValidationError) as info:
+        prompt_messages({"prompt": "p\ud800"}, file="in.jsonl", line=3)
+    assert (info.value.kind, info.value.line, info.value.field) == ("encoding", 3, "prompt")
+    assert read_task(write(tmp_path, "ok.jsonl", lines[-2])).records[0].messages[0][1] == "p \U0001f600"
+
+
+def test_too_long_integer_in_a_json_document_is_bad_json(tmp_path):
+    """json raises a plain ValueError (not a JSONDecodeError) for an integer of more than 4300
+    digits: a .json document (array or wrapper, or a .txt sniffed as one) is rejected as bad_json
+    at the number's line, as JSONL is."""
+    big = "9" * 5000
+    row = '{"prompt": "a", "completion": "b", "score": %s}' % big
+    for name, text in [("a.json", f"[\n{json.dumps(ALPACA)},\n{row}]"), ("w.json", f'{{"data": [\n{json.dumps(ALPACA)},\n{row}]}}'),
+                       ("a.txt", f"[\n{json.dumps(ALPACA)},\n{row}]")]:
+        err = reject(write(tmp_path, name, text))
+        assert (err.kind, err.line, err.more) == ("bad_json", 3, 0), name
+        assert err.message == f"invalid JSON at line 3 column {row.index(big) + 1}: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits", name
+    err = reject(write(tmp_path, "l.jsonl", jsonl(ALPACA) + row + "\n"))
+    assert (err.kind, err.line) == ("bad_json", 2) and "set_int_max_str_digits" not in err.message
+
+
 def test_too_large_checked_before_reading(tmp_path):
     p = write(tmp_path, "t.jsonl", jsonl(ALPACA) * 10)
     err = reject(p, DataConfig(max_file_bytes=100))
@@ -683,6 +732,21 @@ def test_record_json_keeps_the_instruction_boundary(tmp_path):
     assert old.instruction_chars == 0 and "instruction_chars" not in old.to_dict()
     no_input = read_task(write(tmp_path, "n.jsonl", jsonl({"instruction": "Say hi.", "output": "hi"}))).records[0]
     assert no_input.instruction_chars == 0
+
+
+def test_holdout_files_keep_records_with_unicode_line_breaks(tmp_path):
+    """Record.to_json writes U+2028, U+2029 and U+0085 raw; str.splitlines() breaks on them, so
+    the daemon's holdout and train files must be split on "\n" only to read back."""
+    from edgekif.holdouts import read_holdout, read_holdouts, write_holdout, write_records
+
+    texts = ["line\u2028sep", "para\u2029sep", "next\x85line", "ok"]
+    records = read_task(write(tmp_path, "u.jsonl", jsonl(*({"prompt": f"p {t}", "completion": f"a {t}"} for t in texts)))).records
+    path = tmp_path / "train.jsonl"
+    write_records(path, records)
+    assert read_holdout(path) == records
+    assert [r.output for r in read_holdout(path)] == [f"a {t}" for t in texts]
+    write_holdout(tmp_path / "data", "u", records, None)
+    assert read_holdouts(tmp_path / "data", ["u"])[0] == {"u": records}
 
 
 def test_real_dbpedia_prompts_keep_their_options(tok, benchmark_data):

@@ -101,3 +101,27 @@ def test_check_command_lists_every_problem_and_exits_2(setup, capsys):
     assert report["rejected"]["line"] == 3 and report["rejected"]["more"] == 1
     assert main(["--data-dir", str(config.data_path), "check", str(files / "missing.jsonl")]) == 1
     assert "missing.jsonl: would be rejected" in capsys.readouterr().out
+
+
+def test_check_rejects_what_json_reads_but_cannot_store(tmp_path, capsys):
+    """A lone surrogate (JSON's "\\ud800" escape; no UTF-8 or SQLite write can hold it) and an
+    integer longer than Python reads (a plain ValueError, not a JSONDecodeError) would be
+    rejected: `check` says so, naming line and field, instead of "valid" or a traceback."""
+    from service.cli import main
+
+    sur, big = tmp_path / "sur.jsonl", tmp_path / "big.json"
+    sur.write_text(_alpaca(3) + '{"instruction": "q\\ud800", "output": "a"}\n{"ans\\udc00wer": "x"}\n')
+    big.write_text('[{"prompt": "a", "completion": "b", "n": %s}]' % ("9" * 5000))
+    argv = ["--data-dir", str(tmp_path / "data"), "check"]
+    assert main([*argv, str(sur), str(big)]) == 1
+    out = capsys.readouterr().out
+    out.encode("utf-8")  # no raw surrogate
+    assert f"{sur}: would be rejected" in out and f"{big}: would be rejected" in out
+    assert "line 4 (field 'instruction'): 'instruction' holds a lone UTF-16 surrogate '\\ud800'" in out
+    assert "line 5 (field 'ans\\\\udc00wer'): key 'ans\\udc00wer' holds a lone UTF-16 surrogate" in out
+    assert "line 1: invalid JSON at line 1 column 42: Exceeds the limit (4300 digits)" in out
+    assert main([*argv, "--json", str(sur), str(big)]) == 1
+    reports = json.loads(capsys.readouterr().out)
+    assert [(r["rejected"]["kind"], r["rejected"]["line"], r["rejected"]["field"]) for r in reports] == [
+        ("encoding", 4, "instruction"), ("bad_json", 1, None)]
+    assert reports[0]["rejected"]["also"][0]["field"] == "ans\\udc00wer"

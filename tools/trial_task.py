@@ -28,6 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from edgekif.config import Config, apply_overrides  # noqa: E402
 from edgekif.continual import StreamTask, run_stream  # noqa: E402
 from edgekif.evaluate import generate_answers  # noqa: E402
+from edgekif.holdouts import read_holdout  # noqa: E402
 from edgekif.metrics import score  # noqa: E402
 from edgekif.model import resolve_base  # noqa: E402
 from edgekif.records import Record  # noqa: E402
@@ -37,7 +38,7 @@ from edgekif.workflow import cache_root, open_learner  # noqa: E402
 
 
 def _records(path: Path) -> list[Record]:
-    return [Record.from_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_holdout(path)
 
 
 def main(argv: list[str] | None = None) -> int:
