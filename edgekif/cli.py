@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import Config, dump_default_toml, find_config, load_config
-from .errors import EdgekifError
+from .errors import ConfigError, EdgekifError
 from .layout import DataLayout
 from .metrics import headline_figures
 
@@ -141,8 +141,16 @@ def cmd_ingest(args) -> int:
     from .replay import ReplayBuffer
 
     cfg = _config(args)
+    layout = DataLayout(cfg.data_path)
+    if layout.state_db.exists():
+        # The daemon buffers a file's training split only, under the file's hash: the same
+        # bytes ingested here first would leave its held-out records in the replay buffer,
+        # replayed by later jobs and then judged as unseen.
+        raise ConfigError(f"{layout.root} is a daemon's data dir (it has {layout.state_db.name}): drop the files into {layout.inbox} "
+                          "instead; `edgekif ingest` adds every record to the replay buffer, the ones the daemon holds out to judge "
+                          "the task included")
     cfg.data_path.mkdir(parents=True, exist_ok=True)
-    with ReplayBuffer(DataLayout(cfg.data_path).replay_db, cfg.replay) as buf:
+    with ReplayBuffer(layout.replay_db, cfg.replay) as buf:
         for task in _read_tasks(args.files, cfg):
             res = buf.add_task(args.name or task.name, task.records, source_file=str(task.path), source_sha256=task.sha256)
             print(f"{task.path}: {len(task.records)} records, {'already in buffer' if res.duplicate else f'{res.stored} kept in the buffer'}")

@@ -81,3 +81,22 @@ def test_head_closes_the_pipe_midway_and_edgekif_exits_quietly(tmp_path):
     res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=_env(tmp_path), cwd=REPO, timeout=120)
     assert res.stdout.splitlines() == ["# edgekif configuration. Every option can also be set with --set section.key=value.", "rc=141"]
     assert res.stderr == ""
+
+
+def test_ingest_refuses_a_daemon_s_data_dir(tmp_path, capsys):
+    """The daemon buffers only a file's training split under the file's hash: `ingest` of the
+    same bytes into its replay buffer would leave the held-out records there for good."""
+    from edgekif.cli import main
+    from edgekif.replay import ReplayBuffer
+    from edgekif.config import load_config
+
+    data = tmp_path / "data"
+    task = tmp_path / "colors.jsonl"
+    task.write_text("".join(f'{{"instruction": "Color of item {i}?", "output": "{"red" if i % 2 else "blue"}"}}\n' for i in range(20)))
+    assert main(["ingest", str(task), "--data-dir", str(data)]) == 0  # no daemon here: added
+    with ReplayBuffer(data / "replay.db", load_config(None, [f"data_dir={data}"]).replay) as buf:
+        assert buf.stats()["tasks"]["colors"]["records"] == 20
+    (data / "state.db").write_bytes(b"")  # a daemon ran here
+    assert main(["ingest", str(task), "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "is a daemon's data dir" in err and str(data / "inbox") in err
