@@ -180,14 +180,53 @@ def save_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strate
         atomic_write_json(tmp / CKPT_META, {**meta, "optimizers": opt_meta, "python_random": _py_rng_state()})
 
 
-def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strategy: Strategy) -> dict:
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) of a checkpoint, without touching any state."""
     from safetensors.torch import load_file
 
     try:
-        meta = json.loads((path / CKPT_META).read_text())
-        tensors = load_file(str(path / CKPT_TENSORS))
+        return json.loads((path / CKPT_META).read_text()), load_file(str(path / CKPT_TENSORS))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+
+
+def checkpoint_misfit(meta: dict, tensors: dict[str, torch.Tensor], *, params: dict[str, torch.nn.Parameter],
+                      strategy: Strategy, expected: dict) -> str | None:
+    """Why this checkpoint cannot resume this run, or None. `expected` is the meta a checkpoint
+    of this run records (task, schedule length, origin). Checked before anything is loaded: a
+    checkpoint from another starting model (a rollback, a retry after a newer publish) or
+    another config (batch size, LoRA placement) must not leak into, or half-overwrite, the run."""
+    for key, want in expected.items():
+        if meta.get(key) != want:
+            return f"its {key} is {meta.get(key)!r}, this run's {want!r}"
+    saved = {k[len("lora."):]: t.shape for k, t in tensors.items() if k.startswith("lora.")}
+    if saved != {n: p.shape for n, p in params.items()}:
+        return "its adapter tensors are not this model's (LoRA placement or rank changed)"
+    opts = meta.get("optimizers") or {}
+    if set(opts) != set(strategy.optimizers):
+        return f"its optimizers are {sorted(opts)}, this run's {sorted(strategy.optimizers)}"
+    for name, opt in strategy.optimizers.items():
+        groups = opts[name].get("param_groups") or []
+        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+            return f"its optimizer {name!r} holds other parameters"
+    return None
+
+
+def run_origin(params: dict[str, torch.nn.Parameter], tasks_seen: Sequence[str]) -> str:
+    """What a task's training starts from: the tasks the learner has seen and a hash of its
+    adapter weights before the first step."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(list(tasks_seen)).encode())
+    for n in sorted(params):
+        h.update(n.encode())
+        h.update(params[n].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strategy: Strategy,
+                    loaded: tuple[dict, dict[str, torch.Tensor]] | None = None) -> dict:
+    meta, tensors = loaded if loaded is not None else read_checkpoint(path)
     with torch.no_grad():
         for n, p in params.items():
             key = f"lora.{n}"
@@ -288,13 +327,14 @@ class Learner:
         base_lrs = {name: [g["lr"] * scale for g in opt.param_groups] for name, opt in self.strategy.optimizers.items()}
         deadline = Deadline(tcfg.max_minutes)  # this call's budget: a resumed job gets a fresh one
         ckpt = Path(ckpt_dir) if ckpt_dir else None
-        start, losses = self._resume(ckpt, task_id, len(kinds))
+        run = {"task_id": task_id, "schedule": len(kinds), "origin": run_origin(self.params, self.tasks_seen) if ckpt else None}
+        start, losses = self._resume(ckpt, run)
         resumed_from = start
         self.model.train()
 
         def checkpoint(step: int) -> None:
             if ckpt is not None:
-                save_checkpoint(ckpt, params=self.params, strategy=self.strategy, meta={"task_id": task_id, "step": step, "schedule": len(kinds), "losses": losses})
+                save_checkpoint(ckpt, params=self.params, strategy=self.strategy, meta={**run, "step": step, "losses": losses})
 
         t0 = time.perf_counter()
         task_step = sum(1 for k in kinds[:start] if k == TASK)
@@ -374,14 +414,24 @@ class Learner:
         opt.zero_grad(set_to_none=True)
         return loss, self.strategy.after_step(kind, next_kind)
 
-    def _resume(self, ckpt: Path | None, task_id: str, n_steps: int) -> tuple[int, list[float]]:
-        """The step to start at and the losses so far: from the task's checkpoint, if any."""
+    def _resume(self, ckpt: Path | None, run: dict) -> tuple[int, list[float]]:
+        """The step to start at and the losses so far: from the task's checkpoint if it is this
+        run's (`run`: task, schedule length, origin), else from the start. A checkpoint is only a
+        resume aid: one that does not fit is set aside with a log line, never an error that would
+        fail the job on every try."""
         if ckpt is None or not (ckpt / CKPT_META).is_file():
             return 0, []
-        meta = load_checkpoint(ckpt, params=self.params, strategy=self.strategy)
-        if meta.get("task_id") != task_id or meta.get("schedule") != n_steps:
-            raise CheckpointError(f"{ckpt}: checkpoint is for task {meta.get('task_id')!r} with {meta.get('schedule')} steps, not {task_id!r}/{n_steps}")
-        log.info("resumed training", extra={"task": task_id, "step": int(meta["step"]), "of": n_steps})
+        try:
+            loaded = read_checkpoint(ckpt)
+            misfit = checkpoint_misfit(*loaded, params=self.params, strategy=self.strategy, expected=run)
+        except (CheckpointError, KeyError, TypeError, AttributeError) as e:
+            misfit = f"it is unreadable ({e})"
+        if misfit is not None:
+            log.warning("checkpoint set aside: %s; training the task from its start", misfit,
+                        extra={"task": run["task_id"], "checkpoint": str(ckpt)})
+            return 0, []
+        meta = load_checkpoint(ckpt, params=self.params, strategy=self.strategy, loaded=loaded)
+        log.info("resumed training", extra={"task": run["task_id"], "step": int(meta["step"]), "of": run["schedule"]})
         return int(meta["step"]), list(meta.get("losses", []))
 
     # -- persistence across tasks (daemon jobs) ---------------------------------------------

@@ -262,6 +262,56 @@ def test_resume_equals_uninterrupted(tmp_path, kind):
         assert any(not torch.equal(a.params[n], labels.params[n]) for n in a.params)
 
 
+def test_a_checkpoint_from_another_start_or_config_is_set_aside(tmp_path, caplog):
+    """A job stopped mid-task resumes only from a checkpoint of the same start and config:
+    after a rollback or a retry the job starts from another model (its checkpoint would carry
+    the old model's tasks under the new one's name), and after a config change (the OOM hint's
+    smaller batch) the old schedule no longer fits. Either way the task trains from its start,
+    as an uninterrupted run from the new start does, instead of failing on every try."""
+    import shutil
+
+    from edgekif.errors import Interrupted
+
+    past, other, new = _task("t0"), _task("tX"), _task("t1")
+    ckpt = tmp_path / "ckpt"
+
+    def learner(*tasks):
+        lr = _learner("recurrent_kif", deterministic=True)
+        lr.cfg.train.checkpoint_every = 2
+        for t in tasks:
+            lr.train_task(t[0].id.split("_")[0], t)
+        return lr
+
+    stopped = learner(past, other)  # live: a model that also learned tX
+    calls = {"n": 0}
+    with pytest.raises(Interrupted):
+        stopped.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt,
+                           should_stop=lambda: calls.__setitem__("n", calls["n"] + 1) or calls["n"] > 4)
+    assert (ckpt / "state.json").is_file()
+
+    rolled_back = learner(past)  # the restart finds tX rolled back: it starts from t0's model
+    res = rolled_back.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt)
+    assert res.resumed_from == 0 and "checkpoint set aside: its origin is" in caplog.text
+    clean = learner(past)
+    clean.train_task("t1", new, replay=lambda n, seed: past[:n])
+    assert all(torch.equal(rolled_back.params[n], clean.params[n]) for n in clean.params)
+
+    def by_epochs(lr):  # the schedule follows the batch size, as at the defaults
+        lr.cfg.train.max_steps, lr.cfg.train.epochs, lr.cfg.train.min_steps = 0, 2.0, 0
+        return lr
+
+    shutil.rmtree(ckpt)
+    with pytest.raises(Interrupted):  # the same start again, then a smaller batch after an OOM
+        calls["n"] = 0
+        by_epochs(learner(past)).train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt,
+                                            should_stop=lambda: calls.__setitem__("n", calls["n"] + 1) or calls["n"] > 4)
+    smaller = learner(past)
+    smaller.cfg.train.batch_size = 2
+    smaller = by_epochs(smaller)
+    res = smaller.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt)
+    assert res.resumed_from == 0 and "checkpoint set aside: its schedule is" in caplog.text
+
+
 def test_learner_state_roundtrip(tmp_path):
     learner = _learner("recurrent_kif")
     learner.train_task("t0", _task("t0"))
