@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -303,10 +304,14 @@ def cmd_export(args) -> int:
     tasks_seen = read_learner_meta(learner_dir).tasks_seen if has_learner(learner_dir) else []
     out = Path(args.out) if args.out else cfg.data_path / "exports" / time.strftime("%Y%m%d-%H%M%S")
     holdout, labels = _export_holdout(cfg, args)
-    export = export_adapter(
-        cfg, base, learner_dir / "adapter", out.parent / f".{out.name}.work", out,
-        holdout=holdout, labels=labels, manifest_info={"tasks": [{"id": t, "name": t} for t in tasks_seen]},
-    )
+    work = out.parent / f".{out.name}.work"
+    try:
+        export = export_adapter(
+            cfg, base, learner_dir / "adapter", work, out,
+            holdout=holdout, labels=labels, manifest_info={"tasks": [{"id": t, "name": t} for t in tasks_seen]},
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the fused fp32 copy (~0.5 GB for SmolLM2) and the reference answers
     print(f"exported: {export}")
     if args.publish:
         version = ModelStore(cfg.data_path).publish(export, keep=cfg.export.keep_versions)

@@ -78,7 +78,8 @@ def _folder_hash(folder: Path) -> str:
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         p = folder / name
-        if p.is_file() and (name.endswith(".json") or name.endswith(".safetensors")):
+        # the weights, config and every tokenizer file: chat_template.jinja, merges.txt, tokenizer.model
+        if p.is_file() and name.endswith((".json", ".safetensors", ".jinja", ".txt", ".model")):
             h.update(name.encode())
             h.update(sha256_file(p).encode())
     return h.hexdigest()

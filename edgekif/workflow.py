@@ -122,13 +122,16 @@ def export_adapter(
     from .export.history import SkipPolicy
 
     # A retry starts from what the last try finished in work_dir: the fused model (made from
-    # this very adapter) and the reference answers are reused.
+    # this very adapter, base and chat template) and the reference answers (the fused model's,
+    # so they go when it is made anew) are reused.
     work_dir, digest = Path(work_dir), adapter_sha256(adapter_dir)
-    fused, fused_from = work_dir / "fused", work_dir / "fused.adapter_sha256"
-    if not (fused_from.is_file() and fused_from.read_text().strip() == digest and fused.is_dir()):
+    fused, fused_from, reference = work_dir / "fused", work_dir / "fused.adapter_sha256", work_dir / "reference.json"
+    made_from = f"{digest} base={base.source_sha256} {' '.join(_template_tag(cfg)) or 'template=base'}"
+    if not (fused_from.is_file() and fused_from.read_text().strip() == made_from and fused.is_dir()):
         fused_from.unlink(missing_ok=True)
+        reference.unlink(missing_ok=True)
         fuse_adapter(base.path, adapter_dir, fused, chat_template=cfg.model.chat_template)
-        atomic_write_text(fused_from, digest + "\n")
+        atomic_write_text(fused_from, made_from + "\n")
     else:
         log.info("fused model reused from the last try", extra={"path": str(fused)})
     portable = work_dir / "adapter"
@@ -156,7 +159,7 @@ def export_adapter(
         max_accuracy_drop=cfg.export.parity_max_accuracy_drop,
         max_new_tokens=cfg.eval.max_new_tokens,
         extra_dirs={ADAPTER_DIR: portable},
-        reference_cache=work_dir / "reference.json",
+        reference_cache=reference,
         specs=specs,
         generation=GenerationRule(cfg.export.parity_max_score_drop, cfg.export.parity_min_prefix_agreement, cfg.export.parity_prefix_words),
         history_file=history_file if cfg.export.skip_rejected_after > 0 else None,

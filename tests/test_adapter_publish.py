@@ -146,3 +146,29 @@ def test_export_adapter_picks_the_int8_variant_from_the_kinds_of_every_task_it_a
     export_adapter(apply_overrides(Config(), ["export.int8_second_try=false"]), published["base"], published["learner_adapter"],
                    tmp_path / "work", tmp_path / "export", holdout=holdout, specs=specs, manifest_info={"tasks": []})
     assert seen["int8"].name == expected and seen["int8_second"] is None
+
+
+def test_a_retry_reuses_the_fused_model_and_its_reference_only_when_they_are_this_model_s(published, tmp_path, monkeypatch):
+    """The work folder keeps the fused model and the fp32 reference answers for a retry. Both
+    belong to one adapter, base and chat template: with another template the model is fused
+    anew and the old reference answers go with it (they would judge the new model by the old
+    one's answers)."""
+    import edgekif.export.exporter as exporter
+    import edgekif.export.fuse as fuse
+    from edgekif.config import apply_overrides
+
+    monkeypatch.setattr(exporter, "export_model", lambda fused, out, **kw: out)
+    fused_calls = []
+    real_fuse = fuse.fuse_adapter
+    monkeypatch.setattr(fuse, "fuse_adapter", lambda *a, **k: fused_calls.append(k.get("chat_template")) or real_fuse(*a, **k))
+    work, holdout = tmp_path / "work", {"t": [Record.from_prompt("Hello there", "hi")]}
+
+    def export(cfg):
+        export_adapter(cfg, published["base"], published["learner_adapter"], work, tmp_path / "export", holdout=holdout, manifest_info={"tasks": []})
+
+    export(Config())
+    (work / "reference.json").write_text('{"key": "the fp32 answers of the fused model"}')
+    export(Config())  # a retry: the same model
+    assert fused_calls == [""] and (work / "reference.json").exists()
+    export(apply_overrides(Config(), ["model.chat_template=chatml"]))
+    assert fused_calls == ["", "chatml"] and not (work / "reference.json").exists()

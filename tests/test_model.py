@@ -178,3 +178,21 @@ def test_converted_base_is_found_without_hashing_or_writing(tmp_path):
     (folder / "config.json").write_text("{}")
     assert converted_base(ModelConfig(base=str(folder)), cache) == folder
     assert sorted(p.name for p in (cache / "models").iterdir()) == ["a" * 16, "b" * 16]  # nothing added
+
+
+def test_a_folder_base_s_hash_covers_its_tokenizer_files(tmp_path):
+    """The hash keys every cache of the base (its export, zero-shot scores, general answers):
+    an edited chat template or tokenizer file must not reuse what the old one measured."""
+    from edgekif.model import _folder_hash
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "model.safetensors", "chat_template.jinja", "merges.txt", "tokenizer.model"):
+        (base / name).write_text(name)
+    before = _folder_hash(base)
+    for name in ("chat_template.jinja", "merges.txt", "tokenizer.model"):
+        (base / name).write_text("changed")
+        assert _folder_hash(base) != before, name
+        before = _folder_hash(base)
+    (base / "README.md").write_text("notes")  # not part of the model
+    assert _folder_hash(base) == before
