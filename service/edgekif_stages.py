@@ -311,6 +311,8 @@ class LibraryStages:
                 "zero_shot": {k: float(v["exact_match"]) for k, v in base_scores.items()},
                 # the base's headline metric per record on the new task: the gate's paired test
                 "zero_shot_scores": base_scores,
+                # a new task none of whose records was held out (a file of 1-2 records): nothing to judge it by
+                **({} if new.get(ctx.task_name) else {"unjudged": [ctx.task_name]}),
                 "tasks": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in (manifest.evaluation or {}).items()},
                 "reference": manifest.reference,
                 # each task's kind, metric and budget, and its headline score on the export (None: no specs)

@@ -140,17 +140,34 @@ def significant_loss(
     d = paired_difference(candidate_scores, live_scores, confidence=confidence, seed=seed)
     alpha = _alpha(confidence)
     loss_points = -100 * d.mean_diff
+    # Both tests are exact at their extreme: n paired records give at best p = 2 / 2**n. Below
+    # that (n <= 5 at 95%) no loss, however large, could be significant: the margin decides.
+    testable = 2 * 0.5 ** d.n < alpha
     significant = d.mean_diff < 0 and d.p_value < alpha
-    blocks = significant and loss_points > tolerance_points
+    blocks = (significant or not testable) and loss_points > tolerance_points
     reason = _describe(task, metric, "live", d)
-    if blocks:
+    if not testable:
+        reason += (f": {d.n} records are too few for the test to reach p < {alpha:g}; a loss of {max(loss_points, 0.0):.1f} points "
+                   + (f"> {tolerance_points:g} allowed" if blocks else f"is within the {tolerance_points:g} allowed"))
+    elif blocks:
         reason += f": a significant loss of {loss_points:.1f} points > {tolerance_points:g} allowed"
     elif significant:
         reason += f": a significant loss of {loss_points:.1f} points, within the {tolerance_points:g} allowed"
     else:
         reason += f": no significant loss (p >= {alpha:g} or no loss)"
     return GateDecision(not blocks, reason, _figures(d, gate="significant_loss", metric=metric, alpha=alpha,
-                                                     tolerance_points=tolerance_points, passed=not blocks))
+                                                     tolerance_points=tolerance_points, testable=testable, passed=not blocks))
+
+
+def _headline_means(task: str, candidate: "Manifest", live: "Manifest | None") -> tuple[str, float, float] | None:
+    """(metric, candidate's mean, live's mean) of a task's headline metric when both exports
+    recorded it with the same metric, else None."""
+    if live is None:
+        return None
+    mine, theirs = (candidate.evaluation or {}).get(task) or {}, (live.evaluation or {}).get(task) or {}
+    if mine.get("metric") and mine.get("metric") == theirs.get("metric") and mine.get("score") is not None and theirs.get("score") is not None:
+        return str(mine["metric"]), float(mine["score"]), float(theirs["score"])
+    return None
 
 
 def paired_publish_gate(result: EvalResult, published: Published | None, config: "Config", candidate: "Manifest",
@@ -170,6 +187,14 @@ def paired_publish_gate(result: EvalResult, published: Published | None, config:
                 d = significant_loss(mine[1], theirs[1], tolerance_points=tolerance, confidence=conf, task=task, metric=mine[0])
                 decisions[f"{task} vs live"] = {**d.figures, "reason": d.reason}
                 reasons += [] if d.passed else [d.reason]
+            elif (headline := _headline_means(task, candidate, live)) is not None:
+                # not the same records on both sides (the holdout changed since the live version was
+                # measured): the margin rule on the task's own headline metric; exact match would
+                # read 0 against 0 for a free-text task and never block
+                metric, now, then = headline
+                one = Published(published.version, published.job_id, {task: then})
+                reasons += [f"{r} ({metric}; the holdout changed since {published.version}: not paired)"
+                            for r in forgetting_gate({task: now}, one, tolerance)[1]]
             else:
                 one = Published(published.version, published.job_id, {task: before})
                 reasons += forgetting_gate(result.accuracies, one, tolerance)[1]
@@ -181,6 +206,11 @@ def paired_publish_gate(result: EvalResult, published: Published | None, config:
             reasons += [] if d.passed else [d.reason]
         elif task in result.accuracies and base.get("exact_match") is not None:
             reasons += base_gate({task: result.accuracies[task]}, {task: float(base["exact_match"])}, min_gain)
+    for task in result.details.get("unjudged") or []:
+        reason = (f"{task}: none of its records was held out to judge it (the file is too small), so nothing shows that "
+                  "it learned the task; drop a file with more records")
+        decisions[f"{task} vs base"] = {"gate": "beats_base", "passed": False, "reason": reason}
+        reasons.append(reason)
     general = candidate.general_ability
     if general is not None and config.general_ability.enabled:
         # the verdict the export stage measured (edgekif.workflow.general_ability), under this config's bounds

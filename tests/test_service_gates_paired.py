@@ -213,3 +213,45 @@ def test_general_ability_config_is_validated():
     cfg.general_ability.min_rouge_l = 2.0
     with pytest.raises(ConfigError, match="general_ability.min_rouge_l"):
         validate_config(cfg)
+
+
+def test_a_loss_on_too_few_records_to_test_is_judged_by_the_margin():
+    """n paired records give at best p = 2 / 2**n: at n <= 5 (95%) no loss could ever be
+    significant, so a task wiped out on a 5-record holdout would pass. There the tolerance
+    decides."""
+    wiped = significant_loss([0] * 5, [1] * 5, tolerance_points=5.0, confidence=CONF, task="tiny")
+    assert not wiped.passed and wiped.figures["testable"] is False
+    assert "5 records are too few for the test to reach p < 0.05; a loss of 100.0 points > 5 allowed" in wiped.reason
+    assert significant_loss([0.9] * 5, [0.9] * 5, tolerance_points=5.0, confidence=CONF).passed  # nothing lost
+    six = significant_loss([0] * 6, [1] * 6, tolerance_points=5.0, confidence=CONF)  # p = 2/64: testable
+    assert not six.passed and six.figures["testable"] is True and "a significant loss" in six.reason
+
+
+def test_a_free_text_task_whose_holdout_changed_is_judged_by_its_headline_metric():
+    """Not the same records on both sides (the holdout's hash differs): the margin rule on the
+    task's own metric, not on exact match, which reads 0 against 0 for free text."""
+    from edgekif.export.manifest import Manifest
+    from service.gates import paired_publish_gate
+    from service.stages import EvalResult
+
+    def manifest(score, sha):
+        ev = {"metric": "rouge_l", "score": score, "scores": [score] * 8, "records_sha256": sha, "exact_match": 0.0, "n": 8}
+        return Manifest(files={"model.onnx": "00"}, evaluation={"headlines": ev})
+
+    live, published = manifest(0.40, "a" * 64), Published("v0001", 1, {"headlines": 0.0})
+    result = EvalResult(accuracies={"headlines": 0.0}, details={})
+    ok, reasons, _ = paired_publish_gate(result, published, Config(), manifest(0.05, "b" * 64), live)
+    assert not ok and reasons == ["headlines: 40.0 -> 5.0 (-35.0 points > 5 allowed) (rouge_l; the holdout changed since v0001: not paired)"]
+    assert paired_publish_gate(result, published, Config(), manifest(0.39, "b" * 64), live)[:2] == (True, [])
+
+
+def test_a_new_task_with_nothing_held_out_is_held():
+    """A file of 1-2 records keeps no holdout record: no test can show it learned anything,
+    and "nothing learned is not published" holds for the first model too."""
+    from service.gates import paired_publish_gate
+    from service.stages import EvalResult
+
+    result = EvalResult(accuracies={}, details={"unjudged": ["tiny"]})
+    ok, reasons, decisions = paired_publish_gate(result, None, Config(), _candidate(None), None)
+    assert not ok and reasons[0].startswith("tiny: none of its records was held out to judge it")
+    assert decisions["tiny vs base"]["passed"] is False
