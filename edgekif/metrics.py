@@ -49,17 +49,24 @@ def strip_end_of_turn(text: str) -> str:
     return _END_OF_TURN_RE.sub("", text).strip()
 
 
+# What ends a sentence or a clause, in the scripts edgekif has met: a model that answers
+# "World." or "是。" means the label. Other punctuation can be the label's own ("A-", "C#",
+# ":)"), so it stays.
+_FINAL_PUNCTUATION = frozenset(".!?,;:…。！？，、；：")
+
+
 def normalize_answer(text: str) -> str:
     """A classification answer as compared by `normalized_exact_match`: end-of-turn text and
     surrounding whitespace removed, runs of whitespace made one space, case folded, and
-    punctuation at the end removed ("World." -> "world"). Inner punctuation stays: "Science &
-    Technology" and "Science Technology" are different labels."""
+    sentence-final punctuation at the end removed ("World." -> "world"). Other punctuation
+    stays, inner or final: "Science & Technology" and "Science Technology", "A-" and "A", ":)"
+    and ":(" are different labels. An answer made only of such punctuation ("?", "...") is
+    kept as it is, never made empty."""
     text = _SPACES_RE.sub(" ", strip_end_of_turn(text)).casefold()
     end = len(text)
-    # Unicode punctuation (categories P*), so "。" and "!" go like ".": labels end in letters.
-    while end and (unicodedata.category(text[end - 1]).startswith("P") or text[end - 1].isspace()):
+    while end and (text[end - 1] in _FINAL_PUNCTUATION or text[end - 1].isspace()):
         end -= 1
-    return text[:end]
+    return text[:end] if end else text
 
 
 @dataclass
@@ -94,16 +101,31 @@ def normalized_exact_match_scores(answers: Sequence[str], references: Sequence[s
 
 
 class _WordTokenizer:
-    """Words for ROUGE: lower-cased runs of letters and digits in any script. rouge-score's own
-    tokenizer keeps only [a-z0-9], which turns "Über" into "ber" and Chinese or Greek answers
-    into nothing (every answer would score 0). On ASCII text both give the same tokens. Han
-    and kana characters are words of their own: those scripts write no spaces, and a whole
+    """Words for ROUGE: lower-cased runs of letters, digits and combining marks in any script.
+    rouge-score's own tokenizer keeps only [a-z0-9], which turns "Über" into "ber" and Chinese
+    or Greek answers into nothing (every answer would score 0). On ASCII text both give the
+    same tokens. The marks (Unicode M*) keep Devanagari, Tamil or Thai words whole: "की" is a
+    letter and a vowel sign, and without the sign "का", "की" and "के" would be one word. Han and
+    kana characters are words of their own: those scripts write no spaces, and a whole
     sentence as one "word" would match only when identical."""
 
-    _WORD_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+")
+    _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
     def tokenize(self, text: str) -> list[str]:
-        return self._WORD_RE.findall(text.lower())
+        words: list[str] = []
+        word: list[str] = []
+        for ch in text.lower():
+            if self._CJK_RE.match(ch):
+                words += ["".join(word), ch] if word else [ch]
+                word = []
+            elif ch != "_" and unicodedata.category(ch)[0] in "LMN":
+                word.append(ch)
+            elif word:
+                words.append("".join(word))
+                word = []
+        if word:
+            words.append("".join(word))
+        return words
 
 
 @functools.lru_cache(maxsize=1)

@@ -109,3 +109,23 @@ def test_bad_calls_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown task kind"):
         score_kind("regression", ["a"], ["a"])
     assert score("chrf", [], []).mean is None  # nothing measured is not a 0
+
+
+def test_normalisation_strips_sentence_ends_only_and_never_empties_a_label():
+    from edgekif.metrics import normalize_answer, normalized_exact_match_scores
+
+    assert [normalize_answer(x) for x in ("World.", "Sports!! ", "是。", "yes<|im_end|>", "Sci/Tech")] == ["world", "sports", "是", "yes", "sci/tech"]
+    # a label's own punctuation stays: grades, keys and emoticons are different labels
+    assert normalized_exact_match_scores(["A", "C", ":(", ""], ["A-", "C#", ":)", "-"]) == [0.0, 0.0, 0.0, 0.0]
+    assert normalized_exact_match_scores(["A-.", "?", "..."], ["a-", "?", "..."]) == [1.0, 1.0, 1.0]
+
+
+def test_rouge_keeps_words_with_combining_marks_whole():
+    """Devanagari and Tamil vowel signs are marks (Unicode M*), not letters: a tokenizer of
+    letters only cut "की" to "क", so different words matched."""
+    from edgekif.metrics import _WordTokenizer, rouge_l_scores
+
+    tok = _WordTokenizer()
+    assert tok.tokenize("राम की किताब") == ["राम", "की", "किताब"]
+    assert tok.tokenize("வணக்கம் உலகம்") == ["வணக்கம்", "உலகம்"]
+    assert rouge_l_scores(["राम के कोट"], ["राम की किताब"]) == [1 / 3]  # one word of three shared, not 0.73
