@@ -344,6 +344,9 @@ def drifted(figures: DriftFigures, config: GeneralAbilityConfig, *, instruct_bas
     if figures.rouge_l < config.min_rouge_l:
         return True, f"general ability: {rouge} (needs >= {config.min_rouge_l:.2f}) {over}"
     drop = figures.loglik_drop
+    if config.max_loglik_drop > 0 and drop is not None and not math.isfinite(drop):
+        # a NaN compares False with any bound: a model whose log-likelihoods overflowed is no model to ship
+        return True, f"general ability: the log-likelihood of the base's answers is not a number ({figures.loglik_candidate}) {over}"
     if config.max_loglik_drop > 0 and drop is not None and drop > config.max_loglik_drop:
         return True, (f"general ability: mean log-likelihood of the base's answers {figures.loglik_candidate:.2f} per token vs the "
                       f"base's {figures.loglik_base:.2f} (drop {drop:.2f}, allowed <= {config.max_loglik_drop:.2f}) {over}")

@@ -367,3 +367,11 @@ def test_the_loglik_is_the_mean_over_every_answer_token_scored_in_full():
     for batch_size in (1, 2, 8):
         assert base_answer_loglik(model, tok, prompts, answers, batch_size=batch_size) == pytest.approx(want, abs=1e-5)
     assert len(logps) > len(prompts) and len({round(x, 2) for x in logps}) > 3
+
+
+def test_a_non_finite_log_likelihood_holds_the_version():
+    from edgekif.general_ability import DriftFigures, GeneralAbilityConfig, drifted
+
+    figures = DriftFigures(n=63, rouge_l=0.5, identical=0.1, loglik_base=-1.1, loglik_candidate=float("nan"))
+    held, reason = drifted(figures, GeneralAbilityConfig())
+    assert held and "not a number" in reason
