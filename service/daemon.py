@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from edgekif.config import Config, load_config
 from edgekif.errors import ConfigError, EdgekifError
+from edgekif.strategies import one_task_at_a_time
 from edgekif.layout import DataLayout
 
 from .jobs import Job, JobStore, utc_now
@@ -174,6 +175,7 @@ class Daemon:
         install_signals: bool = True,
         preparer: BasePreparer | None = None,
     ) -> None:
+        one_task_at_a_time(config.train.strategy)
         self.config = config
         self.layout = DataLayout(config.data_path)
         self.stages: Stages = stages if stages is not None else default_stages(config)
@@ -296,6 +298,7 @@ class Daemon:
             return
         try:
             new = load_config(self.config_path, self.overrides)
+            one_task_at_a_time(new.train.strategy)
         except ConfigError as e:
             log.error("config reload failed; keeping the running config", extra={"error": str(e)})
             return

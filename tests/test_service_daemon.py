@@ -701,3 +701,19 @@ def test_removing_dead_job_files_never_fails_a_job(tmp_path, monkeypatch, caplog
             assert d.runner.drop_dead_job_files(store) == {1: ["learner"]}
     assert stuck.is_dir() and not learner.exists()
     assert any("Permission denied" in r.getMessage() for r in caplog.records)
+
+
+def test_a_joint_strategy_is_refused_by_the_daemon_at_start_and_at_reload(tmp_path, caplog):
+    """Joint training (mtl) needs every task's data at once: given one file it would be
+    sequential LoRA, in silence."""
+    from edgekif.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the daemon learns one file at a time"):
+        Daemon(load_config(None, [f"data_dir={tmp_path}", "train.strategy=mtl"]), FakeStages(tmp_path))
+    cfg_file = tmp_path / "edgekif.toml"
+    cfg_file.write_text('[train]\nstrategy = "replay"\n')
+    d = Daemon(load_config(cfg_file, [f"data_dir={tmp_path}"]), FakeStages(tmp_path), config_path=cfg_file,
+               overrides=[f"data_dir={tmp_path}"], install_signals=False)
+    cfg_file.write_text('[train]\nstrategy = "mtl"\n')
+    d.reload()
+    assert d.config.train.strategy == "replay" and "config reload failed" in caplog.text

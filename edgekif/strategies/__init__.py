@@ -31,6 +31,7 @@ class StrategySpec:
     config_cls: type[StrategyConfig]
     section: str | None  # the config section holding its options ([kif]), None = no options
     summary: str
+    joint: bool = False  # trains once on every task's data (Strategy.joint): it cannot learn one task at a time
 
     def load(self) -> "type[Strategy]":
         module, cls = self.target.split(":")
@@ -40,18 +41,31 @@ class StrategySpec:
 STRATEGIES: dict[str, StrategySpec] = {}
 
 
-def register_strategy(name: str, target: str, config_cls: type[StrategyConfig] = StrategyConfig, section: str | None = None, summary: str = "") -> None:
+def register_strategy(name: str, target: str, config_cls: type[StrategyConfig] = StrategyConfig, section: str | None = None, summary: str = "",
+                      joint: bool = False) -> None:
     """Add a strategy: `target` is "module:Class" (relative to this package), its options
-    `config_cls` are read from `[section]` of the config file."""
+    `config_cls` are read from `[section]` of the config file; `joint` as its class's."""
     register_strategy_config(name, section, config_cls)
-    STRATEGIES[name] = StrategySpec(target, config_cls, section, summary)
+    STRATEGIES[name] = StrategySpec(target, config_cls, section, summary, joint)
 
 
 register_strategy("recurrent_kif", ".recurrent_kif:RecurrentKIF", KIFConfig, "kif", "Recurrent-KIF: inner/outer loops, importance-masked fusion")
 register_strategy("seq_lora", ".baselines:SeqLoRA", summary="sequential LoRA fine-tuning, no replay (lower bound)")
 # its own section, with the same defaults as [kif]'s schedule: the comparison isolates the fusion rule
 register_strategy("replay", ".baselines:ExperienceReplay", ReplayScheduleConfig, "experience_replay", "experience replay on KIF's schedule, no fusion")
-register_strategy("mtl", ".baselines:MultiTask", summary="joint training on all tasks at once (upper bound)")
+register_strategy("mtl", ".baselines:MultiTask", summary="joint training on all tasks at once (upper bound)", joint=True)
+
+
+def one_task_at_a_time(name: str) -> None:
+    """ConfigError unless the strategy can learn a stream one task at a time, as the daemon
+    does (a joint strategy given one file would be sequential LoRA in silence; run_stream gives
+    it the union of the stream's tasks)."""
+    from ..errors import ConfigError
+
+    if _spec(name).joint:
+        raise ConfigError(f"train.strategy = {name!r} trains once on every task's data together (the multi-task upper bound); "
+                          "the daemon learns one file at a time: use recurrent_kif, replay or seq_lora there, "
+                          f"and {name!r} with `edgekif train` or tools/bench_cl.py")
 
 
 def strategy_names() -> list[str]:
