@@ -349,6 +349,8 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if isinstance(current, int):
         try:
+            if isinstance(value, bool):  # TOML `true` is an int to Python: `capacity = true` is a mistake, not 1
+                raise ValueError
             if isinstance(value, str):
                 return int(value)
             if isinstance(value, float) and value.is_integer():
@@ -360,9 +362,14 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if isinstance(current, float):
         try:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # TOML and float() read nan and inf; no option means them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if isinstance(current, list):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
@@ -455,6 +462,10 @@ def validate_config(cfg: Config) -> None:
     check(0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)")
     check(cfg.data.max_length >= 8, "data.max_length must be >= 8")
     check(cfg.replay.capacity > 0, "replay.capacity must be positive")
+    check(cfg.replay.min_per_task >= 0, "replay.min_per_task must be >= 0")
+    d = cfg.data
+    check(min(d.max_file_bytes, d.max_records, d.max_line_bytes, d.max_field_chars) > 0,
+          "data.max_file_bytes, data.max_records, data.max_line_bytes and data.max_field_chars must be positive")
     check(0 < cfg.replay.fraction <= 1, "replay.fraction must be in (0, 1]")
     check(0 <= cfg.replay.general_share < 1, "replay.general_share must be in [0, 1) (0: no general rehearsal)")
     check(cfg.replay.general_max_new_tokens >= 1, "replay.general_max_new_tokens must be at least 1")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from edgekif.config import Config, apply_overrides, dump_default_toml, load_config, overrides_toml
@@ -213,3 +215,17 @@ def test_replay_strategy_has_its_own_section_with_kifs_schedule(tmp_path):
     assert "[experience_replay]" in dump_default_toml()
     with pytest.raises(ConfigError, match="experience_replay.inner_steps"):
         load_config(None, ["experience_replay.inner_steps=0"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[replay]\ncapacity = true\n", "capacity: expected an integer, got True"),
+    ("[train]\nlr = inf\n", "lr: expected a finite number, got inf"),
+    ("[replay]\nfraction = nan\n", "fraction: expected a finite number, got nan"),
+    ("[replay]\nmin_per_task = -3\n", "replay.min_per_task must be >= 0"),
+    ("[data]\nmax_records = -1\n", "data.max_file_bytes, data.max_records, data.max_line_bytes and data.max_field_chars must be positive"),
+])
+def test_values_no_option_can_mean_are_refused_by_name(tmp_path, text, message):
+    path = tmp_path / "edgekif.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
