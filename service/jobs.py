@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -279,6 +280,26 @@ class JobStore:
         self.conn.execute("PRAGMA busy_timeout=30000")
         self._init_schema()  # foreign keys off meanwhile: a schema migration rebuilds a table
         self.conn.execute("PRAGMA foreign_keys=ON")
+
+    @classmethod
+    def reader(cls, path: str | os.PathLike) -> "JobStore":
+        """A read-only connection, for `status` and `jobs`: no schema set-up and no pragma that
+        writes, so an operator who may read the data dir but not write it can run them with the
+        daemon stopped. A file that is not this edgekif's state.db is a JobStoreError."""
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        try:
+            store.conn = sqlite3.connect(f"file:{urllib.parse.quote(str(store.path))}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+            store.conn.row_factory = sqlite3.Row
+            store.conn.execute("PRAGMA busy_timeout=30000")
+            row = store.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.Error as e:
+            raise JobStoreError(f"{store.path}: cannot read it as edgekif's state.db: {e}") from None
+        if row is None or int(row["value"]) != SCHEMA_VERSION:
+            store.conn.close()
+            raise JobStoreError(f"{store.path}: written by another edgekif (schema {row['value'] if row else '?'}, this one reads "
+                                f"{SCHEMA_VERSION}); start this edgekif's daemon once to upgrade it")
+        return store
 
     def close(self) -> None:
         self.conn.close()

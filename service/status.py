@@ -119,6 +119,21 @@ def _published_at(layout: DataLayout, version: str | None) -> str | None:
         return None
 
 
+def _jobless_live(layout: DataLayout) -> dict[str, Any] | None:
+    """The live version when no job made it (`edgekif export --publish`), from its manifest."""
+    from edgekif.publish import ModelStore  # torch-free
+
+    version = ModelStore(layout.root).current()
+    if version is None:
+        return None
+    try:
+        manifest = read_manifest(layout.models / version)
+    except IntegrityError:
+        return {"version": version, "job_id": None, "file": None, "published_at": None, "accuracies": {}, "headline": {}}
+    return {"version": version, "job_id": None, "file": None, "published_at": manifest.published_at, "accuracies": manifest.accuracies,
+            "headline": {t: {"value": v, "metric": m} for t, (v, m) in headline_figures(manifest.accuracies, manifest.scores, manifest.task_specs).items()}}
+
+
 def status(config: Config) -> dict[str, Any]:
     """Everything `edgekif status` shows, as plain data (also fine for `--json`).
     ConfigError when the data dir does not exist."""
@@ -150,9 +165,10 @@ def status(config: Config) -> dict[str, Any]:
     if layout.inbox.is_dir():
         out["inbox_waiting"] = sum(1 for n in os.listdir(os.fsencode(layout.inbox)) if not is_ignored(n))
         out["inbox_ignored"] = ignored_inbox_entries(layout)
+    out["published"] = _jobless_live(layout)  # replaced below by its job's figures when a job made it
     if not layout.state_db.exists():
         return out
-    with JobStore(layout.state_db) as store:
+    with JobStore.reader(layout.state_db) as store:
         queue = store.queue()
         out["queue"] = [_job_summary(j) for j in queue]
         cur = (runtime or {}).get("current") if running else None
@@ -192,7 +208,7 @@ def list_jobs(config: Config, limit: int | None = None) -> list[dict[str, Any]]:
     require_data_dir(layout)
     if not layout.state_db.exists():
         return []
-    with JobStore(layout.state_db) as store:
+    with JobStore.reader(layout.state_db) as store:
         out = []
         for j in store.jobs(limit=limit, newest_first=True):
             row = _job_summary(j)
@@ -228,7 +244,8 @@ def format_status(st: dict[str, Any]) -> str:
                      "its conversion, export and general answers, so the first job does not pay them")
     pub = st.get("published")
     if pub:
-        lines.append(f"live:     {pub['version']} (job {pub['job_id']}, {pub['file']}, {pub['published_at']})")
+        made_by = f"job {pub['job_id']}, {pub['file']}" if pub.get("job_id") is not None else "published by hand, no job"
+        lines.append(f"live:     {pub['version']} ({made_by}, {pub['published_at']})")
         for task, fig in sorted((pub.get("headline") or {t: {"value": a, "metric": None} for t, a in pub["accuracies"].items()}).items()):
             lines.append(f"            {task:<24} {100 * float(fig['value']):6.1f}" + (f"  {fig['metric']}" if fig.get("metric") else ""))
     else:

@@ -88,3 +88,40 @@ def test_models_show_prints_shares_as_percentages_and_the_threads(tmp_path, caps
     assert "parity:      passed, agreement 96.9% on 96 answers, exact match 76.0% (fp32 72.9%), variant int8" in out
     assert "0.76041" not in out and "export:      genai/int8 on cpu, 2 CPU threads (genai_config.json)" in out
     assert "published:   " in out
+
+
+def test_status_and_jobs_only_read_state_db(tmp_path, capsys):
+    """An operator may read the data dir but not write it: status and jobs open state.db
+    read-only (a set-up that writes waited out the daemon's write lock, then failed). A file
+    that is not a state.db is an error that says so, not a traceback."""
+    import sqlite3
+
+    data = _published_twice(tmp_path)
+    writer = sqlite3.connect(data / "state.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the daemon in the middle of a commit
+    try:
+        assert main(["status", "--json", "--data-dir", str(data)]) == 0
+        assert json.loads(capsys.readouterr().out)["published"]["version"] == "v0002"
+        assert main(["jobs", "--data-dir", str(data)]) == 0
+        assert "second.jsonl" in capsys.readouterr().out
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    (data / "state.db").write_bytes(b"not a database" * 100)
+    for cmd in ("status", "jobs"):
+        assert main([cmd, "--data-dir", str(data)]) == 2
+        err = capsys.readouterr().err
+        assert "cannot read it as edgekif's state.db" in err and "Traceback" not in err
+
+
+def test_status_shows_a_live_version_that_no_job_made(tmp_path, capsys):
+    """`edgekif export --publish` publishes without a job: status names it, not "no model"."""
+    from service.fake_stages import _build_export
+
+    data = _published_twice(tmp_path)
+    export = tmp_path / "by-hand"
+    _build_export(export, {"model.json": "{}"}, accuracies={"handmade": 0.5})
+    assert ModelStore(data).publish(export) == "v0003"
+    assert main(["status", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "live:     v0003 (published by hand, no job," in out and "handmade" in out
