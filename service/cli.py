@@ -29,9 +29,9 @@ def cmd_status(args) -> int:
 def cmd_publish(args) -> int:
     from .control import force_publish
 
-    if not args.force:
+    if args.force is None:
         raise EdgekifError("publish needs --force JOB (publishes a job the forgetting gate held)")
-    print(f"published: {force_publish(_config(args), int(args.force))}")
+    print(f"published: {force_publish(_config(args), args.force)}")
     return 0
 
 
@@ -46,7 +46,7 @@ def cmd_jobs(args) -> int:
 def cmd_retry(args) -> int:
     from .control import retry_job
 
-    print(retry_job(_config(args), int(args.job)))
+    print(retry_job(_config(args), args.job))
     return 0
 
 
@@ -115,12 +115,12 @@ def add_daemon_commands(add: CommandAdder) -> None:
     sp = add("status", cmd_status, "queue, current job, published version and buffer stats")
     sp.add_argument("--json", action="store_true")
     sp = add("publish", cmd_publish, "publish a job held by the forgetting gate")
-    sp.add_argument("--force", metavar="JOB", help="job id to publish anyway")
+    sp.add_argument("--force", metavar="JOB", type=int, help="job id to publish anyway")
     sp = add("jobs", cmd_jobs, "every job, newest first: file, task, state, tries, version, last error")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--limit", type=int, default=0, help="at most this many (0 = all)")
     sp = add("retry", cmd_retry, "queue a failed job again from the state it failed in")
-    sp.add_argument("job", metavar="JOB", help="job id (see `edgekif status`)")
+    sp.add_argument("job", metavar="JOB", type=int, help="job id (see `edgekif status`)")
     from .api import DEFAULT_PORT, ApiSettings
 
     d = ApiSettings()

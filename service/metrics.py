@@ -73,22 +73,30 @@ def version_number(version: str | None) -> float | None:
 
 
 def render(store: JobStore, *, training: bool = False, prefix: str = "edgekif_") -> str:
-    lines: list[str] = []
+    """The textfile, in Prometheus' exposition format as its reference library writes it (full
+    float precision: a `:g` format had rounded 1,000,004.5 training seconds to 1e+06)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    def metric(name: str, kind: str, help_: str, value: float) -> None:
-        lines.append(f"# HELP {prefix}{name} {help_}")
-        lines.append(f"# TYPE {prefix}{name} {kind}")
-        lines.append(f"{prefix}{name} {value:g}")
-
+    families: list[Any] = []
     for name, (help_, kinds) in COUNTERS.items():
-        metric(name, "counter", help_, store.count_events(*kinds))
-    metric("training_seconds_total", "counter", "Wall-clock seconds spent in the train stage.", round(store.sum_event_field("train_run", "seconds"), 3))
-    metric("queue_length", "gauge", "Jobs not yet in a terminal state.", len(store.queue()))
-    published = store.live()
-    current = version_number(published.version) if published else None
-    metric("current_version", "gauge", "Number of the published model version (0 = none).", current or 0)
-    metric("training", "gauge", "1 while the train stage runs.", 1 if training else 0)
-    return "\n".join(lines) + "\n"
+        families.append(CounterMetricFamily(prefix + name.removesuffix("_total"), help_, value=store.count_events(*kinds)))
+    families.append(CounterMetricFamily(prefix + "training_seconds", "Wall-clock seconds spent in the train stage.",
+                                        value=round(store.sum_event_field("train_run", "seconds"), 3)))
+    families.append(GaugeMetricFamily(prefix + "queue_length", "Jobs not yet in a terminal state.", value=len(store.queue())))
+    from edgekif.publish import ModelStore  # torch-free
+
+    current = version_number(ModelStore(store.path.parent).current())  # models/current, a job's or not (state.db is in the data dir)
+    families.append(GaugeMetricFamily(prefix + "current_version", "Number of the published model version (0 = none).", value=current or 0))
+    families.append(GaugeMetricFamily(prefix + "training", "1 while the train stage runs.", value=1 if training else 0))
+
+    class _Collected:
+        def collect(self) -> Any:
+            return iter(families)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected())
+    return generate_latest(registry).decode("utf-8")
 
 
 class MetricsWriter:

@@ -95,3 +95,17 @@ def test_metrics_counted_from_events_and_written_atomically_on_change(tmp_path):
 def test_version_number():
     assert version_number("v3") == 3 and version_number("2025-01-01-v7") == 7
     assert version_number(None) is None and version_number("latest") is None
+
+
+def test_counters_keep_their_precision_and_a_version_no_job_made_counts(tmp_path):
+    from edgekif.publish import ModelStore
+    from service.fake_stages import _build_export
+
+    with JobStore(tmp_path / "state.db") as store:
+        store.log_event(None, "train_run", seconds=1_000_000.5, outcome="done")
+        store.log_event(None, "train_run", seconds=4.5, outcome="done")
+        _build_export(tmp_path / "by-hand", {"model.json": "{}"}, accuracies={})
+        ModelStore(tmp_path).publish(tmp_path / "by-hand")  # `edgekif export --publish`: no job
+        m = _metrics(render(store))
+    assert m["edgekif_training_seconds_total"] == 1_000_005.0  # `:g` wrote 1e+06 for both
+    assert m["edgekif_current_version"] == 1
