@@ -497,6 +497,9 @@ def validate_config(cfg: Config) -> None:
     check(cfg.export.threads >= 0, "export.threads must be >= 0 (0 = the physical cores)")
     check(cfg.export.int8_block_size in (16, 32, 64, 128, 256), f"export.int8_block_size: {cfg.export.int8_block_size} not in 16|32|64|128|256")
     check(0 < cfg.service.gate_confidence < 1, "service.gate_confidence must be in (0, 1)")
+    # the log's rotation never happens at 0 (RotatingFileHandler's rule): the file would grow for good
+    check(cfg.service.log_max_bytes >= 4096 and cfg.service.log_backups >= 1,
+          "service.log_max_bytes must be at least 4096 and service.log_backups at least 1 (0 would never rotate the log)")
     for kind in ("", "generation_"):
         check(0 <= getattr(cfg.service, f"{kind}holdout_fraction") < 1, f"service.{kind}holdout_fraction must be in [0, 1)")
         check(getattr(cfg.service, f"{kind}holdout_max") >= 0, f"service.{kind}holdout_max must be >= 0")

@@ -44,6 +44,7 @@ def test_toml_then_overrides(tmp_path):
         ("[train]\nlr = inf\n", "lr: expected a finite number, got inf"),
         ("[replay]\nfraction = nan\n", "fraction: expected a finite number, got nan"),
         ("[replay]\nmin_per_task = -3\n", "replay.min_per_task must be >= 0"),
+        ("[service]\nlog_backups = 0\n", "0 would never rotate the log"),
         ("[data]\nmax_records = -1\n", re.escape("data.max_file_bytes, data.max_records, data.max_line_bytes and data.max_field_chars must be positive")),
     ],
 )
