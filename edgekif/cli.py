@@ -436,6 +436,9 @@ def cmd_models(args) -> int:
             _print_json({"name": name, "is_current": name == store.current(), "path": str(folder), "manifest": manifest.to_dict()})
         else:
             print(format_manifest(name, manifest, is_current=name == store.current(), folder=folder))
+    elif not store.models.is_dir():  # rm, rollback, gc: never create a mistyped data dir
+        raise EdgekifError(f"{cfg.data_path}: no published versions here ({store.models} does not exist: a typo in --data-dir or "
+                           "EDGEKIF_DATA_DIR?)")
     elif args.action == "rm":
         if not args.version:
             raise EdgekifError("models rm needs a VERSION (see `edgekif models list`)")

@@ -117,8 +117,11 @@ class ModelStore:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.models.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.models / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.models.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.models / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as e:
+            raise PublishError(f"{self.models}: cannot take the publish lock ({e.strerror}): run this as the daemon's user") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -125,3 +125,11 @@ def test_status_shows_a_live_version_that_no_job_made(tmp_path, capsys):
     assert main(["status", "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
     assert "live:     v0003 (published by hand, no job," in out and "handmade" in out
+
+
+def test_changing_versions_in_a_mistyped_data_dir_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "typo"
+    for argv in (["models", "gc"], ["models", "rm", "v0001"], ["models", "rollback", "v0001"]):
+        assert main([*argv, "--data-dir", str(missing)]) == 2
+        assert "no published versions here" in capsys.readouterr().err
+    assert not missing.exists()
