@@ -196,6 +196,7 @@ class Daemon:
         self._worker_error: BaseException | None = None
         self.current: dict[str, Any] | None = None  # what the worker runs now (read by main)
         self.stuck = False  # a stage ignored the stop request past service.stop_timeout
+        self._refresh_failed: dict[str, str] = {}  # what _refresh_outputs could not write -> the error logged
         self.runner = JobRunner(self.layout, config, self.stages, should_stop=self._stop.is_set, on_current=self._set_current,
                                 retry_base_seconds=retry_base_seconds, resource_retry_seconds=resource_retry_seconds)
         self.watcher = InboxWatcher(self.layout, config, on_new_job=lambda _job_id: self._work.set())
@@ -252,7 +253,9 @@ class Daemon:
                     raise
                 log.warning("waiting for disk space", extra={"action": what, "error": why})
                 self.notifier.status(f"waiting: cannot {what}: {why}")
-                if self._stop.wait(max(1.0, self.runner.resource_retry_seconds)):
+                wait = max(1.0, self.runner.resource_retry_seconds)
+                self.notifier.extend_start(2 * wait + 30)  # until the next try, with room for it
+                if self._stop.wait(wait):
                     raise DaemonError(f"stopped while waiting for disk space to {what}") from e
 
     def close(self, *, release_lock: bool = True) -> None:
@@ -384,13 +387,19 @@ class Daemon:
     def _refresh_outputs(self) -> None:
         """Metrics textfile, sd_notify STATUS and daemon.json; each written only on change."""
         assert self._store is not None
-        try:
-            training = bool(self.current and self.current.get("stage") == "train")
-            self.metrics.write(self._store, training=training)
-            self.notifier.status(self._status_line())
-            self._publish_runtime()
-        except Exception:
-            log.exception("could not refresh metrics/status")
+        # Apart, so that a metrics file the daemon may not write (a node_exporter folder outside
+        # what systemd lets it write) leaves systemd's status line and daemon.json up to date;
+        # each failure is logged once until it changes, not on every tick.
+        training = bool(self.current and self.current.get("stage") == "train")
+        for what, refresh in (("metrics file", lambda: self.metrics.write(self._store, training=training)),
+                              ("status", lambda: (self.notifier.status(self._status_line()), self._publish_runtime()))):
+            try:
+                refresh()
+                self._refresh_failed.pop(what, None)
+            except Exception as e:
+                if self._refresh_failed.get(what) != str(e):
+                    self._refresh_failed[what] = str(e)
+                    log.exception("could not refresh the %s; logged again only if the error changes", what)
 
     def _status_line(self) -> str:
         assert self._store is not None

@@ -88,6 +88,13 @@ class Notifier:
     def stopping(self) -> None:
         self.send("STOPPING=1")
 
+    def extend_start(self, seconds: float) -> None:
+        """Before READY: tell systemd (>= 236) the start goes on for another `seconds`, and ping
+        the watchdog, so a start-up that waits (for disk space) is not killed by
+        TimeoutStartSec and restarted over and over."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+        self.ping()
+
     def ping(self, *, now: float | None = None) -> bool:
         """WATCHDOG=1 if half the watchdog period passed since the last ping."""
         if not self.interval or not self.socket_path:

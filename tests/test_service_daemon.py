@@ -717,3 +717,19 @@ def test_a_joint_strategy_is_refused_by_the_daemon_at_start_and_at_reload(tmp_pa
     cfg_file.write_text('[train]\nstrategy = "mtl"\n')
     d.reload()
     assert d.config.train.strategy == "replay" and "config reload failed" in caplog.text
+
+
+def test_a_metrics_file_the_daemon_cannot_write_is_logged_once_and_status_stays_current(tmp_path, caplog):
+    d = make_daemon(tmp_path, metrics_file="/proc/edgekif-test/metrics.prom", scan_interval=0.2)
+    drop(tmp_path, "a.jsonl")
+    t = threading.Thread(target=d.run)
+    with caplog.at_level(logging.ERROR, logger="service.daemon"):
+        t.start()
+        assert wait_for(lambda: [j.state for j in jobs(tmp_path)] == ["published"], timeout=30)
+        time.sleep(2.5)  # more ticks: each would log again
+        d.request_stop("test")
+        t.join(30)
+    failures = [r for r in caplog.records if "could not refresh the metrics file" in r.getMessage()]
+    assert len(failures) == 1
+    runtime = json.loads((tmp_path / "daemon.json").read_text())
+    assert runtime["state"] == "stopped" and not any("could not refresh the status" in r.getMessage() for r in caplog.records)

@@ -77,3 +77,37 @@ def test_notifier_ready_status_and_rate_limited_pings(notify_socket, monkeypatch
     sock.setblocking(False)
     with pytest.raises(BlockingIOError):
         sock.recv(4096)
+
+
+def test_a_start_that_waits_for_disk_space_extends_systemd_s_start_timeout(notify_socket, tmp_path, monkeypatch):
+    """Under Type=notify a start-up that waits (state.db on a full disk) has not sent READY:
+    without EXTEND_TIMEOUT_USEC systemd would kill it at TimeoutStartSec and start it again."""
+    import errno
+
+    import service.daemon as daemon_mod
+    from edgekif.config import load_config
+    from service.fake_stages import FakeStages
+
+    path, sock = notify_socket
+    real, calls = daemon_mod.JobStore, []
+
+    def full_twice(p):
+        calls.append(p)
+        if len(calls) <= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(p)
+
+    monkeypatch.setattr(daemon_mod, "JobStore", full_twice)
+    d = daemon_mod.Daemon(load_config(None, [f"data_dir={tmp_path}"]), FakeStages(tmp_path), notifier=Notifier(path),
+                          resource_retry_seconds=0, install_signals=False)
+    d.open()
+    d.close()
+    sent = []
+    sock.setblocking(False)
+    while True:
+        try:
+            sent.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            break
+    extends = [m for m in sent if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert len(calls) == 3 and len(extends) == 2 and int(extends[0].split("=")[1]) >= 30_000_000
