@@ -50,7 +50,9 @@ def _config(args) -> Config:
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    from .jsontext import dumps
+
+    print(dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 # --------------------------------------------------------------------------- commands

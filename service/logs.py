@@ -11,7 +11,6 @@ line starts with a syslog priority, sd-daemon(3) style: `<3>{"ts": ...}`. journa
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import os
@@ -19,6 +18,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
+
+from edgekif.jsontext import dumps
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -78,7 +79,7 @@ class JsonFormatter(logging.Formatter):
             obj["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
             obj["exc"] = record.exc_text
-        return json.dumps(obj, default=str, ensure_ascii=False)
+        return dumps(obj, default=str, ensure_ascii=False)  # a NaN figure as null: log shippers parse strictly
 
 
 # Libraries whose routine messages would read as the daemon's problems. bitsandbytes' CPU backend

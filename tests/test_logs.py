@@ -114,3 +114,20 @@ def test_bitsandbytes_offline_kernel_warning_stays_out_of_the_daemon_log_but_its
         bnb.error("a real bitsandbytes error")
         logging.getLogger("service.test").warning("the daemon's own warning")
     assert [json.loads(line)["msg"] for line in _lines(stream.getvalue())] == ["a real bitsandbytes error", "the daemon's own warning"]
+
+
+def test_a_nan_figure_is_written_as_null_so_strict_parsers_read_the_line():
+    import json
+    import logging
+
+    from edgekif.jsontext import dumps
+    from service.logs import JsonFormatter
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    record = logging.LogRecord("service.x", logging.INFO, __file__, 1, "general ability measured", None, None)
+    record.loglik_drop, record.scores = float("nan"), [0.5, float("inf")]
+    line = strict(JsonFormatter().format(record))
+    assert line["loglik_drop"] is None and line["scores"] == [0.5, None]
+    assert strict(dumps({"loss": float("nan"), "steps": (1, 2)})) == {"loss": None, "steps": [1, 2]}
