@@ -288,11 +288,26 @@ class JobStore:
         daemon stopped. A file that is not this edgekif's state.db is a JobStoreError."""
         store = cls.__new__(cls)
         store.path = Path(path)
-        try:
-            store.conn = sqlite3.connect(f"file:{urllib.parse.quote(str(store.path))}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+        uri = f"file:{urllib.parse.quote(str(store.path))}?mode=ro"
+
+        def connect(uri: str) -> sqlite3.Row | None:
+            store.conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
             store.conn.row_factory = sqlite3.Row
             store.conn.execute("PRAGMA busy_timeout=30000")
-            row = store.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            return store.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+
+        try:
+            try:
+                row = connect(uri)
+            except sqlite3.OperationalError:
+                # A stopped daemon leaves no -wal/-shm beside state.db, and a reader of a WAL
+                # database must create the -shm, which a user without write access to the data
+                # dir cannot. With no -wal, nothing is written anywhere: read it as immutable.
+                if os.path.exists(f"{store.path}-wal"):
+                    raise
+                if getattr(store, "conn", None) is not None:
+                    store.conn.close()
+                row = connect(uri + "&immutable=1")
         except sqlite3.Error as e:
             raise JobStoreError(f"{store.path}: cannot read it as edgekif's state.db: {e}") from None
         if row is None or int(row["value"]) != SCHEMA_VERSION:

@@ -133,3 +133,39 @@ def test_changing_versions_in_a_mistyped_data_dir_creates_nothing(tmp_path, caps
         assert main([*argv, "--data-dir", str(missing)]) == 2
         assert "no published versions here" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_an_operator_who_may_not_write_the_data_dir_reads_jobs_of_a_stopped_daemon(tmp_path):
+    """A stopped daemon leaves no -wal/-shm beside state.db; reading a WAL database creates the
+    -shm, which needs write access to the data dir. Run as a user without it: root through
+    setpriv as nobody, anyone else with the folder made read-only."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import pytest
+
+    data = Path(tempfile.mkdtemp(prefix="edgekif-ro-"))  # not under pytest's 0700 basetemp: nobody must reach it
+    try:
+        drop(data, "a.jsonl", '{"a": 1}\n')
+        d = Daemon(config_for(data), FakeStages(data), retry_base_seconds=0)
+        d.run_until_idle()
+        d.close()
+        assert not Path(f"{data}/state.db-wal").exists()
+        os.chmod(data, 0o755)
+        cmd = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))", "jobs", "--data-dir", str(data)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HOME": str(data), "XDG_CONFIG_HOME": str(data / "none")}
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("root without setpriv: cannot run as a user without write access")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        else:
+            os.chmod(data, 0o555)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd="/")
+        assert res.returncode == 0, res.stderr
+        assert "a.jsonl" in res.stdout and "published" in res.stdout
+    finally:
+        os.chmod(data, 0o755)
+        shutil.rmtree(data, ignore_errors=True)
