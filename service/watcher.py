@@ -191,6 +191,26 @@ def move_to_rejected(
     return dest
 
 
+def _remove_if_taken(layout: DataLayout, path: Path, job_id: int, same: Callable[[os.stat_result], bool]) -> bool:
+    """Remove an inbox file a finished take copied, if it is still the bytes taken (`same`).
+    True when it is gone (removed now, or already); False when it stays (other bytes, not a
+    plain file, or a sticky inbox where the daemon may not remove another user's file)."""
+    try:
+        st = os.lstat(path)
+        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and same(st)):
+            return False
+        os.unlink(path)
+        fsync_dir(layout.inbox)
+    except FileNotFoundError:
+        return True
+    except ValueError:
+        return False
+    except OSError as e:
+        log.warning("could not remove %s from the inbox after taking it: %s", path.name, e.strerror, extra={"file": path.name, "job_id": job_id})
+        return False
+    return True
+
+
 def reconcile_takes(layout: DataLayout, store: JobStore) -> list[int]:
     """Finish or forget takes that a crash, or an error after the row was written (a full
     disk, an inbox file that could not be removed), interrupted: files rows still 'taking'.
@@ -205,25 +225,13 @@ def reconcile_takes(layout: DataLayout, store: JobStore) -> list[int]:
             # The copy was renamed into accepted/ but the crash came before the inbox file was
             # removed: remove it now if it holds the same bytes (else it would come back as a
             # duplicate). Different bytes (written after the copy) stay and are taken anew.
-            # Its sidecar too, if it is the one copied: left there, it would be applied to the
-            # next file dropped under that name.
+            # Its sidecar too, if it is the one copied and its file went: left there, it would be
+            # applied to the next file dropped under that name (a file rewritten meanwhile keeps
+            # its sidecar, to be taken with it).
             left = layout.inbox / f.name
-            for inbox_path, copied, sha in ((left, None, f.sha256), (Path(sidecar_of(left)), Path(sidecar_of(f.path)), None)):
-                try:
-                    st = os.lstat(inbox_path)
-                    if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
-                        continue
-                    if sha is not None and (st.st_size != f.size or sha256_file(inbox_path) != sha):
-                        continue
-                    if copied is not None and inbox_path.read_bytes() != copied.read_bytes():
-                        continue
-                    os.unlink(inbox_path)
-                    fsync_dir(layout.inbox)
-                except (FileNotFoundError, ValueError):
-                    pass
-                except OSError as e:  # a sticky inbox: another user's file can only be read
-                    log.warning("could not remove %s from the inbox after taking it: %s", inbox_path.name, e.strerror,
-                                extra={"file": inbox_path.name, "job_id": job_id})
+            if _remove_if_taken(layout, left, job_id, lambda st: st.st_size == f.size and sha256_file(left) == f.sha256):
+                side, copied = Path(sidecar_of(left)), Path(sidecar_of(f.path))
+                _remove_if_taken(layout, side, job_id, lambda st: copied.is_file() and side.read_bytes() == copied.read_bytes())
         else:
             # Never renamed: the file is still in inbox/ (the next scan takes it) or gone.
             store.forget_take(f.id)

@@ -533,3 +533,20 @@ def test_a_take_cut_short_after_its_row_is_finished_by_the_next_scan_with_its_si
         assert [j.id for j in store.jobs()] == queued == [1]
     assert sorted(p.name for p in layout.inbox.iterdir()) == []  # task file and sidecar gone
     assert not any(layout.rejected.iterdir())
+
+
+def test_a_rewritten_file_keeps_its_sidecar_when_its_interrupted_take_is_finished(tmp_path):
+    """The inbox file changed after the copy (it stays, to be taken anew): its sidecar stays
+    with it, though it has the bytes of the one copied."""
+    config, layout = make(tmp_path, quiet_seconds=0)
+    old = b'{"input": "a", "output": "b"}\n'
+    sha = hashlib.sha256(old).hexdigest()
+    dest = layout.accepted / accepted_name(sha, "colors.jsonl")
+    dest.write_bytes(old)
+    (layout.accepted / (sha[:12] + "_colors.task.toml")).write_text('kind = "generation"\n')
+    (layout.inbox / "colors.jsonl").write_bytes(b'{"input": "c", "output": "d"}\n')  # written after the copy
+    (layout.inbox / "colors.task.toml").write_text('kind = "generation"\n')
+    with JobStore(layout.state_db) as store:
+        store.begin_take("colors.jsonl", sha, len(old), "t", str(dest))
+        assert len(reconcile_takes(layout, store)) == 1
+    assert sorted(p.name for p in layout.inbox.iterdir()) == ["colors.jsonl", "colors.task.toml"]
