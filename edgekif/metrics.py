@@ -52,7 +52,13 @@ def strip_end_of_turn(text: str) -> str:
 # What ends a sentence or a clause, in the scripts edgekif has met: a model that answers
 # "World." or "是。" means the label. Other punctuation can be the label's own ("A-", "C#",
 # ":)"), so it stays.
-_FINAL_PUNCTUATION = frozenset(".!?,;:…。！？，、；：")
+_FINAL_PUNCTUATION = frozenset(
+    ".!?,;:…"  # Latin, Greek, Cyrillic
+    "。！？，、；：．｡"  # CJK and full-width
+    "।॥"  # Devanagari and other Indic dandas
+    "؟،؛۔"  # Arabic, Urdu
+    "።፧၊။"  # Ethiopic, Myanmar
+)
 
 
 def normalize_answer(text: str) -> str:

@@ -115,6 +115,7 @@ def test_normalisation_strips_sentence_ends_only_and_never_empties_a_label():
     from edgekif.metrics import normalize_answer, normalized_exact_match_scores
 
     assert [normalize_answer(x) for x in ("World.", "Sports!! ", "是。", "yes<|im_end|>", "Sci/Tech")] == ["world", "sports", "是", "yes", "sci/tech"]
+    assert [normalize_answer(x) for x in ("सकारात्मक।", "إيجابي؟", "World．", "አዎ።")] == ["सकारात्मक", "إيجابي", "world", "አዎ"]
     # a label's own punctuation stays: grades, keys and emoticons are different labels
     assert normalized_exact_match_scores(["A", "C", ":(", ""], ["A-", "C#", ":)", "-"]) == [0.0, 0.0, 0.0, 0.0]
     assert normalized_exact_match_scores(["A-.", "?", "..."], ["a-", "?", "..."]) == [1.0, 1.0, 1.0]
