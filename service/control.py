@@ -11,8 +11,8 @@ from .jobs import TERMINAL, JobStore, utc_now
 
 
 def force_publish(config: Config, job_id: int) -> str:
-    """`edgekif publish --force JOB`: send a job the gate held on to publish (the daemon does the work). Refused if a later job was published since, because
-    forcing this one would replace that newer model."""
+    """`edgekif publish --force JOB`: send a job the gate held on to publish (the daemon does the work). Refused when the live model
+    is no longer the one this job trained on top of (JobStore.replaced_unseen): forcing it would replace a newer model or undo a rollback."""
     layout = DataLayout(config.data_path)
     if not layout.state_db.exists():
         raise PublishError(f"{layout.root}: no state.db (the daemon has not run here)")
@@ -23,9 +23,9 @@ def force_publish(config: Config, job_id: int) -> str:
             return f"job {job_id} ({job.file_name}) is already forced; the daemon will publish it"
         if job.state != "held":
             raise PublishError(f"job {job_id} ({job.file_name}) is {job.state!r}; only a held job can be forced")
-        later = [j.id for j in store.jobs(("published",)) if j.id > job_id]
-        if later:
-            raise PublishError(f"job {job_id} was held before job {later[-1]} was published; forcing it would replace that newer model")
+        replaced = store.replaced_unseen(job)
+        if replaced is not None:
+            raise PublishError(f"job {job_id} cannot be forced: {replaced}")
         reasons = gate.get("reasons") or []
         gate.update(forced=True, forced_at=utc_now())
         store.advance(job_id, "held", "approved", metrics={"gate": gate}, forced=True)

@@ -363,35 +363,23 @@ class JobRunner:
     def _from_approved(self, store: JobStore, job: Job, ctx: JobContext) -> None:
         path = Path(job.metrics["export"]["path"])
         forced = bool((job.metrics.get("gate") or {}).get("forced"))
-        newer = self._published_since_training(store, job)
-        if newer is not None:
-            # `publish --force` or `retry` brought back a job that trained before `newer` was
-            # published: its model never learned that job's task, so publishing it would drop
-            # it from what clients serve, with no gate to notice. The CLI refuses this too, but
-            # its check races with the daemon's publish; this one is in the only writer.
-            reason = (f"job {newer.id} ({newer.file_name}) was published as {newer.version} after this job started training; "
-                      "publishing this one would replace that newer model with one that never learned its task")
+        reason = store.replaced_unseen(job)
+        if reason is not None:
+            # `publish --force` or `retry` brought back a job whose model did not start from what
+            # is live now: publishing it would drop a task from what clients serve (or undo a
+            # rollback), with no gate to notice. The CLI refuses this too, but its check races
+            # with the daemon's publish; this one is in the only writer.
+            live = store.live()
             store.advance(job.id, "approved", "held", error={
-                "kind": "superseded", "message": reason, "reasons": [reason], "superseded_by": newer.id,
+                "kind": "superseded", "message": reason, "reasons": [reason], "live_job": live.id if live is not None else None,
                 "hint": f"drop {job.file_name} again (with a change: the same bytes are a duplicate) to train it on top of the live model"})
-            log.warning("held: a newer model was published meanwhile", extra={"job_id": job.id, "superseded_by": newer.id})
+            log.warning("held: the live model changed since this job trained", extra={"job_id": job.id, "reason": reason})
             self.drop_dead_job_files(store)
             return
         version = str(self._guarded(store, job, "publish", lambda: self.stages.publish(ctx, path), ctx))
         store.advance(job.id, "approved", "published", version=version, metrics={"publish": {"version": version}})
         log.info("published", extra={"job_id": job.id, "version": version, "forced": forced})
         self.drop_dead_job_files(store)
-
-    @staticmethod
-    def _published_since_training(store: JobStore, job: Job) -> Job | None:
-        """The newest published job that came after `job` and after the live job its model was
-        trained on top of (metrics.train.started_from: a job retried from training trained on
-        the newer model). Jobs run in arrival order, so only `publish --force` and `retry` can
-        bring one back after a later job published; a job published before it but rolled back
-        since (`models rollback`) is not newer."""
-        started_from = (job.metrics.get("train") or {}).get("started_from") or 0
-        newer = [j for j in store.jobs(("published",)) if j.id > max(job.id, started_from)]
-        return newer[-1] if newer else None
 
     def drop_dead_job_files(self, store: JobStore) -> dict[int, list[str]]:
         """Remove what no command can use any more, which an unattended daemon would otherwise

@@ -511,6 +511,31 @@ class JobStore:
                                 (version,)).fetchone()
         return Job.from_row(row) if row else None
 
+    def replaced_unseen(self, job: Job) -> str | None:
+        """Why publishing `job` now would replace a live model its own was not trained on top
+        of, or None. Its model started from the live job of its training
+        (metrics.train.started_from); publishing is safe while that job is still live. After a
+        later job was published (`publish --force` racing with it, `retry` of a job that failed
+        while publishing), the live model knows a task this one never learned; after a rollback
+        away from its start, publishing would undo the rollback. A job from before that record:
+        refused once a later job was published."""
+        live = self.live()
+        train = job.metrics.get("train") or {}
+        if "started_from" not in train:
+            later = [j for j in self.jobs(("published",)) if j.id > job.id]
+            return (f"job {later[-1].id} ({later[-1].file_name}) was published after it; publishing it would replace that newer model"
+                    if later else None)
+        started_from = train["started_from"]
+        now = live.id if live is not None else None
+        if now == started_from:
+            return None
+        if live is not None and live.id > job.id:
+            return (f"job {live.id} ({live.file_name}) was published as {live.version} after this job started training; "
+                    "publishing this one would replace that newer model with one that never learned its task")
+        since = f"job {started_from}'s model" if started_from is not None else "the base"
+        return (f"the live version changed since this job started training on top of {since} "
+                f"(now {live.version if live is not None else 'none'}); publishing it would undo that change")
+
     def lineage(self, job: Job) -> list[Job]:
         """The published jobs whose training `job`'s model carries, oldest first, `job` last:
         each job records the live job it started from (metrics.train.started_from). Jobs from

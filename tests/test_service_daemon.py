@@ -439,7 +439,7 @@ def test_a_job_forced_while_a_newer_one_publishes_is_held_not_published_over_it(
     assert "will be published by the daemon" in stages.forced  # the CLI's check passed
     one, two, three = jobs(tmp_path)
     assert (one.state, two.state, three.state) == ("published", "held", "published")
-    assert two.error["kind"] == "superseded" and two.error["superseded_by"] == 3
+    assert two.error["kind"] == "superseded" and two.error["live_job"] == 3
     assert "job 3 (c.jsonl) was published as v0002" in two.error["message"]
     assert ModelStore(tmp_path).current() == three.version == "v0002"
     assert not (tmp_path / "jobs" / "2" / "export").exists()  # nothing can publish it now
@@ -447,9 +447,10 @@ def test_a_job_forced_while_a_newer_one_publishes_is_held_not_published_over_it(
 
 class _PublishFailsForJob2(FakeStages):
     broken = True
+    fail_job = 2
 
     def publish(self, ctx, export_path):
-        if ctx.job_id == 2 and self.broken:
+        if ctx.job_id == self.fail_job and self.broken:
             raise OSError(5, "Input/output error")
         return super().publish(ctx, export_path)
 
@@ -467,7 +468,7 @@ def test_retrying_a_job_that_failed_to_publish_never_replaces_a_newer_model(tmp_
     d.run_until_idle()
     d.close()
     two = jobs(tmp_path)[1]
-    assert two.state == "held" and two.error["superseded_by"] == 3
+    assert two.state == "held" and two.error["live_job"] == 3
     assert ModelStore(tmp_path).current() == "v0002"  # job 3's
 
 
@@ -733,3 +734,31 @@ def test_a_metrics_file_the_daemon_cannot_write_is_logged_once_and_status_stays_
     assert len(failures) == 1
     runtime = json.loads((tmp_path / "daemon.json").read_text())
     assert runtime["state"] == "stopped" and not any("could not refresh the status" in r.getMessage() for r in caplog.records)
+
+
+def test_a_retried_job_publishes_when_the_live_model_was_rolled_back_to_its_start(tmp_path):
+    """Job 2 failed while publishing, job 3 published, then the operator rolled back to job 1's
+    version, the one job 2 trained on: retrying job 2 publishes it. A rollback away from a job's
+    start, on the other hand, holds it (publishing would undo the rollback)."""
+    stages = _PublishFailsForJob2(tmp_path)
+    d = make_daemon(tmp_path, stages)
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        drop(tmp_path, name, json.dumps({"name": name}) + "\n")
+        d.run_until_idle()
+    ModelStore(tmp_path).rollback("v0001")
+    stages.broken = False
+    retry_job(d.config, 2)
+    d.run_until_idle()
+    assert [j.state for j in jobs(tmp_path)] == ["published", "published", "published"]
+    assert ModelStore(tmp_path).current() == "v0003" and jobs(tmp_path)[1].version == "v0003"
+
+    stages.broken, stages.fail_job = True, 4  # job 4 trains on v0003, fails to publish; roll back
+    drop(tmp_path, "d.jsonl", '{"d": 1}\n')
+    d.run_until_idle()
+    ModelStore(tmp_path).rollback("v0002")
+    stages.broken = False
+    retry_job(d.config, 4)
+    d.run_until_idle()
+    d.close()
+    four = jobs(tmp_path)[3]
+    assert four.state == "held" and "the live version changed since this job started training on top of job 2's model" in four.error["message"]
