@@ -501,8 +501,9 @@ def validate_config(cfg: Config) -> None:
     check(cfg.service.log_max_bytes >= 4096 and cfg.service.log_backups >= 1,
           "service.log_max_bytes must be at least 4096 and service.log_backups at least 1 (0 would never rotate the log)")
     for kind in ("", "generation_"):
-        check(0 <= getattr(cfg.service, f"{kind}holdout_fraction") < 1, f"service.{kind}holdout_fraction must be in [0, 1)")
-        check(getattr(cfg.service, f"{kind}holdout_max") >= 0, f"service.{kind}holdout_max must be >= 0")
+        # 0 would hold out nothing, and a task with nothing held out is never published (the gate has nothing to judge)
+        check(0 < getattr(cfg.service, f"{kind}holdout_fraction") < 1, f"service.{kind}holdout_fraction must be in (0, 1)")
+        check(getattr(cfg.service, f"{kind}holdout_max") >= 1, f"service.{kind}holdout_max must be at least 1")
     e = cfg.export
     check(e.parity_max_score_drop >= 0 and 0 <= e.parity_min_prefix_agreement <= 1 and e.parity_prefix_words >= 1,
           "export.parity_max_score_drop >= 0, export.parity_min_prefix_agreement in [0, 1], export.parity_prefix_words >= 1")

@@ -45,6 +45,8 @@ def test_toml_then_overrides(tmp_path):
         ("[replay]\nfraction = nan\n", "fraction: expected a finite number, got nan"),
         ("[replay]\nmin_per_task = -3\n", "replay.min_per_task must be >= 0"),
         ("[service]\nlog_backups = 0\n", "0 would never rotate the log"),
+        ("[service]\ngeneration_holdout_max = 0\n", "service.generation_holdout_max must be at least 1"),
+        ("[service]\nholdout_fraction = 0\n", re.escape("service.holdout_fraction must be in (0, 1)")),
         ("[data]\nmax_records = -1\n", re.escape("data.max_file_bytes, data.max_records, data.max_line_bytes and data.max_field_chars must be positive")),
     ],
 )
