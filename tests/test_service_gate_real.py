@@ -20,8 +20,10 @@ favour the shortest label while the model is still unsure.
 Measured with base seeds 0-4 (seed 0 is the test), when every copy of a prompt was the same
 record: colors 1.0 after its job, 0.0 after shuffled (shuffled itself 1.0), still 1.0 after
 animals (animals 0.75-1.0). Since the holdout split keeps a repeated prompt on one side, each
-copy comes under its own system message and the holdout asks copies not trained on: seed 0
-gives colors 1.0, then 0.0 after shuffled (shuffled 0.67), 0.67 after animals (animals 1.0). With 40 steps instead of 80 for the
+copy comes under its own system message and the holdout asks copies not trained on; with 6
+copies colors ended animals' job at 0.67 (4 of 12 records lost, 2 short of a significant loss),
+with 10 copies seed 0 gives colors 0.9, then 0.0 after shuffled (shuffled 1.0), 0.85 after
+animals (animals 0.95). With 40 steps instead of 80 for the
 later tasks, Recurrent-KIF's fusion left animals unlearnt on one seed; before the replay fix
 in edgekif_stages.train, animals' outer loop also replayed the held task's examples.
 ~35-65 s on a busy 2-core box.
@@ -50,7 +52,7 @@ ROTATE = {"ant": "bee", "bee": "cow", "cow": "dog", "dog": "ant"}
 SHUFFLED = {word: ROTATE[label] for word, label in COLORS.items()}  # every label changes
 ANIMALS = {"iron": "fox", "jelly": "hen", "kite": "owl", "lemon": "pig",
            "mango": "fox", "night": "hen", "ocean": "owl", "piano": "pig"}
-COPIES = 6  # 48 records: holdout 25% = 12 (variants of trained prompts), 36 to train on
+COPIES = 10  # 80 records: holdout 25% = 20 (variants of trained prompts), 60 to train on
 THRESHOLD = 5.0  # service.forgetting_threshold, the default (asserted below)
 
 
@@ -135,7 +137,7 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     a, config = run_job("colors.jsonl", task_file(COLORS, "What is {}?"), steps=100)
     assert config.service.forgetting_threshold == THRESHOLD
     assert (a.file_name, a.state, a.version) == ("colors.jsonl", "published", "v0001"), a.error
-    assert a.metrics["buffer"]["holdout_examples"] == 12 and a.metrics["buffer"]["details"]["train_examples"] == 36
+    assert a.metrics["buffer"]["holdout_examples"] == 20 and a.metrics["buffer"]["details"]["train_examples"] == 60
     assert not (data / "jobs" / str(a.id) / "checkpoint").exists()  # only a resume needs it; the learner holds the result
     assert a.metrics["validate"]["details"]["labels"] == ["ant", "bee", "cow", "dog"]
     trained = a.metrics["train"]["metrics"]
@@ -151,19 +153,20 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     b, _ = run_job("shuffled.jsonl", task_file(SHUFFLED, "What is {}?"), steps=80)
     acc_b = b.metrics["evaluate"]["accuracies"]
     assert b.state == "held", (b.state, acc_b, b.error)
-    assert acc_b["shuffled"] >= 0.5 and acc_b["colors"] <= 0.25, acc_b  # measured 0.67 and 0.0
+    assert acc_b["shuffled"] >= 0.75 and acc_b["colors"] <= 0.25, acc_b  # measured 1.0 and 0.0
     gate = b.metrics["gate"]
     assert gate["ok"] is False and gate["published_version"] == "v0001"
     assert gate["published_accuracies"] == acc_a and gate["threshold_points"] == THRESHOLD
     drop = 100 * (acc_a["colors"] - acc_b["colors"])
     assert drop > THRESHOLD
-    # the paired test on the 12 colors records, its statistic in the reason (issue 21)
+    # the paired test on the 20 colors records, its statistic in the reason (issue 21)
     n = a.metrics["buffer"]["holdout_examples"]
     lost = round(n * (acc_a["colors"] - acc_b["colors"]))
-    assert gate["reasons"] == [f"colors: normalized_exact_match {100 * acc_b['colors']:.1f} vs live {100 * acc_a['colors']:.1f}, "
-                               f"{100 * (acc_b['colors'] - acc_a['colors']):+.1f} points [95% CI -100.0, -100.0], "
-                               f"exact McNemar (0 vs {lost} discordant) p={2 * 0.5 ** lost:.3g}, n={n}: "
-                               f"a significant loss of {drop:.1f} points > {THRESHOLD:g} allowed"]
+    (reason,) = gate["reasons"]
+    assert reason.startswith(f"colors: normalized_exact_match {100 * acc_b['colors']:.1f} vs live {100 * acc_a['colors']:.1f}, "
+                             f"{100 * (acc_b['colors'] - acc_a['colors']):+.1f} points [95% CI ")
+    assert reason.endswith(f"exact McNemar (0 vs {lost} discordant) p={2 * 0.5 ** lost:.3g}, n={n}: "
+                           f"a significant loss of {drop:.1f} points > {THRESHOLD:g} allowed")
     decision = gate["decisions"]["colors vs live"]
     assert decision["method"].startswith("exact McNemar") and decision["passed"] is False and decision["n"] == n
     from edgekif.export.manifest import read_manifest
@@ -179,10 +182,10 @@ def test_gate_holds_a_harmful_task_and_publishes_a_good_one(tmp_path, wide_tiny_
     assert (c.state, c.version) == ("published", "v0002"), (c.state, acc_c, c.error)
     assert set(acc_c) == {"colors", "animals"}  # the held task is not a past task
     assert acc_c["animals"] >= 0.75, acc_c  # measured 1.0
-    # colors kept most of what it had: the held task, which wiped it out, leaked into animals' job
-    # neither by weights nor by replay (measured 1.0 -> 0.67 on held-out copies under system
-    # messages it was not trained with: 4 of 12 records, p = 0.125, not a significant loss)
-    assert acc_c["colors"] >= 0.5, acc_c
+    # colors kept what it had: the held task, which wiped it out, leaked into animals' job neither
+    # by weights nor by replay (measured 0.9 -> 0.85 on held-out copies under system messages it
+    # was not trained with: 1 record of 20)
+    assert acc_c["colors"] >= 0.7, acc_c
     assert c.metrics["gate"]["ok"] is True and c.metrics["gate"]["reasons"] == []
     assert store.current() == "v0002" and store.versions() == ["v0001", "v0002"]
     manifest = read_manifest(store.path("v0002")).to_dict()
