@@ -60,7 +60,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "files_duplicate_total": ("Files whose bytes had been received before.", ("duplicate",)),
     "jobs_published_total": ("Jobs whose model was published.", ("published",)),
     "jobs_failed_total": ("Jobs that failed after retries.", ("failed",)),
-    "jobs_held_total": ("Jobs held back by the forgetting gate.", ("held",)),
+    "jobs_held_total": ("Jobs held back by the gate (or superseded by a newer model before publishing).", ("held",)),
 }
 
 
