@@ -46,6 +46,12 @@ class ContextLengthError(ModelError):
         self.prompt_tokens, self.context_length = prompt_tokens, context_length
 
 
+def _does_not_fit(prompt_tokens: int, context_length: int) -> ModelError:
+    """The error of the batch and generate_ids callers (not the API's ContextLengthError) for a
+    prompt that leaves no room for an answer in the context."""
+    return ModelError(f"prompt of {prompt_tokens} tokens does not fit the context length {context_length}")
+
+
 @dataclass
 class Completion:
     """One generated answer: its text (whole characters, cut before a stop string), its token
@@ -125,7 +131,7 @@ class GenaiRunner:
         params = self._og.GeneratorParams(self.model)
         max_length = min(prompt_len + max_new_tokens, self.context_length)
         if prompt_len >= max_length:
-            raise ModelError(f"prompt of {prompt_len} tokens does not fit the context length {self.context_length}")
+            raise _does_not_fit(prompt_len, self.context_length)
         # onnxruntime-genai sizes the windowed KV cache by max_length and refuses one smaller than
         # the window ("KV cache capacity (32) must be at least local_window_size (512)"); the
         # answer's length is still bounded by the callers' own max_new_tokens loops
@@ -181,7 +187,7 @@ class GenaiRunner:
         try:
             return self.complete(prompt, max_new_tokens, on_text=stream_callback).ids
         except ContextLengthError as e:  # the message callers of _params knew
-            raise ModelError(f"prompt of {e.prompt_tokens} tokens does not fit the context length {e.context_length}") from None
+            raise _does_not_fit(e.prompt_tokens, e.context_length) from None
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> str:
         return self.answer_text(self.generate_ids(prompt, max_new_tokens, stream_callback))
@@ -329,7 +335,7 @@ class OnnxRunner:
         try:
             return self.complete(prompt, max_new_tokens, on_text=stream_callback).ids
         except ContextLengthError as e:  # as GenaiRunner.generate_ids
-            raise ModelError(f"prompt of {e.prompt_tokens} tokens does not fit the context length {e.context_length}") from None
+            raise _does_not_fit(e.prompt_tokens, e.context_length) from None
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, stream_callback: StreamCallback | None = None) -> str:
         return self.answer_text(self.generate_ids(prompt, max_new_tokens, stream_callback))
@@ -339,8 +345,8 @@ class OnnxRunner:
             return []
         seqs = [self.chat_ids(p) for p in prompts]
         for seq in seqs:
-            if len(seq) + 1 > self.context_length:  # GenaiRunner's message for a batch that does not fit
-                raise ModelError(f"prompt of {len(seq)} tokens does not fit the context length {self.context_length}")
+            if len(seq) + 1 > self.context_length:  # as GenaiRunner for a batch that does not fit
+                raise _does_not_fit(len(seq), self.context_length)
         return self._greedy(seqs, max_new_tokens, None)
 
     def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64) -> list[str]:

@@ -472,26 +472,10 @@ def _is_bad_str(v: Any) -> bool:
     return isinstance(v, str) and not v.isascii() and _SURROGATE.search(v) is not None
 
 
-def _has_surrogate(obj: Any) -> bool:
-    """Whether a key or string in `obj`, at any depth, holds a lone surrogate. A stack, not
-    recursion: json nests deeper than Python recursion allows."""
-    stack = [obj]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            if any(map(_is_bad_str, v)):
-                return True
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif _is_bad_str(v):
-            return True
-    return False
-
-
-def _find_surrogate(obj: Any) -> tuple[str, str, bool]:
+def _find_surrogate(obj: Any) -> tuple[str, str, bool] | None:
     """(field, the key or string, whether it is a key) of the first (in document order) key or
-    string in `obj` that holds a lone surrogate; only called once _has_surrogate(obj) said so."""
+    string in `obj`, at any depth, that holds a lone surrogate, or None. A stack, not
+    recursion: json nests deeper than Python recursion allows."""
     stack: list[tuple[str, Any]] = [("", obj)]
     while stack:
         where, v = stack.pop()
@@ -507,7 +491,7 @@ def _find_surrogate(obj: Any) -> tuple[str, str, bool]:
             stack.extend((f"{where}[{i}]", v[i]) for i in reversed(range(len(v))))
         elif _is_bad_str(v):
             return where, v, False
-    raise AssertionError("no lone surrogate")
+    return None
 
 
 def _type_name(v: Any) -> str:
@@ -596,9 +580,10 @@ class _RecordBuilder:
     def _check_text(self, obj: dict, loc: int, unit: str) -> None:
         """No key or string in `obj`, at any depth, holds a lone surrogate (see _SURROGATE):
         checked before anything quotes a key."""
-        if not self.surrogates or not _has_surrogate(obj):
+        found = _find_surrogate(obj) if self.surrogates else None
+        if found is None:
             return
-        where, text, is_key = _find_surrogate(obj)
+        where, text, is_key = found
         char = _SURROGATE.search(text).group()  # type: ignore[union-attr]  # _find_surrogate found one
         raise self.error(
             f"{f'key {text!r}' if is_key else repr(where)} holds a lone UTF-16 surrogate {char!r}, which is not text "

@@ -224,21 +224,16 @@ def run_origin(params: dict[str, torch.nn.Parameter], tasks_seen: Sequence[str])
     return h.hexdigest()[:16]
 
 
-def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strategy: Strategy,
-                    loaded: tuple[dict, dict[str, torch.Tensor]] | None = None) -> dict:
-    meta, tensors = loaded if loaded is not None else read_checkpoint(path)
+def load_checkpoint(meta: dict, tensors: dict[str, torch.Tensor], *, params: dict[str, torch.nn.Parameter], strategy: Strategy) -> None:
+    """Put a checkpoint read by read_checkpoint, that checkpoint_misfit found to fit, into the run."""
     with torch.no_grad():
         for n, p in params.items():
-            key = f"lora.{n}"
-            if key not in tensors or tensors[key].shape != p.shape:
-                raise CheckpointError(f"{path}: checkpoint does not match the model (tensor {n})")
-            p.copy_(tensors[key])
+            p.copy_(tensors[f"lora.{n}"])
     for name, opt in strategy.optimizers.items():
         _optimizer_from_tensors(name, opt, tensors, meta["optimizers"][name])
     strategy.load_state({k[len("strategy.") :]: v for k, v in tensors.items() if k.startswith("strategy.")})
     torch.set_rng_state(tensors["rng.torch"])
     _set_py_rng_state(meta.get("python_random"))
-    return meta
 
 
 def _py_rng_state() -> list:
@@ -430,7 +425,8 @@ class Learner:
             log.warning("checkpoint set aside: %s; training the task from its start", misfit,
                         extra={"task": run["task_id"], "checkpoint": str(ckpt)})
             return 0, []
-        meta = load_checkpoint(ckpt, params=self.params, strategy=self.strategy, loaded=loaded)
+        meta, tensors = loaded
+        load_checkpoint(meta, tensors, params=self.params, strategy=self.strategy)
         log.info("resumed training", extra={"task": run["task_id"], "step": int(meta["step"]), "of": run["schedule"]})
         return int(meta["step"]), list(meta.get("losses", []))
 

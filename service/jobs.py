@@ -47,7 +47,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "trained": frozenset({"exported", "rejected", "failed"}),
     "exported": frozenset({"evaluated", "failed"}),
     "evaluated": frozenset({"approved", "held", "failed"}),
-    "approved": frozenset({"published", "held", "failed"}),  # held: a newer model was published meanwhile
+    "approved": frozenset({"published", "held", "failed"}),  # held: the live model changed since it trained (replaced_unseen)
     "held": frozenset({"approved"}),  # `edgekif publish --force`: on to publish, gate overridden
     "failed": RETRYABLE,  # `edgekif retry JOB`: back to the state it failed in
     "published": frozenset(),

@@ -131,7 +131,12 @@ def _jobless_live(layout: DataLayout) -> dict[str, Any] | None:
     except IntegrityError:
         return {"version": version, "job_id": None, "file": None, "published_at": None, "accuracies": {}, "headline": {}}
     return {"version": version, "job_id": None, "file": None, "published_at": manifest.published_at, "accuracies": manifest.accuracies,
-            "headline": {t: {"value": v, "metric": m} for t, (v, m) in headline_figures(manifest.accuracies, manifest.scores, manifest.task_specs).items()}}
+            "headline": _headline(manifest.accuracies, manifest.scores, manifest.task_specs)}
+
+
+def _headline(accuracies: dict, scores: dict | None, task_specs: dict | None) -> dict[str, dict[str, Any]]:
+    """Each task's headline figure and its metric's name where not exact match (ROUGE-L for free text)."""
+    return {t: {"value": v, "metric": m} for t, (v, m) in headline_figures(accuracies, scores, task_specs).items()}
 
 
 def status(config: Config) -> dict[str, Any]:
@@ -165,8 +170,8 @@ def status(config: Config) -> dict[str, Any]:
     if layout.inbox.is_dir():
         out["inbox_waiting"] = sum(1 for n in os.listdir(os.fsencode(layout.inbox)) if not is_ignored(n))
         out["inbox_ignored"] = ignored_inbox_entries(layout)
-    out["published"] = _jobless_live(layout)  # replaced below by its job's figures when a job made it
     if not layout.state_db.exists():
+        out["published"] = _jobless_live(layout)
         return out
     with JobStore.reader(layout.state_db) as store:
         queue = store.queue()
@@ -191,10 +196,10 @@ def status(config: Config) -> dict[str, Any]:
                 # the manifest's (as `models list`), not the job row's last change
                 "published_at": _published_at(layout, pub.version) or pub.updated_at,
                 "accuracies": evaluated.get("accuracies", {}),
-                # each task's headline figure and its metric's name where not exact match (ROUGE-L for free text)
-                "headline": {t: {"value": v, "metric": m} for t, (v, m) in headline_figures(
-                    evaluated.get("accuracies", {}), details.get("scores"), details.get("task_specs")).items()},
+                "headline": _headline(evaluated.get("accuracies", {}), details.get("scores"), details.get("task_specs")),
             }
+        else:
+            out["published"] = _jobless_live(layout)
         out["counts"] = store.state_counts()
         out["problems"] = [_job_summary(j) for j in store.jobs(("failed", "held", "rejected", "duplicate"), limit=10, newest_first=True)]
     return out
