@@ -182,11 +182,12 @@ def save_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], strate
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, tensors) of a checkpoint, without touching any state."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return json.loads((path / CKPT_META).read_text()), load_file(str(path / CKPT_TENSORS))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a file a kill or a lost disk cut short: not ValueErrors
         raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
 
 
@@ -448,13 +449,14 @@ class Learner:
     def load_state(self, folder: Path) -> None:
         """Load adapter weights + strategy state saved by `save` into this learner."""
         from peft import set_peft_model_state_dict
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         meta = read_learner_meta(folder)
         try:
             weights = load_file(str(learner_adapter(folder) / "adapter_model.safetensors"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{folder}: unreadable learner state: {e}") from e
         set_peft_model_state_dict(self.model, weights)
         st = folder / STRATEGY_STATE
@@ -463,6 +465,8 @@ class Learner:
                 self.strategy.load_state(load_file(str(st)))
             except KeyError:
                 log.warning("strategy state does not match; starting importance from zero", extra={"folder": str(folder)})
+            except (OSError, SafetensorError) as e:
+                raise CheckpointError(f"{folder}: unreadable learner state: {e}") from e
         self.tasks_seen = list(meta.tasks_seen)
 
 

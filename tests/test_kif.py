@@ -400,3 +400,28 @@ def test_bf16_training_warns_where_bf16_is_emulated(monkeypatch, caplog, native)
         _learner("recurrent_kif")  # fp32 never warns
     warned = [r for r in caplog.records if "without native bf16" in r.getMessage()]
     assert len(warned) == (0 if native else 1)
+
+
+def test_a_checkpoint_damaged_on_disk_is_set_aside(tmp_path, caplog):
+    """Checkpoints are written whole (temp folder, fsync, rename), so a kill -9 leaves the last
+    one; a disk that lost part of it leaves a tensors file safetensors cannot read, which raised
+    its own error (not a ValueError) and failed the job on every try. The task trains from its
+    start instead."""
+    from edgekif.errors import Interrupted
+
+    past, new = _task("t0"), _task("t1")
+    ckpt = tmp_path / "ckpt"
+    learner = _learner("recurrent_kif", deterministic=True)
+    learner.cfg.train.checkpoint_every = 2
+    learner.train_task("t0", past)
+    calls = {"n": 0}
+    with pytest.raises(Interrupted):
+        learner.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt,
+                           should_stop=lambda: calls.__setitem__("n", calls["n"] + 1) or calls["n"] > 4)
+    tensors = [p for p in ckpt.iterdir() if p.suffix == ".safetensors"]
+    assert tensors
+    tensors[0].write_bytes(b"\x00" * 17)
+    fresh = _learner("recurrent_kif", deterministic=True)
+    fresh.train_task("t0", past)
+    res = fresh.train_task("t1", new, replay=lambda n, seed: past[:n], ckpt_dir=ckpt)
+    assert res.resumed_from == 0 and "checkpoint set aside: it is unreadable" in caplog.text
